@@ -1,0 +1,327 @@
+"""Typed, frozen experiment configuration.
+
+One frozen dataclass per concern (model, selection, data, train), validated in its constructor, read
+from YAML by `load_config`, overridden with `key=value` strings, and written back with `to_dict` so the
+resolved config travels with every run and checkpoint. An unknown key is an error that names the key and
+the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+TaskKind = Literal["binary", "multiclass", "multilabel"]
+ScoreKind = Literal["logit", "softmax_mean"]
+DataMode = Literal["pixels", "features"]
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One prediction task: its own query token in the aggregator and its own head.
+
+    `binary`: one logit (BCE); `multiclass`: `num_classes` logits (CE); `multilabel`: `num_classes`
+    independent logits (BCE), labels given as `;`-separated class indices. `label_column` is the manifest
+    column holding the label (default: the task name).
+    """
+
+    name: str = "label"
+    kind: TaskKind = "multiclass"
+    num_classes: int = 2
+    label_column: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.kind in typing.get_args(TaskKind), "model.tasks.kind",
+                 f"must be one of {typing.get_args(TaskKind)}, got {self.kind!r}")
+        if self.kind == "binary":
+            _require(self.num_classes == 2, f"model.tasks[{self.name}].num_classes",
+                     "a binary task has num_classes 2")
+        else:
+            _require(self.num_classes >= 2, f"model.tasks[{self.name}].num_classes",
+                     f"must be >= 2, got {self.num_classes}")
+        _require(self.weight >= 0, f"model.tasks[{self.name}].weight", "must be >= 0")
+
+    @property
+    def column(self) -> str:
+        return self.label_column or self.name
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.kind == "binary" else self.num_classes
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder, positional encoding, cross-attention aggregator and heads.
+
+    `encoder`: a name from `ips.encoders` (e.g. `resnet3d_tiny`), any timm model name (2D), or
+    `features` for precomputed feature vectors. `pretrained`: false, true (timm hub, needs network), or a
+    path to a local weights file.
+    """
+
+    encoder: str = "resnet18"
+    pretrained: bool | str = False
+    in_chans: int = 3
+    spatial_dims: int = 2
+    patch_size: int = 224
+    feature_dim: int | None = None
+    d_model: int = 128
+    n_heads: int = 8
+    d_mlp: int = 256
+    dropout: float = 0.0
+    pos_enc: Literal["sincos", "none"] = "sincos"
+    tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
+
+    def __post_init__(self) -> None:
+        _require(self.spatial_dims in (2, 3), "model.spatial_dims", f"must be 2 or 3, got {self.spatial_dims}")
+        _require(self.in_chans >= 1, "model.in_chans", f"must be >= 1, got {self.in_chans}")
+        _require(self.patch_size >= 1, "model.patch_size", f"must be >= 1, got {self.patch_size}")
+        _require(self.d_model >= 1 and self.n_heads >= 1, "model.d_model", "d_model and n_heads must be >= 1")
+        _require(self.d_model % self.n_heads == 0, "model.n_heads",
+                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.pos_enc == "sincos":
+            _require(self.d_model % (2 * self.spatial_dims) == 0, "model.d_model",
+                     f"sincos positional encoding needs d_model divisible by {2 * self.spatial_dims}")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(len(self.tasks) >= 1, "model.tasks", "needs at least one task")
+        names = [t.name for t in self.tasks]
+        _require(len(set(names)) == len(names), "model.tasks", f"task names must be unique, got {names}")
+        if self.encoder == "features":
+            _require(self.feature_dim is not None and self.feature_dim >= 1, "model.feature_dim",
+                     "encoder 'features' needs feature_dim (the length of each precomputed vector)")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Iterative patch selection: memory size M, iteration (chunk) size I, the score."""
+
+    memory_size: int = 32
+    iter_size: int = 64
+    score: ScoreKind = "logit"
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.memory_size >= 1, "selection.memory_size", f"M must be >= 1, got {self.memory_size}")
+        _require(self.iter_size >= 1, "selection.iter_size", f"I must be >= 1, got {self.iter_size}")
+        _require(self.score in typing.get_args(ScoreKind), "selection.score",
+                 f"must be one of {typing.get_args(ScoreKind)}, got {self.score!r}")
+        _require(self.prefetch >= 0, "selection.prefetch", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where slides come from and how patches are read."""
+
+    manifest: str | None = None
+    mode: DataMode = "pixels"
+    grid: str = "default"
+    features: str = "default"
+    num_workers: int = 0
+    read_threads: int = 4
+    augment: bool = True
+    color_jitter: float = 0.05
+
+    def __post_init__(self) -> None:
+        _require(self.mode in typing.get_args(DataMode), "data.mode",
+                 f"must be one of {typing.get_args(DataMode)}, got {self.mode!r}")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.read_threads >= 1, "data.read_threads", "must be >= 1")
+        _require(0.0 <= self.color_jitter <= 0.5, "data.color_jitter", "must be in [0, 0.5]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, batching, budget and bookkeeping."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    micro_batch_size: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    vram_budget_gb: float | None = None
+    amp: bool = True
+    channels_last: bool = True
+    early_stopping_patience: int | None = None
+    monitor: str = "val_loss"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.micro_batch_size is not None:
+            _require(1 <= self.micro_batch_size <= self.batch_size, "train.micro_batch_size",
+                     f"must be in [1, batch_size={self.batch_size}], got {self.micro_batch_size}")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+        if self.grad_clip is not None:
+            _require(self.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
+        if self.vram_budget_gb is not None:
+            _require(self.vram_budget_gb > 0, "train.vram_budget_gb", "must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        return from_dict(cls, data)
+
+
+# --- generic dict <-> dataclass conversion -------------------------------------------------------------
+
+
+def to_dict(obj: Any) -> Any:
+    """A frozen config as plain YAML-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check and convert `value` to the annotated type `tp`; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # try bool before str so "true" stays a bool where both are allowed
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_tp = args[0]
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp)) or str(tp)
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key!r}{_closest(str(key), names)}")
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        raise ConfigError(f"{prefix}: {e}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a config mapping; values are parsed as YAML scalars."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    valid_sections = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        path, raw = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=1e-4")
+        section, key = parts
+        if section not in valid_sections:
+            raise ConfigError(f"unknown config key {section!r}{_closest(section, valid_sections)}")
+        out.setdefault(section, {})
+        out[section][key] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return ExperimentConfig.from_dict(data)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
