@@ -1,0 +1,299 @@
+"""Patch encoders: a registry of our own 2D/3D CNNs, any timm model (2D), and a feature projector.
+
+Every encoder maps `(n, C, *spatial)` float patches to `(n, out_dim)` embeddings and has `out_dim`.
+Our CNN family is written once for both 2D and 3D (parameterised by `spatial_dims`), with a tiny
+variant for tests and efficient variants (squeeze-excitation, inverted bottleneck, Fire) for volumes,
+where model complexity matters most.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ips.config import ConfigError
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_POOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+_MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_encoder(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register an encoder factory `fn(*, in_chans, spatial_dims) -> module with out_dim`."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_encoders() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _norm(kind: str, channels: int, spatial_dims: int) -> nn.Module:
+    # GroupNorm by default: its output does not depend on the other patches of the batch, so micro-batched
+    # training gives the same gradients as the full batch (BatchNorm does not).
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "batch":
+        return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](channels)
+    raise ValueError(f"unknown norm {kind!r}; use 'group' or 'batch'")
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gating from global context (Hu et al. 2018): `(n, C, *S) -> (n, C, *S)`."""
+
+    def __init__(self, channels: int, spatial_dims: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(4, channels // reduction)
+        conv = _CONV[spatial_dims]
+        self.pool = _POOL[spatial_dims](1)
+        self.fc = nn.Sequential(conv(channels, hidden, 1), nn.ReLU(inplace=True), conv(hidden, channels, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.fc(self.pool(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3^d convs), optionally with squeeze-excitation."""
+
+    def __init__(self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str, se: bool = False) -> None:
+        super().__init__()
+        conv = _CONV[spatial_dims]
+        self.body = nn.Sequential(
+            conv(cin, cout, 3, stride, 1, bias=False), _norm(norm, cout, spatial_dims), nn.ReLU(inplace=True),
+            conv(cout, cout, 3, 1, 1, bias=False), _norm(norm, cout, spatial_dims),
+            SqueezeExcite(cout, spatial_dims) if se else nn.Identity(),
+        )
+        self.skip = (
+            nn.Identity() if stride == 1 and cin == cout
+            else nn.Sequential(conv(cin, cout, 1, stride, bias=False), _norm(norm, cout, spatial_dims))
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.skip(x))
+
+
+class InvertedBottleneck(nn.Module):
+    """MobileNetV2-style block: 1^d expand, depthwise 3^d, 1^d project (far fewer MACs than 3^d convs)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str, expand: int = 4) -> None:
+        super().__init__()
+        conv, hidden = _CONV[spatial_dims], cin * expand
+        self.body = nn.Sequential(
+            conv(cin, hidden, 1, bias=False), _norm(norm, hidden, spatial_dims), nn.ReLU6(inplace=True),
+            conv(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), _norm(norm, hidden, spatial_dims),
+            nn.ReLU6(inplace=True),
+            conv(hidden, cout, 1, bias=False), _norm(norm, cout, spatial_dims),
+        )
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+class FireBlock(nn.Module):
+    """SqueezeNet Fire module: 1^d squeeze, then parallel 1^d and 3^d expands, concatenated."""
+
+    def __init__(self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str) -> None:
+        super().__init__()
+        conv, squeeze = _CONV[spatial_dims], max(4, cout // 8)
+        self.squeeze = nn.Sequential(conv(cin, squeeze, 1, stride, bias=False), _norm(norm, squeeze, spatial_dims),
+                                     nn.ReLU(inplace=True))
+        self.e1 = conv(squeeze, cout // 2, 1, bias=False)
+        self.e3 = conv(squeeze, cout - cout // 2, 3, 1, 1, bias=False)
+        self.post = nn.Sequential(_norm(norm, cout, spatial_dims), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.squeeze(x)
+        return self.post(torch.cat([self.e1(s), self.e3(s)], dim=1))
+
+
+_BLOCKS = {"basic": BasicBlock, "se": BasicBlock, "inverted": InvertedBottleneck, "fire": FireBlock}
+
+
+class ConvEncoder(nn.Module):
+    """A ResNet-like CNN for 2D or 3D patches: stem (stride 2), stages (each halves the size), global pool.
+
+    Args:
+        widths: channels per stage; depths: blocks per stage; block: 'basic' | 'se' | 'inverted' | 'fire'.
+    Shapes: `(n, in_chans, *spatial) -> (n, widths[-1])`.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_chans: int,
+        spatial_dims: int,
+        widths: tuple[int, ...],
+        depths: tuple[int, ...],
+        block: str = "basic",
+        norm: str = "group",
+        stem_pool: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in _CONV:
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        conv = _CONV[spatial_dims]
+        layers: list[nn.Module] = [
+            conv(in_chans, widths[0], 3 if not stem_pool else 7, 2, 1 if not stem_pool else 3, bias=False),
+            _norm(norm, widths[0], spatial_dims), nn.ReLU(inplace=True),
+        ]
+        if stem_pool:
+            layers.append(_MAXPOOL[spatial_dims](3, 2, 1))
+        cin = widths[0]
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            for j in range(depth):
+                stride = 2 if (i > 0 and j == 0) else 1
+                kwargs = {"se": True} if block == "se" else {}
+                layers.append(_BLOCKS[block](cin, width, stride, spatial_dims, norm, **kwargs))
+                cin = width
+        layers += [_POOL[spatial_dims](1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = widths[-1]
+        # total downsampling: a patch smaller than this has no spatial extent left in the last stage
+        self.min_patch_size = 2 ** (len(widths) + (2 if stem_pool else 1) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register_encoder
+def ips_cnn_tiny(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+    """A few thousand parameters: for tests and CPU demos."""
+    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(8, 16), depths=(1, 1))
+
+
+@register_encoder
+def ips_cnn_small(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(16, 32, 64), depths=(1, 1, 1))
+
+
+@register_encoder
+def ips_resnet10(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+    """ResNet-10 widths (MedicalNet-like): fit for 64^3-128^3 volume patches."""
+    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
+                       stem_pool=True)
+
+
+@register_encoder
+def ips_resnet18(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(64, 128, 256, 512), depths=(2, 2, 2, 2),
+                       stem_pool=True)
+
+
+@register_encoder
+def ips_se_resnet10(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
+                       block="se", stem_pool=True)
+
+
+@register_encoder
+def ips_mobile10(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+    """Inverted-bottleneck (depthwise) variant of ips_resnet10."""
+    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
+                       block="inverted", stem_pool=True)
+
+
+@register_encoder
+def ips_fire10(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+    """Fire-module (SqueezeNet) variant of ips_resnet10."""
+    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
+                       block="fire", stem_pool=True)
+
+
+class FeatureProjector(nn.Module):
+    """Precomputed features `(n, F)` -> `(n, out_dim)`: the 'encoder' of the features mode."""
+
+    def __init__(self, *, feature_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(feature_dim, out_dim), nn.LayerNorm(out_dim), nn.GELU())
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _timm_encoder(name: str, *, in_chans: int, pretrained: bool | str) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"model.encoder: unknown encoder {name!r}; use one of ours ({', '.join(list_encoders())}), "
+            "'features', or a timm model name (timm.list_models())"
+        )
+    kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
+    if isinstance(pretrained, str):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise ConfigError(f"model.pretrained: weights file {path} does not exist")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    else:
+        kwargs["pretrained"] = bool(pretrained)
+    model = timm.create_model(name, **kwargs)
+    model.out_dim = model.num_features
+    return model
+
+
+def build_encoder(
+    name: str,
+    *,
+    in_chans: int,
+    spatial_dims: int,
+    patch_size: int,
+    pretrained: bool | str = False,
+    feature_dim: int | None = None,
+    d_model: int = 128,
+) -> nn.Module:
+    """Build an encoder by name and check that it takes `patch_size` patches; the result has `out_dim`.
+
+    Raises ConfigError naming the key when the name is unknown or the patch size does not fit.
+    """
+    if name == "features":
+        if feature_dim is None:
+            raise ConfigError("model.feature_dim: required for encoder 'features'")
+        return FeatureProjector(feature_dim=feature_dim, out_dim=d_model)
+    if name in _REGISTRY:
+        if pretrained is not False:
+            if not isinstance(pretrained, str):
+                raise ConfigError(f"model.pretrained: encoder {name!r} has no hub weights; give a local file")
+        encoder = _REGISTRY[name](in_chans=in_chans, spatial_dims=spatial_dims)
+        if isinstance(pretrained, str):
+            path = Path(pretrained)
+            if not path.is_file():
+                raise ConfigError(f"model.pretrained: weights file {path} does not exist")
+            encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        min_size = getattr(encoder, "min_patch_size", 1)
+        if patch_size < min_size:
+            raise ConfigError(
+                f"model.patch_size: {patch_size} is smaller than encoder {name!r} needs (>= {min_size})"
+            )
+        return encoder
+    if spatial_dims == 3:
+        raise ConfigError(
+            f"model.encoder: {name!r} is not a 3D encoder; for spatial_dims 3 use one of {', '.join(list_encoders())}"
+        )
+    encoder = _timm_encoder(name, in_chans=in_chans, pretrained=pretrained)
+    _check_patch_size(encoder, name, in_chans=in_chans, spatial_dims=spatial_dims, patch_size=patch_size)
+    return encoder
+
+
+def _check_patch_size(encoder: nn.Module, name: str, *, in_chans: int, spatial_dims: int, patch_size: int) -> None:
+    """One dummy forward: the only check that fits every timm architecture (ViTs fix their input size)."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            out = encoder(torch.zeros(1, in_chans, *([patch_size] * spatial_dims)))
+    except Exception as e:  # noqa: BLE001 - any failure means the size does not fit
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.patch_size: {patch_size} does not fit encoder {name!r}: {first_line}") from None
+    finally:
+        encoder.train(was_training)
+    if out.ndim != 2:
+        raise ConfigError(f"model.encoder: {name!r} returns shape {tuple(out.shape)}, expected (n, features)")

@@ -1,0 +1,126 @@
+"""The IPS model: encoder -> projection + positional encoding -> cross-attention aggregator -> task heads.
+
+Selection and learning are apart (STYLE.md #4): `embed` and `selection_scores` serve the no-grad
+streaming selection (`ips.selection`), `forward` trains on the selected patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ips.aggregator import CrossAttentionAggregator, sincos_encoding
+from ips.config import ModelConfig, TaskConfig
+from ips.encoders import build_encoder
+from ips.tasks import TaskHeads
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class IPSModel(nn.Module):
+    """Args are explicit and typed; the device comes from the inputs (STYLE.md #1).
+
+    Shapes: patches `(B, M, C, *spatial)` (uint8 or float) or features `(B, M, F)`; positions `(B, M, d)`.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: nn.Module,
+        tasks: Sequence[TaskConfig],
+        spatial_dims: int,
+        d_model: int,
+        n_heads: int,
+        d_mlp: int,
+        dropout: float = 0.0,
+        pos_enc: bool = True,
+        pixel_input: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.tasks = tuple(tasks)
+        self.spatial_dims = spatial_dims
+        self.d_model = d_model
+        self.pixel_input = pixel_input
+        self.use_pos_enc = pos_enc
+        enc_dim = encoder.out_dim
+        self.project = nn.Identity() if enc_dim == d_model and not pixel_input else nn.Linear(enc_dim, d_model)
+        self.aggregator = CrossAttentionAggregator(
+            d_model=d_model, n_heads=n_heads, n_queries=len(self.tasks), d_mlp=d_mlp, dropout=dropout
+        )
+        self.heads = TaskHeads(self.tasks, d_model)
+        if pixel_input:
+            shape = (1, -1) + (1,) * spatial_dims
+            self.register_buffer("pixel_mean", torch.tensor(mean or [0.5]).reshape(shape), persistent=False)
+            self.register_buffer("pixel_std", torch.tensor(std or [0.25]).reshape(shape), persistent=False)
+
+    def normalize(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float in [0, 255]) patches `(n, C, *S)` -> normalised float; features pass through."""
+        if not self.pixel_input:
+            return patches.float() if not patches.is_floating_point() else patches
+        x = patches.float() if patches.dtype == torch.uint8 else patches
+        return (x / 255.0 - self.pixel_mean) / self.pixel_std
+
+    def embed(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`(n, C, *S)` or `(n, F)` patches, `(n, d)` positions -> embeddings `(n, D)` (with position)."""
+        emb = self.project(self.encoder(self.normalize(patches)))
+        if self.use_pos_enc:
+            emb = emb + sincos_encoding(positions, self.d_model).to(emb.dtype)
+        return emb
+
+    def selection_scores(self, emb: torch.Tensor) -> torch.Tensor:
+        """The default selection score: mean over tasks and heads of attention logits. `(B, N, D)` -> `(B, N)`.
+
+        It depends on each patch alone, so streaming top-M equals global top-M exactly.
+        """
+        return self.aggregator.attention_logits(emb).mean(dim=(1, 2))
+
+    def forward(
+        self, patches: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Patches `(B, M, ...)`, positions `(B, M, d)`, mask `(B, M)` (True = real, padding False).
+
+        Returns per-task logits `{task: (B, n_out)}` and attention logits `(B, T, H, M)`.
+        """
+        b, m = patches.shape[:2]
+        emb = self.embed(patches.flatten(0, 1), positions.flatten(0, 1)).unflatten(0, (b, m))  # (B, M, D)
+        z, attn_logits = self.aggregator(emb, mask)
+        return self.heads(z), attn_logits
+
+
+def build_model(cfg: ModelConfig) -> IPSModel:
+    """The one builder from config (STYLE.md #2)."""
+    encoder = build_encoder(
+        cfg.encoder,
+        in_chans=cfg.in_chans,
+        spatial_dims=cfg.spatial_dims,
+        patch_size=cfg.patch_size,
+        pretrained=cfg.pretrained,
+        feature_dim=cfg.feature_dim,
+        d_model=cfg.d_model,
+    )
+    pixel_input = cfg.encoder != "features"
+    mean = std = None
+    if pixel_input:
+        pcfg = getattr(encoder, "pretrained_cfg", None) or {}
+        if cfg.in_chans == 3:
+            mean, std = pcfg.get("mean", _IMAGENET_MEAN), pcfg.get("std", _IMAGENET_STD)
+        else:
+            mean, std = [0.5] * cfg.in_chans, [0.25] * cfg.in_chans
+    return IPSModel(
+        encoder=encoder,
+        tasks=cfg.tasks,
+        spatial_dims=cfg.spatial_dims,
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        d_mlp=cfg.d_mlp,
+        dropout=cfg.dropout,
+        pos_enc=cfg.pos_enc == "sincos",
+        pixel_input=pixel_input,
+        mean=mean,
+        std=std,
+    )

@@ -1,0 +1,103 @@
+"""The training step core: forward with gradient on B slides' selections, micro-batched.
+
+Micro-batching is exact: each micro-batch contributes `sum(per-slide loss) / B`, so the accumulated
+gradient equals the full-batch gradient of the mean loss (for encoders whose output does not depend on
+the rest of the batch, e.g. GroupNorm; BatchNorm in train mode breaks this by design).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ips.config import TaskConfig
+from ips.selection import Selection
+from ips.tasks import total_loss
+
+
+@dataclass
+class SelectedBatch:
+    """B selections stacked and padded to M: patches `(B, M, ...)`, positions `(B, M, d)`,
+    mask `(B, M)` (True = real patch), targets `{task: label tensor}` (see ips.tasks)."""
+
+    patches: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    targets: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.patches.shape[0]
+
+    def slice(self, start: int, stop: int) -> SelectedBatch:
+        return SelectedBatch(
+            self.patches[start:stop],
+            self.positions[start:stop],
+            self.mask[start:stop],
+            {k: v[start:stop] for k, v in self.targets.items()},
+        )
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> SelectedBatch:
+        return SelectedBatch(
+            self.patches.to(device, non_blocking=non_blocking),
+            self.positions.to(device, non_blocking=non_blocking),
+            self.mask.to(device, non_blocking=non_blocking),
+            {k: v.to(device, non_blocking=non_blocking) for k, v in self.targets.items()},
+        )
+
+
+def stack_selections(
+    selections: Sequence[Selection], targets: dict[str, torch.Tensor], memory_size: int
+) -> SelectedBatch:
+    """Stack B selections into `(B, M, ...)`, padding bags with fewer than M patches (masked out)."""
+    b = len(selections)
+    first = selections[0]
+    patches = torch.zeros((b, memory_size, *first.patches.shape[1:]), dtype=first.patches.dtype)
+    positions = torch.zeros((b, memory_size, first.positions.shape[1]), dtype=first.positions.dtype)
+    mask = torch.zeros((b, memory_size), dtype=torch.bool)
+    for i, sel in enumerate(selections):
+        m = sel.patches.shape[0]
+        patches[i, :m], positions[i, :m], mask[i, :m] = sel.patches, sel.positions, True
+    return SelectedBatch(patches, positions, mask, targets)
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    batch: SelectedBatch,
+    tasks: Sequence[TaskConfig],
+    *,
+    micro_batch_size: int,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    no_sync: bool = False,
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """Forward/backward over `batch` in micro-batches; gradients accumulate into `.grad`.
+
+    Returns the mean loss over the batch and the per-task logits `{task: (B, n_out)}` (detached, CPU).
+    `no_sync` (DDP): skip gradient all-reduce on all but the last micro-batch.
+    """
+    device = torch.device(device)
+    b = len(batch)
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    total = 0.0
+    logits_out: dict[str, list[torch.Tensor]] = {t.name: [] for t in tasks}
+    starts = list(range(0, b, micro_batch_size))
+    for j, start in enumerate(starts):
+        mb = batch.slice(start, start + micro_batch_size).to(device, non_blocking=True)
+        last = j == len(starts) - 1
+        sync_ctx = model.no_sync() if (no_sync and not last and hasattr(model, "no_sync")) else nullcontext()
+        with sync_ctx:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits, _ = model(mb.patches, mb.positions, mb.mask)
+            loss = total_loss(tasks, logits, mb.targets).sum() / b
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} in micro-batch starting at slide {start}")
+            loss.backward()
+        total += loss.item()
+        for name, value in logits.items():
+            logits_out[name].append(value.detach().float().cpu())
+    return total, {k: torch.cat(v) for k, v in logits_out.items()}
