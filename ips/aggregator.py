@@ -9,23 +9,24 @@ from torch import nn
 
 
 def sincos_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal encoding of grid positions, one block of `dim / d` channels per coordinate axis.
+    """Sinusoidal encoding of grid positions, one block of channels per coordinate axis.
 
     Args:
         positions: `(..., d)` positions in patch units, d = 2 (row, col) or 3 (z, row, col).
     Returns:
-        `(..., dim)`, dim divisible by 2*d.
+        `(..., dim)`: each axis gets an even block of `dim // d` (rounded down to even) channels,
+        half sines, half cosines; leftover channels (when 2*d does not divide dim) are zero.
     """
     d = positions.shape[-1]
-    if dim % (2 * d):
-        raise ValueError(f"dim={dim} must be divisible by 2*{d}")
-    per_axis = dim // d
+    per_axis = (dim // d) // 2 * 2
+    if per_axis == 0:
+        raise ValueError(f"dim={dim} is too small to encode {d} axes")
     freqs = torch.exp(
         -math.log(10000.0) * torch.arange(0, per_axis, 2, device=positions.device, dtype=torch.float32) / per_axis
     )  # (per_axis/2,)
     angles = positions.float().unsqueeze(-1) * freqs  # (..., d, per_axis/2)
-    enc = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (..., d, per_axis)
-    return enc.flatten(-2)  # (..., dim)
+    enc = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (..., d * per_axis)
+    return torch.nn.functional.pad(enc, (0, dim - d * per_axis))
 
 
 class CrossAttentionAggregator(nn.Module):

@@ -17,6 +17,7 @@ from ips.config import ConfigError
 # module paths of subcommands; each must have `register(subparsers)`
 SUBCOMMANDS = [
     "data_prep.cli",
+    "ips.commands.train",
 ]
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2

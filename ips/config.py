@@ -98,8 +98,8 @@ class ModelConfig:
         _require(self.d_model % self.n_heads == 0, "model.n_heads",
                  f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.pos_enc == "sincos":
-            _require(self.d_model % (2 * self.spatial_dims) == 0, "model.d_model",
-                     f"sincos positional encoding needs d_model divisible by {2 * self.spatial_dims}")
+            _require(self.d_model >= 2 * self.spatial_dims, "model.d_model",
+                     f"sincos positional encoding needs d_model >= {2 * self.spatial_dims}")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(len(self.tasks) >= 1, "model.tasks", "needs at least one task")
         names = [t.name for t in self.tasks]

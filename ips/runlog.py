@@ -1,0 +1,92 @@
+"""Run logs: metrics as JSONL and CSV, optional TensorBoard, and a plot of the training curves."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append one row per epoch to `metrics.jsonl` and rewrite `metrics.csv` (columns can grow)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+        self.run_dir = run_dir
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.rows: list[dict[str, Any]] = []
+        if self.jsonl.exists():  # resumed run: keep the history
+            self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed: pip install tensorboard (logging to CSV/JSONL only)")
+
+    def truncate(self, epochs: int) -> None:
+        """Forget rows after `epochs` (a resumed run redoes them)."""
+        self.rows = [r for r in self.rows if r["epoch"] <= epochs]
+        self._rewrite()
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._write_csv()
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(k, v, row["epoch"])
+            self.writer.flush()
+
+    def _rewrite(self) -> None:
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        with (self.run_dir / "metrics.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def plot(self) -> Path | None:
+        """`curves.png`: losses and per-task accuracy / AUROC over epochs."""
+        if not self.rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in self.rows]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for key in ("train_loss", "val_loss"):
+            ys = [r.get(key, math.nan) for r in self.rows]
+            axes[0].plot(epochs, ys, marker="o", label=key)
+        axes[0].set_xlabel("epoch")
+        axes[0].set_title("loss")
+        axes[0].legend()
+        for key in sorted({k for r in self.rows for k in r}):
+            if key.startswith("val_") and key.endswith(("/accuracy", "/auroc")):
+                axes[1].plot(epochs, [r.get(key, math.nan) for r in self.rows], marker="o", label=key[4:])
+        axes[1].set_xlabel("epoch")
+        axes[1].set_title("validation")
+        axes[1].set_ylim(0, 1.02)
+        if axes[1].lines:
+            axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        path = self.run_dir / "curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
