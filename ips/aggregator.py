@@ -45,7 +45,9 @@ class CrossAttentionAggregator(nn.Module):
         self.queries = nn.Parameter(torch.randn(n_queries, d_model) * 0.02)
         self.norm_kv = nn.LayerNorm(d_model)
         self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
+        # no key bias: it adds the same q.b to every patch's logit, which softmax and top-M ignore (its
+        # gradient is pure rounding noise, which Adam would amplify into random steps)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
         self.attn_drop = nn.Dropout(dropout)

@@ -59,11 +59,11 @@ class IPSModel(nn.Module):
             self.register_buffer("pixel_std", torch.tensor(std or [0.25]).reshape(shape), persistent=False)
 
     def normalize(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 (or float in [0, 255]) patches `(n, C, *S)` -> normalised float; features pass through."""
+        """Patches `(n, C, *S)`, uint8 in [0, 255] or float in [0, 1] -> normalised float; features pass through."""
         if not self.pixel_input:
-            return patches.float() if not patches.is_floating_point() else patches
-        x = patches.float() if patches.dtype == torch.uint8 else patches
-        return (x / 255.0 - self.pixel_mean) / self.pixel_std
+            return patches if patches.is_floating_point() else patches.float()
+        x = patches.float() / 255.0 if patches.dtype == torch.uint8 else patches
+        return (x - self.pixel_mean) / self.pixel_std
 
     def embed(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`(n, C, *S)` or `(n, F)` patches, `(n, d)` positions -> embeddings `(n, D)` (with position)."""

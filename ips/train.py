@@ -7,7 +7,6 @@ resumed run equals one that was never interrupted.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
@@ -183,15 +182,17 @@ def plan_budget(
 
 
 def make_augment(cfg: ExperimentConfig, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Training-time augmentation of `(b, M, C, *S)` uint8 patches on the device -> float in [0, 1]."""
     if not cfg.data.augment or cfg.data.mode == "features":
         return None
-    from ips.augment import augment_batch
+    from ips.augment import PatchAugment
 
-    def transform(patches: torch.Tensor) -> torch.Tensor:  # (b, M, C, *S)
+    augment = PatchAugment.from_config(cfg.data)
+
+    def transform(patches: torch.Tensor) -> torch.Tensor:
         flat = patches.flatten(0, 1)
-        out = augment_batch(flat, spatial_dims=cfg.model.spatial_dims, generator=generator,
-                            color_jitter=cfg.data.color_jitter if cfg.model.in_chans == 3 else 0.0)
-        return out.unflatten(0, patches.shape[:2])
+        flat = flat.float() / 255.0 if flat.dtype == torch.uint8 else flat
+        return augment(flat, generator).unflatten(0, patches.shape[:2])
 
     return transform
 
@@ -401,7 +402,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def with_overrides(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
-    """`cfg` with some fields of some sections replaced (validated again)."""
-    return dataclasses.replace(
-        cfg, **{name: dataclasses.replace(getattr(cfg, name), **values) for name, values in sections.items()}
-    )
+    """`cfg` with some fields of some sections replaced, validated again like a YAML file."""
+    data = cfg.to_dict()
+    for name, values in sections.items():
+        data[name] = {**data[name], **values}
+    return ExperimentConfig.from_dict(data)
