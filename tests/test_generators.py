@@ -1,0 +1,314 @@
+"""Synthetic dataset generators: determinism, labels consistent with what was placed, truth, stores."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ips.config import TaskConfig
+from ips.synthetic import lesions as les
+from ips.synthetic import megapixel_mnist as mm
+from ips.synthetic._store import TRUTH_GROUP, patch_fraction, stratified_splits
+
+HAVE_WRITER = importlib.util.find_spec("data_prep.convert") is not None
+needs_writer = pytest.mark.skipif(not HAVE_WRITER, reason="data_prep.convert (the store writer) is missing")
+
+
+@pytest.fixture(scope="module")
+def fake_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """6 random (hence pairwise different) 28 x 28 'digits' per class: `(60, 28, 28)` uint8, `(60,)`."""
+    rng = np.random.default_rng(123)
+    images = rng.integers(1, 256, (60, 28, 28), dtype=np.uint8)
+    return images, np.repeat(np.arange(10), 6)
+
+
+@pytest.fixture
+def real_mnist(test_data: Path) -> tuple[np.ndarray, np.ndarray]:
+    return mm.load_mnist_csv(test_data / "mnist_5k.csv.gz")
+
+
+def _samples(images, labels, seed, n, **kw) -> list[mm.MegapixelSample]:
+    pool = np.arange(len(labels))
+    bank = mm.make_noise_bank(mm.PAPER_N_NOISE, seed)
+    return [mm.make_sample(images, labels, pool, mm.sample_rng(seed, "train", i), noise_bank=bank, **kw)
+            for i in range(n)]
+
+
+# --- Megapixel MNIST ------------------------------------------------------------------------------------
+
+
+def test_mnist_deterministic_by_seed(fake_mnist):
+    a = _samples(*fake_mnist, seed=3, n=3, canvas=(160, 200))
+    b = _samples(*fake_mnist, seed=3, n=3, canvas=(160, 200))
+    c = _samples(*fake_mnist, seed=4, n=3, canvas=(160, 200))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.image, y.image)
+        assert x.placements == y.placements and x.labels == y.labels
+    assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c))
+
+
+def _check_sample(sample: mm.MegapixelSample, images: np.ndarray, labels: np.ndarray, scale: int,
+                  distinct_others: bool = True) -> None:
+    """Every rule of the module docstring, recomputed from the placements without the module's helpers."""
+    ps = sample.placements
+    assert len(ps) == 5
+    digits = [p.digit for p in ps]
+    assert all(labels[p.index] == p.digit for p in ps)
+    maj = sample.labels["majority"]
+    assert digits.count(maj) == 3
+    others = [d for d in digits if d != maj]
+    assert len(others) == 2
+    if distinct_others:
+        assert others[0] != others[1]
+    assert len({p.index for p in ps if p.digit == maj}) == 3  # 3 different images of the majority class
+    assert sample.labels["max"] == max(digits)
+    top_row = min(p.row for p in ps)
+    assert sample.labels["top"] == min((p.col, p.digit) for p in ps if p.row == top_row)[1]
+    assert sample.labels["multilabel"] == tuple(sorted(set(digits)))
+    h, w = sample.image.shape
+    for p in ps:  # inside the canvas, the digit drawn exactly (it owns its box)
+        assert p.size == 28 * scale and 0 <= p.row <= h - p.size and 0 <= p.col <= w - p.size
+        expected = np.kron(images[p.index], np.ones((scale, scale), dtype=np.uint8))
+        np.testing.assert_array_equal(sample.image[p.row:p.row + p.size, p.col:p.col + p.size], expected)
+    for p, q in itertools.combinations(ps, 2):  # boxes disjoint
+        assert p.row + p.size <= q.row or q.row + q.size <= p.row or \
+            p.col + p.size <= q.col or q.col + q.size <= p.col
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_mnist_labels_match_placements_fake(fake_mnist, scale):
+    images, labels = fake_mnist
+    for s in _samples(images, labels, seed=0, n=20, canvas=(150, 180), digit_scale=scale):
+        _check_sample(s, images, labels, scale)
+
+
+def test_mnist_labels_match_placements_real(real_mnist):
+    images, labels = real_mnist
+    assert images.shape == (5000, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+    pools = mm.split_digit_pools(labels, seed=0)
+    bank = mm.make_noise_bank(mm.PAPER_N_NOISE, 0)
+    for i in range(10):
+        s = mm.make_sample(images, labels, pools["val"], mm.sample_rng(0, "val", i), canvas=(300, 300),
+                           noise_bank=bank)
+        _check_sample(s, images, labels, 1)
+        assert all(p.index in set(pools["val"].tolist()) for p in s.placements)
+
+
+def test_mnist_reference_rule_others(fake_mnist):
+    images, labels = fake_mnist
+    samples = _samples(images, labels, seed=1, n=60, canvas=(150, 150), distinct_others=False)
+    for s in samples:
+        _check_sample(s, images, labels, 1, distinct_others=False)
+    # with the reference rule the two others sometimes share a class (about 1 in 9)
+    assert any(len(s.labels["multilabel"]) == 2 for s in samples)
+
+
+def test_mnist_noise_and_background(fake_mnist):
+    images, labels = fake_mnist
+    assert mm.default_n_noise((1500, 1500)) == 50 and mm.default_n_noise((300, 300)) == 2
+    bank = mm.make_noise_bank(50, 0)
+    assert bank.shape == (50, 28, 28) and bank.dtype == np.uint8
+    assert all(200 <= b[b > 0].min() and (b > 0).sum() >= 28 for b in bank)  # strokes, 0.8-1.0 of 255
+    (s,) = _samples(images, labels, seed=2, n=1, canvas=(300, 300), n_noise=40)
+    assert s.noise.shape == (40, 3)
+    outside = ~mm.boxes_mask(s.placements, (300, 300))
+    assert 0 < (s.image[outside] > 0).mean() < 0.05  # black background, sparse noise strokes
+
+
+def test_mnist_tiebreak_and_errors(fake_mnist):
+    ps = [mm.Placement(digit=d, index=0, row=r, col=c, size=28)
+          for d, r, c in [(7, 10, 90), (2, 10, 30), (7, 50, 0), (7, 80, 0), (5, 99, 99)]]
+    assert mm.labels_from_placements(ps) == {"majority": 7, "max": 7, "top": 2, "multilabel": (2, 5, 7)}
+    with pytest.raises(ValueError, match="non-overlapping"):
+        _samples(*fake_mnist, seed=0, n=1, canvas=(56, 56))
+    with pytest.raises(ValueError, match="every class"):
+        mm.make_sample(*fake_mnist, np.arange(6), np.random.default_rng(0), canvas=(200, 200))
+
+
+def test_mnist_digit_pools_disjoint_and_stratified(fake_mnist):
+    _, labels = fake_mnist
+    pools = mm.split_digit_pools(labels, (0.5, 0.25, 0.25), seed=0)
+    all_idx = np.concatenate(list(pools.values()))
+    assert len(all_idx) == len(labels) == len(set(all_idx.tolist()))
+    for split in mm.SPLITS:
+        assert set(labels[pools[split]].tolist()) == set(range(10))
+    assert not np.array_equal(pools["train"], mm.split_digit_pools(labels, (0.5, 0.25, 0.25), seed=1)["train"])
+    with pytest.raises(ValueError):
+        mm.split_digit_pools(labels, (1.0, 0.0))
+
+
+def test_mnist_tasks():
+    tasks = mm.megapixel_mnist_tasks()
+    assert [t.name for t in tasks] == ["majority", "max", "top", "multilabel"]
+    assert all(isinstance(t, TaskConfig) and t.num_classes == 10 for t in tasks)
+    assert [t.kind for t in tasks] == ["multiclass"] * 3 + ["multilabel"]
+    assert mm.format_label((1, 3, 9)) == "1;3;9" and mm.format_label(4) == "4"
+
+
+# --- lesion slides and volumes --------------------------------------------------------------------------
+
+
+def _disc_overlap(lesion: les.Lesion, shape: tuple[int, ...], patch: int) -> np.ndarray:
+    """Bool per grid cell: does the cell hold a pixel centre within the lesion? Geometry only."""
+    cells = tuple(-(-s // patch) for s in shape)
+    out = np.zeros(cells, dtype=bool)
+    for cell in np.ndindex(*cells):
+        lo = np.array(cell) * patch
+        hi = np.minimum(lo + patch, shape) - 1
+        nearest = np.clip(lesion.center, lo, hi)  # the cell's pixel nearest to the centre
+        out[cell] = ((nearest - np.array(lesion.center)) ** 2).sum() <= lesion.radius**2
+    return out
+
+
+CASES = [(2, 192, 32), (3, 48, 16)]
+
+
+@pytest.mark.parametrize(("dims", "size", "patch"), CASES)
+def test_lesion_deterministic_by_seed(dims, size, patch):
+    a = les.render_lesion_slide(np.random.default_rng(5), size, patch, positive=True, spatial_dims=dims)
+    b = les.render_lesion_slide(np.random.default_rng(5), size, patch, positive=True, spatial_dims=dims)
+    c = les.render_lesion_slide(np.random.default_rng(6), size, patch, positive=True, spatial_dims=dims)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert a.lesions == b.lesions and a.label == b.label == 1
+    assert not np.array_equal(a.image, c.image)
+
+
+@pytest.mark.parametrize(("dims", "size", "patch"), CASES)
+def test_lesion_truth_matches_planted(dims, size, patch):
+    for seed in range(3):
+        s = les.render_lesion_slide(np.random.default_rng(seed), size, patch, positive=True, spatial_dims=dims)
+        shape = (size,) * dims
+        channels = 3 if dims == 2 else 1
+        assert s.image.shape == (channels, *shape) and s.image.dtype == np.uint8
+        assert 1 <= len(s.lesions) <= 3 and s.label == 1
+        assert (s.lesion_mask <= s.tissue).all()  # lesions lie in tissue
+        cells = patch_fraction(s.lesion_mask, patch)
+        expected = np.zeros_like(cells, dtype=bool)
+        for lesion in s.lesions:
+            expected |= _disc_overlap(lesion, shape, patch)
+        np.testing.assert_array_equal(cells > 0, expected)
+        # the patch fraction is the pixel share
+        n_pixels = s.lesion_mask.sum()
+        assert np.isclose(cells.sum() * patch**dims, n_pixels)
+        # the lesions are visible: darker (2D) / brighter (3D) than the rest of the tissue
+        value = s.image.astype(float).mean(axis=0)
+        inside, outside = value[s.lesion_mask].mean(), value[s.tissue & ~s.lesion_mask].mean()
+        assert inside < outside - 15 if dims == 2 else inside > outside + 40
+
+
+@pytest.mark.parametrize(("dims", "size", "patch"), CASES)
+def test_lesion_negative_has_none(dims, size, patch):
+    s = les.render_lesion_slide(np.random.default_rng(0), size, patch, positive=False, spatial_dims=dims)
+    assert s.label == 0 and s.lesions == () and not s.lesion_mask.any()
+    assert 0.15 < s.tissue.mean() < 0.9  # some tissue (or body) and some blank background
+
+
+def test_lesion_global_colour_does_not_separate():
+    """The mean tissue colour of positives and negatives overlaps: a lesion is found by looking, not by
+    the slide's colour histogram."""
+    means = {0: [], 1: []}
+    for i in range(10):
+        s = les.render_slide_2d(np.random.default_rng([9, i]), 512, 32, positive=bool(i % 2))
+        means[i % 2].append(s.image[:, s.tissue].mean(axis=1))
+    neg, pos = np.array(means[0]), np.array(means[1])
+    assert ((neg.min(0) < pos.max(0)) & (pos.min(0) < neg.max(0))).all()
+
+
+def test_patch_fraction_edges_and_splits():
+    mask = np.zeros((5, 7), dtype=bool)
+    mask[4, 6] = True
+    frac = patch_fraction(mask, 4)
+    assert frac.shape == (2, 2) and frac[1, 1] == 1 / 3  # edge cell: 1 x 3 pixels inside the image
+    splits = stratified_splits([0] * 10 + [1] * 10, (0.6, 0.2, 0.2), seed=0)
+    assert splits.count("train") == 12 and splits.count("val") == 4 and splits.count("test") == 4
+    assert sum(s == "val" for s in splits[:10]) == 2
+    assert les.slide_labels(9, 1 / 3, 0).sum() == 3
+    assert les.lesion_tasks()[0].kind == "binary" and les.lesion_tasks()[0].column == "label"
+
+
+# --- datasets on disk -----------------------------------------------------------------------------------
+
+
+def _read_manifest(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _open_complete(path: Path):
+    import zarr
+
+    from ips import store_format as sf
+
+    assert (path / sf.COMPLETE_MARKER).is_file()
+    return zarr.open_group(str(path), mode="r")
+
+
+@needs_writer
+def test_megapixel_mnist_dataset(tmp_path, fake_mnist):
+    manifest = mm.make_megapixel_mnist(fake_mnist, tmp_path, 2, 1, 1, canvas=150, seed=0, patch_size=50)
+    rows = _read_manifest(manifest)
+    assert list(rows[0]) == ["slide_id", "path", "label", "split", "majority", "max", "top", "multilabel"]
+    assert [r["split"] for r in rows] == ["train", "train", "val", "test"]
+    for row in rows:
+        g = _open_complete(manifest.parent / row["path"])
+        assert not Path(row["path"]).is_absolute()
+        assert g["0"].shape == (1, 150, 150)
+        coords = g["grids/default/coords"][...]
+        assert len(coords) == 9  # every patch kept, black or not
+        truth = g[TRUTH_GROUP].attrs
+        ps = [mm.Placement(**p) for p in truth["placements"]]
+        labels = mm.labels_from_placements(ps)
+        assert row["label"] == row["majority"] == str(labels["majority"])
+        assert row["multilabel"] == ";".join(map(str, labels["multilabel"]))
+        assert (row["max"], row["top"]) == (str(labels["max"]), str(labels["top"]))
+        image = g["0"][0]
+        for p in ps:
+            np.testing.assert_array_equal(image[p.row:p.row + 28, p.col:p.col + 28], fake_mnist[0][p.index])
+        digit = g[f"{TRUTH_GROUP}/digit"][...]
+        assert digit.shape == (9,) and 0 < digit.max() <= 1
+    from ips.manifest import read_manifest  # the training side accepts it as written
+
+    records = read_manifest(manifest, mm.megapixel_mnist_tasks(), split="train")
+    assert len(records) == 2 and records[0].labels["multilabel"] == tuple(map(int, rows[0]["multilabel"].split(";")))
+    again = mm.make_megapixel_mnist(fake_mnist, tmp_path / "again", 2, 1, 1, canvas=150, seed=0)
+    assert [r["multilabel"] for r in _read_manifest(again)] == [r["multilabel"] for r in rows]
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        mm.make_megapixel_mnist(fake_mnist, tmp_path / "bad", 1, 0, 0, canvas=160, patch_size=50)
+
+
+@needs_writer
+@pytest.mark.parametrize(("dims", "size", "patch"), [(2, 160, 32), (3, 48, 16)])
+def test_lesion_dataset(tmp_path, dims, size, patch):
+    manifest = les.make_lesion_dataset(tmp_path, 4, size, patch, seed=0, spatial_dims=dims)
+    rows = _read_manifest(manifest)
+    assert list(rows[0]) == ["slide_id", "path", "label", "split", "n_lesions"]
+    assert sorted(r["label"] for r in rows) == ["0", "0", "1", "1"]
+    from ips.manifest import read_manifest
+
+    assert len(read_manifest(manifest, les.lesion_tasks())) == 4
+    for i, row in enumerate(rows):
+        g = _open_complete(manifest.parent / row["path"])
+        attrs = g.attrs["ips"]
+        assert attrs["spatial_dims"] == dims and g["0"].shape[1:] == (size,) * dims
+        coords = g["grids/default/coords"][...]
+        truth = g[f"{TRUTH_GROUP}/lesion"][...]
+        assert truth.shape == (len(coords),)
+        lesions = tuple(les.Lesion(tuple(x["center"]), x["radius"]) for x in g[TRUTH_GROUP].attrs["lesions"])
+        assert int(row["label"]) == int(len(lesions) > 0) == g[TRUTH_GROUP].attrs["label"]
+        assert int(row["n_lesions"]) == len(lesions)
+        # the stored truth = the planted discs/spheres, patch by patch, and the image is the rendered one
+        slide = les.render_lesion_slide(les.slide_rng(0, i), size, patch, positive=bool(int(row["label"])),
+                                        spatial_dims=dims)
+        assert slide.lesions == lesions
+        np.testing.assert_array_equal(g["0"][...], slide.image)
+        cells = patch_fraction(les.lesion_pixel_mask((size,) * dims, lesions), patch)
+        np.testing.assert_allclose(truth, cells[tuple((coords // patch).T)])
+        if lesions:
+            assert (truth > 0).any()
+        else:
+            assert not truth.any()
