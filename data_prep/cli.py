@@ -1,0 +1,171 @@
+"""`ips prep SRC... --out DIR`: slides and volumes into stores, several at once, with a summary.
+
+Inputs are sorted (as given) and de-duplicated; `--shard i/n` keeps every n-th starting at i (0-based,
+`0 <= i < n`, as SLURM's `--array=0-(n-1)`), so n jobs given the same inputs split them without
+overlap. `--workers N` converts N inputs at once in separate processes, each with
+`--threads` (default: CPUs / N) decode/encode threads. One line per failed input goes to stderr as it
+happens, and a summary table to stdout at the end. Exit status: 0 all done (or skipped), 1 some inputs
+failed (the others were still converted), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from data_prep.options import CODECS, PrepOptions
+from data_prep.readers import READERS
+from ips.config import ConfigError
+
+if TYPE_CHECKING:  # the pipeline (zarr, scikit-image) loads only when prep runs: `ips --help` stays fast
+    from data_prep.convert import PrepResult
+
+EXIT_OK, EXIT_SOME_FAILED = 0, 1
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`"i/n"` -> `(i, n)` with `0 <= i < n`."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"need 0 <= i < n (0-based), got {text!r}")
+    return i, n
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "prep", help="convert slides / volumes into zarr stores with tissue masks and patch grids",
+        description="Convert each SRC into DIR/<slide_id>.zarr (slide_id = file name without its "
+                    "extensions), with a thumbnail DIR/<slide_id>.thumbnail.png. Complete stores are "
+                    "skipped (or get a new --grid-name); partial ones are redone.")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="slide or volume files")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--patch-size", type=int, default=256, metavar="P", help="patch side in pixels (default 256)")
+    p.add_argument("--stride", type=int, default=None, metavar="S", help="grid step in pixels (default: P)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--level", type=int, default=0, metavar="L", help="pyramid level of the grid (default 0)")
+    where.add_argument("--mpp", type=float, default=None, metavar="X",
+                       help="pick the level nearest X micrometers per pixel (needs the source's mpp)")
+    p.add_argument("--min-tissue", type=float, default=0.5, metavar="F",
+                   help="keep patches with at least this tissue fraction (default 0.5)")
+    p.add_argument("--grid-name", default="default", metavar="NAME", help="grid name (default 'default')")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="processes (default 1)")
+    p.add_argument("--threads", type=int, default=0, metavar="T",
+                   help="decode/encode threads per process (default: CPUs / workers, at most 8)")
+    p.add_argument("--shard", type=parse_shard, default=None, metavar="i/n",
+                   help="only the i-th (0-based) of n deterministic splits of the sorted inputs")
+    p.add_argument("--reader", choices=sorted(READERS), default=None,
+                   help="force a reader backend (default: chosen from the file's content)")
+    p.add_argument("--codec", choices=CODECS, default="blosc-lz4", help="lossless codec (default blosc-lz4)")
+    p.add_argument("--overwrite", action="store_true", help="redo complete stores")
+    p.add_argument("--allow-empty", action="store_true", help="keep stores whose grid is empty")
+    p.add_argument("--no-thumbnail", action="store_true", help="do not draw thumbnails")
+    p.set_defaults(func=run)
+
+
+def _work(source: str, out: Path, options: PrepOptions, reader: str | None) -> PrepResult:
+    from data_prep.convert import prep_file
+
+    return prep_file(source, out, options=options, reader=reader)
+
+
+def _select_inputs(sources: list[str], shard: tuple[int, int] | None) -> tuple[list[str], list[PrepResult]]:
+    """Sorted, de-duplicated inputs of this shard, and failures for duplicate slide ids."""
+    from data_prep.convert import PrepResult, slide_id_of
+    from data_prep.errors import PrepError
+
+    ordered = sorted(dict.fromkeys(sources))
+    owner: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
+    for src in ordered:  # judged on all inputs, so every shard agrees
+        try:
+            sid = slide_id_of(src)
+        except PrepError:
+            continue
+        if sid in owner:
+            duplicates[src] = f"duplicate slide_id {sid!r} (also made from {owner[sid]})"
+        else:
+            owner[sid] = src
+    if shard is not None:
+        i, n = shard
+        ordered = ordered[i::n]
+    keep = [s for s in ordered if s not in duplicates]
+    failed = [PrepResult(s, Path(s).name, "failed", reason=duplicates[s]) for s in ordered if s in duplicates]
+    return keep, failed
+
+
+def _report(result: PrepResult, results: list[PrepResult], bar: object) -> None:
+    results.append(result)
+    if result.status == "failed":
+        msg = f"ips prep: FAILED {result.source}: {result.reason}"
+        getattr(bar, "write", print)(msg, file=sys.stderr)
+    getattr(bar, "update", lambda n: None)(1)
+
+
+def summary_table(results: list[PrepResult]) -> str:
+    """A plain-text table: one row per input, failures last."""
+    order = {"failed": 1}
+    rows = [("slide_id", "status", "patches", "seconds", "store / reason")]
+    for r in sorted(results, key=lambda r: (order.get(r.status, 0), r.slide_id)):
+        detail = r.reason if r.status == "failed" else str(r.store)
+        rows.append((r.slide_id, r.status, "" if r.n_patches is None else str(r.n_patches),
+                     f"{r.seconds:.1f}" if r.seconds else "", detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "grid added", "failed")}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {args.threads}")
+    threads = args.threads or max(1, min(8, (os.cpu_count() or 1) // args.workers))
+    options = PrepOptions(patch_size=args.patch_size, stride=args.stride, level=args.level, mpp=args.mpp,
+                          min_tissue=args.min_tissue, grid_name=args.grid_name, codec=args.codec,
+                          threads=threads, overwrite=args.overwrite, allow_empty=args.allow_empty,
+                          thumbnail=not args.no_thumbnail)
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} exists and is not a directory")
+    inputs, results = _select_inputs(list(args.sources), args.shard)
+    for r in results:
+        print(f"ips prep: FAILED {r.source}: {r.reason}", file=sys.stderr)
+    from tqdm import tqdm
+
+    with tqdm(total=len(inputs), desc="ips prep", unit="input", disable=None, file=sys.stderr) as bar:
+        if args.workers == 1 or len(inputs) <= 1:
+            for src in inputs:
+                bar.set_postfix_str(Path(src).name, refresh=True)
+                _report(_work(src, args.out, options, args.reader), results, bar)
+        else:
+            _run_pool(inputs, args, options, results, bar)
+    print(summary_table(results))
+    return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
+
+
+def _run_pool(inputs: list[str], args: argparse.Namespace, options: PrepOptions,
+              results: list[PrepResult], bar: object) -> None:
+    # spawn: the parent may hold threads (zarr's event loop), which fork would copy in a broken state
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(args.workers, len(inputs)), mp_context=ctx) as pool:
+        futures = {pool.submit(_work, src, args.out, options, args.reader): src for src in inputs}
+        for fut in as_completed(futures):
+            src = futures[fut]
+            try:
+                result = fut.result()
+            except BrokenProcessPool:
+                from data_prep.convert import PrepResult
+
+                result = PrepResult(src, Path(src).name, "failed",
+                                    reason="the worker process died (crash or out of memory); rerun to retry")
+            _report(result, results, bar)

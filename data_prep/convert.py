@@ -1,0 +1,443 @@
+"""Slide / volume -> store: the pipeline behind `ips prep`, `convert_file` and `convert_array`.
+
+Steps: read level 0 region by region (one shard per task, in threads) into the partial store; build the
+pyramid from the store (2x mean); compute the tissue mask on a low level (or take the given one); make
+the patch grid(s); write attributes; write the marker; rename into place; draw the thumbnail beside it.
+A failure removes the partial store and raises `PrepError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from data_prep.errors import PrepError
+from data_prep.grid import make_grid
+from data_prep.options import PrepOptions, per_axis
+from data_prep.pyramid import StreamingPyramid, level_shape, morton_order, plan_levels
+from data_prep.readers import ArrayReader, ImageReader, open_reader
+from data_prep.thumbnail import render_thumbnail, save_png
+from data_prep.tissue import resample_mask, tissue_mask
+from data_prep.writer import (
+    ShardEncoder,
+    StoreWriter,
+    chunk_layout,
+    is_complete,
+    make_compressor,
+    read_marker,
+    run_bounded,
+    store_paths,
+    write_marker,
+)
+from ips import __version__
+from ips.store_format import (
+    COORDS_ARRAY,
+    FORMAT_VERSION,
+    GRIDS_GROUP,
+    IPS_ATTR,
+    MASK_ARRAY,
+    OME_ATTR,
+    TISSUE_ARRAY,
+)
+
+THUMBNAIL_SUFFIX = ".thumbnail.png"  # DIR/<slide_id>.thumbnail.png, beside the store
+# extensions stripped (repeatedly) from a file name to make its slide_id
+KNOWN_EXTENSIONS = {"svs", "tif", "tiff", "ome", "btf", "tf2", "tf8", "ndpi", "mrxs", "scn", "bif", "vms",
+                    "vmu", "svslide", "qptiff", "dcm", "nii", "gz", "npy", "isyntax"}
+
+
+@dataclass
+class PrepResult:
+    """What happened to one input (for the CLI's summary)."""
+
+    source: str
+    slide_id: str
+    status: str  # "done", "skipped", "grid added", "failed"
+    store: Path | None = None
+    n_patches: int | None = None
+    seconds: float = 0.0
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def slide_id_of(path: str | Path) -> str:
+    """File name without its extension(s): `a.ome.tiff` -> `a`, `b.nii.gz` -> `b`, `c.x.svs` -> `c.x`
+    (known image extensions are stripped repeatedly; an unknown one once)."""
+    name = Path(path).name
+    stem = name
+    while "." in stem and stem.rsplit(".", 1)[1].lower() in KNOWN_EXTENSIONS:
+        stem = stem.rsplit(".", 1)[0]
+    if stem == name and "." in stem:
+        stem = stem.rsplit(".", 1)[0]
+    if not stem or stem.startswith("."):
+        raise PrepError(f"cannot make a slide id from the file name {name!r}")
+    return stem
+
+
+# --- the pipeline ------------------------------------------------------------------------------------
+
+
+def _hash_file(path: Path, out: dict[str, str]) -> None:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)  # releases the GIL: runs beside the decode threads
+    out["sha256"] = h.hexdigest()
+
+
+def _choose_level(options: PrepOptions, spatial: tuple[int, ...], spacing: tuple[float, ...] | None) -> int:
+    """The grid's pyramid level: `options.level`, or the one nearest `options.mpp`."""
+    possible = plan_levels(spatial, spacing, max_size=1, min_levels=1)  # every level the image allows
+    if options.mpp is None:
+        if options.level >= len(possible):
+            raise PrepError(f"level {options.level} does not exist: a {spatial} image has levels 0.."
+                            f"{len(possible) - 1}")
+        return options.level
+    if spacing is None:
+        raise PrepError("no microns-per-pixel in the source, so --mpp cannot pick a level (use --level)")
+    yx_um = [float(np.mean([s * f for s, f in zip(spacing[-2:], fac[-2:])])) for fac in possible]
+    best = int(np.argmin([abs(math.log(u / options.mpp)) for u in yx_um]))
+    if abs(yx_um[best] / options.mpp - 1) > options.mpp_tolerance:
+        raise PrepError(f"no level within {options.mpp_tolerance:.0%} of {options.mpp} um/px (nearest: level "
+                        f"{best} at {yx_um[best]:.3g} um/px)")
+    return best
+
+
+def _ome_attrs(name: str, dims: int, spacing: tuple[float, ...] | None,
+               factors: list[tuple[int, ...]]) -> dict[str, Any]:
+    names = ["z", "y", "x"][-dims:]
+    axes: list[dict[str, Any]] = [{"name": "c", "type": "channel"}]
+    for n in names:
+        axes.append({"name": n, "type": "space", **({"unit": "micrometer"} if spacing else {})})
+    base = spacing or tuple([1.0] * dims)
+    datasets = []
+    for k, fac in enumerate(factors):
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [1.0, *(s * f for s, f in zip(base, fac))]}]
+        if k:  # level-k pixel centres sit (f - 1) / 2 level-0 pixels in
+            transforms.append({"type": "translation", "translation": [0.0, *(s * (f - 1) / 2 for s, f in zip(base, fac))]})
+        datasets.append({"path": str(k), "coordinateTransformations": transforms})
+    return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": datasets, "type": "mean",
+                                               "metadata": {"method": "2x mean, floor size (data_prep.pyramid)"}}]}
+
+
+def _first_level_within(factors: list[tuple[int, ...]], spatial: tuple[int, ...], limit: int,
+                        axes: slice) -> int:
+    for k, fac in enumerate(factors):
+        if max(level_shape(spatial, fac)[axes]) <= limit:
+            return k
+    return len(factors) - 1
+
+
+def _mask_level(options: PrepOptions, factors: list[tuple[int, ...]], spatial: tuple[int, ...],
+                spacing: tuple[float, ...] | None) -> int:
+    """The first level at `options.mask_mpp` (when the spacing is known) that is also within
+    `mask_max_size` pixels on its longest side (y/x in 2D, all axes in 3D); else the coarsest level."""
+    dims = len(spatial)
+    limit = options.mask_max_size or (2048 if dims == 2 else 256)
+    axes = slice(-2, None) if dims == 2 else slice(None)
+    k = _first_level_within(factors, spatial, limit, axes)
+    if spacing is not None and options.mask_mpp is not None:
+        for j, fac in enumerate(factors):
+            yx = min(s * f for s, f in zip(spacing[-2:], fac[-2:]))
+            if yx >= 0.9 * options.mask_mpp or j == len(factors) - 1:
+                return max(k, j)
+    return k
+
+
+def _grid_entry(options: PrepOptions, level: int, patch: tuple[int, ...], stride: tuple[int, ...],
+                n: int, spacing: tuple[float, ...] | None, factor: tuple[int, ...]) -> dict[str, Any]:
+    return {"level": level, "patch_size": list(patch), "stride": list(stride), "min_tissue": options.min_tissue,
+            "n_patches": n, "edge": "drop",
+            "spacing": [s * f for s, f in zip(spacing, factor)] if spacing else None,
+            "mpp_requested": options.mpp}
+
+
+def _write_grid(writer_group: zarr.Group, name: str, coords: np.ndarray, tissue: np.ndarray,
+                entry: dict[str, Any]) -> None:
+    dims = coords.shape[1]
+    grid = writer_group.require_group(GRIDS_GROUP).create_group(name, overwrite=True, attributes=entry)
+    rows = max(1, min(len(coords), 1 << 18))
+    grid.create_array(COORDS_ARRAY, shape=coords.shape, dtype=np.int64, chunks=(rows, dims),
+                      compressors=make_compressor("zstd"), fill_value=0)
+    grid.create_array(TISSUE_ARRAY, shape=tissue.shape, dtype=np.float32, chunks=(rows,),
+                      compressors=make_compressor("zstd"), fill_value=0.0)
+    if len(coords):
+        grid[COORDS_ARRAY][...] = coords
+        grid[TISSUE_ARRAY][...] = tissue
+
+
+def _run(reader: ImageReader, writer: StoreWriter, options: PrepOptions, *, slide_id: str,
+         provenance: Callable[[], dict[str, Any]], given_mask: np.ndarray | None = None,
+         progress: Callable[[int], None] | None = None) -> tuple[Path, int]:
+    """Convert `reader` into `writer`'s partial store and commit it. Returns `(store, n_patches)`.
+
+    `provenance()` is called once the pixels are written (so a source hash can run meanwhile).
+    """
+    dims, spatial, spacing = reader.spatial_dims, reader.spatial_shape, reader.spacing
+    patch = per_axis(options.patch_size, dims, "patch_size")
+    stride = per_axis(options.stride if options.stride is not None else options.patch_size, dims, "stride")
+    grid_level = _choose_level(options, spatial, spacing)
+    factors = plan_levels(spatial, spacing, max_size=options.pyramid_max_size, min_levels=grid_level + 1)
+    chunk, shard = chunk_layout(patch, stride, options.shard_chunks or (8 if dims == 2 else 4))
+    compressor = make_compressor(options.codec, options.codec_level)
+    threads = options.n_threads
+    group = writer.begin()
+    C, fill = reader.shape[0], reader.background
+
+    levels = [writer.image_array(str(k), (C, *level_shape(spatial, f)), reader.dtype, chunk, shard, fill, compressor)
+              for k, f in enumerate(factors)]
+
+    # level 0, one task per shard (decode in the reader, encode in ShardEncoder) on `threads` threads, in
+    # Z-order so the pyramid above is assembled in memory from each shard and written once (no read-back)
+    encoders = [ShardEncoder(a, writer.partial / str(k)) for k, a in enumerate(levels)]
+
+    def write(k: int, start: tuple[int, ...], data: np.ndarray) -> None:
+        encoders[k].write(start, data)
+
+    pyramid = StreamingPyramid(write, [a.shape[1:] for a in levels], factors, shard)
+
+    def copy_shard(idx: tuple[int, ...]) -> Callable[[], None]:
+        def task() -> None:
+            start = tuple(i * s for i, s in zip(idx, shard))
+            size = tuple(min(s, n - o) for s, n, o in zip(shard, spatial, start))
+            block = reader.read_region(start, size)
+            write(0, start, block)
+            pyramid.add(0, idx, block)
+        return task
+
+    grid0 = tuple(-(-n // s) for n, s in zip(spatial, shard))
+    tick = (lambda: progress(1)) if progress else None
+    run_bounded((copy_shard(idx) for idx in morton_order(grid0)), threads, tick)
+    assert pyramid.pending == 0
+
+    # tissue mask on a low level (or the caller's mask)
+    if given_mask is not None:
+        mask, mask_ds = resample_mask(given_mask, spatial)
+        mask_info: dict[str, Any] = {"method": "given", "threshold": None, "level": None}
+    else:
+        m = _mask_level(options, factors, spatial, spacing)
+        image = levels[m][...]
+        mask, info = tissue_mask(image, background=fill, spacing=spacing, downsample=factors[m],
+                                 min_object_um2=options.min_object_um2, max_hole_um2=options.max_hole_um2)
+        mask_ds = factors[m]
+        mask_info = {**info, "level": m}
+    mask_names = ["z", "y", "x"][-dims:]
+    writer.small_array(MASK_ARRAY, mask.astype(np.uint8), chunk_rows=512 if dims == 2 else 64,
+                       dimension_names=mask_names)
+
+    # the grid
+    coords, tissue = make_grid(mask, mask_ds, level_shape(spatial, factors[grid_level]), factors[grid_level],
+                               patch, stride, options.min_tissue)
+    if len(coords) == 0 and not options.allow_empty:
+        raise PrepError(f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue}, "
+                        f"level {grid_level}, patch {patch}; the mask covers {mask.mean():.1%} of the image)")
+    entry = _grid_entry(options, grid_level, patch, stride, len(coords), spacing, factors[grid_level])
+    _write_grid(group, options.grid_name, coords, tissue, entry)
+
+    prov = {**provenance(), "reader": reader.name, "vendor": reader.vendor,
+            "source_shape": list(reader.shape), "source_dtype": str(reader.dtype), "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "options": options.to_dict(), **reader.metadata()}
+    ips_attrs = {
+        "format_version": FORMAT_VERSION, "spatial_dims": dims, "channels": C, "dtype": str(reader.dtype),
+        "spacing": list(spacing) if spacing else None,
+        "level_downsamples": [list(f) for f in factors],
+        "level_shapes": [list(a.shape) for a in levels],
+        "background": fill,
+        "chunks": list(chunk), "shards": list(shard),
+        "affine": reader.affine,
+        "mask": {"downsample": list(mask_ds), **mask_info},
+        "grids": {options.grid_name: entry},
+        "thumbnail": f"../{slide_id}{THUMBNAIL_SUFFIX}" if options.thumbnail else None,
+        "provenance": prov,
+    }
+    group.attrs.update({OME_ATTR: _ome_attrs(slide_id, dims, spacing, factors), IPS_ATTR: ips_attrs})
+
+    if options.thumbnail:
+        t = _first_level_within(factors, spatial, options.thumbnail_size, slice(-2, None))
+        _thumbnail(levels[t][...], mask, coords, entry, factors, t, fill,
+                   writer.final.with_name(f".{slide_id}{THUMBNAIL_SUFFIX}.new"), slide_id)
+    store = writer.commit([options.grid_name])
+    if options.thumbnail:
+        os.replace(writer.final.with_name(f".{slide_id}{THUMBNAIL_SUFFIX}.new"),
+                   writer.final.with_name(f"{slide_id}{THUMBNAIL_SUFFIX}"))
+    return store, len(coords)
+
+
+def _thumbnail(image: np.ndarray, mask: np.ndarray, coords: np.ndarray, entry: dict[str, Any],
+               factors: list[tuple[int, ...]], t: int, background: float, path: Path, slide_id: str) -> None:
+    """Render the thumbnail of level `t` with the grid's patches and save it at `path`."""
+    g = entry["level"]
+    scale = [a / b for a, b in zip(factors[g][-2:], factors[t][-2:])]  # grid-level px -> thumbnail px
+    yx = coords[:, -2:].astype(np.float64)
+    py, px = entry["patch_size"][-2:]
+    boxes = np.stack([yx[:, 0] * scale[0], yx[:, 1] * scale[1], (yx[:, 0] + py) * scale[0],
+                      (yx[:, 1] + px) * scale[1]], axis=1) if len(yx) else np.zeros((0, 4))
+    size = "x".join(str(p) for p in entry["patch_size"])
+    caption = f"{slide_id}: {entry['n_patches']} patches of {size} at level {g}, min tissue {entry['min_tissue']}"
+    rgb = render_thumbnail(image, mask, boxes, background=background, caption=caption)
+    save_png(rgb, path)
+
+
+def _failure_reason(e: BaseException) -> str:
+    if isinstance(e, PrepError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "disk full (ENOSPC) while writing the store"
+    if isinstance(e, OSError):
+        return f"I/O error: {e.strerror or e}"
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    return f"{type(e).__name__}: {e}"
+
+
+def _remove_tmp_thumbnail(final: Path, slide_id: str) -> None:
+    final.with_name(f".{slide_id}{THUMBNAIL_SUFFIX}.new").unlink(missing_ok=True)
+
+
+def add_grid(store: str | Path, options: PrepOptions) -> int:
+    """Add grid `options.grid_name` to a complete store (from its mask and pyramid); returns its N.
+
+    The grid counts once the marker lists it: a crash before that leaves the store as it was.
+    """
+    store = Path(store)
+    group = zarr.open_group(str(store), mode="r+")
+    attrs = dict(group.attrs[IPS_ATTR])
+    dims = attrs["spatial_dims"]
+    factors = [tuple(f) for f in attrs["level_downsamples"]]
+    shapes = [tuple(s[1:]) for s in attrs["level_shapes"]]
+    spacing = tuple(attrs["spacing"]) if attrs.get("spacing") else None
+    patch = per_axis(options.patch_size, dims, "patch_size")
+    stride = per_axis(options.stride if options.stride is not None else options.patch_size, dims, "stride")
+    level = _choose_level(options, shapes[0], spacing)
+    if level >= len(factors):
+        raise PrepError(f"level {level} is not in the store (levels 0..{len(factors) - 1}); "
+                        "rerun with --overwrite to rebuild the pyramid")
+    mask = np.asarray(group[MASK_ARRAY][...]).astype(bool)
+    coords, tissue = make_grid(mask, tuple(attrs["mask"]["downsample"]), shapes[level], factors[level],
+                               patch, stride, options.min_tissue)
+    if len(coords) == 0 and not options.allow_empty:
+        raise PrepError(f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue})")
+    entry = _grid_entry(options, level, patch, stride, len(coords), spacing, factors[level])
+    _write_grid(group, options.grid_name, coords, tissue, entry)
+    attrs["grids"] = {**attrs.get("grids", {}), options.grid_name: entry}
+    group.attrs.update({IPS_ATTR: attrs})
+    grids = read_marker(store).get("grids", [])
+    write_marker(store, [*dict.fromkeys([*grids, options.grid_name])])
+    return len(coords)
+
+
+def prep_file(path: str | Path, out_dir: str | Path, *, options: PrepOptions | None = None,
+              reader: str | None = None, progress: Callable[[int], None] | None = None) -> PrepResult:
+    """Convert one file, never raising for a bad input: the result says done / skipped / grid added /
+    failed, and why. A complete store is skipped (or gets the new grid) unless `options.overwrite`."""
+    options = options or PrepOptions()
+    t0 = time.perf_counter()
+    path = Path(path)
+    try:
+        slide_id = slide_id_of(path)
+    except PrepError as e:
+        return PrepResult(str(path), path.name, "failed", reason=str(e))
+    final, _ = store_paths(out_dir, slide_id)
+    if is_complete(final) and not options.overwrite:
+        if options.grid_name in read_marker(final).get("grids", []):
+            return PrepResult(str(path), slide_id, "skipped", final, reason="complete store exists")
+        try:
+            n = add_grid(final, options)
+        except Exception as e:  # noqa: BLE001 - reported per input
+            return PrepResult(str(path), slide_id, "failed", final, reason=_failure_reason(e),
+                              seconds=time.perf_counter() - t0)
+        return PrepResult(str(path), slide_id, "grid added", final, n, time.perf_counter() - t0)
+    writer = StoreWriter(out_dir, slide_id)
+    digest: dict[str, str] = {}
+    try:
+        with open_reader(path, reader) as r:
+            hasher = threading.Thread(target=_hash_file, args=(path, digest), daemon=True)
+            if options.hash_source:
+                hasher.start()
+
+            def provenance() -> dict[str, Any]:
+                if options.hash_source:
+                    hasher.join()
+                return {"source_path": str(path.resolve()), "source_size_bytes": path.stat().st_size,
+                        "source_sha256": digest.get("sha256")}
+
+            store, n = _run(r, writer, options, slide_id=slide_id, provenance=provenance, progress=progress)
+    except BaseException as e:
+        writer.abort()
+        _remove_tmp_thumbnail(final, slide_id)
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: clean up, then stop
+            raise
+        return PrepResult(str(path), slide_id, "failed", reason=_failure_reason(e),
+                          seconds=time.perf_counter() - t0)
+    return PrepResult(str(path), slide_id, "done", store, n, time.perf_counter() - t0)
+
+
+def convert_file(path: str | Path, out_dir: str | Path, *, options: PrepOptions | None = None,
+                 reader: str | None = None) -> Path:
+    """Convert one slide or volume file to `out_dir/<slide_id>.zarr`; returns the store path.
+
+    `reader`: a backend name from `data_prep.readers.READERS` (default: chosen from the content).
+    A complete store is kept (and gets `options.grid_name` if it lacks it) unless `options.overwrite`.
+    Raises PrepError("<path>: <reason>") when the input cannot be converted.
+    """
+    result = prep_file(path, out_dir, options=options, reader=reader)
+    if result.status == "failed":
+        raise PrepError(f"{path}: {result.reason}")
+    assert result.store is not None
+    return result.store
+
+
+def convert_array(array: np.ndarray, out_dir: str | Path, slide_id: str, *,
+                  spacing: tuple[float, ...] | None = None, options: PrepOptions | None = None,
+                  background: float | None = None, mask: np.ndarray | None = None) -> Path:
+    """Convert an in-memory image with the same pipeline as files; returns the store path.
+
+    Args:
+        array: `(C, Y, X)` (2D) or `(C, Z, Y, X)` (3D), uint8 for slides or any numeric dtype.
+        slide_id: the store's name (`out_dir/<slide_id>.zarr`).
+        spacing: micrometers per pixel `(sy, sx)` / `(sz, sy, sx)` (None: unknown; `options.mpp` then fails).
+        background: fill value of empty space (default 255 for 3-channel uint8 2D, else 0).
+        mask: tissue mask (bool or 0/1) at level 0 or downsampled by integer factors (each side
+            `ceil(n / f)` or `n // f`); default: computed as for files.
+    Raises:
+        ValueError (bad arguments), PrepError (e.g. empty grid, disk full).
+    """
+    options = options or PrepOptions()
+    if not slide_id or "/" in slide_id or slide_id.startswith("."):
+        raise ValueError(f"slide_id must be a plain name, got {slide_id!r}")
+    reader = ArrayReader(np.asarray(array), spacing=spacing, background=background)
+    if mask is not None:
+        resample_mask(mask, reader.spatial_shape)  # validate before writing anything
+    final, _ = store_paths(out_dir, slide_id)
+    if is_complete(final) and not options.overwrite:
+        if options.grid_name not in read_marker(final).get("grids", []):
+            add_grid(final, options)
+        return final
+
+    def provenance() -> dict[str, Any]:
+        digest = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest() if options.hash_source else None
+        return {"source_path": None, "source_size_bytes": int(reader._array.nbytes), "source_sha256": digest}
+
+    writer = StoreWriter(out_dir, slide_id)
+    try:
+        store, _ = _run(reader, writer, options, slide_id=slide_id, provenance=provenance, given_mask=mask)
+    except BaseException as e:
+        writer.abort()
+        _remove_tmp_thumbnail(final, slide_id)
+        if isinstance(e, (PrepError, ValueError)) or not isinstance(e, Exception):
+            raise
+        raise PrepError(f"{slide_id}: {_failure_reason(e)}") from e
+    return store

@@ -1,0 +1,160 @@
+"""Test support: the reader contract every backend's tests subclass, and tiny generated fixtures.
+
+Like zarr's `zarr.testing.store.StoreTests`: a backend's test class subclasses `ReaderTests` and
+implements `open(tmp_path) -> (reader, expected)`; every contract test then runs against it. Needs
+pytest (a test dependency), so only tests import this module.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.readers import ImageReader, detect_reader
+
+
+class ReaderTests:
+    """The contract of `ImageReader`. Subclasses set `expected_spacing` (or None) and `detected_as`
+    (the name `detect_reader` must give the file, or None for in-memory / forced backends)."""
+
+    expected_spacing: tuple[float, ...] | None = None
+    detected_as: str | None = None
+
+    def open(self, tmp_path: Path) -> tuple[ImageReader, np.ndarray]:
+        """Write a fixture under `tmp_path`, open it: `(reader, expected pixels (C, *spatial))`."""
+        raise NotImplementedError
+
+    @pytest.fixture
+    def case(self, tmp_path: Path):
+        reader, expected = self.open(tmp_path)
+        yield reader, expected
+        reader.close()
+
+    def test_shape_and_dtype(self, case) -> None:
+        reader, expected = case
+        assert reader.shape == expected.shape
+        assert reader.dtype == expected.dtype
+        assert reader.spatial_dims == expected.ndim - 1
+        assert reader.spatial_shape == expected.shape[1:]
+
+    def test_whole_image(self, case) -> None:
+        reader, expected = case
+        np.testing.assert_array_equal(reader.read_region((0,) * reader.spatial_dims, reader.spatial_shape), expected)
+
+    def test_regions(self, case) -> None:
+        reader, expected = case
+        rng = np.random.default_rng(0)
+        spatial = reader.spatial_shape
+        regions = [((0,) * len(spatial), (1,) * len(spatial)),  # one pixel
+                   (tuple(n - 1 for n in spatial), (1,) * len(spatial)),  # the last pixel
+                   (tuple(n // 3 for n in spatial), tuple(n - n // 3 for n in spatial))]  # to the far edge
+        for _ in range(8):  # unaligned regions
+            start = tuple(int(rng.integers(0, n)) for n in spatial)
+            size = tuple(int(rng.integers(1, n - s + 1)) for s, n in zip(start, spatial))
+            regions.append((start, size))
+        for start, size in regions:
+            got = reader.read_region(start, size)
+            want = expected[(slice(None), *(slice(s, s + n) for s, n in zip(start, size)))]
+            assert got.shape == want.shape, (start, size)
+            np.testing.assert_array_equal(got, want, err_msg=f"region {start}+{size}")
+
+    def test_out_of_bounds(self, case) -> None:
+        reader, _ = case
+        dims = reader.spatial_dims
+        with pytest.raises(ValueError, match="outside"):
+            reader.read_region((0,) * dims, tuple(n + 1 for n in reader.spatial_shape))
+        with pytest.raises(ValueError, match="outside"):
+            reader.read_region((-1,) + (0,) * (dims - 1), (1,) * dims)
+        with pytest.raises(ValueError, match="needs"):
+            reader.read_region((0,) * (dims + 1), (1,) * (dims + 1))
+
+    def test_spacing(self, case) -> None:
+        reader, _ = case
+        if self.expected_spacing is None:
+            assert reader.spacing is None
+        else:
+            assert reader.spacing is not None
+            np.testing.assert_allclose(reader.spacing, self.expected_spacing, rtol=1e-5)
+
+    def test_parallel_reads(self, case) -> None:
+        """The writer reads regions from several threads at once."""
+        reader, expected = case
+        spatial = reader.spatial_shape
+        step = tuple(max(1, n // 3) for n in spatial)
+        starts = list(np.ndindex(*(len(range(0, n, s)) for n, s in zip(spatial, step))))
+        regions = [(tuple(i * s for i, s in zip(idx, step)), ) for idx in starts]
+        regions = [(st, tuple(min(s, n - o) for s, n, o in zip(step, spatial, st))) for (st,) in regions] * 3
+
+        def read(region):
+            return reader.read_region(*region)
+
+        with ThreadPoolExecutor(4) as pool:
+            for (start, size), got in zip(regions, pool.map(read, regions)):
+                want = expected[(slice(None), *(slice(s, s + n) for s, n in zip(start, size)))]
+                np.testing.assert_array_equal(got, want)
+
+    def test_detected(self, case) -> None:
+        reader, _ = case
+        if self.detected_as is not None:
+            assert reader.path is not None
+            assert detect_reader(reader.path) == self.detected_as
+
+    def test_metadata_is_json(self, case) -> None:
+        import json
+
+        reader, _ = case
+        json.dumps(reader.metadata())
+        assert isinstance(reader.vendor, str) and reader.vendor
+
+
+# --- generated fixtures ------------------------------------------------------------------------------
+
+
+def tissue_image(height: int, width: int, *, seed: int = 0, box: tuple[float, float, float, float] = (0.2, 0.2, 0.8, 0.7)) -> np.ndarray:
+    """A brightfield-like RGB image: white glass (255) with a stained (pink/purple, textured) rectangle
+    covering the fractional box `(y0, x0, y1, x1)`. Returns uint8 `(Y, X, 3)`."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 255, np.uint8)
+    y0, x0, y1, x1 = int(box[0] * height), int(box[1] * width), int(box[2] * height), int(box[3] * width)
+    h, w = y1 - y0, x1 - x0
+    base = np.array([180, 90, 170], np.int16)
+    noise = rng.integers(-40, 40, (h, w, 3), dtype=np.int16)
+    img[y0:y1, x0:x1] = np.clip(base + noise, 0, 255).astype(np.uint8)
+    return img
+
+
+def write_pyramid_tiff(path: str | Path, image: np.ndarray, *, levels: int = 3, tile: int = 64,
+                       compression: str | None = "zlib", mpp: float | None = 0.5) -> Path:
+    """A tiled pyramidal TIFF (level 0 plus `levels - 1` SubIFDs, each half the previous), RGB or grey.
+
+    `image`: `(Y, X, 3)` or `(Y, X)`. `mpp`: micrometers per pixel written as resolution tags.
+    """
+    import tifffile
+
+    path = Path(path)
+    kwargs = {}
+    if mpp is not None:
+        kwargs = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    photometric = "rgb" if image.ndim == 3 else "minisblack"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, tile=(tile, tile), compression=compression, photometric=photometric,
+                  subifds=levels - 1, **kwargs)
+        level = image
+        for _ in range(levels - 1):
+            level = level[::2, ::2]
+            tif.write(level, tile=(tile, tile), compression=compression, photometric=photometric,
+                      subfiletype=1)
+    return path
+
+
+def write_nifti(path: str | Path, volume: np.ndarray, affine: np.ndarray) -> Path:
+    """A NIfTI-1 file of `volume` `(I, J, K)` (nibabel's order) with `affine`, units mm."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(volume, affine)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+    return Path(path)
