@@ -6,11 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from ips.budget import BudgetError
 from ips.config import ConfigError, load_config
-from ips.distributed import cleanup, init_distributed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # heavy imports here, not at module level: building the parser must stay fast (`ips --help`)
+    import torch
+
+    from ips.budget import BudgetError
+    from ips.distributed import cleanup, init_distributed
     from ips.manifest import ManifestError
     from ips.store import StoreError
     from ips.train import resolve_device, train
