@@ -54,14 +54,14 @@ class Chunk:
 def iter_chunks(source: PatchSource, chunk_size: int, order: np.ndarray | None = None) -> Iterator[Chunk]:
     """Stream the source in chunks of `chunk_size` patches, reading each patch once.
 
-    `order` (a permutation of `range(N)`) sets the streaming order; default is index order.
+    `order` (a permutation of `range(N)`) sets the streaming order; default is index order. An `order`
+    with fewer indices streams just those (e.g. the rest of an interrupted pass).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    n = len(source)
-    order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
+    order = np.arange(len(source), dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
     positions = source.positions()
-    for start in range(0, n, chunk_size):
+    for start in range(0, len(order), chunk_size):
         idx = order[start : start + chunk_size]
         yield Chunk(idx, source.read(idx), torch.from_numpy(np.ascontiguousarray(positions[idx])))
 
