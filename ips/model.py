@@ -47,6 +47,11 @@ class IPSModel(nn.Module):
         self.d_model = d_model
         self.pixel_input = pixel_input
         self.use_pos_enc = pos_enc
+        # Fixed sincos codes have amplitude 1 per channel, several times the spread of fresh content
+        # embeddings: added at full strength, position dominates the attention at initialisation and the
+        # selection never finds the informative patches (measured: the demo did not learn at all). A
+        # learnable scale that starts small lets content lead and position join as it proves useful.
+        self.pos_scale = nn.Parameter(torch.tensor(0.1)) if pos_enc else None
         enc_dim = encoder.out_dim
         self.project = nn.Identity() if enc_dim == d_model and not pixel_input else nn.Linear(enc_dim, d_model)
         self.aggregator = CrossAttentionAggregator(
@@ -69,7 +74,7 @@ class IPSModel(nn.Module):
         """`(n, C, *S)` or `(n, F)` patches, `(n, d)` positions -> embeddings `(n, D)` (with position)."""
         emb = self.project(self.encoder(self.normalize(patches)))
         if self.use_pos_enc:
-            emb = emb + sincos_encoding(positions, self.d_model).to(emb.dtype)
+            emb = emb + self.pos_scale * sincos_encoding(positions, self.d_model).to(emb.dtype)
         return emb
 
     def selection_scores(self, emb: torch.Tensor) -> torch.Tensor:

@@ -37,23 +37,31 @@ def small_data(tmp_path_factory) -> Path:
 
 
 def test_tiny_training_learns(tmp_path):
-    """Chance is 0.5 (balanced classes). Measured: val accuracy 1.0 from epoch 8 of 12 (M=8 of 64 patches);
-    the threshold 0.8 leaves margin."""
-    manifest = make_cross_slides(tmp_path / "data", n_train=24, n_val=12, seed=1)
-    cfg = tiny_config(model={**TINY["model"], "encoder": "ips_cnn_small"}, selection={"memory_size": 8},
-                      train={"epochs": 12, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 1},
-                      data={"augment": True, "color_jitter": 0.0})
+    """Slide labels only (lesion present or not) on 32 synthetic H&E-like slides (ips.synthetic.lesions),
+    M=8 of ~30-50 tissue patches, default sincos positions. Chance is 0.5 (balanced, stratified). Measured
+    final val accuracy over seeds 0/1/2: 1.0 / 0.83 / 1.0 (this test: seed 0); threshold 0.75."""
+    from ips.synthetic.lesions import make_lesion_dataset
+
+    manifest = make_lesion_dataset(tmp_path / "data", n_slides=32, size=256, patch_size=32, seed=0,
+                                   split_fractions=(0.6, 0.4, 0.0))
+    cfg = ExperimentConfig.from_dict({
+        "model": {"encoder": "ips_cnn_tiny", "patch_size": 32, "d_model": 32, "n_heads": 4, "d_mlp": 32,
+                  "tasks": [{"name": "lesion", "kind": "binary", "label_column": "label"}]},
+        "selection": {"memory_size": 8, "iter_size": 64},
+        "data": {"augment": True},
+        "train": {"epochs": 15, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "warmup_epochs": 1, "seed": 0},
+    })
     result = train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lambda s: None)
     last = result["history"][-1]
-    assert last["val_label/accuracy"] >= 0.8, [r["val_label/accuracy"] for r in result["history"]]
-    assert last["val_label/auroc"] >= 0.9
+    assert last["val_lesion/accuracy"] >= 0.75, [r["val_lesion/accuracy"] for r in result["history"]]
+    assert last["val_lesion/auroc"] >= 0.8
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "curves.png", "checkpoints/best.pt",
                  "checkpoints/last.pt"):
         assert (run / name).is_file(), name
     assert load_config(run / "config.yaml") == cfg
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert ckpt["config"] == cfg.to_dict() and ckpt["epoch"] == 12
+    assert ckpt["config"] == cfg.to_dict() and ckpt["epoch"] == 15
 
 
 def test_resume_equals_uninterrupted(tmp_path, small_data):
