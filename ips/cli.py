@@ -18,6 +18,11 @@ from ips.config import ConfigError
 SUBCOMMANDS = [
     "data_prep.cli",
     "ips.commands.train",
+    "ips.commands.predict",
+    "ips.commands.heatmap",
+    "ips.commands.embed",
+    "ips.commands.bench",
+    "ips.commands.demo",
 ]
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2

@@ -1,0 +1,205 @@
+"""`ips demo`: a newcomer's first run, end to end on a laptop CPU in minutes.
+
+1. data: synthetic H&E-like slides, half of them with planted lesions (`ips.synthetic.lesions`),
+   written as stores by the same writer as `ips prep`, with a manifest (train/val/test splits);
+2. train: `ips.train.train` with the demo config (`DEMO_CONFIG`, the same as `configs/demo.yaml`);
+3. predict: `ips predict` on the test slides -> predictions.csv, metrics.json;
+4. heatmap: `ips heatmap` on the test slides -> heatmap.png, heatmap.geojson, scores.zarr, top patches;
+5. check: the heatmaps must find the planted lesions: per positive test slide, the AUROC of each patch's
+   attention against the truth (patches overlapping a lesion), averaged over the slides.
+
+The config lives here, not only in `configs/` (which is not installed with the package); a test keeps
+the two equal.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ips.config import ConfigError, ExperimentConfig, apply_overrides, save_config
+
+# == configs/demo.yaml (tests/test_demo.py checks that they stay equal)
+DEMO_CONFIG: dict[str, Any] = {
+    "model": {"encoder": "ips_cnn_small", "in_chans": 3, "spatial_dims": 2, "patch_size": 32, "d_model": 64,
+              "n_heads": 4, "d_mlp": 128, "pos_enc": "none", "tasks": [{"name": "label", "kind": "binary"}]},
+    "selection": {"memory_size": 8, "iter_size": 32, "score": "logit"},
+    "data": {"mode": "pixels", "grid": "default", "augment": True},
+    "train": {"epochs": 15, "batch_size": 4, "lr": 1.0e-3, "weight_decay": 0.01, "warmup_epochs": 1, "seed": 0},
+}
+MARKER = "demo.json"
+# the check of the heatmaps: mean per-slide AUROC of attention vs. lesion truth must reach this
+LESION_AUROC_CHECK = 0.75
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Dataset size and config overrides of one demo setting."""
+
+    n_slides: int
+    size: int  # slide side in pixels
+    patch_size: int = 32
+    seed: int = 0
+    overrides: tuple[str, ...] = ()
+
+
+FULL = DemoSettings(n_slides=48, size=512)
+QUICK = DemoSettings(n_slides=24, size=384, overrides=("train.epochs=20",))
+
+
+def demo_config(overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The demo experiment, with `key=value` overrides."""
+    return ExperimentConfig.from_dict(apply_overrides(DEMO_CONFIG, list(overrides)))
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, Any] = field(default_factory=dict)
+    lesion_auroc: float = float("nan")  # mean over positive test slides
+    lesion_auroc_per_slide: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def check_passed(self) -> bool:
+        return self.lesion_auroc >= LESION_AUROC_CHECK
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d["check"] = {"lesion_auroc_threshold": LESION_AUROC_CHECK, "passed": self.check_passed}
+        return d
+
+
+def lesion_auroc(scores_path: str | Path, store_path: str | Path, task: int = 0) -> float:
+    """AUROC of the heatmap's attention of each patch against the truth "overlaps a lesion".
+
+    `scores_path`: a heatmap's scores.zarr (`attention (N, T)`); `store_path`: the slide's store with
+    `ips_truth/lesion (N,)`. NaN when the slide has no lesion patch (or only lesion patches).
+    """
+    import zarr
+
+    from ips.metrics import auroc
+    from ips.synthetic import TRUTH_GROUP
+
+    attention = np.asarray(zarr.open_group(str(scores_path), mode="r")["attention"][...])[:, task]
+    truth = np.asarray(zarr.open_group(str(store_path), mode="r")[f"{TRUTH_GROUP}/lesion"][...]) > 0
+    return auroc(attention, truth)
+
+
+def _prepare_out(out: Path) -> None:
+    """Use an empty or new folder, or redo a previous demo's; never delete anything else."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise ConfigError(f"--out {out} is not empty and holds no previous demo: choose a new folder")
+        for name in ("data", "run", "predictions", "heatmaps", "config.yaml", MARKER):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(
+    out: str | Path,
+    settings: DemoSettings = FULL,
+    *,
+    device: str = "auto",
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
+    """Run the whole demo into `out` (see the module docstring); returns what it measured and wrote."""
+    from ips.cli import main as ips_main
+    from ips.manifest import read_manifest
+    from ips.synthetic.lesions import make_lesion_dataset
+    from ips.train import train
+
+    out = Path(out)
+    _prepare_out(out)
+    result = DemoResult(out)
+    t_all = time.perf_counter()
+    cfg = demo_config([*settings.overrides, f"train.device={device}"])
+
+    t0 = time.perf_counter()
+    log(f"[1/4] data: {settings.n_slides} synthetic slides of {settings.size}x{settings.size} px "
+        f"(half with planted lesions) -> {out / 'data'}")
+    manifest = make_lesion_dataset(out / "data", settings.n_slides, settings.size, settings.patch_size,
+                                   settings.seed)
+    result.seconds["data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    save_config(cfg, out / "config.yaml")
+    run_dir = out / "run"
+    log(f"[2/4] train: {cfg.train.epochs} epochs, M={cfg.selection.memory_size} of each slide's patches, "
+        f"{cfg.model.encoder}\n      = ips train --config {out / 'config.yaml'} --manifest {manifest} --out {run_dir}")
+    train(cfg, manifest=manifest, run_dir=run_dir, resume=False, show_progress=show_progress, log=log)
+    result.seconds["train"] = time.perf_counter() - t0
+    checkpoint = run_dir / "checkpoints" / "best.pt"
+
+    t0 = time.perf_counter()
+    pred_dir = out / "predictions"
+    argv = ["predict", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--split", "test",
+            "--out", str(pred_dir), "--device", device, "--quiet"]
+    log(f"[3/4] predict the test slides\n      = ips {' '.join(argv)}")
+    if ips_main(argv) != 0:
+        raise RuntimeError("ips predict failed (see above)")
+    metrics_file = pred_dir / "metrics.json"
+    if metrics_file.is_file():
+        result.test_metrics = json.loads(metrics_file.read_text())["metrics"]
+    result.seconds["predict"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    test = read_manifest(manifest, cfg.model.tasks, "test")
+    heat_dir = out / "heatmaps"
+    argv = ["heatmap", "--checkpoint", str(checkpoint), *(r.path for r in test), "--out", str(heat_dir),
+            "--device", device]
+    log(f"[4/4] heatmaps of the test slides\n      = ips heatmap --checkpoint {checkpoint} "
+        f"{out / 'data' / 'stores'}/<slide>.zarr ... --out {heat_dir}")
+    if ips_main(argv) != 0:
+        raise RuntimeError("ips heatmap failed (see above)")
+    for r in test:
+        if r.labels.get(cfg.model.tasks[0].name) == 1:
+            result.lesion_auroc_per_slide[r.slide_id] = lesion_auroc(heat_dir / r.slide_id / "scores.zarr", r.path)
+    values = [v for v in result.lesion_auroc_per_slide.values() if not np.isnan(v)]
+    result.lesion_auroc = float(np.mean(values)) if values else float("nan")
+    result.seconds["heatmap"] = time.perf_counter() - t0
+    result.seconds["total"] = time.perf_counter() - t_all
+
+    result.files = {
+        "manifest": str(manifest), "config": str(out / "config.yaml"), "checkpoint": str(checkpoint),
+        "curves": str(run_dir / "curves.png"), "predictions": str(pred_dir / "predictions.csv"),
+        "heatmaps": str(heat_dir),
+    }
+    (out / MARKER).write_text(json.dumps(result.to_dict(), indent=1, default=float))
+    return result
+
+
+def summary(result: DemoResult) -> str:
+    """What a newcomer reads at the end: metrics, the check, where the files are, how long it took."""
+    m = result.test_metrics
+    task = next((k.split("/")[0] for k in m if k.endswith("/auroc")), "label")
+    lines = [
+        f"test slides: accuracy {m.get(f'{task}/accuracy', float('nan')):.3f}, "
+        f"AUROC {_num(m.get(f'{task}/auroc'))} (slide-level, {int(m.get(f'{task}/n_slides', 0))} slides)",
+        f"heatmaps find the lesions: patch-level AUROC of attention vs. planted lesions {result.lesion_auroc:.3f} "
+        f"(mean of {len(result.lesion_auroc_per_slide)} positive test slides; check >= {LESION_AUROC_CHECK}: "
+        f"{'passed' if result.check_passed else 'NOT passed'})",
+        "files:",
+        *(f"  {k:12s} {v}" for k, v in result.files.items()),
+        "  heatmap of a slide: " + str(Path(result.files["heatmaps"]) / "<slide_id>" / "heatmap.png"),
+        "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()),
+    ]
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
