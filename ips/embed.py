@@ -19,22 +19,12 @@ import zarr
 from torch import nn
 
 from ips import store_format as sf
+from ips.model import pixel_stats
 from ips.store import FeatureInfo, StoreLocation, open_store
 from ips.streaming import stream_chunks
 from ips.zarr_source import ZarrPatchSource
 
 PROGRESS_ATTR = "ips_progress"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def pixel_stats(encoder: nn.Module, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) to normalise [0, 1] pixels for `encoder`: its timm `pretrained_cfg` if it has one,
-    else ImageNet's for RGB and (0.5, 0.25) per channel otherwise (as `ips.model.build_model`)."""
-    cfg = getattr(encoder, "pretrained_cfg", None) or {}
-    if in_chans == 3:
-        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    return (0.5,) * in_chans, (0.25,) * in_chans
 
 
 def embed_store(

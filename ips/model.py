@@ -97,6 +97,16 @@ class IPSModel(nn.Module):
         return self.heads(z), attn_logits
 
 
+def pixel_stats(encoder: nn.Module, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) to normalise [0, 1] pixels for `encoder`: its timm `pretrained_cfg` where it has one,
+    else ImageNet's for RGB and (0.5, 0.25) per channel otherwise. Training, inference and `ips embed`
+    all normalise through this one function."""
+    pcfg = getattr(encoder, "pretrained_cfg", None) or {}
+    if in_chans == 3:
+        return tuple(pcfg.get("mean", _IMAGENET_MEAN)), tuple(pcfg.get("std", _IMAGENET_STD))
+    return (0.5,) * in_chans, (0.25,) * in_chans
+
+
 def build_model(cfg: ModelConfig) -> IPSModel:
     """The one builder from config (STYLE.md #2)."""
     encoder = build_encoder(
@@ -109,13 +119,7 @@ def build_model(cfg: ModelConfig) -> IPSModel:
         d_model=cfg.d_model,
     )
     pixel_input = cfg.encoder != "features"
-    mean = std = None
-    if pixel_input:
-        pcfg = getattr(encoder, "pretrained_cfg", None) or {}
-        if cfg.in_chans == 3:
-            mean, std = pcfg.get("mean", _IMAGENET_MEAN), pcfg.get("std", _IMAGENET_STD)
-        else:
-            mean, std = [0.5] * cfg.in_chans, [0.25] * cfg.in_chans
+    mean, std = pixel_stats(encoder, cfg.in_chans) if pixel_input else (None, None)
     return IPSModel(
         encoder=encoder,
         tasks=cfg.tasks,
