@@ -111,12 +111,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """Iterative patch selection: memory size M, iteration (chunk) size I, the score."""
+    """Iterative patch selection: memory size M, iteration (chunk) size I, the score.
+
+    `explore` (training only): the share of the M slots given to patches drawn at random from the rest of
+    the bag instead of the lowest-scoring selected ones. With a fresh encoder the informative patches can
+    rank consistently last (e.g. a few bright patches among many alike), and top-M alone then never shows
+    them to the model; a few random slots let training find them. 0 = the paper's IPS.
+    """
 
     memory_size: int = 32
     iter_size: int = 64
     score: ScoreKind = "logit"
     prefetch: int = 2
+    explore: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.memory_size >= 1, "selection.memory_size", f"M must be >= 1, got {self.memory_size}")
@@ -124,6 +131,7 @@ class SelectionConfig:
         _require(self.score in typing.get_args(ScoreKind), "selection.score",
                  f"must be one of {typing.get_args(ScoreKind)}, got {self.score!r}")
         _require(self.prefetch >= 0, "selection.prefetch", "must be >= 0")
+        _require(0.0 <= self.explore < 1.0, "selection.explore", f"must be in [0, 1), got {self.explore}")
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,27 @@ def select(
     return Selection(buf_idx, buf_scores, buf_patches, buf_pos)
 
 
+def explore_selection(
+    selection: Selection, source: PatchSource, *, fraction: float, generator: np.random.Generator
+) -> Selection:
+    """Replace the lowest-scoring `round(fraction * m)` selected patches with patches drawn uniformly from
+    the unselected rest of the bag (training-time exploration; scores of drawn patches are NaN)."""
+    m, n = selection.indices.numel(), len(source)
+    k = min(int(round(fraction * m)), n - m)
+    if k <= 0:
+        return selection
+    chosen = np.zeros(n, dtype=bool)
+    chosen[selection.indices.numpy()] = True
+    drawn = np.sort(generator.choice(np.flatnonzero(~chosen), size=k, replace=False))
+    keep = m - k
+    return Selection(
+        torch.cat([selection.indices[:keep], torch.from_numpy(drawn)]),
+        torch.cat([selection.scores[:keep], torch.full((k,), float("nan"))]),
+        torch.cat([selection.patches[:keep], source.read(drawn)]),
+        torch.cat([selection.positions[:keep], torch.from_numpy(np.ascontiguousarray(source.positions()[drawn]))]),
+    )
+
+
 def global_top_m(scores: torch.Tensor, m: int) -> torch.Tensor:
     """Reference: indices of the global top-m of `scores (N,)`, ties by lower index."""
     return top_m(scores, torch.arange(scores.numel()), m)

@@ -28,7 +28,7 @@ from ips.manifest import SlideRecord, read_manifest
 from ips.metrics import evaluate_logits
 from ips.model import IPSModel, build_model
 from ips.runlog import MetricsLog
-from ips.selection import Selection, eval_mode, select
+from ips.selection import Selection, eval_mode, explore_selection, select
 from ips.sources import PatchSource
 from ips.streaming import stream_chunks
 from ips.tasks import label_tensor
@@ -314,6 +314,10 @@ def train(
             mine = [train_records[i] for i in shard(global_batch, dist_info)]
             sources = [make_source(r, cfg) for r in mine]
             selections = select_slides(model, sources, cfg, rt)
+            if cfg.selection.explore > 0:
+                rng = np.random.default_rng([cfg.train.seed, epoch, *global_batch, dist_info.rank])
+                selections = [explore_selection(sel, src, fraction=cfg.selection.explore, generator=rng)
+                              for sel, src in zip(selections, sources)]
             targets = targets_for(mine, cfg)
             batch = stack_selections(selections, targets, cfg.selection.memory_size)
             model.train()

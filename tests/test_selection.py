@@ -8,7 +8,7 @@ import torch
 
 from ips.config import ModelConfig, TaskConfig
 from ips.model import build_model
-from ips.selection import eval_mode, global_top_m, select
+from ips.selection import eval_mode, explore_selection, global_top_m, select
 from ips.sources import InMemoryPatchSource, iter_chunks
 
 TASKS = (TaskConfig(name="a", kind="binary"), TaskConfig(name="b", kind="multiclass", num_classes=3))
@@ -166,3 +166,17 @@ def test_bad_arguments():
     empty = InMemoryPatchSource(torch.zeros(0, 2, 8, 8, dtype=torch.uint8), np.zeros((0, 2)))
     with pytest.raises(ValueError, match="empty bag"):
         select(model, empty, memory_size=2, iter_size=2)
+
+
+def test_explore_selection_swaps_the_lowest_for_unselected_patches():
+    model, source = make_case("2d", 40, 0)
+    with eval_mode(model):
+        sel = select(model, source, memory_size=8, iter_size=16)
+    out = explore_selection(sel, source, fraction=0.25, generator=np.random.default_rng(0))
+    assert torch.equal(out.indices[:6], sel.indices[:6])  # the best 6 stay
+    drawn = out.indices[6:]
+    assert len(set(drawn.tolist())) == 2 and not set(drawn.tolist()) & set(sel.indices.tolist())
+    assert torch.equal(out.patches, source.read(out.indices.numpy()))
+    np.testing.assert_array_equal(out.positions.numpy(), source.positions()[out.indices.numpy()])
+    assert torch.isnan(out.scores[6:]).all()
+    assert explore_selection(sel, source, fraction=0.0, generator=np.random.default_rng(0)) is sel

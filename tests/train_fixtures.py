@@ -21,8 +21,9 @@ SIZE = 64
 CHECKER = np.where((np.arange(PATCH)[:, None] // 2 + np.arange(PATCH)[None, :] // 2) % 2 == 0, 40, 120).astype(np.uint8)
 
 
-def make_cross_slides(out: Path, n_train: int, n_val: int, seed: int = 0, size: int = SIZE, marks: int = 1) -> Path:
-    """Write `out/<id>.zarr` stores and `out/manifest.csv` (slide_id,path,label,split); return the manifest."""
+def make_cross_slides(out: Path, n_train: int, n_val: int, seed: int = 0, size: int = SIZE, marks: int = 1,
+                      mark: str = "checker") -> Path:
+    """`mark`: "checker" or "cross". Write `out/<id>.zarr` stores and `out/manifest.csv` (slide_id,path,label,split); return the manifest."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -33,7 +34,11 @@ def make_cross_slides(out: Path, n_train: int, n_val: int, seed: int = 0, size: 
         cells = rng.choice((size // PATCH) ** 2, size=marks * label, replace=False)
         for r, c in zip(*np.divmod(cells, size // PATCH)):
             r, c = r * PATCH, c * PATCH
-            img[0, r : r + PATCH, c : c + PATCH] = CHECKER
+            if mark == "checker":
+                img[0, r : r + PATCH, c : c + PATCH] = CHECKER
+            else:  # a bright cross: an extreme patch, which a fresh model may rank consistently last
+                img[0, r + 3 : r + 5, c + 1 : c + 7] = 250
+                img[0, r + 1 : r + 7, c + 3 : c + 5] = 250
         slide_id = f"s{i:03d}"
         convert_array(img, out, slide_id, options=options, mask=np.ones((size, size), dtype=bool))
         rows.append({"slide_id": slide_id, "path": f"{slide_id}.zarr", "label": label,
