@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ips.bench.common import GiB, parse_int_list
-
 
 def _int_list(text: str) -> list[int]:
+    from ips.bench.common import parse_int_list  # imports torch: not while building the parser
+
     try:
         return parse_int_list(text)
     except ValueError as e:
@@ -93,7 +93,7 @@ def run_memory_cmd(args: argparse.Namespace) -> int:
     result = run_memory(args.n, patch_size=args.patch_size, memory_size=args.M, iter_size=args.I,
                         batch_size=args.B, encoder=args.encoder, device=args.device, threads=args.threads,
                         read_threads=args.read_threads, store_dir=args.store_dir, naive=not args.no_naive,
-                        naive_budget_bytes=int(args.naive_budget_gb * GiB), timeout=args.timeout)
+                        naive_budget_bytes=int(args.naive_budget_gb * 2**30), timeout=args.timeout)
     print(memory_table(result))
     if args.json:
         print(f"wrote {write_json(args.json, 'memory', result)}")
