@@ -26,6 +26,7 @@ from typing import Any
 import numcodecs
 import numpy as np
 import zarr
+from numcodecs import blosc as _blosc
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ShardingCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
@@ -83,17 +84,21 @@ def _plain_index(index_codecs: tuple[Any, ...]) -> bool | None:
 
 @dataclass
 class _Plan:
-    """One `read_boxes` call: unique chunks `(m, ndim)`, the boxes each serves, and where they go."""
+    """One `read_boxes` call: unique chunks `(m, ndim)`, the boxes each serves, and where they go.
+
+    The (chunk, box) pairs are grouped by chunk: chunk i serves pairs `bounds[i]:bounds[i + 1]`. Their
+    copy geometry is computed for all pairs at once (vectorised) and kept as Python tuples, so the
+    per-pair work left in the copy loop is one slice assignment.
+    """
 
     chunks: np.ndarray
-    user_order: np.ndarray  # boxes grouped by chunk: chunk i covers user_order[bounds[i]:bounds[i + 1]]
-    bounds: np.ndarray
+    bounds: list[int]
     direct_slot: np.ndarray  # per chunk: output slot when the chunk is exactly one box, else -1
     edge: np.ndarray  # per chunk: reaches past the array's end
-    lo: np.ndarray  # (n, ndim) box starts
-    hi: np.ndarray  # (n, ndim) box ends
     out: np.ndarray
-    slots: np.ndarray  # (n,) output slot per box
+    pair_slot: list[int]  # per pair: output slot of its box
+    pair_src: list[tuple[slice, ...]]  # per pair: the box's part inside the chunk, in chunk coordinates
+    pair_dst: list[tuple[slice, ...]]  # per pair: the same part in box coordinates (empty: no overlap)
 
 
 class ChunkReader:
@@ -113,6 +118,10 @@ class ChunkReader:
         self.chunk_shape = tuple(int(c) for c in chunk_shape)
         self._chunk = np.asarray(self.chunk_shape, dtype=np.int64)
         self.codec = codec
+        # blosc straight into the output: half the per-call cost of `Blosc.decode(out=)`, which checks
+        # and wraps its buffers first (6 vs 12 us for a 64 x 64 x 3 chunk), for the same bytes
+        self._decode_into = (lambda data, dest: _blosc.decompress(data, dest)) \
+            if isinstance(codec, numcodecs.Blosc) else (lambda data, dest: codec.decode(data, out=dest))
         self.dtype = np.dtype(array.dtype)
         stored = self.dtype
         if endian is not None and stored.itemsize > 1:
@@ -256,7 +265,7 @@ class ChunkReader:
         if self.codec is None:
             dest[...] = np.frombuffer(data, dtype=self.stored_dtype).reshape(self.chunk_shape)
         elif self.stored_dtype == self.dtype:
-            self.codec.decode(data, out=dest)
+            self._decode_into(data, dest)
         else:
             dest[...] = np.frombuffer(self.codec.decode(data), dtype=self.stored_dtype).reshape(self.chunk_shape)
         return dest
@@ -282,16 +291,12 @@ class ChunkReader:
                     self._pad_outside(dest, c_lo)
                 continue
             decoded = self._decode(data, None)
-            c_hi = np.minimum(c_lo + self._chunk, self.shape)  # the part of the chunk inside the array
-            for b in plan.user_order[plan.bounds[i]:plan.bounds[i + 1]]:
-                lo, hi = plan.lo[b], plan.hi[b]
-                a = np.maximum(lo, c_lo)
-                z = np.minimum(hi, c_hi)
-                if np.any(z <= a):
+            out, pair_slot, pair_dst = plan.out, plan.pair_slot, plan.pair_dst
+            for j in range(plan.bounds[i], plan.bounds[i + 1]):
+                dst = pair_dst[j]
+                if dst is None:
                     continue
-                dst = tuple(slice(int(x - y), int(w - y)) for x, w, y in zip(a, z, lo))
-                plan.out[plan.slots[b]][dst] = self.fill_value if decoded is None else \
-                    decoded[tuple(slice(int(x - y), int(w - y)) for x, w, y in zip(a, z, c_lo))]
+                out[pair_slot[j]][dst] = self.fill_value if decoded is None else decoded[plan.pair_src[j]]
 
     def _pad_outside(self, dest: np.ndarray, lo: np.ndarray) -> None:
         """Set the part of box `dest` (starting at `lo`) that lies outside the array to `pad_value`."""
@@ -332,16 +337,30 @@ class ChunkReader:
         grid = -(-self.shape // self._chunk)  # chunks per axis
         keys, inverse = np.unique(np.ravel_multi_index(tuple(chunk_of.T), grid), return_inverse=True)
         uniq = np.stack(np.unravel_index(keys, grid), axis=1).astype(np.int64)  # (m, ndim)
-        order = np.argsort(inverse.reshape(-1), kind="stable")
-        bounds = np.searchsorted(inverse.reshape(-1)[order], np.arange(len(uniq) + 1))
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
         user_order = box_of[order]
         first_user = user_order[bounds[:-1]]
         c_lo = uniq * self._chunk
         # a chunk that is exactly one requested patch (and used by no other) is decoded into the output
         direct = (np.diff(bounds) == 1) & np.all(lo[first_user] == c_lo, axis=1) & bool(np.all(size_a == self._chunk))
-        plan = _Plan(chunks=uniq, user_order=user_order, bounds=bounds,
-                     direct_slot=np.where(direct, slots[first_user], -1),
-                     edge=np.any(c_lo + self._chunk > self.shape, axis=1), lo=lo, hi=hi, out=out, slots=slots)
+        # copy geometry of every (chunk, box) pair, for the chunks that are not decoded into the output
+        pair_src: list = []
+        pair_dst: list = []
+        if not direct.all():
+            pc_lo = c_lo[inverse[order]]  # (pairs, ndim)
+            b_lo = lo[user_order]
+            a = np.maximum(b_lo, pc_lo)
+            z = np.minimum(np.minimum(hi[user_order], pc_lo + self._chunk), self.shape)
+            overlap = np.all(z > a, axis=1).tolist()
+            src_lo, src_hi = (a - pc_lo).tolist(), (z - pc_lo).tolist()
+            dst_lo, dst_hi = (a - b_lo).tolist(), (z - b_lo).tolist()
+            pair_src = [tuple(map(slice, x, y)) for x, y in zip(src_lo, src_hi)]
+            pair_dst = [tuple(map(slice, x, y)) if ok else None for x, y, ok in zip(dst_lo, dst_hi, overlap)]
+        plan = _Plan(chunks=uniq, bounds=bounds.tolist(), direct_slot=np.where(direct, slots[first_user], -1),
+                     edge=np.any(c_lo + self._chunk > self.shape, axis=1), out=out,
+                     pair_slot=slots[user_order].tolist(), pair_src=pair_src, pair_dst=pair_dst)
         if self.sharded:  # one group per shard: its index and bytes are fetched once
             s_grid = -(-grid // self._per_shard)
             s_keys, s_inv = np.unique(np.ravel_multi_index(tuple((uniq // self._per_shard).T), s_grid),
