@@ -143,9 +143,17 @@ def test_cli_train_and_bad_config_key(tmp_path, small_data, capsys):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "run"
-    assert main(["train", "--config", str(cfg_path), "--manifest", str(small_data), "--out", str(out), "--quiet",
-                 "train.epochs=1"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--config", str(cfg_path), "--manifest", str(small_data), "--out", str(out),
+                     "--quiet", "--threads", "1", "train.epochs=1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert (out / "checkpoints" / "best.pt").is_file()
+    assert main(["train", "--config", str(cfg_path), "--manifest", str(small_data), "--out", str(out),
+                 "--threads", "-1"]) == 2
+    assert "--threads must be >= 0, got -1" in capsys.readouterr().err
     assert main(["train", "--config", str(cfg_path), "--manifest", str(small_data), "--out", str(out),
                  "train.lr_max=1"]) == 2
     assert "unknown config key 'train.lr_max'" in capsys.readouterr().err

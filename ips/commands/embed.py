@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ips.commands._threads import add_threads, apply_threads
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -24,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature dtype")
     p.add_argument("--read-threads", type=int, default=4, help="threads reading and decoding patches")
     p.add_argument("--overwrite", action="store_true", help="recompute a feature set that already exists")
+    add_threads(p)
     p.set_defaults(func=run)
 
 
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    apply_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     encoders: dict[tuple[int, int, int], torch.nn.Module] = {}  # one per (channels, dims, patch size)

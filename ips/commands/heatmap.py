@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.thumb_size < 16:
         raise ConfigError(f"--thumb-size must be >= 16, got {args.thumb_size}")
     records = store_records(args.stores)
-    loaded = load(args.checkpoint, args.device)
+    loaded = load(args.checkpoint, args.device, args.threads)
     select_tasks(loaded.cfg.model.tasks, args.task)  # an unknown task is bad usage, before any work
     out = Path(args.out)
     failures: list[tuple[str, str, str]] = []

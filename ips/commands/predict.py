@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give either --manifest CSV or one or more STORE paths (not both)")
     if args.split and not args.manifest:
         raise ConfigError("--split needs --manifest")
-    loaded = load(args.checkpoint, args.device)
+    loaded = load(args.checkpoint, args.device, args.threads)
     cfg, tasks = loaded.cfg, loaded.cfg.model.tasks
     if args.manifest:
         try:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ips.commands._threads import add_threads, apply_threads
 from ips.config import ConfigError, load_config
 
 
@@ -20,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run directory has a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=run)
 
@@ -34,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ips.store import StoreError
     from ips.train import resolve_device, train
 
+    apply_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     manifest = args.manifest or cfg.data.manifest
     if not manifest:
