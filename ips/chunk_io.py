@@ -98,7 +98,7 @@ class _Plan:
     out: np.ndarray
     pair_slot: list[int]  # per pair: output slot of its box
     pair_src: list[tuple[slice, ...]]  # per pair: the box's part inside the chunk, in chunk coordinates
-    pair_dst: list[tuple[slice, ...]]  # per pair: the same part in box coordinates (empty: no overlap)
+    pair_dst: list[tuple[slice, ...] | None]  # per pair: the same part in box coordinates (None: no overlap)
 
 
 class ChunkReader:
@@ -345,7 +345,7 @@ class ChunkReader:
         c_lo = uniq * self._chunk
         # a chunk that is exactly one requested patch (and used by no other) is decoded into the output
         direct = (np.diff(bounds) == 1) & np.all(lo[first_user] == c_lo, axis=1) & bool(np.all(size_a == self._chunk))
-        # copy geometry of every (chunk, box) pair, for the chunks that are not decoded into the output
+        # copy geometry of every (chunk, box) pair; not needed when every chunk is decoded into the output
         pair_src: list = []
         pair_dst: list = []
         if not direct.all():

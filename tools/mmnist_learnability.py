@@ -29,7 +29,7 @@ import torch
 
 from ips.config import load_config
 from ips.encoders import build_encoder
-from ips.model import build_model
+from ips.model import build_model, pixel_stats
 from ips.synthetic.megapixel_mnist import load_mnist_csv
 from ips.tasks import total_loss
 
@@ -127,8 +127,10 @@ def main() -> None:
         train, test = order[:4000], order[4000:]
         x_test = torch.from_numpy(np.stack([patch_with(i) for i in test]))
 
+        mean, std = (torch.tensor(v).reshape(1, -1, 1, 1) for v in pixel_stats(enc, 1))
+
         def norm(x: torch.Tensor) -> torch.Tensor:
-            return (x.float() / 255 - 0.5) / 0.25  # the model's pixel_stats for 1 channel
+            return (x.float() / 255 - mean) / std  # as IPSModel.normalize
 
         t = time.time()
         for step in range((args.steps or 300) + 1):

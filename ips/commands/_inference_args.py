@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ips.commands._threads import add_threads, apply_threads
+from ips.commands._threads import add_threads
 from ips.config import ConfigError, ExperimentConfig
 from ips.manifest import SlideRecord
 
@@ -36,15 +36,13 @@ class Loaded:
     autocast_dtype: torch.dtype | None
 
 
-def load(checkpoint: str, device_name: str, threads: int = 0) -> Loaded:
-    """The checkpoint's model on the chosen device, in eval mode, with `threads` torch CPU threads (0: torch's
-    default); ConfigError (exit 2) if unusable."""
+def load(checkpoint: str, device_name: str) -> Loaded:
+    """The checkpoint's model on the chosen device, in eval mode; ConfigError (exit 2) if unusable."""
     import torch
 
     from ips.checkpoint import load_model
     from ips.train import resolve_device
 
-    apply_threads(threads)
     device = resolve_device(device_name)
     model, cfg = load_model(checkpoint, device)
     autocast = torch.bfloat16 if (cfg.train.amp and device.type == "cuda") else None

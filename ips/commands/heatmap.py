@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ips.commands._inference_args import add_common, load, one_line, store_records
+from ips.commands._threads import apply_threads
 from ips.config import ConfigError
 
 
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.thumb_size < 16:
         raise ConfigError(f"--thumb-size must be >= 16, got {args.thumb_size}")
     records = store_records(args.stores)
-    loaded = load(args.checkpoint, args.device, args.threads)
+    apply_threads(args.threads)
+    loaded = load(args.checkpoint, args.device)
     select_tasks(loaded.cfg.model.tasks, args.task)  # an unknown task is bad usage, before any work
     out = Path(args.out)
     failures: list[tuple[str, str, str]] = []

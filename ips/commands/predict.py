@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ips.commands._inference_args import add_common, load, one_line, store_records
+from ips.commands._threads import apply_threads
 from ips.config import ConfigError
 
 
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give either --manifest CSV or one or more STORE paths (not both)")
     if args.split and not args.manifest:
         raise ConfigError("--split needs --manifest")
-    loaded = load(args.checkpoint, args.device, args.threads)
+    apply_threads(args.threads)
+    loaded = load(args.checkpoint, args.device)
     cfg, tasks = loaded.cfg, loaded.cfg.model.tasks
     if args.manifest:
         try:
