@@ -75,9 +75,14 @@ class ModelConfig:
     `encoder`: a name from `ips.encoders` (e.g. `resnet3d_tiny`), any timm model name (2D), or
     `features` for precomputed feature vectors. `pretrained`: false, true (timm hub, needs network), or a
     path to a local weights file.
+    `encoder_norm` (ips_* encoders only): 'group' (the default: each patch normalised on its own, so
+    micro-batched gradients equal full-batch ones exactly) or 'batch' (BatchNorm: statistics over the
+    selected patches of the micro-batch in training, running averages in selection and inference; learns
+    from bag labels far sooner on sparse images such as Megapixel MNIST, docs/BENCHMARKS.md).
     """
 
     encoder: str = "resnet18"
+    encoder_norm: Literal["group", "batch"] | None = None
     pretrained: bool | str = False
     in_chans: int = 3
     spatial_dims: int = 2
@@ -101,6 +106,8 @@ class ModelConfig:
             _require(self.d_model >= 2 * self.spatial_dims, "model.d_model",
                      f"sincos positional encoding needs d_model >= {2 * self.spatial_dims}")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(self.encoder_norm in (None, "group", "batch"), "model.encoder_norm",
+                 f"must be 'group' or 'batch', got {self.encoder_norm!r}")
         _require(len(self.tasks) >= 1, "model.tasks", "needs at least one task")
         names = [t.name for t in self.tasks]
         _require(len(set(names)) == len(names), "model.tasks", f"task names must be unique, got {names}")

@@ -24,7 +24,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_encoder(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register an encoder factory `fn(*, in_chans, spatial_dims) -> module with out_dim`."""
+    """Register an encoder factory `fn(*, in_chans, spatial_dims, norm='group') -> module with out_dim`."""
     _REGISTRY[fn.__name__] = fn
     return fn
 
@@ -164,47 +164,47 @@ class ConvEncoder(nn.Module):
 
 
 @register_encoder
-def ips_cnn_tiny(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+def ips_cnn_tiny(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     """A few thousand parameters: for tests and CPU demos."""
-    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(8, 16), depths=(1, 1))
+    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(8, 16), depths=(1, 1), norm=norm)
 
 
 @register_encoder
-def ips_cnn_small(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
-    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(16, 32, 64), depths=(1, 1, 1))
+def ips_cnn_small(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
+    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(16, 32, 64), depths=(1, 1, 1), norm=norm)
 
 
 @register_encoder
-def ips_resnet10(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+def ips_resnet10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     """ResNet-10 widths (MedicalNet-like): fit for 64^3-128^3 volume patches."""
     return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
-                       stem_pool=True)
+                       stem_pool=True, norm=norm)
 
 
 @register_encoder
-def ips_resnet18(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+def ips_resnet18(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(64, 128, 256, 512), depths=(2, 2, 2, 2),
-                       stem_pool=True)
+                       stem_pool=True, norm=norm)
 
 
 @register_encoder
-def ips_se_resnet10(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+def ips_se_resnet10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
-                       block="se", stem_pool=True)
+                       block="se", stem_pool=True, norm=norm)
 
 
 @register_encoder
-def ips_mobile10(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+def ips_mobile10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     """Inverted-bottleneck (depthwise) variant of ips_resnet10."""
     return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
-                       block="inverted", stem_pool=True)
+                       block="inverted", stem_pool=True, norm=norm)
 
 
 @register_encoder
-def ips_fire10(*, in_chans: int, spatial_dims: int) -> ConvEncoder:
+def ips_fire10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     """Fire-module (SqueezeNet) variant of ips_resnet10."""
     return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
-                       block="fire", stem_pool=True)
+                       block="fire", stem_pool=True, norm=norm)
 
 
 class FeatureProjector(nn.Module):
@@ -249,11 +249,18 @@ def build_encoder(
     pretrained: bool | str = False,
     feature_dim: int | None = None,
     d_model: int = 128,
+    norm: str | None = None,
 ) -> nn.Module:
     """Build an encoder by name and check that it takes `patch_size` patches; the result has `out_dim`.
 
-    Raises ConfigError naming the key when the name is unknown or the patch size does not fit.
+    `norm` ('group' | 'batch'; None = 'group') applies to our `ips_*` encoders only: timm models keep their
+    own normalisation. Raises ConfigError naming the key when the name is unknown, the norm does not
+    apply, or the patch size does not fit.
     """
+    if norm is not None and name not in _REGISTRY:
+        raise ConfigError(
+            f"model.encoder_norm: applies to the ips_* encoders only, not {name!r} (timm models keep their own)"
+        )
     if name == "features":
         if feature_dim is None:
             raise ConfigError("model.feature_dim: required for encoder 'features'")
@@ -262,7 +269,7 @@ def build_encoder(
         if pretrained is not False:
             if not isinstance(pretrained, str):
                 raise ConfigError(f"model.pretrained: encoder {name!r} has no hub weights; give a local file")
-        encoder = _REGISTRY[name](in_chans=in_chans, spatial_dims=spatial_dims)
+        encoder = _REGISTRY[name](in_chans=in_chans, spatial_dims=spatial_dims, norm=norm or "group")
         if isinstance(pretrained, str):
             path = Path(pretrained)
             if not path.is_file():

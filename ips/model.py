@@ -117,6 +117,7 @@ def build_model(cfg: ModelConfig) -> IPSModel:
         pretrained=cfg.pretrained,
         feature_dim=cfg.feature_dim,
         d_model=cfg.d_model,
+        norm=cfg.encoder_norm,
     )
     pixel_input = cfg.encoder != "features"
     mean, std = pixel_stats(encoder, cfg.in_chans) if pixel_input else (None, None)

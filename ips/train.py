@@ -177,8 +177,15 @@ def plan_budget(
 
     hint = (f"selection.memory_size (M={cfg.selection.memory_size}), model.patch_size ({cfg.model.patch_size}), "
             f"selection.iter_size (I={cfg.selection.iter_size}) or the encoder ({cfg.model.encoder})")
-    return plan_micro_batch(cost, budget_bytes=int(cfg.train.vram_budget_gb * GB), batch_size=cfg.train.batch_size,
-                            measured=rt.device.type == "cuda", hint=hint)
+    # the trial steps run in train mode: keep them from moving BatchNorm running statistics
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        return plan_micro_batch(cost, budget_bytes=int(cfg.train.vram_budget_gb * GB),
+                                batch_size=cfg.train.batch_size, measured=rt.device.type == "cuda", hint=hint)
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
 
 
 def make_augment(cfg: ExperimentConfig, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -97,3 +97,24 @@ def test_local_weights_file(tmp_path):
     loaded = build_encoder("ips_cnn_tiny", in_chans=1, spatial_dims=3, patch_size=8, pretrained=str(path))
     for (k, a), (_, b) in zip(enc.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_encoder_norm_option():
+    """`model.encoder_norm` swaps the normalisation of our encoders, and is refused where it cannot apply."""
+    from ips.config import ModelConfig
+    from ips.model import build_model
+
+    kinds = lambda m: {type(x).__name__ for x in m.modules() if "Norm" in type(x).__name__ and "Layer" not in type(x).__name__}  # noqa: E731
+    for spatial_dims in (2, 3):
+        enc = build_encoder("ips_resnet10", in_chans=1, spatial_dims=spatial_dims, patch_size=32, norm="batch")
+        assert kinds(enc) == {f"BatchNorm{spatial_dims}d"}
+        assert kinds(build_encoder("ips_resnet10", in_chans=1, spatial_dims=spatial_dims, patch_size=32)) == {"GroupNorm"}
+    model = build_model(ModelConfig(encoder="ips_cnn_tiny", encoder_norm="batch", patch_size=16, d_model=16,
+                                    n_heads=2, d_mlp=16))
+    assert kinds(model) == {"BatchNorm2d"}
+    with pytest.raises(ConfigError, match=r"model.encoder_norm: applies to the ips_\* encoders only, not 'resnet18'"):
+        build_encoder("resnet18", in_chans=3, spatial_dims=2, patch_size=32, norm="batch")
+    with pytest.raises(ConfigError, match=r"model.encoder_norm: applies to the ips_\* encoders only, not 'features'"):
+        build_encoder("features", in_chans=3, spatial_dims=2, patch_size=32, feature_dim=8, norm="group")
+    with pytest.raises(ConfigError, match=r"model.encoder_norm"):
+        ModelConfig(encoder="ips_cnn_tiny", encoder_norm="layer")

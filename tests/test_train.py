@@ -78,9 +78,11 @@ def test_exploration_finds_patches_that_top_m_alone_never_shows(tmp_path):
     assert result["history"][-1]["val_label/accuracy"] >= 0.8, [r["val_label/accuracy"] for r in result["history"]]
 
 
-def test_resume_equals_uninterrupted(tmp_path, small_data):
-    cfg = tiny_config(data={"augment": True, "color_jitter": 0.0}, model={**TINY["model"], "dropout": 0.1},
-                      selection={"explore": 0.25})
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_resume_equals_uninterrupted(tmp_path, small_data, norm):
+    """BatchNorm: its running statistics are part of the state that must come back exactly."""
+    cfg = tiny_config(data={"augment": True, "color_jitter": 0.0},
+                      model={**TINY["model"], "dropout": 0.1, "encoder_norm": norm}, selection={"explore": 0.25})
     full = train(cfg, manifest=small_data, run_dir=tmp_path / "full", show_progress=False, log=lambda s: None)
     train(cfg, manifest=small_data, run_dir=tmp_path / "cut", show_progress=False, log=lambda s: None,
           stop_after_epochs=1)
@@ -186,3 +188,25 @@ def test_ddp_two_gloo_processes_equal_one(tmp_path, small_data):
     b = load_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_budget_planner_leaves_batchnorm_statistics_alone(small_data):
+    """The planner's trial steps run in train mode; with a BatchNorm encoder they must not move the
+    running statistics that selection and inference use."""
+    from ips.distributed import DistInfo
+    from ips.manifest import read_manifest
+    from ips.model import build_model
+    from ips.train import Runtime, make_source, plan_budget
+
+    cfg = tiny_config(model={"encoder_norm": "batch"}, train={"vram_budget_gb": 1.0})
+    record = read_manifest(small_data, cfg.model.tasks)[0]
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_budget(model, make_source(record, cfg), record, cfg, Runtime(torch.device("cpu"), None, DistInfo()))
+    assert plan.micro_batch_size >= 1
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert int(after["encoder.net.1.num_batches_tracked"]) == 0

@@ -1,8 +1,9 @@
 """Where Megapixel MNIST learning stalls: three small checks, each of one part of the model on its own.
 
     .venv/bin/python tools/mmnist_learnability.py aggregator [--lr 1e-3] [--steps 1000]
-    .venv/bin/python tools/mmnist_learnability.py encoder    [--lr 1e-3] [--steps 300]
-    .venv/bin/python tools/mmnist_learnability.py bags       [--lr 1e-3] [--steps 400]
+    .venv/bin/python tools/mmnist_learnability.py encoder    [--lr 1e-3] [--steps 300] [--norm group|batch]
+    .venv/bin/python tools/mmnist_learnability.py bags       [--lr 1e-3] [--steps 400] [--norm group|batch]
+    .venv/bin/python tools/mmnist_learnability.py contrast
 
 - `aggregator`: the cross-attention aggregator and heads of `configs/megapixel_mnist_cpu.yaml` on bags of
   36 synthetic feature vectors (`model.encoder=features`): 5 hold a fixed random vector per digit class
@@ -13,6 +14,11 @@
 - `bags`: encoder and aggregator end to end with *bag* labels only, on bags of 36 patches of 50 px of which
   5 hold one whole digit each (no digit split across patches, no noise strokes): Megapixel MNIST made
   as easy as it gets for the encoder, and no selection (every patch is trained on).
+- `contrast`: at initialisation, how far a digit patch's encoder output lies from a blank patch's, relative
+  to the blank output's norm, for GroupNorm and BatchNorm (a batch of 576 patches, 80 with a digit, as
+  one step of `bags`). What the aggregator and the gradient have to start from.
+
+`--norm` sets `model.encoder_norm` ('group', the default of our encoders, or 'batch').
 
 Reads MNIST from `$IPS_TEST_DATA/mnist_5k.csv.gz` (or --mnist). One torch thread. Figures: docs/BENCHMARKS.md.
 """
@@ -64,7 +70,7 @@ def accuracies(logits: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> d
 
 def train_bags(make_bag, overrides: list[str], lr: float, steps: int, every: int) -> None:
     """AdamW (weight decay 0.05), batch 16, gradient clip 1, as `ips train` with the config."""
-    cfg = load_config(CONFIG, ["model.pos_enc=none", *overrides])
+    cfg = load_config(CONFIG, ["model.pos_enc=none", "model.encoder_norm=null", *overrides])
     model = build_model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     xv, yv = stack([make_bag() for _ in range(64)])
@@ -87,7 +93,8 @@ def train_bags(make_bag, overrides: list[str], lr: float, steps: int, every: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("check", choices=("aggregator", "encoder", "bags"))
+    ap.add_argument("check", choices=("aggregator", "encoder", "bags", "contrast"))
+    ap.add_argument("--norm", choices=("group", "batch"), default="group")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--mnist", default=os.path.join(os.environ.get("IPS_TEST_DATA", "../shared/data"), "mnist_5k.csv.gz"))
@@ -120,7 +127,7 @@ def main() -> None:
 
     if args.check == "encoder":
         cfg = load_config(CONFIG)
-        enc = build_encoder(cfg.model.encoder, in_chans=1, spatial_dims=2, patch_size=PATCH, pretrained=False)
+        enc = build_encoder(cfg.model.encoder, in_chans=1, spatial_dims=2, patch_size=PATCH, norm=args.norm)
         head = torch.nn.Linear(enc.out_dim, 10)
         opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.05)
         order = np.random.default_rng(1).permutation(len(labels))  # the CSV is sorted by class
@@ -147,6 +154,26 @@ def main() -> None:
                       flush=True)
         return
 
+    if args.check == "contrast":
+        x = np.zeros((576, 1, PATCH, PATCH), np.uint8)
+        is_digit = np.zeros(len(x), bool)
+        is_digit[rng.choice(len(x), 80, replace=False)] = True
+        for i in np.flatnonzero(is_digit):
+            x[i] = patch_with(int(rng.integers(len(labels))))
+        for norm in ("group", "batch"):
+            torch.manual_seed(args.seed)
+            enc = build_encoder(load_config(CONFIG).model.encoder, in_chans=1, spatial_dims=2, patch_size=PATCH,
+                                norm=norm)
+            mean, std = (torch.tensor(v).reshape(1, -1, 1, 1) for v in pixel_stats(enc, 1))
+            with torch.no_grad():  # train mode: BatchNorm normalises over this batch, as in a training step
+                f = enc((torch.from_numpy(x).float() / 255 - mean) / std)
+            blank, digit = f[~is_digit], f[is_digit]
+            contrast = (digit - blank.mean(0)).norm(dim=1).mean() / blank.mean(0).norm()
+            spread = (digit - digit.mean(0)).norm(dim=1).mean() / blank.mean(0).norm()
+            print(f"{norm}: digit-to-blank distance / blank norm {contrast:.3f}, digit spread / blank norm "
+                  f"{spread:.3f}, blank outputs all equal to {(blank - blank.mean(0)).abs().max():.1e}")
+        return
+
     by_class = [np.flatnonzero(labels == c) for c in range(10)]
 
     def pixel_bag() -> tuple[np.ndarray, dict]:
@@ -157,7 +184,7 @@ def main() -> None:
             x[s] = patch_with(int(rng.choice(by_class[d])))
         return x, bag_labels(digits, slots)
 
-    train_bags(pixel_bag, [], args.lr, args.steps or 400, 50)
+    train_bags(pixel_bag, [f"model.encoder_norm={args.norm}"], args.lr, args.steps or 400, 50)
 
 
 if __name__ == "__main__":
