@@ -164,7 +164,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, batching, budget and bookkeeping."""
+    """Optimisation, batching, budget and bookkeeping.
+
+    `bn_recalibration_slides` (models with BatchNorm only): after each epoch, re-estimate the BatchNorm
+    running statistics from the top-M selections of this many training slides (a fixed set drawn by
+    seed; `ips.batchnorm`); 0 keeps the running averages of the training steps.
+    """
 
     epochs: int = 10
     batch_size: int = 16
@@ -180,6 +185,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     monitor: str = "val_loss"
     device: str = "auto"
+    bn_recalibration_slides: int = 64
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -194,6 +200,8 @@ class TrainConfig:
             _require(self.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
         if self.vram_budget_gb is not None:
             _require(self.vram_budget_gb > 0, "train.vram_budget_gb", "must be > 0 or null")
+        _require(self.bn_recalibration_slides >= 0, "train.bn_recalibration_slides",
+                 f"must be >= 0, got {self.bn_recalibration_slides}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ips.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from ips.budget import GB, BudgetPlan, estimate_step_bytes, plan_micro_batch
 from ips.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from ips.config import ConfigError, ExperimentConfig, save_config
@@ -188,6 +189,16 @@ def plan_budget(
                 b.copy_(buffers[name])
 
 
+def recalibrate_from_selections(
+    model: IPSModel, chunks: Sequence[Sequence[SlideRecord]], cfg: ExperimentConfig, rt: Runtime
+) -> None:
+    """Re-estimate BatchNorm statistics (`ips.batchnorm`) over the top-M selections of the slides in
+    `chunks`, one forward per chunk (a chunk: the slides of one training micro-batch)."""
+    batches = (stack_selections(select_slides(model, [make_source(r, cfg) for r in chunk], cfg, rt), {},
+                                cfg.selection.memory_size) for chunk in chunks)
+    recalibrate_batchnorm(model, batches, device=rt.device, autocast_dtype=rt.autocast_dtype)
+
+
 def make_augment(cfg: ExperimentConfig, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Training-time augmentation of `(b, M, C, *S)` uint8 patches on the device -> float in [0, 1]."""
     if not cfg.data.augment or cfg.data.mode == "features":
@@ -273,6 +284,11 @@ def train(
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.vram_budget_gb * GB / total), device)
 
+    has_bn = bool(batchnorm_layers(model))
+    if micro < cfg.train.batch_size // dist_info.world_size and has_bn:
+        log(f"note: the encoder has BatchNorm and micro-batches hold {micro} slides: it normalises over each "
+            "micro-batch's patches, so gradients are close to, not equal to, full-batch ones")
+
     net: nn.Module = model
     if dist_info.enabled:
         net = nn.parallel.DistributedDataParallel(
@@ -305,6 +321,12 @@ def train(
         if metrics_log:
             metrics_log.truncate(start_epoch)
         log(f"resumed from {last_path} after epoch {start_epoch}")
+
+    # BatchNorm recalibration set: fixed for the run, in micro-batches as training normalises them
+    pick = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(train_records))[
+        :cfg.train.bn_recalibration_slides])
+    calibration_chunks = [[train_records[i] for i in pick[j : j + min(micro, local_batch)]]
+                          for j in range(0, len(pick), min(micro, local_batch))]
 
     history = metrics_log.rows if metrics_log else []
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
@@ -356,6 +378,9 @@ def train(
         train_metrics = evaluate_logits(cfg.model.tasks, {k: torch.cat(v) for k, v in train_logits.items()},
                                         {k: torch.cat(v) for k, v in train_targets.items()})
         row.update({f"train_{k}": v for k, v in train_metrics.items() if k != "loss"})
+        if has_bn and calibration_chunks:
+            # on every rank, on the same slides: selection on each rank uses its own running statistics
+            recalibrate_from_selections(model, calibration_chunks, cfg, rt)
         stop = False
         if dist_info.is_main:
             if val_records:

@@ -210,3 +210,14 @@ def test_budget_planner_leaves_batchnorm_statistics_alone(small_data):
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
     assert int(after["encoder.net.1.num_batches_tracked"]) == 0
+
+
+def test_batchnorm_with_micro_batches_says_gradients_are_not_exact(tmp_path, small_data):
+    lines: list[str] = []
+    cfg = tiny_config(model={"encoder_norm": "batch"}, train={"epochs": 1, "micro_batch_size": 2})
+    train(cfg, manifest=small_data, run_dir=tmp_path / "bn", show_progress=False, log=lines.append)
+    assert any("BatchNorm and micro-batches hold 2 slides" in s for s in lines), lines
+    lines.clear()
+    cfg = tiny_config(train={"epochs": 1, "micro_batch_size": 2})  # GroupNorm: exact, nothing to say
+    train(cfg, manifest=small_data, run_dir=tmp_path / "gn", show_progress=False, log=lines.append)
+    assert not any("BatchNorm" in s for s in lines), lines
