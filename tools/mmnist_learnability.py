@@ -81,6 +81,9 @@ def train_bags(make_bag, overrides: list[str], lr: float, steps: int, every: int
         loss = total_loss(cfg.model.tasks, logits, y).mean()
         opt.zero_grad()
         loss.backward()
+        # gradient norms before clipping: the encoder's against the rest's (where the signal stops)
+        g_enc = grad_norm(p for n, p in model.named_parameters() if n.startswith("encoder."))
+        g_rest = grad_norm(p for n, p in model.named_parameters() if not n.startswith("encoder."))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % every == 0:
@@ -88,7 +91,12 @@ def train_bags(make_bag, overrides: list[str], lr: float, steps: int, every: int
             with torch.no_grad():
                 acc = accuracies(model(xv, torch.zeros(len(xv), N_PATCHES, 2))[0], yv)
             model.train()
-            print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {acc} ({time.time() - t:.0f} s)", flush=True)
+            print(f"step {step}: loss {loss.item():.3f}, gradient norm encoder {g_enc:.3g} / rest {g_rest:.3g}, "
+                  f"held-out accuracy {acc} ({time.time() - t:.0f} s)", flush=True)
+
+
+def grad_norm(params) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
 
 
 def main() -> None:
