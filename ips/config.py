@@ -168,7 +168,9 @@ class TrainConfig:
 
     `bn_recalibration_slides` (models with BatchNorm only): after each epoch, re-estimate the BatchNorm
     running statistics from the top-M selections of this many training slides (a fixed set drawn by
-    seed; `ips.batchnorm`); 0 keeps the running averages of the training steps.
+    seed; `ips.batchnorm`). It removes the jumps of the validation metrics that stale running averages
+    cause, but ended lower in 3 of 3 seeds on Megapixel MNIST (docs/BENCHMARKS.md), so 0 (off, the
+    running averages of the training steps) is the default.
     """
 
     epochs: int = 10
@@ -185,7 +187,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     monitor: str = "val_loss"
     device: str = "auto"
-    bn_recalibration_slides: int = 64
+    bn_recalibration_slides: int = 0
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")

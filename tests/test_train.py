@@ -80,9 +80,10 @@ def test_exploration_finds_patches_that_top_m_alone_never_shows(tmp_path):
 
 @pytest.mark.parametrize("norm", ["group", "batch"])
 def test_resume_equals_uninterrupted(tmp_path, small_data, norm):
-    """BatchNorm: its running statistics are part of the state that must come back exactly."""
+    """BatchNorm: its running statistics, recalibrated each epoch, must come back exactly too."""
     cfg = tiny_config(data={"augment": True, "color_jitter": 0.0},
-                      model={**TINY["model"], "dropout": 0.1, "encoder_norm": norm}, selection={"explore": 0.25})
+                      model={**TINY["model"], "dropout": 0.1, "encoder_norm": norm}, selection={"explore": 0.25},
+                      train={"bn_recalibration_slides": 4 if norm == "batch" else 0})
     full = train(cfg, manifest=small_data, run_dir=tmp_path / "full", show_progress=False, log=lambda s: None)
     train(cfg, manifest=small_data, run_dir=tmp_path / "cut", show_progress=False, log=lambda s: None,
           stop_after_epochs=1)
