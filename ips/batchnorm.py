@@ -13,7 +13,6 @@ without BatchNorm are left untouched.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -43,6 +42,7 @@ def recalibrate_batchnorm(
     if not layers:
         return 0
     momenta = [m.momentum for m in layers]
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     n = 0
     with eval_mode(model):
         for m in layers:
@@ -52,8 +52,7 @@ def recalibrate_batchnorm(
         try:
             for batch in batches:
                 b = batch.to(device)
-                ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-                with ctx:
+                with autocast:
                     model(b.patches, b.positions, b.mask)
                 n += 1
         finally:

@@ -274,7 +274,8 @@ def train(
     if dist_info.is_main:
         save_config(cfg, run_dir / "config.yaml")
 
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size // dist_info.world_size
+    local_batch = cfg.train.batch_size // dist_info.world_size
+    micro = cfg.train.micro_batch_size or local_batch
     if cfg.train.vram_budget_gb is not None:
         plan = plan_budget(model, make_source(train_records[0], cfg), train_records[0], cfg, rt)
         if cfg.train.micro_batch_size is None:
@@ -283,9 +284,10 @@ def train(
         if device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.vram_budget_gb * GB / total), device)
+    micro = min(micro, local_batch)  # slides per forward on this rank
 
     has_bn = bool(batchnorm_layers(model))
-    if micro < cfg.train.batch_size // dist_info.world_size and has_bn:
+    if micro < local_batch and has_bn:
         log(f"note: the encoder has BatchNorm and micro-batches hold {micro} slides: it normalises over each "
             "micro-batch's patches, so gradients are close to, not equal to, full-batch ones")
 
@@ -295,7 +297,6 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    local_batch = cfg.train.batch_size // dist_info.world_size
     padded_n = len(epoch_order(len(train_records), cfg.train.seed, 0, dist_info.world_size))
     steps_per_epoch = math.ceil(padded_n / cfg.train.batch_size)
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -323,10 +324,9 @@ def train(
         log(f"resumed from {last_path} after epoch {start_epoch}")
 
     # BatchNorm recalibration set: fixed for the run, in micro-batches as training normalises them
-    pick = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(train_records))[
-        :cfg.train.bn_recalibration_slides])
-    calibration_chunks = [[train_records[i] for i in pick[j : j + min(micro, local_batch)]]
-                          for j in range(0, len(pick), min(micro, local_batch))]
+    n_calibration = cfg.train.bn_recalibration_slides if has_bn else 0
+    pick = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(train_records))[:n_calibration])
+    calibration_chunks = [[train_records[i] for i in pick[j : j + micro]] for j in range(0, len(pick), micro)]
 
     history = metrics_log.rows if metrics_log else []
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
@@ -352,7 +352,7 @@ def train(
             model.train()
             optimizer.zero_grad(set_to_none=True)
             loss, logits = accumulate_gradients(
-                net, batch, cfg.model.tasks, micro_batch_size=min(micro, local_batch), device=device,
+                net, batch, cfg.model.tasks, micro_batch_size=micro, device=device,
                 autocast_dtype=autocast_dtype, no_sync=dist_info.enabled, transform=transform,
                 normalizer=len(global_batch) / dist_info.world_size,
             )
@@ -378,7 +378,7 @@ def train(
         train_metrics = evaluate_logits(cfg.model.tasks, {k: torch.cat(v) for k, v in train_logits.items()},
                                         {k: torch.cat(v) for k, v in train_targets.items()})
         row.update({f"train_{k}": v for k, v in train_metrics.items() if k != "loss"})
-        if has_bn and calibration_chunks:
+        if calibration_chunks:
             # on every rank, on the same slides: selection on each rank uses its own running statistics
             recalibrate_from_selections(model, calibration_chunks, cfg, rt)
         stop = False

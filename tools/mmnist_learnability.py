@@ -95,6 +95,12 @@ def train_bags(make_bag, overrides: list[str], lr: float, steps: int, every: int
                   f"held-out accuracy {acc} ({time.time() - t:.0f} s)", flush=True)
 
 
+def normalised(enc: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """uint8 patches `(n, 1, H, W)` -> the encoder's input, as `IPSModel.normalize` makes it."""
+    mean, std = (torch.tensor(v).reshape(1, -1, 1, 1) for v in pixel_stats(enc, 1))
+    return (x.float() / 255 - mean) / std
+
+
 def grad_norm(params) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
 
@@ -142,22 +148,17 @@ def main() -> None:
         train, test = order[:4000], order[4000:]
         x_test = torch.from_numpy(np.stack([patch_with(i) for i in test]))
 
-        mean, std = (torch.tensor(v).reshape(1, -1, 1, 1) for v in pixel_stats(enc, 1))
-
-        def norm(x: torch.Tensor) -> torch.Tensor:
-            return (x.float() / 255 - mean) / std  # as IPSModel.normalize
-
         t = time.time()
         for step in range((args.steps or 300) + 1):
             idx = rng.choice(train, 64)
             x = torch.from_numpy(np.stack([patch_with(i) for i in idx]))
-            loss = torch.nn.functional.cross_entropy(head(enc(norm(x))), torch.from_numpy(labels[idx]))
+            loss = torch.nn.functional.cross_entropy(head(enc(normalised(enc, x))), torch.from_numpy(labels[idx]))
             opt.zero_grad()
             loss.backward()
             opt.step()
             if step % 50 == 0:
                 with torch.no_grad():
-                    acc = (head(enc(norm(x_test))).argmax(1).numpy() == labels[test]).mean()
+                    acc = (head(enc(normalised(enc, x_test))).argmax(1).numpy() == labels[test]).mean()
                 print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {acc:.3f} ({time.time() - t:.0f} s)",
                       flush=True)
         return
@@ -172,9 +173,8 @@ def main() -> None:
             torch.manual_seed(args.seed)
             enc = build_encoder(load_config(CONFIG).model.encoder, in_chans=1, spatial_dims=2, patch_size=PATCH,
                                 norm=norm)
-            mean, std = (torch.tensor(v).reshape(1, -1, 1, 1) for v in pixel_stats(enc, 1))
             with torch.no_grad():  # train mode: BatchNorm normalises over this batch, as in a training step
-                f = enc((torch.from_numpy(x).float() / 255 - mean) / std)
+                f = enc(normalised(enc, torch.from_numpy(x)))
             blank, digit = f[~is_digit], f[is_digit]
             contrast = (digit - blank.mean(0)).norm(dim=1).mean() / blank.mean(0).norm()
             spread = (digit - digit.mean(0)).norm(dim=1).mean() / blank.mean(0).norm()
