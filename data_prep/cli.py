@@ -80,7 +80,7 @@ def _work(source: str, out: Path, options: PrepOptions, reader: str | None) -> P
 def _select_inputs(sources: list[str], shard: tuple[int, int] | None) -> tuple[list[str], list[PrepResult]]:
     """Sorted, de-duplicated inputs of this shard, and failures for duplicate slide ids."""
     from data_prep.convert import PrepResult, slide_id_of
-    from data_prep.errors import PrepError
+    from ips.errors import PrepError
 
     ordered = sorted(dict.fromkeys(sources))
     owner: dict[str, str] = {}

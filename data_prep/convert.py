@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import zarr
 
-from data_prep.errors import PrepError
 from data_prep.grid import make_grid
 from data_prep.options import PrepOptions, per_axis
 from data_prep.pyramid import StreamingPyramid, level_shape, morton_order, plan_levels
@@ -42,7 +41,8 @@ from data_prep.writer import (
     write_marker,
 )
 from ips import __version__
-from ips.store_format import (
+from ips.errors import PrepError
+from ips.format.names import (
     COORDS_ARRAY,
     FORMAT_VERSION,
     GRIDS_GROUP,

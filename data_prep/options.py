@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ips.config import ConfigError
-from ips.store_format import DEFAULT_GRID
+from ips.format.names import DEFAULT_GRID
 
 CODECS = ("blosc-lz4", "zstd", "none")
 

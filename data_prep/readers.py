@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from data_prep.errors import PrepError
+from ips.errors import PrepError
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 NPY_MAGIC = b"\x93NUMPY"

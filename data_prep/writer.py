@@ -39,7 +39,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from data_prep.options import CODECS
 from ips import __version__
-from ips.store_format import COMPLETE_MARKER, PARTIAL_SUFFIX
+from ips.format.names import COMPLETE_MARKER, PARTIAL_SUFFIX
 
 MIN_CHUNK = {2: 64, 3: 32}
 ARRAY_CONFIG = {"write_empty_chunks": False}  # background chunks stay unwritten

@@ -18,10 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key."""
-
+from ips.errors import ConfigError
 
 TaskKind = Literal["binary", "multiclass", "multilabel"]
 ScoreKind = Literal["logit", "softmax_mean"]
@@ -72,7 +69,7 @@ class TaskConfig:
 class ModelConfig:
     """Encoder, positional encoding, cross-attention aggregator and heads.
 
-    `encoder`: a name from `ips.encoders` (e.g. `resnet3d_tiny`), any timm model name (2D), or
+    `encoder`: a name from `ips.model.encoders` (e.g. `resnet3d_tiny`), any timm model name (2D), or
     `features` for precomputed feature vectors. `pretrained`: false, true (timm hub, needs network), or a
     path to a local weights file.
     `encoder_norm` (ips_* encoders only): 'group' (the default: each patch normalised on its own, so
@@ -149,7 +146,6 @@ class DataConfig:
     mode: DataMode = "pixels"
     grid: str = "default"
     features: str = "default"
-    num_workers: int = 0
     read_threads: int = 4
     augment: bool = True
     color_jitter: float = 0.05
@@ -157,7 +153,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.mode in typing.get_args(DataMode), "data.mode",
                  f"must be one of {typing.get_args(DataMode)}, got {self.mode!r}")
-        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(self.read_threads >= 1, "data.read_threads", "must be >= 1")
         _require(0.0 <= self.color_jitter <= 0.5, "data.color_jitter", "must be in [0, 0.5]")
 
@@ -168,7 +163,7 @@ class TrainConfig:
 
     `bn_recalibration_slides` (models with BatchNorm only): after each epoch, re-estimate the BatchNorm
     running statistics from the top-M selections of this many training slides (a fixed set drawn by
-    seed; `ips.batchnorm`). It removes the jumps of the validation metrics that stale running averages
+    seed; `ips.training.batchnorm`). It removes the jumps of the validation metrics that stale running averages
     cause; the final accuracy on Megapixel MNIST was lower with it in 3 of 3 seeds at 300 px and higher
     in the one 750-px run (docs/BENCHMARKS.md), so 0 (off: the running averages of the training steps)
     is the default.
@@ -356,3 +351,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def with_overrides(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
+    """`cfg` with some fields of some sections replaced, validated again like a YAML file."""
+    data = cfg.to_dict()
+    for name, values in sections.items():
+        data[name] = {**data[name], **values}
+    return ExperimentConfig.from_dict(data)

@@ -87,7 +87,7 @@ def lesion_auroc(scores_path: str | Path, store_path: str | Path, task: int = 0)
     """
     import zarr
 
-    from ips.metrics import auroc
+    from ips.model.metrics import auroc
     from ips.synthetic import TRUTH_GROUP
 
     attention = np.asarray(zarr.open_group(str(scores_path), mode="r")["attention"][...])[:, task]
@@ -118,10 +118,10 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run the whole demo into `out` (see the module docstring); returns what it measured and wrote."""
-    from ips.cli import main as ips_main
-    from ips.manifest import read_manifest
+    from ips.cli.main import main as ips_main
+    from ips.data.manifest import read_manifest
     from ips.synthetic.lesions import make_lesion_dataset
-    from ips.train import train
+    from ips.training.loop import train
 
     out = Path(out)
     _prepare_out(out)

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from data_prep.convert import PrepOptions, convert_array
-from ips.checkpoint import save_checkpoint
 from ips.config import ExperimentConfig
-from ips.model import build_model
+from ips.model.checkpoint import save_checkpoint
+from ips.model.ips_model import build_model
 
 BINARY = {"name": "a", "kind": "binary"}
 MULTICLASS = {"name": "b", "kind": "multiclass", "num_classes": 3}

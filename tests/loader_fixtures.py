@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ips import store_format as sf
+from ips.format import names as sf
 
 SHARD_CHUNKS = 8
 
@@ -171,8 +171,8 @@ def rss_child(store: str, chunk_size: int, mode: str) -> None:
     mode "stream": `stream_chunks` over a `ZarrPatchSource` (what the IPS loop does); mode "naive":
     read every patch into one tensor first (the reference implementation's way; the control).
     """
-    from ips.streaming import stream_chunks
-    from ips.zarr_source import ZarrPatchSource
+    from ips.data.streaming import stream_chunks
+    from ips.data.zarr_source import ZarrPatchSource
 
     source = ZarrPatchSource(store)
     total = 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ips.augment import PatchAugment, color_jitter, flip_rotate, hed_jitter
 from ips.config import DataConfig
+from ips.data.augment import PatchAugment, color_jitter, flip_rotate, hed_jitter
 
 
 def _patches(shape, seed=0) -> torch.Tensor:

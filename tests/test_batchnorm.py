@@ -1,11 +1,11 @@
-"""Precise BatchNorm statistics (ips.batchnorm): what the recalibration computes, and what it leaves alone."""
+"""Precise BatchNorm statistics (ips.training.batchnorm): what the recalibration computes, and what it leaves alone."""
 
 import torch
 
-from ips.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from ips.algo.batch import SelectedBatch
 from ips.config import ModelConfig
-from ips.model import build_model
-from ips.train_step import SelectedBatch
+from ips.model.ips_model import build_model
+from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
 
 
 def bn_model(norm: str = "batch", dropout: float = 0.5):

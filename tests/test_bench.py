@@ -13,8 +13,8 @@ from ips.bench import memory as bench_memory
 from ips.bench.common import parse_int_list, write_json
 from ips.bench.encoders import count_macs
 from ips.bench.stores import BACKGROUND, bench_store
-from ips.cli import main
-from ips.zarr_source import ZarrPatchSource
+from ips.cli.main import main
+from ips.data.zarr_source import ZarrPatchSource
 
 TINY = ["--patch-size", "16", "--M", "4", "--I", "32", "--threads", "1"]
 

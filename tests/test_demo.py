@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from ips.cli import main
+from ips.cli.main import main
 from ips.config import ConfigError, load_config
 from ips.demo import DEMO_CONFIG, LESION_AUROC_CHECK, demo_config, lesion_auroc, run_demo
 

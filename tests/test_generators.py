@@ -242,7 +242,7 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
 def _open_complete(path: Path):
     import zarr
 
-    from ips import store_format as sf
+    from ips.format import names as sf
 
     assert (path / sf.COMPLETE_MARKER).is_file()
     return zarr.open_group(str(path), mode="r")
@@ -271,7 +271,7 @@ def test_megapixel_mnist_dataset(tmp_path, fake_mnist):
             np.testing.assert_array_equal(image[p.row:p.row + 28, p.col:p.col + 28], fake_mnist[0][p.index])
         digit = g[f"{TRUTH_GROUP}/digit"][...]
         assert digit.shape == (9,) and 0 < digit.max() <= 1
-    from ips.manifest import read_manifest  # the training side accepts it as written
+    from ips.data.manifest import read_manifest  # the training side accepts it as written
 
     records = read_manifest(manifest, mm.megapixel_mnist_tasks(), split="train")
     assert len(records) == 2 and records[0].labels["multilabel"] == tuple(map(int, rows[0]["multilabel"].split(";")))
@@ -288,7 +288,7 @@ def test_lesion_dataset(tmp_path, dims, size, patch):
     rows = _read_manifest(manifest)
     assert list(rows[0]) == ["slide_id", "path", "label", "split", "n_lesions"]
     assert sorted(r["label"] for r in rows) == ["0", "0", "1", "1"]
-    from ips.manifest import read_manifest
+    from ips.data.manifest import read_manifest
 
     assert len(read_manifest(manifest, les.lesion_tasks())) == 4
     for i, row in enumerate(rows):

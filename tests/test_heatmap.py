@@ -13,12 +13,12 @@ import zarr
 from inference_fixtures import BINARY, MULTICLASS, make_store, tiny_cfg, write_checkpoint
 
 from data_prep.pyramid import downsample2
-from ips.cli import main
-from ips.inference import infer_slide
-from ips.manifest import SlideRecord
-from ips.render import paint, pixel_boxes, read_thumbnail, thumbnail_level
-from ips.store import open_store
-from ips.train import make_source
+from ips.cli.main import main
+from ips.data.manifest import SlideRecord
+from ips.data.open import make_source
+from ips.data.store import open_store
+from ips.infer.render import paint, pixel_boxes, read_thumbnail, thumbnail_level
+from ips.infer.slide import infer_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_scores_zarr_matches_inference(slide2d):
     np.testing.assert_array_equal(root["level0_coords"][...], store.coords() * 2)
     assert int(root["selected"][...].sum()) == 5
     assert root.attrs["tasks"] == ["a", "b"]
-    from ips.checkpoint import load_model
+    from ips.model.checkpoint import load_model
 
     model, cfg = load_model(slide2d["ckpt"])
     source = make_source(SlideRecord("slide_a", str(slide2d["store"])), cfg)
@@ -217,7 +217,7 @@ def test_bad_usage_exits_2(tmp_path, slide2d, capsys):
 # forked from a big test process would report the parent's size
 _RSS_SCRIPT = textwrap.dedent("""
     import sys
-    from ips.cli import main
+    from ips.cli.main import main
     rc = main(sys.argv[1:])
     with open("/proc/self/status") as f:
         print("MAXRSS_KB", next(line.split()[1] for line in f if line.startswith("VmHWM:")))
@@ -256,9 +256,9 @@ def test_heatmap_ranks_planted_lesions_above_the_rest(tmp_path):
     the held-out positive slides. Measured (`tools/bench_inference.py --seeds 0 1 2`): mean per-slide
     AUROC of attention vs "overlaps a lesion" 0.85 / 0.86 / 0.90 and vs ">= half lesion" 0.996 / 0.996 /
     0.984; this test runs seed 0. Thresholds 0.75 and 0.9 leave ~0.1 margin. Chance is 0.5."""
-    from ips.metrics import auroc
+    from ips.model.metrics import auroc
     from ips.synthetic.lesions import make_lesion_dataset
-    from ips.train import train
+    from ips.training.loop import train
 
     manifest = make_lesion_dataset(tmp_path / "data", n_slides=32, size=384, patch_size=32, seed=0,
                                    split_fractions=(0.7, 0.0, 0.3))
@@ -269,8 +269,8 @@ def test_heatmap_ranks_planted_lesions_above_the_rest(tmp_path):
                                    "warmup_epochs": 0.5, "seed": 0, "device": "cpu", "monitor": "train_loss"}})
     train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lambda s: None)
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    from ips.checkpoint import load_model
-    from ips.manifest import read_manifest
+    from ips.data.manifest import read_manifest
+    from ips.model.checkpoint import load_model
 
     model, cfg = load_model(ckpt)
     test_pos = [r for r in read_manifest(manifest, cfg.model.tasks, "test") if r.labels["lesion"] == 1]
@@ -295,8 +295,8 @@ def test_heatmap_ranks_planted_lesions_above_the_rest(tmp_path):
 def test_feature_checkpoint_draws_from_the_features_grid(tmp_path):
     """A model on precomputed features: scores per feature vector, geometry and gallery from their grid."""
     from ips.config import ExperimentConfig
-    from ips.embed import embed_store
-    from ips.encoders import build_encoder
+    from ips.infer.embed import embed_store
+    from ips.model.encoders import build_encoder
 
     store = make_store(tmp_path / "stores", "f1", size=(128, 96), patch=16, level=1, pyramid_max_size=32)
     encoder = build_encoder("ips_cnn_tiny", in_chans=3, spatial_dims=2, patch_size=16, pretrained=False,

@@ -6,10 +6,10 @@ import pytest
 import torch
 from inference_fixtures import BINARY, MULTICLASS, MULTILABEL, tiny_cfg
 
-from ips.inference import OnlineSoftmaxPool, global_logsumexp, infer_slide, stream_slide
-from ips.model import build_model
-from ips.selection import eval_mode, select
-from ips.sources import InMemoryPatchSource, iter_chunks
+from ips.algo.selection import eval_mode, select
+from ips.data.sources import InMemoryPatchSource, iter_chunks
+from ips.infer.slide import OnlineSoftmaxPool, global_logsumexp, infer_slide, stream_slide
+from ips.model.ips_model import build_model
 
 CASES = [  # (spatial_dims, in_chans, patch, tasks, n_heads)
     (2, 3, 8, [BINARY], 4),

@@ -8,10 +8,10 @@ import torch
 from loader_fixtures import random_image, write_store
 from torch import nn
 
-from ips.cli import main
-from ips.embed import PROGRESS_ATTR, embed_store
-from ips.store import StoreError, open_store
-from ips.zarr_source import FeatureSource, ZarrPatchSource
+from ips.cli.main import main
+from ips.data.store import StoreError, open_store
+from ips.data.zarr_source import FeatureSource, ZarrPatchSource
+from ips.infer.embed import PROGRESS_ATTR, embed_store
 
 
 class TinyEncoder(nn.Module):

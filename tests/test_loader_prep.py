@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from ips.zarr_source import ZarrPatchSource
+from ips.data.zarr_source import ZarrPatchSource
 
 convert = pytest.importorskip("data_prep.convert")
 testing = pytest.importorskip("data_prep.testing")

@@ -12,8 +12,8 @@ from loader_fixtures import grid_coords, random_image, write_store
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, TransposeCodec, ZstdCodec
 from zarr.core.buffer import cpu
 
-from ips.chunk_io import ChunkReader
-from ips.zarr_source import FeatureSource, ZarrPatchSource, plan_boxes
+from ips.data.chunk_io import ChunkReader
+from ips.data.zarr_source import FeatureSource, ZarrPatchSource, plan_boxes
 
 
 def _slice(array: np.ndarray, corner: np.ndarray, patch: tuple[int, ...], fill) -> np.ndarray:

@@ -10,9 +10,9 @@ import pytest
 import zarr
 from loader_fixtures import random_image, write_store
 
-from ips import store_format as sf
-from ips.store import StoreError, open_store
-from ips.zarr_source import FeatureSource, ZarrPatchSource
+from ips.data.store import StoreError, open_store
+from ips.data.zarr_source import FeatureSource, ZarrPatchSource
+from ips.format import names as sf
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import pytest
 import torch
 from loader_fixtures import random_image, write_store
 
-from ips.sources import InMemoryPatchSource, iter_chunks
-from ips.streaming import stream_chunks
-from ips.zarr_source import ZarrPatchSource
+from ips.data.sources import InMemoryPatchSource, iter_chunks
+from ips.data.streaming import stream_chunks
+from ips.data.zarr_source import ZarrPatchSource
 
 
 def _prefetch_threads() -> list[threading.Thread]:

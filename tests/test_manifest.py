@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ips.config import TaskConfig
-from ips.manifest import ManifestError, SlideRecord, parse_label, read_manifest
+from ips.data.manifest import ManifestError, SlideRecord, parse_label, read_manifest
 
 BINARY = TaskConfig(name="tumor", kind="binary")
 GRADE = TaskConfig(name="grade", kind="multiclass", num_classes=3, label_column="isup")

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from ips.aggregator import sincos_encoding
-from ips.budget import GB, BudgetError, estimate_step_bytes, plan_micro_batch
 from ips.config import ModelConfig, TaskConfig
-from ips.metrics import auroc, balanced_accuracy, evaluate_logits
-from ips.model import build_model
-from ips.train import epoch_order, warmup_cosine
+from ips.model.aggregator import sincos_encoding
+from ips.model.ips_model import build_model
+from ips.model.metrics import auroc, balanced_accuracy, evaluate_logits
+from ips.training.budget import GB, BudgetError, estimate_step_bytes, plan_micro_batch
+from ips.training.loop import epoch_order, warmup_cosine
 
 
 def brute_auroc(scores, positive):

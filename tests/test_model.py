@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ips.config import ConfigError, ModelConfig, TaskConfig
-from ips.encoders import build_encoder, list_encoders
-from ips.model import build_model
+from ips.model.encoders import build_encoder, list_encoders
+from ips.model.ips_model import build_model
 
 TASKS = (
     TaskConfig(name="bin", kind="binary"),
@@ -102,7 +102,7 @@ def test_local_weights_file(tmp_path):
 def test_encoder_norm_option():
     """`model.encoder_norm` swaps the normalisation of our encoders, and is refused where it cannot apply."""
     from ips.config import ModelConfig
-    from ips.model import build_model
+    from ips.model.ips_model import build_model
 
     kinds = lambda m: {type(x).__name__ for x in m.modules() if "Norm" in type(x).__name__ and "Layer" not in type(x).__name__}  # noqa: E731
     for spatial_dims in (2, 3):

@@ -9,8 +9,9 @@ import pytest
 import torch
 from inference_fixtures import BINARY, MULTICLASS, MULTILABEL, make_store, tiny_cfg, write_checkpoint
 
-from ips.cli import main
-from ips.train import Runtime, predict_records
+from ips.cli.main import main
+from ips.infer.predict import predict_records
+from ips.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +79,9 @@ def test_stores_without_labels_and_split(setup, tmp_path):
 
 def test_topm_equals_the_training_loops_prediction(setup, tmp_path):
     """The CLI's default numbers are the ones validation reports during training (ips.train.predict_records)."""
-    from ips.checkpoint import load_model
-    from ips.manifest import read_manifest
-    from ips.tasks import probabilities
+    from ips.data.manifest import read_manifest
+    from ips.model.checkpoint import load_model
+    from ips.model.tasks import probabilities
 
     out = tmp_path / "p"
     assert main(["predict", "--checkpoint", str(setup["ckpt"]), "--manifest", str(setup["manifest"]),
@@ -88,7 +89,7 @@ def test_topm_equals_the_training_loops_prediction(setup, tmp_path):
     by = {(r["slide_id"], r["task"]): r for r in _read(out / "predictions.csv")}
     model, cfg = load_model(setup["ckpt"])
     records = read_manifest(setup["manifest"], cfg.model.tasks, require_labels=False)
-    from ips.distributed import DistInfo
+    from ips.runtime import DistInfo
 
     logits = predict_records(model, records, cfg, Runtime(torch.device("cpu"), None, DistInfo()))
     task = cfg.model.tasks[1]

@@ -17,7 +17,7 @@ from data_prep.cli import parse_shard, summary_table
 from data_prep.convert import PrepResult
 from data_prep.testing import tissue_image, write_pyramid_tiff
 from data_prep.writer import ShardEncoder, is_complete
-from ips.cli import main
+from ips.cli.main import main
 
 GOOD = ("good_a", "good_b")
 

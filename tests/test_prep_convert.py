@@ -17,13 +17,13 @@ import tifffile
 import zarr
 
 from data_prep.convert import PrepOptions, convert_array, convert_file, prep_file, slide_id_of
-from data_prep.errors import PrepError
 from data_prep.grid import make_grid, tissue_fractions
 from data_prep.pyramid import downsample2, plan_levels
 from data_prep.testing import tissue_image, write_nifti, write_pyramid_tiff
 from data_prep.writer import is_complete
 from ips.config import ConfigError
-from ips.store_format import COMPLETE_MARKER
+from ips.errors import PrepError
+from ips.format.names import COMPLETE_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -306,7 +306,7 @@ def _read(self, start, size):
     time.sleep(0.3)  # slow enough that the test can kill it between shards
     return slow_read(self, start, size)
 readers.TiffReader._read = _read
-from ips.cli import main
+from ips.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -338,7 +338,7 @@ def test_killed_conversion_leaves_no_complete_store_and_rerun_completes(tmp_path
     assert not (out / "big.zarr").exists(), "a killed conversion must not leave a complete-looking store"
     assert partial.is_dir() and not (partial / COMPLETE_MARKER).exists()
 
-    from ips.cli import main
+    from ips.cli.main import main
 
     assert main(["prep", *args]) == 0
     assert is_complete(out / "big.zarr") and not partial.exists()

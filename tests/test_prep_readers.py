@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tifffile
 
-from data_prep.errors import PrepError
 from data_prep.readers import (
     ArrayReader,
     NiftiReader,
@@ -20,6 +19,7 @@ from data_prep.readers import (
     open_reader,
 )
 from data_prep.testing import ReaderTests, tissue_image, write_nifti, write_pyramid_tiff
+from ips.errors import PrepError
 
 RNG = np.random.default_rng(0)
 

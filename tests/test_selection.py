@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from ips.algo.selection import eval_mode, explore_selection, global_top_m, select
 from ips.config import ModelConfig, TaskConfig
-from ips.model import build_model
-from ips.selection import eval_mode, explore_selection, global_top_m, select
-from ips.sources import InMemoryPatchSource, iter_chunks
+from ips.data.sources import InMemoryPatchSource, iter_chunks
+from ips.model.ips_model import build_model
 
 TASKS = (TaskConfig(name="a", kind="binary"), TaskConfig(name="b", kind="multiclass", num_classes=3))
 

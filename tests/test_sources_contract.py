@@ -13,9 +13,9 @@ import pytest
 import torch
 from loader_fixtures import random_image, write_store
 
-from ips.sources import InMemoryPatchSource, PatchSource, iter_chunks
-from ips.streaming import stream_chunks
-from ips.zarr_source import FeatureSource, ZarrPatchSource
+from ips.data.sources import InMemoryPatchSource, PatchSource, iter_chunks
+from ips.data.streaming import stream_chunks
+from ips.data.zarr_source import FeatureSource, ZarrPatchSource
 
 
 @dataclass

@@ -11,12 +11,12 @@ import torch
 import yaml
 from train_fixtures import make_cross_slides
 
-from ips.budget import BudgetError
-from ips.checkpoint import load_checkpoint
-from ips.cli import main
-from ips.config import ConfigError, ExperimentConfig, load_config
-from ips.manifest import ManifestError
-from ips.train import train, with_overrides
+from ips.cli.main import main
+from ips.config import ConfigError, ExperimentConfig, load_config, with_overrides
+from ips.data.manifest import ManifestError
+from ips.model.checkpoint import load_checkpoint
+from ips.training.budget import BudgetError
+from ips.training.loop import train
 
 TINY = {
     "model": {"encoder": "ips_cnn_tiny", "in_chans": 1, "patch_size": 8, "d_model": 32, "n_heads": 4,
@@ -175,7 +175,7 @@ def test_ddp_two_gloo_processes_equal_one(tmp_path, small_data):
     cfg_path.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 2}}))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
     args = ["train", "--config", str(cfg_path), "--manifest", str(small_data), "--quiet"]
-    code = "import sys; from ips.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from ips.cli.main import main; sys.exit(main(sys.argv[1:]))"
     procs = [
         subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(tmp_path / "ddp")],
                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"},
@@ -194,10 +194,11 @@ def test_ddp_two_gloo_processes_equal_one(tmp_path, small_data):
 def test_budget_planner_leaves_batchnorm_statistics_alone(small_data):
     """The planner's trial steps run in train mode; with a BatchNorm encoder they must not move the
     running statistics that selection and inference use."""
-    from ips.distributed import DistInfo
-    from ips.manifest import read_manifest
-    from ips.model import build_model
-    from ips.train import Runtime, make_source, plan_budget
+    from ips.data.manifest import read_manifest
+    from ips.data.open import make_source
+    from ips.model.ips_model import build_model
+    from ips.runtime import DistInfo, Runtime
+    from ips.training.loop import plan_budget
 
     cfg = tiny_config(model={"encoder_norm": "batch"}, train={"vram_budget_gb": 1.0})
     record = read_manifest(small_data, cfg.model.tasks)[0]

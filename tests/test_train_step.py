@@ -1,11 +1,12 @@
 import pytest
 import torch
 
+from ips.algo.batch import stack_selections
+from ips.algo.selection import Selection
 from ips.config import ModelConfig, TaskConfig
-from ips.model import build_model
-from ips.selection import Selection
-from ips.tasks import label_tensor
-from ips.train_step import accumulate_gradients, stack_selections
+from ips.model.ips_model import build_model
+from ips.model.tasks import label_tensor
+from ips.training.step import accumulate_gradients
 
 TASKS = (
     TaskConfig(name="bin", kind="binary"),

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 _CHILD = """
 import sys
-from ips.cli import main
+from ips.cli.main import main
 rc = main(sys.argv[1:])
 with open("/proc/self/status") as f:
     print("VMHWM_KB", next(line.split()[1] for line in f if line.startswith("VmHWM:")))

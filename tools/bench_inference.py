@@ -22,13 +22,14 @@ import numpy as np
 import torch
 import zarr
 
-from ips.checkpoint import load_model
 from ips.config import ExperimentConfig
-from ips.inference import infer_slide
-from ips.manifest import read_manifest
-from ips.metrics import auroc
+from ips.data.manifest import read_manifest
+from ips.data.open import make_source
+from ips.infer.slide import infer_slide
+from ips.model.checkpoint import load_model
+from ips.model.metrics import auroc
 from ips.synthetic.lesions import make_lesion_dataset
-from ips.train import make_source, train
+from ips.training.loop import train
 
 
 def config(args: argparse.Namespace, seed: int) -> ExperimentConfig:

@@ -38,10 +38,10 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ips.chunk_io import _decoder  # noqa: E402
-from ips.sources import iter_chunks  # noqa: E402
-from ips.streaming import stream_chunks  # noqa: E402
-from ips.zarr_source import ZarrPatchSource  # noqa: E402
+from ips.data.chunk_io import _decoder  # noqa: E402
+from ips.data.sources import iter_chunks  # noqa: E402
+from ips.data.streaming import stream_chunks  # noqa: E402
+from ips.data.zarr_source import ZarrPatchSource  # noqa: E402
 
 
 def he_like(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

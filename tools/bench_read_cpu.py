@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from ips.bench.stores import bench_store
-from ips.zarr_source import ZarrPatchSource
+from ips.data.zarr_source import ZarrPatchSource
 
 
 def main() -> None:

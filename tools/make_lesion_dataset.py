@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from data_prep.errors import PrepError
+from ips.errors import PrepError
 from ips.synthetic.lesions import make_lesion_dataset
 
 

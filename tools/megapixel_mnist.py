@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from data_prep.errors import PrepError
+from ips.errors import PrepError
 from ips.synthetic.megapixel_mnist import PAPER_CANVAS, make_megapixel_mnist
 
 

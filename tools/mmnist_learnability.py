@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from ips.config import load_config
-from ips.encoders import build_encoder
-from ips.model import build_model, pixel_stats
+from ips.model.encoders import build_encoder
+from ips.model.ips_model import build_model, pixel_stats
+from ips.model.tasks import total_loss
 from ips.synthetic.megapixel_mnist import load_mnist_csv
-from ips.tasks import total_loss
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "megapixel_mnist_cpu.yaml"
 N_PATCHES = 36

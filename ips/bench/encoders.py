@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ips.bench.common import MiB, describe_device, format_table, resolve_device, synchronize
-from ips.encoders import build_encoder, list_encoders
+from ips.model.encoders import build_encoder, list_encoders
 
 REFERENCE = "ips_resnet10"
 TIMM_2D = ("resnet18",)  # the 2D default of ModelConfig (a timm model), for comparison

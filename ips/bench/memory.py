@@ -69,15 +69,16 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement in this process: `args.mode` 'ips' (one training step) or 'naive'."""
     import torch
 
+    from ips.algo.batch import stack_selections
     from ips.bench.common import resolve_device
     from ips.bench.models import bench_config
     from ips.bench.naive import naive_step
-    from ips.distributed import DistInfo
-    from ips.model import build_model
-    from ips.tasks import label_tensor
-    from ips.train import Runtime, select_slides
-    from ips.train_step import accumulate_gradients, stack_selections
-    from ips.zarr_source import ZarrPatchSource
+    from ips.data.zarr_source import ZarrPatchSource
+    from ips.infer.predict import select_slides
+    from ips.model.ips_model import build_model
+    from ips.model.tasks import label_tensor
+    from ips.runtime import DistInfo, Runtime
+    from ips.training.step import accumulate_gradients
 
     if args.threads:
         torch.set_num_threads(args.threads)

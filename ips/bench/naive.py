@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ips.config import TaskConfig
-from ips.model import IPSModel
-from ips.sources import PatchSource
-from ips.tasks import total_loss
+from ips.data.sources import PatchSource
+from ips.model.ips_model import IPSModel
+from ips.model.tasks import total_loss
 
 
 def naive_step(

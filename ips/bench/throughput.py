@@ -31,14 +31,14 @@ import numpy as np
 import torch
 import zarr
 
+from ips.algo.selection import eval_mode, select
 from ips.bench.common import describe_device, format_table, resolve_device, timed
 from ips.bench.models import bench_config
 from ips.bench.stores import bench_store
-from ips.model import IPSModel, build_model
-from ips.selection import eval_mode, select
-from ips.sources import InMemoryPatchSource, iter_chunks
-from ips.streaming import stream_chunks
-from ips.zarr_source import ZarrPatchSource
+from ips.data.sources import InMemoryPatchSource, iter_chunks
+from ips.data.streaming import stream_chunks
+from ips.data.zarr_source import ZarrPatchSource
+from ips.model.ips_model import IPSModel, build_model
 
 
 def _encoder_only(model: IPSModel, patches: torch.Tensor, iter_size: int, autocast_dtype: torch.dtype | None) -> None:

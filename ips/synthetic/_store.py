@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ips import store_format as sf
+from ips.format import names as sf
 
 TRUTH_GROUP = "ips_truth"
 STAGING = ".staging"

@@ -1,0 +1,1 @@
+"""The IPS algorithm without learning: exact streaming top-M selection (`selection`)."""

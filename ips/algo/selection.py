@@ -1,0 +1,155 @@
+"""Iterative patch selection: stream a bag through the model without gradient and keep the top M.
+
+Memory: the buffer holds M patches (and, for the softmax score, M embeddings) plus one chunk of I:
+O(M + I), independent of N. The default `logit` score depends on each patch alone, so the result equals
+the global top-M over all N patches for any M, I and patch order (ties broken by lower patch index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ips.data.sources import Chunk, PatchSource, iter_chunks
+
+StreamFn = Callable[[PatchSource, int], Iterator[Chunk]]
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put modules (and all their submodules) in eval mode; restore each submodule's previous mode after."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+@dataclass
+class Selection:
+    """The M selected patches of one bag, best first.
+
+    indices `(m,)` int64 into the source; scores `(m,)` float (NaN where the N <= M shortcut skipped
+    scoring); patches `(m, *patch_shape)` as read (uint8 stays uint8), on the host; positions `(m, d)`.
+    m = min(M, N).
+    """
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+    patches: torch.Tensor
+    positions: torch.Tensor
+
+
+def top_m(scores: torch.Tensor, indices: torch.Tensor, m: int) -> torch.Tensor:
+    """Positions of the m best entries, ordered by score descending, ties by lower patch index."""
+    by_index = torch.argsort(indices, stable=True)
+    by_score = torch.argsort(scores[by_index], descending=True, stable=True)
+    return by_index[by_score[:m]]
+
+
+def softmax_mean_scores(model: nn.Module, emb: torch.Tensor) -> torch.Tensor:
+    """The reference implementation's score: mean over tasks and heads of softmax attention over the
+    current buffer + chunk. `(n, D)` -> `(n,)`. It depends on which patches share the buffer."""
+    logits = model.aggregator.attention_logits(emb[None])[0]  # (T, H, n)
+    return logits.softmax(dim=-1).mean(dim=(0, 1))
+
+
+@torch.no_grad()
+def select(
+    model: nn.Module,
+    source: PatchSource,
+    *,
+    memory_size: int,
+    iter_size: int,
+    score: str = "logit",
+    device: torch.device | str = "cpu",
+    stream: StreamFn = iter_chunks,
+    autocast_dtype: torch.dtype | None = None,
+) -> Selection:
+    """Select the `memory_size` most attended patches of `source`, streaming chunks of `iter_size`.
+
+    The model is used as it is: wrap the call in `eval_mode(model)` (the training loop does).
+    `stream(source, iter_size)` yields the chunks (`ips.streaming.stream_chunks` adds prefetching).
+    """
+    if memory_size < 1 or iter_size < 1:
+        raise ValueError(f"memory_size and iter_size must be >= 1, got {memory_size}, {iter_size}")
+    if score not in ("logit", "softmax_mean"):
+        raise ValueError(f"score must be 'logit' or 'softmax_mean', got {score!r}")
+    n = len(source)
+    if n == 0:
+        raise ValueError("cannot select from an empty bag (the grid has no patches)")
+    device = torch.device(device)
+    if n <= memory_size:  # nothing to choose: take every patch, skip the scoring pass
+        idx = np.arange(n, dtype=np.int64)
+        return Selection(
+            torch.from_numpy(idx),
+            torch.full((n,), float("nan")),
+            source.read(idx),
+            torch.from_numpy(np.ascontiguousarray(source.positions()[idx])),
+        )
+
+    buf_idx = torch.empty(0, dtype=torch.long)
+    buf_scores = torch.empty(0)
+    buf_patches: torch.Tensor | None = None
+    buf_pos: torch.Tensor | None = None
+    buf_emb: torch.Tensor | None = None  # softmax_mean only
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    for chunk in stream(source, iter_size):
+        with autocast:
+            emb = model.embed(chunk.patches.to(device, non_blocking=True), chunk.positions.to(device))  # (i, D)
+        idx = torch.from_numpy(chunk.indices)
+        all_idx = torch.cat([buf_idx, idx])
+        all_patches = chunk.patches if buf_patches is None else torch.cat([buf_patches, chunk.patches])
+        all_pos = chunk.positions if buf_pos is None else torch.cat([buf_pos, chunk.positions])
+        if score == "logit":
+            with autocast:
+                s = model.selection_scores(emb[None])[0].float().cpu()
+            all_scores = torch.cat([buf_scores, s])
+        else:
+            all_emb = emb if buf_emb is None else torch.cat([buf_emb, emb])
+            with autocast:
+                all_scores = softmax_mean_scores(model, all_emb).float().cpu()
+        keep = top_m(all_scores, all_idx, memory_size)
+        buf_idx, buf_scores = all_idx[keep], all_scores[keep]
+        buf_patches, buf_pos = all_patches[keep], all_pos[keep]
+        if score == "softmax_mean":
+            buf_emb = all_emb[keep.to(all_emb.device)]
+            del all_emb
+        # drop references now, so that the next read does not overlap the previous chunk (O(M + I) peak)
+        del emb, all_patches, all_pos, chunk
+    assert buf_patches is not None and buf_pos is not None
+    return Selection(buf_idx, buf_scores, buf_patches, buf_pos)
+
+
+def explore_selection(
+    selection: Selection, source: PatchSource, *, fraction: float, generator: np.random.Generator
+) -> Selection:
+    """Replace the lowest-scoring `round(fraction * m)` selected patches with patches drawn uniformly from
+    the unselected rest of the bag (training-time exploration; scores of drawn patches are NaN)."""
+    m, n = selection.indices.numel(), len(source)
+    k = min(int(round(fraction * m)), n - m)
+    if k <= 0:
+        return selection
+    chosen = np.zeros(n, dtype=bool)
+    chosen[selection.indices.numpy()] = True
+    drawn = np.sort(generator.choice(np.flatnonzero(~chosen), size=k, replace=False))
+    keep = m - k
+    return Selection(
+        torch.cat([selection.indices[:keep], torch.from_numpy(drawn)]),
+        torch.cat([selection.scores[:keep], torch.full((k,), float("nan"))]),
+        torch.cat([selection.patches[:keep], source.read(drawn)]),
+        torch.cat([selection.positions[:keep], torch.from_numpy(np.ascontiguousarray(source.positions()[drawn]))]),
+    )
+
+
+def global_top_m(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Reference: indices of the global top-m of `scores (N,)`, ties by lower index."""
+    return top_m(scores, torch.arange(scores.numel()), m)

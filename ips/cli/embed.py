@@ -1,0 +1,77 @@
+"""`ips embed STORE... --encoder NAME [--grid G] [--name F] ...`: precompute features into the stores."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ips.cli._threads import add_threads, apply_threads
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "embed",
+        help="precompute patch features with a frozen encoder",
+        description="Run a frozen encoder over every patch of a grid and write features/<name> into each "
+                    "store (streaming; an interrupted run resumes). Train on them with data.mode=features.",
+    )
+    p.add_argument("stores", nargs="+", metavar="STORE", help="stores made by `ips prep`")
+    p.add_argument("--encoder", required=True, help="encoder name (ours, e.g. ips_resnet18, or a timm model)")
+    p.add_argument("--pretrained", default="false",
+                   help="weights: a local file, 'true' (timm hub, needs network) or 'false' (default)")
+    p.add_argument("--grid", default="default", help="grid to embed (default: default)")
+    p.add_argument("--name", default="default", help="feature set name, features/<name> (default: default)")
+    p.add_argument("--chunk-size", type=int, default=256, help="patches per forward pass and per written chunk")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature dtype")
+    p.add_argument("--read-threads", type=int, default=4, help="threads reading and decoding patches")
+    p.add_argument("--overwrite", action="store_true", help="recompute a feature set that already exists")
+    add_threads(p)
+    p.set_defaults(func=run)
+
+
+def _pretrained(value: str) -> bool | str:
+    low = value.lower()
+    if low in ("true", "yes", "1"):
+        return True
+    if low in ("false", "no", "0", ""):
+        return False
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch  # here, not at import: building the `ips` parser must stay fast
+
+    from ips.config import ConfigError
+    from ips.data.store import StoreError, open_store
+    from ips.infer.embed import embed_store
+    from ips.model.encoders import build_encoder
+
+    if args.chunk_size < 1:
+        raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    apply_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    encoders: dict[tuple[int, int, int], torch.nn.Module] = {}  # one per (channels, dims, patch size)
+    failures: dict[str, str] = {}
+    for store in args.stores:
+        try:
+            opened = open_store(store)
+            info = opened.grid(args.grid)
+            key = (opened.channels, opened.spatial_dims, min(info.patch_size))
+            if key not in encoders:  # one encoder per patch shape; ConfigError (bad name/size) is exit 2
+                encoders[key] = build_encoder(args.encoder, in_chans=key[0], spatial_dims=key[1],
+                                              patch_size=key[2], pretrained=_pretrained(args.pretrained)).to(device)
+            result = embed_store(store, encoders[key], grid=args.grid, name=args.name, chunk_size=args.chunk_size,
+                                 device=device, encoder_name=args.encoder, dtype=args.dtype,
+                                 read_threads=args.read_threads, overwrite=args.overwrite)
+            print(f"{store}: features/{result.name} ({result.dim} per patch, {info.n_patches} patches)")
+        except (StoreError, ValueError, OSError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            failures[store] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    for store, reason in failures.items():
+        print(f"ips embed: failed: {store}: {reason}", file=sys.stderr)
+    if failures:
+        print(f"ips embed: {len(failures)} of {len(args.stores)} stores failed", file=sys.stderr)
+    return 1 if failures else 0

@@ -1,0 +1,150 @@
+"""The slide manifest: a CSV of `slide_id,path,<label columns>[,split]`, validated before training.
+
+`path` is a store made by `ips prep` (relative paths are resolved against the manifest's folder; URLs
+are kept as they are). One label column per task (`TaskConfig.column`). Labels:
+
+- `binary`: `0` or `1`;
+- `multiclass`: an integer in `[0, num_classes)`;
+- `multilabel`: `;`-separated class indices in `[0, num_classes)`, possibly empty (no class).
+
+Every problem (a missing column, a bad label, a duplicate slide_id, a missing store, an unknown split)
+is a `ManifestError` naming the file, the row (counted as a spreadsheet does: the header is row 1) and
+the column, raised when the manifest is read (every row is checked, whatever split is asked for).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ips.config import TaskConfig
+from ips.errors import ManifestError
+
+SPLITS = ("train", "val", "test")
+REQUIRED = ("slide_id", "path")
+
+Label = int | tuple[int, ...]
+
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """One manifest row: `labels` maps task name -> int (binary, multiclass) or tuple of class indices
+    (multilabel); a task whose label is unknown (allowed only with `require_labels=False`) is absent."""
+
+    slide_id: str
+    path: str
+    split: str | None = None
+    labels: dict[str, Label] = field(default_factory=dict)
+
+
+def parse_label(text: str, task: TaskConfig) -> Label:
+    """The label of `task` written as `text`; ValueError with the reason if it is not valid."""
+    text = text.strip()
+    if task.kind == "multilabel":
+        parts = [p.strip() for p in text.split(";")] if text else []
+        values = []
+        for p in parts:
+            if not p.lstrip("-").isdigit():
+                raise ValueError(f"{p!r} is not a class index (multilabel: ';'-separated integers)")
+            values.append(int(p))
+        bad = [v for v in values if not 0 <= v < task.num_classes]
+        if bad:
+            raise ValueError(f"class indices {bad} are outside [0, {task.num_classes})")
+        return tuple(sorted(set(values)))
+    if not text.lstrip("-").isdigit():
+        raise ValueError(f"{text!r} is not an integer")
+    value = int(text)
+    if task.kind == "binary" and value not in (0, 1):
+        raise ValueError(f"{value} is not 0 or 1 (binary task)")
+    if task.kind == "multiclass" and not 0 <= value < task.num_classes:
+        raise ValueError(f"{value} is outside [0, {task.num_classes}) (multiclass task)")
+    return value
+
+
+def _resolve(path: str, folder: Path) -> tuple[str, bool]:
+    """(resolved path, is local): URLs are kept; relative local paths are joined to `folder`."""
+    if "://" in path:
+        return path, False
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (folder / p)), True
+
+
+def read_manifest(
+    path: str | Path,
+    tasks: Sequence[TaskConfig],
+    split: str | None = None,
+    *,
+    require_labels: bool = True,
+    check_paths: bool = True,
+) -> list[SlideRecord]:
+    """Read and validate the manifest at `path`; keep only rows of `split` when given.
+
+    `require_labels=False` (prediction) allows missing label columns and empty label cells
+    (binary/multiclass); such labels are left out of `SlideRecord.labels`. `check_paths` checks that
+    local store paths exist.
+    """
+    path = Path(path)
+    if split is not None and split not in SPLITS:
+        raise ManifestError(f"{path}: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest file does not exist")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if not header:
+            raise ManifestError(f"{path}: empty manifest (expected a header row with slide_id,path,...)")
+        reader.fieldnames = header
+        dup = sorted({h for h in header if header.count(h) > 1})
+        if dup:
+            raise ManifestError(f"{path}: row 1 (header): duplicate columns {dup}")
+        needed = list(REQUIRED) + ([t.column for t in tasks] if require_labels else [])
+        missing = [c for c in needed if c not in header]
+        if missing:
+            raise ManifestError(f"{path}: row 1 (header): missing column {missing[0]!r} (columns: "
+                                f"{', '.join(header)})")
+        if split is not None and "split" not in header:
+            raise ManifestError(f"{path}: row 1 (header): no 'split' column, but split {split!r} was asked for")
+        records: list[SlideRecord] = []
+        seen: dict[str, int] = {}
+        folder = path.parent
+        for row in reader:
+            line = reader.line_num
+
+            def fail(column: str, msg: str, line: int = line) -> ManifestError:
+                return ManifestError(f"{path}: row {line}, column {column!r}: {msg}")
+
+            if None in row:  # more cells than header columns
+                raise fail("<extra>", f"{len(header) + len(row[None])} cells but {len(header)} columns")
+            cells = {k: (v or "").strip() for k, v in row.items()}
+            slide_id = cells["slide_id"]
+            if not slide_id:
+                raise fail("slide_id", "empty slide_id")
+            if slide_id in seen:
+                raise fail("slide_id", f"duplicate slide_id {slide_id!r} (first at row {seen[slide_id]})")
+            seen[slide_id] = line
+            if not cells["path"]:
+                raise fail("path", "empty path")
+            store, local = _resolve(cells["path"], folder)
+            row_split = cells.get("split") or None
+            if row_split is not None and row_split not in SPLITS:
+                raise fail("split", f"unknown split {row_split!r}; valid splits: {', '.join(SPLITS)}")
+            labels: dict[str, Label] = {}
+            for task in tasks:
+                col = task.column
+                text = cells.get(col)
+                if text is None or (not text and not require_labels and task.kind != "multilabel"):
+                    continue
+                try:
+                    labels[task.name] = parse_label(text, task)
+                except ValueError as e:
+                    raise fail(col, f"bad label for task {task.name!r}: {e}") from None
+            # every row is checked, whatever the split asked for: a bad val row fails before training
+            if check_paths and local and not Path(store).exists():
+                raise fail("path", f"store {store} does not exist")
+            if split is not None and row_split != split:
+                continue
+            records.append(SlideRecord(slide_id, store, row_split, labels))
+    return records

@@ -1,0 +1,93 @@
+"""Checkpoints: model, optimiser, scheduler, RNG states, resolved config and metrics in one file.
+
+Loading uses `torch.load(weights_only=True)`: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ips.config import ConfigError, ExperimentConfig
+from ips.model.ips_model import IPSModel, build_model
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    config: ExperimentConfig,
+    epoch: int,
+    metrics: dict[str, float],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write atomically (temp file + rename): an interrupted save never leaves a truncated checkpoint."""
+    path = Path(path)
+    payload = {
+        "format": "ips-checkpoint-1",
+        "model": model.state_dict(),
+        "config": config.to_dict(),
+        "epoch": epoch,
+        "metrics": metrics,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(),
+        "extra": extra or {},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
+        raise ConfigError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != "ips-checkpoint-1":
+        raise ConfigError(f"checkpoint {path} is not an ips checkpoint")
+    return payload
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IPSModel, ExperimentConfig]:
+    """The model of a checkpoint, in eval mode, and its resolved config."""
+    payload = load_checkpoint(path)
+    config = ExperimentConfig.from_dict(payload["config"])
+    # weights come from the checkpoint: never reach for a hub or a local pretrained file here
+    model = build_model(_without_pretrained(config).model)
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval(), config
+
+
+def _without_pretrained(config: ExperimentConfig) -> ExperimentConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=False))

@@ -1,0 +1,136 @@
+"""The IPS model: encoder -> projection + positional encoding -> cross-attention aggregator -> task heads.
+
+Selection and learning are apart (STYLE.md #4): `embed` and `selection_scores` serve the no-grad
+streaming selection (`ips.algo.selection`), `forward` trains on the selected patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ips.config import ModelConfig, TaskConfig
+from ips.model.aggregator import CrossAttentionAggregator, sincos_encoding
+from ips.model.encoders import build_encoder
+from ips.model.tasks import TaskHeads
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class IPSModel(nn.Module):
+    """Args are explicit and typed; the device comes from the inputs (STYLE.md #1).
+
+    Shapes: patches `(B, M, C, *spatial)` (uint8 or float) or features `(B, M, F)`; positions `(B, M, d)`.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: nn.Module,
+        tasks: Sequence[TaskConfig],
+        spatial_dims: int,
+        d_model: int,
+        n_heads: int,
+        d_mlp: int,
+        dropout: float = 0.0,
+        pos_enc: bool = True,
+        pixel_input: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.tasks = tuple(tasks)
+        self.spatial_dims = spatial_dims
+        self.d_model = d_model
+        self.pixel_input = pixel_input
+        self.use_pos_enc = pos_enc
+        # Fixed sincos codes have amplitude 1 per channel, several times the spread of fresh content
+        # embeddings: added at full strength, position dominates the attention at initialisation and the
+        # selection never finds the informative patches (measured: the demo did not learn at all). A
+        # learnable scale that starts small lets content lead and position join as it proves useful.
+        self.pos_scale = nn.Parameter(torch.tensor(0.1)) if pos_enc else None
+        enc_dim = encoder.out_dim
+        self.project = nn.Identity() if enc_dim == d_model and not pixel_input else nn.Linear(enc_dim, d_model)
+        self.aggregator = CrossAttentionAggregator(
+            d_model=d_model, n_heads=n_heads, n_queries=len(self.tasks), d_mlp=d_mlp, dropout=dropout
+        )
+        self.heads = TaskHeads(self.tasks, d_model)
+        if pixel_input:
+            shape = (1, -1) + (1,) * spatial_dims
+            self.register_buffer("pixel_mean", torch.tensor(mean or [0.5]).reshape(shape), persistent=False)
+            self.register_buffer("pixel_std", torch.tensor(std or [0.25]).reshape(shape), persistent=False)
+
+    def normalize(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patches `(n, C, *S)`, uint8 in [0, 255] or float in [0, 1] -> normalised float; features pass through."""
+        if not self.pixel_input:
+            return patches if patches.is_floating_point() else patches.float()
+        x = patches.float() / 255.0 if patches.dtype == torch.uint8 else patches
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def embed(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`(n, C, *S)` or `(n, F)` patches, `(n, d)` positions -> embeddings `(n, D)` (with position)."""
+        emb = self.project(self.encoder(self.normalize(patches)))
+        if self.use_pos_enc:
+            emb = emb + self.pos_scale * sincos_encoding(positions, self.d_model).to(emb.dtype)
+        return emb
+
+    def selection_scores(self, emb: torch.Tensor) -> torch.Tensor:
+        """The default selection score: mean over tasks and heads of attention logits. `(B, N, D)` -> `(B, N)`.
+
+        It depends on each patch alone, so streaming top-M equals global top-M exactly.
+        """
+        return self.aggregator.attention_logits(emb).mean(dim=(1, 2))
+
+    def forward(
+        self, patches: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Patches `(B, M, ...)`, positions `(B, M, d)`, mask `(B, M)` (True = real, padding False).
+
+        Returns per-task logits `{task: (B, n_out)}` and attention logits `(B, T, H, M)`.
+        """
+        b, m = patches.shape[:2]
+        emb = self.embed(patches.flatten(0, 1), positions.flatten(0, 1)).unflatten(0, (b, m))  # (B, M, D)
+        z, attn_logits = self.aggregator(emb, mask)
+        return self.heads(z), attn_logits
+
+
+def pixel_stats(encoder: nn.Module, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) to normalise [0, 1] pixels for `encoder`: its timm `pretrained_cfg` where it has one,
+    else ImageNet's for RGB and (0.5, 0.25) per channel otherwise. Training, inference and `ips embed`
+    all normalise through this one function."""
+    pcfg = getattr(encoder, "pretrained_cfg", None) or {}
+    if in_chans == 3:
+        return tuple(pcfg.get("mean", _IMAGENET_MEAN)), tuple(pcfg.get("std", _IMAGENET_STD))
+    return (0.5,) * in_chans, (0.25,) * in_chans
+
+
+def build_model(cfg: ModelConfig) -> IPSModel:
+    """The one builder from config (STYLE.md #2)."""
+    encoder = build_encoder(
+        cfg.encoder,
+        in_chans=cfg.in_chans,
+        spatial_dims=cfg.spatial_dims,
+        patch_size=cfg.patch_size,
+        pretrained=cfg.pretrained,
+        feature_dim=cfg.feature_dim,
+        d_model=cfg.d_model,
+        norm=cfg.encoder_norm,
+    )
+    pixel_input = cfg.encoder != "features"
+    mean, std = pixel_stats(encoder, cfg.in_chans) if pixel_input else (None, None)
+    return IPSModel(
+        encoder=encoder,
+        tasks=cfg.tasks,
+        spatial_dims=cfg.spatial_dims,
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        d_mlp=cfg.d_mlp,
+        dropout=cfg.dropout,
+        pos_enc=cfg.pos_enc == "sincos",
+        pixel_input=pixel_input,
+        mean=mean,
+        std=std,
+    )
