@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING
 
 from data_prep.options import CODECS, PrepOptions
 from data_prep.readers import READERS
-from ips.config import ConfigError
+from ips.errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 
 if TYPE_CHECKING:  # the pipeline (zarr, scikit-image) loads only when prep runs: `ips --help` stays fast
     from data_prep.convert import PrepResult
 
-EXIT_OK, EXIT_SOME_FAILED = 0, 1
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ips.config import ConfigError
+from ips.errors import ConfigError
 from ips.format.names import DEFAULT_GRID
 
 CODECS = ("blosc-lz4", "zstd", "none")

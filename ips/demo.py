@@ -114,12 +114,16 @@ def run_demo(
     settings: DemoSettings = FULL,
     *,
     device: str = "auto",
+    threads: int | None = None,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Run the whole demo into `out` (see the module docstring); returns what it measured and wrote."""
-    from ips.cli.main import main as ips_main
+    """Run the whole demo into `out` (see the module docstring); returns what it measured and wrote.
+
+    `threads`: the torch CPU thread count the caller set (None: not set here); the printed commands carry
+    it, so that running them as printed runs what the demo ran."""
     from ips.data.manifest import read_manifest
+    from ips.infer.loop import heatmap_slides, load, predict_slides
     from ips.synthetic.lesions import make_lesion_dataset
     from ips.training.loop import train
 
@@ -128,6 +132,7 @@ def run_demo(
     result = DemoResult(out)
     t_all = time.perf_counter()
     cfg = demo_config([*settings.overrides, f"train.device={device}"])
+    threads_arg = "" if threads is None else f" --threads {threads}"
 
     t0 = time.perf_counter()
     log(f"[1/4] data: {settings.n_slides} synthetic slides of {settings.size}x{settings.size} px "
@@ -140,32 +145,30 @@ def run_demo(
     save_config(cfg, out / "config.yaml")
     run_dir = out / "run"
     log(f"[2/4] train: {cfg.train.epochs} epochs, M={cfg.selection.memory_size} of each slide's patches, "
-        f"{cfg.model.encoder}\n      = ips train --config {out / 'config.yaml'} --manifest {manifest} --out {run_dir}")
+        f"{cfg.model.encoder}\n      = ips train --config {out / 'config.yaml'} --manifest {manifest} --out {run_dir}{threads_arg}")
     train(cfg, manifest=manifest, run_dir=run_dir, resume=False, show_progress=show_progress, log=log)
     result.seconds["train"] = time.perf_counter() - t0
     checkpoint = run_dir / "checkpoints" / "best.pt"
 
     t0 = time.perf_counter()
     pred_dir = out / "predictions"
-    argv = ["predict", "--checkpoint", str(checkpoint), "--manifest", str(manifest), "--split", "test",
-            "--out", str(pred_dir), "--device", device, "--quiet"]
-    log(f"[3/4] predict the test slides\n      = ips {' '.join(argv)}")
-    if ips_main(argv) != 0:
-        raise RuntimeError("ips predict failed (see above)")
-    metrics_file = pred_dir / "metrics.json"
-    if metrics_file.is_file():
-        result.test_metrics = json.loads(metrics_file.read_text())["metrics"]
+    log(f"[3/4] predict the test slides\n      = ips predict --checkpoint {checkpoint} --manifest {manifest} "
+        f"--split test --out {pred_dir} --device {device}{threads_arg}")
+    loaded = load(checkpoint, device)
+    test = read_manifest(manifest, cfg.model.tasks, "test")
+    report = predict_slides(loaded, test, pred_dir, checkpoint=str(checkpoint))
+    if report.failures:
+        raise RuntimeError(f"ips predict failed on {report.failures[0].slide_id}: {report.failures[0].reason}")
+    result.test_metrics = report.metrics
     result.seconds["predict"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    test = read_manifest(manifest, cfg.model.tasks, "test")
     heat_dir = out / "heatmaps"
-    argv = ["heatmap", "--checkpoint", str(checkpoint), *(r.path for r in test), "--out", str(heat_dir),
-            "--device", device]
     log(f"[4/4] heatmaps of the test slides\n      = ips heatmap --checkpoint {checkpoint} "
-        f"{out / 'data' / 'stores'}/<slide>.zarr ... --out {heat_dir}")
-    if ips_main(argv) != 0:
-        raise RuntimeError("ips heatmap failed (see above)")
+        f"{out / 'data' / 'stores'}/<slide>.zarr ... --out {heat_dir} --device {device}{threads_arg}")
+    failures = heatmap_slides(loaded, test, heat_dir, checkpoint=str(checkpoint), log=log)
+    if failures:
+        raise RuntimeError(f"ips heatmap failed on {failures[0].slide_id}: {failures[0].reason}")
     for r in test:
         if r.labels.get(cfg.model.tasks[0].name) == 1:
             result.lesion_auroc_per_slide[r.slide_id] = lesion_auroc(heat_dir / r.slide_id / "scores.zarr", r.path)

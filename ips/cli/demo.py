@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ips.demo import FULL, QUICK, run_demo, summary
 
-    apply_threads(args.threads)
-    result = run_demo(args.out, QUICK if args.quick else FULL, device=args.device, show_progress=not args.quiet)
+    threads = apply_threads(args.threads)
+    result = run_demo(args.out, QUICK if args.quick else FULL, device=args.device, threads=threads,
+                      show_progress=not args.quiet)
     print(summary(result))
     return 0

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from ips import __version__
-from ips.config import ConfigError
+from ips.errors import EXIT_USAGE, IpsError
 
 # module paths of subcommands; each must have `register(subparsers)`
 SUBCOMMANDS = [
@@ -24,9 +24,6 @@ SUBCOMMANDS = [
     "ips.cli.bench",
     "ips.cli.demo",
 ]
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ips", description="Memory-bounded Iterative Patch Selection.")
@@ -45,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args))
-    except ConfigError as e:
-        print(f"ips {args.command}: config error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except IpsError as e:  # the one place errors become exit statuses (ips.errors)
+        label = f"{e.label}: " if e.label else ""
+        print(f"ips {args.command}: {label}{e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"ips {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -30,10 +30,7 @@ def run(args: argparse.Namespace) -> int:
     # heavy imports here, not at module level: building the parser must stay fast (`ips --help`)
     import torch
 
-    from ips.data.manifest import ManifestError
-    from ips.data.store import StoreError
     from ips.runtime import resolve_device
-    from ips.training.budget import BudgetError
     from ips.training.distributed import cleanup, init_distributed
     from ips.training.loop import train
 
@@ -47,9 +44,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, manifest=manifest, run_dir=out, dist_info=dist_info, resume=not args.no_resume,
                        show_progress=not args.quiet)
-    except (ManifestError, StoreError, BudgetError) as e:
-        print(f"ips train: {e}", file=sys.stderr)
-        return 2
     except torch.cuda.OutOfMemoryError as e:
         print(f"ips train: out of device memory ({str(e).splitlines()[0]}); set train.vram_budget_gb to plan "
               "the micro-batch, or lower selection.memory_size", file=sys.stderr)
