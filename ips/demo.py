@@ -97,6 +97,8 @@ def lesion_auroc(scores_path: str | Path, store_path: str | Path, task: int = 0)
 
 def _prepare_out(out: Path) -> None:
     """Use an empty or new folder, or redo a previous demo's; never delete anything else."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise ConfigError(f"--out {out} is not empty and holds no previous demo: choose a new folder")

@@ -9,27 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_fixtures import make_cross_slides
+from train_fixtures import TINY, make_cross_slides, tiny_config
 
 from ips.cli.main import main
 from ips.config import ConfigError, ExperimentConfig, load_config, with_overrides
 from ips.data.manifest import ManifestError
+from ips.errors import RunDirError
 from ips.model.checkpoint import load_checkpoint
 from ips.training.budget import BudgetError
 from ips.training.loop import train
-
-TINY = {
-    "model": {"encoder": "ips_cnn_tiny", "in_chans": 1, "patch_size": 8, "d_model": 32, "n_heads": 4,
-              "d_mlp": 32, "tasks": [{"name": "label", "kind": "binary"}]},
-    "selection": {"memory_size": 4, "iter_size": 16, "prefetch": 1},
-    "data": {"augment": False},
-    "train": {"epochs": 3, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "warmup_epochs": 0.5, "seed": 0},
-}
-
-
-def tiny_config(**sections) -> ExperimentConfig:
-    return with_overrides(ExperimentConfig.from_dict(TINY), **sections)
-
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
@@ -52,8 +40,8 @@ def test_tiny_training_learns(tmp_path):
         "train": {"epochs": 15, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "warmup_epochs": 1, "seed": 0},
     })
     result = train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lambda s: None)
-    last = result["history"][-1]
-    assert last["val_lesion/accuracy"] >= 0.75, [r["val_lesion/accuracy"] for r in result["history"]]
+    last = result.history[-1]
+    assert last["val_lesion/accuracy"] >= 0.75, [r["val_lesion/accuracy"] for r in result.history]
     assert last["val_lesion/auroc"] >= 0.8
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "curves.png", "checkpoints/best.pt",
@@ -75,7 +63,7 @@ def test_exploration_finds_patches_that_top_m_alone_never_shows(tmp_path):
                       train={"epochs": 15, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 1, "seed": 1},
                       data={"augment": True, "color_jitter": 0.0})
     result = train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lambda s: None)
-    assert result["history"][-1]["val_label/accuracy"] >= 0.8, [r["val_label/accuracy"] for r in result["history"]]
+    assert result.history[-1]["val_label/accuracy"] >= 0.8, [r["val_label/accuracy"] for r in result.history]
 
 
 @pytest.mark.parametrize("norm", ["group", "batch"])
@@ -93,17 +81,19 @@ def test_resume_equals_uninterrupted(tmp_path, small_data, norm):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(full["history"]) == strip(resumed["history"])
-    assert len(resumed["history"]) == 3
+    assert strip(full.history) == strip(resumed.history)
+    assert len(resumed.history) == 3
 
 
 def test_resume_refuses_a_different_config(tmp_path, small_data):
     cfg = tiny_config()
     train(cfg, manifest=small_data, run_dir=tmp_path / "r", show_progress=False, log=lambda s: None,
           stop_after_epochs=1)
-    with pytest.raises(ConfigError, match="different config"):
+    before = (tmp_path / "r" / "config.yaml").read_text()
+    with pytest.raises(RunDirError, match=r"train\.lr: 0\.003 -> 0\.0001"):
         train(with_overrides(cfg, train={"lr": 1e-4}), manifest=small_data, run_dir=tmp_path / "r",
               show_progress=False, log=lambda s: None)
+    assert (tmp_path / "r" / "config.yaml").read_text() == before  # a refused rerun changes nothing
 
 
 def _write_manifest(path: Path, text: str) -> Path:

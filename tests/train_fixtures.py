@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.convert import PrepOptions, convert_array
+from ips.config import ExperimentConfig, with_overrides
 
 PATCH = 8
 SIZE = 64
@@ -49,3 +50,17 @@ def make_cross_slides(out: Path, n_train: int, n_val: int, seed: int = 0, size: 
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+# a config small enough that an epoch on `make_cross_slides` data takes well under a second
+TINY = {
+    "model": {"encoder": "ips_cnn_tiny", "in_chans": 1, "patch_size": 8, "d_model": 32, "n_heads": 4,
+              "d_mlp": 32, "tasks": [{"name": "label", "kind": "binary"}]},
+    "selection": {"memory_size": 4, "iter_size": 16, "prefetch": 1},
+    "data": {"augment": False},
+    "train": {"epochs": 3, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "warmup_epochs": 0.5, "seed": 0},
+}
+
+
+def tiny_config(**sections) -> ExperimentConfig:
+    return with_overrides(ExperimentConfig.from_dict(TINY), **sections)

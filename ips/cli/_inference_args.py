@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ips.cli._threads import add_threads
+from ips.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not when `ips --help` builds the parser
     from ips.infer.loop import Failure
@@ -21,6 +23,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="prediction from the top-M selected patches as trained (default), or from all N "
                         "patches by exact streaming attention")
     add_threads(p)
+
+
+def out_dir(path: str) -> Path:
+    """`--out` as a folder; ConfigError (exit 2) when it names an existing file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    return out
 
 
 def err(line: str) -> None:

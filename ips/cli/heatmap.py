@@ -8,9 +8,8 @@ failed (the others are still drawn; a summary names each failure); 2: bad usage.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ips.cli._inference_args import add_common, report_failures
+from ips.cli._inference_args import add_common, out_dir, report_failures
 from ips.cli._threads import apply_threads
 from ips.config import ConfigError
 
@@ -37,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     if args.thumb_size < 16:
         raise ConfigError(f"--thumb-size must be >= 16, got {args.thumb_size}")
     records = store_records(args.stores)
+    out = out_dir(args.out)  # before any work: a bad --out is bad usage
     apply_threads(args.threads)
     loaded = load(args.checkpoint, args.device)
-    failures = heatmap_slides(loaded, records, Path(args.out), task=args.task, top_k=args.top_k, mode=args.mode,
+    failures = heatmap_slides(loaded, records, out, task=args.task, top_k=args.top_k, mode=args.mode,
                               thumb_size=args.thumb_size, checkpoint=str(args.checkpoint), log=print)
     return report_failures("heatmap", failures)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from ips.cli._inference_args import add_common, err, report_failures
+from ips.cli._inference_args import add_common, err, out_dir, report_failures
 from ips.cli._threads import apply_threads
 from ips.config import ConfigError
 
@@ -37,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give either --manifest CSV or one or more STORE paths (not both)")
     if args.split and not args.manifest:
         raise ConfigError("--split needs --manifest")
+    out = out_dir(args.out)  # before any work: a bad --out is bad usage
     apply_threads(args.threads)
     loaded = load(args.checkpoint, args.device)
     if args.manifest:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         raise ConfigError(f"no slides to predict (manifest {args.manifest}, split {args.split})")
     t0 = time.perf_counter()
-    report = predict_slides(loaded, records, Path(args.out), mode=args.mode, checkpoint=str(args.checkpoint),
+    report = predict_slides(loaded, records, out, mode=args.mode, checkpoint=str(args.checkpoint),
                             log=None if args.quiet else err)
     print(f"ips predict: {report.n_done} of {len(records)} slides predicted ({args.mode}) in "
           f"{time.perf_counter() - t0:.1f}s -> {report.predictions}")

@@ -51,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup(dist_info)
     if dist_info.is_main:
-        print(f"run directory: {result['run_dir']} (checkpoints/best.pt, metrics.csv, curves.png)")
+        print(f"run directory: {result.run_dir} (checkpoints/best.pt, metrics.csv, curves.png)")
     return 0

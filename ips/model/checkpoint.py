@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ips.config import ConfigError, ExperimentConfig
+from ips.config import ExperimentConfig
+from ips.errors import CheckpointError
 from ips.model.ips_model import IPSModel, build_model
 
 
@@ -65,25 +66,39 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's payload; CheckpointError naming the file when it is missing, a directory, empty,
+    damaged or not an ips checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file (e.g. {path}/checkpoints/best.pt)")
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the file was cut short; use another checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
-        raise ConfigError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != "ips-checkpoint-1":
-        raise ConfigError(f"checkpoint {path} is not an ips checkpoint")
+        raise CheckpointError(f"{path} is not an ips checkpoint (written by `ips train`)")
     return payload
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IPSModel, ExperimentConfig]:
     """The model of a checkpoint, in eval mode, and its resolved config."""
     payload = load_checkpoint(path)
-    config = ExperimentConfig.from_dict(payload["config"])
+    try:
+        config = ExperimentConfig.from_dict(payload["config"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config is not valid for this version of ips ({e})") from None
     # weights come from the checkpoint: never reach for a hub or a local pretrained file here
     model = build_model(_without_pretrained(config).model)
-    model.load_state_dict(payload["model"])
+    try:
+        model.load_state_dict(payload["model"])
+    except (KeyError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: its weights do not fit its config ({reason})") from None
     return model.to(device).eval(), config
 
 

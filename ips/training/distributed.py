@@ -30,11 +30,20 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """Rank 0's decision (e.g. early stopping) for every rank."""
+def collective_device(backend: str, device: torch.device) -> torch.device:
+    """Where a collective's tensors must live: NCCL only takes CUDA tensors (this rank's GPU); gloo
+    takes CPU tensors."""
+    if backend == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_flag(flag: bool, info: DistInfo, device: torch.device | None = None) -> bool:
+    """Rank 0's decision (e.g. early stopping) for every rank; `device`: this rank's training device."""
     if not info.enabled:
         return flag
-    t = torch.tensor([int(flag)])
+    where = collective_device(dist.get_backend(), device or torch.device("cpu"))
+    t = torch.tensor([int(flag)], device=where)
     dist.broadcast(t, 0)
     return bool(t.item())
 

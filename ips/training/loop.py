@@ -7,9 +7,11 @@ resumed run equals one that was never interrupted.
 
 from __future__ import annotations
 
+import difflib
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from ips.runtime import DistInfo, Runtime, resolve_device, seed_everything
 from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from ips.training.budget import GB, BudgetPlan, estimate_step_bytes, plan_micro_batch
 from ips.training.distributed import barrier, broadcast_flag, shard
+from ips.training.rundir import RunLock, check_fresh, check_resumable
 from ips.training.runlog import MetricsLog
 from ips.training.step import accumulate_gradients
 
@@ -147,6 +150,33 @@ def _monitor_better(monitor: str, new: float, best: float | None) -> bool:
     return new < best if monitor.endswith("loss") else new > best
 
 
+@dataclass
+class TrainResult:
+    """What `train` returns: the per-epoch metric rows, the best monitored value and where the run is."""
+
+    run_dir: Path
+    history: list[dict[str, Any]]
+    best: float | None
+    monitor: str
+    micro_batch_size: int
+
+
+@dataclass
+class _Inputs:
+    train: list[SlideRecord]
+    val: list[SlideRecord]
+    monitor: str
+
+
+@dataclass
+class _Progress:
+    """The state carried from epoch to epoch (and across a resume)."""
+
+    start_epoch: int = 0
+    best: float | None = None
+    bad_epochs: int = 0
+
+
 def train(
     cfg: ExperimentConfig,
     *,
@@ -157,183 +187,298 @@ def train(
     show_progress: bool = True,
     stop_after_epochs: int | None = None,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train per `cfg` on the slides of `manifest`; write checkpoints, metrics and curves to `run_dir`.
 
+    Everything that can be wrong (the manifest, the stores, the run directory, a resume's config) is
+    checked before anything is written. Rank 0 holds a lock on `run_dir` for the whole run.
     `stop_after_epochs` ends the run early as if interrupted (tests of resume).
-    Returns `{"history": [...], "best": {...}, "run_dir": Path}`.
     """
     dist_info = dist_info or DistInfo()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} exists and is not a directory")
+    lock = RunLock(run_dir).acquire() if dist_info.is_main else None
+    rt = make_runtime(cfg, dist_info)
+    try:
+        return _train_locked(cfg, manifest, run_dir, rt, resume, show_progress, stop_after_epochs, log)
+    finally:
+        if rt.device.type == "cuda" and cfg.train.vram_budget_gb is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, rt.device)  # leave the process as it was
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    cfg: ExperimentConfig, manifest: str | Path, run_dir: Path, rt: Runtime, resume: bool, show_progress: bool,
+    stop_after_epochs: int | None, log: Callable[[str], None],
+) -> TrainResult:
+    inputs = load_inputs(cfg, manifest, rt.dist, log)
+    saved = _checked_run_dir(cfg, run_dir, resume, rt, log)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model).to(rt.device)
+    if rt.device.type == "cuda" and cfg.train.channels_last and cfg.model.spatial_dims == 2:
+        model = model.to(memory_format=torch.channels_last)
+    micro = choose_micro_batch(model, inputs.train[0], cfg, rt, log)
+    net: nn.Module = model
+    if rt.dist.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    optimizer, scheduler = make_optimizer(model, cfg, len(inputs.train), rt.dist.world_size)
+    progress = _Progress()
+    metrics_log = None
+    if rt.dist.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")  # only now: every check has passed
+        metrics_log = MetricsLog(run_dir, tensorboard=False)
+    if saved is not None:
+        progress = _restore(saved, model, optimizer, scheduler)
+        if metrics_log:
+            metrics_log.truncate(progress.start_epoch)
+        log(f"resumed from {run_dir / 'checkpoints' / 'last.pt'} after epoch {progress.start_epoch}")
+    calibration = calibration_chunks(model, inputs.train, cfg, micro)
+    for epoch in range(progress.start_epoch + 1, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        row = run_epoch(model, net, optimizer, scheduler, inputs.train, cfg, rt, epoch, micro, show_progress)
+        if calibration:
+            # on every rank, on the same slides: selection on each rank uses its own running statistics
+            recalibrate_from_selections(model, calibration, cfg, rt)
+        stop = False
+        if rt.dist.is_main:
+            assert metrics_log is not None
+            stop = _end_epoch(row, t0, model, optimizer, scheduler, inputs, cfg, rt, run_dir, metrics_log,
+                              progress, log)
+        stop = broadcast_flag(stop, rt.dist, rt.device)
+        barrier(rt.dist)
+        if stop or (stop_after_epochs is not None and epoch >= stop_after_epochs):
+            break
+    if metrics_log is not None:
+        metrics_log.plot()
+        metrics_log.close()
+    history = metrics_log.rows if metrics_log else []
+    return TrainResult(run_dir, history, progress.best, inputs.monitor, micro)
+
+
+def make_runtime(cfg: ExperimentConfig, dist_info: DistInfo) -> Runtime:
+    """Device (this rank's GPU under torchrun), autocast dtype; checks the batch splits over the ranks."""
     device = resolve_device(cfg.train.device)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
-    autocast_dtype = torch.bfloat16 if (cfg.train.amp and device.type == "cuda") else None
-    rt = Runtime(device, autocast_dtype, dist_info)
     if cfg.train.batch_size % dist_info.world_size:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
                           f"processes ({dist_info.world_size})")
+    autocast_dtype = torch.bfloat16 if (cfg.train.amp and device.type == "cuda") else None
+    return Runtime(device, autocast_dtype, dist_info)
 
-    # --- everything that can be wrong with the input is checked before training starts
+
+def load_inputs(cfg: ExperimentConfig, manifest: str | Path, dist_info: DistInfo,
+                log: Callable[[str], None]) -> _Inputs:
+    """The manifest's train and val slides, each store checked against the model; the monitored metric.
+
+    Warns (rank 0) when there is no validation split or a task's training labels hold a single class."""
     records = read_manifest(manifest, cfg.model.tasks)
     train_records, val_records = split_records(records)
     if not train_records:
         raise ConfigError(f"{manifest}: no slides in the train split")
     for r in [*train_records, *val_records]:
         check_source_fits_model(make_source(r, cfg), cfg, f"slide {r.slide_id} ({r.path})")
+    monitor = check_monitor(cfg, train_records, bool(val_records))
+    warn = log if dist_info.is_main else (lambda _: None)
+    if not val_records:
+        warn(f"warning: {manifest} has no val split: nothing measures generalisation, and best.pt is chosen "
+             f"by {monitor}")
+    for task in cfg.model.tasks:
+        seen = {_label_key(r.labels[task.name]) for r in train_records}
+        if len(seen) < 2:
+            warn(f"warning: task {task.name!r}: every training slide has the label {next(iter(seen))}; the "
+                 "model can only learn that one class")
+    return _Inputs(train_records, val_records, monitor)
 
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
-    if device.type == "cuda" and cfg.train.channels_last and cfg.model.spatial_dims == 2:
-        model = model.to(memory_format=torch.channels_last)
-    if dist_info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
 
-    local_batch = cfg.train.batch_size // dist_info.world_size
+def _label_key(label: Any) -> Any:
+    return tuple(label) if isinstance(label, (list, tuple)) else label
+
+
+def metric_names(cfg: ExperimentConfig, records: Sequence[SlideRecord]) -> list[str]:
+    """Every key an epoch's row can hold for these tasks: `train_loss`, `val_loss`, `{train,val}_<task>/<m>`."""
+    sample = list(records[:1])
+    targets = targets_for(sample, cfg)
+    logits = {t.name: torch.zeros(len(sample), t.n_outputs) for t in cfg.model.tasks}
+    names = [k for k in evaluate_logits(cfg.model.tasks, logits, targets) if k != "loss"]
+    return ["train_loss", "val_loss", *(f"{split}_{n}" for split in ("train", "val") for n in names)]
+
+
+def check_monitor(cfg: ExperimentConfig, train_records: Sequence[SlideRecord], has_val: bool) -> str:
+    """`train.monitor` as used: ConfigError (with the closest name) for an unknown metric; a val metric
+    without a val split falls back to `train_loss` (the warning says so)."""
+    valid = metric_names(cfg, train_records)
+    monitor = cfg.train.monitor
+    if monitor not in valid:
+        close = difflib.get_close_matches(monitor, valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"train.monitor: unknown metric {monitor!r}{hint}; one of {', '.join(valid)}")
+    if monitor.startswith("val_") and not has_val:
+        return "train_loss"
+    return monitor
+
+
+def _checked_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool, rt: Runtime,
+                     log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None: a fresh run), after the run-directory checks (`rundir`)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not resume:
+        if rt.dist.is_main:
+            check_fresh(run_dir)
+        return None
+    if not last.exists():
+        return None
+    state = load_checkpoint(last, map_location=rt.device)
+    accepted = check_resumable(run_dir, state["config"], cfg.to_dict())
+    if accepted and rt.dist.is_main:
+        log(f"resuming with changed {'; '.join(accepted)}")
+    return state
+
+
+def _restore(state: dict[str, Any], model: IPSModel, optimizer: torch.optim.Optimizer, scheduler: Any) -> _Progress:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])  # the schedule's length comes from this run's train.epochs
+    set_rng_state(state["rng"])
+    extra = state["extra"]
+    return _Progress(state["epoch"], extra.get("best"), extra.get("bad_epochs", 0))
+
+
+def choose_micro_batch(model: IPSModel, first: SlideRecord, cfg: ExperimentConfig, rt: Runtime,
+                       log: Callable[[str], None]) -> int:
+    """Slides per forward on this rank: `train.micro_batch_size`, else the budget planner's, else all."""
+    local_batch = cfg.train.batch_size // rt.dist.world_size
     micro = cfg.train.micro_batch_size or local_batch
     if cfg.train.vram_budget_gb is not None:
-        plan = plan_budget(model, make_source(train_records[0], cfg), train_records[0], cfg, rt)
+        plan = plan_budget(model, make_source(first, cfg), first, cfg, rt)
         if cfg.train.micro_batch_size is None:
             micro = plan.micro_batch_size
         log(plan.describe() + ("" if plan.measured else " (no CUDA: an estimate, not enforced)"))
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.vram_budget_gb * GB / total), device)
-    micro = min(micro, local_batch)  # slides per forward on this rank
-
-    has_bn = bool(batchnorm_layers(model))
-    if micro < local_batch and has_bn:
+        if rt.device.type == "cuda":
+            total = torch.cuda.get_device_properties(rt.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.vram_budget_gb * GB / total), rt.device)
+    micro = min(micro, local_batch)
+    if micro < local_batch and batchnorm_layers(model):
         log(f"note: the encoder has BatchNorm and micro-batches hold {micro} slides: it normalises over each "
             "micro-batch's patches, so gradients are close to, not equal to, full-batch ones")
+    return micro
 
-    net: nn.Module = model
-    if dist_info.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+
+def make_optimizer(model: IPSModel, cfg: ExperimentConfig, n_train: int, world_size: int) -> tuple[Any, Any]:
+    """AdamW with linear warm-up and cosine decay over `train.epochs`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    padded_n = len(epoch_order(len(train_records), cfg.train.seed, 0, dist_info.world_size))
+    padded_n = len(epoch_order(n_train, cfg.train.seed, 0, world_size))
     steps_per_epoch = math.ceil(padded_n / cfg.train.batch_size)
-    total_steps = steps_per_epoch * cfg.train.epochs
     warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup_steps=warmup, total_steps=total_steps)
-    )
+        optimizer, partial(warmup_cosine, warmup_steps=warmup, total_steps=steps_per_epoch * cfg.train.epochs))
+    return optimizer, scheduler
 
-    metrics_log = MetricsLog(run_dir, tensorboard=False) if dist_info.is_main else None
-    start_epoch, best, bad_epochs = 0, None, 0
-    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path, map_location=device)
-        if state["config"] != cfg.to_dict():
-            raise ConfigError(f"{run_dir}: the run was started with a different config; use a new --out or "
-                              "delete the run directory")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_epoch = state["epoch"]
-        best, bad_epochs = state["extra"].get("best"), state["extra"].get("bad_epochs", 0)
-        if metrics_log:
-            metrics_log.truncate(start_epoch)
-        log(f"resumed from {last_path} after epoch {start_epoch}")
 
-    # BatchNorm recalibration set: fixed for the run, in micro-batches as training normalises them
-    n_calibration = cfg.train.bn_recalibration_slides if has_bn else 0
-    pick = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(train_records))[:n_calibration])
-    calibration_chunks = [[train_records[i] for i in pick[j : j + micro]] for j in range(0, len(pick), micro)]
+def calibration_chunks(model: IPSModel, train_records: Sequence[SlideRecord], cfg: ExperimentConfig,
+                       micro: int) -> list[list[SlideRecord]]:
+    """The BatchNorm recalibration set: fixed for the run, in micro-batches as training normalises them."""
+    n = cfg.train.bn_recalibration_slides if batchnorm_layers(model) else 0
+    pick = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(train_records))[:n])
+    return [[train_records[i] for i in pick[j : j + micro]] for j in range(0, len(pick), micro)]
 
-    history = metrics_log.rows if metrics_log else []
-    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
-        t0 = time.perf_counter()
-        order = epoch_order(len(train_records), cfg.train.seed, epoch, dist_info.world_size)
-        aug_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + epoch)
-        transform = make_augment(cfg, aug_gen)
-        train_logits: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
-        train_targets: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
-        loss_sum, n_seen = 0.0, 0
-        batches = [order[i : i + cfg.train.batch_size] for i in range(0, len(order), cfg.train.batch_size)]
-        bar = _progress(len(batches), f"epoch {epoch}/{cfg.train.epochs}", show_progress and dist_info.is_main)
-        for global_batch in batches:
-            mine = [train_records[i] for i in shard(global_batch, dist_info)]
-            sources = [make_source(r, cfg) for r in mine]
-            selections = select_slides(model, sources, cfg, rt)
-            if cfg.selection.explore > 0:
-                rng = np.random.default_rng([cfg.train.seed, epoch, *global_batch, dist_info.rank])
-                selections = [explore_selection(sel, src, fraction=cfg.selection.explore, generator=rng)
-                              for sel, src in zip(selections, sources)]
-            targets = targets_for(mine, cfg)
-            batch = stack_selections(selections, targets, cfg.selection.memory_size)
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            loss, logits = accumulate_gradients(
-                net, batch, cfg.model.tasks, micro_batch_size=micro, device=device,
-                autocast_dtype=autocast_dtype, no_sync=dist_info.enabled, transform=transform,
-                normalizer=len(global_batch) / dist_info.world_size,
-            )
-            if cfg.train.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss * len(mine)
-            n_seen += len(mine)
-            for name in train_logits:
-                train_logits[name].append(logits[name])
-                train_targets[name].append(targets[name])
-            if bar is not None:
-                postfix = {"loss": f"{loss:.3f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
-                if device.type == "cuda":
-                    postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / GB:.2f}G"
-                bar.set_postfix(postfix)
-                bar.update(1)
+
+def run_epoch(
+    model: IPSModel, net: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    train_records: Sequence[SlideRecord], cfg: ExperimentConfig, rt: Runtime, epoch: int, micro: int,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """One pass over the training slides: per global batch, select on this rank's slides, then step.
+    Returns the epoch's row: train loss, learning rate and train metrics."""
+    order = epoch_order(len(train_records), cfg.train.seed, epoch, rt.dist.world_size)
+    transform = make_augment(cfg, torch.Generator(device=rt.device).manual_seed(cfg.train.seed * 1000 + epoch))
+    logits: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
+    targets: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
+    loss_sum, n_seen = 0.0, 0
+    batches = [order[i : i + cfg.train.batch_size] for i in range(0, len(order), cfg.train.batch_size)]
+    bar = _progress(len(batches), f"epoch {epoch}/{cfg.train.epochs}", show_progress and rt.dist.is_main)
+    for global_batch in batches:
+        mine = [train_records[i] for i in shard(global_batch, rt.dist)]
+        batch = selected_batch(model, mine, cfg, rt, [cfg.train.seed, epoch, *global_batch, rt.dist.rank])
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss, batch_logits = accumulate_gradients(
+            net, batch, cfg.model.tasks, micro_batch_size=micro, device=rt.device,
+            autocast_dtype=rt.autocast_dtype, no_sync=rt.dist.enabled, transform=transform,
+            normalizer=len(global_batch) / rt.dist.world_size,
+        )
+        if cfg.train.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss * len(mine)
+        n_seen += len(mine)
+        for name in logits:
+            logits[name].append(batch_logits[name])
+            targets[name].append(batch.targets[name])
         if bar is not None:
-            bar.close()
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen),
-                               "lr": scheduler.get_last_lr()[0]}
-        train_metrics = evaluate_logits(cfg.model.tasks, {k: torch.cat(v) for k, v in train_logits.items()},
-                                        {k: torch.cat(v) for k, v in train_targets.items()})
-        row.update({f"train_{k}": v for k, v in train_metrics.items() if k != "loss"})
-        if calibration_chunks:
-            # on every rank, on the same slides: selection on each rank uses its own running statistics
-            recalibrate_from_selections(model, calibration_chunks, cfg, rt)
-        stop = False
-        if dist_info.is_main:
-            if val_records:
-                val_logits = predict_records(model, val_records, cfg, rt)
-                val_metrics = evaluate_logits(cfg.model.tasks, val_logits, targets_for(val_records, cfg))
-                row.update({f"val_{k}": v for k, v in val_metrics.items()})
-            row["seconds"] = time.perf_counter() - t0
-            if device.type == "cuda":
-                row["peak_device_gb"] = torch.cuda.max_memory_allocated(device) / GB
-            monitor = cfg.train.monitor if cfg.train.monitor in row else "train_loss"
-            improved = _monitor_better(monitor, row[monitor], best)
-            if improved:
-                best, bad_epochs = row[monitor], 0
-            else:
-                bad_epochs += 1
-            extra = {"best": best, "bad_epochs": bad_epochs, "monitor": monitor}
-            save_checkpoint(last_path, model=model, config=cfg, epoch=epoch, metrics=row, optimizer=optimizer,
-                            scheduler=scheduler, extra=extra)
-            if improved:
-                save_checkpoint(best_path, model=model, config=cfg, epoch=epoch, metrics=row, extra=extra)
-            assert metrics_log is not None
-            metrics_log.append(row)
-            log(_summary(row, cfg))
-            patience = cfg.train.early_stopping_patience
-            stop = patience is not None and bad_epochs >= patience
-            if stop:
-                log(f"early stopping: {monitor} did not improve for {patience} epochs")
-        stop = broadcast_flag(stop, dist_info)
-        barrier(dist_info)
-        if stop or (stop_after_epochs is not None and epoch >= stop_after_epochs):
-            break
-    if metrics_log is not None:
-        metrics_log.plot()
-        metrics_log.close()
-    return {"history": history, "best": best, "run_dir": run_dir, "micro_batch_size": micro}
+            postfix = {"loss": f"{loss:.3f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+            if rt.device.type == "cuda":
+                postfix["mem"] = f"{torch.cuda.max_memory_allocated(rt.device) / GB:.2f}G"
+            bar.set_postfix(postfix)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen), "lr": scheduler.get_last_lr()[0]}
+    metrics = evaluate_logits(cfg.model.tasks, {k: torch.cat(v) for k, v in logits.items()},
+                              {k: torch.cat(v).cpu() for k, v in targets.items()})
+    row.update({f"train_{k}": v for k, v in metrics.items() if k != "loss"})
+    return row
+
+
+def selected_batch(model: IPSModel, records: Sequence[SlideRecord], cfg: ExperimentConfig, rt: Runtime,
+                   explore_seed: Sequence[int]) -> SelectedBatch:
+    """The slides' top-M selections (with `selection.explore` random slots), stacked with their targets."""
+    sources = [make_source(r, cfg) for r in records]
+    selections = select_slides(model, sources, cfg, rt)
+    if cfg.selection.explore > 0:
+        rng = np.random.default_rng(list(explore_seed))
+        selections = [explore_selection(sel, src, fraction=cfg.selection.explore, generator=rng)
+                      for sel, src in zip(selections, sources)]
+    return stack_selections(selections, targets_for(records, cfg), cfg.selection.memory_size)
+
+
+def _end_epoch(
+    row: dict[str, Any], t0: float, model: IPSModel, optimizer: torch.optim.Optimizer, scheduler: Any,
+    inputs: _Inputs, cfg: ExperimentConfig, rt: Runtime, run_dir: Path, metrics_log: MetricsLog,
+    progress: _Progress, log: Callable[[str], None],
+) -> bool:
+    """Rank 0 after an epoch: validate, checkpoint, log; True when early stopping ends the run."""
+    if inputs.val:
+        val_logits = predict_records(model, inputs.val, cfg, rt)
+        row.update({f"val_{k}": v for k, v in
+                    evaluate_logits(cfg.model.tasks, val_logits, targets_for(inputs.val, cfg)).items()})
+    row["seconds"] = time.perf_counter() - t0
+    if rt.device.type == "cuda":
+        row["peak_device_gb"] = torch.cuda.max_memory_allocated(rt.device) / GB
+    improved = _monitor_better(inputs.monitor, row[inputs.monitor], progress.best)
+    if improved:
+        progress.best, progress.bad_epochs = row[inputs.monitor], 0
+    else:
+        progress.bad_epochs += 1
+    extra = {"best": progress.best, "bad_epochs": progress.bad_epochs, "monitor": inputs.monitor}
+    checkpoints = run_dir / "checkpoints"
+    save_checkpoint(checkpoints / "last.pt", model=model, config=cfg, epoch=row["epoch"], metrics=row,
+                    optimizer=optimizer, scheduler=scheduler, extra=extra)
+    if improved:
+        save_checkpoint(checkpoints / "best.pt", model=model, config=cfg, epoch=row["epoch"], metrics=row, extra=extra)
+    metrics_log.append(row)
+    log(_summary(row, cfg))
+    patience = cfg.train.early_stopping_patience
+    if patience is not None and progress.bad_epochs >= patience:
+        log(f"early stopping: {inputs.monitor} did not improve for {patience} epochs")
+        return True
+    return False
 
 
 def _summary(row: dict[str, Any], cfg: ExperimentConfig) -> str:

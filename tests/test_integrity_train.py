@@ -1,0 +1,162 @@
+"""Training never mixes two runs, never half-refuses, and says what it will not do (issue 13)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import make_cross_slides, tiny_config
+
+from ips.cli.main import main
+from ips.config import with_overrides
+from ips.errors import CheckpointError, ConfigError, RunDirError
+from ips.model.checkpoint import load_checkpoint, load_model
+from ips.training import distributed
+from ips.training.loop import train
+from ips.training.rundir import RunLock, config_changes
+
+QUIET = {"show_progress": False, "log": lambda s: None}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_cross_slides(tmp_path_factory.mktemp("cross"), n_train=8, n_val=4)
+
+
+@pytest.fixture(scope="module")
+def no_val_data(tmp_path_factory) -> Path:
+    return make_cross_slides(tmp_path_factory.mktemp("noval"), n_train=8, n_val=0)
+
+
+def test_a_second_run_in_the_same_directory_refuses_naming_the_holder(tmp_path, data):
+    run = tmp_path / "run"
+    with RunLock(run):  # what a running `ips train` holds
+        with pytest.raises(RunDirError, match=rf"another run.*PID {os.getpid()} on host {socket.gethostname()}"):
+            train(tiny_config(), manifest=data, run_dir=run, **QUIET)
+    assert not (run / "config.yaml").exists()  # the refused run wrote nothing
+    train(tiny_config(train={**tiny_config().train.__dict__, "epochs": 1}), manifest=data, run_dir=run, **QUIET)
+    assert (run / "checkpoints" / "last.pt").is_file()  # the lock is free again once the holder ends
+
+
+def test_the_lock_is_released_when_training_fails(tmp_path, data):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError):
+        train(tiny_config(train={**tiny_config().train.__dict__, "monitor": "val_acuracy"}), manifest=data,
+              run_dir=run, **QUIET)
+    RunLock(run).acquire().release()  # would raise RunDirError if the failed run still held it
+
+
+def test_no_resume_refuses_a_directory_that_holds_a_run(tmp_path, data):
+    run = tmp_path / "run"
+    cfg = tiny_config(train={**tiny_config().train.__dict__, "epochs": 1})
+    train(cfg, manifest=data, run_dir=run, **QUIET)
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirError, match=r"holds a previous run \(config.yaml, metrics.jsonl"):
+        train(cfg, manifest=data, run_dir=run, resume=False, **QUIET)
+    assert (run / "metrics.jsonl").read_text() == metrics  # nothing appended
+    train(cfg, manifest=data, run_dir=tmp_path / "empty", resume=False, **QUIET)  # a new folder is fine
+
+
+def test_resume_with_more_epochs_continues_from_the_last_epoch(tmp_path, data):
+    run, lines = tmp_path / "run", []
+    cfg = tiny_config(train={**tiny_config().train.__dict__, "epochs": 2})
+    train(cfg, manifest=data, run_dir=run, **QUIET)
+    longer = with_overrides(cfg, train={"epochs": 7, "device": "cpu"})
+    result = train(longer, manifest=data, run_dir=run, show_progress=False, log=lines.append)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4, 5, 6, 7]
+    assert any("resumed from" in line and "after epoch 2" in line for line in lines), lines
+    assert any("train.epochs: 2 -> 7" in line for line in lines), lines
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 7
+
+
+def test_resume_names_every_refused_key():
+    saved = tiny_config().to_dict()
+    new = with_overrides(tiny_config(), train={"lr": 1e-4, "epochs": 9}, selection={"memory_size": 2}).to_dict()
+    accepted, refused = config_changes(saved, new)
+    assert accepted == ["train.epochs: 3 -> 9"]
+    assert refused == ["selection.memory_size: 4 -> 2", "train.lr: 0.003 -> 0.0001"]
+
+
+def test_misspelled_monitor_is_an_error_naming_the_closest(tmp_path, data):
+    cfg = tiny_config(train={**tiny_config().train.__dict__, "monitor": "val_label/acuracy"})
+    with pytest.raises(ConfigError, match=r"train.monitor: unknown metric 'val_label/acuracy' \(did you mean "
+                                          r"'val_label/accuracy'\?\)"):
+        train(cfg, manifest=data, run_dir=tmp_path / "run", **QUIET)
+
+
+def test_warns_without_a_val_split_and_with_a_single_class(tmp_path, no_val_data):
+    lines: list[str] = []
+    cfg = tiny_config(train={**tiny_config().train.__dict__, "epochs": 1})
+    result = train(cfg, manifest=no_val_data, run_dir=tmp_path / "run", show_progress=False, log=lines.append)
+    assert any("no val split" in line and "train_loss" in line for line in lines), lines
+    assert result.monitor == "train_loss"
+    one_class = tmp_path / "one.csv"
+    rows = no_val_data.read_text().splitlines()
+    label = rows[0].split(",").index("label")
+    positives = [r.replace(r.split(",")[1], str(no_val_data.parent / r.split(",")[1]))
+                 for r in rows[1:] if r.split(",")[label] == "1"]
+    one_class.write_text("\n".join([rows[0], *positives]) + "\n")
+    lines.clear()
+    train(cfg, manifest=one_class, run_dir=tmp_path / "one", show_progress=False, log=lines.append)
+    assert any("every training slide has the label 1" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_unusable_checkpoints_fail_in_one_line(tmp_path, content, capsys):
+    path = tmp_path / "ckpt.pt"
+    if content is None:
+        path.mkdir()
+        match = "is a directory"
+    else:
+        path.write_bytes(content)
+        match = "is empty" if not content else "cannot be read"
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path)
+    rc = main(["predict", "--checkpoint", str(path), str(tmp_path / "x.zarr"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("ips predict: checkpoint error: "), err
+    assert str(path) in err[0]
+
+
+@pytest.mark.parametrize("command", ["predict", "heatmap", "demo", "train"])
+def test_out_naming_an_existing_file_is_bad_usage(tmp_path, command, capsys, data):
+    target = tmp_path / "taken"
+    target.write_text("x")
+    argv = {
+        "predict": ["predict", "--checkpoint", "c.pt", "--manifest", str(data), "--out", str(target)],
+        "heatmap": ["heatmap", "--checkpoint", "c.pt", "s.zarr", "--out", str(target)],
+        "demo": ["demo", "--out", str(target)],
+        "train": ["train", "--config", str(tmp_path / "cfg.yaml"), "--manifest", str(data), "--out", str(target)],
+    }[command]
+    (tmp_path / "cfg.yaml").write_text("model: {encoder: ips_cnn_tiny, in_chans: 1, patch_size: 8}\n")
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert any(f"--out {target} exists and is not a directory" in line for line in err), err
+
+
+def test_collectives_use_the_backends_device(monkeypatch):
+    """NCCL takes only CUDA tensors: the flag is broadcast from the rank's GPU; gloo from the CPU."""
+    cuda1 = torch.device("cuda", 1)
+    assert distributed.collective_device("nccl", cuda1) == cuda1
+    assert distributed.collective_device("gloo", cuda1) == torch.device("cpu")
+    assert distributed.collective_device("gloo", torch.device("cpu")) == torch.device("cpu")
+
+    sent: list[torch.Tensor] = []
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(distributed.dist, "broadcast", lambda t, src: sent.append(t))
+    # no GPU here: stand in `meta` for the CUDA device a NCCL rank would use, and check the flag goes there
+    monkeypatch.setattr(distributed, "collective_device",
+                        lambda backend, device: torch.device("meta") if backend == "nccl" else torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="meta"):  # .item() of a meta tensor: it was on the stand-in device
+        distributed.broadcast_flag(True, distributed.DistInfo(rank=0, world_size=2), torch.device("cpu"))
+    assert sent and sent[0].device.type == "meta"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_collective_device_on_cuda():
+    assert distributed.collective_device("nccl", torch.device("cuda", 0)).type == "cuda"
