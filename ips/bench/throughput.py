@@ -127,28 +127,43 @@ def run_throughput(
                                          iter_size, prefetch),
             "raw_zarr": lambda: _raw_zarr(store, source.info.level, box),
         }
-        for fn in kinds.values():  # warm-up: page cache, allocator, kernels
-            timed(fn, dev)
-        times: dict[str, list[float]] = {k: [] for k in kinds}
-        cpu: dict[str, list[float]] = {k: [] for k in kinds}
-        for r in range(repeats):
-            for kind, fn in kinds.items():
-                c0 = time.process_time()
-                times[kind].append(timed(fn, dev)[0])
-                cpu[kind].append(time.process_time() - c0)
-            log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()))
+        times, cpu = _interleaved(kinds, dev, repeats, log)
     finally:
         if tmp is not None:
             tmp.cleanup()
+    patch_bytes = int(np.prod(source.patch_shape)) * np.dtype(source.dtype).itemsize
+    settings = {"encoder": encoder, "patch_size": patch_size, "memory_size": memory_size, "iter_size": iter_size,
+                "read_threads": read_threads, "prefetch": prefetch, "repeats": repeats}
+    return _payload(times, cpu, dev, n, patch_bytes, settings)
+
+
+def _interleaved(kinds: dict[str, Callable[[], Any]], dev: torch.device, repeats: int,
+                 log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds of each kind, `repeats` rounds interleaved (after one warm-up round:
+    page cache, allocator, kernels), so that the machine's load falls on every kind alike."""
+    for fn in kinds.values():
+        timed(fn, dev)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(repeats):
+        for kind, fn in kinds.items():
+            c0 = time.process_time()
+            times[kind].append(timed(fn, dev)[0])
+            cpu[kind].append(time.process_time() - c0)
+        log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()))
+    return times, cpu
+
+
+def _payload(times: dict[str, list[float]], cpu: dict[str, list[float]], dev: torch.device, n: int,
+             patch_bytes: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """The `throughput` JSON payload (DESIGN.md's contract keys first) from the measured times."""
     best = {k: min(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    patch_bytes = int(np.prod(source.patch_shape)) * np.dtype(source.dtype).itemsize
     return {
         "device": describe_device(dev),
         "torch_threads": torch.get_num_threads(),
         "n_patches": n,
-        "encoder": encoder, "patch_size": patch_size, "memory_size": memory_size, "iter_size": iter_size,
-        "read_threads": read_threads, "prefetch": prefetch, "repeats": repeats,
+        **settings,
         "selection_seconds": round(best["selection"], 6),
         "encoder_only_seconds": round(best["encoder_only"], 6),
         "ratio": round(best["selection"] / best["encoder_only"], 4),
@@ -169,6 +184,8 @@ def run_throughput(
         "all_seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
 
 
 def throughput_table(result: dict[str, Any]) -> str:
