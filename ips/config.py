@@ -163,10 +163,8 @@ class TrainConfig:
 
     `bn_recalibration_slides` (models with BatchNorm only): after each epoch, re-estimate the BatchNorm
     running statistics from the top-M selections of this many training slides (a fixed set drawn by
-    seed; `ips.training.batchnorm`). It removes the jumps of the validation metrics that stale running averages
-    cause; the final accuracy on Megapixel MNIST was lower with it in 3 of 3 seeds at 300 px and higher
-    in the one 750-px run (docs/BENCHMARKS.md), so 0 (off: the running averages of the training steps)
-    is the default.
+    seed; `ips.training.batchnorm`). It steadies the validation metrics that stale running averages make
+    jump, but did not raise final accuracy everywhere (docs/BENCHMARKS.md), so it is off (0) by default.
     """
 
     epochs: int = 10

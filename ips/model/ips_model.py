@@ -49,7 +49,7 @@ class IPSModel(nn.Module):
         self.use_pos_enc = pos_enc
         # Fixed sincos codes have amplitude 1 per channel, several times the spread of fresh content
         # embeddings: added at full strength, position dominates the attention at initialisation and the
-        # selection never finds the informative patches (measured: the demo did not learn at all). A
+        # selection never finds the informative patches (the demo did not learn with it; docs/BENCHMARKS.md). A
         # learnable scale that starts small lets content lead and position join as it proves useful.
         self.pos_scale = nn.Parameter(torch.tensor(0.1)) if pos_enc else None
         enc_dim = encoder.out_dim

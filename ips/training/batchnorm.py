@@ -2,12 +2,11 @@
 
 Training normalises each micro-batch of selected patches by its own statistics; selection, validation and
 inference use the running averages, which lag behind the weights (momentum over the last steps) and mix
-in the random `explore` patches. On Megapixel MNIST (docs/BENCHMARKS.md) the validation loss with those
-averages jumped in 4-5 of 20 epochs (up to 13.6-23.7 where the epochs around it had 5-7). Re-estimating
+in the random `explore` patches, so validation metrics can jump from one epoch to the next. Re-estimating
 them once per epoch over the top-M selections of a fixed set of training slides (weights fixed, "precise
-BatchNorm") removed every jump; the final accuracy came out lower in 3 of 3 seeds at 300 px and higher in
-the one 750-px run, so `ips train` does it only when asked (`train.bn_recalibration_slides`). Models
-without BatchNorm are left untouched.
+BatchNorm") removes the jumps; whether it raises final accuracy depends on the data (docs/BENCHMARKS.md,
+"Megapixel MNIST at CPU size"), so `ips train` does it only when asked (`train.bn_recalibration_slides`).
+Models without BatchNorm are left untouched.
 """
 
 from __future__ import annotations
