@@ -23,6 +23,7 @@ def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+@pytest.mark.slow
 def test_memory_json_contract_and_plot(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "memory.png"
     write_json(out, "throughput", {"kept": True})  # another kind's results in the same file survive

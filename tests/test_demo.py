@@ -27,6 +27,7 @@ def test_demo_config_is_configs_demo_yaml():
     assert DEMO_CONFIG["train"]["epochs"] == demo_config().train.epochs  # overrides do not leak
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick", "--quiet"]) == 0

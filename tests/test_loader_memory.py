@@ -38,6 +38,7 @@ def stores(tmp_path_factory):
     return {n: write_big_store(root / f"s{n}.zarr", n) for n in (10_000, 100_000)}
 
 
+@pytest.mark.slow
 def test_streaming_peak_rss_does_not_grow_with_n(stores):
     small, big = _peak(stores[10_000]), _peak(stores[100_000])
     assert small["n"] == 10_000 and big["n"] == 100_000

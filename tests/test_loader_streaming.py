@@ -136,20 +136,20 @@ def test_read_ahead_is_bounded(prefetch):
 
 
 def test_reads_overlap_consumer_work():
-    """With a slow reader and a slow consumer, the stream takes ~max, not the sum, of their times."""
-    delay = 0.03
+    """The next chunk is read while the consumer works on this one. Shown by events, not timings: while
+    holding each chunk the consumer waits for the read of the next one to start; without overlap that
+    read would only start after the consumer asks for it, and the wait would time out."""
+    started: list[threading.Event] = [threading.Event() for _ in range(10)]
 
-    class Slow(InMemoryPatchSource):
+    class Recording(InMemoryPatchSource):
         def read(self, indices):
-            time.sleep(delay)
+            started[int(indices[0]) // 4].set()
             return super().read(indices)
 
-    src = Slow(torch.zeros(40, 1, 2, 2, dtype=torch.uint8))
-    t0 = time.perf_counter()
-    for _ in stream_chunks(src, 4, prefetch=2):
-        time.sleep(delay)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 10 * delay * 1.6  # sequential would be 10 * 2 * delay
+    src = Recording(torch.zeros(40, 1, 2, 2, dtype=torch.uint8))
+    for k, _chunk in enumerate(stream_chunks(src, 4, prefetch=2)):
+        if k + 1 < len(started):
+            assert started[k + 1].wait(timeout=10), f"chunk {k + 1} was not read while chunk {k} was in use"
 
 
 def test_bad_arguments():

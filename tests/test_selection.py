@@ -132,6 +132,7 @@ def _live(shape_tail: tuple[int, ...], exclude: set[int]) -> int:
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score", ["logit", "softmax_mean"])
 def test_selection_holds_at_most_m_plus_i(score):
     """Count, at every read, the patches and embeddings alive anywhere in the process."""

@@ -24,6 +24,7 @@ def small_data(tmp_path_factory) -> Path:
     return make_cross_slides(tmp_path_factory.mktemp("cross"), n_train=8, n_val=4)
 
 
+@pytest.mark.slow
 def test_tiny_training_learns(tmp_path):
     """Slide labels only (lesion present or not) on 32 synthetic H&E-like slides (ips.synthetic.lesions),
     M=8 of ~30-50 tissue patches, default sincos positions. Chance is 0.5 (balanced, stratified). Measured
@@ -52,6 +53,7 @@ def test_tiny_training_learns(tmp_path):
     assert ckpt["config"] == cfg.to_dict() and ckpt["epoch"] == 15
 
 
+@pytest.mark.slow
 def test_exploration_finds_patches_that_top_m_alone_never_shows(tmp_path):
     """One bright cross among 64 patches: a fresh encoder ranks the extreme patch consistently (here:
     last), so plain top-M (M=8) rarely trains on it. Measured, seeds 0/1/2, 15 epochs: final val accuracy
@@ -158,6 +160,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_equal_one(tmp_path, small_data):
     """Same global batch (4): 2 ranks x 2 slides vs 1 process x 4 slides. Tolerance 1e-5: the gradient
     all-reduce sums in another order than one process does."""
