@@ -35,7 +35,7 @@ import torch
 
 from ips.config import load_config
 from ips.model.encoders import build_encoder
-from ips.model.ips_model import build_model, pixel_stats
+from ips.model.ips_model import build_model, normalize_pixels, pixel_stats
 from ips.model.tasks import total_loss
 from ips.synthetic.megapixel_mnist import load_mnist_csv
 
@@ -98,7 +98,7 @@ def train_bags(make_bag, overrides: list[str], lr: float, steps: int, every: int
 def normalised(enc: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """uint8 patches `(n, 1, H, W)` -> the encoder's input, as `IPSModel.normalize` makes it."""
     mean, std = (torch.tensor(v).reshape(1, -1, 1, 1) for v in pixel_stats(enc, 1))
-    return (x.float() / 255 - mean) / std
+    return normalize_pixels(x, mean, std)
 
 
 def grad_norm(params) -> float:

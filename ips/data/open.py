@@ -6,6 +6,7 @@ from __future__ import annotations
 from ips.config import ExperimentConfig
 from ips.data.manifest import SlideRecord
 from ips.data.sources import PatchSource
+from ips.data.store import IpsStore
 from ips.errors import ConfigError
 
 
@@ -32,3 +33,8 @@ def check_source_fits_model(source: PatchSource, cfg: ExperimentConfig, where: s
         )
     if len(source) == 0:
         raise ConfigError(f"{where}: the grid has no patches (empty tissue mask?)")
+
+
+def source_grid(store: IpsStore, cfg: ExperimentConfig) -> str:
+    """The grid whose patches the source of `cfg` stands for (features: the grid they were computed on)."""
+    return store.feature(cfg.data.features).grid if cfg.data.mode == "features" else cfg.data.grid

@@ -22,7 +22,7 @@ from ips.data.store import FeatureInfo, StoreLocation, open_store
 from ips.data.streaming import stream_chunks
 from ips.data.zarr_source import ZarrPatchSource
 from ips.format import names as sf
-from ips.model.ips_model import pixel_stats
+from ips.model.ips_model import normalize_pixels, pixel_stats
 
 PROGRESS_ATTR = "ips_progress"
 
@@ -72,7 +72,7 @@ def embed_store(
     def embed(patches: torch.Tensor) -> torch.Tensor:
         """`(n, C, *S)` uint8 on the host -> `(n, F)` float32 on the host."""
         x = patches.to(device, non_blocking=True)
-        x = (x.float() / 255.0 - mean_t) / std_t if x.dtype == torch.uint8 else (x.float() - mean_t) / std_t
+        x = normalize_pixels(x, mean_t, std_t)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
         with amp:
             out = encoder(x)

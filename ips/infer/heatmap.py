@@ -29,6 +29,7 @@ import torch
 
 from ips.config import ConfigError, ExperimentConfig, TaskConfig
 from ips.data.manifest import SlideRecord
+from ips.data.open import source_grid
 from ips.data.sources import PatchSource
 from ips.data.store import IpsStore, open_store
 from ips.data.streaming import stream_chunks
@@ -93,7 +94,7 @@ def select_tasks(tasks: Sequence[TaskConfig], name: str | None) -> list[int]:
 
 def grid_geometry(store: IpsStore, source: PatchSource, cfg: ExperimentConfig) -> GridGeometry:
     """The patch geometry of the grid the source reads (features: the grid they were computed on)."""
-    grid = store.feature(cfg.data.features).grid if cfg.data.mode == "features" else cfg.data.grid
+    grid = source_grid(store, cfg)
     info = store.grid(grid)
     coords = getattr(source, "coords", None)  # the source's copy: the store's is read only if it has none
     coords = np.asarray(store.coords(grid) if coords is None else coords, dtype=np.int64)

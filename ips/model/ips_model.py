@@ -67,8 +67,7 @@ class IPSModel(nn.Module):
         """Patches `(n, C, *S)`, uint8 in [0, 255] or float in [0, 1] -> normalised float; features pass through."""
         if not self.pixel_input:
             return patches if patches.is_floating_point() else patches.float()
-        x = patches.float() / 255.0 if patches.dtype == torch.uint8 else patches
-        return (x - self.pixel_mean) / self.pixel_std
+        return normalize_pixels(patches, self.pixel_mean, self.pixel_std)
 
     def embed(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`(n, C, *S)` or `(n, F)` patches, `(n, d)` positions -> embeddings `(n, D)` (with position)."""
@@ -95,6 +94,17 @@ class IPSModel(nn.Module):
         emb = self.embed(patches.flatten(0, 1), positions.flatten(0, 1)).unflatten(0, (b, m))  # (B, M, D)
         z, attn_logits = self.aggregator(emb, mask)
         return self.heads(z), attn_logits
+
+
+def unit_pixels(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels in [0, 255] -> float in [0, 1]; float pixels (already in [0, 1]) pass through."""
+    return patches.float() / 255.0 if patches.dtype == torch.uint8 else patches.float()
+
+
+def normalize_pixels(patches: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The one pixel normalisation: `(unit_pixels(patches) - mean) / std`; mean and std broadcast over
+    `(n, C, *S)` (shape `(1, C, 1, ...)`), from `pixel_stats`."""
+    return (unit_pixels(patches) - mean) / std
 
 
 def pixel_stats(encoder: nn.Module, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -28,7 +28,7 @@ from ips.data.open import check_source_fits_model, make_source
 from ips.data.sources import PatchSource
 from ips.infer.predict import predict_records, select_slides
 from ips.model.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from ips.model.ips_model import IPSModel, build_model
+from ips.model.ips_model import IPSModel, build_model, unit_pixels
 from ips.model.metrics import evaluate_logits
 from ips.model.tasks import label_tensor
 from ips.runtime import DistInfo, Runtime, resolve_device, seed_everything
@@ -130,8 +130,7 @@ def make_augment(cfg: ExperimentConfig, generator: torch.Generator) -> Callable[
 
     def transform(patches: torch.Tensor) -> torch.Tensor:
         flat = patches.flatten(0, 1)
-        flat = flat.float() / 255.0 if flat.dtype == torch.uint8 else flat
-        return augment(flat, generator).unflatten(0, patches.shape[:2])
+        return augment(unit_pixels(flat), generator).unflatten(0, patches.shape[:2])
 
     return transform
 
