@@ -165,6 +165,10 @@ class TrainConfig:
     running statistics from the top-M selections of this many training slides (a fixed set drawn by
     seed; `ips.training.batchnorm`). It steadies the validation metrics that stale running averages make
     jump, but did not raise final accuracy everywhere (docs/BENCHMARKS.md), so it is off (0) by default.
+
+    Slides whose manifest row names an `annotation` (`ips.data.annotations`) are trained with guidance:
+    `annotation_slots` of the M slots hold annotated patches, and `annotation_weight` weighs a patch-level
+    loss on their selection scores (`ips.training.step.annotation_loss`). Other slides train as before.
     """
 
     epochs: int = 10
@@ -182,6 +186,8 @@ class TrainConfig:
     monitor: str = "val_loss"
     device: str = "auto"
     bn_recalibration_slides: int = 0
+    annotation_weight: float = 1.0
+    annotation_slots: float = 0.25
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -196,6 +202,9 @@ class TrainConfig:
             _require(self.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
         if self.vram_budget_gb is not None:
             _require(self.vram_budget_gb > 0, "train.vram_budget_gb", "must be > 0 or null")
+        _require(self.annotation_weight >= 0, "train.annotation_weight", f"must be >= 0, got {self.annotation_weight}")
+        _require(0 <= self.annotation_slots <= 1, "train.annotation_slots",
+                 f"must be in [0, 1], got {self.annotation_slots}")
         _require(self.bn_recalibration_slides >= 0, "train.bn_recalibration_slides",
                  f"must be >= 0, got {self.bn_recalibration_slides}")
 

@@ -23,8 +23,10 @@ CHECKER = np.where((np.arange(PATCH)[:, None] // 2 + np.arange(PATCH)[None, :] /
 
 
 def make_cross_slides(out: Path, n_train: int, n_val: int, seed: int = 0, size: int = SIZE, marks: int = 1,
-                      mark: str = "checker") -> Path:
-    """`mark`: "checker" or "cross". Write `out/<id>.zarr` stores and `out/manifest.csv` (slide_id,path,label,split); return the manifest."""
+                      mark: str = "checker", annotate: float = 0.0) -> Path:
+    """`mark`: "checker" or "cross". Write `out/<id>.zarr` stores and `out/manifest.csv` (slide_id,path,label,split);
+    return the manifest. `annotate`: the share of positive training slides whose marks are given as an
+    annotation (a mask `.npy` in the `annotation` column)."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -42,11 +44,19 @@ def make_cross_slides(out: Path, n_train: int, n_val: int, seed: int = 0, size: 
                 img[0, r + 1 : r + 7, c + 3 : c + 5] = 250
         slide_id = f"s{i:03d}"
         convert_array(img, out, slide_id, options=options, mask=np.ones((size, size), dtype=bool))
-        rows.append({"slide_id": slide_id, "path": f"{slide_id}.zarr", "label": label,
-                     "split": "train" if i < n_train else "val"})
+        row = {"slide_id": slide_id, "path": f"{slide_id}.zarr", "label": label,
+               "split": "train" if i < n_train else "val", "annotation": ""}
+        if label and i < n_train and rng.random() < annotate:
+            truth = np.zeros((size, size), dtype=np.uint8)
+            for r, c in zip(*np.divmod(cells, size // PATCH)):
+                truth[r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] = 1
+            np.save(out / f"{slide_id}.truth.npy", truth)
+            row["annotation"] = f"{slide_id}.truth.npy"
+        rows.append(row)
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["slide_id", "path", "label", "split"])
+        writer = csv.DictWriter(f, fieldnames=["slide_id", "path", "label", "split"] + (["annotation"] if annotate else []),
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return manifest

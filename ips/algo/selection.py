@@ -135,16 +135,45 @@ def explore_selection(
     """Replace the lowest-scoring `round(fraction * m)` selected patches with patches drawn uniformly from
     the unselected rest of the bag (training-time exploration; scores of drawn patches are NaN)."""
     m, n = selection.indices.numel(), len(source)
-    k = min(int(round(fraction * m)), n - m)
-    if k <= 0:
-        return selection
     chosen = np.zeros(n, dtype=bool)
     chosen[selection.indices.numpy()] = True
-    drawn = np.sort(generator.choice(np.flatnonzero(~chosen), size=k, replace=False))
-    keep = m - k
+    pool = np.flatnonzero(~chosen)
+    k = min(int(round(fraction * m)), len(pool))
+    if k <= 0:
+        return selection
+    return _replace_lowest(selection, source, np.sort(generator.choice(pool, size=k, replace=False)))
+
+
+def guide_selection(
+    selection: Selection, source: PatchSource, *, candidates: np.ndarray, fraction: float,
+    generator: np.random.Generator,
+) -> Selection:
+    """Training on annotated slides: make sure up to `round(fraction * m)` of the M slots hold annotated
+    patches (`candidates`, indices into the source). Those already selected count; the rest are drawn
+    from the unselected candidates and replace the lowest-scoring unannotated patches."""
+    m = selection.indices.numel()
+    have = np.isin(selection.indices.numpy(), candidates)
+    pool = np.setdiff1d(candidates, selection.indices.numpy())
+    k = min(int(round(fraction * m)) - int(have.sum()), len(pool), int((~have).sum()))
+    if k <= 0:
+        return selection
+    drawn = np.sort(generator.choice(pool, size=k, replace=False))
+    # keep the annotated ones already selected; drop the k lowest-scoring others
+    drop = np.flatnonzero(~have)[-k:]
+    keep = np.setdiff1d(np.arange(m), drop)
+    kept = Selection(selection.indices[keep], selection.scores[keep], selection.patches[keep],
+                     selection.positions[keep])
+    return _replace_lowest(kept, source, drawn, replace=0)
+
+
+def _replace_lowest(selection: Selection, source: PatchSource, drawn: np.ndarray, replace: int | None = None) -> Selection:
+    """`selection` without its last `replace` (default: len(drawn)) patches, then the `drawn` patches
+    read from `source` (scores NaN: they were not chosen by score)."""
+    k = len(drawn) if replace is None else replace
+    keep = selection.indices.numel() - k
     return Selection(
         torch.cat([selection.indices[:keep], torch.from_numpy(drawn)]),
-        torch.cat([selection.scores[:keep], torch.full((k,), float("nan"))]),
+        torch.cat([selection.scores[:keep], torch.full((len(drawn),), float("nan"))]),
         torch.cat([selection.patches[:keep], source.read(drawn)]),
         torch.cat([selection.positions[:keep], torch.from_numpy(np.ascontiguousarray(source.positions()[drawn]))]),
     )

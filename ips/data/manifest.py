@@ -7,6 +7,9 @@ are kept as they are). One label column per task (`TaskConfig.column`). Labels:
 - `multiclass`: an integer in `[0, num_classes)`;
 - `multilabel`: `;`-separated class indices in `[0, num_classes)`, possibly empty (no class).
 
+Optional `annotation`: a QuPath GeoJSON or mask image of the slide's region of interest (relative to
+the manifest's folder), for patch-level guidance in training (`ips.data.annotations`); empty = none.
+
 Every problem (a missing column, a bad label, a duplicate slide_id, a missing store, an unknown split)
 is a `ManifestError` naming the file, the row (counted as a spreadsheet does: the header is row 1) and
 the column, raised when the manifest is read (every row is checked, whatever split is asked for).
@@ -15,7 +18,7 @@ the column, raised when the manifest is read (every row is checked, whatever spl
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from ips.errors import ManifestError
 
 SPLITS = ("train", "val", "test")
 REQUIRED = ("slide_id", "path")
+ANNOTATION_COLUMN = "annotation"  # optional: per-slide annotation file (patch-level guidance)
 
 Label = int | tuple[int, ...]
 
@@ -38,6 +42,7 @@ class SlideRecord:
     path: str
     split: str | None = None
     labels: dict[str, Label] = field(default_factory=dict)
+    annotation: str | None = None  # the optional `annotation` column: GeoJSON or mask (ips.data.annotations)
 
 
 def parse_label(text: str, task: TaskConfig) -> Label:
@@ -62,6 +67,16 @@ def parse_label(text: str, task: TaskConfig) -> Label:
     if task.kind == "multiclass" and not 0 <= value < task.num_classes:
         raise ValueError(f"{value} is outside [0, {task.num_classes}) (multiclass task)")
     return value
+
+
+def _annotation(cell: str, folder: Path, check_paths: bool, fail: Callable[[str, str], ManifestError]) -> str | None:
+    """The annotation file of a row (relative to the manifest's folder), or None for an empty cell."""
+    if not cell:
+        return None
+    path = Path(cell) if Path(cell).is_absolute() else folder / cell
+    if check_paths and not path.is_file():
+        raise fail(ANNOTATION_COLUMN, f"annotation {path} does not exist")
+    return str(path)
 
 
 def _resolve(path: str, folder: Path) -> tuple[str, bool]:
@@ -144,7 +159,8 @@ def read_manifest(
             # every row is checked, whatever the split asked for: a bad val row fails before training
             if check_paths and local and not Path(store).exists():
                 raise fail("path", f"store {store} does not exist")
+            annotation = _annotation(cells.get(ANNOTATION_COLUMN, ""), folder, check_paths, fail)
             if split is not None and row_split != split:
                 continue
-            records.append(SlideRecord(slide_id, store, row_split, labels))
+            records.append(SlideRecord(slide_id, store, row_split, labels, annotation))
     return records

@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from ips.algo.batch import SelectedBatch, stack_selections
-from ips.algo.selection import eval_mode, explore_selection, select
+from ips.algo.selection import eval_mode, explore_selection, guide_selection, select
 from ips.config import ConfigError, ExperimentConfig, save_config
+from ips.data.annotations import PatchLabels, patch_labels
 from ips.data.manifest import SlideRecord, read_manifest
-from ips.data.open import check_source_fits_model, make_source
+from ips.data.open import check_source_fits_model, make_source, source_grid
 from ips.data.sources import PatchSource
+from ips.data.store import open_store
 from ips.infer.predict import predict_records, select_slides
 from ips.model.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from ips.model.ips_model import IPSModel, build_model, unit_pixels
@@ -165,6 +167,7 @@ class _Inputs:
     train: list[SlideRecord]
     val: list[SlideRecord]
     monitor: str
+    annotations: dict[str, PatchLabels]  # slide_id -> per-patch labels, for annotated training slides
 
 
 @dataclass
@@ -238,7 +241,7 @@ def _train_locked(
     calibration = calibration_chunks(model, inputs.train, cfg, micro)
     for epoch in range(progress.start_epoch + 1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
-        row = run_epoch(model, net, optimizer, scheduler, inputs.train, cfg, rt, epoch, micro, show_progress)
+        row = run_epoch(model, net, optimizer, scheduler, inputs, cfg, rt, epoch, micro, show_progress)
         if calibration:
             # on every rank, on the same slides: selection on each rank uses its own running statistics
             recalibrate_from_selections(model, calibration, cfg, rt)
@@ -292,7 +295,13 @@ def load_inputs(cfg: ExperimentConfig, manifest: str | Path, dist_info: DistInfo
         if len(seen) < 2:
             warn(f"warning: task {task.name!r}: every training slide has the label {next(iter(seen))}; the "
                  "model can only learn that one class")
-    return _Inputs(train_records, val_records, monitor)
+    annotations = {r.slide_id: patch_labels(r.annotation, r.path, source_grid(open_store(r.path), cfg))
+                   for r in train_records if r.annotation and cfg.train.annotation_weight + cfg.train.annotation_slots > 0}
+    if annotations:
+        warn(f"{len(annotations)} of {len(train_records)} training slides are annotated: patch-level guidance "
+             f"(train.annotation_slots {cfg.train.annotation_slots}, train.annotation_weight "
+             f"{cfg.train.annotation_weight})")
+    return _Inputs(train_records, val_records, monitor, annotations)
 
 
 def _label_key(label: Any) -> Any:
@@ -389,11 +398,11 @@ def calibration_chunks(model: IPSModel, train_records: Sequence[SlideRecord], cf
 
 def run_epoch(
     model: IPSModel, net: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    train_records: Sequence[SlideRecord], cfg: ExperimentConfig, rt: Runtime, epoch: int, micro: int,
-    show_progress: bool,
+    inputs: _Inputs, cfg: ExperimentConfig, rt: Runtime, epoch: int, micro: int, show_progress: bool,
 ) -> dict[str, Any]:
     """One pass over the training slides: per global batch, select on this rank's slides, then step.
     Returns the epoch's row: train loss, learning rate and train metrics."""
+    train_records = inputs.train
     order = epoch_order(len(train_records), cfg.train.seed, epoch, rt.dist.world_size)
     transform = make_augment(cfg, torch.Generator(device=rt.device).manual_seed(cfg.train.seed * 1000 + epoch))
     logits: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
@@ -403,13 +412,14 @@ def run_epoch(
     bar = _progress(len(batches), f"epoch {epoch}/{cfg.train.epochs}", show_progress and rt.dist.is_main)
     for global_batch in batches:
         mine = [train_records[i] for i in shard(global_batch, rt.dist)]
-        batch = selected_batch(model, mine, cfg, rt, [cfg.train.seed, epoch, *global_batch, rt.dist.rank])
+        batch = selected_batch(model, mine, cfg, rt, [cfg.train.seed, epoch, *global_batch, rt.dist.rank],
+                               inputs.annotations)
         model.train()
         optimizer.zero_grad(set_to_none=True)
         loss, batch_logits = accumulate_gradients(
             net, batch, cfg.model.tasks, micro_batch_size=micro, device=rt.device,
             autocast_dtype=rt.autocast_dtype, no_sync=rt.dist.enabled, transform=transform,
-            normalizer=len(global_batch) / rt.dist.world_size,
+            normalizer=len(global_batch) / rt.dist.world_size, annotation_weight=cfg.train.annotation_weight,
         )
         if cfg.train.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -436,15 +446,25 @@ def run_epoch(
 
 
 def selected_batch(model: IPSModel, records: Sequence[SlideRecord], cfg: ExperimentConfig, rt: Runtime,
-                   explore_seed: Sequence[int]) -> SelectedBatch:
-    """The slides' top-M selections (with `selection.explore` random slots), stacked with their targets."""
+                   explore_seed: Sequence[int], annotations: dict[str, PatchLabels] | None = None) -> SelectedBatch:
+    """The slides' top-M selections, with `selection.explore` random slots and, on annotated slides,
+    `train.annotation_slots` annotated ones; stacked with their targets (and patch targets)."""
     sources = [make_source(r, cfg) for r in records]
     selections = select_slides(model, sources, cfg, rt)
+    rng = np.random.default_rng(list(explore_seed))
     if cfg.selection.explore > 0:
-        rng = np.random.default_rng(list(explore_seed))
         selections = [explore_selection(sel, src, fraction=cfg.selection.explore, generator=rng)
                       for sel, src in zip(selections, sources)]
-    return stack_selections(selections, targets_for(records, cfg), cfg.selection.memory_size)
+    patch_targets: list[np.ndarray | None] = [None] * len(records)
+    for i, r in enumerate(records):
+        labels = (annotations or {}).get(r.slide_id)
+        if labels is None:
+            continue
+        if cfg.train.annotation_slots > 0:
+            selections[i] = guide_selection(selections[i], sources[i], candidates=labels.positives(),
+                                            fraction=cfg.train.annotation_slots, generator=rng)
+        patch_targets[i] = labels.of(selections[i].indices.numpy())
+    return stack_selections(selections, targets_for(records, cfg), cfg.selection.memory_size, patch_targets)
 
 
 def _end_epoch(

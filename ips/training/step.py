@@ -29,6 +29,7 @@ def accumulate_gradients(
     no_sync: bool = False,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     normalizer: float | None = None,
+    annotation_weight: float = 0.0,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """Forward/backward over `batch` in micro-batches; gradients accumulate into `.grad`.
 
@@ -37,6 +38,7 @@ def accumulate_gradients(
     `normalizer`: the loss is `sum(per-slide loss) / normalizer` (default B; under DDP, which averages
     gradients over ranks, the global batch divided by the world size).
     `no_sync` (DDP): skip gradient all-reduce on all but the last micro-batch.
+    `annotation_weight`: weight of `annotation_loss` for slides with patch targets (others add nothing).
     """
     device = torch.device(device)
     b = len(batch)
@@ -54,8 +56,10 @@ def accumulate_gradients(
         sync_ctx = model.no_sync() if (no_sync and not last and hasattr(model, "no_sync")) else nullcontext()
         with sync_ctx:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits, _ = model(mb.patches, mb.positions, mb.mask)
+                logits, attn_logits = model(mb.patches, mb.positions, mb.mask)
             loss = total_loss(tasks, logits, mb.targets).sum() / norm
+            if annotation_weight and mb.patch_targets is not None:
+                loss = loss + annotation_weight * annotation_loss(attn_logits, mb.patch_targets, mb.mask).sum() / norm
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} in micro-batch starting at slide {start}")
             loss.backward()
@@ -63,3 +67,16 @@ def accumulate_gradients(
         for name, value in logits.items():
             logits_out[name].append(value.detach().float().cpu())
     return total, {k: torch.cat(v) for k, v in logits_out.items()}
+
+
+def annotation_loss(attn_logits: torch.Tensor, patch_targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-slide patch-level guidance `(B,)`: BCE-with-logits between each patch's selection score (the
+    attention logit averaged over tasks and heads, `(B, T, H, M)` -> `(B, M)`, the score that selection
+    ranks by) and its annotated fraction `(B, M)`, averaged over the slide's annotated patches. Exactly
+    0 for a slide without patch targets (all NaN), so unannotated slides train as before."""
+    scores = attn_logits.float().mean(dim=(1, 2))  # (B, M)
+    valid = torch.isfinite(patch_targets) & mask
+    target = torch.where(valid, patch_targets, torch.zeros_like(patch_targets))
+    per_patch = nn.functional.binary_cross_entropy_with_logits(scores, target, reduction="none")
+    per_patch = torch.where(valid, per_patch, torch.zeros_like(per_patch))
+    return per_patch.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
