@@ -70,6 +70,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def die_with_parent(parent: int) -> None:
+    """In a worker: exit as soon as the parent process `parent` dies (even by `kill -9`), so no orphan
+    keeps converting (and holding a store's lock) after the run is gone.
+
+    Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG). Everywhere: a daemon
+    thread checks once a second that the parent is still ours (an orphan is re-parented)."""
+    import ctypes
+    import signal
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ips-prep-parent-watch", daemon=True).start()
+
+
 def _work(source: str, out: Path, options: PrepOptions, reader: str | None) -> PrepResult:
     from data_prep.convert import prep_file
 
@@ -156,7 +184,8 @@ def _run_pool(inputs: list[str], args: argparse.Namespace, options: PrepOptions,
               results: list[PrepResult], bar: object) -> None:
     # spawn: the parent may hold threads (zarr's event loop), which fork would copy in a broken state
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(args.workers, len(inputs)), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=min(args.workers, len(inputs)), mp_context=ctx,
+                             initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_work, src, args.out, options, args.reader): src for src in inputs}
         for fut in as_completed(futures):
             src = futures[fut]

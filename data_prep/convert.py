@@ -30,7 +30,7 @@ from data_prep.readers import ArrayReader, ImageReader, open_reader
 from data_prep.thumbnail import render_thumbnail, save_png
 from data_prep.tissue import resample_mask, tissue_mask
 from data_prep.writer import (
-    ShardEncoder,
+    StoreLock,
     StoreWriter,
     chunk_layout,
     is_complete,
@@ -42,6 +42,7 @@ from data_prep.writer import (
 )
 from ips import __version__
 from ips.errors import PrepError
+from ips.format import checksums
 from ips.format.names import (
     COORDS_ARRAY,
     FORMAT_VERSION,
@@ -178,6 +179,43 @@ def _write_grid(writer_group: zarr.Group, name: str, coords: np.ndarray, tissue:
         grid[TISSUE_ARRAY][...] = tissue
 
 
+def _ips_attrs(reader: ImageReader, options: PrepOptions, provenance: dict[str, Any], *, slide_id: str,
+               factors: list[tuple[int, ...]], shapes: list[list[int]], chunk: tuple[int, ...],
+               shard: tuple[int, ...], mask_info: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """The store's `ips` attributes (docs/FORMAT.md)."""
+    spacing = reader.spacing
+    prov = {**provenance, "reader": reader.name, "vendor": reader.vendor,
+            "source_shape": list(reader.shape), "source_dtype": str(reader.dtype), "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "options": options.to_dict(), **reader.metadata()}
+    return {
+        "format_version": FORMAT_VERSION, "spatial_dims": reader.spatial_dims, "channels": reader.shape[0],
+        "dtype": str(reader.dtype), "spacing": list(spacing) if spacing else None,
+        "level_downsamples": [list(f) for f in factors],
+        "level_shapes": shapes,
+        "background": reader.background,
+        "chunks": list(chunk), "shards": list(shard),
+        "affine": reader.affine,
+        "mask": mask_info,
+        "grids": {options.grid_name: entry},
+        "thumbnail": f"../{slide_id}{THUMBNAIL_SUFFIX}" if options.thumbnail else None,
+        "provenance": prov,
+    }
+
+
+def _mask(options: PrepOptions, levels: list[zarr.Array], factors: list[tuple[int, ...]],
+          spatial: tuple[int, ...], spacing: tuple[float, ...] | None, fill: float,
+          given: np.ndarray | None) -> tuple[np.ndarray, tuple[int, ...], dict[str, Any]]:
+    """`(mask, downsample, info)`: the caller's mask resampled, or the tissue mask of a low level."""
+    if given is not None:
+        mask, mask_ds = resample_mask(given, spatial)
+        return mask, mask_ds, {"method": "given", "threshold": None, "level": None}
+    m = _mask_level(options, factors, spatial, spacing)
+    mask, info = tissue_mask(levels[m][...], background=fill, spacing=spacing, downsample=factors[m],
+                             min_object_um2=options.min_object_um2, max_hole_um2=options.max_hole_um2)
+    return mask, factors[m], {**info, "level": m}
+
+
 def _run(reader: ImageReader, writer: StoreWriter, options: PrepOptions, *, slide_id: str,
          provenance: Callable[[], dict[str, Any]], given_mask: np.ndarray | None = None,
          progress: Callable[[int], None] | None = None) -> tuple[Path, int]:
@@ -201,7 +239,7 @@ def _run(reader: ImageReader, writer: StoreWriter, options: PrepOptions, *, slid
 
     # level 0, one task per shard (decode in the reader, encode in ShardEncoder) on `threads` threads, in
     # Z-order so the pyramid above is assembled in memory from each shard and written once (no read-back)
-    encoders = [ShardEncoder(a, writer.partial / str(k)) for k, a in enumerate(levels)]
+    encoders = [writer.encoder(str(k), a) for k, a in enumerate(levels)]
 
     def write(k: int, start: tuple[int, ...], data: np.ndarray) -> None:
         encoders[k].write(start, data)
@@ -223,16 +261,7 @@ def _run(reader: ImageReader, writer: StoreWriter, options: PrepOptions, *, slid
     assert pyramid.pending == 0
 
     # tissue mask on a low level (or the caller's mask)
-    if given_mask is not None:
-        mask, mask_ds = resample_mask(given_mask, spatial)
-        mask_info: dict[str, Any] = {"method": "given", "threshold": None, "level": None}
-    else:
-        m = _mask_level(options, factors, spatial, spacing)
-        image = levels[m][...]
-        mask, info = tissue_mask(image, background=fill, spacing=spacing, downsample=factors[m],
-                                 min_object_um2=options.min_object_um2, max_hole_um2=options.max_hole_um2)
-        mask_ds = factors[m]
-        mask_info = {**info, "level": m}
+    mask, mask_ds, mask_info = _mask(options, levels, factors, spatial, spacing, fill, given_mask)
     mask_names = ["z", "y", "x"][-dims:]
     writer.small_array(MASK_ARRAY, mask.astype(np.uint8), chunk_rows=512 if dims == 2 else 64,
                        dimension_names=mask_names)
@@ -246,23 +275,9 @@ def _run(reader: ImageReader, writer: StoreWriter, options: PrepOptions, *, slid
     entry = _grid_entry(options, grid_level, patch, stride, len(coords), spacing, factors[grid_level])
     _write_grid(group, options.grid_name, coords, tissue, entry)
 
-    prov = {**provenance(), "reader": reader.name, "vendor": reader.vendor,
-            "source_shape": list(reader.shape), "source_dtype": str(reader.dtype), "tool_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "options": options.to_dict(), **reader.metadata()}
-    ips_attrs = {
-        "format_version": FORMAT_VERSION, "spatial_dims": dims, "channels": C, "dtype": str(reader.dtype),
-        "spacing": list(spacing) if spacing else None,
-        "level_downsamples": [list(f) for f in factors],
-        "level_shapes": [list(a.shape) for a in levels],
-        "background": fill,
-        "chunks": list(chunk), "shards": list(shard),
-        "affine": reader.affine,
-        "mask": {"downsample": list(mask_ds), **mask_info},
-        "grids": {options.grid_name: entry},
-        "thumbnail": f"../{slide_id}{THUMBNAIL_SUFFIX}" if options.thumbnail else None,
-        "provenance": prov,
-    }
+    ips_attrs = _ips_attrs(reader, options, provenance(), slide_id=slide_id, factors=factors,
+                           shapes=[list(a.shape) for a in levels], chunk=chunk, shard=shard,
+                           mask_info={"downsample": list(mask_ds), **mask_info}, entry=entry)
     group.attrs.update({OME_ATTR: _ome_attrs(slide_id, dims, spacing, factors), IPS_ATTR: ips_attrs})
 
     if options.thumbnail:
@@ -334,15 +349,66 @@ def add_grid(store: str | Path, options: PrepOptions) -> int:
     _write_grid(group, options.grid_name, coords, tissue, entry)
     attrs["grids"] = {**attrs.get("grids", {}), options.grid_name: entry}
     group.attrs.update({IPS_ATTR: attrs})
-    grids = read_marker(store).get("grids", [])
-    write_marker(store, [*dict.fromkeys([*grids, options.grid_name])])
+    _list_grid(store, options.grid_name)
     return len(coords)
+
+
+def _list_grid(store: Path, name: str) -> None:
+    """Record grid `name`'s arrays in the marker and list the grid: the step that makes it count."""
+    marker = read_marker(store)
+    arrays = dict(marker.get("arrays") or {})
+    grid_arrays = [f"{GRIDS_GROUP}/{name}/{COORDS_ARRAY}", f"{GRIDS_GROUP}/{name}/{TISSUE_ARRAY}"]
+    arrays.update(checksums.scan_store(store, only=grid_arrays))
+    write_marker(store, [*dict.fromkeys([*marker.get("grids", []), name])], arrays)
+
+
+# options that shape a grid / a store: a complete store made with other values is not what was asked for
+_STORE_OPTIONS = ("codec", "codec_level", "shard_chunks", "pyramid_max_size", "mask_max_size", "mask_mpp",
+                  "min_object_um2", "max_hole_um2")
+
+
+def options_mismatch(store: Path, options: PrepOptions) -> str | None:
+    """Why the complete `store` is not what `options` ask for (its grid `options.grid_name` or its
+    pyramid / mask / codec were made with other values), or None when it is."""
+    group = zarr.open_group(str(store), mode="r")
+    attrs = dict(group.attrs.get(IPS_ATTR) or {})
+    entry = (attrs.get("grids") or {}).get(options.grid_name)
+    made = ((attrs.get("provenance") or {}).get("options") or {})
+    diffs = []
+    if entry is not None:
+        dims = int(attrs["spatial_dims"])
+        shapes = [tuple(s[1:]) for s in attrs["level_shapes"]]
+        spacing = tuple(attrs["spacing"]) if attrs.get("spacing") else None
+        patch = per_axis(options.patch_size, dims, "patch_size")
+        stride = per_axis(options.stride if options.stride is not None else options.patch_size, dims, "stride")
+        try:
+            level: object = _choose_level(options, shapes[0], spacing)
+        except PrepError:
+            level = f"mpp {options.mpp}" if options.mpp is not None else options.level
+        asked = {"patch_size": list(patch), "stride": list(stride), "level": level,
+                 "min_tissue": options.min_tissue}
+        diffs += [(k, entry.get(k), v) for k, v in asked.items() if entry.get(k) != v]
+    diffs += [(k, made[k], getattr(options, k)) for k in _STORE_OPTIONS
+              if k in made and made[k] != getattr(options, k)]
+    if not diffs:
+        return None
+    said = ", ".join(f"{k} {_fmt(old)} (this run: {_fmt(new)})" for k, old, new in diffs)
+    return (f"the complete store {store} was made with {said}; kept as it is: rerun with --overwrite to "
+            f"rebuild it, or add a grid with another --grid-name")
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, list) and len(set(map(str, value))) == 1:
+        return str(value[0])
+    return str(value)
 
 
 def prep_file(path: str | Path, out_dir: str | Path, *, options: PrepOptions | None = None,
               reader: str | None = None, progress: Callable[[int], None] | None = None) -> PrepResult:
     """Convert one file, never raising for a bad input: the result says done / skipped / grid added /
-    failed, and why. A complete store is skipped (or gets the new grid) unless `options.overwrite`."""
+    failed, and why. A complete store is skipped (or gets the new grid) unless `options.overwrite`; one
+    made with other options fails, naming them and `--overwrite`. The store's `StoreLock` is held
+    throughout: a second prep of the same output fails at once, naming the holder."""
     options = options or PrepOptions()
     t0 = time.perf_counter()
     path = Path(path)
@@ -351,15 +417,22 @@ def prep_file(path: str | Path, out_dir: str | Path, *, options: PrepOptions | N
     except PrepError as e:
         return PrepResult(str(path), path.name, "failed", reason=str(e))
     final, _ = store_paths(out_dir, slide_id)
+    try:
+        with StoreLock(out_dir, slide_id):
+            return _prep_locked(path, out_dir, slide_id, options, reader, progress, t0)
+    except PrepError as e:  # the lock is held by another prep
+        return PrepResult(str(path), slide_id, "failed", final, reason=str(e), seconds=time.perf_counter() - t0)
+
+
+def _prep_locked(path: Path, out_dir: str | Path, slide_id: str, options: PrepOptions, reader: str | None,
+                 progress: Callable[[int], None] | None, t0: float) -> PrepResult:
+    final, _ = store_paths(out_dir, slide_id)
     if is_complete(final) and not options.overwrite:
-        if options.grid_name in read_marker(final).get("grids", []):
-            return PrepResult(str(path), slide_id, "skipped", final, reason="complete store exists")
         try:
-            n = add_grid(final, options)
+            return _existing(path, final, slide_id, options, t0)
         except Exception as e:  # noqa: BLE001 - reported per input
             return PrepResult(str(path), slide_id, "failed", final, reason=_failure_reason(e),
                               seconds=time.perf_counter() - t0)
-        return PrepResult(str(path), slide_id, "grid added", final, n, time.perf_counter() - t0)
     writer = StoreWriter(out_dir, slide_id)
     digest: dict[str, str] = {}
     try:
@@ -383,6 +456,17 @@ def prep_file(path: str | Path, out_dir: str | Path, *, options: PrepOptions | N
         return PrepResult(str(path), slide_id, "failed", reason=_failure_reason(e),
                           seconds=time.perf_counter() - t0)
     return PrepResult(str(path), slide_id, "done", store, n, time.perf_counter() - t0)
+
+
+def _existing(path: Path, final: Path, slide_id: str, options: PrepOptions, t0: float) -> PrepResult:
+    """A complete store is there: skip it, add the grid, or say why it is not what was asked for."""
+    mismatch = options_mismatch(final, options)
+    if mismatch:
+        return PrepResult(str(path), slide_id, "failed", final, reason=mismatch)
+    if options.grid_name in read_marker(final).get("grids", []):
+        return PrepResult(str(path), slide_id, "skipped", final, reason="complete store exists")
+    n = add_grid(final, options)
+    return PrepResult(str(path), slide_id, "grid added", final, n, time.perf_counter() - t0)
 
 
 def convert_file(path: str | Path, out_dir: str | Path, *, options: PrepOptions | None = None,
@@ -422,10 +506,17 @@ def convert_array(array: np.ndarray, out_dir: str | Path, slide_id: str, *,
     if mask is not None:
         resample_mask(mask, reader.spatial_shape)  # validate before writing anything
     final, _ = store_paths(out_dir, slide_id)
-    if is_complete(final) and not options.overwrite:
-        if options.grid_name not in read_marker(final).get("grids", []):
-            add_grid(final, options)
-        return final
+    with StoreLock(out_dir, slide_id):
+        if is_complete(final) and not options.overwrite:
+            if options.grid_name not in read_marker(final).get("grids", []):
+                add_grid(final, options)
+            return final
+        return _convert_array_locked(array, reader, out_dir, slide_id, options, mask)
+
+
+def _convert_array_locked(array: np.ndarray, reader: ArrayReader, out_dir: str | Path, slide_id: str,
+                          options: PrepOptions, mask: np.ndarray | None) -> Path:
+    final, _ = store_paths(out_dir, slide_id)
 
     def provenance() -> dict[str, Any]:
         digest = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest() if options.hash_source else None

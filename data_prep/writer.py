@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -39,7 +40,11 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from data_prep.options import CODECS
 from ips import __version__
-from ips.format.names import COMPLETE_MARKER, PARTIAL_SUFFIX
+from ips.errors import PrepError
+from ips.format import checksums
+from ips.format.checksums import bytes_record
+from ips.format.names import COMPLETE_MARKER, FORMAT_VERSION, LOCK_SUFFIX, PARTIAL_SUFFIX
+from ips.format.sharding import ShardLayout
 
 MIN_CHUNK = {2: 64, 3: 32}
 ARRAY_CONFIG = {"write_empty_chunks": False}  # background chunks stay unwritten
@@ -104,79 +109,55 @@ def run_bounded(tasks: Iterator[Callable[[], None]], threads: int, on_done: Call
 
 
 class ShardEncoder:
-    """Writes whole shards of one array straight to disk, in the zarr v3 sharding layout.
+    """Writes whole shards of one array straight to disk, in the array's `ips.format.sharding` layout.
 
-    zarr-python's write path costs ~3x the codec itself per shard (async pipeline per inner chunk);
-    a conversion writes every shard exactly once and whole, so it encodes here instead: each inner chunk
-    (padded with the fill value at the array's edge) with the array's codec, chunks equal to the fill
-    value left out, then the index `(offset, nbytes)` uint64 little-endian + crc32c at the end, as
-    `sharding_indexed` with its default index codecs specifies. zarr reads it back (tests compare).
+    zarr-python's write path runs its async codec pipeline per inner chunk (a multiple of the codec's
+    own cost); a conversion writes every shard exactly once and whole, so it encodes here instead: each
+    inner chunk (padded with the fill value at the array's edge), chunks equal to the fill value left
+    out. zarr reads the result (tests/test_sharding.py). `records` gets `[size, crc32c]` per written key
+    (relative to the array's folder) for the completion marker.
     """
 
-    def __init__(self, array: zarr.Array, folder: Path) -> None:
-        import numcodecs
-
-        codecs = array.metadata.to_dict()["codecs"]
-        sharding = codecs[0]
-        if len(codecs) != 1 or sharding["name"] != "sharding_indexed":
-            raise ValueError(f"not a sharded array: {codecs}")
-        conf = sharding["configuration"]
-        inner = conf["codecs"]
-        index_codecs = [c["name"] for c in conf["index_codecs"]]
-        if inner[0]["name"] != "bytes" or index_codecs != ["bytes", "crc32c"] or conf["index_location"] != "end":
-            raise ValueError(f"unsupported sharding configuration {conf}")
-        compressors = inner[1:]
-        if not compressors:
-            self._codec = None
-        elif len(compressors) == 1 and compressors[0]["name"] == "zstd":
-            c = compressors[0]["configuration"]
-            self._codec = numcodecs.Zstd(level=c["level"], checksum=c.get("checksum", False))
-        elif len(compressors) == 1 and compressors[0]["name"] == "blosc":
-            c = compressors[0]["configuration"]
-            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[c["shuffle"]]
-            self._codec = numcodecs.Blosc(cname=c["cname"], clevel=c["clevel"], shuffle=shuffle,
-                                          blocksize=c.get("blocksize", 0))
-        else:
-            raise ValueError(f"unsupported codecs {compressors}")
-        self._dtype = array.dtype.newbyteorder("<") if array.dtype.itemsize > 1 else array.dtype
-        self._shape, self._chunks, self._shards = array.shape, array.chunks, array.shards
-        self._fill = array.fill_value
+    def __init__(self, array: zarr.Array, folder: Path, records: dict[str, list[int]] | None = None) -> None:
+        self.layout = ShardLayout.of(array)
+        if not self.layout.sharded:
+            raise ValueError(f"not a sharded array: {array.metadata.to_dict()['codecs']}")
         self._folder = folder
+        self.records: dict[str, list[int]] = {} if records is None else records
 
     def write(self, start: tuple[int, ...], block: np.ndarray) -> None:
         """Write the shard whose region starts at spatial `start` (shard-aligned); `block` `(C, *size)`
         is that shard clipped to the array."""
-        import google_crc32c
-
+        lay = self.layout
+        assert lay.shard_shape is not None
         full = (0, *start)
-        idx = tuple(o // s for o, s in zip(full, self._shards))
-        if any(o % s for o, s in zip(full, self._shards)):
-            raise ValueError(f"region {start} is not shard-aligned ({self._shards})")
-        if block.shape == tuple(self._shards) and block.dtype == self._dtype:
+        if any(o % s for o, s in zip(full, lay.shard_shape)):
+            raise ValueError(f"region {start} is not shard-aligned ({lay.shard_shape})")
+        idx = tuple(o // s for o, s in zip(full, lay.shard_shape))
+        if block.shape == lay.shard_shape and block.dtype == lay.stored_dtype:
             shard = block  # an interior shard: no padding copy
         else:
-            shard = np.full(self._shards, self._fill, dtype=self._dtype)
+            shard = np.full(lay.shard_shape, lay.fill_value, dtype=lay.stored_dtype)
             shard[tuple(slice(0, n) for n in block.shape)] = block
-        grid = tuple(s // c for s, c in zip(self._shards, self._chunks))
-        index = np.full((*grid, 2), np.iinfo(np.uint64).max, dtype="<u8")
-        parts, offset = [], 0
-        for cidx in np.ndindex(*grid):
-            chunk = shard[tuple(slice(i * c, (i + 1) * c) for i, c in zip(cidx, self._chunks))]
-            # background (left out, the fill value stands for it); the first pixel settles most chunks
-            if chunk.flat[0] == self._fill and (chunk == self._fill).all():
-                continue
-            raw = np.ascontiguousarray(chunk)
-            data = bytes(self._codec.encode(raw)) if self._codec is not None else raw.tobytes()
-            index[cidx] = (offset, len(data))
-            parts.append(data)
-            offset += len(data)
-        path = self._folder.joinpath("c", *(str(i) for i in idx))
-        if not parts:
+        fill = lay.fill_value
+
+        def chunks() -> Iterator[tuple[tuple[int, ...], bytes]]:
+            for cidx in np.ndindex(*lay.chunks_per_shard):
+                chunk = shard[tuple(slice(i * c, (i + 1) * c) for i, c in zip(cidx, lay.chunk_shape))]
+                # background (left out, the fill value stands for it); the first pixel settles most chunks
+                if chunk.flat[0] == fill and (chunk == fill).all():
+                    continue
+                yield cidx, lay.encode_chunk(chunk)
+
+        data = lay.encode_shard(chunks())
+        key = lay.key(idx)
+        path = self._folder / key
+        if data is None:
             path.unlink(missing_ok=True)
+            self.records.pop(key, None)
             return
-        index_bytes = index.tobytes()
-        parts += [index_bytes, np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()]
-        self._put(path, b"".join(parts))
+        self._put(path, data)
+        self.records[key] = bytes_record(data)
 
     @staticmethod
     def _put(path: Path, data: bytes) -> None:
@@ -186,9 +167,9 @@ class ShardEncoder:
 
 
 def store_paths(out_dir: str | Path, slide_id: str) -> tuple[Path, Path]:
-    """`(final, partial)`: `DIR/<slide_id>.zarr` and `DIR/.<slide_id>.zarr.partial`."""
+    """`(final, partial)`: `DIR/<slide_id>.zarr` and this process's `DIR/.<slide_id>.zarr.partial-<pid>`."""
     out_dir = Path(out_dir)
-    return out_dir / f"{slide_id}.zarr", out_dir / f".{slide_id}.zarr{PARTIAL_SUFFIX}"
+    return out_dir / f"{slide_id}.zarr", out_dir / f".{slide_id}.zarr{PARTIAL_SUFFIX}-{os.getpid()}"
 
 
 def is_complete(store: str | Path) -> bool:
@@ -196,33 +177,112 @@ def is_complete(store: str | Path) -> bool:
 
 
 def read_marker(store: str | Path) -> dict[str, Any]:
-    return json.loads((Path(store) / COMPLETE_MARKER).read_text())
+    return checksums.read_marker(store)
 
 
-def write_marker(store: Path, grids: list[str]) -> None:
-    """Write the completion marker atomically (temp file + rename)."""
-    marker = {"tool_version": __version__, "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "grids": grids}
+def write_marker(store: Path, grids: list[str], arrays: dict[str, checksums.ArrayRecord]) -> None:
+    """Write the completion marker atomically (temp file + rename): the grids it vouches for and, per
+    array, every written chunk/shard key with `[size, crc32c]` (`ips.format.checksums`)."""
+    marker = {"format_version": FORMAT_VERSION, "tool_version": __version__,
+              "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"), "grids": grids,
+              "checksum": checksums.CHECKSUM, "arrays": arrays}
     tmp = store / f".{COMPLETE_MARKER}.tmp"
-    tmp.write_text(json.dumps(marker, indent=1))
+    with open(tmp, "w") as f:
+        json.dump(marker, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, store / COMPLETE_MARKER)
 
 
-class StoreWriter:
-    """The life of one store: created at `DIR/.<id>.zarr.partial`, renamed to `DIR/<id>.zarr` by
-    `commit` after the marker is written. `abort` removes the partial folder."""
+def reseal(store: str | Path, arrays: list[str] | None = None) -> None:
+    """Record the current bytes of a complete store's arrays (all, or those named) in its marker: for
+    tools that change a store after `ips prep` (benchmarks filling pixels in, a grid added)."""
+    store = Path(store)
+    marker = read_marker(store)
+    recorded = dict(marker.get("arrays") or {})
+    if arrays is None:
+        recorded = checksums.scan_store(store, recorded)
+    else:
+        recorded.update(checksums.scan_store(store, recorded, only=arrays))
+    write_marker(store, list(marker.get("grids", [])), recorded)
+
+
+class StoreLock:
+    """An exclusive lock on one output store, `DIR/.<slide_id>.zarr.lock` (fcntl.flock), held while a
+    prep reads, converts or extends it, so two preps of the same output never interleave. The holder's
+    pid and host are written into the file for the other's message. The file is removed on release
+    (and on acquiring, the locked file is checked to still be the one at the path)."""
 
     def __init__(self, out_dir: str | Path, slide_id: str) -> None:
+        self.path = Path(out_dir) / f".{slide_id}.zarr{LOCK_SUFFIX}"
+        self.store = Path(out_dir) / f"{slide_id}.zarr"
+        self._fd: int | None = None
+
+    def __enter__(self) -> StoreLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise PrepError(f"{self.store}: another ips prep ({holder}) is writing this store "
+                                f"(lock {self.path}); wait for it to finish") from None
+            try:  # the previous holder may have removed the file (and another made a new one) meanwhile
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def remove_stale(out_dir: str | Path, slide_id: str) -> None:
+    """Remove partial and old copies of `slide_id`'s store left by killed runs. Call with its
+    `StoreLock` held: no other prep is then writing them."""
+    for stale in Path(out_dir).glob(f".{slide_id}.zarr.*"):
+        if stale.name.endswith(LOCK_SUFFIX):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+class StoreWriter:
+    """The life of one store: created at `DIR/.<id>.zarr.partial-<pid>`, made complete by `commit`
+    (the marker written inside, then one rename to `DIR/<id>.zarr`). `abort` removes the partial folder.
+    The caller holds the store's `StoreLock` throughout."""
+
+    def __init__(self, out_dir: str | Path, slide_id: str) -> None:
+        self.out_dir, self.slide_id = Path(out_dir), slide_id
         self.final, self.partial = store_paths(out_dir, slide_id)
         self.group: zarr.Group | None = None
+        self.records: dict[str, dict[str, list[int]]] = {}  # array -> key -> [size, crc32c], as written
 
     def begin(self) -> zarr.Group:
-        """Create a fresh partial store (a stale one from a killed run is removed first)."""
+        """Create a fresh partial store (stale ones from killed runs are removed first)."""
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
+        remove_stale(self.out_dir, self.slide_id)
         self.group = zarr.create_group(store=str(self.partial), zarr_format=3)
         return self.group
+
+    def encoder(self, name: str, array: zarr.Array) -> ShardEncoder:
+        """The shard encoder of pyramid array `name`; what it writes is recorded for the marker."""
+        return ShardEncoder(array, self.partial / name, self.records.setdefault(name, {}))
 
     def image_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
                     shards: tuple[int, ...], fill_value: float, compressor: Any) -> zarr.Array:
@@ -250,14 +310,13 @@ class StoreWriter:
         return arr
 
     def commit(self, grids: list[str]) -> Path:
-        """Write the marker, then move the partial store into place (replacing an old one)."""
-        write_marker(self.partial, grids)
-        old = self.final.with_name(f".{self.final.name}.old")
+        """Make the store complete: record every array's written keys, sizes and checksums in the
+        marker (written inside the partial store), then rename it into place (replacing an old one)."""
+        write_marker(self.partial, grids, checksums.scan_store(self.partial, self.records))
+        old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
         if self.final.exists():
-            if old.exists():
-                shutil.rmtree(old)
             os.rename(self.final, old)
-        os.rename(self.partial, self.final)
+        os.rename(self.partial, self.final)  # the one step that makes the store complete
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
         return self.final

@@ -111,9 +111,20 @@ def write_store(
         },
     })
     if complete:
-        (path / sf.COMPLETE_MARKER).write_text(json.dumps({"tool_version": "test", "completed": "now",
-                                                           "grids": [grid_name]}))
+        seal(path, [grid_name])
     return path
+
+
+def seal(path: str | Path, grids: list[str] | None = None) -> None:
+    """Write (or rewrite) the completion marker of a hand-made store, recording every array's files as
+    `ips prep` does (call again after changing the store's arrays)."""
+    from data_prep.writer import write_marker
+    from ips.format import checksums
+
+    path = Path(path)
+    if grids is None:
+        grids = json.loads((path / sf.COMPLETE_MARKER).read_text()).get("grids", [])
+    write_marker(path, grids, checksums.scan_store(path))
 
 
 def random_image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -147,6 +158,7 @@ def write_big_store(path: str | Path, n_patches: int, *, patch: int = 16, tissue
                             dtype="uint8", fill_value=255, config={"write_empty_chunks": False})
     rows = min(shape[1], tissue_rows * patch * SHARD_CHUNKS)
     arr[:, :rows, :] = random_image((3, rows, shape[2]), seed=1)
+    seal(store)
     return store
 
 

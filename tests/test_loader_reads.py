@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from loader_fixtures import grid_coords, random_image, write_store
+from loader_fixtures import grid_coords, random_image, seal, write_store
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, TransposeCodec, ZstdCodec
 from zarr.core.buffer import cpu
 
@@ -104,6 +104,7 @@ def _custom_store(path: Path, data: np.ndarray, *, chunks, shards, compressors=N
     arr = root.create_array("0", shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
                             compressors=compressors, serializer=serializer, filters=filters, fill_value=0)
     arr[...] = data
+    seal(store)
     return ZarrPatchSource(store)
 
 

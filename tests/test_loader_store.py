@@ -97,7 +97,7 @@ def test_wrong_format_version(store):
 
 def test_missing_coords_array(store):
     shutil.rmtree(store / sf.GRIDS_GROUP / "g8" / sf.COORDS_ARRAY)
-    with pytest.raises(StoreError, match="missing array"):
+    with pytest.raises(StoreError, match="array 'grids/g8/coords' chunk 'c/0/0': missing"):
         ZarrPatchSource(store, grid="g8")
 
 

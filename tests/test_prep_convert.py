@@ -71,7 +71,7 @@ def test_pyramid_tiff_roundtrip(pyramid_tiff, tmp_path):
     assert [c.to_dict()["name"] for c in a0.compressors] == ["blosc"]
     assert a0.compressors[0].to_dict()["configuration"]["cname"] == "lz4"
     # attributes as in docs/FORMAT.md
-    assert attrs["format_version"] == 1 and attrs["spatial_dims"] == 2 and attrs["channels"] == 3
+    assert attrs["format_version"] == 2 and attrs["spatial_dims"] == 2 and attrs["channels"] == 3
     assert attrs["spacing"] == [0.5, 0.5] and attrs["background"] == 255
     prov = attrs["provenance"]
     assert prov["reader"] == "tifffile" and prov["source_size_bytes"] == path.stat().st_size
@@ -321,7 +321,7 @@ def test_killed_conversion_leaves_no_complete_store_and_rerun_completes(tmp_path
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(script), "prep", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = out / ".big.zarr.partial"
+    partial = out / f".big.zarr.partial-{proc.pid}"
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:  # wait until some level-0 shards exist

@@ -8,9 +8,16 @@ from one shard are coalesced into few reads, each chunk is decoded once per call
 share it, and a chunk that is exactly one patch is decoded straight into the output. numcodecs releases
 the GIL while decoding, so shards are handled in parallel by a thread pool.
 
-Only plain layouts are handled (sharding_indexed or unsharded; inner codecs `bytes` plus at most one of
-zstd / blosc / gzip); `ChunkReader.for_array` returns None for anything else, and callers fall back to
-zarr's own reads.
+The byte layout (keys, shard index, codecs) is `ips.format.sharding.ShardLayout`, shared with the
+writer; `ChunkReader.for_array` returns None for a layout it does not handle, and callers fall back to
+zarr's own reads. Local stores are read with plain `os.pread`; other stores through the zarr store's
+(async) `get` with byte ranges, run on zarr's event loop (`zarr.core.sync.sync`: zarr has no public
+synchronous byte-range read).
+
+Integrity: given the store's record of written keys (`ips.format.checksums`, from the completion
+marker), a shard that is absent but recorded was lost, not background. Every problem with a chunk's
+bytes (a lost shard, one shorter than its index says, a bad index checksum, a chunk that does not
+decode) raises `StoreError` naming the store, the array and the chunk.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ import numpy as np
 import zarr
 from numcodecs import blosc as _blosc
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ShardingCodec, ZstdCodec
-from zarr.core.buffer import default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-MISSING = np.uint64(2**64 - 1)  # shard index entry of a chunk that was not written
+from ips.errors import StoreError
+from ips.format.sharding import MISSING, CorruptShard, ShardLayout, UnsupportedLayout
+
 # byte ranges of one shard closer than this are fetched as one read: on local disk a pread is cheap and
 # reading gaps is not (measured: random-order pass 0.18 s at 16 KiB, 0.26 s at 1 MiB); a remote request
 # costs a round trip, worth a larger gap
@@ -42,44 +50,11 @@ COALESCE_GAP_REMOTE = 1 << 20
 INDEX_CACHE_SHARDS = 4096  # cached shard indexes: 4096 * 16 B * chunks per shard (4 MiB at 64 chunks)
 
 
-def _decoder(codecs: tuple[Any, ...]) -> tuple[numcodecs.abc.Codec | None, str | None] | None:
-    """(numcodecs decoder or None, bytes endian) for `bytes [+ compressor]`; None if unsupported."""
-    if not codecs or not isinstance(codecs[0], BytesCodec):
-        return None
-    endian = codecs[0].endian.value if codecs[0].endian is not None else None
-    rest = codecs[1:]
-    if not rest:
-        return None, endian
-    if len(rest) > 1:
-        return None
-    c = rest[0]
-    if isinstance(c, ZstdCodec):
-        return numcodecs.Zstd(level=c.level, checksum=c.checksum), endian
-    if isinstance(c, BloscCodec):
-        return numcodecs.Blosc(), endian
-    if isinstance(c, GzipCodec):
-        return numcodecs.GZip(level=c.level), endian
-    return None
-
-
 def _split_by(labels: np.ndarray, n: int) -> list[np.ndarray]:
     """Positions of each label 0..n-1 in `labels` `(m,)`: a list of n int arrays."""
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(n + 1))
     return [order[bounds[i]:bounds[i + 1]] for i in range(n)]
-
-
-def _plain_index(index_codecs: tuple[Any, ...]) -> bool | None:
-    """Whether a shard index ends in a crc32c checksum; None if its codecs are not little-endian bytes
-    [+ crc32c]."""
-    if not index_codecs or not isinstance(index_codecs[0], BytesCodec):
-        return None
-    if index_codecs[0].endian is not None and index_codecs[0].endian.value != "little":
-        return None
-    rest = index_codecs[1:]
-    if len(rest) > 1 or (rest and not isinstance(rest[0], Crc32cCodec)):
-        return None
-    return bool(rest)
 
 
 @dataclass
@@ -104,99 +79,96 @@ class _Plan:
 class ChunkReader:
     """Reads boxes (patches) of one zarr v3 array by whole chunks.
 
-    Build with `ChunkReader.for_array(array, pad_value)`. `read_boxes(lo, size, out, slots, executor)`
-    fills `out[slots[j]]` `(*size)` with the array's box `[lo[j], lo[j] + size)` (all axes, channel
-    included). Unwritten chunks read as the array's fill value; the part of a box outside the array is
-    `pad_value`.
+    Build with `ChunkReader.for_array(array, pad_value, written=..., name=...)`. `read_boxes(lo, size,
+    out, slots, executor)` fills `out[slots[j]]` `(*size)` with the array's box `[lo[j], lo[j] + size)`
+    (all axes, channel included). Unwritten chunks read as the array's fill value; the part of a box
+    outside the array is `pad_value`. `written`: `{key: [size, crc32c]}` of the shards (or chunks) the
+    store's marker records (None: unknown, an absent key reads as the fill value); `name`: the store's
+    name for messages.
     """
 
-    def __init__(self, array: zarr.Array, chunk_shape: tuple[int, ...], shard_shape: tuple[int, ...] | None,
-                 codec: numcodecs.abc.Codec | None, endian: str | None, index_crc: bool,
-                 index_at_end: bool, pad_value: Any) -> None:
-        meta = array.metadata
-        self.shape = np.asarray(array.shape, dtype=np.int64)
-        self.chunk_shape = tuple(int(c) for c in chunk_shape)
+    def __init__(self, array: zarr.Array, layout: ShardLayout, pad_value: Any,
+                 written: dict[str, list[int]] | None = None, name: str = "") -> None:
+        self.layout = layout
+        self.shape = np.asarray(layout.shape, dtype=np.int64)
+        self.chunk_shape = layout.chunk_shape
         self._chunk = np.asarray(self.chunk_shape, dtype=np.int64)
-        self.codec = codec
+        codec = self.codec = layout.codec
         # blosc straight into the output: half the per-call cost of `Blosc.decode(out=)`, which checks
         # and wraps its buffers first (6 vs 12 us for a 64 x 64 x 3 chunk), for the same bytes
         self._decode_into = (lambda data, dest: _blosc.decompress(data, dest)) \
             if isinstance(codec, numcodecs.Blosc) else (lambda data, dest: codec.decode(data, out=dest))
-        self.dtype = np.dtype(array.dtype)
-        stored = self.dtype
-        if endian is not None and stored.itemsize > 1:
-            stored = stored.newbyteorder("<" if endian == "little" else ">")
-        self.stored_dtype = stored
-        self.fill_value = meta.fill_value
+        self.dtype = layout.dtype
+        self.stored_dtype = layout.stored_dtype
+        self.fill_value = layout.fill_value
         self.pad_value = pad_value
-        self._encode_key = meta.encode_chunk_key
         self._store = array.store_path.store
         self._prefix = array.store_path.path
         self._root = str(self._store.root) if isinstance(self._store, LocalStore) else None
         self._gap = COALESCE_GAP_LOCAL if self._root is not None else COALESCE_GAP_REMOTE
-        self.sharded = shard_shape is not None
-        if shard_shape is not None:
-            self._per_shard = np.asarray([s // c for s, c in zip(shard_shape, chunk_shape)], dtype=np.int64)
-            self._index_body = 16 * int(np.prod(self._per_shard))
-            self._index_nbytes = self._index_body + (4 if index_crc else 0)
-            self._index_at_end = index_at_end
+        self.sharded = layout.sharded
+        self._per_shard = np.asarray(layout.chunks_per_shard, dtype=np.int64)
+        self._written = written
+        self._where = f"{name}: array {self._prefix!r}"
         self._index_cache: OrderedDict[tuple[int, ...], np.ndarray | None] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
-    def for_array(cls, array: zarr.Array, pad_value: Any = None) -> ChunkReader | None:
+    def for_array(cls, array: zarr.Array, pad_value: Any = None, *, written: dict[str, list[int]] | None = None,
+                  name: str = "") -> ChunkReader | None:
         """A reader for `array`, or None if its layout is not one this module handles."""
-        meta = array.metadata
-        if getattr(meta, "zarr_format", None) != 3 or not hasattr(meta, "codecs"):
+        try:
+            layout = ShardLayout.of(array)
+        except (UnsupportedLayout, KeyError, TypeError, AttributeError):
             return None
-        pad_value = meta.fill_value if pad_value is None else pad_value
-        codecs = tuple(meta.codecs)
-        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-            sc = codecs[0]
-            crc = _plain_index(tuple(sc.index_codecs))
-            dec = _decoder(tuple(sc.codecs))
-            if crc is None or dec is None:
-                return None
-            return cls(array, tuple(sc.chunk_shape), tuple(array.shards or array.chunks), dec[0], dec[1], crc,
-                       sc.index_location.value == "end", pad_value)
-        dec = _decoder(codecs)
-        if dec is None:
-            return None
-        return cls(array, tuple(array.chunks), None, dec[0], dec[1], False, True, pad_value)
+        return cls(array, layout, layout.fill_value if pad_value is None else pad_value, written, name)
 
     # --- bytes ---------------------------------------------------------------------------------------
 
-    def _key(self, coords: tuple[int, ...]) -> str:
-        key = self._encode_key(coords)
-        return f"{self._prefix}/{key}" if self._prefix else key
+    def _damaged(self, key: str, what: str, chunk: tuple[int, ...] | None = None) -> StoreError:
+        at = f"chunk {chunk} in shard {key!r}" if chunk is not None and self.sharded else f"chunk {key!r}"
+        return StoreError(f"{self._where} {at}: {what}; run `ips verify`, rebuild with `ips prep --overwrite`")
 
     def _fetch(self, key: str, ranges: list[tuple[int, int]] | None = None, suffix: int | None = None
-               ) -> list[bytes] | None:
-        """Byte ranges `[(start, end)]` of `key`, its last `suffix` bytes, or (neither) all of it;
-        None if the key is absent."""
+               ) -> tuple[list[bytes], int | None] | None:
+        """Byte ranges `[(start, end)]` of `key`, its last `suffix` bytes, or (neither) all of it, and the
+        file's size where known; None if the key is absent (and not recorded as written: then it is
+        lost, a StoreError). A range cut short by the end of the file raises StoreError (truncated)."""
+        rel = key
+        key = f"{self._prefix}/{rel}" if self._prefix else rel
+        size: int | None = None
         if self._root is not None:  # local disk: plain preads, no event-loop round trip
             try:
                 fd = os.open(os.path.join(self._root, key), os.O_RDONLY)
             except FileNotFoundError:
-                return None
+                return self._absent(rel)
             try:
                 if ranges is not None:
-                    return [os.pread(fd, b - a, a) for a, b in ranges]
-                size = os.fstat(fd).st_size
-                n = size if suffix is None else min(suffix, size)
-                return [os.pread(fd, n, size - n)]
+                    out = [os.pread(fd, b - a, a) for a, b in ranges]
+                else:
+                    size = os.fstat(fd).st_size
+                    n = size if suffix is None else min(suffix, size)
+                    out = [os.pread(fd, n, size - n)]
             finally:
                 os.close(fd)
-        proto = default_buffer_prototype()
-        requests = [None] if ranges is None and suffix is None else \
-            [SuffixByteRequest(suffix)] if ranges is None else [RangeByteRequest(a, b) for a, b in ranges]
-        out = []
-        for req in requests:
-            buf = sync(self._store.get(key, prototype=proto, byte_range=req))
-            if buf is None:
-                return None
-            out.append(buf.to_bytes())
-        return out
+        else:
+            proto = default_buffer_prototype()
+            requests = [None] if ranges is None and suffix is None else \
+                [SuffixByteRequest(suffix)] if ranges is None else [RangeByteRequest(a, b) for a, b in ranges]
+            out = []
+            for req in requests:
+                buf = sync(self._store.get(key, prototype=proto, byte_range=req))
+                if buf is None:
+                    return self._absent(rel)
+                out.append(buf.to_bytes())
+        if ranges is not None and any(len(o) != b - a for o, (a, b) in zip(out, ranges)):
+            raise self._damaged(rel, "the file is shorter than its index says (truncated)")
+        return out, size
+
+    def _absent(self, key: str) -> None:
+        if self._written is not None and key in self._written:
+            raise self._damaged(key, "missing (written by ips prep, since lost)")
+        return None
 
     def _shard_index(self, shard: tuple[int, ...]) -> np.ndarray | None:
         """uint64 `(*chunks_per_shard, 2)` (offset, nbytes) of `shard`; None if it is not written."""
@@ -204,12 +176,22 @@ class ChunkReader:
             if shard in self._index_cache:
                 self._index_cache.move_to_end(shard)
                 return self._index_cache[shard]
-        key = self._key(shard)
-        raw = self._fetch(key, suffix=self._index_nbytes) if self._index_at_end else \
-            self._fetch(key, ranges=[(0, self._index_nbytes)])
+        lay = self.layout
+        key = lay.key(shard)
+        got = self._fetch(key, suffix=lay.index_nbytes) if lay.index_at_end else \
+            self._fetch(key, ranges=[(0, lay.index_nbytes)])
         index = None
-        if raw is not None:
-            index = np.frombuffer(raw[0][: self._index_body], dtype="<u8").reshape(*self._per_shard, 2)
+        if got is not None:
+            raw, size = got
+            record = self._written.get(key) if self._written is not None else None
+            if record is not None and size is not None and size != record[0]:
+                raise self._damaged(key, f"{size} bytes, {record[0]} written (truncated or changed)")
+            try:
+                index = lay.decode_index(raw[0])
+                if size is not None:
+                    lay.check_index(index, size)
+            except CorruptShard as e:
+                raise self._damaged(key, str(e)) from None
         with self._lock:
             self._index_cache[shard] = index
             if len(self._index_cache) > INDEX_CACHE_SHARDS:
@@ -219,7 +201,7 @@ class ChunkReader:
     def _chunk_bytes(self, shard: tuple[int, ...] | None, chunks: np.ndarray) -> list[bytes | memoryview | None]:
         """Encoded bytes of chunks `(n, ndim)` (all in `shard`, or unsharded); None = not written."""
         if shard is None:
-            return [(b[0] if (b := self._fetch(self._key(tuple(int(v) for v in c)))) else None) for c in chunks]
+            return [(b[0][0] if (b := self._fetch(self.layout.key(c))) else None) for c in chunks.tolist()]
         index = self._shard_index(shard)
         if index is None:
             return [None] * len(chunks)
@@ -243,10 +225,10 @@ class ChunkReader:
             else:
                 spans.append([a, b])
                 members.append([k])
-        blobs = self._fetch(self._key(shard), ranges=[(a, b) for a, b in spans])
-        if blobs is None:  # the shard vanished between index and data reads
+        got = self._fetch(self.layout.key(shard), ranges=[(a, b) for a, b in spans])
+        if got is None:  # the shard vanished between index and data reads
             return result
-        for (a, _), ks, blob in zip(spans, members, blobs):
+        for (a, _), ks, blob in zip(spans, members, got[0]):
             view = memoryview(blob)
             for k in ks:
                 lo = int(offsets[k]) - a
@@ -255,19 +237,25 @@ class ChunkReader:
 
     # --- chunks and boxes ----------------------------------------------------------------------------
 
-    def _decode(self, data: bytes | memoryview | None, dest: np.ndarray | None) -> np.ndarray | None:
+    def _decode(self, data: bytes | memoryview | None, dest: np.ndarray | None,
+                chunk: np.ndarray | None = None) -> np.ndarray | None:
         """One chunk `chunk_shape`, decoded into `dest` if given; None (with `dest` untouched) if the chunk
-        was not written."""
+        was not written. Bytes that do not decode to one chunk raise StoreError naming `chunk`."""
         if data is None:
             return None
         if dest is None:
             dest = np.empty(self.chunk_shape, dtype=self.dtype)
-        if self.codec is None:
-            dest[...] = np.frombuffer(data, dtype=self.stored_dtype).reshape(self.chunk_shape)
-        elif self.stored_dtype == self.dtype:
-            self._decode_into(data, dest)
-        else:
-            dest[...] = np.frombuffer(self.codec.decode(data), dtype=self.stored_dtype).reshape(self.chunk_shape)
+        try:
+            if self.codec is None:
+                dest[...] = np.frombuffer(data, dtype=self.stored_dtype).reshape(self.chunk_shape)
+            elif self.stored_dtype == self.dtype:
+                self._decode_into(data, dest)
+            else:
+                dest[...] = np.frombuffer(self.codec.decode(data), dtype=self.stored_dtype).reshape(self.chunk_shape)
+        except Exception as e:  # noqa: BLE001 - any codec failure is damage, named with its chunk
+            c = tuple(int(v) for v in chunk) if chunk is not None else ()
+            key = self.layout.key(np.asarray(c) // self._per_shard if self.sharded else c)
+            raise self._damaged(key, f"does not decode ({type(e).__name__}: {e})", c) from None
         return dest
 
     def _read_group(self, shard: tuple[int, ...] | None, members: np.ndarray, plan: _Plan) -> None:
@@ -285,12 +273,12 @@ class ChunkReader:
             slot = plan.direct_slot[i]
             if slot >= 0:  # the patch is this chunk: decode straight into the output
                 dest = plan.out[slot]
-                if self._decode(data, dest) is None:
+                if self._decode(data, dest, chunk) is None:
                     dest[...] = self.fill_value
                 if plan.edge[i]:  # the rest of an edge chunk is outside the array
                     self._pad_outside(dest, c_lo)
                 continue
-            decoded = self._decode(data, None)
+            decoded = self._decode(data, None, chunk)
             out, pair_slot, pair_dst = plan.out, plan.pair_slot, plan.pair_dst
             for j in range(plan.bounds[i], plan.bounds[i + 1]):
                 dst = pair_dst[j]

@@ -1,12 +1,22 @@
-"""Open an ips store (docs/FORMAT.md) for reading: check it is complete, parse its `ips` attributes.
+"""Open an ips store (docs/FORMAT.md) for reading: check it is complete and intact, parse its `ips`
+attributes.
 
 Every problem with a store is a `StoreError` whose one-line message names the store and what is wrong,
 so a bad manifest row or a half-written store fails before training starts, not deep inside a read.
+
+Integrity (format 2): the completion marker records every written chunk/shard file with its size and
+crc32c (`ips.format.checksums`). Opening checks that each recorded file exists with its recorded size
+(one `stat` each); `verify_store` also checks every checksum (`ips verify`); small arrays read through
+zarr (grid coords, tissue, mask) are checksummed on every read; pixel reads check what they touch
+(`ips.data.chunk_io`). Stores of format 1 have no record: they open with a one-time
+`UnverifiedStoreWarning` (same layout; missing chunks read as background, as before).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,10 +26,17 @@ import zarr
 from zarr.core.sync import sync
 
 from ips.errors import StoreError
+from ips.format import checksums
 from ips.format import names as sf
 
 StoreLocation = str | Path | zarr.abc.store.Store
 
+
+class UnverifiedStoreWarning(UserWarning):
+    """A store without a record of what was written (format 1): damage to it cannot be detected."""
+
+
+_WARNED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -72,9 +89,13 @@ class IpsStore:
         if not isinstance(attrs, dict):
             raise StoreError(f"{self.name}: not an ips store (no '{sf.IPS_ATTR}' attribute in zarr.json)")
         version = attrs.get("format_version")
-        if version != sf.FORMAT_VERSION:
-            raise StoreError(f"{self.name}: store format_version {version!r}; this ips reads "
-                             f"version {sf.FORMAT_VERSION} (rerun `ips prep`)")
+        if version not in sf.READABLE_VERSIONS:
+            raise StoreError(f"{self.name}: store format_version {version!r}; this ips reads versions "
+                             f"{', '.join(map(str, sf.READABLE_VERSIONS))} (rerun `ips prep --overwrite`)")
+        self.format_version = int(version)
+        arrays = (marker or {}).get("arrays")
+        # array path -> {key: [size, crc32c]} of every written chunk/shard; None: not recorded (format 1)
+        self.written: dict[str, dict[str, list[int]]] | None = arrays if isinstance(arrays, dict) else None
         self.attrs: dict[str, Any] = attrs
         try:
             self.spatial_dims = int(attrs["spatial_dims"])
@@ -130,10 +151,38 @@ class IpsStore:
         """Pyramid level `level`: `(C, Y, X)` or `(C, Z, Y, X)`."""
         return self._array(str(level))
 
+    def written_keys(self, key: str) -> dict[str, list[int]] | None:
+        """`{chunk key: [size, crc32c]}` recorded for array `key` (None: the store records nothing for it,
+        e.g. format 1, or features added after prep)."""
+        return None if self.written is None else self.written.get(key)
+
+    def read_small(self, key: str) -> np.ndarray:
+        """All of a small array read through zarr (coords, tissue, mask), its recorded chunks checked
+        first: each must exist with its size and crc32c, so a lost chunk is not read as the fill value."""
+        array = self._array(key)
+        record = self.written_keys(key)
+        if record and is_local(self.location):
+            for chunk_key, (size, crc) in record.items():
+                path = Path(self.location) / key / chunk_key
+                try:
+                    got = checksums.file_record(path)
+                except FileNotFoundError:
+                    raise StoreError(f"{self.name}: array {key!r} chunk {chunk_key!r}: missing (written by "
+                                     "ips prep, since lost); rebuild with `ips prep --overwrite`") from None
+                if got != [size, crc]:
+                    raise StoreError(f"{self.name}: array {key!r} chunk {chunk_key!r}: {got[0]} bytes, crc32c "
+                                     f"{got[1]:08x}; written {size} bytes, crc32c {crc:08x} (damaged); "
+                                     "rebuild with `ips prep --overwrite`")
+        try:
+            return np.asarray(array[...])
+        except Exception as e:  # noqa: BLE001 - a codec failure is damage, named with the array
+            raise StoreError(f"{self.name}: array {key!r} does not decode ({type(e).__name__}: {e}); "
+                             "rebuild with `ips prep --overwrite`") from None
+
     def coords(self, grid: str = sf.DEFAULT_GRID) -> np.ndarray:
         """Grid coords, int64 `(N, spatial_dims)` (top-left corners, pixels of the grid's level)."""
         info = self.grid(grid)
-        coords = np.asarray(self._array(f"{sf.GRIDS_GROUP}/{grid}/{sf.COORDS_ARRAY}")[...], dtype=np.int64)
+        coords = np.asarray(self.read_small(f"{sf.GRIDS_GROUP}/{grid}/{sf.COORDS_ARRAY}"), dtype=np.int64)
         if coords.shape != (info.n_patches, self.spatial_dims):
             raise StoreError(f"{self.name}: grid {grid!r} coords have shape {coords.shape}, expected "
                              f"({info.n_patches}, {self.spatial_dims})")
@@ -148,8 +197,8 @@ class IpsStore:
 def _partial_hint(location: StoreLocation) -> str:
     """Point at an interrupted `ips prep` output next to a missing local store."""
     path = Path(location)
-    partial = path.with_name(f".{path.name}{sf.PARTIAL_SUFFIX}")
-    return f" (a partial conversion exists at {partial}; rerun `ips prep`)" if partial.exists() else ""
+    partial = next(iter(sorted(path.parent.glob(f".{path.name}{sf.PARTIAL_SUFFIX}*"))), None)
+    return f" (a partial conversion exists at {partial}; rerun `ips prep`)" if partial is not None else ""
 
 
 def _read_marker(group: zarr.Group) -> dict[str, Any] | None:
@@ -187,4 +236,72 @@ def open_store(location: StoreLocation, *, mode: Literal["r", "r+"] = "r") -> Ip
     if marker is None:
         raise StoreError(f"{name}: incomplete store (no {sf.COMPLETE_MARKER}); its conversion was "
                          "interrupted or is still running: rerun `ips prep`")
-    return IpsStore(location, group, marker)
+    store = IpsStore(location, group, marker)
+    if store.written is None:
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(f"{name}: format {store.format_version} store without checksums in "
+                          f"{sf.COMPLETE_MARKER}: lost or damaged chunks cannot be detected (rebuild with "
+                          "`ips prep --overwrite`)", UnverifiedStoreWarning, stacklevel=2)
+    else:
+        check_files(store)
+    return store
+
+
+def check_files(store: IpsStore) -> None:
+    """The cheap check: every recorded chunk/shard file exists with its recorded size (one stat each).
+    Raises StoreError naming the store, the array and the first bad key."""
+    assert store.written is not None
+    if is_local(store.location):
+        root = str(store.location)
+        for array, record in store.written.items():
+            base = os.path.join(root, array)
+            for key, (size, _) in record.items():
+                try:
+                    got = os.stat(os.path.join(base, key)).st_size
+                except FileNotFoundError:
+                    raise StoreError(f"{store.name}: array {array!r} chunk {key!r}: missing (written by ips "
+                                     "prep, since lost); rebuild with `ips prep --overwrite`") from None
+                if got != size:
+                    raise StoreError(f"{store.name}: array {array!r} chunk {key!r}: {got} bytes, {size} "
+                                     "written (truncated or changed); rebuild with `ips prep --overwrite`")
+        return
+    root_path = store.group.store_path
+    for array, record in store.written.items():
+        for key, (size, _) in record.items():
+            node = root_path / array / key
+            try:
+                got = sync(node.store.getsize(node.path))
+            except FileNotFoundError:
+                raise StoreError(f"{store.name}: array {array!r} chunk {key!r}: missing (written by ips "
+                                 "prep, since lost)") from None
+            if got != size:
+                raise StoreError(f"{store.name}: array {array!r} chunk {key!r}: {got} bytes, {size} written")
+
+
+def verify_store(location: StoreLocation) -> list[str]:
+    """Every problem of a store, one line each (empty: intact): what `open_store` checks, then each
+    recorded file's crc32c. A store that records no checksums (format 1) is one problem."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnverifiedStoreWarning)
+            store = open_store(location)
+    except StoreError as e:
+        return [str(e)]
+    if store.written is None:
+        return [f"{store.name}: cannot be verified: format {store.format_version} records no checksums "
+                "(rebuild with `ips prep --overwrite`)"]
+    if not is_local(location):
+        return []  # sizes checked on open; checksums of remote stores are not read back
+    problems = []
+    for array, record in store.written.items():
+        for key, (size, crc) in record.items():
+            try:
+                got_size, got_crc = checksums.file_record(Path(location) / array / key)
+            except FileNotFoundError:
+                problems.append(f"{store.name}: array {array!r} chunk {key!r}: missing")
+                continue
+            if (got_size, got_crc) != (size, crc):
+                problems.append(f"{store.name}: array {array!r} chunk {key!r}: {got_size} bytes, crc32c "
+                                f"{got_crc:08x}; written {size} bytes, crc32c {crc:08x} (damaged)")
+    return problems

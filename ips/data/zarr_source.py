@@ -4,7 +4,7 @@
 A source holds O(N) scalars (the grid coords) and nothing else of the slide: `read` returns only the
 patches asked for. Two read paths, same result:
 
-- the usual one, for stores whose codecs `ips.chunk_io.ChunkReader` handles (all that `ips prep`
+- the usual one, for stores whose codecs `ips.data.chunk_io.ChunkReader` handles (all that `ips prep`
   writes): patches are assembled from whole chunks read straight from their shards, each chunk decoded
   once per call (straight into the output where a patch is exactly one chunk) in a thread pool;
 - the fallback, zarr's own reads: requested patches are grouped by the shard their corner falls in; a
@@ -153,8 +153,8 @@ class ZarrPatchSource:
         self._shard = np.asarray(shards[1:], dtype=np.int64)
         self._patch = np.asarray(self.info.patch_size, dtype=np.int64)
         self._store: IpsStore | None = opened
-        self._array: Any = array._async_array
-        self._chunks = ChunkReader.for_array(array, self.background) if direct_chunks else None
+        self._array: Any = array.async_array
+        self._chunks = self._reader(opened, array) if direct_chunks else None
         self._direct = self._chunks is not None
 
     # --- pickling: keep the O(N) metadata, reopen zarr lazily ---------------------------------------
@@ -169,8 +169,12 @@ class ZarrPatchSource:
     def _open(self) -> None:
         self._store = open_store(self.location)
         array = self._store.level(self.info.level)
-        self._array = array._async_array
-        self._chunks = ChunkReader.for_array(array, self.background) if self._direct else None
+        self._array = array.async_array
+        self._chunks = self._reader(self._store, array) if self._direct else None
+
+    def _reader(self, opened: IpsStore, array: Any) -> ChunkReader | None:
+        return ChunkReader.for_array(array, self.background, written=opened.written_keys(str(self.info.level)),
+                                     name=opened.name)
 
     def _async_array(self) -> Any:
         if self._array is None:

@@ -1,8 +1,12 @@
 """Names and constants of the ips store format (docs/FORMAT.md), shared by writer and readers."""
 
-FORMAT_VERSION = 1
+# 2: the completion marker records every written chunk/shard key with its size and crc32c
+# (ips.format.checksums); version-1 stores open with a warning that they cannot be verified
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 COMPLETE_MARKER = "ips_complete.json"
-PARTIAL_SUFFIX = ".partial"
+PARTIAL_SUFFIX = ".partial"  # DIR/.<slide_id>.zarr.partial-<pid>: a conversion in progress (or killed)
+LOCK_SUFFIX = ".lock"  # DIR/.<slide_id>.zarr.lock: held by the prep writing that store
 MASK_ARRAY = "mask"
 GRIDS_GROUP = "grids"
 FEATURES_GROUP = "features"
