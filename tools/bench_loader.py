@@ -38,10 +38,10 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ips.data.chunk_io import _decoder  # noqa: E402
 from ips.data.sources import iter_chunks  # noqa: E402
 from ips.data.streaming import stream_chunks  # noqa: E402
 from ips.data.zarr_source import ZarrPatchSource  # noqa: E402
+from ips.format.sharding import ShardLayout  # noqa: E402
 
 
 def he_like(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # the floor: only the codec, over the same chunks' bytes already in memory, one thread
     sc = arr.metadata.codecs[0]
-    codec, _ = _decoder(tuple(sc.codecs))
+    codec = ShardLayout.of(arr).codec
     per_shard = int(np.prod([s // c for s, c in zip(arr.shards, sc.chunk_shape)]))
     blobs = []
     for f in sorted((store / "0" / "c").rglob("*")):

@@ -45,6 +45,7 @@ def bench_store(
     all of them, for throughput measurements). Returns `root/<name>.zarr` (reused if complete).
     """
     from data_prep.convert import PrepOptions, convert_array
+    from data_prep.writer import reseal
 
     if n_patches < 1 or patch_size < 1:
         raise ValueError(f"n_patches and patch_size must be >= 1, got {n_patches}, {patch_size}")
@@ -67,4 +68,5 @@ def bench_store(
     if band < rows:  # the band of real pixels, written into level 0's chunks (again on reuse: idempotent)
         level0 = zarr.open_array(str(store / "0"), mode="r+")
         level0[:, : band * patch_size, :] = textured((channels, band * patch_size, shape[2]), seed)
+        reseal(store, ["0"])  # record the new shards in the completion marker
     return store
