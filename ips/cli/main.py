@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "ips.cli.heatmap",
     "ips.cli.embed",
     "ips.cli.bench",
+    "ips.cli.verify",
     "ips.cli.demo",
 ]
 

@@ -126,7 +126,10 @@ class ChunkReader:
     # --- bytes ---------------------------------------------------------------------------------------
 
     def _damaged(self, key: str, what: str, chunk: tuple[int, ...] | None = None) -> StoreError:
-        at = f"chunk {chunk} in shard {key!r}" if chunk is not None and self.sharded else f"chunk {key!r}"
+        if self.sharded:
+            at = f"chunk {chunk} in shard {key!r}" if chunk is not None else f"shard {key!r}"
+        else:
+            at = f"chunk {key!r}"
         return StoreError(f"{self._where} {at}: {what}; run `ips verify`, rebuild with `ips prep --overwrite`")
 
     def _fetch(self, key: str, ranges: list[tuple[int, int]] | None = None, suffix: int | None = None
