@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "ips.cli.bench",
     "ips.cli.verify",
     "ips.cli.demo",
+    "ips.cli.view",
 ]
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,13 @@ import numpy as np
 
 from ips.data.store import IpsStore
 
-CMAP = "inferno"
-OVERLAY_ALPHA = 0.55
+# The overlay's colour map: turbo (blue -> green -> yellow -> dark red) with an opacity ramp, so that low
+# attention is transparent (the tissue shows through) and the highest is an opaque, saturated dark red
+# that stands out against pale H&E (inferno's top, near-white yellow, read as background). The PNG
+# heatmaps and `ips view` share it.
+CMAP = "turbo"
+ALPHA_MAX = 0.85  # opacity of the highest value
+ALPHA_RAMP = (0.1, 0.5)  # opacity rises linearly from 0 to ALPHA_MAX between these shares of the range
 PAINT_BLOCK = 1 << 16  # patches converted to pixel boxes at once
 PROJECTION_SLAB = 16  # z-planes read at once when projecting a volume
 
@@ -69,6 +74,38 @@ def read_thumbnail(store: IpsStore, max_size: int = 1024) -> tuple[np.ndarray, i
         out = part if out is None else (np.minimum(out, part) if bright else np.maximum(out, part))
     assert out is not None
     return to_rgb(out), level
+
+
+def overlay_colors(n: int = 256) -> np.ndarray:
+    """The overlay colour map as a table: float `(n, 4)` RGBA in [0, 1], entry i for value i / (n - 1)."""
+    import matplotlib
+
+    values = np.linspace(0.0, 1.0, n)
+    table = np.asarray(matplotlib.colormaps[CMAP](values), dtype=np.float64)
+    lo, hi = ALPHA_RAMP
+    table[:, 3] = ALPHA_MAX * np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    return table
+
+
+def overlay_cmap() -> object:
+    """`overlay_colors` as a matplotlib colormap (NaN: transparent)."""
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(overlay_colors(), name=f"{CMAP}_ramp")
+    cmap.set_bad((0.0, 0.0, 0.0, 0.0))
+    return cmap
+
+
+def colorize(values: np.ndarray, vmax: float, vmin: float = 0.0) -> np.ndarray:
+    """Values of any shape `S` -> uint8 RGBA `(*S, 4)` by `overlay_colors` over [vmin, vmax]; NaN:
+    transparent."""
+    table = np.rint(overlay_colors() * 255.0).astype(np.uint8)  # (256, 4)
+    v = np.asarray(values, dtype=np.float64)
+    scale = (v - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(v)
+    index = np.rint(np.clip(np.nan_to_num(scale, nan=0.0), 0.0, 1.0) * (len(table) - 1)).astype(np.int64)
+    out = table[index]
+    out[~np.isfinite(v)] = 0
+    return out
 
 
 def pixel_boxes(level0_corner: np.ndarray, size0: np.ndarray, downsample: np.ndarray,
@@ -167,7 +204,7 @@ def save_overlay(
         finite = heat[np.isfinite(heat)]
         vmax = float(finite.max()) if finite.size else 1.0
         vmin = float(finite.min()) if finite.size and finite.min() < 0 else 0.0
-        im = ax.imshow(np.ma.masked_invalid(heat), cmap=CMAP, alpha=OVERLAY_ALPHA, vmin=vmin,
+        im = ax.imshow(np.ma.masked_invalid(heat), cmap=overlay_cmap(), vmin=vmin,
                        vmax=vmax if vmax > vmin else vmin + 1e-12, aspect=aspect, interpolation="nearest")
         for r, c in marks or ():
             ax.plot([c], [r], marker="o", markersize=12, markerfacecolor="none", markeredgecolor="cyan")

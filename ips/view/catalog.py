@@ -1,0 +1,121 @@
+"""The slides `ips view` serves: given stores or a manifest, plus optional heatmap and prediction folders.
+
+A slide is known by its id only (the store's name, or the manifest's `slide_id`); requests name ids, never
+paths, so nothing outside the stores the viewer was started with can be reached.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ips.errors import ConfigError
+
+
+@dataclass
+class TaskPrediction:
+    """One task's row of predictions.csv: probabilities by class (binary: `{1: p}`), prediction, label."""
+
+    task: str
+    probabilities: dict[int, float]
+    prediction: str
+    label: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "probabilities": {str(k): v for k, v in self.probabilities.items()},
+            "prediction": self.prediction,
+            "label": self.label,
+        }
+
+
+@dataclass
+class SlideEntry:
+    """A served slide: its store, heatmap folder (None: no overlay), predictions and manifest label."""
+
+    slide_id: str
+    store: str
+    heatmap: Path | None = None
+    predictions: list[TaskPrediction] = field(default_factory=list)
+    label: str = ""
+
+
+def slide_id_of(path: str | Path) -> str:
+    """`DIR/<slide_id>.zarr` -> `<slide_id>`."""
+    name = Path(str(path).rstrip("/")).name
+    return name[: -len(".zarr")] if name.endswith(".zarr") else name
+
+
+def read_manifest_rows(path: Path) -> list[tuple[str, str, str]]:
+    """`(slide_id, store path, label)` of each manifest row (relative paths against the manifest's folder)."""
+    if not path.is_file():
+        raise ConfigError(f"--manifest {path}: no such file")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        if "slide_id" not in header or "path" not in header:
+            raise ConfigError(f"--manifest {path}: needs columns slide_id and path (has {', '.join(header)})")
+        reader.fieldnames = header
+        rows = []
+        for row in reader:
+            store = (row.get("path") or "").strip()
+            if store and "://" not in store and not Path(store).is_absolute():
+                store = str(path.parent / store)
+            rows.append(((row.get("slide_id") or "").strip(), store, (row.get("label") or "").strip()))
+    return rows
+
+
+def read_predictions(path: Path) -> dict[str, list[TaskPrediction]]:
+    """predictions.csv (`ips predict`) -> slide_id -> one `TaskPrediction` per task."""
+    if not path.is_file():
+        raise ConfigError(f"--predictions {path}: no such file")
+    out: dict[str, list[TaskPrediction]] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            probs = {
+                int(k[5:]): float(v)
+                for k, v in row.items()
+                if k and k.startswith("prob_") and v not in ("", None)
+            }
+            out.setdefault(row.get("slide_id", ""), []).append(
+                TaskPrediction(row.get("task", ""), probs, row.get("prediction", ""), row.get("label", ""))
+            )
+    return out
+
+
+def build_catalog(
+    stores: Sequence[str | Path],
+    manifest: str | Path | None = None,
+    heatmaps: str | Path | None = None,
+    predictions: str | Path | None = None,
+) -> dict[str, SlideEntry]:
+    """slide_id -> `SlideEntry`, in the order given. Raises ConfigError on bad usage (no slides, a duplicate
+    id, a missing store, folder or file)."""
+    rows: list[tuple[str, str, str]] = [(slide_id_of(s), str(s), "") for s in stores]
+    if manifest is not None:
+        rows += read_manifest_rows(Path(manifest))
+    if not rows:
+        raise ConfigError("give stores or --manifest: there is nothing to show")
+    if heatmaps is not None and not Path(heatmaps).is_dir():
+        raise ConfigError(f"--heatmaps {heatmaps}: not a directory")
+    preds = read_predictions(Path(predictions)) if predictions is not None else {}
+    catalog: dict[str, SlideEntry] = {}
+    for slide_id, store, label in rows:
+        if not slide_id:
+            raise ConfigError(f"store {store}: empty slide id")
+        if slide_id in catalog:
+            raise ConfigError(f"slide id {slide_id!r} given twice ({catalog[slide_id].store} and {store})")
+        if "://" not in store and not Path(store).is_dir():
+            raise ConfigError(f"store {store} does not exist")
+        heat = Path(heatmaps) / slide_id if heatmaps is not None else None
+        if heat is not None and not (heat / "scores.zarr").is_dir():
+            heat = None
+        entry = SlideEntry(slide_id, store, heat, preds.get(slide_id, []), label)
+        if not entry.label and entry.predictions:
+            entry.label = entry.predictions[0].label
+        catalog[slide_id] = entry
+    return catalog
