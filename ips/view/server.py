@@ -272,6 +272,8 @@ class ViewerApp:
             raise NotFound("no such path")
         if path == "/":
             return _asset("index.html")
+        if path == "/favicon.ico":
+            return Response(204, "image/x-icon", b"")
         head, rest = parts[0], parts[1:]
         if head == "assets" and len(rest) == 1:
             return _asset(rest[0])
