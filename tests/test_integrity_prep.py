@@ -39,20 +39,44 @@ if os.environ.get("IPS_TEST_SLOW_READ"):
 
 def make_inputs(folder: Path, n: int, size: int = 1024) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    return [write_pyramid_tiff(folder / f"s{i}.tif", tissue_image(size, size, seed=i, box=(0.1, 0.1, 0.9, 0.9)),
-                               levels=1, tile=64) for i in range(n)]
+    return [
+        write_pyramid_tiff(
+            folder / f"s{i}.tif",
+            tissue_image(size, size, seed=i, box=(0.1, 0.1, 0.9, 0.9)),
+            levels=1,
+            tile=64,
+        )
+        for i in range(n)
+    ]
 
 
 def prep_cmd(inputs: list[Path], out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ips.cli", "prep", *map(str, inputs), "--out", str(out), "--patch-size", "64",
-            "--threads", "1", "--no-thumbnail", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "ips.cli",
+        "prep",
+        *map(str, inputs),
+        "--out",
+        str(out),
+        "--patch-size",
+        "64",
+        "--threads",
+        "1",
+        "--no-thumbnail",
+        *extra,
+    ]
 
 
 def slow_env(tmp_path: Path, seconds: float) -> dict[str, str]:
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "IPS_TEST_SLOW_READ": str(seconds)}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]),
+        "IPS_TEST_SLOW_READ": str(seconds),
+    }
 
 
 def children(pid: int) -> list[int]:
@@ -87,8 +111,12 @@ def store_digest(store: Path) -> dict:
 def test_kill9_parent_of_workers(tmp_path):
     inputs = make_inputs(tmp_path / "in", 4)
     out = tmp_path / "out"
-    proc = subprocess.Popen(prep_cmd(inputs, out, "--workers", "2"), env=slow_env(tmp_path, 0.4),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        prep_cmd(inputs, out, "--workers", "2"),
+        env=slow_env(tmp_path, 0.4),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 60
@@ -116,9 +144,14 @@ def test_kill9_parent_of_workers(tmp_path):
         assert is_complete(store) and verify_store(store) == [], store
     # a rerun at once finishes the job; its stores equal a clean run's
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    assert subprocess.run(prep_cmd(inputs, out, "--workers", "2"), env=env, capture_output=True).returncode == 0
+    assert (
+        subprocess.run(prep_cmd(inputs, out, "--workers", "2"), env=env, capture_output=True).returncode == 0
+    )
     clean = tmp_path / "clean"
-    assert subprocess.run(prep_cmd(inputs, clean, "--workers", "2"), env=env, capture_output=True).returncode == 0
+    assert (
+        subprocess.run(prep_cmd(inputs, clean, "--workers", "2"), env=env, capture_output=True).returncode
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
     for src in inputs:
         name = f"{src.stem}.zarr"
@@ -141,7 +174,8 @@ def test_rerun_with_other_options_names_overwrite(tmp_path, capsys):
     assert read_marker(out / "s0.zarr") == before  # left as it was
     assert main([*args, "--patch-size", "32", "--overwrite"]) == 0
     assert json.loads((out / "s0.zarr" / "zarr.json").read_text())["attributes"]["ips"]["grids"]["default"][
-        "patch_size"] == [32, 32]
+        "patch_size"
+    ] == [32, 32]
     assert main([*args, "--patch-size", "32", "--codec", "zstd"]) == 1
     assert "codec blosc-lz4 (this run: zstd)" in capsys.readouterr().err
 
@@ -155,7 +189,11 @@ def test_a_held_lock_refuses_a_second_prep_and_keeps_its_partial(tmp_path):
     opts = PrepOptions(patch_size=64, thumbnail=False, min_tissue=0.1)
     with StoreLock(out, "s0"):
         result = prep_file(src, out, options=opts)
-        assert result.status == "failed" and "another ips prep (pid" in result.reason and "s0.zarr" in result.reason
+        assert (
+            result.status == "failed"
+            and "another ips prep (pid" in result.reason
+            and "s0.zarr" in result.reason
+        )
         assert theirs.is_dir()  # not ours to remove while its lock is held
     result = prep_file(src, out, options=opts)  # the lock is free: the stale partial goes
     assert result.status == "done" and not theirs.exists()
@@ -187,8 +225,12 @@ def test_two_concurrent_preps_do_not_interleave(tmp_path):
     inputs = make_inputs(tmp_path / "in", 1)
     out = tmp_path / "out"
     env = slow_env(tmp_path, 0.3)
-    procs = [subprocess.Popen(prep_cmd(inputs, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            prep_cmd(inputs, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [(*reversed(p.communicate(timeout=120)), p.returncode) for p in procs]  # (err, out, code)
     results = [(code, o, e) for e, o, code in results]
     codes = sorted(r[0] for r in results)

@@ -24,8 +24,9 @@ from ips.format.checksums import read_marker
 def store(tmp_path, request):
     """A 256 x 256 slide, 32-px patches in 64-px chunks, 2 x 2 chunks per shard: 4 level-0 shards."""
     img = tissue_image(256, 256, box=(0.0, 0.0, 1.0, 1.0)).transpose(2, 0, 1)
-    opts = PrepOptions(patch_size=32, shard_chunks=2, min_tissue=0.0, thumbnail=False, hash_source=False,
-                       codec=request.param)
+    opts = PrepOptions(
+        patch_size=32, shard_chunks=2, min_tissue=0.0, thumbnail=False, hash_source=False, codec=request.param
+    )
     return convert_array(img, tmp_path, "s", options=opts, background=255)
 
 
@@ -138,7 +139,9 @@ def test_format1_store_opens_with_one_warning_and_is_unverifiable(store, capsys)
     attrs["format_version"] = 1
     group.attrs["ips"] = attrs
     marker = read_marker(store)
-    (store / sf.COMPLETE_MARKER).write_text(json.dumps({k: marker[k] for k in ("tool_version", "completed", "grids")}))
+    (store / sf.COMPLETE_MARKER).write_text(
+        json.dumps({k: marker[k] for k in ("tool_version", "completed", "grids")})
+    )
     with pytest.warns(UnverifiedStoreWarning, match="cannot be detected.*--overwrite"):
         open_store(store)
     with warnings.catch_warnings():

@@ -22,9 +22,16 @@ def _image(dtype, fill, shape=(2, 150, 230)) -> np.ndarray:
 
 
 def _array(path, data, codec, fill) -> zarr.Array:
-    return zarr.create_array(str(path), shape=data.shape, dtype=data.dtype, chunks=(data.shape[0], 32, 32),
-                             shards=(data.shape[0], 128, 128), compressors=make_compressor(codec),
-                             fill_value=fill, config={"write_empty_chunks": False})
+    return zarr.create_array(
+        str(path),
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(data.shape[0], 32, 32),
+        shards=(data.shape[0], 128, 128),
+        compressors=make_compressor(codec),
+        fill_value=fill,
+        config={"write_empty_chunks": False},
+    )
 
 
 def _read_all(reader: ChunkReader, shape) -> np.ndarray:
@@ -43,7 +50,7 @@ def test_zarr_reads_what_the_writer_writes(tmp_path, codec, dtype, fill):
     enc = ShardEncoder(arr, tmp_path / "a")
     for y in range(0, 150, 128):
         for x in range(0, 230, 128):
-            enc.write((y, x), data[:, y:y + 128, x:x + 128])
+            enc.write((y, x), data[:, y : y + 128, x : x + 128])
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a"), mode="r")[...], data)
     assert not (tmp_path / "a" / "c" / "0" / "1" / "1").exists()  # all background: no file
     assert sorted(enc.records) == ["c/0/0/0", "c/0/0/1", "c/0/1/0"]
@@ -75,8 +82,13 @@ def test_layout_keys_and_index(tmp_path):
 def test_unsupported_layouts_are_named(tmp_path):
     from zarr.codecs import TransposeCodec
 
-    arr = zarr.create_array(str(tmp_path / "t"), shape=(4, 4), dtype="uint8", chunks=(2, 2),
-                            filters=[TransposeCodec(order=(1, 0))])
+    arr = zarr.create_array(
+        str(tmp_path / "t"),
+        shape=(4, 4),
+        dtype="uint8",
+        chunks=(2, 2),
+        filters=[TransposeCodec(order=(1, 0))],
+    )
     with pytest.raises(UnsupportedLayout):
         ShardLayout.of(arr)
     assert ChunkReader.for_array(arr) is None

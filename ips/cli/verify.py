@@ -15,9 +15,11 @@ from ips.errors import EXIT_OK, EXIT_SOME_FAILED
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "verify", help="check stores: every recorded chunk exists with its size and crc32c",
+        "verify",
+        help="check stores: every recorded chunk exists with its size and crc32c",
         description="Check each STORE made by `ips prep`: complete, every written chunk/shard present with "
-                    "its recorded size and crc32c. Exit 0 all intact, 1 some damaged (each named), 2 bad usage.")
+        "its recorded size and crc32c. Exit 0 all intact, 1 some damaged (each named), 2 bad usage.",
+    )
     p.add_argument("stores", nargs="+", metavar="STORE", help="store paths (DIR/<slide_id>.zarr)")
     p.set_defaults(func=run)
 

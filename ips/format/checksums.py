@@ -75,12 +75,15 @@ def scan_array(folder: str | Path, known: ArrayRecord | None = None) -> ArrayRec
     return record
 
 
-def scan_store(store: str | Path, known: dict[str, ArrayRecord] | None = None,
-               only: list[str] | None = None) -> dict[str, ArrayRecord]:
+def scan_store(
+    store: str | Path, known: dict[str, ArrayRecord] | None = None, only: list[str] | None = None
+) -> dict[str, ArrayRecord]:
     """`{array path: record}` of every array in a local store (or those in `only`)."""
     store = Path(store)
     known = known or {}
-    return {a: scan_array(store / a, known.get(a)) for a in (only if only is not None else array_paths(store))}
+    return {
+        a: scan_array(store / a, known.get(a)) for a in (only if only is not None else array_paths(store))
+    }
 
 
 def read_marker(store: str | Path) -> dict[str, Any]:

@@ -66,9 +66,12 @@ def make_codec(spec: dict[str, Any] | None) -> numcodecs.abc.Codec | None:
         return numcodecs.Zstd(level=int(conf.get("level", 0)), checksum=bool(conf.get("checksum", False)))
     if name == "blosc":
         shuffle = conf.get("shuffle", "noshuffle")
-        return numcodecs.Blosc(cname=conf.get("cname", "zstd"), clevel=int(conf.get("clevel", 5)),
-                               shuffle=_BLOSC_SHUFFLE[shuffle] if isinstance(shuffle, str) else int(shuffle),
-                               blocksize=int(conf.get("blocksize", 0)))
+        return numcodecs.Blosc(
+            cname=conf.get("cname", "zstd"),
+            clevel=int(conf.get("clevel", 5)),
+            shuffle=_BLOSC_SHUFFLE[shuffle] if isinstance(shuffle, str) else int(shuffle),
+            blocksize=int(conf.get("blocksize", 0)),
+        )
     if name == "gzip":
         return numcodecs.GZip(level=int(conf.get("level", 5)))
     raise UnsupportedLayout(f"compressor {name!r} (handled: {', '.join(CODECS)})")
@@ -141,10 +144,20 @@ class ShardLayout:
             shard_shape = tuple(int(s) for s in array.shards)
         endian, compressor = _inner_chain(codecs)
         stored = dtype.newbyteorder("<" if endian != "big" else ">") if dtype.itemsize > 1 else dtype
-        return cls(shape=tuple(int(n) for n in array.shape), dtype=dtype, stored_dtype=stored,
-                   chunk_shape=tuple(int(c) for c in array.chunks), shard_shape=shard_shape,
-                   compressor=compressor, fill_value=array.fill_value, index_at_end=index_at_end,
-                   index_crc=index_crc, key_prefix=prefix, key_separator=sep, codec=make_codec(compressor))
+        return cls(
+            shape=tuple(int(n) for n in array.shape),
+            dtype=dtype,
+            stored_dtype=stored,
+            chunk_shape=tuple(int(c) for c in array.chunks),
+            shard_shape=shard_shape,
+            compressor=compressor,
+            fill_value=array.fill_value,
+            index_at_end=index_at_end,
+            index_crc=index_crc,
+            key_prefix=prefix,
+            key_separator=sep,
+            codec=make_codec(compressor),
+        )
 
     # --- keys ----------------------------------------------------------------------------------------
 
@@ -182,7 +195,7 @@ class ShardLayout:
             raise CorruptShard(f"shard index is {len(raw)} bytes, expected {self.index_nbytes} (truncated)")
         body = raw[: self.index_body_nbytes]
         if self.index_crc:
-            stored = int(np.frombuffer(raw[self.index_body_nbytes:], dtype="<u4")[0])
+            stored = int(np.frombuffer(raw[self.index_body_nbytes :], dtype="<u4")[0])
             if crc32c(body) != stored:
                 raise CorruptShard("shard index checksum (crc32c) does not match")
         return np.frombuffer(body, dtype="<u8").reshape(*self.chunks_per_shard, 2)
@@ -198,7 +211,9 @@ class ShardLayout:
         present = entries[entries[:, 0] != MISSING]
         data_lo = 0 if self.index_at_end else self.index_nbytes
         data_hi = shard_nbytes - (self.index_nbytes if self.index_at_end else 0)
-        if len(present) and (int(present[:, 0].min()) < data_lo or int((present[:, 0] + present[:, 1]).max()) > data_hi):
+        if len(present) and (
+            int(present[:, 0].min()) < data_lo or int((present[:, 0] + present[:, 1]).max()) > data_hi
+        ):
             raise CorruptShard(f"chunk byte ranges reach past the shard's {shard_nbytes} bytes (truncated)")
 
     # --- chunks ----------------------------------------------------------------------------------------
@@ -214,7 +229,9 @@ class ShardLayout:
         raw = self.codec.decode(data) if self.codec is not None else data
         flat = np.frombuffer(raw, dtype=self.stored_dtype)
         if flat.size != int(np.prod(self.chunk_shape)):
-            raise ValueError(f"decoded {flat.nbytes} bytes, expected {int(np.prod(self.chunk_shape)) * flat.itemsize}")
+            raise ValueError(
+                f"decoded {flat.nbytes} bytes, expected {int(np.prod(self.chunk_shape)) * flat.itemsize}"
+            )
         return flat.reshape(self.chunk_shape).astype(self.dtype, copy=False)
 
     def encode_shard(self, chunks: Iterable[tuple[tuple[int, ...], bytes]]) -> bytes | None:
