@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     from ips.data.open import make_source
     from ips.infer.predict import select_slides
     from ips.model import build_model
+    from ips.runtime import DistInfo
     from ips.training.budget import GB
     from ips.training.loop import make_runtime, plan_budget, targets_for
     from ips.training.step import accumulate_gradients
-    from ips.runtime import DistInfo
 
     cfg = load_config(args.config, [f"train.device={args.device}", f"train.vram_budget_gb={args.budget_gb}",
                                     f"train.batch_size={args.batch_size}"])
