@@ -201,9 +201,16 @@ def summary(result: DemoResult) -> str:
         "files:",
         *(f"  {k:12s} {v}" for k, v in result.files.items()),
         "  heatmap of a slide: " + str(Path(result.files["heatmaps"]) / "<slide_id>" / "heatmap.png"),
+        "view them in the browser: " + view_command(result.files),
         "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()),
     ]
     return "\n".join(lines)
+
+
+def view_command(files: dict[str, str]) -> str:
+    """The `ips view` command that shows the demo's test slides with their heatmaps and predictions."""
+    return (f"ips view --manifest {files['manifest']} --split test --heatmaps {files['heatmaps']} "
+            f"--predictions {files['predictions']}")
 
 
 def _num(value: Any) -> str:

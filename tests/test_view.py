@@ -421,3 +421,21 @@ def test_memory_is_flat_in_the_slide_size(tmp_path):
         peaks[side] = peak
     assert peaks[3200] / peaks[1024] < 1.15, peaks
     print(f"peak RSS (KiB) serving every tile: {peaks}")
+
+
+def test_demo_prints_a_view_command_that_parses(lesions2d):
+    import shlex
+
+    from ips.cli.main import build_parser
+    from ips.demo import view_command
+
+    files = {
+        "manifest": str(lesions2d.manifest),
+        "heatmaps": str(lesions2d.heatmaps),
+        "predictions": str(lesions2d.predictions),
+    }
+    args = build_parser().parse_args(shlex.split(view_command(files))[1:])
+    assert args.command == "view" and args.split == "test" and args.manifest == files["manifest"]
+    catalog = build_catalog(args.stores, args.manifest, args.heatmaps, args.predictions, "train")
+    assert set(catalog) == {"lesion2d_0000", "lesion2d_0001"}  # this tiny set has only a train split
+    assert all(e.heatmap is not None and e.predictions for e in catalog.values())

@@ -1,4 +1,4 @@
-"""`ips view STORE... | --manifest M [--heatmaps DIR] [--predictions CSV] [--port P] [--host H]`
+"""`ips view STORE... | --manifest M [--split S] [--heatmaps DIR] [--predictions CSV] [--port P] [--host H]`
 
 A local, read-only web viewer: deep zoom of each store's pyramid, the attention overlay of `ips heatmap`,
 predictions, and an index of the slides (`ips.view`). Prints the URL and serves until interrupted.
@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("stores", nargs="*", metavar="STORE", help="stores made by `ips prep`")
     p.add_argument("--manifest", help="a manifest (slide_id,path[,label,...]): its slides, with their labels")
+    p.add_argument("--split", help="only the manifest's slides of this split (train, val, test)")
     p.add_argument("--heatmaps", help="the --out folder of `ips heatmap` (DIR/<slide_id>/scores.zarr)")
     p.add_argument("--predictions", help="predictions.csv of `ips predict`")
     p.add_argument(
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     if args.cache_mb < 1:
         raise ConfigError(f"--cache-mb must be >= 1, got {args.cache_mb}")
-    catalog = build_catalog(args.stores, args.manifest, args.heatmaps, args.predictions)
+    catalog = build_catalog(args.stores, args.manifest, args.heatmaps, args.predictions, args.split)
     app = ViewerApp(catalog, cache_bytes=args.cache_mb << 20)
     if not is_loopback(args.host):
         print(

@@ -91,9 +91,7 @@ def overlay_cmap() -> object:
     """`overlay_colors` as a matplotlib colormap (NaN: transparent)."""
     from matplotlib.colors import ListedColormap
 
-    cmap = ListedColormap(overlay_colors(), name=f"{CMAP}_ramp")
-    cmap.set_bad((0.0, 0.0, 0.0, 0.0))
-    return cmap
+    return ListedColormap(overlay_colors(), name=f"{CMAP}_ramp").with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
 
 
 def colorize(values: np.ndarray, vmax: float, vmin: float = 0.0) -> np.ndarray:

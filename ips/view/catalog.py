@@ -50,8 +50,9 @@ def slide_id_of(path: str | Path) -> str:
     return name[: -len(".zarr")] if name.endswith(".zarr") else name
 
 
-def read_manifest_rows(path: Path) -> list[tuple[str, str, str]]:
-    """`(slide_id, store path, label)` of each manifest row (relative paths against the manifest's folder)."""
+def read_manifest_rows(path: Path, split: str | None = None) -> list[tuple[str, str, str]]:
+    """`(slide_id, store path, label)` of each manifest row (relative paths against the manifest's folder),
+    only those of `split` when given."""
     if not path.is_file():
         raise ConfigError(f"--manifest {path}: no such file")
     with path.open(newline="", encoding="utf-8-sig") as f:
@@ -59,9 +60,13 @@ def read_manifest_rows(path: Path) -> list[tuple[str, str, str]]:
         header = [h.strip() for h in reader.fieldnames or []]
         if "slide_id" not in header or "path" not in header:
             raise ConfigError(f"--manifest {path}: needs columns slide_id and path (has {', '.join(header)})")
+        if split is not None and "split" not in header:
+            raise ConfigError(f"--split {split}: the manifest {path} has no split column")
         reader.fieldnames = header
         rows = []
         for row in reader:
+            if split is not None and (row.get("split") or "").strip() != split:
+                continue
             store = (row.get("path") or "").strip()
             if store and "://" not in store and not Path(store).is_absolute():
                 store = str(path.parent / store)
@@ -92,14 +97,15 @@ def build_catalog(
     manifest: str | Path | None = None,
     heatmaps: str | Path | None = None,
     predictions: str | Path | None = None,
+    split: str | None = None,
 ) -> dict[str, SlideEntry]:
     """slide_id -> `SlideEntry`, in the order given. Raises ConfigError on bad usage (no slides, a duplicate
     id, a missing store, folder or file)."""
     rows: list[tuple[str, str, str]] = [(slide_id_of(s), str(s), "") for s in stores]
     if manifest is not None:
-        rows += read_manifest_rows(Path(manifest))
+        rows += read_manifest_rows(Path(manifest), split)
     if not rows:
-        raise ConfigError("give stores or --manifest: there is nothing to show")
+        raise ConfigError("give stores or --manifest (with slides of --split): there is nothing to show")
     if heatmaps is not None and not Path(heatmaps).is_dir():
         raise ConfigError(f"--heatmaps {heatmaps}: not a directory")
     preds = read_predictions(Path(predictions)) if predictions is not None else {}
