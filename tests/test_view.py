@@ -439,3 +439,11 @@ def test_demo_prints_a_view_command_that_parses(lesions2d):
     catalog = build_catalog(args.stores, args.manifest, args.heatmaps, args.predictions, "train")
     assert set(catalog) == {"lesion2d_0000", "lesion2d_0001"}  # this tiny set has only a train split
     assert all(e.heatmap is not None and e.predictions for e in catalog.values())
+
+
+def test_colour_map_low_transparent_high_dark_and_saturated():
+    """The issue: inferno's top (near-white) read as background next to pale H&E."""
+    table = overlay_colors()  # (256, 4) RGBA in [0, 1]
+    assert table[0, 3] == 0 and np.all(np.diff(table[:, 3]) >= 0)  # low attention: the tissue shows
+    top = table[-1]
+    assert top[3] >= 0.8 and top[:3].mean() < 0.4 and top[:3].max() - top[:3].min() > 0.4
