@@ -18,6 +18,7 @@ from ips.config import ConfigError
 SUBCOMMANDS = [
     "data_prep.cli",
     "ips.commands.train",
+    "ips.commands.pretrain",
     "ips.commands.predict",
     "ips.commands.heatmap",
     "ips.commands.embed",
