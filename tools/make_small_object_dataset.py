@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distractors", type=int, nargs=2, default=(4, 8), metavar=("MIN", "MAX"))
     parser.add_argument("--split-fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2),
                         metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--max-object-fraction", type=float, default=0.02,
+                        help="refuse a target covering more of the slide than this (default 0.02)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = make_small_object_dataset(
             args.out, args.n_slides, args.size, args.patch_size, args.seed,
             positive_fraction=args.positive_fraction, split_fractions=args.split_fractions,
-            n_distractors=tuple(args.distractors))
+            n_distractors=tuple(args.distractors),
+            max_object_fraction=args.max_object_fraction)
     except (ValueError, OSError, PrepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

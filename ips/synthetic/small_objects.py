@@ -9,7 +9,7 @@ hematoxylin nuclei. On top, in positives and negatives alike, several distractor
 
 The target (positives only, exactly one) is a *gland*: a ring of the same large dark nuclei (as many as a
 cluster of its size holds) around a pale lumen, outer radius 0.6-0.9 patch sizes, i.e. it touches about 4 patches and covers at most ~2% of a
-512-px slide (the generator checks the share against `max_object_fraction`). Each ingredient of the
+512-px slide (`max_object_fraction` checks the share). Each ingredient of the
 target (dark nuclei, pale lumen) also occurs in the distractors, in every slide: only the arrangement at
 patch level (a pale centre rimmed by nuclei) tells a target from a distractor, not the slide's colour
 statistics. Per-slide stain strength (x0.85-1.15 per stain) and background nuclear density vary.
@@ -98,9 +98,12 @@ def _nuclei_in(rng: np.random.Generator, canvas: np.ndarray, where: np.ndarray, 
 
 def render_small_object_slide(
     rng: np.random.Generator, size: int, patch_size: int, *, positive: bool,
-    n_distractors: tuple[int, int] = (4, 8), max_object_fraction: float = 0.02,
+    n_distractors: tuple[int, int] = (4, 8), max_object_fraction: float | None = None,
 ) -> SmallObjectSlide:
-    """One slide `(3, size, size)`: distractors (clusters and vacuoles), plus one gland when `positive`."""
+    """One slide `(3, size, size)`: distractors (clusters and vacuoles), plus one gland when `positive`.
+
+    `max_object_fraction`: raise ValueError when the target's disc covers more of the slide (None: no check).
+    """
     h = w = size
     if size < 4 * patch_size:
         raise ValueError(f"slide {size} px is too small for patch size {patch_size} (>= 4 patches a side)")
@@ -119,7 +122,7 @@ def render_small_object_slide(
     objects = tuple(SmallObject(k, c, r * rng.uniform(*LUMEN_SHARE) if k == "vacuole" else r)
                     for k, (c, r) in zip(kinds, placed))
     target = next((o for o in objects if o.kind == "gland"), None)
-    if target is not None and np.pi * target.radius**2 > max_object_fraction * h * w:
+    if target is not None and max_object_fraction is not None and np.pi * target.radius**2 > max_object_fraction * h * w:
         raise ValueError(f"the target covers more than {max_object_fraction:.0%} of a {size} px slide; "
                          "use a larger size or a smaller patch size")
 
@@ -172,6 +175,7 @@ def make_small_object_dataset(
     *,
     split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
     n_distractors: tuple[int, int] = (4, 8),
+    max_object_fraction: float | None = None,
 ) -> Path:
     """Write `n_slides` slides as stores under `out_dir/stores/` + `out_dir/manifest.csv`; returns the manifest.
 
@@ -188,7 +192,7 @@ def make_small_object_dataset(
     rows = []
     for i, label in enumerate(labels):
         slide = render_small_object_slide(slide_rng(seed, i), size, patch_size, positive=bool(label),
-                                          n_distractors=n_distractors)
+                                          n_distractors=n_distractors, max_object_fraction=max_object_fraction)
         slide_id = f"smallobj_{i:04d}"
         store = write_store(
             slide.image, out_dir / "stores", slide_id, patch_size=patch_size, background=255,
