@@ -188,6 +188,8 @@ class TrainConfig:
     bn_recalibration_slides: int = 0
     annotation_weight: float = 1.0
     annotation_slots: float = 0.25
+    freeze_encoder_epochs: int = 0
+    encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -207,6 +209,57 @@ class TrainConfig:
                  f"must be in [0, 1], got {self.annotation_slots}")
         _require(self.bn_recalibration_slides >= 0, "train.bn_recalibration_slides",
                  f"must be >= 0, got {self.bn_recalibration_slides}")
+        _require(0 <= self.freeze_encoder_epochs <= self.epochs, "train.freeze_encoder_epochs",
+                 f"must be in [0, epochs={self.epochs}], got {self.freeze_encoder_epochs}")
+        _require(self.encoder_lr_scale > 0, "train.encoder_lr_scale", f"must be > 0, got {self.encoder_lr_scale}")
+
+
+PretrainMethod = Literal["auto", "simclr", "rotation"]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Self-supervised pretraining of the model's encoder (`ips pretrain`, `ips.pretrain`).
+
+    `method`: 'simclr' (contrastive, NT-Xent between two augmented views of each patch; 2D and 3D),
+    'rotation' (predict which of 4 quarter turns a patch was given; the proxy task for volumes), or
+    'auto' (simclr for 2D, rotation for 3D). Each epoch draws `patches_per_epoch` patches uniformly from
+    all grid patches of the stores, `patches_per_slide` at a time from one store (one chunked read),
+    so time per epoch does not grow with the number of slides. `augment_strength` scales the colour
+    (H&E: HED stain jitter; grey: intensity scale/shift/gamma), blur and crop/deformation jitter.
+    """
+
+    method: PretrainMethod = "auto"
+    epochs: int = 8
+    patches_per_epoch: int = 8192
+    patches_per_slide: int = 16
+    batch_size: int = 256
+    lr: float = 2.0e-3
+    weight_decay: float = 1.0e-4
+    temperature: float = 0.2
+    proj_dim: int = 64
+    augment_strength: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.method in typing.get_args(PretrainMethod), "pretrain.method",
+                 f"must be one of {typing.get_args(PretrainMethod)}, got {self.method!r}")
+        _require(self.epochs >= 1, "pretrain.epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 2, "pretrain.batch_size", f"must be >= 2, got {self.batch_size}")
+        _require(self.patches_per_epoch >= self.batch_size, "pretrain.patches_per_epoch",
+                 f"must be >= batch_size={self.batch_size}, got {self.patches_per_epoch}")
+        _require(1 <= self.patches_per_slide <= self.batch_size, "pretrain.patches_per_slide",
+                 f"must be in [1, batch_size={self.batch_size}], got {self.patches_per_slide}")
+        _require(self.lr > 0, "pretrain.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0")
+        _require(self.temperature > 0, "pretrain.temperature", f"must be > 0, got {self.temperature}")
+        _require(self.proj_dim >= 1, "pretrain.proj_dim", f"must be >= 1, got {self.proj_dim}")
+        _require(0 <= self.augment_strength <= 2, "pretrain.augment_strength", "must be in [0, 2]")
+
+    def resolved_method(self, spatial_dims: int) -> str:
+        if self.method != "auto":
+            return self.method
+        return "simclr" if spatial_dims == 2 else "rotation"
 
 
 @dataclass(frozen=True)
@@ -215,6 +268,7 @@ class ExperimentConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -219,6 +219,52 @@ class FeatureProjector(nn.Module):
         return self.net(x)
 
 
+def load_encoder_weights(encoder: nn.Module, path: Path, *, name: str, norm: str, in_chans: int,
+                         spatial_dims: int) -> None:
+    """Load a state_dict file (e.g. `ips pretrain`'s encoder.pt) into one of our encoders.
+
+    A file that does not fit raises a one-line ConfigError naming `model.pretrained`: first from the
+    `encoder.json` beside it (written by `ips pretrain`: encoder, encoder_norm, in_chans, spatial_dims),
+    else from the state_dict's keys and shapes (BatchNorm files hold running statistics, GroupNorm ones not).
+    """
+    import json
+
+    want = {"encoder": name, "encoder_norm": norm, "in_chans": in_chans, "spatial_dims": spatial_dims}
+    meta_path = path.with_name("encoder.json") if path.name == "encoder.pt" else path.with_suffix(".json")
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            meta = {}
+        diff = [f"model.{k}={meta[k]!r} there, {v!r} here" for k, v in want.items()
+                if k in meta and meta[k] != v]
+        if diff:
+            raise ConfigError(f"model.pretrained: {path} was pretrained for another encoder ({'; '.join(diff)}); "
+                              "pretrain again with this config or set the same keys")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
+        raise ConfigError(f"model.pretrained: {path} cannot be read as weights: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.pretrained: {path} is not an encoder state_dict (ips pretrain writes encoder.pt)")
+    own = encoder.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        has_bn = any(k.endswith("running_mean") for k in state)
+        hint = (f"the file holds {'BatchNorm' if has_bn else 'GroupNorm'} weights: set model.encoder_norm="
+                f"{'batch' if has_bn else 'group'} or pretrain again"
+                if has_bn != any(k.endswith("running_mean") for k in own) else
+                f"{len(missing)} weights missing, {len(unexpected)} unexpected (e.g. "
+                f"{(missing or unexpected)[0]!r}): another model.encoder?")
+        raise ConfigError(f"model.pretrained: {path} does not fit encoder {name!r} with encoder_norm {norm!r}; {hint}")
+    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if bad:
+        raise ConfigError(f"model.pretrained: {path} does not fit encoder {name!r}: {bad[0]} has shape "
+                          f"{tuple(state[bad[0]].shape)} there, {tuple(own[bad[0]].shape)} here "
+                          "(model.in_chans or model.encoder differ?)")
+    encoder.load_state_dict(state)
+
+
 def _timm_encoder(name: str, *, in_chans: int, pretrained: bool | str) -> nn.Module:
     import timm
 
@@ -274,7 +320,8 @@ def build_encoder(
             path = Path(pretrained)
             if not path.is_file():
                 raise ConfigError(f"model.pretrained: weights file {path} does not exist")
-            encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            load_encoder_weights(encoder, path, name=name, norm=norm or "group", in_chans=in_chans,
+                                 spatial_dims=spatial_dims)
         min_size = getattr(encoder, "min_patch_size", 1)
         if patch_size < min_size:
             raise ConfigError(

@@ -137,6 +137,27 @@ def make_augment(cfg: ExperimentConfig, generator: torch.Generator) -> Callable[
     return transform
 
 
+def param_groups(model: IPSModel, cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """AdamW groups: the encoder at `lr * encoder_lr_scale` (a pretrained encoder fine-tunes slower),
+    the rest (projection, aggregator, heads) at `lr`. The schedule scales both alike."""
+    enc = list(model.encoder.parameters())
+    ids = {id(p) for p in enc}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": enc, "lr": cfg.train.lr * cfg.train.encoder_lr_scale, "name": "encoder"},
+            {"params": rest, "lr": cfg.train.lr, "name": "head"}]
+
+
+def set_encoder_frozen(model: IPSModel, frozen: bool, *, toggle_grad: bool = True) -> None:
+    """Warm-up stage (`train.freeze_encoder_epochs`): the encoder in eval mode (BatchNorm statistics fixed)
+    and, where `toggle_grad`, without gradients (no backward through it); the reverse when not `frozen`.
+    Call after `model.train()`."""
+    if frozen:
+        model.encoder.eval()
+    if toggle_grad:
+        for p in model.encoder.parameters():
+            p.requires_grad_(not frozen)
+
+
 def split_records(records: Sequence[SlideRecord]) -> tuple[list[SlideRecord], list[SlideRecord]]:
     train = [r for r in records if r.split in (None, "", "train")]
     val = [r for r in records if r.split == "val"]
@@ -379,7 +400,7 @@ def choose_micro_batch(model: IPSModel, first: SlideRecord, cfg: ExperimentConfi
 
 def make_optimizer(model: IPSModel, cfg: ExperimentConfig, n_train: int, world_size: int) -> tuple[Any, Any]:
     """AdamW with linear warm-up and cosine decay over `train.epochs`."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.train.weight_decay)
     padded_n = len(epoch_order(n_train, cfg.train.seed, 0, world_size))
     steps_per_epoch = math.ceil(padded_n / cfg.train.batch_size)
     warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
@@ -415,12 +436,17 @@ def run_epoch(
         batch = selected_batch(model, mine, cfg, rt, [cfg.train.seed, epoch, *global_batch, rt.dist.rank],
                                inputs.annotations)
         model.train()
+        frozen = epoch <= cfg.train.freeze_encoder_epochs
+        set_encoder_frozen(model, frozen, toggle_grad=not rt.dist.enabled)
         optimizer.zero_grad(set_to_none=True)
         loss, batch_logits = accumulate_gradients(
             net, batch, cfg.model.tasks, micro_batch_size=micro, device=rt.device,
             autocast_dtype=rt.autocast_dtype, no_sync=rt.dist.enabled, transform=transform,
             normalizer=len(global_batch) / rt.dist.world_size, annotation_weight=cfg.train.annotation_weight,
         )
+        if frozen:  # under DDP the encoder still gets gradients (all ranks must reduce the same set)
+            for p in model.encoder.parameters():
+                p.grad = None
         if cfg.train.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
@@ -431,14 +457,14 @@ def run_epoch(
             logits[name].append(batch_logits[name])
             targets[name].append(batch.targets[name])
         if bar is not None:
-            postfix = {"loss": f"{loss:.3f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+            postfix = {"loss": f"{loss:.3f}", "lr": f"{scheduler.get_last_lr()[-1]:.2e}"}
             if rt.device.type == "cuda":
                 postfix["mem"] = f"{torch.cuda.max_memory_allocated(rt.device) / GB:.2f}G"
             bar.set_postfix(postfix)
             bar.update(1)
     if bar is not None:
         bar.close()
-    row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen), "lr": scheduler.get_last_lr()[0]}
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen), "lr": scheduler.get_last_lr()[-1]}
     metrics = evaluate_logits(cfg.model.tasks, {k: torch.cat(v) for k, v in logits.items()},
                               {k: torch.cat(v).cpu() for k, v in targets.items()})
     row.update({f"train_{k}": v for k, v in metrics.items() if k != "loss"})
