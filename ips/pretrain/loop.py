@@ -17,6 +17,7 @@ import torch
 
 from ips.config import ConfigError, ExperimentConfig
 from ips.model.checkpoint import rng_state, set_rng_state
+from ips.model.ips_model import normalize_pixels, unit_pixels
 from ips.pretrain.augment import ViewAugment
 from ips.pretrain.methods import RotationHead, SimCLRHead, nt_xent, quarter_turns
 from ips.pretrain.sampler import StorePatchSampler
@@ -117,65 +118,15 @@ def pretrain_encoder(
     start = 0
     state_path = out / STATE_FILE
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location=dev, weights_only=True)
-        if state["fingerprint"] != _fingerprint(cfg):
-            raise ConfigError(f"{out}: pretraining there was started with a different config (model, pretrain or "
-                              "data.grid); use a new --out or --no-resume")
-        encoder.load_state_dict(state["encoder"])
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start, losses = int(state["epoch"]), [float(v) for v in state["losses"]]
+        start, losses = _resume(state_path, cfg, dev, encoder, head, optimizer, scheduler)
         log(f"resumed pretraining from {state_path} after epoch {start}")
 
     t_all = time.perf_counter()
     for epoch in range(start + 1, pc.epochs + 1):
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(pc.seed * 1000 + epoch)
-        encoder.train()
-        head.train()
-        total_loss, n = 0.0, 0
-        bar = None
-        if show_progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps_per_epoch, desc=f"pretrain {epoch}/{pc.epochs}", unit="batch", leave=False)
-        for batch in sampler.batches(steps_per_epoch, pc.seed, epoch):
-            x = batch.to(dev).float() / 255.0  # (b, C, *S) in [0, 1]
-            if method == "simclr":
-                v1, v2 = view(x, gen), view(x, gen)
-                h = encoder((torch.cat([v1, v2]) - mean) / std)  # (2b, D)
-                z = head(h)
-                loss = nt_xent(z[: len(x)], z[len(x):], pc.temperature)
-            else:
-                v, k = quarter_turns(view(x, gen), gen)
-                loss = torch.nn.functional.cross_entropy(head(encoder((v - mean) / std)), k)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite pretraining loss {loss.item()} in epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 3.0)
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item()
-            n += 1
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        losses.append(total_loss / max(1, n))
-        _atomic_save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, out / ENCODER_FILE)
-        (out / ENCODER_META).write_text(json.dumps(encoder_meta(cfg, method), indent=1))
-        _atomic_save({"epoch": epoch, "losses": losses, "encoder": encoder.state_dict(), "head": head.state_dict(),
-                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                      "fingerprint": _fingerprint(cfg)}, state_path)
-        with (out / "loss.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["epoch", "loss"])
-            w.writerows([(i + 1, v) for i, v in enumerate(losses)])
-        _plot(losses, out / "loss.png", f"{method} pretraining of {cfg.model.encoder}")
+        losses.append(_run_epoch(encoder, head, optimizer, scheduler, params, sampler, view, mean, std,
+                                 method, pc, epoch, steps_per_epoch, dev, show_progress))
+        _save_epoch(out, cfg, method, epoch, losses, encoder, head, optimizer, scheduler)
         log(f"pretrain epoch {epoch}/{pc.epochs} | {method} loss {losses[-1]:.4f} | {time.perf_counter() - t0:.1f}s")
         if stop_after_epochs is not None and epoch >= stop_after_epochs:
             break
@@ -183,3 +134,75 @@ def pretrain_encoder(
         raise FloatingPointError("pretraining diverged")
     return {"losses": losses, "encoder": out / ENCODER_FILE, "method": method,
             "seconds": time.perf_counter() - t_all}
+
+
+def _run_epoch(encoder: torch.nn.Module, head: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               params: list[torch.nn.Parameter], sampler: StorePatchSampler, view: ViewAugment, mean: torch.Tensor,
+               std: torch.Tensor, method: str, pc: Any, epoch: int, steps_per_epoch: int, dev: torch.device,
+               show_progress: bool) -> float:
+    """One pretraining epoch over `steps_per_epoch` sampled batches; its mean loss."""
+    gen = torch.Generator().manual_seed(pc.seed * 1000 + epoch)
+    encoder.train()
+    head.train()
+    total_loss, n = 0.0, 0
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps_per_epoch, desc=f"pretrain {epoch}/{pc.epochs}", unit="batch", leave=False)
+    for batch in sampler.batches(steps_per_epoch, pc.seed, epoch):
+        x = unit_pixels(batch.to(dev))  # (b, C, *S) in [0, 1]
+        if method == "simclr":
+            v1, v2 = view(x, gen), view(x, gen)
+            h = encoder(normalize_pixels(torch.cat([v1, v2]), mean, std))  # (2b, D)
+            z = head(h)
+            loss = nt_xent(z[: len(x)], z[len(x):], pc.temperature)
+        else:
+            v, k = quarter_turns(view(x, gen), gen)
+            loss = torch.nn.functional.cross_entropy(head(encoder(normalize_pixels(v, mean, std))), k)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite pretraining loss {loss.item()} in epoch {epoch}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item()
+        n += 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return total_loss / max(1, n)
+
+
+def _save_epoch(out: Path, cfg: ExperimentConfig, method: str, epoch: int, losses: list[float],
+                encoder: torch.nn.Module, head: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """After each epoch: encoder.pt and encoder.json (usable at once), the resumable state, the loss curve."""
+    _atomic_save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, out / ENCODER_FILE)
+    (out / ENCODER_META).write_text(json.dumps(encoder_meta(cfg, method), indent=1))
+    _atomic_save({"epoch": epoch, "losses": losses, "encoder": encoder.state_dict(), "head": head.state_dict(),
+                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                  "fingerprint": _fingerprint(cfg)}, out / STATE_FILE)
+    with (out / "loss.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "loss"])
+        w.writerows([(i + 1, v) for i, v in enumerate(losses)])
+    _plot(losses, out / "loss.png", f"{method} pretraining of {cfg.model.encoder}")
+
+
+def _resume(state_path: Path, cfg: ExperimentConfig, dev: torch.device, encoder: torch.nn.Module,
+            head: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, list[float]]:
+    """Restore an interrupted pretraining; ConfigError when it was started with another config."""
+    state = torch.load(state_path, map_location=dev, weights_only=True)
+    if state["fingerprint"] != _fingerprint(cfg):
+        raise ConfigError(f"{state_path.parent}: pretraining there was started with a different config (model, pretrain or "
+                          "data.grid); use a new --out or --no-resume")
+    encoder.load_state_dict(state["encoder"])
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"]), [float(v) for v in state["losses"]]
+
