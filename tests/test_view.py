@@ -214,7 +214,7 @@ def test_overlay_is_the_attention_on_the_grid(app2d, lesions2d):
     )[:, 0]
     image = decode(app2d.get("/api/slides/lesion2d_0000/overlay/0.png").body)  # (rows, cols, 4)
     cells = (coords - np.asarray(h["origin0"])) // 32
-    np.testing.assert_array_equal(image[cells[:, 0], cells[:, 1]], colorize(att, att.max()))
+    np.testing.assert_array_equal(image[cells[:, 0], cells[:, 1]], colorize(att, att.max(), 1 / len(att)))
     top = int(np.argmax(att))
     assert tuple(image[tuple(cells[top])]) == tuple(np.rint(overlay_colors()[-1] * 255).astype(np.uint8))
     # the gallery's best patch and the click lookup agree with the scores

@@ -48,6 +48,12 @@ class Scores:
             raise KeyError(f"task {task}")
         return task
 
+    @property
+    def vmin(self) -> float:
+        """The uniform share 1/N: patches attended no more than that are transparent (a near-uniform map
+        would otherwise tint the whole slide)."""
+        return 1.0 / max(self.n_patches, 1)
+
     def vmax(self, task: int) -> float:
         a = self.attention[:, task]
         return float(a.max()) if a.size else 1.0
@@ -67,7 +73,7 @@ class Scores:
             shape = self.shape
         grid = np.full(shape, np.nan, dtype=np.float64)
         grid[tuple(cells.T)] = values
-        return colorize(grid, self.vmax(task))
+        return colorize(grid, self.vmax(task), self.vmin)
 
     def patch_at(self, point0: np.ndarray) -> int:
         """The index of the patch whose cell holds level-0 point `(d,)`, or -1."""

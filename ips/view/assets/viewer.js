@@ -262,8 +262,8 @@ function drawLegend(colors, vmax, n) {
     ctx.fillStyle = `rgba(${r},${g},${b},${a / 255})`;
     ctx.fillRect(x, 0, 1, 14);
   }
-  $("legend-lo").textContent = "0";
-  $("legend-mid").textContent = "attention share (uniform 1/N = " + (1 / n).toPrecision(2) + ")";
+  $("legend-lo").textContent = (1 / n).toPrecision(2) + " = 1/N";
+  $("legend-mid").textContent = "attention share";
   $("legend-hi").textContent = vmax.toPrecision(3);
 }
 
