@@ -19,6 +19,7 @@ from ips.model.checkpoint import load_checkpoint
 from ips.training.budget import BudgetError
 from ips.training.loop import train
 
+
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     return make_cross_slides(tmp_path_factory.mktemp("cross"), n_train=8, n_val=4)
