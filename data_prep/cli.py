@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # the pipeline (zarr, scikit-image) loads only when prep runs
     from data_prep.convert import PrepResult
 
 
-
 def parse_shard(text: str) -> tuple[int, int]:
     """`"i/n"` -> `(i, n)` with `0 <= i < n`."""
     try:
@@ -41,28 +40,58 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "prep", help="convert slides / volumes into zarr stores with tissue masks and patch grids",
+        "prep",
+        help="convert slides / volumes into zarr stores with tissue masks and patch grids",
         description="Convert each SRC into DIR/<slide_id>.zarr (slide_id = file name without its "
-                    "extensions), with a thumbnail DIR/<slide_id>.thumbnail.png. Complete stores are "
-                    "skipped (or get a new --grid-name); partial ones are redone.")
+        "extensions), with a thumbnail DIR/<slide_id>.thumbnail.png. Complete stores are "
+        "skipped (or get a new --grid-name); partial ones are redone.",
+    )
     p.add_argument("sources", nargs="+", metavar="SRC", help="slide or volume files")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--patch-size", type=int, default=256, metavar="P", help="patch side in pixels (default 256)")
+    p.add_argument(
+        "--patch-size", type=int, default=256, metavar="P", help="patch side in pixels (default 256)"
+    )
     p.add_argument("--stride", type=int, default=None, metavar="S", help="grid step in pixels (default: P)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--level", type=int, default=0, metavar="L", help="pyramid level of the grid (default 0)")
-    where.add_argument("--mpp", type=float, default=None, metavar="X",
-                       help="pick the level nearest X micrometers per pixel (needs the source's mpp)")
-    p.add_argument("--min-tissue", type=float, default=0.5, metavar="F",
-                   help="keep patches with at least this tissue fraction (default 0.5)")
+    where.add_argument(
+        "--level", type=int, default=0, metavar="L", help="pyramid level of the grid (default 0)"
+    )
+    where.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        metavar="X",
+        help="pick the level nearest X micrometers per pixel (needs the source's mpp)",
+    )
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="keep patches with at least this tissue fraction (default 0.5)",
+    )
     p.add_argument("--grid-name", default="default", metavar="NAME", help="grid name (default 'default')")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="processes (default 1)")
-    p.add_argument("--threads", type=int, default=0, metavar="T",
-                   help="decode/encode threads per process (default: CPUs / workers, at most 8)")
-    p.add_argument("--shard", type=parse_shard, default=None, metavar="i/n",
-                   help="only the i-th (0-based) of n deterministic splits of the sorted inputs")
-    p.add_argument("--reader", choices=sorted(READERS), default=None,
-                   help="force a reader backend (default: chosen from the file's content)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="T",
+        help="decode/encode threads per process (default: CPUs / workers, at most 8)",
+    )
+    p.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        metavar="i/n",
+        help="only the i-th (0-based) of n deterministic splits of the sorted inputs",
+    )
+    p.add_argument(
+        "--reader",
+        choices=sorted(READERS),
+        default=None,
+        help="force a reader backend (default: chosen from the file's content)",
+    )
     p.add_argument("--codec", choices=CODECS, default="blosc-lz4", help="lossless codec (default blosc-lz4)")
     p.add_argument("--overwrite", action="store_true", help="redo complete stores")
     p.add_argument("--allow-empty", action="store_true", help="keep stores whose grid is empty")
@@ -143,8 +172,15 @@ def summary_table(results: list[PrepResult]) -> str:
     rows = [("slide_id", "status", "patches", "seconds", "store / reason")]
     for r in sorted(results, key=lambda r: (order.get(r.status, 0), r.slide_id)):
         detail = r.reason if r.status == "failed" else str(r.store)
-        rows.append((r.slide_id, r.status, "" if r.n_patches is None else str(r.n_patches),
-                     f"{r.seconds:.1f}" if r.seconds else "", detail))
+        rows.append(
+            (
+                r.slide_id,
+                r.status,
+                "" if r.n_patches is None else str(r.n_patches),
+                f"{r.seconds:.1f}" if r.seconds else "",
+                detail,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "grid added", "failed")}
@@ -158,10 +194,19 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     threads = args.threads or max(1, min(8, (os.cpu_count() or 1) // args.workers))
-    options = PrepOptions(patch_size=args.patch_size, stride=args.stride, level=args.level, mpp=args.mpp,
-                          min_tissue=args.min_tissue, grid_name=args.grid_name, codec=args.codec,
-                          threads=threads, overwrite=args.overwrite, allow_empty=args.allow_empty,
-                          thumbnail=not args.no_thumbnail)
+    options = PrepOptions(
+        patch_size=args.patch_size,
+        stride=args.stride,
+        level=args.level,
+        mpp=args.mpp,
+        min_tissue=args.min_tissue,
+        grid_name=args.grid_name,
+        codec=args.codec,
+        threads=threads,
+        overwrite=args.overwrite,
+        allow_empty=args.allow_empty,
+        thumbnail=not args.no_thumbnail,
+    )
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} exists and is not a directory")
     inputs, results = _select_inputs(list(args.sources), args.shard)
@@ -180,12 +225,17 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
 
 
-def _run_pool(inputs: list[str], args: argparse.Namespace, options: PrepOptions,
-              results: list[PrepResult], bar: object) -> None:
+def _run_pool(
+    inputs: list[str], args: argparse.Namespace, options: PrepOptions, results: list[PrepResult], bar: object
+) -> None:
     # spawn: the parent may hold threads (zarr's event loop), which fork would copy in a broken state
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(args.workers, len(inputs)), mp_context=ctx,
-                             initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(args.workers, len(inputs)),
+        mp_context=ctx,
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
         futures = {pool.submit(_work, src, args.out, options, args.reader): src for src in inputs}
         for fut in as_completed(futures):
             src = futures[fut]
@@ -194,6 +244,10 @@ def _run_pool(inputs: list[str], args: argparse.Namespace, options: PrepOptions,
             except BrokenProcessPool:
                 from data_prep.convert import PrepResult
 
-                result = PrepResult(src, Path(src).name, "failed",
-                                    reason="the worker process died (crash or out of memory); rerun to retry")
+                result = PrepResult(
+                    src,
+                    Path(src).name,
+                    "failed",
+                    reason="the worker process died (crash or out of memory); rerun to retry",
+                )
             _report(result, results, bar)

@@ -55,8 +55,28 @@ from ips.format.names import (
 
 THUMBNAIL_SUFFIX = ".thumbnail.png"  # DIR/<slide_id>.thumbnail.png, beside the store
 # extensions stripped (repeatedly) from a file name to make its slide_id
-KNOWN_EXTENSIONS = {"svs", "tif", "tiff", "ome", "btf", "tf2", "tf8", "ndpi", "mrxs", "scn", "bif", "vms",
-                    "vmu", "svslide", "qptiff", "dcm", "nii", "gz", "npy", "isyntax"}
+KNOWN_EXTENSIONS = {
+    "svs",
+    "tif",
+    "tiff",
+    "ome",
+    "btf",
+    "tf2",
+    "tf8",
+    "ndpi",
+    "mrxs",
+    "scn",
+    "bif",
+    "vms",
+    "vmu",
+    "svslide",
+    "qptiff",
+    "dcm",
+    "nii",
+    "gz",
+    "npy",
+    "isyntax",
+}
 
 
 @dataclass
@@ -103,21 +123,25 @@ def _choose_level(options: PrepOptions, spatial: tuple[int, ...], spacing: tuple
     possible = plan_levels(spatial, spacing, max_size=1, min_levels=1)  # every level the image allows
     if options.mpp is None:
         if options.level >= len(possible):
-            raise PrepError(f"level {options.level} does not exist: a {spatial} image has levels 0.."
-                            f"{len(possible) - 1}")
+            raise PrepError(
+                f"level {options.level} does not exist: a {spatial} image has levels 0..{len(possible) - 1}"
+            )
         return options.level
     if spacing is None:
         raise PrepError("no microns-per-pixel in the source, so --mpp cannot pick a level (use --level)")
     yx_um = [float(np.mean([s * f for s, f in zip(spacing[-2:], fac[-2:])])) for fac in possible]
     best = int(np.argmin([abs(math.log(u / options.mpp)) for u in yx_um]))
     if abs(yx_um[best] / options.mpp - 1) > options.mpp_tolerance:
-        raise PrepError(f"no level within {options.mpp_tolerance:.0%} of {options.mpp} um/px (nearest: level "
-                        f"{best} at {yx_um[best]:.3g} um/px)")
+        raise PrepError(
+            f"no level within {options.mpp_tolerance:.0%} of {options.mpp} um/px (nearest: level "
+            f"{best} at {yx_um[best]:.3g} um/px)"
+        )
     return best
 
 
-def _ome_attrs(name: str, dims: int, spacing: tuple[float, ...] | None,
-               factors: list[tuple[int, ...]]) -> dict[str, Any]:
+def _ome_attrs(
+    name: str, dims: int, spacing: tuple[float, ...] | None, factors: list[tuple[int, ...]]
+) -> dict[str, Any]:
     names = ["z", "y", "x"][-dims:]
     axes: list[dict[str, Any]] = [{"name": "c", "type": "channel"}]
     for n in names:
@@ -125,24 +149,43 @@ def _ome_attrs(name: str, dims: int, spacing: tuple[float, ...] | None,
     base = spacing or tuple([1.0] * dims)
     datasets = []
     for k, fac in enumerate(factors):
-        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [1.0, *(s * f for s, f in zip(base, fac))]}]
+        transforms: list[dict[str, Any]] = [
+            {"type": "scale", "scale": [1.0, *(s * f for s, f in zip(base, fac))]}
+        ]
         if k:  # level-k pixel centres sit (f - 1) / 2 level-0 pixels in
-            transforms.append({"type": "translation", "translation": [0.0, *(s * (f - 1) / 2 for s, f in zip(base, fac))]})
+            transforms.append(
+                {"type": "translation", "translation": [0.0, *(s * (f - 1) / 2 for s, f in zip(base, fac))]}
+            )
         datasets.append({"path": str(k), "coordinateTransformations": transforms})
-    return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": datasets, "type": "mean",
-                                               "metadata": {"method": "2x mean, floor size (data_prep.pyramid)"}}]}
+    return {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": name,
+                "axes": axes,
+                "datasets": datasets,
+                "type": "mean",
+                "metadata": {"method": "2x mean, floor size (data_prep.pyramid)"},
+            }
+        ],
+    }
 
 
-def _first_level_within(factors: list[tuple[int, ...]], spatial: tuple[int, ...], limit: int,
-                        axes: slice) -> int:
+def _first_level_within(
+    factors: list[tuple[int, ...]], spatial: tuple[int, ...], limit: int, axes: slice
+) -> int:
     for k, fac in enumerate(factors):
         if max(level_shape(spatial, fac)[axes]) <= limit:
             return k
     return len(factors) - 1
 
 
-def _mask_level(options: PrepOptions, factors: list[tuple[int, ...]], spatial: tuple[int, ...],
-                spacing: tuple[float, ...] | None) -> int:
+def _mask_level(
+    options: PrepOptions,
+    factors: list[tuple[int, ...]],
+    spatial: tuple[int, ...],
+    spacing: tuple[float, ...] | None,
+) -> int:
     """The first level at `options.mask_mpp` (when the spacing is known) that is also within
     `mask_max_size` pixels on its longest side (y/x in 2D, all axes in 3D); else the coarsest level."""
     dims = len(spatial)
@@ -157,44 +200,91 @@ def _mask_level(options: PrepOptions, factors: list[tuple[int, ...]], spatial: t
     return k
 
 
-def _grid_entry(options: PrepOptions, level: int, patch: tuple[int, ...], stride: tuple[int, ...],
-                n: int, spacing: tuple[float, ...] | None, factor: tuple[int, ...]) -> dict[str, Any]:
-    return {"level": level, "patch_size": list(patch), "stride": list(stride), "min_tissue": options.min_tissue,
-            "n_patches": n, "edge": "drop",
-            "spacing": [s * f for s, f in zip(spacing, factor)] if spacing else None,
-            "mpp_requested": options.mpp}
+def _grid_entry(
+    options: PrepOptions,
+    level: int,
+    patch: tuple[int, ...],
+    stride: tuple[int, ...],
+    n: int,
+    spacing: tuple[float, ...] | None,
+    factor: tuple[int, ...],
+) -> dict[str, Any]:
+    return {
+        "level": level,
+        "patch_size": list(patch),
+        "stride": list(stride),
+        "min_tissue": options.min_tissue,
+        "n_patches": n,
+        "edge": "drop",
+        "spacing": [s * f for s, f in zip(spacing, factor)] if spacing else None,
+        "mpp_requested": options.mpp,
+    }
 
 
-def _write_grid(writer_group: zarr.Group, name: str, coords: np.ndarray, tissue: np.ndarray,
-                entry: dict[str, Any]) -> None:
+def _write_grid(
+    writer_group: zarr.Group, name: str, coords: np.ndarray, tissue: np.ndarray, entry: dict[str, Any]
+) -> None:
     dims = coords.shape[1]
     grid = writer_group.require_group(GRIDS_GROUP).create_group(name, overwrite=True, attributes=entry)
     rows = max(1, min(len(coords), 1 << 18))
-    grid.create_array(COORDS_ARRAY, shape=coords.shape, dtype=np.int64, chunks=(rows, dims),
-                      compressors=make_compressor("zstd"), fill_value=0)
-    grid.create_array(TISSUE_ARRAY, shape=tissue.shape, dtype=np.float32, chunks=(rows,),
-                      compressors=make_compressor("zstd"), fill_value=0.0)
+    grid.create_array(
+        COORDS_ARRAY,
+        shape=coords.shape,
+        dtype=np.int64,
+        chunks=(rows, dims),
+        compressors=make_compressor("zstd"),
+        fill_value=0,
+    )
+    grid.create_array(
+        TISSUE_ARRAY,
+        shape=tissue.shape,
+        dtype=np.float32,
+        chunks=(rows,),
+        compressors=make_compressor("zstd"),
+        fill_value=0.0,
+    )
     if len(coords):
         grid[COORDS_ARRAY][...] = coords
         grid[TISSUE_ARRAY][...] = tissue
 
 
-def _ips_attrs(reader: ImageReader, options: PrepOptions, provenance: dict[str, Any], *, slide_id: str,
-               factors: list[tuple[int, ...]], shapes: list[list[int]], chunk: tuple[int, ...],
-               shard: tuple[int, ...], mask_info: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+def _ips_attrs(
+    reader: ImageReader,
+    options: PrepOptions,
+    provenance: dict[str, Any],
+    *,
+    slide_id: str,
+    factors: list[tuple[int, ...]],
+    shapes: list[list[int]],
+    chunk: tuple[int, ...],
+    shard: tuple[int, ...],
+    mask_info: dict[str, Any],
+    entry: dict[str, Any],
+) -> dict[str, Any]:
     """The store's `ips` attributes (docs/FORMAT.md)."""
     spacing = reader.spacing
-    prov = {**provenance, "reader": reader.name, "vendor": reader.vendor,
-            "source_shape": list(reader.shape), "source_dtype": str(reader.dtype), "tool_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "options": options.to_dict(), **reader.metadata()}
+    prov = {
+        **provenance,
+        "reader": reader.name,
+        "vendor": reader.vendor,
+        "source_shape": list(reader.shape),
+        "source_dtype": str(reader.dtype),
+        "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": options.to_dict(),
+        **reader.metadata(),
+    }
     return {
-        "format_version": FORMAT_VERSION, "spatial_dims": reader.spatial_dims, "channels": reader.shape[0],
-        "dtype": str(reader.dtype), "spacing": list(spacing) if spacing else None,
+        "format_version": FORMAT_VERSION,
+        "spatial_dims": reader.spatial_dims,
+        "channels": reader.shape[0],
+        "dtype": str(reader.dtype),
+        "spacing": list(spacing) if spacing else None,
         "level_downsamples": [list(f) for f in factors],
         "level_shapes": shapes,
         "background": reader.background,
-        "chunks": list(chunk), "shards": list(shard),
+        "chunks": list(chunk),
+        "shards": list(shard),
         "affine": reader.affine,
         "mask": mask_info,
         "grids": {options.grid_name: entry},
@@ -203,22 +293,41 @@ def _ips_attrs(reader: ImageReader, options: PrepOptions, provenance: dict[str, 
     }
 
 
-def _mask(options: PrepOptions, levels: list[zarr.Array], factors: list[tuple[int, ...]],
-          spatial: tuple[int, ...], spacing: tuple[float, ...] | None, fill: float,
-          given: np.ndarray | None) -> tuple[np.ndarray, tuple[int, ...], dict[str, Any]]:
+def _mask(
+    options: PrepOptions,
+    levels: list[zarr.Array],
+    factors: list[tuple[int, ...]],
+    spatial: tuple[int, ...],
+    spacing: tuple[float, ...] | None,
+    fill: float,
+    given: np.ndarray | None,
+) -> tuple[np.ndarray, tuple[int, ...], dict[str, Any]]:
     """`(mask, downsample, info)`: the caller's mask resampled, or the tissue mask of a low level."""
     if given is not None:
         mask, mask_ds = resample_mask(given, spatial)
         return mask, mask_ds, {"method": "given", "threshold": None, "level": None}
     m = _mask_level(options, factors, spatial, spacing)
-    mask, info = tissue_mask(levels[m][...], background=fill, spacing=spacing, downsample=factors[m],
-                             min_object_um2=options.min_object_um2, max_hole_um2=options.max_hole_um2)
+    mask, info = tissue_mask(
+        levels[m][...],
+        background=fill,
+        spacing=spacing,
+        downsample=factors[m],
+        min_object_um2=options.min_object_um2,
+        max_hole_um2=options.max_hole_um2,
+    )
     return mask, factors[m], {**info, "level": m}
 
 
-def _run(reader: ImageReader, writer: StoreWriter, options: PrepOptions, *, slide_id: str,
-         provenance: Callable[[], dict[str, Any]], given_mask: np.ndarray | None = None,
-         progress: Callable[[int], None] | None = None) -> tuple[Path, int]:
+def _run(
+    reader: ImageReader,
+    writer: StoreWriter,
+    options: PrepOptions,
+    *,
+    slide_id: str,
+    provenance: Callable[[], dict[str, Any]],
+    given_mask: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Path, int]:
     """Convert `reader` into `writer`'s partial store and commit it. Returns `(store, n_patches)`.
 
     `provenance()` is called once the pixels are written (so a source hash can run meanwhile).
@@ -234,8 +343,12 @@ def _run(reader: ImageReader, writer: StoreWriter, options: PrepOptions, *, slid
     group = writer.begin()
     C, fill = reader.shape[0], reader.background
 
-    levels = [writer.image_array(str(k), (C, *level_shape(spatial, f)), reader.dtype, chunk, shard, fill, compressor)
-              for k, f in enumerate(factors)]
+    levels = [
+        writer.image_array(
+            str(k), (C, *level_shape(spatial, f)), reader.dtype, chunk, shard, fill, compressor
+        )
+        for k, f in enumerate(factors)
+    ]
 
     # level 0, one task per shard (decode in the reader, encode in ShardEncoder) on `threads` threads, in
     # Z-order so the pyramid above is assembled in memory from each shard and written once (no read-back)
@@ -253,6 +366,7 @@ def _run(reader: ImageReader, writer: StoreWriter, options: PrepOptions, *, slid
             block = reader.read_region(start, size)
             write(0, start, block)
             pyramid.add(0, idx, block)
+
         return task
 
     grid0 = tuple(-(-n // s) for n, s in zip(spatial, shard))
@@ -263,45 +377,97 @@ def _run(reader: ImageReader, writer: StoreWriter, options: PrepOptions, *, slid
     # tissue mask on a low level (or the caller's mask)
     mask, mask_ds, mask_info = _mask(options, levels, factors, spatial, spacing, fill, given_mask)
     mask_names = ["z", "y", "x"][-dims:]
-    writer.small_array(MASK_ARRAY, mask.astype(np.uint8), chunk_rows=512 if dims == 2 else 64,
-                       dimension_names=mask_names)
+    writer.small_array(
+        MASK_ARRAY, mask.astype(np.uint8), chunk_rows=512 if dims == 2 else 64, dimension_names=mask_names
+    )
 
     # the grid
-    coords, tissue = make_grid(mask, mask_ds, level_shape(spatial, factors[grid_level]), factors[grid_level],
-                               patch, stride, options.min_tissue)
+    coords, tissue = make_grid(
+        mask,
+        mask_ds,
+        level_shape(spatial, factors[grid_level]),
+        factors[grid_level],
+        patch,
+        stride,
+        options.min_tissue,
+    )
     if len(coords) == 0 and not options.allow_empty:
-        raise PrepError(f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue}, "
-                        f"level {grid_level}, patch {patch}; the mask covers {mask.mean():.1%} of the image)")
+        raise PrepError(
+            f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue}, "
+            f"level {grid_level}, patch {patch}; the mask covers {mask.mean():.1%} of the image)"
+        )
     entry = _grid_entry(options, grid_level, patch, stride, len(coords), spacing, factors[grid_level])
     _write_grid(group, options.grid_name, coords, tissue, entry)
 
-    ips_attrs = _ips_attrs(reader, options, provenance(), slide_id=slide_id, factors=factors,
-                           shapes=[list(a.shape) for a in levels], chunk=chunk, shard=shard,
-                           mask_info={"downsample": list(mask_ds), **mask_info}, entry=entry)
+    ips_attrs = _ips_attrs(
+        reader,
+        options,
+        provenance(),
+        slide_id=slide_id,
+        factors=factors,
+        shapes=[list(a.shape) for a in levels],
+        chunk=chunk,
+        shard=shard,
+        mask_info={"downsample": list(mask_ds), **mask_info},
+        entry=entry,
+    )
     group.attrs.update({OME_ATTR: _ome_attrs(slide_id, dims, spacing, factors), IPS_ATTR: ips_attrs})
 
     if options.thumbnail:
         t = _first_level_within(factors, spatial, options.thumbnail_size, slice(-2, None))
-        _thumbnail(levels[t][...], mask, coords, entry, factors, t, fill,
-                   writer.final.with_name(f".{slide_id}{THUMBNAIL_SUFFIX}.new"), slide_id)
+        _thumbnail(
+            levels[t][...],
+            mask,
+            coords,
+            entry,
+            factors,
+            t,
+            fill,
+            writer.final.with_name(f".{slide_id}{THUMBNAIL_SUFFIX}.new"),
+            slide_id,
+        )
     store = writer.commit([options.grid_name])
     if options.thumbnail:
-        os.replace(writer.final.with_name(f".{slide_id}{THUMBNAIL_SUFFIX}.new"),
-                   writer.final.with_name(f"{slide_id}{THUMBNAIL_SUFFIX}"))
+        os.replace(
+            writer.final.with_name(f".{slide_id}{THUMBNAIL_SUFFIX}.new"),
+            writer.final.with_name(f"{slide_id}{THUMBNAIL_SUFFIX}"),
+        )
     return store, len(coords)
 
 
-def _thumbnail(image: np.ndarray, mask: np.ndarray, coords: np.ndarray, entry: dict[str, Any],
-               factors: list[tuple[int, ...]], t: int, background: float, path: Path, slide_id: str) -> None:
+def _thumbnail(
+    image: np.ndarray,
+    mask: np.ndarray,
+    coords: np.ndarray,
+    entry: dict[str, Any],
+    factors: list[tuple[int, ...]],
+    t: int,
+    background: float,
+    path: Path,
+    slide_id: str,
+) -> None:
     """Render the thumbnail of level `t` with the grid's patches and save it at `path`."""
     g = entry["level"]
     scale = [a / b for a, b in zip(factors[g][-2:], factors[t][-2:])]  # grid-level px -> thumbnail px
     yx = coords[:, -2:].astype(np.float64)
     py, px = entry["patch_size"][-2:]
-    boxes = np.stack([yx[:, 0] * scale[0], yx[:, 1] * scale[1], (yx[:, 0] + py) * scale[0],
-                      (yx[:, 1] + px) * scale[1]], axis=1) if len(yx) else np.zeros((0, 4))
+    boxes = (
+        np.stack(
+            [
+                yx[:, 0] * scale[0],
+                yx[:, 1] * scale[1],
+                (yx[:, 0] + py) * scale[0],
+                (yx[:, 1] + px) * scale[1],
+            ],
+            axis=1,
+        )
+        if len(yx)
+        else np.zeros((0, 4))
+    )
     size = "x".join(str(p) for p in entry["patch_size"])
-    caption = f"{slide_id}: {entry['n_patches']} patches of {size} at level {g}, min tissue {entry['min_tissue']}"
+    caption = (
+        f"{slide_id}: {entry['n_patches']} patches of {size} at level {g}, min tissue {entry['min_tissue']}"
+    )
     rgb = render_thumbnail(image, mask, boxes, background=background, caption=caption)
     save_png(rgb, path)
 
@@ -338,11 +504,20 @@ def add_grid(store: str | Path, options: PrepOptions) -> int:
     stride = per_axis(options.stride if options.stride is not None else options.patch_size, dims, "stride")
     level = _choose_level(options, shapes[0], spacing)
     if level >= len(factors):
-        raise PrepError(f"level {level} is not in the store (levels 0..{len(factors) - 1}); "
-                        "rerun with --overwrite to rebuild the pyramid")
+        raise PrepError(
+            f"level {level} is not in the store (levels 0..{len(factors) - 1}); "
+            "rerun with --overwrite to rebuild the pyramid"
+        )
     mask = np.asarray(group[MASK_ARRAY][...]).astype(bool)
-    coords, tissue = make_grid(mask, tuple(attrs["mask"]["downsample"]), shapes[level], factors[level],
-                               patch, stride, options.min_tissue)
+    coords, tissue = make_grid(
+        mask,
+        tuple(attrs["mask"]["downsample"]),
+        shapes[level],
+        factors[level],
+        patch,
+        stride,
+        options.min_tissue,
+    )
     if len(coords) == 0 and not options.allow_empty:
         raise PrepError(f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue})")
     entry = _grid_entry(options, level, patch, stride, len(coords), spacing, factors[level])
@@ -363,8 +538,16 @@ def _list_grid(store: Path, name: str) -> None:
 
 
 # options that shape a grid / a store: a complete store made with other values is not what was asked for
-_STORE_OPTIONS = ("codec", "codec_level", "shard_chunks", "pyramid_max_size", "mask_max_size", "mask_mpp",
-                  "min_object_um2", "max_hole_um2")
+_STORE_OPTIONS = (
+    "codec",
+    "codec_level",
+    "shard_chunks",
+    "pyramid_max_size",
+    "mask_max_size",
+    "mask_mpp",
+    "min_object_um2",
+    "max_hole_um2",
+)
 
 
 def options_mismatch(store: Path, options: PrepOptions) -> str | None:
@@ -373,28 +556,39 @@ def options_mismatch(store: Path, options: PrepOptions) -> str | None:
     group = zarr.open_group(str(store), mode="r")
     attrs = dict(group.attrs.get(IPS_ATTR) or {})
     entry = (attrs.get("grids") or {}).get(options.grid_name)
-    made = ((attrs.get("provenance") or {}).get("options") or {})
+    made = (attrs.get("provenance") or {}).get("options") or {}
     diffs = []
     if entry is not None:
         dims = int(attrs["spatial_dims"])
         shapes = [tuple(s[1:]) for s in attrs["level_shapes"]]
         spacing = tuple(attrs["spacing"]) if attrs.get("spacing") else None
         patch = per_axis(options.patch_size, dims, "patch_size")
-        stride = per_axis(options.stride if options.stride is not None else options.patch_size, dims, "stride")
+        stride = per_axis(
+            options.stride if options.stride is not None else options.patch_size, dims, "stride"
+        )
         try:
             level: object = _choose_level(options, shapes[0], spacing)
         except PrepError:
             level = f"mpp {options.mpp}" if options.mpp is not None else options.level
-        asked = {"patch_size": list(patch), "stride": list(stride), "level": level,
-                 "min_tissue": options.min_tissue}
+        asked = {
+            "patch_size": list(patch),
+            "stride": list(stride),
+            "level": level,
+            "min_tissue": options.min_tissue,
+        }
         diffs += [(k, entry.get(k), v) for k, v in asked.items() if entry.get(k) != v]
-    diffs += [(k, made[k], getattr(options, k)) for k in _STORE_OPTIONS
-              if k in made and made[k] != getattr(options, k)]
+    diffs += [
+        (k, made[k], getattr(options, k))
+        for k in _STORE_OPTIONS
+        if k in made and made[k] != getattr(options, k)
+    ]
     if not diffs:
         return None
     said = ", ".join(f"{k} {_fmt(old)} (this run: {_fmt(new)})" for k, old, new in diffs)
-    return (f"the complete store {store} was made with {said}; kept as it is: rerun with --overwrite to "
-            f"rebuild it, or add a grid with another --grid-name")
+    return (
+        f"the complete store {store} was made with {said}; kept as it is: rerun with --overwrite to "
+        f"rebuild it, or add a grid with another --grid-name"
+    )
 
 
 def _fmt(value: object) -> str:
@@ -403,8 +597,14 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def prep_file(path: str | Path, out_dir: str | Path, *, options: PrepOptions | None = None,
-              reader: str | None = None, progress: Callable[[int], None] | None = None) -> PrepResult:
+def prep_file(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    options: PrepOptions | None = None,
+    reader: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PrepResult:
     """Convert one file, never raising for a bad input: the result says done / skipped / grid added /
     failed, and why. A complete store is skipped (or gets the new grid) unless `options.overwrite`; one
     made with other options fails, naming them and `--overwrite`. The store's `StoreLock` is held
@@ -421,18 +621,33 @@ def prep_file(path: str | Path, out_dir: str | Path, *, options: PrepOptions | N
         with StoreLock(out_dir, slide_id):
             return _prep_locked(path, out_dir, slide_id, options, reader, progress, t0)
     except PrepError as e:  # the lock is held by another prep
-        return PrepResult(str(path), slide_id, "failed", final, reason=str(e), seconds=time.perf_counter() - t0)
+        return PrepResult(
+            str(path), slide_id, "failed", final, reason=str(e), seconds=time.perf_counter() - t0
+        )
 
 
-def _prep_locked(path: Path, out_dir: str | Path, slide_id: str, options: PrepOptions, reader: str | None,
-                 progress: Callable[[int], None] | None, t0: float) -> PrepResult:
+def _prep_locked(
+    path: Path,
+    out_dir: str | Path,
+    slide_id: str,
+    options: PrepOptions,
+    reader: str | None,
+    progress: Callable[[int], None] | None,
+    t0: float,
+) -> PrepResult:
     final, _ = store_paths(out_dir, slide_id)
     if is_complete(final) and not options.overwrite:
         try:
             return _existing(path, final, slide_id, options, t0)
         except Exception as e:  # noqa: BLE001 - reported per input
-            return PrepResult(str(path), slide_id, "failed", final, reason=_failure_reason(e),
-                              seconds=time.perf_counter() - t0)
+            return PrepResult(
+                str(path),
+                slide_id,
+                "failed",
+                final,
+                reason=_failure_reason(e),
+                seconds=time.perf_counter() - t0,
+            )
     writer = StoreWriter(out_dir, slide_id)
     digest: dict[str, str] = {}
     try:
@@ -444,8 +659,11 @@ def _prep_locked(path: Path, out_dir: str | Path, slide_id: str, options: PrepOp
             def provenance() -> dict[str, Any]:
                 if options.hash_source:
                     hasher.join()
-                return {"source_path": str(path.resolve()), "source_size_bytes": path.stat().st_size,
-                        "source_sha256": digest.get("sha256")}
+                return {
+                    "source_path": str(path.resolve()),
+                    "source_size_bytes": path.stat().st_size,
+                    "source_sha256": digest.get("sha256"),
+                }
 
             store, n = _run(r, writer, options, slide_id=slide_id, provenance=provenance, progress=progress)
     except BaseException as e:
@@ -453,8 +671,9 @@ def _prep_locked(path: Path, out_dir: str | Path, slide_id: str, options: PrepOp
         _remove_tmp_thumbnail(final, slide_id)
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: clean up, then stop
             raise
-        return PrepResult(str(path), slide_id, "failed", reason=_failure_reason(e),
-                          seconds=time.perf_counter() - t0)
+        return PrepResult(
+            str(path), slide_id, "failed", reason=_failure_reason(e), seconds=time.perf_counter() - t0
+        )
     return PrepResult(str(path), slide_id, "done", store, n, time.perf_counter() - t0)
 
 
@@ -469,8 +688,9 @@ def _existing(path: Path, final: Path, slide_id: str, options: PrepOptions, t0: 
     return PrepResult(str(path), slide_id, "grid added", final, n, time.perf_counter() - t0)
 
 
-def convert_file(path: str | Path, out_dir: str | Path, *, options: PrepOptions | None = None,
-                 reader: str | None = None) -> Path:
+def convert_file(
+    path: str | Path, out_dir: str | Path, *, options: PrepOptions | None = None, reader: str | None = None
+) -> Path:
     """Convert one slide or volume file to `out_dir/<slide_id>.zarr`; returns the store path.
 
     `reader`: a backend name from `data_prep.readers.READERS` (default: chosen from the content).
@@ -484,9 +704,16 @@ def convert_file(path: str | Path, out_dir: str | Path, *, options: PrepOptions 
     return result.store
 
 
-def convert_array(array: np.ndarray, out_dir: str | Path, slide_id: str, *,
-                  spacing: tuple[float, ...] | None = None, options: PrepOptions | None = None,
-                  background: float | None = None, mask: np.ndarray | None = None) -> Path:
+def convert_array(
+    array: np.ndarray,
+    out_dir: str | Path,
+    slide_id: str,
+    *,
+    spacing: tuple[float, ...] | None = None,
+    options: PrepOptions | None = None,
+    background: float | None = None,
+    mask: np.ndarray | None = None,
+) -> Path:
     """Convert an in-memory image with the same pipeline as files; returns the store path.
 
     Args:
@@ -514,8 +741,14 @@ def convert_array(array: np.ndarray, out_dir: str | Path, slide_id: str, *,
         return _convert_array_locked(array, reader, out_dir, slide_id, options, mask)
 
 
-def _convert_array_locked(array: np.ndarray, reader: ArrayReader, out_dir: str | Path, slide_id: str,
-                          options: PrepOptions, mask: np.ndarray | None) -> Path:
+def _convert_array_locked(
+    array: np.ndarray,
+    reader: ArrayReader,
+    out_dir: str | Path,
+    slide_id: str,
+    options: PrepOptions,
+    mask: np.ndarray | None,
+) -> Path:
     final, _ = store_paths(out_dir, slide_id)
 
     def provenance() -> dict[str, Any]:

@@ -33,8 +33,9 @@ def _interp_axis(table: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray
     return a * (1 - t) + b * t
 
 
-def tissue_fractions(mask: np.ndarray, starts: list[np.ndarray], extent: tuple[float, ...],
-                     scale: tuple[float, ...]) -> np.ndarray:
+def tissue_fractions(
+    mask: np.ndarray, starts: list[np.ndarray], extent: tuple[float, ...], scale: tuple[float, ...]
+) -> np.ndarray:
     """Tissue fraction of every patch of a separable grid.
 
     Args:
@@ -65,9 +66,15 @@ def tissue_fractions(mask: np.ndarray, starts: list[np.ndarray], extent: tuple[f
     return np.clip(total / area, 0.0, 1.0).astype(np.float32)
 
 
-def make_grid(mask: np.ndarray, mask_downsample: tuple[int, ...], level_shape: tuple[int, ...],
-              level_downsample: tuple[int, ...], patch: tuple[int, ...], stride: tuple[int, ...],
-              min_tissue: float) -> tuple[np.ndarray, np.ndarray]:
+def make_grid(
+    mask: np.ndarray,
+    mask_downsample: tuple[int, ...],
+    level_shape: tuple[int, ...],
+    level_downsample: tuple[int, ...],
+    patch: tuple[int, ...],
+    stride: tuple[int, ...],
+    min_tissue: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Patches of one grid.
 
     Args:

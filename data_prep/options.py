@@ -71,15 +71,21 @@ class PrepOptions:
             if v is None:
                 continue
             vals = (v,) if isinstance(v, int) else tuple(v)
-            require(len(vals) in (1, 2, 3) and all(isinstance(x, (int, np.integer)) and x >= 1 for x in vals),
-                    key, f"must be an integer >= 1 (or one per axis), got {v!r}")
+            require(
+                len(vals) in (1, 2, 3) and all(isinstance(x, (int, np.integer)) and x >= 1 for x in vals),
+                key,
+                f"must be an integer >= 1 (or one per axis), got {v!r}",
+            )
         require(isinstance(self.level, int) and self.level >= 0, "level", f"must be >= 0, got {self.level!r}")
         if self.mpp is not None:
             require(self.mpp > 0, "mpp", f"must be > 0, got {self.mpp}")
             require(self.level == 0, "level", "give a level or mpp, not both")
         require(0.0 <= self.min_tissue <= 1.0, "min_tissue", f"must be in [0, 1], got {self.min_tissue}")
-        require(bool(self.grid_name) and "/" not in self.grid_name and not self.grid_name.startswith("."),
-                "grid_name", f"must be a plain name, got {self.grid_name!r}")
+        require(
+            bool(self.grid_name) and "/" not in self.grid_name and not self.grid_name.startswith("."),
+            "grid_name",
+            f"must be a plain name, got {self.grid_name!r}",
+        )
         require(self.mpp_tolerance > 0, "mpp_tolerance", "must be > 0")
         require(self.codec in CODECS, "codec", f"must be one of {CODECS}, got {self.codec!r}")
         require(self.shard_chunks is None or self.shard_chunks >= 1, "shard_chunks", "must be >= 1")

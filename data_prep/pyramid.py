@@ -12,8 +12,13 @@ import itertools
 import numpy as np
 
 
-def plan_levels(spatial_shape: tuple[int, ...], spacing: tuple[float, ...] | None, *,
-                max_size: int = 512, min_levels: int = 1) -> list[tuple[int, ...]]:
+def plan_levels(
+    spatial_shape: tuple[int, ...],
+    spacing: tuple[float, ...] | None,
+    *,
+    max_size: int = 512,
+    min_levels: int = 1,
+) -> list[tuple[int, ...]]:
     """Per-axis downsample factors of each level, `[(1, 1), (2, 2), ...]` (2D) or `[(1, 1, 1), ...]`.
 
     Levels are added until the longest y/x side is at most `max_size` and there are at least
@@ -92,12 +97,14 @@ def _downsample2_uint8(block: np.ndarray, halve: tuple[bool, ...]) -> np.ndarray
 
 def morton_order(grid: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Every index of an n-d grid in Z-order (bit-interleaved), so 2**d neighbours come together."""
+
     def key(idx: tuple[int, ...]) -> int:
         code = 0
         for bit in range(max(max(grid).bit_length(), 1)):
             for a, i in enumerate(idx):
                 code |= ((i >> bit) & 1) << (bit * len(idx) + (len(idx) - 1 - a))
         return code
+
     return sorted(np.ndindex(*grid), key=key)
 
 
@@ -115,8 +122,9 @@ class StreamingPyramid:
         shard: spatial shard shape (the block size at every level).
     """
 
-    def __init__(self, write, shapes: list[tuple[int, ...]], factors: list[tuple[int, ...]],
-                 shard: tuple[int, ...]) -> None:
+    def __init__(
+        self, write, shapes: list[tuple[int, ...]], factors: list[tuple[int, ...]], shard: tuple[int, ...]
+    ) -> None:
         import threading
 
         self._write, self._shapes, self._factors, self._shard = write, shapes, factors, shard
@@ -142,8 +150,15 @@ class StreamingPyramid:
         while k + 1 < len(self._shapes):
             k += 1
             halve = self._halve(k)
-            down = downsample2(block[(slice(None), *(slice(0, n // 2 * 2) if h else slice(None)
-                                                     for n, h in zip(block.shape[1:], halve)))], halve)
+            down = downsample2(
+                block[
+                    (
+                        slice(None),
+                        *(slice(0, n // 2 * 2) if h else slice(None) for n, h in zip(block.shape[1:], halve)),
+                    )
+                ],
+                halve,
+            )
             parent = tuple(i // 2 if h else i for i, h in zip(idx, halve))
             if any(p >= g for p, g in zip(parent, self._grid(k))):
                 return  # a last odd row/column of 1 pixel: nothing of it survives the floor

@@ -33,10 +33,26 @@ NPY_MAGIC = b"\x93NUMPY"
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI_MAGIC = (b"n+1\x00", b"ni1\x00", b"n+2\x00", b"ni2\x00")
 # micrometers per unit of a TIFF ResolutionUnit / an ImageJ or OME unit string
-_UM_PER_UNIT = {"INCH": 25400.0, "CENTIMETER": 1e4, "MILLIMETER": 1e3, "MICROMETER": 1.0,
-                "um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "micron": 1.0, "micrometer": 1.0, "nm": 1e-3,
-                "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4, "m": 1e6,
-                "meter": 1e6, "inch": 25400.0}
+_UM_PER_UNIT = {
+    "INCH": 25400.0,
+    "CENTIMETER": 1e4,
+    "MILLIMETER": 1e3,
+    "MICROMETER": 1.0,
+    "um": 1.0,
+    "µm": 1.0,
+    "\\u00B5m": 1.0,
+    "micron": 1.0,
+    "micrometer": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "mm": 1e3,
+    "millimeter": 1e3,
+    "cm": 1e4,
+    "centimeter": 1e4,
+    "m": 1e6,
+    "meter": 1e6,
+    "inch": 25400.0,
+}
 
 
 class ImageReader(ABC):
@@ -92,8 +108,10 @@ class ImageReader(ABC):
         out = self._read(start, size)
         expected = (self.shape[0], *size)
         if out.shape != expected:  # a backend bug or a lying file: never write a wrong shape
-            raise PrepError(f"reader {self.name} returned shape {out.shape} for region {start}+{size}, "
-                            f"expected {expected}")
+            raise PrepError(
+                f"reader {self.name} returned shape {out.shape} for region {start}+{size}, "
+                f"expected {expected}"
+            )
         return out
 
     def metadata(self) -> dict[str, Any]:
@@ -140,7 +158,7 @@ class OpenSlideReader(ImageReader):
         mpp_y, mpp_x = props.get("openslide.mpp-y"), props.get("openslide.mpp-x")
         self.spacing = (float(mpp_y), float(mpp_x)) if mpp_y and mpp_x else None
         bg = props.get("openslide.background-color", "FFFFFF")
-        self._bg_rgb = np.array([int(bg[i:i + 2], 16) for i in (0, 2, 4)], np.uint8)
+        self._bg_rgb = np.array([int(bg[i : i + 2], 16) for i in (0, 2, 4)], np.uint8)
         self.background = 255 if (self._bg_rgb == 255).all() else int(self._bg_rgb.mean())
         self.vendor = props.get("openslide.vendor", "openslide")
         self._props = {k: v for k, v in props.items() if k.startswith("openslide.")}
@@ -239,8 +257,10 @@ class TiffReader(ImageReader):
             elif ax in self._Z_AXES and self._z_lead is None:
                 self._z_lead = i
             else:
-                raise PrepError(f"unsupported TIFF: axis {ax!r} of size {n} in {axes} {shape} "
-                                "(only channels and one z axis)")
+                raise PrepError(
+                    f"unsupported TIFF: axis {ax!r} of size {n} in {axes} {shape} "
+                    "(only channels and one z axis)"
+                )
         samples = keyframe.samplesperpixel if "S" in page_axes else 1
         lead_c = lead_shape[self._c_lead] if self._c_lead is not None else 1
         if samples > 1 and lead_c > 1:
@@ -257,7 +277,9 @@ class TiffReader(ImageReader):
             self._seg = (min(keyframe.rowsperstrip or height, height), width)
         self._grid = (math.ceil(height / self._seg[0]), math.ceil(width / self._seg[1]))
         self._separate = keyframe.planarconfig == 2 and samples > 1
-        self.vendor = "ome-tiff" if self._tif.is_ome else ("svs" if self._tif.is_svs else series.kind or "tiff")
+        self.vendor = (
+            "ome-tiff" if self._tif.is_ome else ("svs" if self._tif.is_svs else series.kind or "tiff")
+        )
         self.spacing = self._find_spacing()
         self.background = 255 if (self.dtype == np.uint8 and channels == 3) else 0
 
@@ -272,10 +294,12 @@ class TiffReader(ImageReader):
         try:
             if tif.is_ome:
                 pixels = next(e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels"))
+
                 def phys(axis: str) -> float | None:
                     v = pixels.get(f"PhysicalSize{axis}")
                     unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
                     return float(v) * _UM_PER_UNIT.get(unit, 1.0) if v else None
+
                 if phys("Y") and phys("X"):
                     yx = (phys("Y"), phys("X"))
                 z = phys("Z")
@@ -326,8 +350,10 @@ class TiffReader(ImageReader):
                     index = s * ny * nx + ty * nx + tx
                     offset, count = page.dataoffsets[index], page.databytecounts[index]
                     if count and offset + count > self._size:
-                        raise PrepError(f"truncated TIFF: tile {index} ends at byte {offset + count} "
-                                        f"but the file has {self._size}")
+                        raise PrepError(
+                            f"truncated TIFF: tile {index} ends at byte {offset + count} "
+                            f"but the file has {self._size}"
+                        )
                     data = os.pread(self._fd, count, offset) if count else None
                     try:
                         seg, _, _ = kf.decode(data, index, jpegtables=kf.jpegtables)
@@ -337,11 +363,11 @@ class TiffReader(ImageReader):
                     ty0, tx0 = ty * th, tx * tw
                     ry0, rx0 = max(y0, ty0), max(x0, tx0)
                     ry1, rx1 = min(y0 + h, ty0 + th), min(x0 + w, tx0 + tw)
-                    dst = out[:, ry0 - y0: ry1 - y0, rx0 - x0: rx1 - x0]
+                    dst = out[:, ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0]
                     if seg is None:  # sparse (empty) tile
                         dst[s if self._separate else slice(None)] = 0
                         continue
-                    part = seg[0, ry0 - ty0: ry1 - ty0, rx0 - tx0: rx1 - tx0, :]  # (h', w', S')
+                    part = seg[0, ry0 - ty0 : ry1 - ty0, rx0 - tx0 : rx1 - tx0, :]  # (h', w', S')
                     if part.shape[:2] != dst.shape[1:]:
                         raise PrepError(f"corrupt TIFF: tile {index} decodes to {seg.shape}")
                     if self._separate:
@@ -361,7 +387,7 @@ class TiffReader(ImageReader):
         for z in zs:
             plane = view(z)  # (C, h, w)
             for c in range(lead_c):
-                dst = plane[c * self._samples:(c + 1) * self._samples]
+                dst = plane[c * self._samples : (c + 1) * self._samples]
                 self._read_plane(self._page(z or 0, c), y0, x0, h, w, dst)
         return out
 
@@ -426,20 +452,26 @@ class NiftiReader(ImageReader):
         with self._lock:
             if self._slab is None or not (self._slab[0] <= z0 and z0 + d <= self._slab[1]):
                 try:
-                    data = np.asarray(self._proxy[..., z0:z0 + d] if len(self._proxy.shape) == 3
-                                      else self._proxy[:, :, z0:z0 + d, ...])
+                    data = np.asarray(
+                        self._proxy[..., z0 : z0 + d]
+                        if len(self._proxy.shape) == 3
+                        else self._proxy[:, :, z0 : z0 + d, ...]
+                    )
                 except Exception as e:  # noqa: BLE001
                     raise PrepError(f"corrupt or truncated NIfTI: {type(e).__name__}: {e}") from None
                 self._slab = (z0, z0 + d, data)
             s0, _, slab = self._slab
-        region = slab[x0:x0 + w, y0:y0 + h, z0 - s0:z0 - s0 + d]  # (w, h, d[, C, ...])
+        region = slab[x0 : x0 + w, y0 : y0 + h, z0 - s0 : z0 - s0 + d]  # (w, h, d[, C, ...])
         region = region.reshape(w, h, d, -1)
         return region.transpose(3, 2, 1, 0).astype(self.dtype, copy=False)  # (C, d, h, w)
 
     def metadata(self) -> dict[str, Any]:
         hdr = self._img.header
-        return {"nifti_axcodes": list(__import__("nibabel").aff2axcodes(self._img.affine)),
-                "nifti_qform_code": int(hdr["qform_code"]), "nifti_sform_code": int(hdr["sform_code"])}
+        return {
+            "nifti_axcodes": list(__import__("nibabel").aff2axcodes(self._img.affine)),
+            "nifti_qform_code": int(hdr["qform_code"]),
+            "nifti_sform_code": int(hdr["sform_code"]),
+        }
 
     def close(self) -> None:
         self._slab = None
@@ -464,7 +496,9 @@ def _channels_first(array: np.ndarray) -> np.ndarray:
         return array[None]
     if array.ndim == 4:
         return array
-    raise PrepError(f"unsupported array shape {array.shape}: need (Y, X), (C, Y, X), (Z, Y, X) or (C, Z, Y, X)")
+    raise PrepError(
+        f"unsupported array shape {array.shape}: need (Y, X), (C, Y, X), (Z, Y, X) or (C, Z, Y, X)"
+    )
 
 
 class ArrayReader(ImageReader):
@@ -472,8 +506,14 @@ class ArrayReader(ImageReader):
 
     name = "array"
 
-    def __init__(self, array: np.ndarray, *, spacing: tuple[float, ...] | None = None,
-                 background: float | None = None, vendor: str = "numpy") -> None:
+    def __init__(
+        self,
+        array: np.ndarray,
+        *,
+        spacing: tuple[float, ...] | None = None,
+        background: float | None = None,
+        vendor: str = "numpy",
+    ) -> None:
         if array.ndim not in (3, 4):
             raise ValueError(f"array must be (C, Y, X) or (C, Z, Y, X), got shape {array.shape}")
         if min(array.shape) < 1:
@@ -487,7 +527,9 @@ class ArrayReader(ImageReader):
                 raise ValueError(f"spacing must be {self.spatial_dims} positive numbers, got {spacing}")
         self.spacing = spacing
         if background is None:
-            background = 255 if (array.dtype == np.uint8 and self.shape[0] == 3 and self.spatial_dims == 2) else 0
+            background = (
+                255 if (array.dtype == np.uint8 and self.shape[0] == 3 and self.spatial_dims == 2) else 0
+            )
         self.background = background
         self.vendor = vendor
 

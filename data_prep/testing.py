@@ -42,15 +42,19 @@ class ReaderTests:
 
     def test_whole_image(self, case) -> None:
         reader, expected = case
-        np.testing.assert_array_equal(reader.read_region((0,) * reader.spatial_dims, reader.spatial_shape), expected)
+        np.testing.assert_array_equal(
+            reader.read_region((0,) * reader.spatial_dims, reader.spatial_shape), expected
+        )
 
     def test_regions(self, case) -> None:
         reader, expected = case
         rng = np.random.default_rng(0)
         spatial = reader.spatial_shape
-        regions = [((0,) * len(spatial), (1,) * len(spatial)),  # one pixel
-                   (tuple(n - 1 for n in spatial), (1,) * len(spatial)),  # the last pixel
-                   (tuple(n // 3 for n in spatial), tuple(n - n // 3 for n in spatial))]  # to the far edge
+        regions = [
+            ((0,) * len(spatial), (1,) * len(spatial)),  # one pixel
+            (tuple(n - 1 for n in spatial), (1,) * len(spatial)),  # the last pixel
+            (tuple(n // 3 for n in spatial), tuple(n - n // 3 for n in spatial)),
+        ]  # to the far edge
         for _ in range(8):  # unaligned regions
             start = tuple(int(rng.integers(0, n)) for n in spatial)
             size = tuple(int(rng.integers(1, n - s + 1)) for s, n in zip(start, spatial))
@@ -85,7 +89,7 @@ class ReaderTests:
         spatial = reader.spatial_shape
         step = tuple(max(1, n // 3) for n in spatial)
         starts = list(np.ndindex(*(len(range(0, n, s)) for n, s in zip(spatial, step))))
-        regions = [(tuple(i * s for i, s in zip(idx, step)), ) for idx in starts]
+        regions = [(tuple(i * s for i, s in zip(idx, step)),) for idx in starts]
         regions = [(st, tuple(min(s, n - o) for s, n, o in zip(step, spatial, st))) for (st,) in regions] * 3
 
         def read(region):
@@ -113,7 +117,9 @@ class ReaderTests:
 # --- generated fixtures ------------------------------------------------------------------------------
 
 
-def tissue_image(height: int, width: int, *, seed: int = 0, box: tuple[float, float, float, float] = (0.2, 0.2, 0.8, 0.7)) -> np.ndarray:
+def tissue_image(
+    height: int, width: int, *, seed: int = 0, box: tuple[float, float, float, float] = (0.2, 0.2, 0.8, 0.7)
+) -> np.ndarray:
     """A brightfield-like RGB image: white glass (255) with a stained (pink/purple, textured) rectangle
     covering the fractional box `(y0, x0, y1, x1)`. Returns uint8 `(Y, X, 3)`."""
     rng = np.random.default_rng(seed)
@@ -126,8 +132,15 @@ def tissue_image(height: int, width: int, *, seed: int = 0, box: tuple[float, fl
     return img
 
 
-def write_pyramid_tiff(path: str | Path, image: np.ndarray, *, levels: int = 3, tile: int = 64,
-                       compression: str | None = "zlib", mpp: float | None = 0.5) -> Path:
+def write_pyramid_tiff(
+    path: str | Path,
+    image: np.ndarray,
+    *,
+    levels: int = 3,
+    tile: int = 64,
+    compression: str | None = "zlib",
+    mpp: float | None = 0.5,
+) -> Path:
     """A tiled pyramidal TIFF (level 0 plus `levels - 1` SubIFDs, each half the previous), RGB or grey.
 
     `image`: `(Y, X, 3)` or `(Y, X)`. `mpp`: micrometers per pixel written as resolution tags.
@@ -140,13 +153,20 @@ def write_pyramid_tiff(path: str | Path, image: np.ndarray, *, levels: int = 3, 
         kwargs = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
     photometric = "rgb" if image.ndim == 3 else "minisblack"
     with tifffile.TiffWriter(path) as tif:
-        tif.write(image, tile=(tile, tile), compression=compression, photometric=photometric,
-                  subifds=levels - 1, **kwargs)
+        tif.write(
+            image,
+            tile=(tile, tile),
+            compression=compression,
+            photometric=photometric,
+            subifds=levels - 1,
+            **kwargs,
+        )
         level = image
         for _ in range(levels - 1):
             level = level[::2, ::2]
-            tif.write(level, tile=(tile, tile), compression=compression, photometric=photometric,
-                      subfiletype=1)
+            tif.write(
+                level, tile=(tile, tile), compression=compression, photometric=photometric, subfiletype=1
+            )
     return path
 
 

@@ -25,8 +25,15 @@ def _to_rgb(image: np.ndarray, background: float) -> np.ndarray:
     return np.repeat(img, 3, axis=0).transpose(1, 2, 0) if img.shape[0] == 1 else img.transpose(1, 2, 0)
 
 
-def render_thumbnail(image: np.ndarray, mask: np.ndarray, boxes: np.ndarray, *, background: float,
-                     caption: str = "", min_size: int = 384) -> np.ndarray:
+def render_thumbnail(
+    image: np.ndarray,
+    mask: np.ndarray,
+    boxes: np.ndarray,
+    *,
+    background: float,
+    caption: str = "",
+    min_size: int = 384,
+) -> np.ndarray:
     """Draw the overlay.
 
     Args:
@@ -59,8 +66,9 @@ def render_thumbnail(image: np.ndarray, mask: np.ndarray, boxes: np.ndarray, *, 
     tint = _paint(h, w, [(y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)], axes=(0, 1)) > 0
     big = np.minimum(y1 - y0, x1 - x0) >= 4  # borders only where a patch is >= 4 pixels on screen
     y0, x0, y1, x1 = y0[big], x0[big], y1[big], x1[big]
-    edges = (_paint(h, w, [(y0, x0, 1), (y0, x1, -1), (y1 - 1, x0, 1), (y1 - 1, x1, -1)], axes=(1,)) > 0) | \
-            (_paint(h, w, [(y0, x0, 1), (y1, x0, -1), (y0, x1 - 1, 1), (y1, x1 - 1, -1)], axes=(0,)) > 0)
+    edges = (_paint(h, w, [(y0, x0, 1), (y0, x1, -1), (y1 - 1, x0, 1), (y1 - 1, x1, -1)], axes=(1,)) > 0) | (
+        _paint(h, w, [(y0, x0, 1), (y1, x0, -1), (y0, x1 - 1, 1), (y1, x1 - 1, -1)], axes=(0,)) > 0
+    )
     rgb[tint] = 0.7 * rgb[tint] + 0.3 * PATCH_COLOUR
     rgb[edges] = PATCH_COLOUR
     outline = m & ~ndi.binary_erosion(m, iterations=1, border_value=0)
@@ -72,7 +80,9 @@ def render_thumbnail(image: np.ndarray, mask: np.ndarray, boxes: np.ndarray, *, 
     return out
 
 
-def _paint(h: int, w: int, points: list[tuple[np.ndarray, np.ndarray, int]], axes: tuple[int, ...]) -> np.ndarray:
+def _paint(
+    h: int, w: int, points: list[tuple[np.ndarray, np.ndarray, int]], axes: tuple[int, ...]
+) -> np.ndarray:
     """Cumulative sums (along `axes`) of +-1 deltas at `(rows, cols, sign)`: int `(h, w)` counts."""
     acc = np.zeros((h + 1, w + 1), np.int32)
     for rows, cols, sign in points:

@@ -40,9 +40,15 @@ def _um_per_px(spacing: tuple[float, ...] | None, downsample: tuple[int, ...]) -
     return [s * f for s, f in zip(base, downsample)]
 
 
-def tissue_mask(image: np.ndarray, *, background: float, spacing: tuple[float, ...] | None,
-                downsample: tuple[int, ...], min_object_um2: float = 2500.0,
-                max_hole_um2: float = 2500.0) -> tuple[np.ndarray, dict[str, Any]]:
+def tissue_mask(
+    image: np.ndarray,
+    *,
+    background: float,
+    spacing: tuple[float, ...] | None,
+    downsample: tuple[int, ...],
+    min_object_um2: float = 2500.0,
+    max_hole_um2: float = 2500.0,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Foreground mask of a low-resolution level.
 
     Args:
@@ -69,7 +75,7 @@ def tissue_mask(image: np.ndarray, *, background: float, spacing: tuple[float, .
         mask = value < threshold if bright_background else value > threshold
         method = "otsu-intensity"
     um = _um_per_px(spacing, downsample)
-    pixel_area = float(np.prod(um[-len(spatial):]))  # um^2 (2D) or um^3 (3D, then cubes of the side)
+    pixel_area = float(np.prod(um[-len(spatial) :]))  # um^2 (2D) or um^3 (3D, then cubes of the side)
     if len(spatial) == 3:
         pixel_area = float(np.prod(um)) ** (2 / 3)  # compare a voxel's face area with the um^2 limits
     # never more than 1% of the image: a small crop of tissue must not vanish as a "small object"
@@ -90,13 +96,15 @@ def resample_mask(mask: np.ndarray, spatial_shape: tuple[int, ...]) -> tuple[np.
     """
     mask = np.asarray(mask)
     if mask.ndim != len(spatial_shape):
-        raise ValueError(f"mask must have {len(spatial_shape)} dims like the image {spatial_shape}, "
-                         f"got shape {mask.shape}")
+        raise ValueError(
+            f"mask must have {len(spatial_shape)} dims like the image {spatial_shape}, got shape {mask.shape}"
+        )
     factors = []
     for n, m in zip(spatial_shape, mask.shape):
         f = max(1, round(n / max(m, 1)))
         if m < 1 or not (-(-n // f) == m or n // f == m):
-            raise ValueError(f"mask shape {mask.shape} is not the image {spatial_shape} downsampled by "
-                             "integer factors")
+            raise ValueError(
+                f"mask shape {mask.shape} is not the image {spatial_shape} downsampled by integer factors"
+            )
         factors.append(f)
     return mask.astype(bool), tuple(factors)

@@ -61,8 +61,9 @@ def make_compressor(name: str, level: int | None = None) -> Any:
     raise ValueError(f"unknown codec {name!r}; choose from {CODECS}")
 
 
-def chunk_layout(patch: tuple[int, ...], stride: tuple[int, ...],
-                 shard_chunks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def chunk_layout(
+    patch: tuple[int, ...], stride: tuple[int, ...], shard_chunks: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Spatial `(chunk, shard)` shapes for patches of `patch` pixels placed every `stride` pixels."""
     dims = len(patch)
     chunk = []
@@ -72,7 +73,9 @@ def chunk_layout(patch: tuple[int, ...], stride: tuple[int, ...],
     return tuple(chunk), tuple(c * shard_chunks for c in chunk)
 
 
-def iter_blocks(shape: tuple[int, ...], block: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+def iter_blocks(
+    shape: tuple[int, ...], block: tuple[int, ...]
+) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
     """`(start, size)` of the blocks tiling `shape` in row-major order (edge blocks are clipped)."""
     ranges = [range(0, n, b) for n, b in zip(shape, block)]
     for start in np.ndindex(*(len(r) for r in ranges)):
@@ -80,7 +83,9 @@ def iter_blocks(shape: tuple[int, ...], block: tuple[int, ...]) -> Iterator[tupl
         yield s, tuple(min(b, n - o) for o, b, n in zip(s, block, shape))
 
 
-def run_bounded(tasks: Iterator[Callable[[], None]], threads: int, on_done: Callable[[], None] | None = None) -> None:
+def run_bounded(
+    tasks: Iterator[Callable[[], None]], threads: int, on_done: Callable[[], None] | None = None
+) -> None:
     """Run callables on `threads` threads with at most `2 * threads` in flight (bounded memory);
     the first exception is raised after the in-flight tasks settle."""
     if threads <= 1:
@@ -183,9 +188,14 @@ def read_marker(store: str | Path) -> dict[str, Any]:
 def write_marker(store: Path, grids: list[str], arrays: dict[str, checksums.ArrayRecord]) -> None:
     """Write the completion marker atomically (temp file + rename): the grids it vouches for and, per
     array, every written chunk/shard key with `[size, crc32c]` (`ips.format.checksums`)."""
-    marker = {"format_version": FORMAT_VERSION, "tool_version": __version__,
-              "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"), "grids": grids,
-              "checksum": checksums.CHECKSUM, "arrays": arrays}
+    marker = {
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "grids": grids,
+        "checksum": checksums.CHECKSUM,
+        "arrays": arrays,
+    }
     tmp = store / f".{COMPLETE_MARKER}.tmp"
     with open(tmp, "w") as f:
         json.dump(marker, f, separators=(",", ":"))
@@ -229,8 +239,10 @@ class StoreLock:
             except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise PrepError(f"{self.store}: another ips prep ({holder}) is writing this store "
-                                f"(lock {self.path}); wait for it to finish") from None
+                raise PrepError(
+                    f"{self.store}: another ips prep ({holder}) is writing this store "
+                    f"(lock {self.path}); wait for it to finish"
+                ) from None
             try:  # the previous holder may have removed the file (and another made a new one) meanwhile
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
@@ -284,27 +296,57 @@ class StoreWriter:
         """The shard encoder of pyramid array `name`; what it writes is recorded for the marker."""
         return ShardEncoder(array, self.partial / name, self.records.setdefault(name, {}))
 
-    def image_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
-                    shards: tuple[int, ...], fill_value: float, compressor: Any) -> zarr.Array:
+    def image_array(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        chunks: tuple[int, ...],
+        shards: tuple[int, ...],
+        fill_value: float,
+        compressor: Any,
+    ) -> zarr.Array:
         """A pyramid level `(C, *spatial)`, chunks `(C, *chunks)` inside shards `(C, *shards)`."""
         assert self.group is not None
-        dims = ["c", "z", "y", "x"][-len(shape):] if len(shape) == 4 else ["c", "y", "x"]
+        dims = ["c", "z", "y", "x"][-len(shape) :] if len(shape) == 4 else ["c", "y", "x"]
         spatial = shape[1:]
         chunk = tuple(min(c, n) for c, n in zip(chunks, spatial))
         # a shard is a whole number of chunks and need not exceed the array (rounded up to chunks)
         shard = tuple(min(s, math.ceil(n / c) * c) for s, c, n in zip(shards, chunk, spatial))
         return self.group.create_array(
-            name=name, shape=shape, dtype=dtype, chunks=(shape[0], *chunk), shards=(shape[0], *shard),
-            compressors=compressor, fill_value=fill_value, dimension_names=dims, config=ARRAY_CONFIG)
+            name=name,
+            shape=shape,
+            dtype=dtype,
+            chunks=(shape[0], *chunk),
+            shards=(shape[0], *shard),
+            compressors=compressor,
+            fill_value=fill_value,
+            dimension_names=dims,
+            config=ARRAY_CONFIG,
+        )
 
-    def small_array(self, name: str, data: np.ndarray, *, chunk_rows: int = 1 << 18,
-                    dimension_names: list[str] | None = None, attributes: dict[str, Any] | None = None) -> zarr.Array:
+    def small_array(
+        self,
+        name: str,
+        data: np.ndarray,
+        *,
+        chunk_rows: int = 1 << 18,
+        dimension_names: list[str] | None = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> zarr.Array:
         """A small array written in one go (mask, coords, tissue), zstd-compressed."""
         assert self.group is not None
         chunks = tuple(max(1, min(n, chunk_rows if i == 0 else n)) for i, n in enumerate(data.shape))
-        arr = self.group.create_array(name=name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                      compressors=ZstdCodec(level=3), fill_value=0,
-                                      dimension_names=dimension_names, attributes=attributes or {})
+        arr = self.group.create_array(
+            name=name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            compressors=ZstdCodec(level=3),
+            fill_value=0,
+            dimension_names=dimension_names,
+            attributes=attributes or {},
+        )
         if data.size:
             arr[...] = data
         return arr

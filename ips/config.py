@@ -46,14 +46,23 @@ class TaskConfig:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.kind in typing.get_args(TaskKind), "model.tasks.kind",
-                 f"must be one of {typing.get_args(TaskKind)}, got {self.kind!r}")
+        _require(
+            self.kind in typing.get_args(TaskKind),
+            "model.tasks.kind",
+            f"must be one of {typing.get_args(TaskKind)}, got {self.kind!r}",
+        )
         if self.kind == "binary":
-            _require(self.num_classes == 2, f"model.tasks[{self.name}].num_classes",
-                     "a binary task has num_classes 2")
+            _require(
+                self.num_classes == 2,
+                f"model.tasks[{self.name}].num_classes",
+                "a binary task has num_classes 2",
+            )
         else:
-            _require(self.num_classes >= 2, f"model.tasks[{self.name}].num_classes",
-                     f"must be >= 2, got {self.num_classes}")
+            _require(
+                self.num_classes >= 2,
+                f"model.tasks[{self.name}].num_classes",
+                f"must be >= 2, got {self.num_classes}",
+            )
         _require(self.weight >= 0, f"model.tasks[{self.name}].weight", "must be >= 0")
 
     @property
@@ -93,24 +102,38 @@ class ModelConfig:
     tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
 
     def __post_init__(self) -> None:
-        _require(self.spatial_dims in (2, 3), "model.spatial_dims", f"must be 2 or 3, got {self.spatial_dims}")
+        _require(
+            self.spatial_dims in (2, 3), "model.spatial_dims", f"must be 2 or 3, got {self.spatial_dims}"
+        )
         _require(self.in_chans >= 1, "model.in_chans", f"must be >= 1, got {self.in_chans}")
         _require(self.patch_size >= 1, "model.patch_size", f"must be >= 1, got {self.patch_size}")
         _require(self.d_model >= 1 and self.n_heads >= 1, "model.d_model", "d_model and n_heads must be >= 1")
-        _require(self.d_model % self.n_heads == 0, "model.n_heads",
-                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        _require(
+            self.d_model % self.n_heads == 0,
+            "model.n_heads",
+            f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
+        )
         if self.pos_enc == "sincos":
-            _require(self.d_model >= 2 * self.spatial_dims, "model.d_model",
-                     f"sincos positional encoding needs d_model >= {2 * self.spatial_dims}")
+            _require(
+                self.d_model >= 2 * self.spatial_dims,
+                "model.d_model",
+                f"sincos positional encoding needs d_model >= {2 * self.spatial_dims}",
+            )
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
-        _require(self.encoder_norm in (None, "group", "batch"), "model.encoder_norm",
-                 f"must be 'group' or 'batch', got {self.encoder_norm!r}")
+        _require(
+            self.encoder_norm in (None, "group", "batch"),
+            "model.encoder_norm",
+            f"must be 'group' or 'batch', got {self.encoder_norm!r}",
+        )
         _require(len(self.tasks) >= 1, "model.tasks", "needs at least one task")
         names = [t.name for t in self.tasks]
         _require(len(set(names)) == len(names), "model.tasks", f"task names must be unique, got {names}")
         if self.encoder == "features":
-            _require(self.feature_dim is not None and self.feature_dim >= 1, "model.feature_dim",
-                     "encoder 'features' needs feature_dim (the length of each precomputed vector)")
+            _require(
+                self.feature_dim is not None and self.feature_dim >= 1,
+                "model.feature_dim",
+                "encoder 'features' needs feature_dim (the length of each precomputed vector)",
+            )
 
 
 @dataclass(frozen=True)
@@ -132,8 +155,11 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         _require(self.memory_size >= 1, "selection.memory_size", f"M must be >= 1, got {self.memory_size}")
         _require(self.iter_size >= 1, "selection.iter_size", f"I must be >= 1, got {self.iter_size}")
-        _require(self.score in typing.get_args(ScoreKind), "selection.score",
-                 f"must be one of {typing.get_args(ScoreKind)}, got {self.score!r}")
+        _require(
+            self.score in typing.get_args(ScoreKind),
+            "selection.score",
+            f"must be one of {typing.get_args(ScoreKind)}, got {self.score!r}",
+        )
         _require(self.prefetch >= 0, "selection.prefetch", "must be >= 0")
         _require(0.0 <= self.explore < 1.0, "selection.explore", f"must be in [0, 1), got {self.explore}")
 
@@ -151,8 +177,11 @@ class DataConfig:
     color_jitter: float = 0.05
 
     def __post_init__(self) -> None:
-        _require(self.mode in typing.get_args(DataMode), "data.mode",
-                 f"must be one of {typing.get_args(DataMode)}, got {self.mode!r}")
+        _require(
+            self.mode in typing.get_args(DataMode),
+            "data.mode",
+            f"must be one of {typing.get_args(DataMode)}, got {self.mode!r}",
+        )
         _require(self.read_threads >= 1, "data.read_threads", "must be >= 1")
         _require(0.0 <= self.color_jitter <= 0.5, "data.color_jitter", "must be in [0, 0.5]")
 
@@ -195,8 +224,11 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         if self.micro_batch_size is not None:
-            _require(1 <= self.micro_batch_size <= self.batch_size, "train.micro_batch_size",
-                     f"must be in [1, batch_size={self.batch_size}], got {self.micro_batch_size}")
+            _require(
+                1 <= self.micro_batch_size <= self.batch_size,
+                "train.micro_batch_size",
+                f"must be in [1, batch_size={self.batch_size}], got {self.micro_batch_size}",
+            )
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _require(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
@@ -204,14 +236,29 @@ class TrainConfig:
             _require(self.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
         if self.vram_budget_gb is not None:
             _require(self.vram_budget_gb > 0, "train.vram_budget_gb", "must be > 0 or null")
-        _require(self.annotation_weight >= 0, "train.annotation_weight", f"must be >= 0, got {self.annotation_weight}")
-        _require(0 <= self.annotation_slots <= 1, "train.annotation_slots",
-                 f"must be in [0, 1], got {self.annotation_slots}")
-        _require(self.bn_recalibration_slides >= 0, "train.bn_recalibration_slides",
-                 f"must be >= 0, got {self.bn_recalibration_slides}")
-        _require(0 <= self.freeze_encoder_epochs <= self.epochs, "train.freeze_encoder_epochs",
-                 f"must be in [0, epochs={self.epochs}], got {self.freeze_encoder_epochs}")
-        _require(self.encoder_lr_scale > 0, "train.encoder_lr_scale", f"must be > 0, got {self.encoder_lr_scale}")
+        _require(
+            self.annotation_weight >= 0,
+            "train.annotation_weight",
+            f"must be >= 0, got {self.annotation_weight}",
+        )
+        _require(
+            0 <= self.annotation_slots <= 1,
+            "train.annotation_slots",
+            f"must be in [0, 1], got {self.annotation_slots}",
+        )
+        _require(
+            self.bn_recalibration_slides >= 0,
+            "train.bn_recalibration_slides",
+            f"must be >= 0, got {self.bn_recalibration_slides}",
+        )
+        _require(
+            0 <= self.freeze_encoder_epochs <= self.epochs,
+            "train.freeze_encoder_epochs",
+            f"must be in [0, epochs={self.epochs}], got {self.freeze_encoder_epochs}",
+        )
+        _require(
+            self.encoder_lr_scale > 0, "train.encoder_lr_scale", f"must be > 0, got {self.encoder_lr_scale}"
+        )
 
 
 PretrainMethod = Literal["auto", "simclr", "rotation"]
@@ -242,14 +289,23 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.method in typing.get_args(PretrainMethod), "pretrain.method",
-                 f"must be one of {typing.get_args(PretrainMethod)}, got {self.method!r}")
+        _require(
+            self.method in typing.get_args(PretrainMethod),
+            "pretrain.method",
+            f"must be one of {typing.get_args(PretrainMethod)}, got {self.method!r}",
+        )
         _require(self.epochs >= 1, "pretrain.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 2, "pretrain.batch_size", f"must be >= 2, got {self.batch_size}")
-        _require(self.patches_per_epoch >= self.batch_size, "pretrain.patches_per_epoch",
-                 f"must be >= batch_size={self.batch_size}, got {self.patches_per_epoch}")
-        _require(1 <= self.patches_per_slide <= self.batch_size, "pretrain.patches_per_slide",
-                 f"must be in [1, batch_size={self.batch_size}], got {self.patches_per_slide}")
+        _require(
+            self.patches_per_epoch >= self.batch_size,
+            "pretrain.patches_per_epoch",
+            f"must be >= batch_size={self.batch_size}, got {self.patches_per_epoch}",
+        )
+        _require(
+            1 <= self.patches_per_slide <= self.batch_size,
+            "pretrain.patches_per_slide",
+            f"must be in [1, batch_size={self.batch_size}], got {self.patches_per_slide}",
+        )
         _require(self.lr > 0, "pretrain.lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0")
         _require(self.temperature > 0, "pretrain.temperature", f"must be > 0, got {self.temperature}")

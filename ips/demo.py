@@ -28,11 +28,27 @@ from ips.config import ConfigError, ExperimentConfig, apply_overrides, save_conf
 
 # == configs/demo.yaml (tests/test_demo.py checks that they stay equal)
 DEMO_CONFIG: dict[str, Any] = {
-    "model": {"encoder": "ips_cnn_small", "in_chans": 3, "spatial_dims": 2, "patch_size": 32, "d_model": 64,
-              "n_heads": 4, "d_mlp": 128, "pos_enc": "none", "tasks": [{"name": "label", "kind": "binary"}]},
+    "model": {
+        "encoder": "ips_cnn_small",
+        "in_chans": 3,
+        "spatial_dims": 2,
+        "patch_size": 32,
+        "d_model": 64,
+        "n_heads": 4,
+        "d_mlp": 128,
+        "pos_enc": "none",
+        "tasks": [{"name": "label", "kind": "binary"}],
+    },
     "selection": {"memory_size": 8, "iter_size": 32, "score": "logit"},
     "data": {"mode": "pixels", "grid": "default", "augment": True},
-    "train": {"epochs": 15, "batch_size": 4, "lr": 1.0e-3, "weight_decay": 0.01, "warmup_epochs": 1, "seed": 0},
+    "train": {
+        "epochs": 15,
+        "batch_size": 4,
+        "lr": 1.0e-3,
+        "weight_decay": 0.01,
+        "warmup_epochs": 1,
+        "seed": 0,
+    },
 }
 MARKER = "demo.json"
 # the check of the heatmaps: mean per-slide AUROC of attention vs. lesion truth must reach this
@@ -137,51 +153,67 @@ def run_demo(
     threads_arg = "" if threads is None else f" --threads {threads}"
 
     t0 = time.perf_counter()
-    log(f"[1/4] data: {settings.n_slides} synthetic slides of {settings.size}x{settings.size} px "
-        f"(half with planted lesions) -> {out / 'data'}")
-    manifest = make_lesion_dataset(out / "data", settings.n_slides, settings.size, settings.patch_size,
-                                   settings.seed)
+    log(
+        f"[1/4] data: {settings.n_slides} synthetic slides of {settings.size}x{settings.size} px "
+        f"(half with planted lesions) -> {out / 'data'}"
+    )
+    manifest = make_lesion_dataset(
+        out / "data", settings.n_slides, settings.size, settings.patch_size, settings.seed
+    )
     result.seconds["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     save_config(cfg, out / "config.yaml")
     run_dir = out / "run"
-    log(f"[2/4] train: {cfg.train.epochs} epochs, M={cfg.selection.memory_size} of each slide's patches, "
-        f"{cfg.model.encoder}\n      = ips train --config {out / 'config.yaml'} --manifest {manifest} --out {run_dir}{threads_arg}")
+    log(
+        f"[2/4] train: {cfg.train.epochs} epochs, M={cfg.selection.memory_size} of each slide's patches, "
+        f"{cfg.model.encoder}\n      = ips train --config {out / 'config.yaml'} --manifest {manifest} --out {run_dir}{threads_arg}"
+    )
     train(cfg, manifest=manifest, run_dir=run_dir, resume=False, show_progress=show_progress, log=log)
     result.seconds["train"] = time.perf_counter() - t0
     checkpoint = run_dir / "checkpoints" / "best.pt"
 
     t0 = time.perf_counter()
     pred_dir = out / "predictions"
-    log(f"[3/4] predict the test slides\n      = ips predict --checkpoint {checkpoint} --manifest {manifest} "
-        f"--split test --out {pred_dir} --device {device}{threads_arg}")
+    log(
+        f"[3/4] predict the test slides\n      = ips predict --checkpoint {checkpoint} --manifest {manifest} "
+        f"--split test --out {pred_dir} --device {device}{threads_arg}"
+    )
     loaded = load(checkpoint, device)
     test = read_manifest(manifest, cfg.model.tasks, "test")
     report = predict_slides(loaded, test, pred_dir, checkpoint=str(checkpoint))
     if report.failures:
-        raise RuntimeError(f"ips predict failed on {report.failures[0].slide_id}: {report.failures[0].reason}")
+        raise RuntimeError(
+            f"ips predict failed on {report.failures[0].slide_id}: {report.failures[0].reason}"
+        )
     result.test_metrics = report.metrics
     result.seconds["predict"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     heat_dir = out / "heatmaps"
-    log(f"[4/4] heatmaps of the test slides\n      = ips heatmap --checkpoint {checkpoint} "
-        f"{out / 'data' / 'stores'}/<slide>.zarr ... --out {heat_dir} --device {device}{threads_arg}")
+    log(
+        f"[4/4] heatmaps of the test slides\n      = ips heatmap --checkpoint {checkpoint} "
+        f"{out / 'data' / 'stores'}/<slide>.zarr ... --out {heat_dir} --device {device}{threads_arg}"
+    )
     failures = heatmap_slides(loaded, test, heat_dir, checkpoint=str(checkpoint), log=log)
     if failures:
         raise RuntimeError(f"ips heatmap failed on {failures[0].slide_id}: {failures[0].reason}")
     for r in test:
         if r.labels.get(cfg.model.tasks[0].name) == 1:
-            result.lesion_auroc_per_slide[r.slide_id] = lesion_auroc(heat_dir / r.slide_id / "scores.zarr", r.path)
+            result.lesion_auroc_per_slide[r.slide_id] = lesion_auroc(
+                heat_dir / r.slide_id / "scores.zarr", r.path
+            )
     values = [v for v in result.lesion_auroc_per_slide.values() if not np.isnan(v)]
     result.lesion_auroc = float(np.mean(values)) if values else float("nan")
     result.seconds["heatmap"] = time.perf_counter() - t0
     result.seconds["total"] = time.perf_counter() - t_all
 
     result.files = {
-        "manifest": str(manifest), "config": str(out / "config.yaml"), "checkpoint": str(checkpoint),
-        "curves": str(run_dir / "curves.png"), "predictions": str(pred_dir / "predictions.csv"),
+        "manifest": str(manifest),
+        "config": str(out / "config.yaml"),
+        "checkpoint": str(checkpoint),
+        "curves": str(run_dir / "curves.png"),
+        "predictions": str(pred_dir / "predictions.csv"),
         "heatmaps": str(heat_dir),
     }
     (out / MARKER).write_text(json.dumps(result.to_dict(), indent=1, default=float))
@@ -209,8 +241,10 @@ def summary(result: DemoResult) -> str:
 
 def view_command(files: dict[str, str]) -> str:
     """The `ips view` command that shows the demo's test slides with their heatmaps and predictions."""
-    return (f"ips view --manifest {files['manifest']} --split test --heatmaps {files['heatmaps']} "
-            f"--predictions {files['predictions']}")
+    return (
+        f"ips view --manifest {files['manifest']} --split test --heatmaps {files['heatmaps']} "
+        f"--predictions {files['predictions']}"
+    )
 
 
 def _num(value: Any) -> str:

@@ -71,45 +71,74 @@ def write_store(
         chunk = (data.shape[0],) + (patch if k == level else tuple(min(64, s) for s in data.shape[1:]))
         shard = (data.shape[0],) + tuple(c * SHARD_CHUNKS for c in chunk[1:])
         arr = root.create_array(
-            str(k), shape=data.shape, chunks=chunk, shards=shard, dtype="uint8", fill_value=background,
+            str(k),
+            shape=data.shape,
+            chunks=chunk,
+            shards=shard,
+            dtype="uint8",
+            fill_value=background,
             config={"write_empty_chunks": False},
         )
         if write_chunks:
             arr[...] = data
-        datasets.append({"path": str(k), "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0] + [float(2**k)] * dims}]})
+        datasets.append(
+            {
+                "path": str(k),
+                "coordinateTransformations": [{"type": "scale", "scale": [1.0] + [float(2**k)] * dims}],
+            }
+        )
     level_shape = _level(array, level).shape[1:]
     if coords is None:
         coords = grid_coords(level_shape, patch, stride)
     coords = np.asarray(coords, dtype=np.int64)
     grid = root.create_group(f"{sf.GRIDS_GROUP}/{grid_name}")
     grid.create_array(sf.COORDS_ARRAY, data=coords, chunks=(min(len(coords), 65536) or 1, dims))
-    grid.create_array(sf.TISSUE_ARRAY, data=np.ones(len(coords), np.float32),
-                      chunks=(min(len(coords), 65536) or 1,))
+    grid.create_array(
+        sf.TISSUE_ARRAY, data=np.ones(len(coords), np.float32), chunks=(min(len(coords), 65536) or 1,)
+    )
     feat_attrs = {}
     for name, emb in (features or {}).items():
         fg = root.create_group(f"{sf.FEATURES_GROUP}/{name}")
-        fg.create_array(sf.EMBEDDINGS_ARRAY, data=np.asarray(emb), chunks=(min(len(emb), 1024) or 1, emb.shape[1]))
+        fg.create_array(
+            sf.EMBEDDINGS_ARRAY, data=np.asarray(emb), chunks=(min(len(emb), 1024) or 1, emb.shape[1])
+        )
         fg.create_array(sf.COORDS_ARRAY, data=coords, chunks=(min(len(coords), 65536) or 1, dims))
         feat_attrs[name] = {"grid": grid_name, "encoder": "test", "dim": int(emb.shape[1])}
     axes = ["c"] + (["z"] if dims == 3 else []) + ["y", "x"]
-    root.attrs.update({
-        sf.OME_ATTR: {"version": "0.5", "multiscales": [{"name": path.stem, "axes": [
-            {"name": a, "type": "channel" if a == "c" else "space"} for a in axes], "datasets": datasets}]},
-        sf.IPS_ATTR: {
-            "format_version": sf.FORMAT_VERSION,
-            "spatial_dims": dims,
-            "channels": int(array.shape[0]),
-            "spacing": None,
-            "level_downsamples": [[2**k] * dims for k in range(n_levels)],
-            "background": background,
-            "mask": None,
-            "grids": {grid_name: {"level": level, "patch_size": list(patch), "stride": list(stride),
-                                  "min_tissue": 0.0, "n_patches": int(len(coords))}},
-            "provenance": {"reader": "tests.loader_fixtures"},
-            **({"features": feat_attrs} if feat_attrs else {}),
-        },
-    })
+    root.attrs.update(
+        {
+            sf.OME_ATTR: {
+                "version": "0.5",
+                "multiscales": [
+                    {
+                        "name": path.stem,
+                        "axes": [{"name": a, "type": "channel" if a == "c" else "space"} for a in axes],
+                        "datasets": datasets,
+                    }
+                ],
+            },
+            sf.IPS_ATTR: {
+                "format_version": sf.FORMAT_VERSION,
+                "spatial_dims": dims,
+                "channels": int(array.shape[0]),
+                "spacing": None,
+                "level_downsamples": [[2**k] * dims for k in range(n_levels)],
+                "background": background,
+                "mask": None,
+                "grids": {
+                    grid_name: {
+                        "level": level,
+                        "patch_size": list(patch),
+                        "stride": list(stride),
+                        "min_tissue": 0.0,
+                        "n_patches": int(len(coords)),
+                    }
+                },
+                "provenance": {"reader": "tests.loader_fixtures"},
+                **({"features": feat_attrs} if feat_attrs else {}),
+            },
+        }
+    )
     if complete:
         seal(path, [grid_name])
     return path
@@ -148,14 +177,26 @@ def write_big_store(path: str | Path, n_patches: int, *, patch: int = 16, tissue
     """
     side = int(np.ceil(np.sqrt(n_patches)))
     shape = (3, side * patch, side * patch)
-    store = write_store(path, np.zeros((3, 1, 1), np.uint8), patch_size=patch, write_chunks=False,
-                        coords=grid_coords(shape[1:], (patch, patch), (patch, patch))[:n_patches])
+    store = write_store(
+        path,
+        np.zeros((3, 1, 1), np.uint8),
+        patch_size=patch,
+        write_chunks=False,
+        coords=grid_coords(shape[1:], (patch, patch), (patch, patch))[:n_patches],
+    )
     # replace the 1x1 level with the real (unwritten) level, then fill the tissue band
     root = zarr.open_group(store, mode="r+")
     del root["0"]
     chunk = (3, patch, patch)
-    arr = root.create_array("0", shape=shape, chunks=chunk, shards=(3, patch * SHARD_CHUNKS, patch * SHARD_CHUNKS),
-                            dtype="uint8", fill_value=255, config={"write_empty_chunks": False})
+    arr = root.create_array(
+        "0",
+        shape=shape,
+        chunks=chunk,
+        shards=(3, patch * SHARD_CHUNKS, patch * SHARD_CHUNKS),
+        dtype="uint8",
+        fill_value=255,
+        config={"write_empty_chunks": False},
+    )
     rows = min(shape[1], tissue_rows * patch * SHARD_CHUNKS)
     arr[:, :rows, :] = random_image((3, rows, shape[2]), seed=1)
     seal(store)
@@ -194,5 +235,5 @@ def rss_child(store: str, chunk_size: int, mode: str) -> None:
     else:
         everything = source.read(np.arange(len(source)))
         for start in range(0, len(source), chunk_size):
-            total += int(everything[start:start + chunk_size, :, 0, 0].sum())
+            total += int(everything[start : start + chunk_size, :, 0, 0].sum())
     print(json.dumps({"n": len(source), "peak_rss": peak_rss_bytes(), "checksum": total}))

@@ -18,13 +18,24 @@ def _store(tmp_path, level: int, patch: int = 16):
     """A 128 x 192 RGB image, full tissue; grid of `patch` px patches at `level` (downsample 2**level)."""
     image = np.full((3, 128, 192), 180, dtype=np.uint8)
     mask = np.ones((128, 192), dtype=bool)
-    return convert_array(image, tmp_path, f"s{level}", mask=mask,
-                         options=PrepOptions(patch_size=patch, level=level, min_tissue=0.0))
+    return convert_array(
+        image,
+        tmp_path,
+        f"s{level}",
+        mask=mask,
+        options=PrepOptions(patch_size=patch, level=level, min_tissue=0.0),
+    )
 
 
 def _geojson(path, rings_xy):
-    features = [{"type": "Feature", "properties": {"objectType": "annotation"},
-                 "geometry": {"type": "Polygon", "coordinates": rings}} for rings in rings_xy]
+    features = [
+        {
+            "type": "Feature",
+            "properties": {"objectType": "annotation"},
+            "geometry": {"type": "Polygon", "coordinates": rings},
+        }
+        for rings in rings_xy
+    ]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path
 
@@ -88,18 +99,22 @@ def test_mask_image_at_its_own_scale(tmp_path, suffix):
 
 def test_labels_of_selected_patches(tmp_path):
     store = _store(tmp_path, 0)
-    labels = patch_labels(_geojson(tmp_path / "a.geojson", [[[[0, 0], [32, 0], [32, 16], [0, 16], [0, 0]]]]),
-                          store, "default")
+    labels = patch_labels(
+        _geojson(tmp_path / "a.geojson", [[[[0, 0], [32, 0], [32, 16], [0, 16], [0, 0]]]]), store, "default"
+    )
     dense = labels.dense()
     pick = np.array([0, 1, 2, 5, len(dense) - 1])
     np.testing.assert_array_equal(labels.of(pick), dense[pick])
 
 
-@pytest.mark.parametrize(("name", "text", "match"), [
-    ("a.geojson", "{not json", "not valid JSON"),
-    ("a.geojson", json.dumps({"type": "FeatureCollection", "features": []}), "no Polygon"),
-    ("a.txt", "x", "unknown kind '.txt'"),
-])
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        ("a.geojson", "{not json", "not valid JSON"),
+        ("a.geojson", json.dumps({"type": "FeatureCollection", "features": []}), "no Polygon"),
+        ("a.txt", "x", "unknown kind '.txt'"),
+    ],
+)
 def test_bad_annotations_fail_naming_the_file(tmp_path, name, text, match):
     store = _store(tmp_path, 0)
     path = tmp_path / name
@@ -143,10 +158,23 @@ def test_unannotated_batch_trains_exactly_as_before():
     from ips.training.step import accumulate_gradients
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(encoder="ips_cnn_tiny", in_chans=1, patch_size=8, d_model=16, n_heads=2,
-                                    d_mlp=16, tasks=(TaskConfig(),)))
-    batch = SelectedBatch(torch.randint(0, 255, (2, 4, 1, 8, 8), dtype=torch.uint8), torch.rand(2, 4, 2),
-                          torch.ones(2, 4, dtype=torch.bool), {"label": torch.tensor([0, 1])})
+    model = build_model(
+        ModelConfig(
+            encoder="ips_cnn_tiny",
+            in_chans=1,
+            patch_size=8,
+            d_model=16,
+            n_heads=2,
+            d_mlp=16,
+            tasks=(TaskConfig(),),
+        )
+    )
+    batch = SelectedBatch(
+        torch.randint(0, 255, (2, 4, 1, 8, 8), dtype=torch.uint8),
+        torch.rand(2, 4, 2),
+        torch.ones(2, 4, dtype=torch.bool),
+        {"label": torch.tensor([0, 1])},
+    )
     grads = []
     for patch_targets in (None, torch.full((2, 4), float("nan"))):
         model.zero_grad()
@@ -163,17 +191,22 @@ def test_guided_selection_puts_annotated_patches_in_the_slots():
     from ips.data.sources import InMemoryPatchSource
 
     n, m = 50, 8
-    source = InMemoryPatchSource(torch.arange(n, dtype=torch.uint8).reshape(n, 1, 1, 1).expand(n, 1, 2, 2).clone(),
-                                 np.zeros((n, 2), dtype=np.float32))
-    sel = Selection(torch.arange(m), torch.linspace(1, 0, m), source.read(np.arange(m)),
-                    torch.zeros(m, 2))
+    source = InMemoryPatchSource(
+        torch.arange(n, dtype=torch.uint8).reshape(n, 1, 1, 1).expand(n, 1, 2, 2).clone(),
+        np.zeros((n, 2), dtype=np.float32),
+    )
+    sel = Selection(torch.arange(m), torch.linspace(1, 0, m), source.read(np.arange(m)), torch.zeros(m, 2))
     candidates = np.array([3, 20, 21, 22, 40])
-    out = guide_selection(sel, source, candidates=candidates, fraction=0.5, generator=np.random.default_rng(0))
+    out = guide_selection(
+        sel, source, candidates=candidates, fraction=0.5, generator=np.random.default_rng(0)
+    )
     idx = out.indices.numpy()
     assert len(idx) == m and len(set(idx)) == m
     assert np.isin(idx, candidates).sum() == 4  # round(0.5 * 8): patch 3 (already in) + 3 drawn
     assert set(idx[:4]) == {0, 1, 2, 3}  # the best-scoring patches stay; the lowest unannotated go
-    assert torch.equal(out.patches[:, 0, 0, 0], torch.as_tensor(idx, dtype=torch.uint8))  # read from the source
+    assert torch.equal(
+        out.patches[:, 0, 0, 0], torch.as_tensor(idx, dtype=torch.uint8)
+    )  # read from the source
 
 
 def test_manifest_annotation_column(tmp_path):
@@ -204,9 +237,12 @@ def test_annotations_make_a_stalled_task_learn(tmp_path):
     from ips.training.loop import train
 
     manifest = make_cross_slides(tmp_path / "data", n_train=24, n_val=12, seed=1, mark="cross", annotate=1.0)
-    cfg = tiny_config(model={**TINY["model"], "encoder": "ips_cnn_small"}, selection={"memory_size": 8},
-                      train={"epochs": 15, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 1, "seed": 1},
-                      data={"augment": True, "color_jitter": 0.0})
+    cfg = tiny_config(
+        model={**TINY["model"], "encoder": "ips_cnn_small"},
+        selection={"memory_size": 8},
+        train={"epochs": 15, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 1, "seed": 1},
+        data={"augment": True, "color_jitter": 0.0},
+    )
     lines: list[str] = []
     result = train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lines.append)
     assert any("training slides are annotated" in line for line in lines), lines

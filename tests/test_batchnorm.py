@@ -10,14 +10,28 @@ from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
 
 def bn_model(norm: str = "batch", dropout: float = 0.5):
     torch.manual_seed(0)
-    return build_model(ModelConfig(encoder="ips_cnn_tiny", encoder_norm=norm, in_chans=1, patch_size=8, d_model=16,
-                                   n_heads=2, d_mlp=16, dropout=dropout))
+    return build_model(
+        ModelConfig(
+            encoder="ips_cnn_tiny",
+            encoder_norm=norm,
+            in_chans=1,
+            patch_size=8,
+            d_model=16,
+            n_heads=2,
+            d_mlp=16,
+            dropout=dropout,
+        )
+    )
 
 
 def batch(seed: int, b: int = 3, m: int = 5) -> SelectedBatch:
     g = torch.Generator().manual_seed(seed)
-    return SelectedBatch(torch.randint(0, 256, (b, m, 1, 8, 8), dtype=torch.uint8, generator=g),
-                         torch.rand(b, m, 2, generator=g), torch.ones(b, m, dtype=torch.bool), {})
+    return SelectedBatch(
+        torch.randint(0, 256, (b, m, 1, 8, 8), dtype=torch.uint8, generator=g),
+        torch.rand(b, m, 2, generator=g),
+        torch.ones(b, m, dtype=torch.bool),
+        {},
+    )
 
 
 def test_statistics_are_the_average_over_the_batches():
@@ -60,7 +74,9 @@ def test_eval_then_matches_batch_statistics_and_dropout_stays_off():
         for m in model.modules():
             m.train(isinstance(m, torch.nn.BatchNorm2d))
         batch_out, _ = model(b.patches, b.positions, b.mask)
-    torch.testing.assert_close(eval_out["label"], batch_out["label"], rtol=0, atol=5e-3)  # stale statistics: 0.14
+    torch.testing.assert_close(
+        eval_out["label"], batch_out["label"], rtol=0, atol=5e-3
+    )  # stale statistics: 0.14
     assert not torch.equal(eval_out["label"], batch_out["label"])  # the n/(n-1): not a copy of one path
 
 

@@ -27,8 +27,25 @@ def _is_count(x) -> bool:
 def test_memory_json_contract_and_plot(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "memory.png"
     write_json(out, "throughput", {"kept": True})  # another kind's results in the same file survive
-    rc = main(["bench", "memory", "--n", "64,300", *TINY, "--B", "2", "--json", str(out), "--plot", str(png),
-               "--naive-budget-gb", "8", "--store-dir", str(tmp_path / "stores")])
+    rc = main(
+        [
+            "bench",
+            "memory",
+            "--n",
+            "64,300",
+            *TINY,
+            "--B",
+            "2",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            "--naive-budget-gb",
+            "8",
+            "--store-dir",
+            str(tmp_path / "stores"),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["throughput"] == {"kept": True}
@@ -38,7 +55,11 @@ def test_memory_json_contract_and_plot(tmp_path):
     for r in mem["rows"] + mem["naive"]["rows"]:
         assert r["status"] == "ok", r
         assert _is_count(r["peak_host_rss_bytes"])
-        assert r["peak_device_bytes"] is None if not torch.cuda.is_available() else _is_count(r["peak_device_bytes"])
+        assert (
+            r["peak_device_bytes"] is None
+            if not torch.cuda.is_available()
+            else _is_count(r["peak_device_bytes"])
+        )
         assert isinstance(r["seconds"], float) and r["seconds"] > 0
         assert r["peak_host_rss_bytes"] >= r["rss_before_step_bytes"]
     # monotone-sane: IPS stays flat (generous bound), the naive baseline does not shrink with N
@@ -56,41 +77,104 @@ def test_naive_stops_at_the_first_n_over_budget(tmp_path, monkeypatch):
     runs = []
 
     def fake(argv, timeout):
-        mode, n = argv[argv.index("--mode") + 1], int(Path(argv[argv.index("--store") + 1]).name.split("_")[1][1:])
+        mode, n = (
+            argv[argv.index("--mode") + 1],
+            int(Path(argv[argv.index("--store") + 1]).name.split("_")[1][1:]),
+        )
         runs.append((mode, n))
         rss = 100 if mode == "ips" else 10 * n
-        return {"n_patches": n, "peak_device_bytes": None, "peak_host_rss_bytes": rss, "seconds": 0.1, "status": "ok"}
+        return {
+            "n_patches": n,
+            "peak_device_bytes": None,
+            "peak_host_rss_bytes": rss,
+            "seconds": 0.1,
+            "status": "ok",
+        }
 
     monkeypatch.setattr(bench_memory, "_run_in_subprocess", fake)
-    result = bench_memory.run_memory([10, 20, 40, 80], patch_size=8, naive_budget_bytes=250, device="cpu",
-                                     store_dir=tmp_path, log=lambda s: None)
-    assert [r["status"] for r in result["naive"]["rows"]] == ["ok", "ok", "over budget", "not run (N=40 was over budget)"]
+    result = bench_memory.run_memory(
+        [10, 20, 40, 80],
+        patch_size=8,
+        naive_budget_bytes=250,
+        device="cpu",
+        store_dir=tmp_path,
+        log=lambda s: None,
+    )
+    assert [r["status"] for r in result["naive"]["rows"]] == [
+        "ok",
+        "ok",
+        "over budget",
+        "not run (N=40 was over budget)",
+    ]
     assert ("naive", 80) not in runs and ("ips", 80) in runs
     assert result["host_rss_ratio"] == 1.0
 
 
 def test_throughput_json_contract(tmp_path):
     out = tmp_path / "t.json"
-    rc = main(["bench", "throughput", "--n", "96", "--encoder", "ips_cnn_tiny", *TINY, "--repeats", "1",
-               "--json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "throughput",
+            "--n",
+            "96",
+            "--encoder",
+            "ips_cnn_tiny",
+            *TINY,
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     t = json.loads(out.read_text())["throughput"]
     assert isinstance(t["device"], str) and t["n_patches"] == 96
-    for key in ("selection_seconds", "encoder_only_seconds", "ratio", "loader_seconds", "raw_zarr_seconds",
-                "loader_ratio"):
+    for key in (
+        "selection_seconds",
+        "encoder_only_seconds",
+        "ratio",
+        "loader_seconds",
+        "raw_zarr_seconds",
+        "loader_ratio",
+    ):
         assert isinstance(t[key], float) and t[key] > 0 and math.isfinite(t[key]), key
     assert t["ratio"] == pytest.approx(t["selection_seconds"] / t["encoder_only_seconds"], rel=1e-2)
 
 
 def test_encoders_json_contract(tmp_path):
     out = tmp_path / "e.json"
-    rc = main(["bench", "encoders", "--encoders-2d", "ips_cnn_tiny,ips_resnet10", "--encoders-3d", "ips_fire10",
-               "--patch-2d", "32", "--patch-3d", "32", "--batch-2d", "2", "--batch-3d", "1", "--repeats", "1",
-               "--threads", "1", "--json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "encoders",
+            "--encoders-2d",
+            "ips_cnn_tiny,ips_resnet10",
+            "--encoders-3d",
+            "ips_fire10",
+            "--patch-2d",
+            "32",
+            "--patch-3d",
+            "32",
+            "--batch-2d",
+            "2",
+            "--batch-3d",
+            "1",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     e = json.loads(out.read_text())["encoders"]
     assert [(r["encoder"], r["spatial_dims"]) for r in e["rows"]] == [
-        ("ips_cnn_tiny", 2), ("ips_resnet10", 2), ("ips_fire10", 3)]
+        ("ips_cnn_tiny", 2),
+        ("ips_resnet10", 2),
+        ("ips_fire10", 3),
+    ]
     for r in e["rows"]:
         for key in ("params", "macs_per_patch", "activation_bytes_per_patch"):
             assert _is_count(r[key]), key

@@ -23,13 +23,30 @@ def test_defaults_round_trip(tmp_path):
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"encoder": "ips_cnn_tiny", "tasks": [{"name": "a", "kind": "binary"},
-                                                       {"name": "b", "kind": "multiclass", "num_classes": 4}]},
-        "selection": {"memory_size": 8},
-    }))
-    cfg = load_config(path, ["train.lr=3e-4", "selection.iter_size=16", "train.vram_budget_gb=null",
-                             "model.pretrained=/some/file.pth", "train.amp=false"])
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "encoder": "ips_cnn_tiny",
+                    "tasks": [
+                        {"name": "a", "kind": "binary"},
+                        {"name": "b", "kind": "multiclass", "num_classes": 4},
+                    ],
+                },
+                "selection": {"memory_size": 8},
+            }
+        )
+    )
+    cfg = load_config(
+        path,
+        [
+            "train.lr=3e-4",
+            "selection.iter_size=16",
+            "train.vram_budget_gb=null",
+            "model.pretrained=/some/file.pth",
+            "train.amp=false",
+        ],
+    )
     assert cfg.model.encoder == "ips_cnn_tiny"
     assert [t.name for t in cfg.model.tasks] == ["a", "b"] and cfg.model.tasks[1].num_classes == 4
     assert cfg.selection == SelectionConfig(memory_size=8, iter_size=16)

@@ -22,7 +22,8 @@ LESION_AUROC_MIN = 0.75
 def test_demo_config_is_configs_demo_yaml():
     """configs/ is not installed with the package: the demo carries its config, kept equal to the file."""
     assert load_config(REPO / "configs" / "demo.yaml") == demo_config(), (
-        "configs/demo.yaml and ips.demo.DEMO_CONFIG differ; keep them equal")
+        "configs/demo.yaml and ips.demo.DEMO_CONFIG differ; keep them equal"
+    )
     assert demo_config(["train.epochs=2"]).train.epochs == 2
     assert DEMO_CONFIG["train"]["epochs"] == demo_config().train.epochs  # overrides do not leak
 

@@ -35,8 +35,10 @@ def real_mnist(test_data: Path) -> tuple[np.ndarray, np.ndarray]:
 def _samples(images, labels, seed, n, **kw) -> list[mm.MegapixelSample]:
     pool = np.arange(len(labels))
     bank = mm.make_noise_bank(mm.PAPER_N_NOISE, seed)
-    return [mm.make_sample(images, labels, pool, mm.sample_rng(seed, "train", i), noise_bank=bank, **kw)
-            for i in range(n)]
+    return [
+        mm.make_sample(images, labels, pool, mm.sample_rng(seed, "train", i), noise_bank=bank, **kw)
+        for i in range(n)
+    ]
 
 
 # --- Megapixel MNIST ------------------------------------------------------------------------------------
@@ -52,8 +54,13 @@ def test_mnist_deterministic_by_seed(fake_mnist):
     assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c))
 
 
-def _check_sample(sample: mm.MegapixelSample, images: np.ndarray, labels: np.ndarray, scale: int,
-                  distinct_others: bool = True) -> None:
+def _check_sample(
+    sample: mm.MegapixelSample,
+    images: np.ndarray,
+    labels: np.ndarray,
+    scale: int,
+    distinct_others: bool = True,
+) -> None:
     """Every rule of the module docstring, recomputed from the placements without the module's helpers."""
     ps = sample.placements
     assert len(ps) == 5
@@ -74,10 +81,14 @@ def _check_sample(sample: mm.MegapixelSample, images: np.ndarray, labels: np.nda
     for p in ps:  # inside the canvas, the digit drawn exactly (it owns its box)
         assert p.size == 28 * scale and 0 <= p.row <= h - p.size and 0 <= p.col <= w - p.size
         expected = np.kron(images[p.index], np.ones((scale, scale), dtype=np.uint8))
-        np.testing.assert_array_equal(sample.image[p.row:p.row + p.size, p.col:p.col + p.size], expected)
+        np.testing.assert_array_equal(sample.image[p.row : p.row + p.size, p.col : p.col + p.size], expected)
     for p, q in itertools.combinations(ps, 2):  # boxes disjoint
-        assert p.row + p.size <= q.row or q.row + q.size <= p.row or \
-            p.col + p.size <= q.col or q.col + q.size <= p.col
+        assert (
+            p.row + p.size <= q.row
+            or q.row + q.size <= p.row
+            or p.col + p.size <= q.col
+            or q.col + q.size <= p.col
+        )
 
 
 @pytest.mark.parametrize("scale", [1, 2])
@@ -93,8 +104,9 @@ def test_mnist_labels_match_placements_real(real_mnist):
     pools = mm.split_digit_pools(labels, seed=0)
     bank = mm.make_noise_bank(mm.PAPER_N_NOISE, 0)
     for i in range(10):
-        s = mm.make_sample(images, labels, pools["val"], mm.sample_rng(0, "val", i), canvas=(300, 300),
-                           noise_bank=bank)
+        s = mm.make_sample(
+            images, labels, pools["val"], mm.sample_rng(0, "val", i), canvas=(300, 300), noise_bank=bank
+        )
         _check_sample(s, images, labels, 1)
         assert all(p.index in set(pools["val"].tolist()) for p in s.placements)
 
@@ -121,8 +133,10 @@ def test_mnist_noise_and_background(fake_mnist):
 
 
 def test_mnist_tiebreak_and_errors(fake_mnist):
-    ps = [mm.Placement(digit=d, index=0, row=r, col=c, size=28)
-          for d, r, c in [(7, 10, 90), (2, 10, 30), (7, 50, 0), (7, 80, 0), (5, 99, 99)]]
+    ps = [
+        mm.Placement(digit=d, index=0, row=r, col=c, size=28)
+        for d, r, c in [(7, 10, 90), (2, 10, 30), (7, 50, 0), (7, 80, 0), (5, 99, 99)]
+    ]
     assert mm.labels_from_placements(ps) == {"majority": 7, "max": 7, "top": 2, "multilabel": (2, 5, 7)}
     with pytest.raises(ValueError, match="non-overlapping"):
         _samples(*fake_mnist, seed=0, n=1, canvas=(56, 56))
@@ -137,7 +151,9 @@ def test_mnist_digit_pools_disjoint_and_stratified(fake_mnist):
     assert len(all_idx) == len(labels) == len(set(all_idx.tolist()))
     for split in mm.SPLITS:
         assert set(labels[pools[split]].tolist()) == set(range(10))
-    assert not np.array_equal(pools["train"], mm.split_digit_pools(labels, (0.5, 0.25, 0.25), seed=1)["train"])
+    assert not np.array_equal(
+        pools["train"], mm.split_digit_pools(labels, (0.5, 0.25, 0.25), seed=1)["train"]
+    )
     with pytest.raises(ValueError):
         mm.split_digit_pools(labels, (1.0, 0.0))
 
@@ -181,7 +197,9 @@ def test_lesion_deterministic_by_seed(dims, size, patch):
 @pytest.mark.parametrize(("dims", "size", "patch"), CASES)
 def test_lesion_truth_matches_planted(dims, size, patch):
     for seed in range(3):
-        s = les.render_lesion_slide(np.random.default_rng(seed), size, patch, positive=True, spatial_dims=dims)
+        s = les.render_lesion_slide(
+            np.random.default_rng(seed), size, patch, positive=True, spatial_dims=dims
+        )
         shape = (size,) * dims
         channels = 3 if dims == 2 else 1
         assert s.image.shape == (channels, *shape) and s.image.dtype == np.uint8
@@ -268,13 +286,17 @@ def test_megapixel_mnist_dataset(tmp_path, fake_mnist):
         assert (row["max"], row["top"]) == (str(labels["max"]), str(labels["top"]))
         image = g["0"][0]
         for p in ps:
-            np.testing.assert_array_equal(image[p.row:p.row + 28, p.col:p.col + 28], fake_mnist[0][p.index])
+            np.testing.assert_array_equal(
+                image[p.row : p.row + 28, p.col : p.col + 28], fake_mnist[0][p.index]
+            )
         digit = g[f"{TRUTH_GROUP}/digit"][...]
         assert digit.shape == (9,) and 0 < digit.max() <= 1
     from ips.data.manifest import read_manifest  # the training side accepts it as written
 
     records = read_manifest(manifest, mm.megapixel_mnist_tasks(), split="train")
-    assert len(records) == 2 and records[0].labels["multilabel"] == tuple(map(int, rows[0]["multilabel"].split(";")))
+    assert len(records) == 2 and records[0].labels["multilabel"] == tuple(
+        map(int, rows[0]["multilabel"].split(";"))
+    )
     again = mm.make_megapixel_mnist(fake_mnist, tmp_path / "again", 2, 1, 1, canvas=150, seed=0)
     assert [r["multilabel"] for r in _read_manifest(again)] == [r["multilabel"] for r in rows]
     with pytest.raises(ValueError, match="multiple of patch_size"):
@@ -302,8 +324,9 @@ def test_lesion_dataset(tmp_path, dims, size, patch):
         assert int(row["label"]) == int(len(lesions) > 0) == g[TRUTH_GROUP].attrs["label"]
         assert int(row["n_lesions"]) == len(lesions)
         # the stored truth = the planted discs/spheres, patch by patch, and the image is the rendered one
-        slide = les.render_lesion_slide(les.slide_rng(0, i), size, patch, positive=bool(int(row["label"])),
-                                        spatial_dims=dims)
+        slide = les.render_lesion_slide(
+            les.slide_rng(0, i), size, patch, positive=bool(int(row["label"])), spatial_dims=dims
+        )
         assert slide.lesions == lesions
         np.testing.assert_array_equal(g["0"][...], slide.image)
         cells = patch_fraction(les.lesion_pixel_mask((size,) * dims, lesions), patch)

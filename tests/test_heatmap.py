@@ -155,12 +155,19 @@ def test_nifti_heatmap_has_the_source_affine_and_orientation(tmp_path):
     vol_xyz = rng.integers(1, 255, (48, 40, 32)).astype(np.uint8)  # NIfTI (I, J, K) = (x, y, z)
     affine = np.array([[0.0, 0.0, -2.0, 10.0], [1.5, 0.0, 0.0, -5.0], [0.0, 0.8, 0.0, 3.0], [0, 0, 0, 1]])
     src = write_nifti(tmp_path / "vol.nii.gz", vol_xyz, affine)
-    store = convert_file(src, tmp_path / "stores", options=PrepOptions(
-        patch_size=8, min_tissue=0.0, thumbnail=False, hash_source=False, threads=1))
+    store = convert_file(
+        src,
+        tmp_path / "stores",
+        options=PrepOptions(patch_size=8, min_tissue=0.0, thumbnail=False, hash_source=False, threads=1),
+    )
     cfg = tiny_cfg(in_chans=1, patch=8, dims=3, tasks=[BINARY], memory_size=4, iter_size=32)
     ckpt = write_checkpoint(tmp_path / "m3d.pt", cfg)
-    assert main(["heatmap", "--checkpoint", str(ckpt), str(store), "--out", str(tmp_path / "hm"),
-                 "--top-k", "4"]) == 0
+    assert (
+        main(
+            ["heatmap", "--checkpoint", str(ckpt), str(store), "--out", str(tmp_path / "hm"), "--top-k", "4"]
+        )
+        == 0
+    )
     out = tmp_path / "hm" / "vol"
     img = nib.load(str(out / "heatmap.nii.gz"))
     assert img.shape == (6, 5, 4)  # (X/8, Y/8, Z/8)
@@ -184,19 +191,37 @@ def test_nifti_heatmap_has_the_source_affine_and_orientation(tmp_path):
 
 @pytest.mark.parametrize("kind", ["channels", "dims", "patch_size"])
 def test_checkpoint_that_does_not_fit_the_store(tmp_path, capsys, kind):
-    good = make_store(tmp_path / "stores", "good", size=(64, 64), patch=16, channels=1 if kind == "dims" else 3)
+    good = make_store(
+        tmp_path / "stores", "good", size=(64, 64), patch=16, channels=1 if kind == "dims" else 3
+    )
     if kind == "dims":
         bad = make_store(tmp_path / "stores", "bad", size=(32, 32, 32), channels=1, patch=16, background=0)
         cfg = tiny_cfg(in_chans=1, patch=16)
         want = "a 3D volume store, but the checkpoint's model is 2D"
     else:
-        bad = make_store(tmp_path / "stores", "bad", size=(64, 64), channels=1 if kind == "channels" else 3,
-                         patch=16 if kind == "channels" else 8)
+        bad = make_store(
+            tmp_path / "stores",
+            "bad",
+            size=(64, 64),
+            channels=1 if kind == "channels" else 3,
+            patch=16 if kind == "channels" else 8,
+        )
         cfg = tiny_cfg()
         want = "patches have shape " + ("(1, 16, 16)" if kind == "channels" else "(3, 8, 8)")
     ckpt = write_checkpoint(tmp_path / "m.pt", cfg)
-    rc = main(["heatmap", "--checkpoint", str(ckpt), str(bad), str(good), "--out", str(tmp_path / "o"),
-               "--top-k", "0"])
+    rc = main(
+        [
+            "heatmap",
+            "--checkpoint",
+            str(ckpt),
+            str(bad),
+            str(good),
+            "--out",
+            str(tmp_path / "o"),
+            "--top-k",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1  # the good store is still drawn
     assert (tmp_path / "o" / "good" / "heatmap.png").is_file()
@@ -206,11 +231,26 @@ def test_checkpoint_that_does_not_fit_the_store(tmp_path, capsys, kind):
 
 def test_bad_usage_exits_2(tmp_path, slide2d, capsys):
     out = str(tmp_path / "o")
-    assert main(["heatmap", "--checkpoint", str(slide2d["ckpt"]), str(slide2d["store"]), "--out", out,
-                 "--task", "nope"]) == 2
+    assert (
+        main(
+            [
+                "heatmap",
+                "--checkpoint",
+                str(slide2d["ckpt"]),
+                str(slide2d["store"]),
+                "--out",
+                out,
+                "--task",
+                "nope",
+            ]
+        )
+        == 2
+    )
     assert "unknown task 'nope'" in capsys.readouterr().err
-    assert main(["heatmap", "--checkpoint", str(tmp_path / "missing.pt"), str(slide2d["store"]),
-                 "--out", out]) == 2
+    assert (
+        main(["heatmap", "--checkpoint", str(tmp_path / "missing.pt"), str(slide2d["store"]), "--out", out])
+        == 2
+    )
 
 
 # VmHWM (this process image's peak RSS), not ru_maxrss: Linux carries ru_maxrss over exec, so a child
@@ -240,9 +280,25 @@ def test_host_memory_does_not_grow_with_slide_size(tmp_path):
         store = make_store(tmp_path / "stores", name, size=(side, side), patch=16, fill=0.05)
         assert open_store(store).grids["default"].n_patches == (side // 16) ** 2
         proc = subprocess.run(
-            [sys.executable, "-c", _RSS_SCRIPT, "heatmap", "--checkpoint", str(ckpt), str(store),
-             "--out", str(tmp_path / "out"), "--thumb-size", "512", "--top-k", "4"],
-            capture_output=True, text=True, cwd=ROOT, timeout=300,
+            [
+                sys.executable,
+                "-c",
+                _RSS_SCRIPT,
+                "heatmap",
+                "--checkpoint",
+                str(ckpt),
+                str(store),
+                "--out",
+                str(tmp_path / "out"),
+                "--thumb-size",
+                "512",
+                "--top-k",
+                "4",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
             env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
         )
         assert proc.returncode == 0, proc.stderr
@@ -262,13 +318,32 @@ def test_heatmap_ranks_planted_lesions_above_the_rest(tmp_path):
     from ips.synthetic.lesions import make_lesion_dataset
     from ips.training.loop import train
 
-    manifest = make_lesion_dataset(tmp_path / "data", n_slides=32, size=384, patch_size=32, seed=0,
-                                   split_fractions=(0.7, 0.0, 0.3))
-    cfg = tiny_cfg(patch=32, tasks=[{"name": "lesion", "kind": "binary", "label_column": "label"}],
-                   memory_size=8, iter_size=64, pos_enc="none")
-    cfg = cfg.from_dict({**cfg.to_dict(), "data": {"augment": True, "read_threads": 1},
-                         "train": {"epochs": 30, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0,
-                                   "warmup_epochs": 0.5, "seed": 0, "device": "cpu", "monitor": "train_loss"}})
+    manifest = make_lesion_dataset(
+        tmp_path / "data", n_slides=32, size=384, patch_size=32, seed=0, split_fractions=(0.7, 0.0, 0.3)
+    )
+    cfg = tiny_cfg(
+        patch=32,
+        tasks=[{"name": "lesion", "kind": "binary", "label_column": "label"}],
+        memory_size=8,
+        iter_size=64,
+        pos_enc="none",
+    )
+    cfg = cfg.from_dict(
+        {
+            **cfg.to_dict(),
+            "data": {"augment": True, "read_threads": 1},
+            "train": {
+                "epochs": 30,
+                "batch_size": 4,
+                "lr": 3e-3,
+                "weight_decay": 0.0,
+                "warmup_epochs": 0.5,
+                "seed": 0,
+                "device": "cpu",
+                "monitor": "train_loss",
+            },
+        }
+    )
     train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lambda s: None)
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     from ips.data.manifest import read_manifest
@@ -288,7 +363,10 @@ def test_heatmap_ranks_planted_lesions_above_the_rest(tmp_path):
     assert np.nanmean(mostly_lesion) >= 0.9, mostly_lesion
     # the CLI writes the same scores
     r = test_pos[0]
-    assert main(["heatmap", "--checkpoint", str(ckpt), r.path, "--out", str(tmp_path / "hm"), "--top-k", "8"]) == 0
+    assert (
+        main(["heatmap", "--checkpoint", str(ckpt), r.path, "--out", str(tmp_path / "hm"), "--top-k", "8"])
+        == 0
+    )
     saved = zarr.open_group(str(tmp_path / "hm" / r.slide_id / "scores.zarr"), mode="r")["attention"][...]
     inf = infer_slide(model, make_source(r, cfg), memory_size=8, iter_size=64)
     np.testing.assert_allclose(saved, inf.attention, rtol=1e-5, atol=1e-8)
@@ -301,15 +379,38 @@ def test_feature_checkpoint_draws_from_the_features_grid(tmp_path):
     from ips.model.encoders import build_encoder
 
     store = make_store(tmp_path / "stores", "f1", size=(128, 96), patch=16, level=1, pyramid_max_size=32)
-    encoder = build_encoder("ips_cnn_tiny", in_chans=3, spatial_dims=2, patch_size=16, pretrained=False,
-                            feature_dim=None, d_model=32)
+    encoder = build_encoder(
+        "ips_cnn_tiny",
+        in_chans=3,
+        spatial_dims=2,
+        patch_size=16,
+        pretrained=False,
+        feature_dim=None,
+        d_model=32,
+    )
     info = embed_store(store, encoder, chunk_size=16, dtype="float32", read_threads=1, prefetch=0)
-    cfg = ExperimentConfig.from_dict({
-        "model": {"encoder": "features", "feature_dim": info.dim, "d_model": 32, "n_heads": 4, "d_mlp": 32,
-                  "tasks": [BINARY]},
-        "data": {"mode": "features"}, "selection": {"memory_size": 4, "iter_size": 8}, "train": {"device": "cpu"}})
+    cfg = ExperimentConfig.from_dict(
+        {
+            "model": {
+                "encoder": "features",
+                "feature_dim": info.dim,
+                "d_model": 32,
+                "n_heads": 4,
+                "d_mlp": 32,
+                "tasks": [BINARY],
+            },
+            "data": {"mode": "features"},
+            "selection": {"memory_size": 4, "iter_size": 8},
+            "train": {"device": "cpu"},
+        }
+    )
     ckpt = write_checkpoint(tmp_path / "m.pt", cfg)
-    assert main(["heatmap", "--checkpoint", str(ckpt), str(store), "--out", str(tmp_path / "hm"), "--top-k", "4"]) == 0
+    assert (
+        main(
+            ["heatmap", "--checkpoint", str(ckpt), str(store), "--out", str(tmp_path / "hm"), "--top-k", "4"]
+        )
+        == 0
+    )
     out = tmp_path / "hm" / "f1"
     scores = zarr.open_group(str(out / "scores.zarr"), mode="r")
     np.testing.assert_array_equal(scores["level0_coords"][...], open_store(store).coords() * 2)

@@ -63,8 +63,9 @@ def test_any_streaming_order_gives_the_same_result():
     model, source = _model_and_source(*CASES[1])
     a, la = stream_slide(model, source, chunk_size=6, aggregate=True)
     perm = np.random.default_rng(0).permutation(len(source))
-    b, lb = stream_slide(model, source, chunk_size=6, aggregate=True,
-                         stream=lambda s, c: iter_chunks(s, c, order=perm))
+    b, lb = stream_slide(
+        model, source, chunk_size=6, aggregate=True, stream=lambda s, c: iter_chunks(s, c, order=perm)
+    )
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # indexed by patch, not by arrival
     for k in la:
         torch.testing.assert_close(la[k], lb[k], rtol=1e-5, atol=1e-6)

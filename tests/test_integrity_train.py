@@ -34,18 +34,26 @@ def no_val_data(tmp_path_factory) -> Path:
 def test_a_second_run_in_the_same_directory_refuses_naming_the_holder(tmp_path, data):
     run = tmp_path / "run"
     with RunLock(run):  # what a running `ips train` holds
-        with pytest.raises(RunDirError, match=rf"another run.*PID {os.getpid()} on host {socket.gethostname()}"):
+        with pytest.raises(
+            RunDirError, match=rf"another run.*PID {os.getpid()} on host {socket.gethostname()}"
+        ):
             train(tiny_config(), manifest=data, run_dir=run, **QUIET)
     assert not (run / "config.yaml").exists()  # the refused run wrote nothing
-    train(tiny_config(train={**tiny_config().train.__dict__, "epochs": 1}), manifest=data, run_dir=run, **QUIET)
+    train(
+        tiny_config(train={**tiny_config().train.__dict__, "epochs": 1}), manifest=data, run_dir=run, **QUIET
+    )
     assert (run / "checkpoints" / "last.pt").is_file()  # the lock is free again once the holder ends
 
 
 def test_the_lock_is_released_when_training_fails(tmp_path, data):
     run = tmp_path / "run"
     with pytest.raises(ConfigError):
-        train(tiny_config(train={**tiny_config().train.__dict__, "monitor": "val_acuracy"}), manifest=data,
-              run_dir=run, **QUIET)
+        train(
+            tiny_config(train={**tiny_config().train.__dict__, "monitor": "val_acuracy"}),
+            manifest=data,
+            run_dir=run,
+            **QUIET,
+        )
     RunLock(run).acquire().release()  # would raise RunDirError if the failed run still held it
 
 
@@ -74,7 +82,9 @@ def test_resume_with_more_epochs_continues_from_the_last_epoch(tmp_path, data):
 
 def test_resume_names_every_refused_key():
     saved = tiny_config().to_dict()
-    new = with_overrides(tiny_config(), train={"lr": 1e-4, "epochs": 9}, selection={"memory_size": 2}).to_dict()
+    new = with_overrides(
+        tiny_config(), train={"lr": 1e-4, "epochs": 9}, selection={"memory_size": 2}
+    ).to_dict()
     accepted, refused = config_changes(saved, new)
     assert accepted == ["train.epochs: 3 -> 9"]
     assert refused == ["selection.memory_size: 4 -> 2", "train.lr: 0.003 -> 0.0001"]
@@ -82,8 +92,11 @@ def test_resume_names_every_refused_key():
 
 def test_misspelled_monitor_is_an_error_naming_the_closest(tmp_path, data):
     cfg = tiny_config(train={**tiny_config().train.__dict__, "monitor": "val_label/acuracy"})
-    with pytest.raises(ConfigError, match=r"train.monitor: unknown metric 'val_label/acuracy' \(did you mean "
-                                          r"'val_label/accuracy'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.monitor: unknown metric 'val_label/acuracy' \(did you mean "
+        r"'val_label/accuracy'\?\)",
+    ):
         train(cfg, manifest=data, run_dir=tmp_path / "run", **QUIET)
 
 
@@ -96,8 +109,11 @@ def test_warns_without_a_val_split_and_with_a_single_class(tmp_path, no_val_data
     one_class = tmp_path / "one.csv"
     rows = no_val_data.read_text().splitlines()
     label = rows[0].split(",").index("label")
-    positives = [r.replace(r.split(",")[1], str(no_val_data.parent / r.split(",")[1]))
-                 for r in rows[1:] if r.split(",")[label] == "1"]
+    positives = [
+        r.replace(r.split(",")[1], str(no_val_data.parent / r.split(",")[1]))
+        for r in rows[1:]
+        if r.split(",")[label] == "1"
+    ]
     one_class.write_text("\n".join([rows[0], *positives]) + "\n")
     lines.clear()
     train(cfg, manifest=one_class, run_dir=tmp_path / "one", show_progress=False, log=lines.append)
@@ -129,7 +145,15 @@ def test_out_naming_an_existing_file_is_bad_usage(tmp_path, command, capsys, dat
         "predict": ["predict", "--checkpoint", "c.pt", "--manifest", str(data), "--out", str(target)],
         "heatmap": ["heatmap", "--checkpoint", "c.pt", "s.zarr", "--out", str(target)],
         "demo": ["demo", "--out", str(target)],
-        "train": ["train", "--config", str(tmp_path / "cfg.yaml"), "--manifest", str(data), "--out", str(target)],
+        "train": [
+            "train",
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            "--manifest",
+            str(data),
+            "--out",
+            str(target),
+        ],
     }[command]
     (tmp_path / "cfg.yaml").write_text("model: {encoder: ips_cnn_tiny, in_chans: 1, patch_size: 8}\n")
     rc = main(argv)
@@ -149,8 +173,11 @@ def test_collectives_use_the_backends_device(monkeypatch):
     monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
     monkeypatch.setattr(distributed.dist, "broadcast", lambda t, src: sent.append(t))
     # no GPU here: stand in `meta` for the CUDA device a NCCL rank would use, and check the flag goes there
-    monkeypatch.setattr(distributed, "collective_device",
-                        lambda backend, device: torch.device("meta") if backend == "nccl" else torch.device("cpu"))
+    monkeypatch.setattr(
+        distributed,
+        "collective_device",
+        lambda backend, device: torch.device("meta") if backend == "nccl" else torch.device("cpu"),
+    )
     with pytest.raises(RuntimeError, match="meta"):  # .item() of a meta tensor: it was on the stand-in device
         distributed.broadcast_flag(True, distributed.DistInfo(rank=0, world_size=2), torch.device("cpu"))
     assert sent and sent[0].device.type == "meta"

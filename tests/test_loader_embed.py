@@ -61,13 +61,16 @@ def test_float16_default(store):
     embed_store(store, TinyEncoder(), chunk_size=16)
     arr = open_store(store).embeddings("default")
     assert arr.dtype == np.float16 and arr.chunks == (16, 6)
-    np.testing.assert_allclose(FeatureSource(store).read(np.arange(35)).numpy(), _reference(store, TinyEncoder()),
-                               atol=2e-3)
+    np.testing.assert_allclose(
+        FeatureSource(store).read(np.arange(35)).numpy(), _reference(store, TinyEncoder()), atol=2e-3
+    )
 
 
 def test_interrupted_run_resumes(store):
     with pytest.raises(KeyboardInterrupt):
-        embed_store(store, TinyEncoder(fail_at=3), chunk_size=8, dtype="float32")  # probe + 2 chunks, then dies
+        embed_store(
+            store, TinyEncoder(fail_at=3), chunk_size=8, dtype="float32"
+        )  # probe + 2 chunks, then dies
     s = open_store(store)
     assert "default" not in s.features  # not announced: FeatureSource refuses a half-written set
     with pytest.raises(StoreError, match="unknown feature set"):
@@ -76,8 +79,9 @@ def test_interrupted_run_resumes(store):
     enc = TinyEncoder()
     embed_store(store, enc, chunk_size=8, dtype="float32", encoder_name="TinyEncoder")
     assert enc.calls == [1, 8, 8, 3]  # the probe, then only the rows not done
-    np.testing.assert_allclose(FeatureSource(store).read(np.arange(35)).numpy(), _reference(store, TinyEncoder()),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        FeatureSource(store).read(np.arange(35)).numpy(), _reference(store, TinyEncoder()), atol=1e-5
+    )
 
 
 def test_complete_set_is_kept_unless_overwrite(store):
@@ -108,7 +112,9 @@ def test_bad_arguments(store):
 
 
 def test_cli(store, tmp_path, capsys):
-    assert main(["embed", str(store), "--encoder", "ips_cnn_tiny", "--chunk-size", "16", "--name", "tiny"]) == 0
+    assert (
+        main(["embed", str(store), "--encoder", "ips_cnn_tiny", "--chunk-size", "16", "--name", "tiny"]) == 0
+    )
     feats = FeatureSource(store, "tiny")
     assert len(feats) == 35 and torch.isfinite(feats.read(np.arange(35))).all()
     assert main(["embed", str(store), str(tmp_path / "gone.zarr"), "--encoder", "ips_cnn_tiny"]) == 1

@@ -24,10 +24,17 @@ TOLERANCE_RATIO = 1.10
 
 
 def _peak(store: Path, mode: str = "stream", chunk_size: int = 256) -> dict:
-    code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(REPO)!r}]; from loader_fixtures import rss_child; "
-            f"rss_child({str(store)!r}, {chunk_size}, {mode!r})")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code = (
+        f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(REPO)!r}]; from loader_fixtures import rss_child; "
+        f"rss_child({str(store)!r}, {chunk_size}, {mode!r})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -43,8 +50,10 @@ def test_streaming_peak_rss_does_not_grow_with_n(stores):
     small, big = _peak(stores[10_000]), _peak(stores[100_000])
     assert small["n"] == 10_000 and big["n"] == 100_000
     growth = big["peak_rss"] - small["peak_rss"]
-    print(f"peak RSS: 10k {small['peak_rss'] / 2**20:.1f} MiB, 100k {big['peak_rss'] / 2**20:.1f} MiB, "
-          f"growth {growth / 2**20:+.1f} MiB")
+    print(
+        f"peak RSS: 10k {small['peak_rss'] / 2**20:.1f} MiB, 100k {big['peak_rss'] / 2**20:.1f} MiB, "
+        f"growth {growth / 2**20:+.1f} MiB"
+    )
     assert growth <= TOLERANCE_BYTES, f"peak RSS grew by {growth / 2**20:.1f} MiB from 10k to 100k patches"
     assert big["peak_rss"] <= TOLERANCE_RATIO * small["peak_rss"]
 

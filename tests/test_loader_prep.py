@@ -53,8 +53,14 @@ def test_2d_level1_grid(tmp_path, slide):
 def test_3d_volume(tmp_path):
     rng = np.random.default_rng(2)
     volume = rng.integers(0, 4000, (1, 20, 40, 36)).astype(np.uint16)
-    store = convert.convert_array(volume, tmp_path, "v", spacing=(2.0, 1.0, 1.0),
-                                  options=_options(patch_size=8), mask=np.ones(volume.shape[1:], bool))
+    store = convert.convert_array(
+        volume,
+        tmp_path,
+        "v",
+        spacing=(2.0, 1.0, 1.0),
+        options=_options(patch_size=8),
+        mask=np.ones(volume.shape[1:], bool),
+    )
     source = ZarrPatchSource(store)
     assert source.spatial_dims == 3 and source.patch_shape == (1, 8, 8, 8)
     assert source.read(np.array([0])).dtype.itemsize == 2

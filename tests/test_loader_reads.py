@@ -31,7 +31,11 @@ def _check(source: ZarrPatchSource, array: np.ndarray, fill, idx: np.ndarray | N
 
 def _memory_copy(path: Path) -> zarr.storage.MemoryStore:
     """The store at `path`, copied into a zarr MemoryStore (a non-local store)."""
-    data = {str(f.relative_to(path)): cpu.Buffer.from_bytes(f.read_bytes()) for f in path.rglob("*") if f.is_file()}
+    data = {
+        str(f.relative_to(path)): cpu.Buffer.from_bytes(f.read_bytes())
+        for f in path.rglob("*")
+        if f.is_file()
+    }
     return zarr.storage.MemoryStore(data)
 
 
@@ -94,28 +98,41 @@ def test_memory_store(tmp_path):
     np.testing.assert_array_equal(feats.read(np.array([3, 1])).numpy(), emb[[3, 1]])
 
 
-def _custom_store(path: Path, data: np.ndarray, *, chunks, shards, compressors=None, serializer="auto",
-                  filters=None) -> ZarrPatchSource:
+def _custom_store(
+    path: Path, data: np.ndarray, *, chunks, shards, compressors=None, serializer="auto", filters=None
+) -> ZarrPatchSource:
     """An ips store whose level 0 uses the given zarr layout (codecs the writer may not use)."""
     patch = tuple(chunks[1:])
     store = write_store(path, data, patch_size=patch, write_chunks=False, background=0)
     root = zarr.open_group(store, mode="r+")
     del root["0"]
-    arr = root.create_array("0", shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
-                            compressors=compressors, serializer=serializer, filters=filters, fill_value=0)
+    arr = root.create_array(
+        "0",
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        shards=shards,
+        compressors=compressors,
+        serializer=serializer,
+        filters=filters,
+        fill_value=0,
+    )
     arr[...] = data
     seal(store)
     return ZarrPatchSource(store)
 
 
-@pytest.mark.parametrize("layout", [
-    dict(compressors=BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")),
-    dict(compressors=GzipCodec(level=1)),
-    dict(compressors=None),
-    dict(compressors=ZstdCodec(level=1), shards=None),
-    dict(compressors=ZstdCodec(level=1), serializer=BytesCodec(endian="big"), dtype="uint16"),
-    dict(compressors=None, filters=TransposeCodec(order=(0, 2, 1))),  # unsupported: zarr fallback
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(compressors=BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")),
+        dict(compressors=GzipCodec(level=1)),
+        dict(compressors=None),
+        dict(compressors=ZstdCodec(level=1), shards=None),
+        dict(compressors=ZstdCodec(level=1), serializer=BytesCodec(endian="big"), dtype="uint16"),
+        dict(compressors=None, filters=TransposeCodec(order=(0, 2, 1))),  # unsupported: zarr fallback
+    ],
+)
 def test_codecs_and_layouts(tmp_path, layout):
     layout = dict(layout)
     dtype = layout.pop("dtype", "uint8")
@@ -130,8 +147,9 @@ def test_codecs_and_layouts(tmp_path, layout):
 
 
 def test_chunk_reader_rejects_unknown_layouts(tmp_path):
-    arr = zarr.create_array(tmp_path / "a.zarr", shape=(4, 4), chunks=(2, 2), dtype="uint8",
-                            filters=TransposeCodec(order=(1, 0)))
+    arr = zarr.create_array(
+        tmp_path / "a.zarr", shape=(4, 4), chunks=(2, 2), dtype="uint8", filters=TransposeCodec(order=(1, 0))
+    )
     assert ChunkReader.for_array(arr) is None
 
 
@@ -140,7 +158,9 @@ def test_plan_boxes_dense_and_sparse():
     dense = grid_coords((16, 16), (4, 4), (4, 4))  # one whole shard
     boxes = plan_boxes(dense, patch, shard, shape)
     assert len(boxes) == 1 and (boxes[0].lo == 0).all() and (boxes[0].hi == 16).all()
-    sparse = np.array([[0, 0], [0, 4], [12, 12], [32, 0]])  # two touching + one far in shard 0, one in shard 2
+    sparse = np.array(
+        [[0, 0], [0, 4], [12, 12], [32, 0]]
+    )  # two touching + one far in shard 0, one in shard 2
     boxes = plan_boxes(sparse, patch, shard, shape)
     spans = sorted((tuple(b.lo), tuple(b.hi)) for b in boxes)
     assert spans == [((0, 0), (4, 8)), ((12, 12), (16, 16)), ((32, 0), (36, 4))]

@@ -36,8 +36,9 @@ def no_leaked_threads():
 
 def _source(n: int = 23) -> InMemoryPatchSource:
     g = torch.Generator().manual_seed(0)
-    return InMemoryPatchSource(torch.randint(0, 255, (n, 3, 4, 4), dtype=torch.uint8, generator=g),
-                               record_reads=True)
+    return InMemoryPatchSource(
+        torch.randint(0, 255, (n, 3, 4, 4), dtype=torch.uint8, generator=g), record_reads=True
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 23, 50])

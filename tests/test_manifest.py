@@ -25,8 +25,10 @@ def _write(tmp_path: Path, text: str, stores: tuple[str, ...] = ("a.zarr", "b.za
 def test_records_and_relative_paths(tmp_path):
     path = _write(tmp_path, "slide_id,path,tumor,split\na,a.zarr,1,train\nb,b.zarr,0,val\n")
     records = read_manifest(path, [BINARY])
-    assert records == [SlideRecord("a", str(tmp_path / "a.zarr"), "train", {"tumor": 1}),
-                       SlideRecord("b", str(tmp_path / "b.zarr"), "val", {"tumor": 0})]
+    assert records == [
+        SlideRecord("a", str(tmp_path / "a.zarr"), "train", {"tumor": 1}),
+        SlideRecord("b", str(tmp_path / "b.zarr"), "val", {"tumor": 0}),
+    ]
 
 
 def test_absolute_paths_and_urls_kept(tmp_path):
@@ -43,7 +45,9 @@ def test_split_filter(tmp_path):
 
 
 def test_multi_task_labels(tmp_path):
-    path = _write(tmp_path, 'slide_id,path,tumor,isup,tags\na,a.zarr,1,2,"3;0"\nb,b.zarr,0,0,\nc,c.zarr,0,1,1\n')
+    path = _write(
+        tmp_path, 'slide_id,path,tumor,isup,tags\na,a.zarr,1,2,"3;0"\nb,b.zarr,0,0,\nc,c.zarr,0,1,1\n'
+    )
     records = read_manifest(path, [BINARY, GRADE, TAGS])
     assert records[0].labels == {"tumor": 1, "grade": 2, "tags": (0, 3)}
     assert records[1].labels == {"tumor": 0, "grade": 0, "tags": ()}
@@ -55,18 +59,35 @@ def test_whitespace_and_bom(tmp_path):
     assert read_manifest(path, [BINARY])[0] == SlideRecord("a", str(tmp_path / "a.zarr"), None, {"tumor": 1})
 
 
-@pytest.mark.parametrize(("task", "text", "value"), [
-    (BINARY, "0", 0), (BINARY, "1", 1), (GRADE, "2", 2), (TAGS, "", ()), (TAGS, "2;2;1", (1, 2)),
-    (TAGS, " 3 ; 0 ", (0, 3)),
-])
+@pytest.mark.parametrize(
+    ("task", "text", "value"),
+    [
+        (BINARY, "0", 0),
+        (BINARY, "1", 1),
+        (GRADE, "2", 2),
+        (TAGS, "", ()),
+        (TAGS, "2;2;1", (1, 2)),
+        (TAGS, " 3 ; 0 ", (0, 3)),
+    ],
+)
 def test_parse_label(task, text, value):
     assert parse_label(text, task) == value
 
 
-@pytest.mark.parametrize(("task", "text"), [
-    (BINARY, "2"), (BINARY, "yes"), (BINARY, ""), (BINARY, "0.5"), (GRADE, "3"), (GRADE, "-1"),
-    (TAGS, "4"), (TAGS, "a;b"), (TAGS, "1;;2"),
-])
+@pytest.mark.parametrize(
+    ("task", "text"),
+    [
+        (BINARY, "2"),
+        (BINARY, "yes"),
+        (BINARY, ""),
+        (BINARY, "0.5"),
+        (GRADE, "3"),
+        (GRADE, "-1"),
+        (TAGS, "4"),
+        (TAGS, "a;b"),
+        (TAGS, "1;;2"),
+    ],
+)
 def test_parse_label_rejects(task, text):
     with pytest.raises(ValueError):
         parse_label(text, task)
@@ -125,7 +146,9 @@ def test_structure_errors(tmp_path):
     assert "extra" in _error(_write(tmp_path, "slide_id,path,tumor\na,a.zarr,1,9\n"), [BINARY])
     assert "empty slide_id" in _error(_write(tmp_path, "slide_id,path,tumor\n,a.zarr,1\n"), [BINARY])
     assert "empty path" in _error(_write(tmp_path, "slide_id,path,tumor\na,,1\n"), [BINARY])
-    assert "duplicate columns" in _error(_write(tmp_path, "slide_id,path,tumor,tumor\na,a.zarr,1,1\n"), [BINARY])
+    assert "duplicate columns" in _error(
+        _write(tmp_path, "slide_id,path,tumor,tumor\na,a.zarr,1,1\n"), [BINARY]
+    )
 
 
 def test_labels_optional_for_prediction(tmp_path):

@@ -37,13 +37,21 @@ def test_balanced_accuracy():
 
 
 def test_evaluate_logits_all_kinds():
-    tasks = (TaskConfig(name="b", kind="binary"), TaskConfig(name="m", kind="multiclass", num_classes=3),
-             TaskConfig(name="l", kind="multilabel", num_classes=2))
-    logits = {"b": torch.tensor([[2.0], [-1.0], [0.5]]),
-              "m": torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]]),
-              "l": torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])}
-    targets = {"b": torch.tensor([1, 0, 0]), "m": torch.tensor([0, 1, 2]),
-               "l": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])}
+    tasks = (
+        TaskConfig(name="b", kind="binary"),
+        TaskConfig(name="m", kind="multiclass", num_classes=3),
+        TaskConfig(name="l", kind="multilabel", num_classes=2),
+    )
+    logits = {
+        "b": torch.tensor([[2.0], [-1.0], [0.5]]),
+        "m": torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]]),
+        "l": torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]),
+    }
+    targets = {
+        "b": torch.tensor([1, 0, 0]),
+        "m": torch.tensor([0, 1, 2]),
+        "l": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+    }
     out = evaluate_logits(tasks, logits, targets)
     assert out["b/accuracy"] == pytest.approx(2 / 3) and out["b/auroc"] == 1.0
     assert out["m/accuracy"] == 1.0 and out["m/balanced_accuracy"] == 1.0 and out["m/auroc"] == 1.0
@@ -55,7 +63,10 @@ def test_planner_picks_largest_fitting_micro_batch():
     cost = lambda k: int((1.0 + 0.5 * k) * GB)  # noqa: E731 - fixed 1 GB + 0.5 GB per slide
     plan = plan_micro_batch(cost, budget_bytes=int(3.2 * GB), batch_size=16, measured=True, hint="x")
     assert plan.micro_batch_size == 4 and plan.bytes_per_micro_batch <= 3.2 * GB
-    assert plan_micro_batch(cost, budget_bytes=100 * GB, batch_size=16, measured=True, hint="x").micro_batch_size == 16
+    assert (
+        plan_micro_batch(cost, budget_bytes=100 * GB, batch_size=16, measured=True, hint="x").micro_batch_size
+        == 16
+    )
 
 
 def test_planner_steps_down_when_affine_model_is_optimistic():
@@ -65,9 +76,16 @@ def test_planner_steps_down_when_affine_model_is_optimistic():
 
 
 def test_planner_refuses_impossible_budget_naming_what_to_lower():
-    with pytest.raises(BudgetError, match=r"one slide needs 6.00 GB.*budget_gb is 5.00 GB.*lower selection.memory_size"):
-        plan_micro_batch(lambda k: 6 * GB * k, budget_bytes=5 * GB, batch_size=4, measured=True,
-                         hint="selection.memory_size (M=100)")
+    with pytest.raises(
+        BudgetError, match=r"one slide needs 6.00 GB.*budget_gb is 5.00 GB.*lower selection.memory_size"
+    ):
+        plan_micro_batch(
+            lambda k: 6 * GB * k,
+            budget_bytes=5 * GB,
+            batch_size=4,
+            measured=True,
+            hint="selection.memory_size (M=100)",
+        )
 
 
 def test_cpu_estimate_grows_with_micro_batch():

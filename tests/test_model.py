@@ -25,8 +25,16 @@ CASES = [
 @pytest.mark.parametrize(("encoder", "dims", "chans", "patch"), CASES)
 def test_forward_backward(encoder, dims, chans, patch):
     torch.manual_seed(0)
-    cfg = ModelConfig(encoder=encoder, spatial_dims=dims, in_chans=chans, patch_size=patch, d_model=48,
-                      n_heads=4, d_mlp=32, tasks=TASKS)
+    cfg = ModelConfig(
+        encoder=encoder,
+        spatial_dims=dims,
+        in_chans=chans,
+        patch_size=patch,
+        d_model=48,
+        n_heads=4,
+        d_mlp=32,
+        tasks=TASKS,
+    )
     model = build_model(cfg)
     b, m = 2, 3
     patches = torch.randint(0, 256, (b, m, chans, *([patch] * dims)), dtype=torch.uint8)
@@ -71,16 +79,28 @@ def test_registry_lists_tiny_variant():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"name": "not_a_model", "spatial_dims": 2, "patch_size": 32}, r"model.encoder: unknown encoder 'not_a_model'"),
+        (
+            {"name": "not_a_model", "spatial_dims": 2, "patch_size": 32},
+            r"model.encoder: unknown encoder 'not_a_model'",
+        ),
         ({"name": "resnet18", "spatial_dims": 3, "patch_size": 32}, r"not a 3D encoder"),
         ({"name": "ips_resnet10", "spatial_dims": 2, "patch_size": 8}, r"model.patch_size: 8 is smaller"),
-        ({"name": "vit_tiny_patch16_224", "spatial_dims": 2, "patch_size": 64},
-         r"model.patch_size: 64 does not fit encoder 'vit_tiny_patch16_224'"),
-        ({"name": "ips_cnn_tiny", "spatial_dims": 2, "patch_size": 32, "pretrained": "/no/such/file.pth"},
-         r"model.pretrained: weights file"),
-        ({"name": "ips_cnn_tiny", "spatial_dims": 2, "patch_size": 32, "pretrained": True}, r"no hub weights"),
-        ({"name": "resnet18", "spatial_dims": 2, "patch_size": 32, "pretrained": "/no/such/file.pth"},
-         r"model.pretrained: weights file"),
+        (
+            {"name": "vit_tiny_patch16_224", "spatial_dims": 2, "patch_size": 64},
+            r"model.patch_size: 64 does not fit encoder 'vit_tiny_patch16_224'",
+        ),
+        (
+            {"name": "ips_cnn_tiny", "spatial_dims": 2, "patch_size": 32, "pretrained": "/no/such/file.pth"},
+            r"model.pretrained: weights file",
+        ),
+        (
+            {"name": "ips_cnn_tiny", "spatial_dims": 2, "patch_size": 32, "pretrained": True},
+            r"no hub weights",
+        ),
+        (
+            {"name": "resnet18", "spatial_dims": 2, "patch_size": 32, "pretrained": "/no/such/file.pth"},
+            r"model.pretrained: weights file",
+        ),
     ],
 )
 def test_bad_encoder_arguments(kwargs, match):
@@ -104,17 +124,34 @@ def test_encoder_norm_option():
     from ips.config import ModelConfig
     from ips.model.ips_model import build_model
 
-    kinds = lambda m: {type(x).__name__ for x in m.modules() if "Norm" in type(x).__name__ and "Layer" not in type(x).__name__}  # noqa: E731
+    def kinds(m):
+        return {
+            type(x).__name__
+            for x in m.modules()
+            if "Norm" in type(x).__name__ and "Layer" not in type(x).__name__
+        }
+
     for spatial_dims in (2, 3):
-        enc = build_encoder("ips_resnet10", in_chans=1, spatial_dims=spatial_dims, patch_size=32, norm="batch")
+        enc = build_encoder(
+            "ips_resnet10", in_chans=1, spatial_dims=spatial_dims, patch_size=32, norm="batch"
+        )
         assert kinds(enc) == {f"BatchNorm{spatial_dims}d"}
-        assert kinds(build_encoder("ips_resnet10", in_chans=1, spatial_dims=spatial_dims, patch_size=32)) == {"GroupNorm"}
-    model = build_model(ModelConfig(encoder="ips_cnn_tiny", encoder_norm="batch", patch_size=16, d_model=16,
-                                    n_heads=2, d_mlp=16))
+        assert kinds(build_encoder("ips_resnet10", in_chans=1, spatial_dims=spatial_dims, patch_size=32)) == {
+            "GroupNorm"
+        }
+    model = build_model(
+        ModelConfig(
+            encoder="ips_cnn_tiny", encoder_norm="batch", patch_size=16, d_model=16, n_heads=2, d_mlp=16
+        )
+    )
     assert kinds(model) == {"BatchNorm2d"}
-    with pytest.raises(ConfigError, match=r"model.encoder_norm: applies to the ips_\* encoders only, not 'resnet18'"):
+    with pytest.raises(
+        ConfigError, match=r"model.encoder_norm: applies to the ips_\* encoders only, not 'resnet18'"
+    ):
         build_encoder("resnet18", in_chans=3, spatial_dims=2, patch_size=32, norm="batch")
-    with pytest.raises(ConfigError, match=r"model.encoder_norm: applies to the ips_\* encoders only, not 'features'"):
+    with pytest.raises(
+        ConfigError, match=r"model.encoder_norm: applies to the ips_\* encoders only, not 'features'"
+    ):
         build_encoder("features", in_chans=3, spatial_dims=2, patch_size=32, feature_dim=8, norm="group")
     with pytest.raises(ConfigError, match=r"model.encoder_norm"):
         ModelConfig(encoder="ips_cnn_tiny", encoder_norm="layer")

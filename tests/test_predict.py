@@ -21,8 +21,12 @@ def setup(tmp_path_factory):
     cfg = tiny_cfg(tasks=[BINARY, MULTICLASS, MULTILABEL], memory_size=3, iter_size=5)
     ckpt = write_checkpoint(root / "model.pt", cfg)
     manifest = root / "manifest.csv"
-    rows = [("s0", 1, 2, "0;1", "test"), ("s1", 0, 0, "", "test"), ("s2", 1, 1, "1", "test"),
-            ("s3", 0, "", "0", "train")]  # s3: b unknown
+    rows = [
+        ("s0", 1, 2, "0;1", "test"),
+        ("s1", 0, 0, "", "test"),
+        ("s2", 1, 1, "1", "test"),
+        ("s3", 0, "", "0", "train"),
+    ]  # s3: b unknown
     with manifest.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["slide_id", "path", "a", "b", "c", "split"])
@@ -38,8 +42,20 @@ def _read(path):
 
 def test_predictions_csv_columns_and_metrics(setup, tmp_path):
     out = tmp_path / "p"
-    assert main(["predict", "--checkpoint", str(setup["ckpt"]), "--manifest", str(setup["manifest"]),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(setup["ckpt"]),
+                "--manifest",
+                str(setup["manifest"]),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _read(out / "predictions.csv")
     with open(out / "predictions.csv") as f:
         header = f.readline().strip().split(",")
@@ -58,22 +74,57 @@ def test_predictions_csv_columns_and_metrics(setup, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     m = metrics["metrics"]
     assert m["a/n_slides"] == 4 and m["b/n_slides"] == 3 and m["c/n_slides"] == 4
-    for key in ("a/accuracy", "a/auroc", "a/loss", "b/accuracy", "b/balanced_accuracy", "c/exact_match", "loss"):
+    for key in (
+        "a/accuracy",
+        "a/auroc",
+        "a/loss",
+        "b/accuracy",
+        "b/balanced_accuracy",
+        "c/exact_match",
+        "loss",
+    ):
         assert key in m, key
     assert metrics["mode"] == "topm"
 
 
 def test_stores_without_labels_and_split(setup, tmp_path):
     out = tmp_path / "p"
-    assert main(["predict", "--checkpoint", str(setup["ckpt"]), *map(str, setup["stores"][:2]),
-                 "--out", str(out), "--mode", "all"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(setup["ckpt"]),
+                *map(str, setup["stores"][:2]),
+                "--out",
+                str(out),
+                "--mode",
+                "all",
+            ]
+        )
+        == 0
+    )
     rows = _read(out / "predictions.csv")
     assert [r["slide_id"] for r in rows] == ["s0"] * 3 + ["s1"] * 3
     assert all(r["label"] == "" for r in rows)
     assert not (out / "metrics.json").exists()
     out2 = tmp_path / "q"
-    assert main(["predict", "--checkpoint", str(setup["ckpt"]), "--manifest", str(setup["manifest"]),
-                 "--split", "train", "--out", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(setup["ckpt"]),
+                "--manifest",
+                str(setup["manifest"]),
+                "--split",
+                "train",
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     assert {r["slide_id"] for r in _read(out2 / "predictions.csv")} == {"s3"}
 
 
@@ -84,8 +135,20 @@ def test_topm_equals_the_training_loops_prediction(setup, tmp_path):
     from ips.model.tasks import probabilities
 
     out = tmp_path / "p"
-    assert main(["predict", "--checkpoint", str(setup["ckpt"]), "--manifest", str(setup["manifest"]),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(setup["ckpt"]),
+                "--manifest",
+                str(setup["manifest"]),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     by = {(r["slide_id"], r["task"]): r for r in _read(out / "predictions.csv")}
     model, cfg = load_model(setup["ckpt"])
     records = read_manifest(setup["manifest"], cfg.model.tasks, require_labels=False)
@@ -103,8 +166,18 @@ def test_a_failing_store_does_not_stop_the_others(setup, tmp_path, capsys):
     bad_channels = make_store(tmp_path, "gray", size=(64, 48), channels=1, patch=16)
     missing = tmp_path / "missing.zarr"
     out = tmp_path / "p"
-    rc = main(["predict", "--checkpoint", str(setup["ckpt"]), str(setup["stores"][0]), str(bad_channels),
-               str(missing), "--out", str(out)])
+    rc = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(setup["ckpt"]),
+            str(setup["stores"][0]),
+            str(bad_channels),
+            str(missing),
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert {r["slide_id"] for r in _read(out / "predictions.csv")} == {"s0"}
@@ -116,9 +189,25 @@ def test_a_failing_store_does_not_stop_the_others(setup, tmp_path, capsys):
 def test_bad_usage_exits_2(setup, tmp_path, capsys):
     ck, out = str(setup["ckpt"]), str(tmp_path / "p")
     assert main(["predict", "--checkpoint", ck, "--out", out]) == 2  # no input
-    assert main(["predict", "--checkpoint", ck, "--manifest", str(setup["manifest"]), str(setup["stores"][0]),
-                 "--out", out]) == 2  # both
-    assert main(["predict", "--checkpoint", str(tmp_path / "nope.pt"), str(setup["stores"][0]), "--out", out]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                ck,
+                "--manifest",
+                str(setup["manifest"]),
+                str(setup["stores"][0]),
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )  # both
+    assert (
+        main(["predict", "--checkpoint", str(tmp_path / "nope.pt"), str(setup["stores"][0]), "--out", out])
+        == 2
+    )
     bad = tmp_path / "bad.csv"
     bad.write_text("slide_id,path\ns0,stores/s0.zarr\ns0,stores/s0.zarr\n")
     assert main(["predict", "--checkpoint", ck, "--manifest", str(bad), "--out", out]) == 2

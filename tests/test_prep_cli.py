@@ -25,8 +25,10 @@ GOOD = ("good_a", "good_b")
 def make_inputs(folder: Path) -> tuple[list[Path], dict[str, str]]:
     """Two good slides and one of each bad kind: `(paths, {slide_id or name: expected reason})`."""
     folder.mkdir()
-    paths = [write_pyramid_tiff(folder / f"{g}.tif", tissue_image(160, 200, seed=i), levels=1, tile=32)
-             for i, g in enumerate(GOOD)]
+    paths = [
+        write_pyramid_tiff(folder / f"{g}.tif", tissue_image(160, 200, seed=i), levels=1, tile=32)
+        for i, g in enumerate(GOOD)
+    ]
     bad: dict[str, str] = {}
 
     def add(name: str, reason: str, data: bytes | None = None) -> None:
@@ -42,8 +44,12 @@ def make_inputs(folder: Path) -> tuple[list[Path], dict[str, str]]:
     add("empty.tif", "empty file", b"")
     add("notes.svs", "unsupported format", b"these are not pixels\n")
     add("corrupt.tif", "corrupt or truncated TIFF", b"II*\x00" + bytes(range(256)) * 4)
-    whole = write_pyramid_tiff(folder / "tmp.tif", np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8),
-                               levels=1, tile=32).read_bytes()
+    whole = write_pyramid_tiff(
+        folder / "tmp.tif",
+        np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8),
+        levels=1,
+        tile=32,
+    ).read_bytes()
     (folder / "tmp.tif").unlink()
     add("truncated.tif", "truncated TIFF", whole[: len(whole) // 2])
     write_pyramid_tiff(folder / "blank.tif", np.full((128, 128, 3), 255, np.uint8), levels=1, tile=32)
@@ -114,31 +120,41 @@ def test_console_script(tmp_path):
     del bad["diskfull.tif"]  # a full disk can only be simulated in-process
     paths = [p for p in paths if p.name != "diskfull.tif"]
     out = tmp_path / "out"
-    proc = subprocess.run([str(script), "prep", *map(str, paths), "--out", str(out), "--mpp", "0.5",
-                           "--patch-size", "32"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(script), "prep", *map(str, paths), "--out", str(out), "--mpp", "0.5", "--patch-size", "32"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     check_outcome(out, bad, proc.stderr, proc.stdout.replace("2 done, 8 failed", "2 done, 9 failed"))
 
 
-@pytest.mark.parametrize("argv", [
-    ["prep"],  # no inputs, no --out
-    ["prep", "x.svs"],  # no --out
-    ["prep", "x.svs", "--out", "o", "--shard", "2/2"],
-    ["prep", "x.svs", "--out", "o", "--shard", "a"],
-    ["prep", "x.svs", "--out", "o", "--level", "1", "--mpp", "0.5"],
-    ["prep", "x.svs", "--out", "o", "--reader", "nope"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prep"],  # no inputs, no --out
+        ["prep", "x.svs"],  # no --out
+        ["prep", "x.svs", "--out", "o", "--shard", "2/2"],
+        ["prep", "x.svs", "--out", "o", "--shard", "a"],
+        ["prep", "x.svs", "--out", "o", "--level", "1", "--mpp", "0.5"],
+        ["prep", "x.svs", "--out", "o", "--reader", "nope"],
+    ],
+)
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--patch-size", "0"], "prep.patch_size"),
-    (["--min-tissue", "2"], "prep.min_tissue"),
-    (["--workers", "0"], "--workers"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--patch-size", "0"], "prep.patch_size"),
+        (["--min-tissue", "2"], "prep.min_tissue"),
+        (["--workers", "0"], "--workers"),
+    ],
+)
 def test_bad_values_exit_2(tmp_path, capsys, flags, message):
     assert main(["prep", "x.svs", "--out", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err
@@ -155,8 +171,22 @@ def test_shards_split_sorted_inputs(tmp_path, capsys):
     done = []
     for i in range(2):
         out = tmp_path / f"out{i}"
-        assert main(["prep", *reversed(paths), "--out", str(out), "--patch-size", "32", "--shard", f"{i}/2",
-                     "--no-thumbnail"]) == 0
+        assert (
+            main(
+                [
+                    "prep",
+                    *reversed(paths),
+                    "--out",
+                    str(out),
+                    "--patch-size",
+                    "32",
+                    "--shard",
+                    f"{i}/2",
+                    "--no-thumbnail",
+                ]
+            )
+            == 0
+        )
         done.append(sorted(p.name for p in out.glob("*.zarr")))
     assert done == [["s0.zarr", "s2.zarr", "s4.zarr"], ["s1.zarr", "s3.zarr"]]  # i-th of every n, 0-based
     assert parse_shard("0/1") == (0, 1)
@@ -166,8 +196,17 @@ def test_duplicate_slide_ids_fail(tmp_path, capsys):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
         np.save(tmp_path / sub / "x.npy", tissue_image(64, 64, box=(0, 0, 1, 1)).transpose(2, 0, 1))
-    status = main(["prep", str(tmp_path / "a/x.npy"), str(tmp_path / "b/x.npy"), "--out", str(tmp_path / "o"),
-                   "--patch-size", "32"])
+    status = main(
+        [
+            "prep",
+            str(tmp_path / "a/x.npy"),
+            str(tmp_path / "b/x.npy"),
+            "--out",
+            str(tmp_path / "o"),
+            "--patch-size",
+            "32",
+        ]
+    )
     assert status == 1 and "duplicate slide_id 'x'" in capsys.readouterr().err
     assert is_complete(tmp_path / "o" / "x.zarr")
 
@@ -175,11 +214,25 @@ def test_duplicate_slide_ids_fail(tmp_path, capsys):
 def test_workers_run_in_processes(tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()
-    paths = [str(write_pyramid_tiff(src / f"w{i}.tif", tissue_image(96, 96, seed=i), levels=1, tile=32))
-             for i in range(3)]
+    paths = [
+        str(write_pyramid_tiff(src / f"w{i}.tif", tissue_image(96, 96, seed=i), levels=1, tile=32))
+        for i in range(3)
+    ]
     (src / "bad.tif").write_bytes(b"nope")
-    status = main(["prep", *paths, str(src / "bad.tif"), "--out", str(tmp_path / "o"), "--workers", "2",
-                   "--patch-size", "32", "--no-thumbnail"])
+    status = main(
+        [
+            "prep",
+            *paths,
+            str(src / "bad.tif"),
+            "--out",
+            str(tmp_path / "o"),
+            "--workers",
+            "2",
+            "--patch-size",
+            "32",
+            "--no-thumbnail",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 1 and "bad.tif: unsupported format" in captured.err
     assert all(is_complete(tmp_path / "o" / f"w{i}.zarr") for i in range(3))
@@ -187,8 +240,10 @@ def test_workers_run_in_processes(tmp_path, capsys):
 
 
 def test_summary_table_lists_failures_last():
-    rows = [PrepResult("b.svs", "b", "failed", reason="file not found"),
-            PrepResult("a.svs", "a", "done", Path("o/a.zarr"), 12, 1.5)]
+    rows = [
+        PrepResult("b.svs", "b", "failed", reason="file not found"),
+        PrepResult("a.svs", "a", "done", Path("o/a.zarr"), 12, 1.5),
+    ]
     table = summary_table(rows).splitlines()
     assert table[0].split() == ["slide_id", "status", "patches", "seconds", "store", "/", "reason"]
     assert table[1].startswith("a ") and "o/a.zarr" in table[1]
@@ -198,7 +253,10 @@ def test_summary_table_lists_failures_last():
 
 def test_reader_override(tmp_path, capsys):
     src = write_pyramid_tiff(tmp_path / "g.tif", tissue_image(128, 128), levels=1, tile=32)
-    assert main(["prep", str(src), "--out", str(tmp_path / "o"), "--patch-size", "32", "--reader", "openslide"]) == 0
+    assert (
+        main(["prep", str(src), "--out", str(tmp_path / "o"), "--patch-size", "32", "--reader", "openslide"])
+        == 0
+    )
     import zarr
 
     prov = zarr.open_group(str(tmp_path / "o" / "g.zarr"), mode="r").attrs["ips"]["provenance"]

@@ -88,7 +88,9 @@ def test_pyramid_tiff_roundtrip(pyramid_tiff, tmp_path):
 def test_store_is_valid_ome_ngff(pyramid_tiff, tmp_path):
     from ome_zarr_models.v05 import Image
 
-    store = convert_file(pyramid_tiff[0], tmp_path / "out", options=PrepOptions(patch_size=64, thumbnail=False))
+    store = convert_file(
+        pyramid_tiff[0], tmp_path / "out", options=PrepOptions(patch_size=64, thumbnail=False)
+    )
     image = Image.from_zarr(open_store(store))  # the strict pydantic models
     assert [d.path for d in image.ome_attributes.multiscales[0].datasets] == ["0", "1"]
 
@@ -105,7 +107,9 @@ def test_background_chunks_are_not_written(tmp_path):
 
 def test_grid_matches_mask_and_drops_edge_patches(tmp_path):
     img = tissue_image(200, 230, box=(0.25, 0.25, 0.75, 0.75)).transpose(2, 0, 1)
-    store = convert_array(img, tmp_path, "box", options=PrepOptions(patch_size=40, min_tissue=0.5, thumbnail=False))
+    store = convert_array(
+        img, tmp_path, "box", options=PrepOptions(patch_size=40, min_tissue=0.5, thumbnail=False)
+    )
     g = open_store(store)
     coords, tissue = g["grids/default/coords"][...], g["grids/default/tissue"][...]
     assert coords.dtype == np.int64 and coords.shape[1] == 2 and tissue.dtype == np.float32
@@ -117,7 +121,7 @@ def test_grid_matches_mask_and_drops_edge_patches(tmp_path):
     f = g.attrs["ips"]["mask"]["downsample"]
     full = np.kron(mask, np.ones(f, bool))
     for (r, c), t in zip(coords, tissue):
-        want = full[r:r + 40, c:c + 40]
+        want = full[r : r + 40, c : c + 40]
         assert abs(want.sum() / 1600 - t) < 1e-5
     # the box spans rows/cols 50..150 (and 57..172): only patches mostly inside it are kept
     assert coords[:, 0].min() >= 40 - 20 and coords[:, 0].max() <= 150 - 20
@@ -203,7 +207,12 @@ def test_convert_array_with_given_mask_at_lower_resolution(tmp_path):
     mask[4:8, 6:12] = True  # level-0 rows 16..32, cols 24..48
     store = convert_array(img, tmp_path, "m", mask=mask, options=PrepOptions(patch_size=8, min_tissue=1.0))
     g = open_store(store)
-    assert g.attrs["ips"]["mask"] == {"downsample": [4, 4], "method": "given", "threshold": None, "level": None}
+    assert g.attrs["ips"]["mask"] == {
+        "downsample": [4, 4],
+        "method": "given",
+        "threshold": None,
+        "level": None,
+    }
     coords = g["grids/default/coords"][...]
     assert coords[:, 0].min() == 16 and coords[:, 0].max() == 24 and coords[:, 1].min() == 24
     assert len(coords) == 2 * 3
@@ -218,8 +227,13 @@ def test_convert_array_3d(tmp_path):
     rng = np.random.default_rng(0)
     vol = np.zeros((2, 40, 64, 64), np.uint16)
     vol[:, 8:32, 16:48, 16:48] = rng.integers(1000, 3000, (2, 24, 32, 32))
-    store = convert_array(vol, tmp_path, "vol", spacing=(4.0, 1.0, 1.0),
-                          options=PrepOptions(patch_size=8, min_tissue=0.5, pyramid_max_size=16))
+    store = convert_array(
+        vol,
+        tmp_path,
+        "vol",
+        spacing=(4.0, 1.0, 1.0),
+        options=PrepOptions(patch_size=8, min_tissue=0.5, pyramid_max_size=16),
+    )
     g = open_store(store)
     np.testing.assert_array_equal(level(g, 0), vol)
     attrs = g.attrs["ips"]
@@ -256,26 +270,38 @@ def test_nifti_keeps_spacing_and_orientation(tmp_path):
     Image.from_zarr(g)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"patch_size": 0}, "prep.patch_size"),
-    ({"stride": -1}, "prep.stride"),
-    ({"level": -1}, "prep.level"),
-    ({"mpp": 0.0}, "prep.mpp"),
-    ({"mpp": 0.5, "level": 1}, "prep.level"),
-    ({"min_tissue": 1.5}, "prep.min_tissue"),
-    ({"grid_name": "a/b"}, "prep.grid_name"),
-    ({"codec": "lzw"}, "prep.codec"),
-    ({"threads": -2}, "prep.threads"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"patch_size": 0}, "prep.patch_size"),
+        ({"stride": -1}, "prep.stride"),
+        ({"level": -1}, "prep.level"),
+        ({"mpp": 0.0}, "prep.mpp"),
+        ({"mpp": 0.5, "level": 1}, "prep.level"),
+        ({"min_tissue": 1.5}, "prep.min_tissue"),
+        ({"grid_name": "a/b"}, "prep.grid_name"),
+        ({"codec": "lzw"}, "prep.codec"),
+        ({"threads": -2}, "prep.threads"),
+    ],
+)
 def test_prep_options_validation(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         PrepOptions(**kwargs)
 
 
-@pytest.mark.parametrize("name, sid", [
-    ("a.ome.tiff", "a"), ("b.nii.gz", "b"), ("c.svs", "c"), ("TCGA-01.1234.svs", "TCGA-01.1234"),
-    ("d.mrxs", "d"), ("e.foo", "e"), ("f", "f"), ("g.NDPI", "g"),
-])
+@pytest.mark.parametrize(
+    "name, sid",
+    [
+        ("a.ome.tiff", "a"),
+        ("b.nii.gz", "b"),
+        ("c.svs", "c"),
+        ("TCGA-01.1234.svs", "TCGA-01.1234"),
+        ("d.mrxs", "d"),
+        ("e.foo", "e"),
+        ("f", "f"),
+        ("g.NDPI", "g"),
+    ],
+)
 def test_slide_id(name, sid):
     assert slide_id_of(Path("/x") / name) == sid
 
@@ -319,8 +345,12 @@ def test_killed_conversion_leaves_no_complete_store_and_rerun_completes(tmp_path
     script.write_text(SLOW_PREP)
     args = [str(src), "--out", str(out), "--patch-size", "64", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(script), "prep", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "prep", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     partial = out / f".big.zarr.partial-{proc.pid}"
     deadline = time.monotonic() + 60
     try:
@@ -377,7 +407,7 @@ def test_real_svs_exact_level0_and_sensible_tissue(test_data, tmp_path):
     assert 20 <= len(coords) <= 50 and (tissue >= 0.5).all()
     assert not ((coords[:, 0] == 0) & (coords[:, 1] == 0)).any()
     for r, c in coords:
-        patch = lvl0[:, r:r + 256, c:c + 256].astype(np.float32)
+        patch = lvl0[:, r : r + 256, c : c + 256].astype(np.float32)
         hi, lo = patch.max(axis=0), patch.min(axis=0)
         sat = ((hi - lo) / np.maximum(hi, 1)).mean()
         assert sat > 0.15 and patch.mean() < 235, (r, c, sat, patch.mean())
@@ -397,11 +427,13 @@ def test_shard_encoder_matches_zarr(tmp_path, codec, dtype, fill):
     data[:, 128:, 128:] = fill  # a background shard at the corner
     writer = StoreWriter(tmp_path, "s")
     writer.begin()
-    arr = writer.image_array("0", data.shape, np.dtype(dtype), (32, 32), (128, 128), fill, make_compressor(codec))
+    arr = writer.image_array(
+        "0", data.shape, np.dtype(dtype), (32, 32), (128, 128), fill, make_compressor(codec)
+    )
     enc = ShardEncoder(arr, writer.partial / "0")
     for y in range(0, 150, 128):
         for x in range(0, 230, 128):
-            enc.write((y, x), data[:, y:y + 128, x:x + 128])
+            enc.write((y, x), data[:, y : y + 128, x : x + 128])
     np.testing.assert_array_equal(zarr.open_array(str(writer.partial / "0"), mode="r")[...], data)
     assert not (writer.partial / "0" / "c" / "0" / "1" / "1").exists()  # all background: no file
     with pytest.raises(ValueError, match="shard-aligned"):

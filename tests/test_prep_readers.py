@@ -75,7 +75,9 @@ class TestTiffJpegTiles(ReaderTests):
     expected_spacing = (0.5, 0.5)
 
     def open(self, tmp_path):
-        path = write_pyramid_tiff(tmp_path / "j.tif", tissue_image(100, 140), levels=1, tile=32, compression="jpeg")
+        path = write_pyramid_tiff(
+            tmp_path / "j.tif", tissue_image(100, 140), levels=1, tile=32, compression="jpeg"
+        )
         return TiffReader(path), tifffile.imread(path).transpose(2, 0, 1)
 
 
@@ -107,8 +109,13 @@ class TestOmeTiffStack(ReaderTests):
 
     def open(self, tmp_path):
         a = RNG.integers(0, 4000, (4, 3, 40, 48), dtype=np.uint16)  # (Z, C, Y, X)
-        tifffile.imwrite(tmp_path / "o.ome.tif", a, ome=True, tile=(16, 16),
-                         metadata={"axes": "ZCYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0})
+        tifffile.imwrite(
+            tmp_path / "o.ome.tif",
+            a,
+            ome=True,
+            tile=(16, 16),
+            metadata={"axes": "ZCYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0},
+        )
         return TiffReader(tmp_path / "o.ome.tif"), a.transpose(1, 0, 2, 3)
 
 
@@ -189,7 +196,9 @@ def test_npy_is_detected_from_content_not_extension(tmp_path):
 
 
 def _truncated_tiff(tmp_path: Path) -> Path:
-    path = write_pyramid_tiff(tmp_path / "t.tif", RNG.integers(0, 255, (128, 128, 3), dtype=np.uint8), levels=1, tile=32)
+    path = write_pyramid_tiff(
+        tmp_path / "t.tif", RNG.integers(0, 255, (128, 128, 3), dtype=np.uint8), levels=1, tile=32
+    )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
     return path
@@ -200,13 +209,16 @@ def _file(folder: Path, name: str, data: bytes) -> Path:
     return folder / name
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p / "missing.tif", "file not found"),
-    (lambda p: p, "is a directory"),
-    (lambda p: _file(p, "e.svs", b""), "empty file"),
-    (lambda p: _file(p, "x.svs", b"hello, not a slide"), "unsupported format"),
-    (lambda p: _file(p, "c.tif", b"II*\x00" + b"\xff" * 64), "corrupt or truncated TIFF"),
-])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p / "missing.tif", "file not found"),
+        (lambda p: p, "is a directory"),
+        (lambda p: _file(p, "e.svs", b""), "empty file"),
+        (lambda p: _file(p, "x.svs", b"hello, not a slide"), "unsupported format"),
+        (lambda p: _file(p, "c.tif", b"II*\x00" + b"\xff" * 64), "corrupt or truncated TIFF"),
+    ],
+)
 def test_bad_files_have_one_line_reasons(tmp_path, make, reason):
     with pytest.raises(PrepError, match=reason) as e:
         open_reader(make(tmp_path))

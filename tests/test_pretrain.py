@@ -17,11 +17,26 @@ from ips.synthetic import small_objects as so
 from ips.synthetic._store import TRUTH_GROUP, patch_fraction
 
 TINY = {
-    "model": {"encoder": "ips_cnn_tiny", "in_chans": 3, "spatial_dims": 2, "patch_size": 16, "d_model": 16,
-              "n_heads": 2, "d_mlp": 16, "pos_enc": "none", "tasks": [{"name": "label", "kind": "binary"}]},
+    "model": {
+        "encoder": "ips_cnn_tiny",
+        "in_chans": 3,
+        "spatial_dims": 2,
+        "patch_size": 16,
+        "d_model": 16,
+        "n_heads": 2,
+        "d_mlp": 16,
+        "pos_enc": "none",
+        "tasks": [{"name": "label", "kind": "binary"}],
+    },
     "selection": {"memory_size": 4, "iter_size": 16},
     "train": {"epochs": 1, "batch_size": 2, "seed": 0},
-    "pretrain": {"epochs": 3, "patches_per_epoch": 256, "batch_size": 64, "patches_per_slide": 16, "lr": 3e-3},
+    "pretrain": {
+        "epochs": 3,
+        "patches_per_epoch": 256,
+        "batch_size": 64,
+        "patches_per_slide": 16,
+        "lr": 3e-3,
+    },
 }
 
 
@@ -32,8 +47,15 @@ def cfg_of(*overrides: str) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory) -> Path:
     """6 small-object slides of 128 px, 16-px patches (64 patches each): manifest path."""
-    return so.make_small_object_dataset(tmp_path_factory.mktemp("so"), 6, size=128, patch_size=16, seed=1,
-                                        split_fractions=(0.67, 0.33, 0.0), n_distractors=(2, 3))
+    return so.make_small_object_dataset(
+        tmp_path_factory.mktemp("so"),
+        6,
+        size=128,
+        patch_size=16,
+        seed=1,
+        split_fractions=(0.67, 0.33, 0.0),
+        n_distractors=(2, 3),
+    )
 
 
 def _stores(manifest: Path) -> list[str]:
@@ -45,7 +67,9 @@ def _stores(manifest: Path) -> list[str]:
 
 def test_generator_truth_matches_what_it_drew():
     for i, positive in enumerate([True, False, True]):
-        s = so.render_small_object_slide(so.slide_rng(3, i), 512, 32, positive=positive, max_object_fraction=0.02)
+        s = so.render_small_object_slide(
+            so.slide_rng(3, i), 512, 32, positive=positive, max_object_fraction=0.02
+        )
         assert s.label == int(positive)
         glands = [o for o in s.objects if o.kind == "gland"]
         assert len(glands) == int(positive)
@@ -88,7 +112,9 @@ def test_generator_store_truth(tiny_set: Path):
 @pytest.mark.parametrize("method", ["simclr", "rotation"])
 def test_pretraining_lowers_its_loss(tiny_set: Path, tmp_path: Path, method: str):
     cfg = cfg_of(f"pretrain.method={method}", "pretrain.epochs=4")
-    result = pretrain_encoder(cfg, _stores(tiny_set), tmp_path, device="cpu", show_progress=False, log=lambda s: None)
+    result = pretrain_encoder(
+        cfg, _stores(tiny_set), tmp_path, device="cpu", show_progress=False, log=lambda s: None
+    )
     losses = result["losses"]
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert losses[-1] < losses[0]
@@ -115,17 +141,40 @@ def test_pretraining_3d(tmp_path: Path):
     from ips.synthetic.lesions import make_lesion_dataset
 
     manifest = make_lesion_dataset(tmp_path / "d", 2, 32, 8, 0, spatial_dims=3)
-    cfg = cfg_of("model.in_chans=1", "model.spatial_dims=3", "model.patch_size=8", "pretrain.epochs=1",
-                 "pretrain.batch_size=16", "pretrain.patches_per_epoch=32", "pretrain.patches_per_slide=8")
+    cfg = cfg_of(
+        "model.in_chans=1",
+        "model.spatial_dims=3",
+        "model.patch_size=8",
+        "pretrain.epochs=1",
+        "pretrain.batch_size=16",
+        "pretrain.patches_per_epoch=32",
+        "pretrain.patches_per_slide=8",
+    )
     for method in ("rotation", "simclr"):
         out = tmp_path / method
-        result = pretrain_encoder(cfg_of(*["model.in_chans=1", "model.spatial_dims=3", "model.patch_size=8",
-                                           "pretrain.epochs=1", "pretrain.batch_size=16",
-                                           "pretrain.patches_per_epoch=32", "pretrain.patches_per_slide=8",
-                                           f"pretrain.method={method}"]),
-                                  _stores(manifest), out, device="cpu", show_progress=False, log=lambda s: None)
+        result = pretrain_encoder(
+            cfg_of(
+                *[
+                    "model.in_chans=1",
+                    "model.spatial_dims=3",
+                    "model.patch_size=8",
+                    "pretrain.epochs=1",
+                    "pretrain.batch_size=16",
+                    "pretrain.patches_per_epoch=32",
+                    "pretrain.patches_per_slide=8",
+                    f"pretrain.method={method}",
+                ]
+            ),
+            _stores(manifest),
+            out,
+            device="cpu",
+            show_progress=False,
+            log=lambda s: None,
+        )
         assert result["method"] == method and np.isfinite(result["losses"][0])
-        build_encoder("ips_cnn_tiny", in_chans=1, spatial_dims=3, patch_size=8, pretrained=str(out / ENCODER_FILE))
+        build_encoder(
+            "ips_cnn_tiny", in_chans=1, spatial_dims=3, patch_size=8, pretrained=str(out / ENCODER_FILE)
+        )
     assert cfg.pretrain.resolved_method(3) == "rotation"
 
 
@@ -139,7 +188,9 @@ def test_encoder_file_round_trips_into_model_pretrained(tiny_set: Path, tmp_path
     cfg = cfg_of(f"model.encoder_norm={norm}", "pretrain.epochs=1")
     pretrain_encoder(cfg, _stores(tiny_set), tmp_path, device="cpu", show_progress=False, log=lambda s: None)
     saved = torch.load(tmp_path / ENCODER_FILE)
-    model = build_model(cfg_of(f"model.encoder_norm={norm}", f"model.pretrained={tmp_path / ENCODER_FILE}").model)
+    model = build_model(
+        cfg_of(f"model.encoder_norm={norm}", f"model.pretrained={tmp_path / ENCODER_FILE}").model
+    )
     for k, v in model.encoder.state_dict().items():
         torch.testing.assert_close(v, saved[k])
 
@@ -172,11 +223,40 @@ def test_pretrain_cli(tiny_set: Path, tmp_path: Path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "pt"
-    assert main(["pretrain", *_stores(tiny_set), "--config", str(cfg_path), "--out", str(out), "--quiet",
-                 "--set", "pretrain.epochs=1"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *_stores(tiny_set),
+                "--config",
+                str(cfg_path),
+                "--out",
+                str(out),
+                "--quiet",
+                "--set",
+                "pretrain.epochs=1",
+            ]
+        )
+        == 0
+    )
     assert (out / ENCODER_FILE).is_file()
-    assert main(["pretrain", str(tiny_set), "--config", str(cfg_path), "--out", str(tmp_path / "pt2"),
-                 "--quiet", "--set", "pretrain.epochs=1", "pretrain.bogus=1"]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                str(tiny_set),
+                "--config",
+                str(cfg_path),
+                "--out",
+                str(tmp_path / "pt2"),
+                "--quiet",
+                "--set",
+                "pretrain.epochs=1",
+                "pretrain.bogus=1",
+            ]
+        )
+        == 2
+    )
 
 
 # --- staged training ------------------------------------------------------------------------------------
@@ -186,9 +266,17 @@ def test_pretrain_cli(tiny_set: Path, tmp_path: Path):
 def test_frozen_encoder_warmup_leaves_encoder_unchanged(tiny_set: Path, tmp_path: Path, norm: str):
     from ips.training.loop import train
 
-    cfg = cfg_of(f"model.encoder_norm={norm}", "train.epochs=2", "train.freeze_encoder_epochs=2",
-                 "data.augment=false")
-    train(cfg, manifest=tiny_set, run_dir=tmp_path / "run", resume=False, show_progress=False, log=lambda s: None)
+    cfg = cfg_of(
+        f"model.encoder_norm={norm}", "train.epochs=2", "train.freeze_encoder_epochs=2", "data.augment=false"
+    )
+    train(
+        cfg,
+        manifest=tiny_set,
+        run_dir=tmp_path / "run",
+        resume=False,
+        show_progress=False,
+        log=lambda s: None,
+    )
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
     torch.manual_seed(cfg.train.seed)
     from ips.model.ips_model import build_model

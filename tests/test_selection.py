@@ -23,8 +23,16 @@ def make_case(kind: str, n: int, seed: int):
     else:
         dims = 2 if kind == "2d" else 3
         size = 8 if dims == 2 else 4
-        cfg = ModelConfig(encoder="ips_cnn_tiny", spatial_dims=dims, in_chans=2, patch_size=size, d_model=24,
-                          n_heads=3, d_mlp=16, tasks=TASKS)
+        cfg = ModelConfig(
+            encoder="ips_cnn_tiny",
+            spatial_dims=dims,
+            in_chans=2,
+            patch_size=size,
+            d_model=24,
+            n_heads=3,
+            d_mlp=16,
+            tasks=TASKS,
+        )
         patches = torch.randint(0, 256, (n, 2, *([size] * dims)), dtype=torch.uint8)
     model = build_model(cfg).double()
     positions = np.random.default_rng(seed).integers(0, 50, size=(n, dims))
@@ -41,6 +49,7 @@ def global_scores(model, source) -> torch.Tensor:
 def shuffled_stream(order):
     def stream(source, chunk_size):
         return iter_chunks(source, chunk_size, order=order)
+
     return stream
 
 
@@ -80,8 +89,10 @@ def test_ties_broken_by_lower_index():
     source = InMemoryPatchSource(patches, np.zeros((30, 2)))
     rng = np.random.default_rng(0)
     with eval_mode(model):
-        sels = [select(model, source, memory_size=m, iter_size=4, stream=shuffled_stream(rng.permutation(30)))
-                for m in (5, 5, 11)]
+        sels = [
+            select(model, source, memory_size=m, iter_size=4, stream=shuffled_stream(rng.permutation(30)))
+            for m in (5, 5, 11)
+        ]
     best = int(torch.argmax(global_scores(model, source)[:3]))
     assert sels[0].indices.tolist() == [best + 3 * k for k in range(5)]
     assert torch.equal(sels[0].indices, sels[1].indices)

@@ -103,8 +103,9 @@ class PatchSourceContract:
         source, exp = pair
         idx = np.array([1 % len(source), 0])
         for dt in (np.int32, np.int64, np.uint16):
-            torch.testing.assert_close(source.read(idx.astype(dt)), exp.patches[torch.from_numpy(idx)],
-                                       rtol=0, atol=0)
+            torch.testing.assert_close(
+                source.read(idx.astype(dt)), exp.patches[torch.from_numpy(idx)], rtol=0, atol=0
+            )
 
     def test_out_of_range(self, pair):
         source, _ = pair
@@ -116,11 +117,16 @@ class PatchSourceContract:
         source, exp = pair
         counting = CountingSource(source)
         order = np.random.default_rng(1).permutation(len(source))
-        chunks = (stream_chunks(counting, 3, prefetch=2, order=order) if stream
-                  else iter_chunks(counting, 3, order=order))
+        chunks = (
+            stream_chunks(counting, 3, prefetch=2, order=order)
+            if stream
+            else iter_chunks(counting, 3, order=order)
+        )
         seen = []
         for chunk in chunks:
-            torch.testing.assert_close(chunk.patches, exp.patches[torch.from_numpy(chunk.indices)], rtol=0, atol=0)
+            torch.testing.assert_close(
+                chunk.patches, exp.patches[torch.from_numpy(chunk.indices)], rtol=0, atol=0
+            )
             np.testing.assert_array_equal(chunk.positions.numpy(), exp.positions[chunk.indices])
             seen.append(chunk.indices)
         np.testing.assert_array_equal(np.concatenate(seen), order)
@@ -136,13 +142,15 @@ class PatchSourceContract:
 # --- the sources ------------------------------------------------------------------------------------
 
 
-def _expected_pixels(image: np.ndarray, coords: np.ndarray, patch: tuple[int, ...], stride: tuple[int, ...],
-                     background: int) -> Expected:
+def _expected_pixels(
+    image: np.ndarray, coords: np.ndarray, patch: tuple[int, ...], stride: tuple[int, ...], background: int
+) -> Expected:
     """Patches cut from `image` `(C, *spatial)` by hand, padded with `background` outside it."""
     dims = image.ndim - 1
     padded = np.pad(image, [(0, 0)] + [(0, p) for p in patch], constant_values=background)
-    patches = np.stack([padded[(slice(None),) + tuple(slice(c, c + p) for c, p in zip(co, patch))]
-                        for co in coords])
+    patches = np.stack(
+        [padded[(slice(None),) + tuple(slice(c, c + p) for c, p in zip(co, patch))] for co in coords]
+    )
     return Expected(torch.from_numpy(patches), (coords / np.asarray(stride)).astype(np.float32), dims)
 
 
@@ -219,7 +227,9 @@ class TestZarrPatchSourcePrep2D(PatchSourceContract):
     def make(self, tmp_path):
         convert = pytest.importorskip("data_prep.convert")
         image = random_image((3, 48, 40), seed=8)
-        options = convert.PrepOptions(patch_size=8, min_tissue=0.0, thumbnail=False, hash_source=False, threads=1)
+        options = convert.PrepOptions(
+            patch_size=8, min_tissue=0.0, thumbnail=False, hash_source=False, threads=1
+        )
         store = convert.convert_array(image, tmp_path, "s", options=options, mask=np.ones((48, 40), bool))
         source = ZarrPatchSource(store)
         return source, _expected_pixels(image, source.coords, (8, 8), (8, 8), 255)
@@ -229,7 +239,9 @@ class TestZarrPatchSourcePrep3D(PatchSourceContract):
     def make(self, tmp_path):
         convert = pytest.importorskip("data_prep.convert")
         image = random_image((2, 12, 16, 8), seed=9)
-        options = convert.PrepOptions(patch_size=4, min_tissue=0.0, thumbnail=False, hash_source=False, threads=1)
+        options = convert.PrepOptions(
+            patch_size=4, min_tissue=0.0, thumbnail=False, hash_source=False, threads=1
+        )
         store = convert.convert_array(image, tmp_path, "v", options=options, mask=np.ones((12, 16, 8), bool))
         source = ZarrPatchSource(store)
         return source, _expected_pixels(image, source.coords, (4, 4, 4), (4, 4, 4), 0)

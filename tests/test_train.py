@@ -32,22 +32,44 @@ def test_tiny_training_learns(tmp_path):
     final val accuracy over seeds 0/1/2: 1.0 / 0.83 / 1.0 (this test: seed 0); threshold 0.75."""
     from ips.synthetic.lesions import make_lesion_dataset
 
-    manifest = make_lesion_dataset(tmp_path / "data", n_slides=32, size=256, patch_size=32, seed=0,
-                                   split_fractions=(0.6, 0.4, 0.0))
-    cfg = ExperimentConfig.from_dict({
-        "model": {"encoder": "ips_cnn_tiny", "patch_size": 32, "d_model": 32, "n_heads": 4, "d_mlp": 32,
-                  "tasks": [{"name": "lesion", "kind": "binary", "label_column": "label"}]},
-        "selection": {"memory_size": 8, "iter_size": 64},
-        "data": {"augment": True},
-        "train": {"epochs": 15, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "warmup_epochs": 1, "seed": 0},
-    })
+    manifest = make_lesion_dataset(
+        tmp_path / "data", n_slides=32, size=256, patch_size=32, seed=0, split_fractions=(0.6, 0.4, 0.0)
+    )
+    cfg = ExperimentConfig.from_dict(
+        {
+            "model": {
+                "encoder": "ips_cnn_tiny",
+                "patch_size": 32,
+                "d_model": 32,
+                "n_heads": 4,
+                "d_mlp": 32,
+                "tasks": [{"name": "lesion", "kind": "binary", "label_column": "label"}],
+            },
+            "selection": {"memory_size": 8, "iter_size": 64},
+            "data": {"augment": True},
+            "train": {
+                "epochs": 15,
+                "batch_size": 4,
+                "lr": 3e-3,
+                "weight_decay": 0.0,
+                "warmup_epochs": 1,
+                "seed": 0,
+            },
+        }
+    )
     result = train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lambda s: None)
     last = result.history[-1]
     assert last["val_lesion/accuracy"] >= 0.75, [r["val_lesion/accuracy"] for r in result.history]
     assert last["val_lesion/auroc"] >= 0.8
     run = tmp_path / "run"
-    for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "curves.png", "checkpoints/best.pt",
-                 "checkpoints/last.pt"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "metrics.jsonl",
+        "curves.png",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+    ):
         assert (run / name).is_file(), name
     assert load_config(run / "config.yaml") == cfg
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -61,10 +83,12 @@ def test_exploration_finds_patches_that_top_m_alone_never_shows(tmp_path):
     1.0/0.5/0.5 with explore 0 (seed 0 only from epoch 11), and 1.0/1.0/1.0 with explore 0.25 (from
     epoch 8/6/6). This test: seed 1 (which does not learn without exploration), threshold 0.8."""
     manifest = make_cross_slides(tmp_path / "data", n_train=24, n_val=12, seed=1, mark="cross")
-    cfg = tiny_config(model={**TINY["model"], "encoder": "ips_cnn_small"},
-                      selection={"memory_size": 8, "explore": 0.25},
-                      train={"epochs": 15, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 1, "seed": 1},
-                      data={"augment": True, "color_jitter": 0.0})
+    cfg = tiny_config(
+        model={**TINY["model"], "encoder": "ips_cnn_small"},
+        selection={"memory_size": 8, "explore": 0.25},
+        train={"epochs": 15, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 1, "seed": 1},
+        data={"augment": True, "color_jitter": 0.0},
+    )
     result = train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lambda s: None)
     assert result.history[-1]["val_label/accuracy"] >= 0.8, [r["val_label/accuracy"] for r in result.history]
 
@@ -72,13 +96,24 @@ def test_exploration_finds_patches_that_top_m_alone_never_shows(tmp_path):
 @pytest.mark.parametrize("norm", ["group", "batch"])
 def test_resume_equals_uninterrupted(tmp_path, small_data, norm):
     """BatchNorm: its running statistics, recalibrated each epoch, must come back exactly too."""
-    cfg = tiny_config(data={"augment": True, "color_jitter": 0.0},
-                      model={**TINY["model"], "dropout": 0.1, "encoder_norm": norm}, selection={"explore": 0.25},
-                      train={"bn_recalibration_slides": 4 if norm == "batch" else 0})
+    cfg = tiny_config(
+        data={"augment": True, "color_jitter": 0.0},
+        model={**TINY["model"], "dropout": 0.1, "encoder_norm": norm},
+        selection={"explore": 0.25},
+        train={"bn_recalibration_slides": 4 if norm == "batch" else 0},
+    )
     full = train(cfg, manifest=small_data, run_dir=tmp_path / "full", show_progress=False, log=lambda s: None)
-    train(cfg, manifest=small_data, run_dir=tmp_path / "cut", show_progress=False, log=lambda s: None,
-          stop_after_epochs=1)
-    resumed = train(cfg, manifest=small_data, run_dir=tmp_path / "cut", show_progress=False, log=lambda s: None)
+    train(
+        cfg,
+        manifest=small_data,
+        run_dir=tmp_path / "cut",
+        show_progress=False,
+        log=lambda s: None,
+        stop_after_epochs=1,
+    )
+    resumed = train(
+        cfg, manifest=small_data, run_dir=tmp_path / "cut", show_progress=False, log=lambda s: None
+    )
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     for k in a["model"]:
@@ -90,12 +125,23 @@ def test_resume_equals_uninterrupted(tmp_path, small_data, norm):
 
 def test_resume_refuses_a_different_config(tmp_path, small_data):
     cfg = tiny_config()
-    train(cfg, manifest=small_data, run_dir=tmp_path / "r", show_progress=False, log=lambda s: None,
-          stop_after_epochs=1)
+    train(
+        cfg,
+        manifest=small_data,
+        run_dir=tmp_path / "r",
+        show_progress=False,
+        log=lambda s: None,
+        stop_after_epochs=1,
+    )
     before = (tmp_path / "r" / "config.yaml").read_text()
     with pytest.raises(RunDirError, match=r"train\.lr: 0\.003 -> 0\.0001"):
-        train(with_overrides(cfg, train={"lr": 1e-4}), manifest=small_data, run_dir=tmp_path / "r",
-              show_progress=False, log=lambda s: None)
+        train(
+            with_overrides(cfg, train={"lr": 1e-4}),
+            manifest=small_data,
+            run_dir=tmp_path / "r",
+            show_progress=False,
+            log=lambda s: None,
+        )
     assert (tmp_path / "r" / "config.yaml").read_text() == before  # a refused rerun changes nothing
 
 
@@ -110,7 +156,11 @@ def _write_manifest(path: Path, text: str) -> Path:
         ("missing_column", ManifestError, r"missing column 'label'"),
         ("bad_label", ManifestError, r"row 2, column 'label'.*not 0 or 1"),
         ("missing_store", ManifestError, r"nope.zarr"),
-        ("wrong_patch_size", ConfigError, r"slide s000.*patches have shape \(1, 8, 8\).*expects \(1, 16, 16\)"),
+        (
+            "wrong_patch_size",
+            ConfigError,
+            r"slide s000.*patches have shape \(1, 8, 8\).*expects \(1, 16, 16\)",
+        ),
         ("wrong_channels", ConfigError, r"expects \(3, 8, 8\)"),
         ("budget", BudgetError, r"one slide needs .* lower selection.memory_size"),
     ],
@@ -141,17 +191,60 @@ def test_cli_train_and_bad_config_key(tmp_path, small_data, capsys):
     out = tmp_path / "run"
     threads = torch.get_num_threads()
     try:
-        assert main(["train", "--config", str(cfg_path), "--manifest", str(small_data), "--out", str(out),
-                     "--quiet", "--threads", "1", "train.epochs=1"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--config",
+                    str(cfg_path),
+                    "--manifest",
+                    str(small_data),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                    "--threads",
+                    "1",
+                    "train.epochs=1",
+                ]
+            )
+            == 0
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
     assert (out / "checkpoints" / "best.pt").is_file()
-    assert main(["train", "--config", str(cfg_path), "--manifest", str(small_data), "--out", str(out),
-                 "--threads", "-1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg_path),
+                "--manifest",
+                str(small_data),
+                "--out",
+                str(out),
+                "--threads",
+                "-1",
+            ]
+        )
+        == 2
+    )
     assert "--threads must be >= 0, got -1" in capsys.readouterr().err
-    assert main(["train", "--config", str(cfg_path), "--manifest", str(small_data), "--out", str(out),
-                 "train.lr_max=1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg_path),
+                "--manifest",
+                str(small_data),
+                "--out",
+                str(out),
+                "train.lr_max=1",
+            ]
+        )
+        == 2
+    )
     assert "unknown config key 'train.lr_max'" in capsys.readouterr().err
 
 
@@ -171,9 +264,12 @@ def test_ddp_two_gloo_processes_equal_one(tmp_path, small_data):
     args = ["train", "--config", str(cfg_path), "--manifest", str(small_data), "--quiet"]
     code = "import sys; from ips.cli.main import main; sys.exit(main(sys.argv[1:]))"
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(tmp_path / "ddp")],
-                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, "-c", code, *args, "--out", str(tmp_path / "ddp")],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for r in range(2)
     ]
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
@@ -200,7 +296,9 @@ def test_budget_planner_leaves_batchnorm_statistics_alone(small_data):
     model = build_model(cfg.model)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = plan_budget(model, make_source(record, cfg), record, cfg, Runtime(torch.device("cpu"), None, DistInfo()))
+    plan = plan_budget(
+        model, make_source(record, cfg), record, cfg, Runtime(torch.device("cpu"), None, DistInfo())
+    )
     assert plan.micro_batch_size >= 1
     after = model.state_dict()
     for k, v in before.items():

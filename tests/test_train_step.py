@@ -20,9 +20,14 @@ def make_batch(b=5, m=4, seed=0, dims=2, short_bag=True):
     sels = []
     for i in range(b):
         k = 2 if (short_bag and i == 1) else m  # one bag with fewer than M patches (padded)
-        sels.append(Selection(torch.arange(k), torch.zeros(k),
-                              torch.randint(0, 256, (k, 3, *([8] * dims)), generator=g, dtype=torch.uint8),
-                              torch.rand(k, dims, generator=g) * 20))
+        sels.append(
+            Selection(
+                torch.arange(k),
+                torch.zeros(k),
+                torch.randint(0, 256, (k, 3, *([8] * dims)), generator=g, dtype=torch.uint8),
+                torch.rand(k, dims, generator=g) * 20,
+            )
+        )
     targets = {
         "bin": label_tensor(TASKS[0], [i % 2 for i in range(b)]),
         "cls": label_tensor(TASKS[1], [i % 3 for i in range(b)]),
@@ -33,8 +38,9 @@ def make_batch(b=5, m=4, seed=0, dims=2, short_bag=True):
 
 def grads_for(micro: int, dims: int = 2):
     torch.manual_seed(0)
-    cfg = ModelConfig(encoder="ips_cnn_tiny", spatial_dims=dims, patch_size=8, d_model=24, n_heads=2, d_mlp=16,
-                      tasks=TASKS)
+    cfg = ModelConfig(
+        encoder="ips_cnn_tiny", spatial_dims=dims, patch_size=8, d_model=24, n_heads=2, d_mlp=16, tasks=TASKS
+    )
     model = build_model(cfg).double()
     batch = make_batch(dims=dims)
     batch.positions = batch.positions.double()
@@ -80,5 +86,3 @@ def test_bad_micro_batch():
     cfg = ModelConfig(encoder="ips_cnn_tiny", patch_size=8, d_model=24, n_heads=2, d_mlp=16, tasks=TASKS)
     with pytest.raises(ValueError, match="micro_batch_size"):
         accumulate_gradients(build_model(cfg), make_batch(), TASKS, micro_batch_size=0)
-
-

@@ -19,11 +19,21 @@ PATCH = 8
 SIZE = 64
 # the mark: a 2-px checkerboard with the noise's mean and range (40..120), so that it is not an extreme
 # patch that a fresh model ranks consistently first or last; only its structure tells it apart
-CHECKER = np.where((np.arange(PATCH)[:, None] // 2 + np.arange(PATCH)[None, :] // 2) % 2 == 0, 40, 120).astype(np.uint8)
+CHECKER = np.where(
+    (np.arange(PATCH)[:, None] // 2 + np.arange(PATCH)[None, :] // 2) % 2 == 0, 40, 120
+).astype(np.uint8)
 
 
-def make_cross_slides(out: Path, n_train: int, n_val: int, seed: int = 0, size: int = SIZE, marks: int = 1,
-                      mark: str = "checker", annotate: float = 0.0) -> Path:
+def make_cross_slides(
+    out: Path,
+    n_train: int,
+    n_val: int,
+    seed: int = 0,
+    size: int = SIZE,
+    marks: int = 1,
+    mark: str = "checker",
+    annotate: float = 0.0,
+) -> Path:
     """`mark`: "checker" or "cross". Write `out/<id>.zarr` stores and `out/manifest.csv` (slide_id,path,label,split);
     return the manifest. `annotate`: the share of positive training slides whose marks are given as an
     annotation (a mask `.npy` in the `annotation` column)."""
@@ -44,8 +54,13 @@ def make_cross_slides(out: Path, n_train: int, n_val: int, seed: int = 0, size: 
                 img[0, r + 1 : r + 7, c + 3 : c + 5] = 250
         slide_id = f"s{i:03d}"
         convert_array(img, out, slide_id, options=options, mask=np.ones((size, size), dtype=bool))
-        row = {"slide_id": slide_id, "path": f"{slide_id}.zarr", "label": label,
-               "split": "train" if i < n_train else "val", "annotation": ""}
+        row = {
+            "slide_id": slide_id,
+            "path": f"{slide_id}.zarr",
+            "label": label,
+            "split": "train" if i < n_train else "val",
+            "annotation": "",
+        }
         if label and i < n_train and rng.random() < annotate:
             truth = np.zeros((size, size), dtype=np.uint8)
             for r, c in zip(*np.divmod(cells, size // PATCH)):
@@ -55,8 +70,11 @@ def make_cross_slides(out: Path, n_train: int, n_val: int, seed: int = 0, size: 
         rows.append(row)
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["slide_id", "path", "label", "split"] + (["annotation"] if annotate else []),
-                                extrasaction="ignore")
+        writer = csv.DictWriter(
+            f,
+            fieldnames=["slide_id", "path", "label", "split"] + (["annotation"] if annotate else []),
+            extrasaction="ignore",
+        )
         writer.writeheader()
         writer.writerows(rows)
     return manifest
@@ -64,8 +82,15 @@ def make_cross_slides(out: Path, n_train: int, n_val: int, seed: int = 0, size: 
 
 # a config small enough that an epoch on `make_cross_slides` data takes well under a second
 TINY = {
-    "model": {"encoder": "ips_cnn_tiny", "in_chans": 1, "patch_size": 8, "d_model": 32, "n_heads": 4,
-              "d_mlp": 32, "tasks": [{"name": "label", "kind": "binary"}]},
+    "model": {
+        "encoder": "ips_cnn_tiny",
+        "in_chans": 1,
+        "patch_size": 8,
+        "d_model": 32,
+        "n_heads": 4,
+        "d_mlp": 32,
+        "tasks": [{"name": "label", "kind": "binary"}],
+    },
     "selection": {"memory_size": 4, "iter_size": 16, "prefetch": 1},
     "data": {"augment": False},
     "train": {"epochs": 3, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "warmup_epochs": 0.5, "seed": 0},

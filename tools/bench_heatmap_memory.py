@@ -34,8 +34,13 @@ sys.exit(rc)
 def measure(argv: list[str]) -> tuple[int, float]:
     """(peak RSS bytes, seconds) of `ips ARGV` in a fresh process."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, cwd=ROOT,
-                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
@@ -60,10 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         if not store.exists():
             make_store(out / "stores", f"s{side}", size=(side, side), patch=16, fill=0.05)
         row: dict[str, object] = {"side": side, "n_patches": (side // 16) ** 2}
-        for command, extra in (("heatmap", ["--thumb-size", str(args.thumb_size), "--top-k", "16"]),
-                               ("predict", [])):
-            peak, seconds = measure([command, "--checkpoint", str(ckpt), str(store), "--out",
-                                     str(out / command), *extra])
+        for command, extra in (
+            ("heatmap", ["--thumb-size", str(args.thumb_size), "--top-k", "16"]),
+            ("predict", []),
+        ):
+            peak, seconds = measure(
+                [command, "--checkpoint", str(ckpt), str(store), "--out", str(out / command), *extra]
+            )
             row[f"{command}_peak_rss_bytes"], row[f"{command}_seconds"] = peak, round(seconds, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)

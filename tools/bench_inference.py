@@ -33,15 +33,32 @@ from ips.training.loop import train
 
 
 def config(args: argparse.Namespace, seed: int) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({
-        "model": {"encoder": args.encoder, "in_chans": 3, "patch_size": args.patch_size, "d_model": 32,
-                  "n_heads": 4, "d_mlp": 32, "pos_enc": args.pos_enc,
-                  "tasks": [{"name": "lesion", "kind": "binary", "label_column": "label"}]},
-        "selection": {"memory_size": args.memory_size, "iter_size": 64, "prefetch": 0},
-        "data": {"augment": True, "read_threads": 1},
-        "train": {"epochs": args.epochs, "batch_size": 4, "lr": 3e-3, "weight_decay": 0.0, "warmup_epochs": 0.5,
-                  "seed": seed, "device": "cpu", "monitor": "train_loss"},
-    })
+    return ExperimentConfig.from_dict(
+        {
+            "model": {
+                "encoder": args.encoder,
+                "in_chans": 3,
+                "patch_size": args.patch_size,
+                "d_model": 32,
+                "n_heads": 4,
+                "d_mlp": 32,
+                "pos_enc": args.pos_enc,
+                "tasks": [{"name": "lesion", "kind": "binary", "label_column": "label"}],
+            },
+            "selection": {"memory_size": args.memory_size, "iter_size": 64, "prefetch": 0},
+            "data": {"augment": True, "read_threads": 1},
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": 4,
+                "lr": 3e-3,
+                "weight_decay": 0.0,
+                "warmup_epochs": 0.5,
+                "seed": seed,
+                "device": "cpu",
+                "monitor": "train_loss",
+            },
+        }
+    )
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, object]:
@@ -49,8 +66,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, object]:
     t0 = time.perf_counter()
     manifest = out / "manifest.csv"
     if not manifest.exists():
-        make_lesion_dataset(out, args.n_slides, args.size, args.patch_size, seed=seed,
-                            split_fractions=(0.7, 0.0, 0.3))
+        make_lesion_dataset(
+            out, args.n_slides, args.size, args.patch_size, seed=seed, split_fractions=(0.7, 0.0, 0.3)
+        )
     cfg = config(args, seed)
     train(cfg, manifest=manifest, run_dir=out / "run", show_progress=False, log=lambda s: None, resume=False)
     t_train = time.perf_counter() - t0
@@ -59,8 +77,13 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, object]:
     logits: dict[str, list[float]] = {"topm": [], "all": []}
     labels, any_lesion, mostly = [], [], []
     for r in records:
-        inf = infer_slide(model, make_source(r, cfg), memory_size=cfg.selection.memory_size, iter_size=64,
-                          modes=("topm", "all"))
+        inf = infer_slide(
+            model,
+            make_source(r, cfg),
+            memory_size=cfg.selection.memory_size,
+            iter_size=64,
+            modes=("topm", "all"),
+        )
         for mode in logits:
             logits[mode].append(float(inf.logits[mode]["lesion"][0]))
         labels.append(int(r.labels["lesion"]))

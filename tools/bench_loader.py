@@ -125,10 +125,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--read-threads", type=int, default=2)
     ap.add_argument("--thread-sweep", default="1,2,4", help="read_threads values to time the loader with")
     ap.add_argument("--compute-threads", type=int, default=1)
-    ap.add_argument("--compute", choices=("matmul", "wait"), default="matmul",
-                    help="matmul: dense layers on the CPU; wait: the host idles (an accelerator's compute)")
-    ap.add_argument("--compute-ratio", type=float, default=2.0,
-                    help="compute time per chunk as a multiple of the loader's read time per chunk")
+    ap.add_argument(
+        "--compute",
+        choices=("matmul", "wait"),
+        default="matmul",
+        help="matmul: dense layers on the CPU; wait: the host idles (an accelerator's compute)",
+    )
+    ap.add_argument(
+        "--compute-ratio",
+        type=float,
+        default=2.0,
+        help="compute time per chunk as a multiple of the loader's read time per chunk",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -143,17 +151,19 @@ def main(argv: list[str] | None = None) -> dict:
     coords = source.coords
     raw_mb = n * 3 * p * p / 2**20
     rnd = np.random.default_rng(0).permutation(n)
-    print(f"store {store} ({args.codec}, {n} patches of {p}x{p}, {raw_mb:.0f} MiB decoded; built/cached in {t_build:.1f} s); "
-          f"I={chunk}, read_threads={args.read_threads}, cpus={os.cpu_count()}, load average {os.getloadavg()}")
+    print(
+        f"store {store} ({args.codec}, {n} patches of {p}x{p}, {raw_mb:.0f} MiB decoded; built/cached in {t_build:.1f} s); "
+        f"I={chunk}, read_threads={args.read_threads}, cpus={os.cpu_count()}, load average {os.getloadavg()}"
+    )
 
     def zarr_bulk() -> None:
         for y in range(0, arr.shape[1], shard_rows):
-            arr[:, y:y + shard_rows, :]
+            arr[:, y : y + shard_rows, :]
 
     def zarr_per_patch(order: np.ndarray) -> None:
         for i in order:
             y, x = coords[i]
-            arr[:, y:y + p, x:x + p]
+            arr[:, y : y + p, x : x + p]
 
     def drain(stream) -> None:
         for _ in stream:
@@ -167,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     for f in sorted((store / "0" / "c").rglob("*")):
         if f.is_file():
             data = f.read_bytes()
-            index = np.frombuffer(data[-(16 * per_shard + 4):-4], "<u8").reshape(-1, 2)
-            blobs += [data[o:o + k] for o, k in index if o != 2**64 - 1]
+            index = np.frombuffer(data[-(16 * per_shard + 4) : -4], "<u8").reshape(-1, 2)
+            blobs += [data[o : o + k] for o, k in index if o != 2**64 - 1]
     scratch = np.empty(sc.chunk_shape, np.uint8)
 
     def codec_floor() -> None:
@@ -196,27 +206,34 @@ def main(argv: list[str] | None = None) -> dict:
     base, mbase = best["zarr bulk (whole shard rows)"], med["zarr bulk (whole shard rows)"]
     print(f"\n1. throughput, {args.repeats} repeats (ratio = time / zarr bulk time): min [median]")
     for k in times:
-        print(f"   {k:34s} {best[k]:7.3f} s  {raw_mb / best[k]:6.0f} MiB/s  ratio {best[k] / base:5.2f}  "
-              f"[{med[k]:7.3f} s, ratio {med[k] / mbase:5.2f}]")
+        print(
+            f"   {k:34s} {best[k]:7.3f} s  {raw_mb / best[k]:6.0f} MiB/s  ratio {best[k] / base:5.2f}  "
+            f"[{med[k]:7.3f} s, ratio {med[k] / mbase:5.2f}]"
+        )
 
     sweep = {}
     for t in (int(v) for v in args.thread_sweep.split(",") if v):
         src_t = ZarrPatchSource(store, read_threads=t)
         sweep[t] = min(timed(lambda s=src_t: drain(iter_chunks(s, chunk))) for _ in range(args.repeats))
-    print("   loader read, index order, by read_threads: "
-          + ", ".join(f"{t}: {v:.3f} s" for t, v in sweep.items()))
+    print(
+        "   loader read, index order, by read_threads: "
+        + ", ".join(f"{t}: {v:.3f} s" for t, v in sweep.items())
+    )
 
     # 2. hiding reads behind compute: compute per chunk = --compute-ratio x the reading time per chunk,
     # so reading is a large share and hiding it (or not) shows clearly
     torch.set_num_threads(args.compute_threads)
     per_chunk_read = best["loader read, index order"] / -(-n // chunk)
-    net = (MatmulCompute.calibrated(args.compute_ratio * per_chunk_read, chunk) if args.compute == "matmul"
-           else WaitCompute(args.compute_ratio * per_chunk_read))
+    net = (
+        MatmulCompute.calibrated(args.compute_ratio * per_chunk_read, chunk)
+        if args.compute == "matmul"
+        else WaitCompute(args.compute_ratio * per_chunk_read)
+    )
     held = source.read(np.arange(n))  # (N, 3, p, p) uint8, in memory for the baseline only
 
     def compute_in_memory() -> None:
         for s in range(0, n, chunk):
-            net(held[s:s + chunk])
+            net(held[s : s + chunk])
 
     def compute_streamed() -> None:
         for c in stream_chunks(source, chunk, prefetch=2):
@@ -226,8 +243,11 @@ def main(argv: list[str] | None = None) -> dict:
         for c in iter_chunks(source, chunk):
             net(c.patches)
 
-    hiding = {"compute on in-memory tensors": compute_in_memory, "compute fed by stream_chunks": compute_streamed,
-              "compute fed by iter_chunks (no prefetch)": compute_unprefetched}
+    hiding = {
+        "compute on in-memory tensors": compute_in_memory,
+        "compute fed by stream_chunks": compute_streamed,
+        "compute fed by iter_chunks (no prefetch)": compute_unprefetched,
+    }
     for fn in hiding.values():
         fn()
     htimes: dict[str, list[float]] = {k: [] for k in hiding}
@@ -237,21 +257,33 @@ def main(argv: list[str] | None = None) -> dict:
     hmed = {k: statistics.median(v) for k, v in htimes.items()}
     hbest = {k: min(v) for k, v in htimes.items()}
     hbase, hmbase = hbest["compute on in-memory tensors"], hmed["compute on in-memory tensors"]
-    what = (f"{net.reps} x (n, {net.k}) @ ({net.k}, {net.k}) per chunk on {args.compute_threads} torch thread(s)"
-            if args.compute == "matmul" else f"host waits {net.seconds * 1e3:.1f} ms per chunk")
-    print(f"\n2. hiding, {args.repeats} repeats (compute: {what}, ~{args.compute_ratio:g}x the read time; reading alone "
-          f"{best['loader read, index order']:.3f} s): min [median]")
+    what = (
+        f"{net.reps} x (n, {net.k}) @ ({net.k}, {net.k}) per chunk on {args.compute_threads} torch thread(s)"
+        if args.compute == "matmul"
+        else f"host waits {net.seconds * 1e3:.1f} ms per chunk"
+    )
+    print(
+        f"\n2. hiding, {args.repeats} repeats (compute: {what}, ~{args.compute_ratio:g}x the read time; reading alone "
+        f"{best['loader read, index order']:.3f} s): min [median]"
+    )
     for k in htimes:
-        print(f"   {k:42s} {hbest[k]:7.3f} s  ratio {hbest[k] / hbase:5.2f}  "
-              f"[{hmed[k]:7.3f} s, ratio {hmed[k] / hmbase:5.2f}]")
+        print(
+            f"   {k:42s} {hbest[k]:7.3f} s  ratio {hbest[k] / hbase:5.2f}  "
+            f"[{hmed[k]:7.3f} s, ratio {hmed[k] / hmbase:5.2f}]"
+        )
     print(f"\nload average (1, 5, 15 min) at the end: {os.getloadavg()}")
     result = {
         "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "load_average": os.getloadavg(), "read_threads_sweep_seconds": sweep,
-        "n_patches": n, "patch": p, "iter_size": chunk, "read_threads": args.read_threads,
+        "load_average": os.getloadavg(),
+        "read_threads_sweep_seconds": sweep,
+        "n_patches": n,
+        "patch": p,
+        "iter_size": chunk,
+        "read_threads": args.read_threads,
         "throughput_seconds": {"min": best, "median": med},
         "throughput_ratio_vs_zarr_bulk": {k: v / base for k, v in best.items()},
-        "compute": args.compute, "hiding_seconds": {"min": hbest, "median": hmed},
+        "compute": args.compute,
+        "hiding_seconds": {"min": hbest, "median": hmed},
         "hiding_ratio_vs_in_memory": {k: v / hbase for k, v in hbest.items()},
     }
     if args.json:

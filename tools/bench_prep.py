@@ -50,8 +50,9 @@ def decode_only(src: Path, patch: int, threads: int) -> tuple[float, float]:
         return time.perf_counter() - t0, time.process_time() - c0
 
 
-def convert_once(src: Path, work: Path, patch: int, threads: int,
-                 thumbnail: bool = True) -> tuple[float, float, Path]:
+def convert_once(
+    src: Path, work: Path, patch: int, threads: int, thumbnail: bool = True
+) -> tuple[float, float, Path]:
     """`(wall, cpu)` seconds for a complete `prep_file` (into a fresh folder: no old store to remove)."""
     out = Path(tempfile.mkdtemp(dir=work))
     options = PrepOptions(patch_size=patch, threads=threads, thumbnail=thumbnail)
@@ -85,33 +86,54 @@ def make_mosaic(src: Path, path: Path, k: int) -> Path:
             for ty in range(0, h, 240):
                 for _ in range(k):
                     for tx in range(0, w, 240):
-                        yield tile[ty:ty + 240, tx:tx + 240]
+                        yield tile[ty : ty + 240, tx : tx + 240]
 
-    tifffile.imwrite(path, tiles(), shape=(k * h, k * w, 3), dtype=np.uint8, tile=(240, 240),
-                     photometric="rgb", compression="jpeg", compressionargs={"level": 30}, resolution=(1e4 / 0.499, 1e4 / 0.499),
-                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        tiles(),
+        shape=(k * h, k * w, 3),
+        dtype=np.uint8,
+        tile=(240, 240),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": 30},
+        resolution=(1e4 / 0.499, 1e4 / 0.499),
+        resolutionunit="CENTIMETER",
+    )
     return path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_src = Path(os.environ.get("IPS_TEST_DATA", REPO.parent / "shared" / "data")) / "cmu_small_region.svs"
+    default_src = (
+        Path(os.environ.get("IPS_TEST_DATA", REPO.parent / "shared" / "data")) / "cmu_small_region.svs"
+    )
     ap.add_argument("--src", type=Path, default=default_src)
     ap.add_argument("--patch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3, help="best of R for each timing")
-    ap.add_argument("--mosaic", type=int, default=0,
-                    help="also time a KxK mosaic of the slide (JPEG-tiled TIFF, a larger slide)")
+    ap.add_argument(
+        "--mosaic",
+        type=int,
+        default=0,
+        help="also time a KxK mosaic of the slide (JPEG-tiled TIFF, a larger slide)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     src = args.src
     if not src.is_file():
         raise SystemExit(f"{src} not found (set IPS_TEST_DATA or --src)")
     work = Path(tempfile.mkdtemp(prefix="bench_prep_"))
-    report: dict = {"source": str(src), "source_bytes": src.stat().st_size, "cpus": os.cpu_count(),
-                    "machine": platform.platform(), "ratio": [], "workers": []}
+    report: dict = {
+        "source": str(src),
+        "source_bytes": src.stat().st_size,
+        "cpus": os.cpu_count(),
+        "machine": platform.platform(),
+        "ratio": [],
+        "workers": [],
+    }
     try:
         sources = [src]
         if args.mosaic > 1:
@@ -127,9 +149,19 @@ def main() -> None:
                     shutil.rmtree(store.parent)
                 dw, dc = min(d[0] for d in decode), min(d[1] for d in decode)
                 cw, cc = min(c[0] for c in convert), min(c[1] for c in convert)
-                report["ratio"].append({"source": source.name, "pixels": pixels(source), "threads": threads,
-                                        "decode_s": dw, "convert_s": cw, "ratio": cw / dw,
-                                        "decode_cpu_s": dc, "convert_cpu_s": cc, "cpu_ratio": cc / dc})
+                report["ratio"].append(
+                    {
+                        "source": source.name,
+                        "pixels": pixels(source),
+                        "threads": threads,
+                        "decode_s": dw,
+                        "convert_s": cw,
+                        "ratio": cw / dw,
+                        "decode_cpu_s": dc,
+                        "convert_cpu_s": cc,
+                        "cpu_ratio": cc / dc,
+                    }
+                )
         *_, store = convert_once(src, work, args.patch_size, max(args.threads))
         report["store_bytes"] = du(store)
         report["level0_bytes"] = du(store / "0")
@@ -143,29 +175,51 @@ def main() -> None:
             # subcommands' imports at `ips` start-up is not prep's
             parser = argparse.ArgumentParser()
             register(parser.add_subparsers())
-            cli_args = parser.parse_args(["prep", *map(str, sorted(copies.iterdir())), "--out", str(out),
-                                          "--workers", str(workers), "--patch-size", str(args.patch_size)])
+            cli_args = parser.parse_args(
+                [
+                    "prep",
+                    *map(str, sorted(copies.iterdir())),
+                    "--out",
+                    str(out),
+                    "--workers",
+                    str(workers),
+                    "--patch-size",
+                    str(args.patch_size),
+                ]
+            )
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
                 status = cli_args.func(cli_args)
             wall = time.perf_counter() - t0
             if status != 0:
                 raise SystemExit(f"ips prep --workers {workers} failed")
-            report["workers"].append({"workers": workers, "inputs": args.copies, "wall_s": wall,
-                                      "slides_per_s": args.copies / wall})
+            report["workers"].append(
+                {
+                    "workers": workers,
+                    "inputs": args.copies,
+                    "wall_s": wall,
+                    "slides_per_s": args.copies / wall,
+                }
+            )
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"source {src.name}: {report['source_bytes'] / 1e6:.2f} MB, {report['cpus']} CPUs")
-    print("\n| source | Mpx | threads | decode wall (s) | convert wall (s) | wall ratio | decode CPU (s) "
-          "| convert CPU (s) | CPU ratio |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| source | Mpx | threads | decode wall (s) | convert wall (s) | wall ratio | decode CPU (s) "
+        "| convert CPU (s) | CPU ratio |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for r in report["ratio"]:
-        print(f"| {r['source']} | {r['pixels'] / 1e6:.0f} | {r['threads']} | {r['decode_s']:.3f} | "
-              f"{r['convert_s']:.3f} | {r['ratio']:.2f} | {r['decode_cpu_s']:.3f} | {r['convert_cpu_s']:.3f} "
-              f"| {r['cpu_ratio']:.2f} |")
-    print(f"\nstore {report['store_bytes'] / 1e6:.2f} MB (level 0 {report['level0_bytes'] / 1e6:.2f} MB) = "
-          f"{report['store_bytes'] / report['source_bytes']:.2f}x the source file")
+        print(
+            f"| {r['source']} | {r['pixels'] / 1e6:.0f} | {r['threads']} | {r['decode_s']:.3f} | "
+            f"{r['convert_s']:.3f} | {r['ratio']:.2f} | {r['decode_cpu_s']:.3f} | {r['convert_cpu_s']:.3f} "
+            f"| {r['cpu_ratio']:.2f} |"
+        )
+    print(
+        f"\nstore {report['store_bytes'] / 1e6:.2f} MB (level 0 {report['level0_bytes'] / 1e6:.2f} MB) = "
+        f"{report['store_bytes'] / report['source_bytes']:.2f}x the source file"
+    )
     if report["workers"]:
         print("\n| workers | inputs | wall (s) | slides/s |\n|---|---|---|---|")
         for r in report["workers"]:

@@ -43,7 +43,9 @@ def main() -> None:
             t = time.process_time()
             one_pass()
             best = min(best, time.process_time() - t)
-        print(f"{n} patches of {args.patch_size} px, {args.chunk} per read: {best / n * 1e6:.1f} us CPU per patch")
+        print(
+            f"{n} patches of {args.patch_size} px, {args.chunk} per read: {best / n * 1e6:.1f} us CPU per patch"
+        )
 
 
 if __name__ == "__main__":

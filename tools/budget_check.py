@@ -48,8 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from ips.training.loop import make_runtime, plan_budget, targets_for
     from ips.training.step import accumulate_gradients
 
-    cfg = load_config(args.config, [f"train.device={args.device}", f"train.vram_budget_gb={args.budget_gb}",
-                                    f"train.batch_size={args.batch_size}"])
+    cfg = load_config(
+        args.config,
+        [
+            f"train.device={args.device}",
+            f"train.vram_budget_gb={args.budget_gb}",
+            f"train.batch_size={args.batch_size}",
+        ],
+    )
     rt = make_runtime(cfg, DistInfo())
     tmp = tempfile.TemporaryDirectory(prefix="ips-budget-") if args.store_dir is None else None
     root = Path(tmp.name if tmp else args.store_dir)
@@ -73,25 +79,45 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats(rt.device)
     t0 = time.perf_counter()
     (sel,) = select_slides(model, [make_source(record, cfg)], cfg, rt)
-    batch = stack_selections([sel] * cfg.train.batch_size, targets_for([record] * cfg.train.batch_size, cfg),
-                             cfg.selection.memory_size)
+    batch = stack_selections(
+        [sel] * cfg.train.batch_size,
+        targets_for([record] * cfg.train.batch_size, cfg),
+        cfg.selection.memory_size,
+    )
     model.train()
-    accumulate_gradients(model, batch, cfg.model.tasks, micro_batch_size=plan.micro_batch_size, device=rt.device,
-                         autocast_dtype=rt.autocast_dtype)
+    accumulate_gradients(
+        model,
+        batch,
+        cfg.model.tasks,
+        micro_batch_size=plan.micro_batch_size,
+        device=rt.device,
+        autocast_dtype=rt.autocast_dtype,
+    )
     seconds_step = time.perf_counter() - t0
     if rt.device.type == "cuda":
         peak = int(torch.cuda.max_memory_allocated(rt.device))
         torch.cuda.set_per_process_memory_fraction(1.0, rt.device)
     result = {
         "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
-        "config": args.config, "n_patches": args.n, "batch_size": cfg.train.batch_size,
-        "memory_size": cfg.selection.memory_size, "iter_size": cfg.selection.iter_size,
-        "encoder": cfg.model.encoder, "patch_size": cfg.model.patch_size,
-        "budget_bytes": plan.budget_bytes, "micro_batch_size": plan.micro_batch_size,
-        "planned_peak_bytes": plan.bytes_per_micro_batch, "one_slide_bytes": plan.bytes_one_slide,
-        "measured": plan.measured, "step_peak_device_bytes": peak,
+        "config": args.config,
+        "n_patches": args.n,
+        "batch_size": cfg.train.batch_size,
+        "memory_size": cfg.selection.memory_size,
+        "iter_size": cfg.selection.iter_size,
+        "encoder": cfg.model.encoder,
+        "patch_size": cfg.model.patch_size,
+        "budget_bytes": plan.budget_bytes,
+        "micro_batch_size": plan.micro_batch_size,
+        "planned_peak_bytes": plan.bytes_per_micro_batch,
+        "one_slide_bytes": plan.bytes_one_slide,
+        "measured": plan.measured,
+        "step_peak_device_bytes": peak,
         "within_budget": None if peak is None else peak <= plan.budget_bytes,
-        "seconds": {"store": round(seconds_store, 2), "plan": round(seconds_plan, 2), "step": round(seconds_step, 2)},
+        "seconds": {
+            "store": round(seconds_store, 2),
+            "plan": round(seconds_plan, 2),
+            "step": round(seconds_step, 2),
+        },
     }
     print(json.dumps(result, indent=1))
     if args.json:

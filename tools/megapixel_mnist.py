@@ -20,27 +20,54 @@ from ips.synthetic.megapixel_mnist import PAPER_CANVAS, make_megapixel_mnist
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mnist", required=True, help="MNIST CSV (784 pixels 0-255, then the label; .gz ok)")
-    parser.add_argument("--out", required=True, help="output folder: stores/, manifest.csv, megapixel_mnist.json")
+    parser.add_argument(
+        "--out", required=True, help="output folder: stores/, manifest.csv, megapixel_mnist.json"
+    )
     parser.add_argument("--n-train", type=int, default=800)
     parser.add_argument("--n-val", type=int, default=200)
     parser.add_argument("--n-test", type=int, default=200)
-    parser.add_argument("--canvas", type=int, default=PAPER_CANVAS, help="canvas side in pixels (paper: 1500)")
+    parser.add_argument(
+        "--canvas", type=int, default=PAPER_CANVAS, help="canvas side in pixels (paper: 1500)"
+    )
     parser.add_argument("--patch-size", type=int, default=50, help="grid patch size and stride (paper: 50)")
     parser.add_argument("--digit-scale", type=int, default=1, help="integer upscaling of the 28-px digits")
-    parser.add_argument("--n-noise", type=int, default=None, help="noise patterns per canvas (default: 50 "
-                        "per 1500x1500, scaled by area)")
-    parser.add_argument("--reference-others", action="store_true",
-                        help="draw the 2 non-majority digits as the reference does (may share a class)")
-    parser.add_argument("--pool-fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15),
-                        metavar=("TRAIN", "VAL", "TEST"), help="shares of each class's digits per split pool")
+    parser.add_argument(
+        "--n-noise",
+        type=int,
+        default=None,
+        help="noise patterns per canvas (default: 50 per 1500x1500, scaled by area)",
+    )
+    parser.add_argument(
+        "--reference-others",
+        action="store_true",
+        help="draw the 2 non-majority digits as the reference does (may share a class)",
+    )
+    parser.add_argument(
+        "--pool-fractions",
+        type=float,
+        nargs=3,
+        default=(0.7, 0.15, 0.15),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="shares of each class's digits per split pool",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
         manifest = make_megapixel_mnist(
-            args.mnist, args.out, args.n_train, args.n_val, args.n_test, canvas=args.canvas, seed=args.seed,
-            patch_size=args.patch_size, digit_scale=args.digit_scale, n_noise=args.n_noise,
-            distinct_others=not args.reference_others, pool_fractions=args.pool_fractions)
+            args.mnist,
+            args.out,
+            args.n_train,
+            args.n_val,
+            args.n_test,
+            canvas=args.canvas,
+            seed=args.seed,
+            patch_size=args.patch_size,
+            digit_scale=args.digit_scale,
+            n_noise=args.n_noise,
+            distinct_others=not args.reference_others,
+            pool_fractions=args.pool_fractions,
+        )
     except (ValueError, OSError, PrepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,7 +54,12 @@ def bag_digits(rng: np.random.Generator) -> list[int]:
 def bag_labels(digits: list[int], slots: np.ndarray) -> dict[str, np.ndarray | int]:
     multi = np.zeros(10, np.float32)
     multi[digits] = 1
-    return {"majority": digits[0], "max": max(digits), "top": digits[int(np.argmin(slots))], "multilabel": multi}
+    return {
+        "majority": digits[0],
+        "max": max(digits),
+        "top": digits[int(np.argmin(slots))],
+        "multilabel": multi,
+    }
 
 
 def stack(bags: list[tuple[np.ndarray, dict]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -91,8 +96,11 @@ def train_bags(make_bag, overrides: list[str], lr: float, steps: int, every: int
             with torch.no_grad():
                 acc = accuracies(model(xv, torch.zeros(len(xv), N_PATCHES, 2))[0], yv)
             model.train()
-            print(f"step {step}: loss {loss.item():.3f}, gradient norm encoder {g_enc:.3g} / rest {g_rest:.3g}, "
-                  f"held-out accuracy {acc} ({time.time() - t:.0f} s)", flush=True)
+            print(
+                f"step {step}: loss {loss.item():.3f}, gradient norm encoder {g_enc:.3g} / rest {g_rest:.3g}, "
+                f"held-out accuracy {acc} ({time.time() - t:.0f} s)",
+                flush=True,
+            )
 
 
 def normalised(enc: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +119,9 @@ def main() -> None:
     ap.add_argument("--norm", choices=("group", "batch"), default="group")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--mnist", default=os.path.join(os.environ.get("IPS_TEST_DATA", "../shared/data"), "mnist_5k.csv.gz"))
+    ap.add_argument(
+        "--mnist", default=os.path.join(os.environ.get("IPS_TEST_DATA", "../shared/data"), "mnist_5k.csv.gz")
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -128,7 +138,9 @@ def main() -> None:
             x[slots] += protos[digits]
             return x, bag_labels(digits, slots)
 
-        train_bags(feature_bag, ["model.encoder=features", "model.feature_dim=64"], args.lr, args.steps or 1000, 100)
+        train_bags(
+            feature_bag, ["model.encoder=features", "model.feature_dim=64"], args.lr, args.steps or 1000, 100
+        )
         return
 
     images, labels = load_mnist_csv(args.mnist)
@@ -136,7 +148,7 @@ def main() -> None:
     def patch_with(index: int) -> np.ndarray:
         out = np.zeros((1, PATCH, PATCH), np.uint8)
         r, c = rng.integers(0, PATCH - 28 + 1, 2)
-        out[0, r:r + 28, c:c + 28] = images[index]
+        out[0, r : r + 28, c : c + 28] = images[index]
         return out
 
     if args.check == "encoder":
@@ -152,15 +164,19 @@ def main() -> None:
         for step in range((args.steps or 300) + 1):
             idx = rng.choice(train, 64)
             x = torch.from_numpy(np.stack([patch_with(i) for i in idx]))
-            loss = torch.nn.functional.cross_entropy(head(enc(normalised(enc, x))), torch.from_numpy(labels[idx]))
+            loss = torch.nn.functional.cross_entropy(
+                head(enc(normalised(enc, x))), torch.from_numpy(labels[idx])
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
             if step % 50 == 0:
                 with torch.no_grad():
                     acc = (head(enc(normalised(enc, x_test))).argmax(1).numpy() == labels[test]).mean()
-                print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {acc:.3f} ({time.time() - t:.0f} s)",
-                      flush=True)
+                print(
+                    f"step {step}: loss {loss.item():.3f}, held-out accuracy {acc:.3f} ({time.time() - t:.0f} s)",
+                    flush=True,
+                )
         return
 
     if args.check == "contrast":
@@ -171,15 +187,18 @@ def main() -> None:
             x[i] = patch_with(int(rng.integers(len(labels))))
         for norm in ("group", "batch"):
             torch.manual_seed(args.seed)
-            enc = build_encoder(load_config(CONFIG).model.encoder, in_chans=1, spatial_dims=2, patch_size=PATCH,
-                                norm=norm)
+            enc = build_encoder(
+                load_config(CONFIG).model.encoder, in_chans=1, spatial_dims=2, patch_size=PATCH, norm=norm
+            )
             with torch.no_grad():  # train mode: BatchNorm normalises over this batch, as in a training step
                 f = enc(normalised(enc, torch.from_numpy(x)))
             blank, digit = f[~is_digit], f[is_digit]
             contrast = (digit - blank.mean(0)).norm(dim=1).mean() / blank.mean(0).norm()
             spread = (digit - digit.mean(0)).norm(dim=1).mean() / blank.mean(0).norm()
-            print(f"{norm}: digit-to-blank distance / blank norm {contrast:.3f}, digit spread / blank norm "
-                  f"{spread:.3f}, blank outputs all equal to {(blank - blank.mean(0)).abs().max():.1e}")
+            print(
+                f"{norm}: digit-to-blank distance / blank norm {contrast:.3f}, digit spread / blank norm "
+                f"{spread:.3f}, blank outputs all equal to {(blank - blank.mean(0)).abs().max():.1e}"
+            )
         return
 
     by_class = [np.flatnonzero(labels == c) for c in range(10)]

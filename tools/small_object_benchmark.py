@@ -60,23 +60,88 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.pretrain:
         stores = [str(manifest.parent / r["path"]) for r in rows]
-        step("pretrain", ["pretrain", *stores, "--config", a.config, "--out", str(out / "pretrain"),
-                          "--threads", a.threads, "--quiet", *(["--set", *a.pretrain_set] if a.pretrain_set else [])])
+        step(
+            "pretrain",
+            [
+                "pretrain",
+                *stores,
+                "--config",
+                a.config,
+                "--out",
+                str(out / "pretrain"),
+                "--threads",
+                a.threads,
+                "--quiet",
+                *(["--set", *a.pretrain_set] if a.pretrain_set else []),
+            ],
+        )
         overrides.append(f"model.pretrained={out / 'pretrain' / 'encoder.pt'}")
-    step("train", ["train", "--config", a.config, "--manifest", str(manifest), "--out", str(out / "run"),
-                   "--threads", a.threads, "--quiet", "--no-resume", *overrides])
+    step(
+        "train",
+        [
+            "train",
+            "--config",
+            a.config,
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out / "run"),
+            "--threads",
+            a.threads,
+            "--quiet",
+            "--no-resume",
+            *overrides,
+        ],
+    )
     ckpt = out / "run" / "checkpoints" / "best.pt"
-    step("predict", ["predict", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--split", "test",
-                     "--out", str(out / "pred"), "--quiet", "--threads", a.threads])
+    step(
+        "predict",
+        [
+            "predict",
+            "--checkpoint",
+            str(ckpt),
+            "--manifest",
+            str(manifest),
+            "--split",
+            "test",
+            "--out",
+            str(out / "pred"),
+            "--quiet",
+            "--threads",
+            a.threads,
+        ],
+    )
     metrics = json.loads((out / "pred" / "metrics.json").read_text())["metrics"]
     pos = [r for r in rows if r["split"] == "test" and r["label"] == "1"]
-    step("heatmap", ["heatmap", "--checkpoint", str(ckpt), *(str(manifest.parent / r["path"]) for r in pos),
-                     "--out", str(out / "heat"), "--top-k", "0", "--threads", a.threads])
-    per = [lesion_auroc(out / "heat" / r["slide_id"] / "scores.zarr", manifest.parent / r["path"]) for r in pos]
+    step(
+        "heatmap",
+        [
+            "heatmap",
+            "--checkpoint",
+            str(ckpt),
+            *(str(manifest.parent / r["path"]) for r in pos),
+            "--out",
+            str(out / "heat"),
+            "--top-k",
+            "0",
+            "--threads",
+            a.threads,
+        ],
+    )
+    per = [
+        lesion_auroc(out / "heat" / r["slide_id"] / "scores.zarr", manifest.parent / r["path"]) for r in pos
+    ]
     task = next(k.split("/")[0] for k in metrics if k.endswith("/accuracy"))
-    result = {"accuracy": metrics[f"{task}/accuracy"], "auroc": metrics.get(f"{task}/auroc"),
-              "heatmap_auroc": float(np.nanmean(per)), "n_test": metrics.get(f"{task}/n_slides"),
-              "cpu_min": cpu, "wall_min": wall, "commands": cmds, "overrides": overrides}
+    result = {
+        "accuracy": metrics[f"{task}/accuracy"],
+        "auroc": metrics.get(f"{task}/auroc"),
+        "heatmap_auroc": float(np.nanmean(per)),
+        "n_test": metrics.get(f"{task}/n_slides"),
+        "cpu_min": cpu,
+        "wall_min": wall,
+        "commands": cmds,
+        "overrides": overrides,
+    }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "commands"}))
     return 0

@@ -48,7 +48,9 @@ class SelectedBatch:
 
 
 def stack_selections(
-    selections: Sequence[Selection], targets: dict[str, torch.Tensor], memory_size: int,
+    selections: Sequence[Selection],
+    targets: dict[str, torch.Tensor],
+    memory_size: int,
     patch_targets: Sequence[np.ndarray | None] | None = None,
 ) -> SelectedBatch:
     """Stack B selections into `(B, M, ...)`, padding bags with fewer than M patches (masked out).

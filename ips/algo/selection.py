@@ -104,7 +104,9 @@ def select(
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     for chunk in stream(source, iter_size):
         with autocast:
-            emb = model.embed(chunk.patches.to(device, non_blocking=True), chunk.positions.to(device))  # (i, D)
+            emb = model.embed(
+                chunk.patches.to(device, non_blocking=True), chunk.positions.to(device)
+            )  # (i, D)
         idx = torch.from_numpy(chunk.indices)
         all_idx = torch.cat([buf_idx, idx])
         all_patches = chunk.patches if buf_patches is None else torch.cat([buf_patches, chunk.patches])
@@ -145,7 +147,11 @@ def explore_selection(
 
 
 def guide_selection(
-    selection: Selection, source: PatchSource, *, candidates: np.ndarray, fraction: float,
+    selection: Selection,
+    source: PatchSource,
+    *,
+    candidates: np.ndarray,
+    fraction: float,
     generator: np.random.Generator,
 ) -> Selection:
     """Training on annotated slides: make sure up to `round(fraction * m)` of the M slots hold annotated
@@ -161,12 +167,15 @@ def guide_selection(
     # keep the annotated ones already selected; drop the k lowest-scoring others
     drop = np.flatnonzero(~have)[-k:]
     keep = np.setdiff1d(np.arange(m), drop)
-    kept = Selection(selection.indices[keep], selection.scores[keep], selection.patches[keep],
-                     selection.positions[keep])
+    kept = Selection(
+        selection.indices[keep], selection.scores[keep], selection.patches[keep], selection.positions[keep]
+    )
     return _replace_lowest(kept, source, drawn, replace=0)
 
 
-def _replace_lowest(selection: Selection, source: PatchSource, drawn: np.ndarray, replace: int | None = None) -> Selection:
+def _replace_lowest(
+    selection: Selection, source: PatchSource, drawn: np.ndarray, replace: int | None = None
+) -> Selection:
     """`selection` without its last `replace` (default: len(drawn)) patches, then the `drawn` patches
     read from `source` (scores NaN: they were not chosen by score)."""
     k = len(drawn) if replace is None else replace
@@ -175,7 +184,9 @@ def _replace_lowest(selection: Selection, source: PatchSource, drawn: np.ndarray
         torch.cat([selection.indices[:keep], torch.from_numpy(drawn)]),
         torch.cat([selection.scores[:keep], torch.full((len(drawn),), float("nan"))]),
         torch.cat([selection.patches[:keep], source.read(drawn)]),
-        torch.cat([selection.positions[:keep], torch.from_numpy(np.ascontiguousarray(source.positions()[drawn]))]),
+        torch.cat(
+            [selection.positions[:keep], torch.from_numpy(np.ascontiguousarray(source.positions()[drawn]))]
+        ),
     )
 
 

@@ -83,7 +83,13 @@ def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> flo
 
 
 def measure_encoder(
-    name: str, *, spatial_dims: int, patch_size: int, batch: int, device: torch.device, repeats: int,
+    name: str,
+    *,
+    spatial_dims: int,
+    patch_size: int,
+    batch: int,
+    device: torch.device,
+    repeats: int,
     in_chans: int = 3,
 ) -> dict[str, Any]:
     """One row of the encoder table (see the module docstring)."""
@@ -119,9 +125,14 @@ def measure_encoder(
         peak_dev = (torch.cuda.max_memory_allocated(device) - base) // batch
         enc.zero_grad(set_to_none=True)
     return {
-        "encoder": name, "spatial_dims": spatial_dims, "patch_size": patch_size, "in_chans": in_chans,
-        "params": params, "macs_per_patch": macs,
-        "stem_macs_share": None if stem is None else round(stem / max(macs, 1), 3), "out_dim": int(getattr(enc, "out_dim", 0)),
+        "encoder": name,
+        "spatial_dims": spatial_dims,
+        "patch_size": patch_size,
+        "in_chans": in_chans,
+        "params": params,
+        "macs_per_patch": macs,
+        "stem_macs_share": None if stem is None else round(stem / max(macs, 1), 3),
+        "out_dim": int(getattr(enc, "out_dim", 0)),
         "infer_ms_per_patch": round(1e3 * infer_s / batch, 3),
         "train_ms_per_patch": round(1e3 * train_s / batch, 3),
         "activation_bytes_per_patch": act // batch,
@@ -156,36 +167,72 @@ def run_encoders(
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     rows = []
-    settings = ((2, encoders_2d, patch_2d, batch_2d, in_chans_2d), (3, encoders_3d, patch_3d, batch_3d, in_chans_3d))
+    settings = (
+        (2, encoders_2d, patch_2d, batch_2d, in_chans_2d),
+        (3, encoders_3d, patch_3d, batch_3d, in_chans_3d),
+    )
     for dims, names, patch, batch, chans in settings:
         for name in default_encoders(dims) if names is None else names:
-            row = measure_encoder(name, spatial_dims=dims, patch_size=patch, batch=batch, device=dev, repeats=repeats,
-                                  in_chans=chans)
+            row = measure_encoder(
+                name,
+                spatial_dims=dims,
+                patch_size=patch,
+                batch=batch,
+                device=dev,
+                repeats=repeats,
+                in_chans=chans,
+            )
             rows.append(row)
-            log(f"{dims}D {name}: {row['params'] / 1e6:.2f} M params, {row['macs_per_patch'] / 1e9:.3f} GMACs, "
-                f"{row['infer_ms_per_patch']:.2f} ms/patch")
+            log(
+                f"{dims}D {name}: {row['params'] / 1e6:.2f} M params, {row['macs_per_patch'] / 1e9:.3f} GMACs, "
+                f"{row['infer_ms_per_patch']:.2f} ms/patch"
+            )
     for row in rows:  # savings against the reference of the same dims
-        ref = next((r for r in rows if r["encoder"] == REFERENCE and r["spatial_dims"] == row["spatial_dims"]), None)
+        ref = next(
+            (r for r in rows if r["encoder"] == REFERENCE and r["spatial_dims"] == row["spatial_dims"]), None
+        )
         if ref is not None:
             row["params_vs_resnet10"] = round(row["params"] / ref["params"], 3)
             row["macs_vs_resnet10"] = round(row["macs_per_patch"] / max(ref["macs_per_patch"], 1), 3)
-            row["activation_vs_resnet10"] = round(row["activation_bytes_per_patch"]
-                                                  / max(ref["activation_bytes_per_patch"], 1), 3)
+            row["activation_vs_resnet10"] = round(
+                row["activation_bytes_per_patch"] / max(ref["activation_bytes_per_patch"], 1), 3
+            )
     return {"device": describe_device(dev), "torch_threads": torch.get_num_threads(), "rows": rows}
 
 
 def encoders_table(result: dict[str, Any]) -> str:
     body = []
     for r in result["rows"]:
-        body.append([
-            f"{r['spatial_dims']}D", r["encoder"], f"{r['in_chans']}x{r['patch_size']}^{r['spatial_dims']}",
-            f"{r['params'] / 1e6:.3f}", f"{r['macs_per_patch'] / 1e9:.3f}",
-            "-" if r["stem_macs_share"] is None else f"{100 * r['stem_macs_share']:.0f}%",
-            f"{r['infer_ms_per_patch']:.2f}", f"{r['train_ms_per_patch']:.2f}",
-            f"{r['activation_bytes_per_patch'] / MiB:.2f}",
-            "-" if r["peak_device_bytes_per_patch"] is None else f"{r['peak_device_bytes_per_patch'] / MiB:.2f}",
-            f"{r.get('params_vs_resnet10', '-')} / {r.get('macs_vs_resnet10', '-')}",
-        ])
-    header = ["dims", "encoder", "patch", "params M", "GMACs", "stem", "infer ms", "train ms", "act MiB",
-              "dev MiB", "vs resnet10 (params / MACs)"]
-    return f"per patch; {result['device']}, {result['torch_threads']} torch threads\n" + format_table(header, body)
+        body.append(
+            [
+                f"{r['spatial_dims']}D",
+                r["encoder"],
+                f"{r['in_chans']}x{r['patch_size']}^{r['spatial_dims']}",
+                f"{r['params'] / 1e6:.3f}",
+                f"{r['macs_per_patch'] / 1e9:.3f}",
+                "-" if r["stem_macs_share"] is None else f"{100 * r['stem_macs_share']:.0f}%",
+                f"{r['infer_ms_per_patch']:.2f}",
+                f"{r['train_ms_per_patch']:.2f}",
+                f"{r['activation_bytes_per_patch'] / MiB:.2f}",
+                "-"
+                if r["peak_device_bytes_per_patch"] is None
+                else f"{r['peak_device_bytes_per_patch'] / MiB:.2f}",
+                f"{r.get('params_vs_resnet10', '-')} / {r.get('macs_vs_resnet10', '-')}",
+            ]
+        )
+    header = [
+        "dims",
+        "encoder",
+        "patch",
+        "params M",
+        "GMACs",
+        "stem",
+        "infer ms",
+        "train ms",
+        "act MiB",
+        "dev MiB",
+        "vs resnet10 (params / MACs)",
+    ]
+    return f"per patch; {result['device']}, {result['torch_threads']} torch threads\n" + format_table(
+        header, body
+    )

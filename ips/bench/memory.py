@@ -83,8 +83,15 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    cfg = bench_config(encoder=args.encoder, patch_size=args.patch_size, memory_size=args.M, iter_size=args.I,
-                       batch_size=args.B, device=str(device), read_threads=args.read_threads)
+    cfg = bench_config(
+        encoder=args.encoder,
+        patch_size=args.patch_size,
+        memory_size=args.M,
+        iter_size=args.I,
+        batch_size=args.B,
+        device=str(device),
+        read_threads=args.read_threads,
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
     amp = torch.bfloat16 if device.type == "cuda" else None
@@ -94,8 +101,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     task = cfg.model.tasks[0]
     labels = [i % 2 for i in range(args.B)]
-    sources = [ZarrPatchSource(args.store, grid=cfg.data.grid, read_threads=cfg.data.read_threads)
-               for _ in range(args.B)]
+    sources = [
+        ZarrPatchSource(args.store, grid=cfg.data.grid, read_threads=cfg.data.read_threads)
+        for _ in range(args.B)
+    ]
     n = len(sources[0])
     before = {"rss_before_step_bytes": current_rss_bytes()}
     if device.type == "cuda":
@@ -113,13 +122,23 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         if args.mode == "ips":
             selections = select_slides(model, sources, cfg, rt)
-            batch = stack_selections(selections, {task.name: label_tensor(task, labels)}, cfg.selection.memory_size)
-            accumulate_gradients(model, batch, cfg.model.tasks, micro_batch_size=args.B, device=device,
-                                 autocast_dtype=amp)
+            batch = stack_selections(
+                selections, {task.name: label_tensor(task, labels)}, cfg.selection.memory_size
+            )
+            accumulate_gradients(
+                model, batch, cfg.model.tasks, micro_batch_size=args.B, device=device, autocast_dtype=amp
+            )
         else:  # one slide at a time (micro-batch 1): the most memory-frugal way to train naively
             for source, label in zip(sources, labels):
-                naive_step(model, source, {task.name: label_tensor(task, [label])}, cfg.model.tasks,
-                           device=device, chunk_size=args.I, autocast_dtype=amp)
+                naive_step(
+                    model,
+                    source,
+                    {task.name: label_tensor(task, [label])},
+                    cfg.model.tasks,
+                    device=device,
+                    chunk_size=args.I,
+                    autocast_dtype=amp,
+                )
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -172,13 +191,18 @@ def _run_in_subprocess(argv: list[str], timeout: float) -> dict[str, Any]:
     root = str(Path(__file__).resolve().parents[2])  # so `-m ips...` works from an uninstalled checkout
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        out = subprocess.run([sys.executable, "-m", "ips.bench.memory", "--worker", *argv], capture_output=True,
-                             text=True, timeout=timeout, env=env)
+        out = subprocess.run(
+            [sys.executable, "-m", "ips.bench.memory", "--worker", *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return {"status": f"failed: no result within {timeout:.0f} s"}
     for line in reversed(out.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     tail = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
     killed = out.returncode < 0 or out.returncode == 137
     return {"status": f"failed: {'killed (out of memory?)' if killed else tail[:200]}"}
@@ -217,13 +241,34 @@ def run_memory(
             t0 = time.perf_counter()
             stores[n] = bench_store(store_dir, n, patch_size=patch_size)
             log(f"store N={n}: {stores[n].name} ({time.perf_counter() - t0:.1f} s)")
-        common = ["--encoder", encoder, "--patch-size", str(patch_size), "--M", str(memory_size),
-                  "--I", str(iter_size), "--B", str(batch_size), "--device", str(dev), "--threads", str(threads),
-                  "--read-threads", str(read_threads)]
+        common = [
+            "--encoder",
+            encoder,
+            "--patch-size",
+            str(patch_size),
+            "--M",
+            str(memory_size),
+            "--I",
+            str(iter_size),
+            "--B",
+            str(batch_size),
+            "--device",
+            str(dev),
+            "--threads",
+            str(threads),
+            "--read-threads",
+            str(read_threads),
+        ]
         rows = []
         for n in ns:
             row = _run_in_subprocess(["--mode", "ips", "--store", str(stores[n]), *common], timeout)
-            row = {"n_patches": n, "peak_device_bytes": None, "peak_host_rss_bytes": None, "seconds": None, **row}
+            row = {
+                "n_patches": n,
+                "peak_device_bytes": None,
+                "peak_host_rss_bytes": None,
+                "seconds": None,
+                **row,
+            }
             rows.append(row)
             log(f"ips   N={n}: {_describe_row(row)}")
         naive_rows = []
@@ -231,14 +276,28 @@ def run_memory(
             stop = None
             for n in ns:
                 if stop is not None:
-                    naive_rows.append({"n_patches": n, "peak_device_bytes": None, "peak_host_rss_bytes": None,
-                                       "seconds": None, "status": f"not run ({stop})"})
+                    naive_rows.append(
+                        {
+                            "n_patches": n,
+                            "peak_device_bytes": None,
+                            "peak_host_rss_bytes": None,
+                            "seconds": None,
+                            "status": f"not run ({stop})",
+                        }
+                    )
                     continue
                 limit = int(naive_budget_bytes * NAIVE_GUARD)
-                row = _run_in_subprocess(["--mode", "naive", "--store", str(stores[n]), "--limit-bytes", str(limit),
-                                          *common], timeout)
-                row = {"n_patches": n, "peak_device_bytes": None, "peak_host_rss_bytes": None, "seconds": None,
-                       **row}
+                row = _run_in_subprocess(
+                    ["--mode", "naive", "--store", str(stores[n]), "--limit-bytes", str(limit), *common],
+                    timeout,
+                )
+                row = {
+                    "n_patches": n,
+                    "peak_device_bytes": None,
+                    "peak_host_rss_bytes": None,
+                    "seconds": None,
+                    **row,
+                }
                 peak = row["peak_device_bytes"] if dev.type == "cuda" else row["peak_host_rss_bytes"]
                 if row["status"] == "ok" and peak is not None and peak > naive_budget_bytes:
                     row["status"] = "over budget"
@@ -250,14 +309,22 @@ def run_memory(
         if tmp is not None:
             tmp.cleanup()
     result: dict[str, Any] = {
-        "device": describe_device(dev), "torch_threads": threads or "default",
-        "encoder": encoder, "patch_size": patch_size, "memory_size": memory_size, "iter_size": iter_size,
-        "batch_size": batch_size, "rows": rows,
+        "device": describe_device(dev),
+        "torch_threads": threads or "default",
+        "encoder": encoder,
+        "patch_size": patch_size,
+        "memory_size": memory_size,
+        "iter_size": iter_size,
+        "batch_size": batch_size,
+        "rows": rows,
     }
     result.update(_ratios(rows))
     if naive:
-        result["naive"] = {"budget_bytes": int(naive_budget_bytes), "rows": naive_rows,
-                           "measure": "peak_device_bytes" if dev.type == "cuda" else "peak_host_rss_bytes"}
+        result["naive"] = {
+            "budget_bytes": int(naive_budget_bytes),
+            "rows": naive_rows,
+            "measure": "peak_device_bytes" if dev.type == "cuda" else "peak_host_rss_bytes",
+        }
     return result
 
 
@@ -280,8 +347,10 @@ def _mib(value: int | None) -> str:
 
 def _describe_row(row: dict[str, Any]) -> str:
     sec = "-" if row.get("seconds") is None else f"{row['seconds']:.1f} s"
-    return (f"host peak {_mib(row.get('peak_host_rss_bytes'))} MiB, device peak "
-            f"{_mib(row.get('peak_device_bytes'))} MiB, {sec}, {row.get('status')}")
+    return (
+        f"host peak {_mib(row.get('peak_host_rss_bytes'))} MiB, device peak "
+        f"{_mib(row.get('peak_device_bytes'))} MiB, {sec}, {row.get('status')}"
+    )
 
 
 def memory_table(result: dict[str, Any]) -> str:
@@ -291,13 +360,23 @@ def memory_table(result: dict[str, Any]) -> str:
     body = []
     for r in result["rows"]:
         nv = naive.get(r["n_patches"], {})
-        body.append([f"{r['n_patches']:,}", _mib(r["peak_host_rss_bytes"]), _mib(r["peak_device_bytes"]),
-                     "-" if r["seconds"] is None else f"{r['seconds']:.1f}", _mib(nv.get("peak_host_rss_bytes")),
-                     _mib(nv.get("peak_device_bytes")), nv.get("status", "-").split(" (")[0][:48]])
+        body.append(
+            [
+                f"{r['n_patches']:,}",
+                _mib(r["peak_host_rss_bytes"]),
+                _mib(r["peak_device_bytes"]),
+                "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
+                _mib(nv.get("peak_host_rss_bytes")),
+                _mib(nv.get("peak_device_bytes")),
+                nv.get("status", "-").split(" (")[0][:48],
+            ]
+        )
     lines = [format_table(header, body)]
     if result.get("host_rss_ratio") is not None:
-        lines.append(f"IPS peak host RSS at N={result['rows'][-1]['n_patches']:,} / N={result['rows'][0]['n_patches']:,}:"
-                     f" {result['host_rss_ratio']:.3f} ({result['host_rss_growth_bytes'] / MiB:+.1f} MiB)")
+        lines.append(
+            f"IPS peak host RSS at N={result['rows'][-1]['n_patches']:,} / N={result['rows'][0]['n_patches']:,}:"
+            f" {result['host_rss_ratio']:.3f} ({result['host_rss_growth_bytes'] / MiB:+.1f} MiB)"
+        )
     if result.get("device_ratio") is not None:
         lines.append(f"IPS peak device memory ratio: {result['device_ratio']:.3f}")
     return "\n".join(lines)

@@ -30,8 +30,16 @@ def bench_config(
     Augmentation is off (it is not what is measured); everything else is the training defaults.
     """
     return ExperimentConfig(
-        model=ModelConfig(encoder=encoder, in_chans=in_chans, spatial_dims=2, patch_size=patch_size, d_model=64,
-                          n_heads=4, d_mlp=128, tasks=(TaskConfig(name="label", kind="binary"),)),
+        model=ModelConfig(
+            encoder=encoder,
+            in_chans=in_chans,
+            spatial_dims=2,
+            patch_size=patch_size,
+            d_model=64,
+            n_heads=4,
+            d_mlp=128,
+            tasks=(TaskConfig(name="label", kind="binary"),),
+        ),
         selection=SelectionConfig(memory_size=memory_size, iter_size=iter_size, prefetch=prefetch),
         data=DataConfig(mode="pixels", read_threads=read_threads, augment=False),
         train=TrainConfig(epochs=1, batch_size=batch_size, device=device),

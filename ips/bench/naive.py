@@ -42,7 +42,9 @@ def naive_step(
     for start in range(0, n, chunk_size):
         p = patches[start : start + chunk_size].to(device, non_blocking=True)
         with autocast:
-            embs.append(model.embed(p, positions[start : start + chunk_size].to(device)))  # (i, D), with graph
+            embs.append(
+                model.embed(p, positions[start : start + chunk_size].to(device))
+            )  # (i, D), with graph
     emb = torch.cat(embs)[None]  # (1, N, D)
     del embs
     with autocast:

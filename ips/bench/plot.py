@@ -24,28 +24,52 @@ def plot_memory(result: dict[str, Any], path: str | Path) -> Path:
     for ax, (key, label) in zip(axes[0], measures):
         ax.set_xscale("log")
         ok = [r for r in result["rows"] if r.get(key)]
-        ax.plot([r["n_patches"] for r in ok], [r[key] / MiB for r in ok], "o-", color="tab:blue",
-                label=f"IPS (M={result['memory_size']}, I={result['iter_size']}, B={result['batch_size']})")
+        ax.plot(
+            [r["n_patches"] for r in ok],
+            [r[key] / MiB for r in ok],
+            "o-",
+            color="tab:blue",
+            label=f"IPS (M={result['memory_size']}, I={result['iter_size']}, B={result['batch_size']})",
+        )
         if naive:
             ran = [r for r in naive["rows"] if r.get(key)]
-            ax.plot([r["n_patches"] for r in ran], [r[key] / MiB for r in ran], "s--", color="tab:red",
-                    label="naive: backprop through all N")
+            ax.plot(
+                [r["n_patches"] for r in ran],
+                [r[key] / MiB for r in ran],
+                "s--",
+                color="tab:red",
+                label="naive: backprop through all N",
+            )
             for r in ran:
                 if r.get("status") != "ok":
                     ax.plot(r["n_patches"], r[key] / MiB, "x", color="black", markersize=10)
-                    ax.annotate(r["status"].split(":")[0], (r["n_patches"], r[key] / MiB), fontsize=7,
-                                xytext=(4, -10), textcoords="offset points")
+                    ax.annotate(
+                        r["status"].split(":")[0],
+                        (r["n_patches"], r[key] / MiB),
+                        fontsize=7,
+                        xytext=(4, -10),
+                        textcoords="offset points",
+                    )
             if naive.get("measure") == key:
                 ax.axhline(naive["budget_bytes"] / MiB, color="grey", lw=0.8, ls=":")
-                ax.annotate("naive budget", (0.01, naive["budget_bytes"] / MiB), xycoords=("axes fraction", "data"),
-                            fontsize=7, xytext=(0, 2), textcoords="offset points", color="grey")
+                ax.annotate(
+                    "naive budget",
+                    (0.01, naive["budget_bytes"] / MiB),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=7,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    color="grey",
+                )
         ax.set_xlabel("patches per slide (N)")
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"one training step, {result['encoder']} on {result['patch_size']} px patches; {result['device']}",
-                 fontsize=8)
+    fig.suptitle(
+        f"one training step, {result['encoder']} on {result['patch_size']} px patches; {result['device']}",
+        fontsize=8,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

@@ -52,7 +52,9 @@ def bench_store(
     side = math.ceil(math.sqrt(n_patches))
     rows = math.ceil(n_patches / side)
     band = rows if tissue_patches is None else min(rows, math.ceil(tissue_patches / side))
-    name = f"bench_n{n_patches}_p{patch_size}_c{channels}_t{'all' if tissue_patches is None else band}_s{seed}"
+    name = (
+        f"bench_n{n_patches}_p{patch_size}_c{channels}_t{'all' if tissue_patches is None else band}_s{seed}"
+    )
     shape = (channels, rows * patch_size, side * patch_size)
     if band == rows:  # every patch is tissue: a real image (throughput stores are small)
         image = textured(shape, seed)
@@ -61,10 +63,18 @@ def bench_store(
     # mask one pixel per cell: the first N cells (row-major) are tissue
     mask = np.zeros(rows * side, dtype=bool)
     mask[:n_patches] = True
-    options = PrepOptions(patch_size=patch_size, stride=patch_size, level=0, min_tissue=0.5, thumbnail=False,
-                          hash_source=False, pyramid_max_size=max(512, patch_size))
-    store = convert_array(image, root, name, options=options, background=BACKGROUND,
-                          mask=mask.reshape(rows, side))
+    options = PrepOptions(
+        patch_size=patch_size,
+        stride=patch_size,
+        level=0,
+        min_tissue=0.5,
+        thumbnail=False,
+        hash_source=False,
+        pyramid_max_size=max(512, patch_size),
+    )
+    store = convert_array(
+        image, root, name, options=options, background=BACKGROUND, mask=mask.reshape(rows, side)
+    )
     if band < rows:  # the band of real pixels, written into level 0's chunks (again on reuse: idempotent)
         level0 = zarr.open_array(str(store / "0"), mode="r+")
         level0[:, : band * patch_size, :] = textured((channels, band * patch_size, shape[2]), seed)

@@ -41,10 +41,15 @@ from ips.data.zarr_source import ZarrPatchSource
 from ips.model.ips_model import IPSModel, build_model
 
 
-def _encoder_only(model: IPSModel, patches: torch.Tensor, iter_size: int, autocast_dtype: torch.dtype | None) -> None:
+def _encoder_only(
+    model: IPSModel, patches: torch.Tensor, iter_size: int, autocast_dtype: torch.dtype | None
+) -> None:
     """The encoder on `patches` `(N, C, H, W)` (already on the device) in chunks of `iter_size`."""
     device = patches.device
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with (
+        torch.no_grad(),
+        torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+    ):
         for start in range(0, patches.shape[0], iter_size):
             model.encoder(model.normalize(patches[start : start + iter_size]))
 
@@ -84,8 +89,16 @@ def run_throughput(
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    cfg = bench_config(encoder=encoder, patch_size=patch_size, memory_size=memory_size, iter_size=iter_size,
-                       batch_size=1, device=str(dev), read_threads=read_threads, prefetch=prefetch)
+    cfg = bench_config(
+        encoder=encoder,
+        patch_size=patch_size,
+        memory_size=memory_size,
+        iter_size=iter_size,
+        batch_size=1,
+        device=str(dev),
+        read_threads=read_threads,
+        prefetch=prefetch,
+    )
     tmp = tempfile.TemporaryDirectory(prefix="ips-bench-") if store_dir is None else None
     root = Path(tmp.name if tmp else store_dir)  # type: ignore[arg-type]
     try:
@@ -98,22 +111,38 @@ def run_throughput(
         n = len(source)
         in_memory = source.read(np.arange(n)).to(dev)  # (N, C, P, P) uint8: the encoder-only input
         coords = source.coords
-        box = (slice(None), *(slice(int(lo), int(hi) + patch_size)
-                              for lo, hi in zip(coords.min(axis=0), coords.max(axis=0))))
+        box = (
+            slice(None),
+            *(slice(int(lo), int(hi) + patch_size) for lo, hi in zip(coords.min(axis=0), coords.max(axis=0))),
+        )
         stream = partial(stream_chunks, prefetch=prefetch, pin_memory=dev.type == "cuda")
 
         def selection() -> Any:
             src = ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads)  # opened per pass
             with eval_mode(model):
-                return select(model, src, memory_size=memory_size, iter_size=iter_size, device=dev, stream=stream,
-                              autocast_dtype=amp)
+                return select(
+                    model,
+                    src,
+                    memory_size=memory_size,
+                    iter_size=iter_size,
+                    device=dev,
+                    stream=stream,
+                    autocast_dtype=amp,
+                )
 
         memory_source = InMemoryPatchSource(in_memory, source.positions())
 
         def selection_in_memory() -> Any:
             with eval_mode(model):
-                return select(model, memory_source, memory_size=memory_size, iter_size=iter_size, device=dev,
-                              stream=iter_chunks, autocast_dtype=amp)
+                return select(
+                    model,
+                    memory_source,
+                    memory_size=memory_size,
+                    iter_size=iter_size,
+                    device=dev,
+                    stream=iter_chunks,
+                    autocast_dtype=amp,
+                )
 
         def encoder_only() -> None:
             with eval_mode(model):
@@ -123,8 +152,9 @@ def run_throughput(
             "selection": selection,
             "encoder_only": encoder_only,
             "selection_in_memory": selection_in_memory,
-            "loader": lambda: _load_only(ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads),
-                                         iter_size, prefetch),
+            "loader": lambda: _load_only(
+                ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads), iter_size, prefetch
+            ),
             "raw_zarr": lambda: _raw_zarr(store, source.info.level, box),
         }
         times, cpu = _interleaved(kinds, dev, repeats, log)
@@ -132,13 +162,21 @@ def run_throughput(
         if tmp is not None:
             tmp.cleanup()
     patch_bytes = int(np.prod(source.patch_shape)) * np.dtype(source.dtype).itemsize
-    settings = {"encoder": encoder, "patch_size": patch_size, "memory_size": memory_size, "iter_size": iter_size,
-                "read_threads": read_threads, "prefetch": prefetch, "repeats": repeats}
+    settings = {
+        "encoder": encoder,
+        "patch_size": patch_size,
+        "memory_size": memory_size,
+        "iter_size": iter_size,
+        "read_threads": read_threads,
+        "prefetch": prefetch,
+        "repeats": repeats,
+    }
     return _payload(times, cpu, dev, n, patch_bytes, settings)
 
 
-def _interleaved(kinds: dict[str, Callable[[], Any]], dev: torch.device, repeats: int,
-                 log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def _interleaved(
+    kinds: dict[str, Callable[[], Any]], dev: torch.device, repeats: int, log: Callable[[str], None]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and process-CPU seconds of each kind, `repeats` rounds interleaved (after one warm-up round:
     page cache, allocator, kernels), so that the machine's load falls on every kind alike."""
     for fn in kinds.values():
@@ -154,8 +192,14 @@ def _interleaved(kinds: dict[str, Callable[[], Any]], dev: torch.device, repeats
     return times, cpu
 
 
-def _payload(times: dict[str, list[float]], cpu: dict[str, list[float]], dev: torch.device, n: int,
-             patch_bytes: int, settings: dict[str, Any]) -> dict[str, Any]:
+def _payload(
+    times: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    dev: torch.device,
+    n: int,
+    patch_bytes: int,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
     """The `throughput` JSON payload (DESIGN.md's contract keys first) from the measured times."""
     best = {k: min(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -174,8 +218,9 @@ def _payload(times: dict[str, list[float]], cpu: dict[str, list[float]], dev: to
         "raw_zarr_seconds": round(best["raw_zarr"], 6),
         "loader_ratio": round(best["loader"] / best["raw_zarr"], 4),
         "patches_per_second": {k: round(n / v, 1) for k, v in best.items()},
-        "megabytes_per_second": {k: round(n * patch_bytes / v / 1e6, 1) for k, v in best.items()
-                                 if k in ("loader", "raw_zarr")},
+        "megabytes_per_second": {
+            k: round(n * patch_bytes / v / 1e6, 1) for k, v in best.items() if k in ("loader", "raw_zarr")
+        },
         # CPU time of the whole process (all threads): the work done, whatever else runs on the machine
         "cpu_seconds": {k: round(min(v), 4) for k, v in cpu.items()},
         "cpu_ratio": round(min(cpu["selection"]) / min(cpu["encoder_only"]), 4),
@@ -186,23 +231,37 @@ def _payload(times: dict[str, list[float]], cpu: dict[str, list[float]], dev: to
     }
 
 
-
-
 def throughput_table(result: dict[str, Any]) -> str:
     pps = result["patches_per_second"]
     rows = [
-        ["selection pass", f"{result['selection_seconds']:.3f}", f"{pps['selection']:,.0f}",
-         f"{result['ratio']:.3f} (median {result['ratio_median']:.3f}, CPU time {result['cpu_ratio']:.3f})"],
+        [
+            "selection pass",
+            f"{result['selection_seconds']:.3f}",
+            f"{pps['selection']:,.0f}",
+            f"{result['ratio']:.3f} (median {result['ratio_median']:.3f}, CPU time {result['cpu_ratio']:.3f})",
+        ],
         ["encoder only", f"{result['encoder_only_seconds']:.3f}", f"{pps['encoder_only']:,.0f}", "1 (floor)"],
-        ["selection, patches in memory", f"{result['selection_in_memory_seconds']:.3f}",
-         f"{pps['selection_in_memory']:,.0f}", f"{result['in_memory_ratio']:.3f}"],
-        ["loader (stream_chunks)", f"{result['loader_seconds']:.3f}", f"{pps['loader']:,.0f}",
-         f"{result['loader_ratio']:.3f} of raw zarr"],
+        [
+            "selection, patches in memory",
+            f"{result['selection_in_memory_seconds']:.3f}",
+            f"{pps['selection_in_memory']:,.0f}",
+            f"{result['in_memory_ratio']:.3f}",
+        ],
+        [
+            "loader (stream_chunks)",
+            f"{result['loader_seconds']:.3f}",
+            f"{pps['loader']:,.0f}",
+            f"{result['loader_ratio']:.3f} of raw zarr",
+        ],
         ["raw zarr read", f"{result['raw_zarr_seconds']:.3f}", f"{pps['raw_zarr']:,.0f}", "1"],
     ]
-    head = (f"{result['n_patches']:,} patches of {result['patch_size']} px, {result['encoder']}, "
-            f"M={result['memory_size']}, I={result['iter_size']}, {result['device']}, "
-            f"{result['torch_threads']} torch threads")
-    foot = (f"loading costs {100 * result['loader_cpu_fraction']:.0f}% of the encoder's CPU time; the prefetch "
-            "thread hides it where a core is free")
+    head = (
+        f"{result['n_patches']:,} patches of {result['patch_size']} px, {result['encoder']}, "
+        f"M={result['memory_size']}, I={result['iter_size']}, {result['device']}, "
+        f"{result['torch_threads']} torch threads"
+    )
+    foot = (
+        f"loading costs {100 * result['loader_cpu_fraction']:.0f}% of the encoder's CPU time; the prefetch "
+        "thread hides it where a core is free"
+    )
     return head + "\n" + format_table(["pass", "seconds", "patches/s", "ratio"], rows) + "\n" + foot

@@ -18,10 +18,16 @@ if TYPE_CHECKING:  # torch is imported when a command runs, not when `ips --help
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `ips train` (e.g. best.pt)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default auto)")
-    p.add_argument("--mode", choices=("topm", "all"), default="topm",
-                   help="prediction from the top-M selected patches as trained (default), or from all N "
-                        "patches by exact streaming attention")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default auto)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("topm", "all"),
+        default="topm",
+        help="prediction from the top-M selected patches as trained (default), or from all N "
+        "patches by exact streaming attention",
+    )
     add_threads(p)
 
 

@@ -7,7 +7,9 @@ import argparse
 
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch CPU threads (0: torch's default, one per core; default: half the cores, at most 4). "
         "On a shared or small machine 1 is often faster: threads wait on each other while other processes "
         "hold the cores (docs/BENCHMARKS.md)",

@@ -16,7 +16,9 @@ def _int_list(text: str) -> list[int]:
     try:
         return parse_int_list(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of N, e.g. 1000,10k,250k ({e})") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of N, e.g. 1000,10k,250k ({e})"
+        ) from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -26,14 +28,24 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="measure memory, selection throughput and encoder cost",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "bench",
+        help="measure memory, selection throughput and encoder cost",
+        description=__doc__.split("\n\n")[0],
+    )
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
 
-    m = kinds.add_parser("memory", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                          help="peak memory of a training step against N (IPS and the naive baseline)")
-    m.add_argument("--n", type=_int_list, default=[1000, 10000, 100000, 250000],
-                   help="numbers of patches per slide, comma-separated (k, M suffixes allowed)")
+    m = kinds.add_parser(
+        "memory",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="peak memory of a training step against N (IPS and the naive baseline)",
+    )
+    m.add_argument(
+        "--n",
+        type=_int_list,
+        default=[1000, 10000, 100000, 250000],
+        help="numbers of patches per slide, comma-separated (k, M suffixes allowed)",
+    )
     m.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
     m.add_argument("--encoder", default="ips_cnn_tiny", help="encoder name (ips.model.encoders or timm)")
     m.add_argument("--M", type=int, default=32, help="memory size (selected patches per slide)")
@@ -41,18 +53,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--B", type=int, default=2, help="slides per batch")
     m.add_argument("--read-threads", type=int, default=2, help="decode threads of the patch source")
     m.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
-    m.add_argument("--naive-budget-gb", type=float, default=4.0,
-                   help="the naive baseline runs at increasing N until its peak (host RSS on CPU, device memory "
-                        "on CUDA) exceeds this")
+    m.add_argument(
+        "--naive-budget-gb",
+        type=float,
+        default=4.0,
+        help="the naive baseline runs at increasing N until its peak (host RSS on CPU, device memory "
+        "on CUDA) exceeds this",
+    )
     m.add_argument("--plot", type=Path, default=None, help="write the figure (PNG) here")
-    m.add_argument("--store-dir", type=Path, default=None,
-                   help="keep the generated stores here and reuse them (None: a temporary folder)")
+    m.add_argument(
+        "--store-dir",
+        type=Path,
+        default=None,
+        help="keep the generated stores here and reuse them (None: a temporary folder)",
+    )
     m.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement")
     _common(m)
     m.set_defaults(func=run_memory_cmd)
 
-    t = kinds.add_parser("throughput", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                          help="selection pass vs. encoder only; loader vs. raw zarr")
+    t = kinds.add_parser(
+        "throughput",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="selection pass vs. encoder only; loader vs. raw zarr",
+    )
     t.add_argument("--n", type=int, default=2048, help="patches")
     t.add_argument("--patch-size", type=int, default=64, help="patch side in pixels")
     t.add_argument("--encoder", default="ips_resnet10", help="encoder name (ips.model.encoders or timm)")
@@ -61,13 +84,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--read-threads", type=int, default=2, help="decode threads of the patch source")
     t.add_argument("--prefetch", type=int, default=2, help="chunks read ahead")
     t.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the fastest of each counts")
-    t.add_argument("--store-dir", type=Path, default=None, help="keep the generated store here (None: temporary)")
+    t.add_argument(
+        "--store-dir", type=Path, default=None, help="keep the generated store here (None: temporary)"
+    )
     _common(t)
     t.set_defaults(func=run_throughput_cmd)
 
-    e = kinds.add_parser("encoders", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                          help="parameters, MACs, latency and memory per patch of the encoders")
-    e.add_argument("--encoders-2d", default=None, help="comma-separated names (default: ours + timm resnet18)")
+    e = kinds.add_parser(
+        "encoders",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="parameters, MACs, latency and memory per patch of the encoders",
+    )
+    e.add_argument(
+        "--encoders-2d", default=None, help="comma-separated names (default: ours + timm resnet18)"
+    )
     e.add_argument("--encoders-3d", default=None, help="comma-separated names (default: ours)")
     e.add_argument("--patch-2d", type=int, default=224, help="2D patch side in pixels")
     e.add_argument("--patch-3d", type=int, default=64, help="3D patch side in voxels")
@@ -90,10 +120,21 @@ def run_memory_cmd(args: argparse.Namespace) -> int:
     from ips.bench.common import write_json
     from ips.bench.memory import memory_table, run_memory
 
-    result = run_memory(args.n, patch_size=args.patch_size, memory_size=args.M, iter_size=args.I,
-                        batch_size=args.B, encoder=args.encoder, device=args.device, threads=args.threads,
-                        read_threads=args.read_threads, store_dir=args.store_dir, naive=not args.no_naive,
-                        naive_budget_bytes=int(args.naive_budget_gb * 2**30), timeout=args.timeout)
+    result = run_memory(
+        args.n,
+        patch_size=args.patch_size,
+        memory_size=args.M,
+        iter_size=args.I,
+        batch_size=args.B,
+        encoder=args.encoder,
+        device=args.device,
+        threads=args.threads,
+        read_threads=args.read_threads,
+        store_dir=args.store_dir,
+        naive=not args.no_naive,
+        naive_budget_bytes=int(args.naive_budget_gb * 2**30),
+        timeout=args.timeout,
+    )
     print(memory_table(result))
     if args.json:
         print(f"wrote {write_json(args.json, 'memory', result)}")
@@ -108,9 +149,19 @@ def run_throughput_cmd(args: argparse.Namespace) -> int:
     from ips.bench.common import write_json
     from ips.bench.throughput import run_throughput, throughput_table
 
-    result = run_throughput(args.n, encoder=args.encoder, patch_size=args.patch_size, memory_size=args.M,
-                            iter_size=args.I, device=args.device, threads=args.threads, read_threads=args.read_threads,
-                            prefetch=args.prefetch, repeats=args.repeats, store_dir=args.store_dir)
+    result = run_throughput(
+        args.n,
+        encoder=args.encoder,
+        patch_size=args.patch_size,
+        memory_size=args.M,
+        iter_size=args.I,
+        device=args.device,
+        threads=args.threads,
+        read_threads=args.read_threads,
+        prefetch=args.prefetch,
+        repeats=args.repeats,
+        store_dir=args.store_dir,
+    )
     print(throughput_table(result))
     if args.json:
         print(f"wrote {write_json(args.json, 'throughput', result)}")
@@ -121,10 +172,19 @@ def run_encoders_cmd(args: argparse.Namespace) -> int:
     from ips.bench.common import write_json
     from ips.bench.encoders import encoders_table, run_encoders
 
-    result = run_encoders(encoders_2d=_names(args.encoders_2d), encoders_3d=_names(args.encoders_3d),
-                          patch_2d=args.patch_2d, patch_3d=args.patch_3d, batch_2d=args.batch_2d,
-                          batch_3d=args.batch_3d, in_chans_2d=args.in_chans_2d, in_chans_3d=args.in_chans_3d,
-                          repeats=args.repeats, device=args.device, threads=args.threads)
+    result = run_encoders(
+        encoders_2d=_names(args.encoders_2d),
+        encoders_3d=_names(args.encoders_3d),
+        patch_2d=args.patch_2d,
+        patch_3d=args.patch_3d,
+        batch_2d=args.batch_2d,
+        batch_3d=args.batch_3d,
+        in_chans_2d=args.in_chans_2d,
+        in_chans_3d=args.in_chans_3d,
+        repeats=args.repeats,
+        device=args.device,
+        threads=args.threads,
+    )
     print(encoders_table(result))
     if args.json:
         print(f"wrote {write_json(args.json, 'encoders', result)}")

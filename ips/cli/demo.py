@@ -9,12 +9,17 @@ from ips.cli._threads import add_threads, apply_threads
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", help="the whole pipeline on synthetic slides with planted lesions, in minutes on a CPU",
+        "demo",
+        help="the whole pipeline on synthetic slides with planted lesions, in minutes on a CPU",
         description="Generate synthetic slides with planted lesions, train on them, predict the test slides "
-                    "and draw their attention heatmaps; check that the heatmaps find the lesions.",
+        "and draw their attention heatmaps; check that the heatmaps find the lesions.",
     )
-    p.add_argument("--out", default="ips-demo", help="output folder (default ./ips-demo); a previous demo "
-                   "there is replaced, any other non-empty folder is refused")
+    p.add_argument(
+        "--out",
+        default="ips-demo",
+        help="output folder (default ./ips-demo); a previous demo "
+        "there is replaced, any other non-empty folder is refused",
+    )
     p.add_argument("--quick", action="store_true", help="a smaller, shorter setting (a smoke test)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     add_threads(p)
@@ -26,7 +31,12 @@ def run(args: argparse.Namespace) -> int:
     from ips.demo import FULL, QUICK, run_demo, summary
 
     threads = apply_threads(args.threads)
-    result = run_demo(args.out, QUICK if args.quick else FULL, device=args.device, threads=threads,
-                      show_progress=not args.quiet)
+    result = run_demo(
+        args.out,
+        QUICK if args.quick else FULL,
+        device=args.device,
+        threads=threads,
+        show_progress=not args.quiet,
+    )
     print(summary(result))
     return 0

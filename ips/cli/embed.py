@@ -13,18 +13,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "embed",
         help="precompute patch features with a frozen encoder",
         description="Run a frozen encoder over every patch of a grid and write features/<name> into each "
-                    "store (streaming; an interrupted run resumes). Train on them with data.mode=features.",
+        "store (streaming; an interrupted run resumes). Train on them with data.mode=features.",
     )
     p.add_argument("stores", nargs="+", metavar="STORE", help="stores made by `ips prep`")
     p.add_argument("--encoder", required=True, help="encoder name (ours, e.g. ips_resnet18, or a timm model)")
-    p.add_argument("--pretrained", default="false",
-                   help="weights: a local file, 'true' (timm hub, needs network) or 'false' (default)")
+    p.add_argument(
+        "--pretrained",
+        default="false",
+        help="weights: a local file, 'true' (timm hub, needs network) or 'false' (default)",
+    )
     p.add_argument("--grid", default="default", help="grid to embed (default: default)")
     p.add_argument("--name", default="default", help="feature set name, features/<name> (default: default)")
-    p.add_argument("--chunk-size", type=int, default=256, help="patches per forward pass and per written chunk (default 256)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default auto)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature dtype (default float16)")
-    p.add_argument("--read-threads", type=int, default=4, help="threads reading and decoding patches (default 4)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=256,
+        help="patches per forward pass and per written chunk (default 256)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default auto)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="stored feature dtype (default float16)",
+    )
+    p.add_argument(
+        "--read-threads", type=int, default=4, help="threads reading and decoding patches (default 4)"
+    )
     p.add_argument("--overwrite", action="store_true", help="recompute a feature set that already exists")
     add_threads(p)
     p.set_defaults(func=run)
@@ -50,8 +67,13 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     apply_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     encoders: dict[tuple[int, int, int], torch.nn.Module] = {}  # one per (channels, dims, patch size)
     failures: dict[str, str] = {}
     for store in args.stores:
@@ -60,11 +82,25 @@ def run(args: argparse.Namespace) -> int:
             info = opened.grid(args.grid)
             key = (opened.channels, opened.spatial_dims, min(info.patch_size))
             if key not in encoders:  # one encoder per patch shape; ConfigError (bad name/size) is exit 2
-                encoders[key] = build_encoder(args.encoder, in_chans=key[0], spatial_dims=key[1],
-                                              patch_size=key[2], pretrained=_pretrained(args.pretrained)).to(device)
-            result = embed_store(store, encoders[key], grid=args.grid, name=args.name, chunk_size=args.chunk_size,
-                                 device=device, encoder_name=args.encoder, dtype=args.dtype,
-                                 read_threads=args.read_threads, overwrite=args.overwrite)
+                encoders[key] = build_encoder(
+                    args.encoder,
+                    in_chans=key[0],
+                    spatial_dims=key[1],
+                    patch_size=key[2],
+                    pretrained=_pretrained(args.pretrained),
+                ).to(device)
+            result = embed_store(
+                store,
+                encoders[key],
+                grid=args.grid,
+                name=args.name,
+                chunk_size=args.chunk_size,
+                device=device,
+                encoder_name=args.encoder,
+                dtype=args.dtype,
+                read_threads=args.read_threads,
+                overwrite=args.overwrite,
+            )
             print(f"{store}: features/{result.name} ({result.dim} per patch, {info.n_patches} patches)")
         except (StoreError, ValueError, OSError) as e:
             if isinstance(e, ConfigError):

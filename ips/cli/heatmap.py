@@ -16,15 +16,22 @@ from ips.config import ConfigError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "heatmap", help="attention heatmaps (PNG, QuPath GeoJSON, NIfTI, zarr scores)",
+        "heatmap",
+        help="attention heatmaps (PNG, QuPath GeoJSON, NIfTI, zarr scores)",
         description="Exact attention of every patch, drawn and exported per store under DIR/<slide_id>/.",
     )
     add_common(p)
     p.add_argument("stores", nargs="+", metavar="STORE", help="stores made by `ips prep`")
     p.add_argument("--task", help="draw only this task (default: every task, one panel each)")
-    p.add_argument("--top-k", type=int, default=16, help="patches in top_patches.png per task (0: none; default 16)")
-    p.add_argument("--thumb-size", type=int, default=1024,
-                   help="longest side of the pyramid level the overlay is drawn on (default 1024)")
+    p.add_argument(
+        "--top-k", type=int, default=16, help="patches in top_patches.png per task (0: none; default 16)"
+    )
+    p.add_argument(
+        "--thumb-size",
+        type=int,
+        default=1024,
+        help="longest side of the pyramid level the overlay is drawn on (default 1024)",
+    )
     p.set_defaults(func=run)
 
 
@@ -39,6 +46,15 @@ def run(args: argparse.Namespace) -> int:
     out = out_dir(args.out)  # before any work: a bad --out is bad usage
     apply_threads(args.threads)
     loaded = load(args.checkpoint, args.device)
-    failures = heatmap_slides(loaded, records, out, task=args.task, top_k=args.top_k, mode=args.mode,
-                              thumb_size=args.thumb_size, checkpoint=str(args.checkpoint), log=print)
+    failures = heatmap_slides(
+        loaded,
+        records,
+        out,
+        task=args.task,
+        top_k=args.top_k,
+        mode=args.mode,
+        thumb_size=args.thumb_size,
+        checkpoint=str(args.checkpoint),
+        log=print,
+    )
     return report_failures("heatmap", failures)

@@ -28,6 +28,7 @@ SUBCOMMANDS = [
     "ips.cli.view",
 ]
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ips", description="Memory-bounded Iterative Patch Selection.")
     parser.add_argument("--version", action="version", version=f"ips {__version__}")

@@ -17,7 +17,8 @@ from ips.config import ConfigError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "predict", help="predict slides with a trained checkpoint",
+        "predict",
+        help="predict slides with a trained checkpoint",
         description="Predict every slide of a manifest (or the given stores) with a trained checkpoint.",
     )
     add_common(p)
@@ -40,17 +41,21 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     loaded = load(args.checkpoint, args.device)
     if args.manifest:
-        records = read_manifest(args.manifest, loaded.cfg.model.tasks, args.split, require_labels=False,
-                                check_paths=False)
+        records = read_manifest(
+            args.manifest, loaded.cfg.model.tasks, args.split, require_labels=False, check_paths=False
+        )
     else:
         records = store_records(args.stores)
     if not records:
         raise ConfigError(f"no slides to predict (manifest {args.manifest}, split {args.split})")
     t0 = time.perf_counter()
-    report = predict_slides(loaded, records, out, mode=args.mode, checkpoint=str(args.checkpoint),
-                            log=None if args.quiet else err)
-    print(f"ips predict: {report.n_done} of {len(records)} slides predicted ({args.mode}) in "
-          f"{time.perf_counter() - t0:.1f}s -> {report.predictions}")
+    report = predict_slides(
+        loaded, records, out, mode=args.mode, checkpoint=str(args.checkpoint), log=None if args.quiet else err
+    )
+    print(
+        f"ips predict: {report.n_done} of {len(records)} slides predicted ({args.mode}) in "
+        f"{time.perf_counter() - t0:.1f}s -> {report.predictions}"
+    )
     if report.metrics_file:
         print(f"metrics -> {report.metrics_file}")
     return report_failures("predict", report.failures)

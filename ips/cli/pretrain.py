@@ -11,21 +11,34 @@ from ips.cli._threads import add_threads, apply_threads
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "pretrain", help="self-supervised pretraining of the encoder on the stores' patches (no labels)",
+        "pretrain",
+        help="self-supervised pretraining of the encoder on the stores' patches (no labels)",
         description="Pretrain the config's encoder (SimCLR in 2D, rotation prediction in 3D; the pretrain: "
-                    "section) on patches drawn from the stores' grids. Writes DIR/encoder.pt for "
-                    "`ips train ... model.pretrained=DIR/encoder.pt`; rerunning resumes.",
+        "section) on patches drawn from the stores' grids. Writes DIR/encoder.pt for "
+        "`ips train ... model.pretrained=DIR/encoder.pt`; rerunning resumes.",
     )
-    p.add_argument("stores", nargs="+", metavar="STORE|key=value",
-                   help="ips stores (made by ips prep) or manifest CSVs (their stores); key=value items are "
-                        "config overrides, e.g. pretrain.epochs=4")
+    p.add_argument(
+        "stores",
+        nargs="+",
+        metavar="STORE|key=value",
+        help="ips stores (made by ips prep) or manifest CSVs (their stores); key=value items are "
+        "config overrides, e.g. pretrain.epochs=4",
+    )
     p.add_argument("--config", required=True, help="experiment YAML: model and pretrain sections are used")
     p.add_argument("--out", required=True, help="output folder: encoder.pt, encoder.json, state.pt, loss.png")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    p.add_argument("--no-resume", action="store_true", help="start over even if DIR holds a pretraining state")
+    p.add_argument(
+        "--no-resume", action="store_true", help="start over even if DIR holds a pretraining state"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="key=value",
-                   help="config overrides after the options, e.g. --set pretrain.epochs=4")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="key=value",
+        help="config overrides after the options, e.g. --set pretrain.epochs=4",
+    )
     add_threads(p)
     p.set_defaults(func=run)
 
@@ -57,13 +70,16 @@ def run(args: argparse.Namespace) -> int:
     stores = _expand([s for s in args.stores if "=" not in s])
     cfg = load_config(args.config, overrides)
     try:
-        result = pretrain_encoder(cfg, stores, args.out, device=args.device, resume=not args.no_resume,
-                                  show_progress=not args.quiet)
+        result = pretrain_encoder(
+            cfg, stores, args.out, device=args.device, resume=not args.no_resume, show_progress=not args.quiet
+        )
     except (StoreError, ValueError) as e:
         if type(e).__name__ == "ConfigError":
             raise
         print(f"ips pretrain: {e}", file=sys.stderr)
         return 2
-    print(f"pretrained encoder: {result['encoder']} ({result['method']}, loss {result['losses'][0]:.3f} -> "
-          f"{result['losses'][-1]:.3f}, {result['seconds']:.0f} s); train with model.pretrained={result['encoder']}")
+    print(
+        f"pretrained encoder: {result['encoder']} ({result['method']}, loss {result['losses'][0]:.3f} -> "
+        f"{result['losses'][-1]:.3f}, {result['seconds']:.0f} s); train with model.pretrained={result['encoder']}"
+    )
     return 0

@@ -19,7 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     p.add_argument("--manifest", help="CSV slide_id,path,label[,split]; overrides data.manifest")
     p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory has a checkpoint")
+    p.add_argument(
+        "--no-resume", action="store_true", help="start over even if the run directory has a checkpoint"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_threads(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
@@ -42,11 +44,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     dist_info = init_distributed(resolve_device(cfg.train.device).type)
     try:
-        result = train(cfg, manifest=manifest, run_dir=out, dist_info=dist_info, resume=not args.no_resume,
-                       show_progress=not args.quiet)
+        result = train(
+            cfg,
+            manifest=manifest,
+            run_dir=out,
+            dist_info=dist_info,
+            resume=not args.no_resume,
+            show_progress=not args.quiet,
+        )
     except torch.cuda.OutOfMemoryError as e:
-        print(f"ips train: out of device memory ({str(e).splitlines()[0]}); set train.vram_budget_gb to plan "
-              "the micro-batch, or lower selection.memory_size", file=sys.stderr)
+        print(
+            f"ips train: out of device memory ({str(e).splitlines()[0]}); set train.vram_budget_gb to plan "
+            "the micro-batch, or lower selection.memory_size",
+            file=sys.stderr,
+        )
         return 1
     finally:
         cleanup(dist_info)

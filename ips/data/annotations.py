@@ -69,8 +69,10 @@ def patch_labels(annotation: str | Path, store: str | Path, grid: str) -> PatchL
         level0 = tuple(int(s) for s in opened.level(0).shape[1:])
         fractions = _mask_fractions(_read_mask(path, opened.spatial_dims), level0, lo, size)
     else:
-        raise ManifestError(f"annotation {path}: unknown kind {path.suffix!r}; use QuPath GeoJSON (.geojson) or "
-                            f"a mask ({', '.join(MASK_SUFFIXES)})")
+        raise ManifestError(
+            f"annotation {path}: unknown kind {path.suffix!r}; use QuPath GeoJSON (.geojson) or "
+            f"a mask ({', '.join(MASK_SUFFIXES)})"
+        )
     keep = np.flatnonzero(fractions > 0)
     return PatchLabels(len(coords), keep.astype(np.int64), fractions[keep].astype(np.float32))
 
@@ -147,7 +149,9 @@ def _read_mask(path: Path, dims: int) -> np.ndarray:
     return mask > 0
 
 
-def _mask_fractions(mask: np.ndarray, level0: tuple[int, ...], lo: np.ndarray, size: np.ndarray) -> np.ndarray:
+def _mask_fractions(
+    mask: np.ndarray, level0: tuple[int, ...], lo: np.ndarray, size: np.ndarray
+) -> np.ndarray:
     """Fraction of each patch box inside a mask that covers the whole level-0 extent at its own scale."""
     scale = np.asarray(mask.shape, dtype=np.float64) / np.asarray(level0, dtype=np.float64)
     a = np.clip(np.floor(lo * scale).astype(np.int64), 0, np.asarray(mask.shape) - 1)

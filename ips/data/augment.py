@@ -26,8 +26,9 @@ RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
 
-def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None, like: torch.Tensor,
-             *shape: int) -> torch.Tensor:
+def _uniform(
+    n: int, lo: float, hi: float, generator: torch.Generator | None, like: torch.Tensor, *shape: int
+) -> torch.Tensor:
     """U(lo, hi) of shape `(n, *shape)` drawn on the generator's device, returned on `like`'s device."""
     device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand((n, *shape), generator=generator, device=device)
@@ -39,8 +40,9 @@ def _bernoulli(n: int, generator: torch.Generator | None, like: torch.Tensor) ->
     return _uniform(n, 0.0, 1.0, generator, like) < 0.5
 
 
-def flip_rotate(x: torch.Tensor, generator: torch.Generator | None = None, *, flips: bool = True,
-                rot90: bool = True) -> torch.Tensor:
+def flip_rotate(
+    x: torch.Tensor, generator: torch.Generator | None = None, *, flips: bool = True, rot90: bool = True
+) -> torch.Tensor:
     """Per-patch random flips and 90-degree rotations of `x` `(n, C, *spatial)`; returns a new tensor."""
     n, dims = x.shape[0], x.ndim - 2
     view = (n,) + (1,) * (x.ndim - 1)
@@ -90,7 +92,7 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | 
     out = (out - mean) * contrast + mean
     if x.shape[1] == 3:
         saturation = _uniform(n, 1 - strength, 1 + strength, generator, x).view(view)
-        gray = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])
+        gray = 0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3]
         out = (out - gray) * saturation + gray
     return out.clamp(0, 1).to(x.dtype)
 
@@ -117,7 +119,9 @@ class PatchAugment:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if not x.is_floating_point():
-            raise TypeError(f"augment float patches in [0, 1]; got dtype {x.dtype} (convert on the device first)")
+            raise TypeError(
+                f"augment float patches in [0, 1]; got dtype {x.dtype} (convert on the device first)"
+            )
         if x.ndim not in (4, 5):
             raise ValueError(f"patches must be (n, C, H, W) or (n, C, D, H, W), got shape {tuple(x.shape)}")
         if not self.enabled or x.shape[0] == 0:

@@ -32,7 +32,6 @@ ANNOTATION_COLUMN = "annotation"  # optional: per-slide annotation file (patch-l
 Label = int | tuple[int, ...]
 
 
-
 @dataclass(frozen=True)
 class SlideRecord:
     """One manifest row: `labels` maps task name -> int (binary, multiclass) or tuple of class indices
@@ -69,7 +68,9 @@ def parse_label(text: str, task: TaskConfig) -> Label:
     return value
 
 
-def _annotation(cell: str, folder: Path, check_paths: bool, fail: Callable[[str, str], ManifestError]) -> str | None:
+def _annotation(
+    cell: str, folder: Path, check_paths: bool, fail: Callable[[str, str], ManifestError]
+) -> str | None:
     """The annotation file of a row (relative to the manifest's folder), or None for an empty cell."""
     if not cell:
         return None
@@ -118,10 +119,13 @@ def read_manifest(
         needed = list(REQUIRED) + ([t.column for t in tasks] if require_labels else [])
         missing = [c for c in needed if c not in header]
         if missing:
-            raise ManifestError(f"{path}: row 1 (header): missing column {missing[0]!r} (columns: "
-                                f"{', '.join(header)})")
+            raise ManifestError(
+                f"{path}: row 1 (header): missing column {missing[0]!r} (columns: {', '.join(header)})"
+            )
         if split is not None and "split" not in header:
-            raise ManifestError(f"{path}: row 1 (header): no 'split' column, but split {split!r} was asked for")
+            raise ManifestError(
+                f"{path}: row 1 (header): no 'split' column, but split {split!r} was asked for"
+            )
         records: list[SlideRecord] = []
         seen: dict[str, int] = {}
         folder = path.parent

@@ -81,7 +81,9 @@ class IpsStore:
         grids, features: name -> `GridInfo` / `FeatureInfo`.
     """
 
-    def __init__(self, location: StoreLocation, group: zarr.Group, marker: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, location: StoreLocation, group: zarr.Group, marker: dict[str, Any] | None = None
+    ) -> None:
         self.location = location
         self.group = group
         self.name = describe(location)
@@ -90,8 +92,10 @@ class IpsStore:
             raise StoreError(f"{self.name}: not an ips store (no '{sf.IPS_ATTR}' attribute in zarr.json)")
         version = attrs.get("format_version")
         if version not in sf.READABLE_VERSIONS:
-            raise StoreError(f"{self.name}: store format_version {version!r}; this ips reads versions "
-                             f"{', '.join(map(str, sf.READABLE_VERSIONS))} (rerun `ips prep --overwrite`)")
+            raise StoreError(
+                f"{self.name}: store format_version {version!r}; this ips reads versions "
+                f"{', '.join(map(str, sf.READABLE_VERSIONS))} (rerun `ips prep --overwrite`)"
+            )
         self.format_version = int(version)
         arrays = (marker or {}).get("arrays")
         # array path -> {key: [size, crc32c]} of every written chunk/shard; None: not recorded (format 1)
@@ -104,21 +108,31 @@ class IpsStore:
             self.spacing = attrs.get("spacing")
             self.level_downsamples = [tuple(d) for d in attrs.get("level_downsamples", [])]
             self.grids = {
-                name: GridInfo(name, int(g["level"]), tuple(int(v) for v in g["patch_size"]),
-                               tuple(int(v) for v in g["stride"]), float(g.get("min_tissue", 0.0)),
-                               int(g["n_patches"]))
+                name: GridInfo(
+                    name,
+                    int(g["level"]),
+                    tuple(int(v) for v in g["patch_size"]),
+                    tuple(int(v) for v in g["stride"]),
+                    float(g.get("min_tissue", 0.0)),
+                    int(g["n_patches"]),
+                )
                 for name, g in attrs.get("grids", {}).items()
             }
             self.features = {
-                name: FeatureInfo(name, str(f.get("grid", sf.DEFAULT_GRID)), str(f.get("encoder", "")),
-                                  int(f["dim"]))
+                name: FeatureInfo(
+                    name, str(f.get("grid", sf.DEFAULT_GRID)), str(f.get("encoder", "")), int(f["dim"])
+                )
                 for name, f in (attrs.get("features") or {}).items()
             }
         except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"{self.name}: malformed '{sf.IPS_ATTR}' attributes ({type(e).__name__}: {e})") from None
+            raise StoreError(
+                f"{self.name}: malformed '{sf.IPS_ATTR}' attributes ({type(e).__name__}: {e})"
+            ) from None
         # a grid counts once the completion marker lists it (a grid added later may be half-written)
         listed = (marker or {}).get("grids")
-        self.complete_grids = set(self.grids) if not isinstance(listed, list) else set(self.grids) & set(listed)
+        self.complete_grids = (
+            set(self.grids) if not isinstance(listed, list) else set(self.grids) & set(listed)
+        )
 
     def __repr__(self) -> str:
         return f"IpsStore({self.name}, dims={self.spatial_dims}, grids={list(self.grids)})"
@@ -126,8 +140,10 @@ class IpsStore:
     def grid(self, name: str = sf.DEFAULT_GRID) -> GridInfo:
         valid = ", ".join(sorted(self.complete_grids)) or "none"
         if name in self.grids and name not in self.complete_grids:
-            raise StoreError(f"{self.name}: grid {name!r} is incomplete (not listed in {sf.COMPLETE_MARKER}; "
-                             f"rerun `ips prep`); complete grids: {valid}")
+            raise StoreError(
+                f"{self.name}: grid {name!r} is incomplete (not listed in {sf.COMPLETE_MARKER}; "
+                f"rerun `ips prep`); complete grids: {valid}"
+            )
         if name not in self.grids:
             raise StoreError(f"{self.name}: unknown grid {name!r}; valid grid names: {valid}")
         return self.grids[name]
@@ -167,25 +183,33 @@ class IpsStore:
                 try:
                     got = checksums.file_record(path)
                 except FileNotFoundError:
-                    raise StoreError(f"{self.name}: array {key!r} chunk {chunk_key!r}: missing (written by "
-                                     "ips prep, since lost); rebuild with `ips prep --overwrite`") from None
+                    raise StoreError(
+                        f"{self.name}: array {key!r} chunk {chunk_key!r}: missing (written by "
+                        "ips prep, since lost); rebuild with `ips prep --overwrite`"
+                    ) from None
                 if got != [size, crc]:
-                    raise StoreError(f"{self.name}: array {key!r} chunk {chunk_key!r}: {got[0]} bytes, crc32c "
-                                     f"{got[1]:08x}; written {size} bytes, crc32c {crc:08x} (damaged); "
-                                     "rebuild with `ips prep --overwrite`")
+                    raise StoreError(
+                        f"{self.name}: array {key!r} chunk {chunk_key!r}: {got[0]} bytes, crc32c "
+                        f"{got[1]:08x}; written {size} bytes, crc32c {crc:08x} (damaged); "
+                        "rebuild with `ips prep --overwrite`"
+                    )
         try:
             return np.asarray(array[...])
         except Exception as e:  # noqa: BLE001 - a codec failure is damage, named with the array
-            raise StoreError(f"{self.name}: array {key!r} does not decode ({type(e).__name__}: {e}); "
-                             "rebuild with `ips prep --overwrite`") from None
+            raise StoreError(
+                f"{self.name}: array {key!r} does not decode ({type(e).__name__}: {e}); "
+                "rebuild with `ips prep --overwrite`"
+            ) from None
 
     def coords(self, grid: str = sf.DEFAULT_GRID) -> np.ndarray:
         """Grid coords, int64 `(N, spatial_dims)` (top-left corners, pixels of the grid's level)."""
         info = self.grid(grid)
         coords = np.asarray(self.read_small(f"{sf.GRIDS_GROUP}/{grid}/{sf.COORDS_ARRAY}"), dtype=np.int64)
         if coords.shape != (info.n_patches, self.spatial_dims):
-            raise StoreError(f"{self.name}: grid {grid!r} coords have shape {coords.shape}, expected "
-                             f"({info.n_patches}, {self.spatial_dims})")
+            raise StoreError(
+                f"{self.name}: grid {grid!r} coords have shape {coords.shape}, expected "
+                f"({info.n_patches}, {self.spatial_dims})"
+            )
         return coords
 
     def embeddings(self, name: str = sf.DEFAULT_GRID) -> zarr.Array:
@@ -226,23 +250,31 @@ def open_store(location: StoreLocation, *, mode: Literal["r", "r+"] = "r") -> Ip
         if not path.is_dir():
             raise StoreError(f"{name}: not a zarr store (not a directory)")
         if not (path / sf.COMPLETE_MARKER).is_file():
-            raise StoreError(f"{name}: incomplete store (no {sf.COMPLETE_MARKER}); its conversion was "
-                             "interrupted or is still running: rerun `ips prep`")
+            raise StoreError(
+                f"{name}: incomplete store (no {sf.COMPLETE_MARKER}); its conversion was "
+                "interrupted or is still running: rerun `ips prep`"
+            )
     try:
         group = zarr.open_group(location, mode=mode)
     except (FileNotFoundError, zarr.errors.BaseZarrError) as e:
         raise StoreError(f"{name}: not a zarr group ({type(e).__name__}: {e})") from None
     marker = _read_marker(group)
     if marker is None:
-        raise StoreError(f"{name}: incomplete store (no {sf.COMPLETE_MARKER}); its conversion was "
-                         "interrupted or is still running: rerun `ips prep`")
+        raise StoreError(
+            f"{name}: incomplete store (no {sf.COMPLETE_MARKER}); its conversion was "
+            "interrupted or is still running: rerun `ips prep`"
+        )
     store = IpsStore(location, group, marker)
     if store.written is None:
         if name not in _WARNED:
             _WARNED.add(name)
-            warnings.warn(f"{name}: format {store.format_version} store without checksums in "
-                          f"{sf.COMPLETE_MARKER}: lost or damaged chunks cannot be detected (rebuild with "
-                          "`ips prep --overwrite`)", UnverifiedStoreWarning, stacklevel=2)
+            warnings.warn(
+                f"{name}: format {store.format_version} store without checksums in "
+                f"{sf.COMPLETE_MARKER}: lost or damaged chunks cannot be detected (rebuild with "
+                "`ips prep --overwrite`)",
+                UnverifiedStoreWarning,
+                stacklevel=2,
+            )
     else:
         check_files(store)
     return store
@@ -260,11 +292,15 @@ def check_files(store: IpsStore) -> None:
                 try:
                     got = os.stat(os.path.join(base, key)).st_size
                 except FileNotFoundError:
-                    raise StoreError(f"{store.name}: array {array!r} chunk {key!r}: missing (written by ips "
-                                     "prep, since lost); rebuild with `ips prep --overwrite`") from None
+                    raise StoreError(
+                        f"{store.name}: array {array!r} chunk {key!r}: missing (written by ips "
+                        "prep, since lost); rebuild with `ips prep --overwrite`"
+                    ) from None
                 if got != size:
-                    raise StoreError(f"{store.name}: array {array!r} chunk {key!r}: {got} bytes, {size} "
-                                     "written (truncated or changed); rebuild with `ips prep --overwrite`")
+                    raise StoreError(
+                        f"{store.name}: array {array!r} chunk {key!r}: {got} bytes, {size} "
+                        "written (truncated or changed); rebuild with `ips prep --overwrite`"
+                    )
         return
     root_path = store.group.store_path
     for array, record in store.written.items():
@@ -273,8 +309,9 @@ def check_files(store: IpsStore) -> None:
             try:
                 got = sync(node.store.getsize(node.path))
             except FileNotFoundError:
-                raise StoreError(f"{store.name}: array {array!r} chunk {key!r}: missing (written by ips "
-                                 "prep, since lost)") from None
+                raise StoreError(
+                    f"{store.name}: array {array!r} chunk {key!r}: missing (written by ips prep, since lost)"
+                ) from None
             if got != size:
                 raise StoreError(f"{store.name}: array {array!r} chunk {key!r}: {got} bytes, {size} written")
 
@@ -289,8 +326,10 @@ def verify_store(location: StoreLocation) -> list[str]:
     except StoreError as e:
         return [str(e)]
     if store.written is None:
-        return [f"{store.name}: cannot be verified: format {store.format_version} records no checksums "
-                "(rebuild with `ips prep --overwrite`)"]
+        return [
+            f"{store.name}: cannot be verified: format {store.format_version} records no checksums "
+            "(rebuild with `ips prep --overwrite`)"
+        ]
     if not is_local(location):
         return []  # sizes checked on open; checksums of remote stores are not read back
     problems = []
@@ -302,6 +341,8 @@ def verify_store(location: StoreLocation) -> list[str]:
                 problems.append(f"{store.name}: array {array!r} chunk {key!r}: missing")
                 continue
             if (got_size, got_crc) != (size, crc):
-                problems.append(f"{store.name}: array {array!r} chunk {key!r}: {got_size} bytes, crc32c "
-                                f"{got_crc:08x}; written {size} bytes, crc32c {crc:08x} (damaged)")
+                problems.append(
+                    f"{store.name}: array {array!r} chunk {key!r}: {got_size} bytes, crc32c "
+                    f"{got_crc:08x}; written {size} bytes, crc32c {crc:08x} (damaged)"
+                )
     return problems

@@ -67,7 +67,10 @@ class _Box:
 
 
 def plan_boxes(
-    coords: np.ndarray, patch: np.ndarray, shard: np.ndarray, shape: np.ndarray,
+    coords: np.ndarray,
+    patch: np.ndarray,
+    shard: np.ndarray,
+    shape: np.ndarray,
     dense_fraction: float = DENSE_FRACTION,
 ) -> list[_Box]:
     """Group patches (top-left `coords` `(n, d)`, size `patch` `(d,)`) into read boxes.
@@ -127,8 +130,14 @@ class ZarrPatchSource:
     Picklable: the zarr handles are reopened lazily after unpickling (DataLoader workers).
     """
 
-    def __init__(self, store: StoreLocation, grid: str = sf.DEFAULT_GRID, read_threads: int = 4, *,
-                 direct_chunks: bool = True) -> None:
+    def __init__(
+        self,
+        store: StoreLocation,
+        grid: str = sf.DEFAULT_GRID,
+        read_threads: int = 4,
+        *,
+        direct_chunks: bool = True,
+    ) -> None:
         if read_threads < 1:
             raise ValueError(f"read_threads must be >= 1, got {read_threads}")
         opened = open_store(store)
@@ -138,12 +147,17 @@ class ZarrPatchSource:
         self.info = opened.grid(grid)
         self.spatial_dims = opened.spatial_dims
         self.background = opened.background
-        self.level_downsample = (tuple(opened.level_downsamples[self.info.level])
-                                 if self.info.level < len(opened.level_downsamples) else None)
+        self.level_downsample = (
+            tuple(opened.level_downsamples[self.info.level])
+            if self.info.level < len(opened.level_downsamples)
+            else None
+        )
         array = opened.level(self.info.level)
         if array.ndim != self.spatial_dims + 1:
-            raise ValueError(f"{opened.name}: level {self.info.level} has {array.ndim} axes, expected "
-                             f"{self.spatial_dims + 1} (c + {self.spatial_dims} spatial)")
+            raise ValueError(
+                f"{opened.name}: level {self.info.level} has {array.ndim} axes, expected "
+                f"{self.spatial_dims + 1} (c + {self.spatial_dims} spatial)"
+            )
         self.coords = opened.coords(grid)  # int64 (N, dims), pixels of the grid's level
         self._positions = (self.coords / np.asarray(self.info.stride, dtype=np.float64)).astype(np.float32)
         self.dtype = np.dtype(array.dtype)
@@ -173,8 +187,9 @@ class ZarrPatchSource:
         self._chunks = self._reader(self._store, array) if self._direct else None
 
     def _reader(self, opened: IpsStore, array: Any) -> ChunkReader | None:
-        return ChunkReader.for_array(array, self.background, written=opened.written_keys(str(self.info.level)),
-                                     name=opened.name)
+        return ChunkReader.for_array(
+            array, self.background, written=opened.written_keys(str(self.info.level)), name=opened.name
+        )
 
     def _async_array(self) -> Any:
         if self._array is None:
@@ -208,8 +223,9 @@ class ZarrPatchSource:
                 self._open()
             assert self._chunks is not None
             lo = np.concatenate([np.zeros((len(uniq), 1), np.int64), coords], axis=1)  # (n, 1 + dims)
-            self._chunks.read_boxes(lo, self.patch_shape, out, first, _pool(self.read_threads - 1),
-                                    self.read_threads)
+            self._chunks.read_boxes(
+                lo, self.patch_shape, out, first, _pool(self.read_threads - 1), self.read_threads
+            )
         else:
             boxes = plan_boxes(coords, self._patch, self._shard, self._shape)
             datas = sync(self._read_boxes(self._async_array(), boxes))
@@ -230,8 +246,9 @@ class ZarrPatchSource:
 
         return await asyncio.gather(*(one(b) for b in boxes))
 
-    def _scatter(self, box: _Box, data: np.ndarray, coords: np.ndarray, out: np.ndarray,
-                 slots: np.ndarray) -> None:
+    def _scatter(
+        self, box: _Box, data: np.ndarray, coords: np.ndarray, out: np.ndarray, slots: np.ndarray
+    ) -> None:
         """Copy member patch j of the box's `data` `(C, *box)` to `out[slots[j]]`; pad outside the image."""
         for j in box.members:
             patch = out[slots[j]]
@@ -268,13 +285,17 @@ class FeatureSource:
         self.spatial_dims = opened.spatial_dims
         array = opened.embeddings(features)
         if array.ndim != 2:
-            raise ValueError(f"{opened.name}: features {features!r} have shape {array.shape}, expected (N, F)")
+            raise ValueError(
+                f"{opened.name}: features {features!r} have shape {array.shape}, expected (N, F)"
+            )
         self.patch_shape = (int(array.shape[1]),)
-        coords = np.asarray(opened.group[f"{sf.FEATURES_GROUP}/{features}/{sf.COORDS_ARRAY}"][...],
-                            dtype=np.int64)
+        coords = np.asarray(
+            opened.group[f"{sf.FEATURES_GROUP}/{features}/{sf.COORDS_ARRAY}"][...], dtype=np.int64
+        )
         if len(coords) != array.shape[0]:
-            raise ValueError(f"{opened.name}: features {features!r} have {array.shape[0]} vectors but "
-                             f"{len(coords)} coords")
+            raise ValueError(
+                f"{opened.name}: features {features!r} have {array.shape[0]} vectors but {len(coords)} coords"
+            )
         stride = opened.grid(self.info.grid).stride
         self.coords = coords
         self._positions = (coords / np.asarray(stride, dtype=np.float64)).astype(np.float32)

@@ -73,7 +73,11 @@ def embed_store(
         """`(n, C, *S)` uint8 on the host -> `(n, F)` float32 on the host."""
         x = patches.to(device, non_blocking=True)
         x = normalize_pixels(x, mean_t, std_t)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        amp = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if device.type == "cuda"
+            else contextlib.nullcontext()
+        )
         with amp:
             out = encoder(x)
         if out.ndim != 2:
@@ -87,30 +91,51 @@ def embed_store(
             # the feature dimension, from one forward of a blank patch
             dim = int(embed(torch.zeros((1, *source.patch_shape), dtype=torch.uint8)).shape[1])
             group = opened.group
-            emb_array, done = _resume_or_create(group, f"{sf.FEATURES_GROUP}/{name}", source.coords, dim,
-                                                {"grid": grid, "encoder": encoder_name, "total": n, "dim": dim},
-                                                chunk_size, dtype, overwrite)
+            emb_array, done = _resume_or_create(
+                group,
+                f"{sf.FEATURES_GROUP}/{name}",
+                source.coords,
+                dim,
+                {"grid": grid, "encoder": encoder_name, "total": n, "dim": dim},
+                chunk_size,
+                dtype,
+                overwrite,
+            )
             rows = emb_array.chunks[0]  # write whole zarr chunks, so a resumed run starts at a chunk boundary
             if done < n:
                 order = np.arange(done, n, dtype=np.int64)
-                for chunk in stream_chunks(source, rows, prefetch=prefetch, order=order,
-                                           pin_memory=device.type == "cuda"):
+                for chunk in stream_chunks(
+                    source, rows, prefetch=prefetch, order=order, pin_memory=device.type == "cuda"
+                ):
                     vectors = embed(chunk.patches)  # (rows, F)
                     start = int(chunk.indices[0])
-                    emb_array[start:start + len(vectors)] = vectors.numpy().astype(emb_array.dtype)
-                    emb_array.attrs[PROGRESS_ATTR] = {**emb_array.attrs[PROGRESS_ATTR], "done": start + len(vectors)}
+                    emb_array[start : start + len(vectors)] = vectors.numpy().astype(emb_array.dtype)
+                    emb_array.attrs[PROGRESS_ATTR] = {
+                        **emb_array.attrs[PROGRESS_ATTR],
+                        "done": start + len(vectors),
+                    }
     finally:
         encoder.train(was_training)
     info = FeatureInfo(name, grid, encoder_name, dim)
     ips_attrs = dict(group.attrs[sf.IPS_ATTR])
-    ips_attrs["features"] = {**(ips_attrs.get("features") or {}),
-                             name: {"grid": grid, "encoder": encoder_name, "dim": dim}}
+    ips_attrs["features"] = {
+        **(ips_attrs.get("features") or {}),
+        name: {"grid": grid, "encoder": encoder_name, "dim": dim},
+    }
     group.attrs[sf.IPS_ATTR] = ips_attrs  # announced last: readers see only complete feature sets
     return info
 
 
-def _resume_or_create(group: zarr.Group, path: str, coords: np.ndarray, dim: int, run: dict[str, Any],
-                      chunk_size: int, dtype: str, overwrite: bool) -> tuple[zarr.Array, int]:
+def _resume_or_create(
+    group: zarr.Group,
+    path: str,
+    coords: np.ndarray,
+    dim: int,
+    run: dict[str, Any],
+    chunk_size: int,
+    dtype: str,
+    overwrite: bool,
+) -> tuple[zarr.Array, int]:
     """The embeddings array `(N, dim)` to write and the rows already done: those of an interrupted run
     of the same `run` (grid, encoder, N, dim) and dtype, else 0 in a fresh array."""
     key = f"{path}/{sf.EMBEDDINGS_ARRAY}"
@@ -129,7 +154,8 @@ def _resume_or_create(group: zarr.Group, path: str, coords: np.ndarray, dim: int
     feats = group.require_group(path)
     n = len(coords)
     feats.create_array(sf.COORDS_ARRAY, data=coords, chunks=(max(1, min(n, 1 << 18)), coords.shape[1]))
-    arr = feats.create_array(sf.EMBEDDINGS_ARRAY, shape=(n, dim), chunks=(chunk_size, dim), dtype=dtype,
-                             fill_value=0)
+    arr = feats.create_array(
+        sf.EMBEDDINGS_ARRAY, shape=(n, dim), chunks=(chunk_size, dim), dtype=dtype, fill_value=0
+    )
     arr.attrs[PROGRESS_ATTR] = {**run, "done": 0}
     return arr, 0

@@ -73,15 +73,19 @@ def write_geojson(
                     "objectType": "detection",
                     # 7 significant digits (float32 precision); JSON has no NaN: QuPath reads a missing
                     # measurement as NaN
-                    "measurements": {name: float(f"{v[i]:.7g}") for name, v in cols.items() if np.isfinite(v[i])},
+                    "measurements": {
+                        name: float(f"{v[i]:.7g}") for name, v in cols.items() if np.isfinite(v[i])
+                    },
                 }
                 if sel[i]:
                     props["classification"] = {"name": SELECTED_CLASS, "color": SELECTED_COLOUR}
                 feature = {
                     "type": "Feature",
                     "id": f"patch-{i}",
-                    "geometry": {"type": "Polygon",
-                                 "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+                    "geometry": {
+                        "type": "Polygon",
+                        "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
+                    },
                     "properties": props,
                 }
                 f.write(("" if i == 0 else ",\n") + json.dumps(feature, separators=(",", ":")))

@@ -99,8 +99,14 @@ def grid_geometry(store: IpsStore, source: PatchSource, cfg: ExperimentConfig) -
     coords = getattr(source, "coords", None)  # the source's copy: the store's is read only if it has none
     coords = np.asarray(store.coords(grid) if coords is None else coords, dtype=np.int64)
     down = level_downsample(store, info.level).astype(np.int64)
-    return GridGeometry(grid, info.level, coords, coords * down, np.asarray(info.patch_size) * down,
-                        np.asarray(info.stride) * down)
+    return GridGeometry(
+        grid,
+        info.level,
+        coords,
+        coords * down,
+        np.asarray(info.patch_size) * down,
+        np.asarray(info.stride) * down,
+    )
 
 
 def describe_prediction(task: TaskConfig, logits: torch.Tensor) -> str:
@@ -115,8 +121,9 @@ def describe_prediction(task: TaskConfig, logits: torch.Tensor) -> str:
     return f"{task.name}: {{{','.join(on)}}}"
 
 
-def write_scores(path: Path, inf: SlideInference, geom: GridGeometry, tasks: Sequence[TaskConfig],
-                 attrs: dict[str, object]) -> Path:
+def write_scores(
+    path: Path, inf: SlideInference, geom: GridGeometry, tasks: Sequence[TaskConfig], attrs: dict[str, object]
+) -> Path:
     """The per-patch scores as a zarr v3 group (written beside, then renamed into place)."""
     import zarr
 
@@ -125,19 +132,35 @@ def write_scores(path: Path, inf: SlideInference, geom: GridGeometry, tasks: Seq
     root = zarr.open_group(str(tmp), mode="w")
     selected = np.zeros(inf.n_patches, dtype=bool)
     selected[inf.selected] = True
-    arrays = {"attention": inf.attention, "logit": inf.mean_logit, "head_logits": inf.head_logits,
-              "coords": geom.coords, "level0_coords": geom.level0, "selected": selected}
+    arrays = {
+        "attention": inf.attention,
+        "logit": inf.mean_logit,
+        "head_logits": inf.head_logits,
+        "coords": geom.coords,
+        "level0_coords": geom.level0,
+        "selected": selected,
+    }
     for name, value in arrays.items():
-        arr = root.create_array(name, shape=value.shape, dtype=value.dtype,
-                                chunks=(max(1, min(len(value), 1 << 18)), *value.shape[1:]))
+        arr = root.create_array(
+            name,
+            shape=value.shape,
+            dtype=value.dtype,
+            chunks=(max(1, min(len(value), 1 << 18)), *value.shape[1:]),
+        )
         if value.size:
             arr[...] = value
-    root.attrs.update({
-        "tasks": [t.name for t in tasks], "lse": inf.lse.tolist(), "grid": geom.grid, "level": geom.level,
-        "patch_size_level0": geom.size0.tolist(), "stride_level0": geom.stride0.tolist(),
-        "definition": "attention[i,t] = mean_h softmax over all N of head_logits[:,t,h]; logit = mean_h",
-        **attrs,
-    })
+    root.attrs.update(
+        {
+            "tasks": [t.name for t in tasks],
+            "lse": inf.lse.tolist(),
+            "grid": geom.grid,
+            "level": geom.level,
+            "patch_size_level0": geom.size0.tolist(),
+            "stride_level0": geom.stride0.tolist(),
+            "definition": "attention[i,t] = mean_h softmax over all N of head_logits[:,t,h]; logit = mean_h",
+            **attrs,
+        }
+    )
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
@@ -163,8 +186,15 @@ def _pixel_source(source: PatchSource, store_path: str, cfg: ExperimentConfig, g
     return ZarrPatchSource(store_path, grid=grid, read_threads=1)
 
 
-def write_gallery(path: Path, source: PatchSource, inf: SlideInference, show: Sequence[int],
-                  tasks: Sequence[TaskConfig], top_k: int, slide_id: str) -> Path:
+def write_gallery(
+    path: Path,
+    source: PatchSource,
+    inf: SlideInference,
+    show: Sequence[int],
+    tasks: Sequence[TaskConfig],
+    top_k: int,
+    slide_id: str,
+) -> Path:
     """The top-k patches of each shown task (one row block per task), read by index (k patches)."""
     attention = inf.attention
     images: list[np.ndarray] = []
@@ -173,14 +203,24 @@ def write_gallery(path: Path, source: PatchSource, inf: SlideInference, show: Se
     for t in show:
         order = np.argsort(-attention[:, t], kind="stable")[:k]
         images += _patch_images(source.read(order))
-        captions += [f"{tasks[t].name} #{r + 1}: patch {i}\nattn {attention[i, t]:.3g}"
-                     for r, i in enumerate(order)]
-    return save_gallery(path, images, captions, title=f"{slide_id}: top {k} patches by attention",
-                        columns=min(8, max(1, k)))
+        captions += [
+            f"{tasks[t].name} #{r + 1}: patch {i}\nattn {attention[i, t]:.3g}" for r, i in enumerate(order)
+        ]
+    return save_gallery(
+        path, images, captions, title=f"{slide_id}: top {k} patches by attention", columns=min(8, max(1, k))
+    )
 
 
-def _overlay(path: Path, store: IpsStore, geom: GridGeometry, inf: SlideInference, show: Sequence[int],
-             titles: Sequence[str], slide_id: str, thumb_size: int) -> Path:
+def _overlay(
+    path: Path,
+    store: IpsStore,
+    geom: GridGeometry,
+    inf: SlideInference,
+    show: Sequence[int],
+    titles: Sequence[str],
+    slide_id: str,
+    thumb_size: int,
+) -> Path:
     """heatmap.png: one panel per shown task over the thumbnail (3D: maximum over z on the projection)."""
     base, level = read_thumbnail(store, thumb_size)
     ds = level_downsample(store, level)[-2:]
@@ -194,8 +234,15 @@ def _overlay(path: Path, store: IpsStore, geom: GridGeometry, inf: SlideInferenc
     else:
         heats = [paint_patches(attention[:, t], geom.level0, geom.size0, ds, base.shape[:2]) for t in show]
         label = f"attention share of the slide (uniform: 1/N = {1 / inf.n_patches:.2g})"
-    return save_overlay(path, base, heats, titles, suptitle=f"{slide_id} ({inf.n_patches} patches)",
-                        colorbar_label=label, aspect=_aspect(store, level, (-2, -1)))
+    return save_overlay(
+        path,
+        base,
+        heats,
+        titles,
+        suptitle=f"{slide_id} ({inf.n_patches} patches)",
+        colorbar_label=label,
+        aspect=_aspect(store, level, (-2, -1)),
+    )
 
 
 def _aspect(store: IpsStore, level: int, axes: tuple[int, int]) -> float:
@@ -206,8 +253,15 @@ def _aspect(store: IpsStore, level: int, axes: tuple[int, int]) -> float:
     return float(size[axes[0]] / size[axes[1]])
 
 
-def _slices_3d(out_dir: Path, store: IpsStore, geom: GridGeometry, inf: SlideInference, t: int,
-               title: str, thumb_size: int) -> list[Path]:
+def _slices_3d(
+    out_dir: Path,
+    store: IpsStore,
+    geom: GridGeometry,
+    inf: SlideInference,
+    t: int,
+    title: str,
+    thumb_size: int,
+) -> list[Path]:
     """Three orthogonal planes (of a low level) through the centre of the most attended patch."""
     level = thumbnail_level(store, thumb_size)
     array = store.level(level)
@@ -225,16 +279,25 @@ def _slices_3d(out_dir: Path, store: IpsStore, geom: GridGeometry, inf: SlideInf
         lo, hi = geom.level0[:, axis], geom.level0[:, axis] + geom.size0[axis]
         on = (lo <= centre0[axis]) & (centre0[axis] < hi)  # patches this plane cuts
         rest = [a for a in range(3) if a != axis]
-        heat = paint_patches(attention[on, t], geom.level0[on][:, rest], geom.size0[rest], ds[rest],
-                             base.shape[:2])
+        heat = paint_patches(
+            attention[on, t], geom.level0[on][:, rest], geom.size0[rest], ds[rest], base.shape[:2]
+        )
         mark = (float(centre0[rest[0]] / ds[rest[0]]), float(centre0[rest[1]] / ds[rest[1]]))
-        files.append(save_overlay(
-            out_dir / f"slice_{name}.png", base, [heat],
-            [f"{title}\n{name} = {int(centre0[axis])} (level-0 voxel), rows {'zyx'[rest[0]]}, "
-             f"cols {'zyx'[rest[1]]}"],
-            suptitle="plane through the most attended patch (circled)",
-            colorbar_label=f"attention share (uniform: 1/N = {1 / inf.n_patches:.2g})",
-            aspect=_aspect(store, level, (rest[0], rest[1])), marks=[mark]))
+        files.append(
+            save_overlay(
+                out_dir / f"slice_{name}.png",
+                base,
+                [heat],
+                [
+                    f"{title}\n{name} = {int(centre0[axis])} (level-0 voxel), rows {'zyx'[rest[0]]}, "
+                    f"cols {'zyx'[rest[1]]}"
+                ],
+                suptitle="plane through the most attended patch (circled)",
+                colorbar_label=f"attention share (uniform: 1/N = {1 / inf.n_patches:.2g})",
+                aspect=_aspect(store, level, (rest[0], rest[1])),
+                marks=[mark],
+            )
+        )
     return files
 
 
@@ -245,8 +308,13 @@ def _nifti(path: Path, store: IpsStore, geom: GridGeometry, inf: SlideInference,
     volume, origin = grid_volume(geom.level0, geom.stride0, inf.attention[:, list(show)], shape0)
     affine = heatmap_affine(source_affine(store), origin, geom.stride0, geom.size0)
     prov = store.attrs.get("provenance") or {}
-    return write_nifti(path, volume, affine, qform_code=int(prov.get("nifti_qform_code") or 1),
-                       sform_code=int(prov.get("nifti_sform_code") or 1))
+    return write_nifti(
+        path,
+        volume,
+        affine,
+        qform_code=int(prov.get("nifti_qform_code") or 1),
+        sform_code=int(prov.get("nifti_sform_code") or 1),
+    )
 
 
 def write_slide_heatmaps(
@@ -275,9 +343,17 @@ def write_slide_heatmaps(
     device = torch.device(device)
     stream = partial(stream_chunks, prefetch=cfg.selection.prefetch, pin_memory=device.type == "cuda")
     modes: tuple[Mode, ...] = ("topm",) if mode == "topm" else ("topm", "all")  # top-M flags the GeoJSON
-    inf = infer_slide(model, source, memory_size=cfg.selection.memory_size, iter_size=cfg.selection.iter_size,
-                      modes=modes, score=cfg.selection.score, device=device, stream=stream,
-                      autocast_dtype=autocast_dtype)
+    inf = infer_slide(
+        model,
+        source,
+        memory_size=cfg.selection.memory_size,
+        iter_size=cfg.selection.iter_size,
+        modes=modes,
+        score=cfg.selection.score,
+        device=device,
+        stream=stream,
+        autocast_dtype=autocast_dtype,
+    )
     tasks = cfg.model.tasks
     logits = inf.logits[mode]
     if store.spatial_dims == 3:  # a volume's thumbnail level is read whole (projection): keep it small
@@ -285,15 +361,34 @@ def write_slide_heatmaps(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = HeatmapResult(record.slide_id, out, inf.n_patches)
-    result.probabilities = {t.name: probabilities(t, logits[t.name][None])[0].reshape(-1).tolist() for t in tasks}
-    titles = [f"{record.slide_id}: {tasks[t].name} attention, {describe_prediction(tasks[t], logits[tasks[t].name])}"
-              f" ({mode})" for t in show]
+    result.probabilities = {
+        t.name: probabilities(t, logits[t.name][None])[0].reshape(-1).tolist() for t in tasks
+    }
+    titles = [
+        f"{record.slide_id}: {tasks[t].name} attention, {describe_prediction(tasks[t], logits[tasks[t].name])}"
+        f" ({mode})"
+        for t in show
+    ]
 
-    result.files.append(write_scores(out / SCORES, inf, geom, tasks, {
-        "slide_id": record.slide_id, "store": str(record.path), "checkpoint": checkpoint, "mode": mode,
-        "probabilities": result.probabilities, "memory_size": cfg.selection.memory_size}))
-    result.files.append(_overlay(out / "heatmap.png", store, geom, inf, show, titles, record.slide_id,
-                                    thumb_size))
+    result.files.append(
+        write_scores(
+            out / SCORES,
+            inf,
+            geom,
+            tasks,
+            {
+                "slide_id": record.slide_id,
+                "store": str(record.path),
+                "checkpoint": checkpoint,
+                "mode": mode,
+                "probabilities": result.probabilities,
+                "memory_size": cfg.selection.memory_size,
+            },
+        )
+    )
+    result.files.append(
+        _overlay(out / "heatmap.png", store, geom, inf, show, titles, record.slide_id, thumb_size)
+    )
     if store.spatial_dims == 2:
         measurements: dict[str, np.ndarray] = {}
         attention, mean_logit = inf.attention, inf.mean_logit
@@ -303,14 +398,15 @@ def write_slide_heatmaps(
         selected = np.zeros(inf.n_patches, dtype=bool)
         selected[inf.selected] = True
         measurements["selected"] = selected.astype(np.float32)
-        result.files.append(write_geojson(out / "heatmap.geojson", geom.level0, geom.size0, measurements,
-                                          selected))
+        result.files.append(
+            write_geojson(out / "heatmap.geojson", geom.level0, geom.size0, measurements, selected)
+        )
     else:
         result.files.append(_nifti(out / "heatmap.nii.gz", store, geom, inf, show))
         result.files += _slices_3d(out, store, geom, inf, show[0], titles[0], thumb_size)
     if top_k > 0:
         pixels = _pixel_source(source, record.path, cfg, geom.grid)
-        result.files.append(write_gallery(out / "top_patches.png", pixels, inf, show, tasks, top_k,
-                                          record.slide_id))
+        result.files.append(
+            write_gallery(out / "top_patches.png", pixels, inf, show, tasks, top_k, record.slide_id)
+        )
     return result
-

@@ -78,8 +78,13 @@ def one_line(e: BaseException) -> str:
 
 
 def predict_slides(
-    loaded: Loaded, records: Sequence[SlideRecord], out: Path, *, mode: str = "topm",
-    checkpoint: str = "", log: Callable[[str], None] | None = None,
+    loaded: Loaded,
+    records: Sequence[SlideRecord],
+    out: Path,
+    *,
+    mode: str = "topm",
+    checkpoint: str = "",
+    log: Callable[[str], None] | None = None,
 ) -> PredictReport:
     """Predict every record; write `out/predictions.csv` and, with labels, `out/metrics.json`."""
     from ips.data.open import make_source
@@ -104,9 +109,17 @@ def predict_slides(
         try:
             source = make_source(record, cfg)
             check_model_fits(source, cfg, f"store {record.path}")
-            inf = infer_slide(loaded.model, source, memory_size=cfg.selection.memory_size,
-                              iter_size=cfg.selection.iter_size, modes=(mode,), score=cfg.selection.score,
-                              device=loaded.device, stream=stream, autocast_dtype=loaded.autocast_dtype)
+            inf = infer_slide(
+                loaded.model,
+                source,
+                memory_size=cfg.selection.memory_size,
+                iter_size=cfg.selection.iter_size,
+                modes=(mode,),
+                score=cfg.selection.score,
+                device=loaded.device,
+                stream=stream,
+                autocast_dtype=loaded.autocast_dtype,
+            )
         except Exception as e:  # noqa: BLE001 - one bad store must not stop the others
             report.failures.append(Failure(record.slide_id, record.path, one_line(e)))
             if log:
@@ -119,20 +132,37 @@ def predict_slides(
             logits[task.name].append(value)
             labels[task.name].append(label)
         if log:
-            log(f"[{i}/{len(records)}] {record.slide_id}: {inf.n_patches} patches, {time.perf_counter() - t0:.1f}s")
+            log(
+                f"[{i}/{len(records)}] {record.slide_id}: {inf.n_patches} patches, {time.perf_counter() - t0:.1f}s"
+            )
     write_predictions_csv(report.predictions, tasks, rows)
     report.n_done = len(records) - len(report.failures)
     report.metrics = labelled_metrics(tasks, logits, labels)
     if report.metrics:
-        report.metrics_file = write_metrics_json(out / "metrics.json", report.metrics, {
-            "mode": mode, "checkpoint": checkpoint, "n_slides": report.n_done,
-            "failed": [f.slide_id for f in report.failures]})
+        report.metrics_file = write_metrics_json(
+            out / "metrics.json",
+            report.metrics,
+            {
+                "mode": mode,
+                "checkpoint": checkpoint,
+                "n_slides": report.n_done,
+                "failed": [f.slide_id for f in report.failures],
+            },
+        )
     return report
 
 
 def heatmap_slides(
-    loaded: Loaded, records: Sequence[SlideRecord], out: Path, *, task: str | None = None, top_k: int = 16,
-    mode: str = "topm", thumb_size: int = 1024, checkpoint: str = "", log: Callable[[str], None] | None = None,
+    loaded: Loaded,
+    records: Sequence[SlideRecord],
+    out: Path,
+    *,
+    task: str | None = None,
+    top_k: int = 16,
+    mode: str = "topm",
+    thumb_size: int = 1024,
+    checkpoint: str = "",
+    log: Callable[[str], None] | None = None,
 ) -> list[Failure]:
     """Heatmaps of every record under `out/<slide_id>/`; returns the failures (the others are drawn)."""
     from ips.infer.heatmap import select_tasks, write_slide_heatmaps
@@ -143,15 +173,26 @@ def heatmap_slides(
         t0 = time.perf_counter()
         try:
             result = write_slide_heatmaps(
-                loaded.model, loaded.cfg, record, out / record.slide_id, task=task, top_k=top_k, mode=mode,
-                device=loaded.device, autocast_dtype=loaded.autocast_dtype, thumb_size=thumb_size,
-                checkpoint=checkpoint)
+                loaded.model,
+                loaded.cfg,
+                record,
+                out / record.slide_id,
+                task=task,
+                top_k=top_k,
+                mode=mode,
+                device=loaded.device,
+                autocast_dtype=loaded.autocast_dtype,
+                thumb_size=thumb_size,
+                checkpoint=checkpoint,
+            )
         except Exception as e:  # noqa: BLE001 - one bad store must not stop the others
             failures.append(Failure(record.slide_id, record.path, one_line(e)))
             if log:
                 log(f"[{i}/{len(records)}] {record.slide_id}: FAILED: {one_line(e)}")
             continue
         if log:
-            log(f"[{i}/{len(records)}] {record.slide_id}: {result.n_patches} patches, "
-                f"{time.perf_counter() - t0:.1f}s -> {result.out_dir}")
+            log(
+                f"[{i}/{len(records)}] {record.slide_id}: {result.n_patches} patches, "
+                f"{time.perf_counter() - t0:.1f}s -> {result.out_dir}"
+            )
     return failures

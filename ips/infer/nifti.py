@@ -38,8 +38,9 @@ def source_affine(store: IpsStore) -> np.ndarray:
     return np.diag([sx, sy, sz, 1.0])
 
 
-def grid_volume(level0_zyx: np.ndarray, stride0: np.ndarray, values: np.ndarray,
-                shape0: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def grid_volume(
+    level0_zyx: np.ndarray, stride0: np.ndarray, values: np.ndarray, shape0: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Scatter per-patch `values (N, K)` onto the grid's cells.
 
     Args:
@@ -62,8 +63,9 @@ def grid_volume(level0_zyx: np.ndarray, stride0: np.ndarray, values: np.ndarray,
     return volume, origin
 
 
-def heatmap_affine(affine0: np.ndarray, origin0_zyx: np.ndarray, stride0_zyx: np.ndarray,
-                   patch0_zyx: np.ndarray) -> np.ndarray:
+def heatmap_affine(
+    affine0: np.ndarray, origin0_zyx: np.ndarray, stride0_zyx: np.ndarray, patch0_zyx: np.ndarray
+) -> np.ndarray:
     """`affine0 @ G` (module docstring): heatmap cell `(a, b, c)` -> world, centred on its patch."""
     g = np.eye(4)
     for axis, zyx in enumerate((2, 1, 0)):  # NIfTI axis i, j, k = our x, y, z
@@ -72,8 +74,9 @@ def heatmap_affine(affine0: np.ndarray, origin0_zyx: np.ndarray, stride0_zyx: np
     return np.asarray(affine0, dtype=np.float64) @ g
 
 
-def write_nifti(path: str | Path, volume_zyxk: np.ndarray, affine: np.ndarray,
-                qform_code: int = 1, sform_code: int = 1) -> Path:
+def write_nifti(
+    path: str | Path, volume_zyxk: np.ndarray, affine: np.ndarray, qform_code: int = 1, sform_code: int = 1
+) -> Path:
     """Write `(Gz, Gy, Gx, K)` as NIfTI-1 `(Gx, Gy, Gz)` (K == 1) or `(Gx, Gy, Gz, K)`, units mm.
 
     Written under a temporary name and renamed (never seen half-written)."""

@@ -26,15 +26,26 @@ def select_slides(
     stream = partial(stream_chunks, prefetch=cfg.selection.prefetch, pin_memory=rt.device.type == "cuda")
     with eval_mode(model):
         return [
-            select(model, src, memory_size=cfg.selection.memory_size, iter_size=cfg.selection.iter_size,
-                   score=cfg.selection.score, device=rt.device, stream=stream, autocast_dtype=rt.autocast_dtype)
+            select(
+                model,
+                src,
+                memory_size=cfg.selection.memory_size,
+                iter_size=cfg.selection.iter_size,
+                score=cfg.selection.score,
+                device=rt.device,
+                stream=stream,
+                autocast_dtype=rt.autocast_dtype,
+            )
             for src in sources
         ]
 
 
 @torch.no_grad()
 def predict_records(
-    model: IPSModel, records: Sequence[SlideRecord], cfg: ExperimentConfig, rt: Runtime,
+    model: IPSModel,
+    records: Sequence[SlideRecord],
+    cfg: ExperimentConfig,
+    rt: Runtime,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-task logits `{task: (S, n_out)}` of the slides, from their top-M selection (as trained)."""
@@ -44,7 +55,9 @@ def predict_records(
             source = make_source(record, cfg)
             (sel,) = select_slides(model, [source], cfg, rt)
             batch = stack_selections([sel], {}, cfg.selection.memory_size).to(rt.device)
-            with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
+            with torch.autocast(
+                rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None
+            ):
                 logits, _ = model(batch.patches, batch.positions, batch.mask)
             for name, value in logits.items():
                 out[name].append(value.float().cpu())

@@ -44,7 +44,9 @@ def format_label(task: TaskConfig, label: Label | None) -> str:
     return str(int(label))  # type: ignore[arg-type]
 
 
-def prediction_rows(task: TaskConfig, slide_id: str, logits: torch.Tensor, label: Label | None) -> dict[str, str]:
+def prediction_rows(
+    task: TaskConfig, slide_id: str, logits: torch.Tensor, label: Label | None
+) -> dict[str, str]:
     """One CSV row from a task's logits `(n_out,)`."""
     x = logits.float().reshape(1, -1)
     prob = probabilities(task, x)[0]
@@ -62,7 +64,9 @@ def prediction_rows(task: TaskConfig, slide_id: str, logits: torch.Tensor, label
     return row
 
 
-def write_predictions_csv(path: str | Path, tasks: Sequence[TaskConfig], rows: Sequence[Mapping[str, str]]) -> Path:
+def write_predictions_csv(
+    path: str | Path, tasks: Sequence[TaskConfig], rows: Sequence[Mapping[str, str]]
+) -> Path:
     """Write the rows (atomically: a temporary name, then rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

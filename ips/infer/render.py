@@ -106,8 +106,9 @@ def colorize(values: np.ndarray, vmax: float, vmin: float = 0.0) -> np.ndarray:
     return out
 
 
-def pixel_boxes(level0_corner: np.ndarray, size0: np.ndarray, downsample: np.ndarray,
-                shape: tuple[int, int]) -> np.ndarray:
+def pixel_boxes(
+    level0_corner: np.ndarray, size0: np.ndarray, downsample: np.ndarray, shape: tuple[int, int]
+) -> np.ndarray:
     """Level-0 rectangles -> integer pixel boxes of an image `shape` at `downsample`.
 
     Args:
@@ -133,12 +134,22 @@ def paint(values: np.ndarray, boxes: np.ndarray, shape: tuple[int, int]) -> np.n
     return paint_blocks([(values, boxes)], shape)
 
 
-def paint_patches(values: np.ndarray, level0_corner: np.ndarray, size0: np.ndarray, downsample: np.ndarray,
-                  shape: tuple[int, int]) -> np.ndarray:
+def paint_patches(
+    values: np.ndarray,
+    level0_corner: np.ndarray,
+    size0: np.ndarray,
+    downsample: np.ndarray,
+    shape: tuple[int, int],
+) -> np.ndarray:
     """`paint` of patches given by level-0 corners `(N, 2)`, converted to pixel boxes block by block (the
     temporaries are O(block), not O(N))."""
-    blocks = ((values[i : i + PAINT_BLOCK], pixel_boxes(level0_corner[i : i + PAINT_BLOCK], size0, downsample, shape))
-              for i in range(0, len(values), PAINT_BLOCK))
+    blocks = (
+        (
+            values[i : i + PAINT_BLOCK],
+            pixel_boxes(level0_corner[i : i + PAINT_BLOCK], size0, downsample, shape),
+        )
+        for i in range(0, len(values), PAINT_BLOCK)
+    )
     return paint_blocks(blocks, shape)
 
 
@@ -202,8 +213,14 @@ def save_overlay(
         finite = heat[np.isfinite(heat)]
         vmax = float(finite.max()) if finite.size else 1.0
         vmin = float(finite.min()) if finite.size and finite.min() < 0 else 0.0
-        im = ax.imshow(np.ma.masked_invalid(heat), cmap=overlay_cmap(), vmin=vmin,
-                       vmax=vmax if vmax > vmin else vmin + 1e-12, aspect=aspect, interpolation="nearest")
+        im = ax.imshow(
+            np.ma.masked_invalid(heat),
+            cmap=overlay_cmap(),
+            vmin=vmin,
+            vmax=vmax if vmax > vmin else vmin + 1e-12,
+            aspect=aspect,
+            interpolation="nearest",
+        )
         for r, c in marks or ():
             ax.plot([c], [r], marker="o", markersize=12, markerfacecolor="none", markeredgecolor="cyan")
         ax.set_title(title, fontsize=9)
@@ -214,8 +231,9 @@ def save_overlay(
     return _save(fig, path)
 
 
-def save_gallery(path: str | Path, images: Sequence[np.ndarray], captions: Sequence[str], *, title: str,
-                 columns: int = 8) -> Path:
+def save_gallery(
+    path: str | Path, images: Sequence[np.ndarray], captions: Sequence[str], *, title: str, columns: int = 8
+) -> Path:
     """A grid of `(Y, X, 3)` uint8 images with a caption each; written atomically."""
     import matplotlib
 

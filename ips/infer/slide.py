@@ -47,8 +47,10 @@ def check_model_fits(source: PatchSource, cfg: ExperimentConfig, where: str) -> 
     dims, want = source.spatial_dims, cfg.model.spatial_dims
     if dims != want:
         kind = "volume" if dims == 3 else "slide"
-        raise ConfigError(f"{where}: a {dims}D {kind} store, but the checkpoint's model is {want}D "
-                          f"(model.spatial_dims={want})")
+        raise ConfigError(
+            f"{where}: a {dims}D {kind} store, but the checkpoint's model is {want}D "
+            f"(model.spatial_dims={want})"
+        )
     check_source_fits_model(source, cfg, where)
 
 
@@ -157,7 +159,9 @@ def stream_slide(
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     for chunk in stream(source, chunk_size):
         with autocast:
-            emb = model.embed(chunk.patches.to(device, non_blocking=True), chunk.positions.to(device))  # (i, D)
+            emb = model.embed(
+                chunk.patches.to(device, non_blocking=True), chunk.positions.to(device)
+            )  # (i, D)
             logits = model.aggregator.attention_logits(emb[None])[0]  # (T, H, i)
             values = model.aggregator.values(emb[None])[0] if pool is not None else None  # (H, i, d_k)
         head_logits[chunk.indices] = logits.float().permute(2, 0, 1).cpu().numpy()
@@ -177,14 +181,20 @@ def stream_slide(
 
 @torch.no_grad()
 def predict_selected(
-    model: IPSModel, source: PatchSource, indices: np.ndarray, *, device: torch.device | str = "cpu",
+    model: IPSModel,
+    source: PatchSource,
+    indices: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-task logits `{task: (n_out,)}` from the patches at `indices` `(m,)` (read once, m <= M)."""
     device = torch.device(device)
     indices = np.asarray(indices, dtype=np.int64)
     patches = source.read(indices)[None].to(device)  # (1, m, ...)
-    positions = torch.from_numpy(np.ascontiguousarray(source.positions()[indices]))[None].to(device)  # (1, m, d)
+    positions = torch.from_numpy(np.ascontiguousarray(source.positions()[indices]))[None].to(
+        device
+    )  # (1, m, d)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits, _ = model(patches, positions)
     return {name: v[0].float().cpu() for name, v in logits.items()}
@@ -212,8 +222,15 @@ def infer_slide(
     if bad:
         raise ValueError(f"unknown inference mode {bad[0]!r}; valid modes: topm, all")
     with eval_mode(model):
-        head_logits, whole = stream_slide(model, source, chunk_size=iter_size, aggregate="all" in modes,
-                                          device=device, stream=stream, autocast_dtype=autocast_dtype)
+        head_logits, whole = stream_slide(
+            model,
+            source,
+            chunk_size=iter_size,
+            aggregate="all" in modes,
+            device=device,
+            stream=stream,
+            autocast_dtype=autocast_dtype,
+        )
         result = SlideInference(head_logits, global_logsumexp(head_logits))
         if whole is not None:
             result.logits["all"] = whole
@@ -222,9 +239,18 @@ def infer_slide(
                 scores = torch.from_numpy(result.selection_score)
                 selected = global_top_m(scores, min(memory_size, result.n_patches)).numpy()
             else:  # the reference's score depends on the buffer: run the selection as trained
-                selected = select(model, source, memory_size=memory_size, iter_size=iter_size, score=score,
-                                  device=device, stream=stream, autocast_dtype=autocast_dtype).indices.numpy()
+                selected = select(
+                    model,
+                    source,
+                    memory_size=memory_size,
+                    iter_size=iter_size,
+                    score=score,
+                    device=device,
+                    stream=stream,
+                    autocast_dtype=autocast_dtype,
+                ).indices.numpy()
             result.selected = selected.astype(np.int64)
-            result.logits["topm"] = predict_selected(model, source, selected, device=device,
-                                                     autocast_dtype=autocast_dtype)
+            result.logits["topm"] = predict_selected(
+                model, source, selected, device=device, autocast_dtype=autocast_dtype
+            )
     return result

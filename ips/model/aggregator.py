@@ -22,7 +22,9 @@ def sincos_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     if per_axis == 0:
         raise ValueError(f"dim={dim} is too small to encode {d} axes")
     freqs = torch.exp(
-        -math.log(10000.0) * torch.arange(0, per_axis, 2, device=positions.device, dtype=torch.float32) / per_axis
+        -math.log(10000.0)
+        * torch.arange(0, per_axis, 2, device=positions.device, dtype=torch.float32)
+        / per_axis
     )  # (per_axis/2,)
     angles = positions.float().unsqueeze(-1) * freqs  # (..., d, per_axis/2)
     enc = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (..., d * per_axis)
@@ -37,7 +39,9 @@ class CrossAttentionAggregator(nn.Module):
     Shapes: `x (B, N, D)`, optional `mask (B, N)` (True = real patch) -> `z (B, T, D)`, `logits (B, T, H, N)`.
     """
 
-    def __init__(self, *, d_model: int, n_heads: int, n_queries: int, d_mlp: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, *, d_model: int, n_heads: int, n_queries: int, d_mlp: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
@@ -53,7 +57,11 @@ class CrossAttentionAggregator(nn.Module):
         self.attn_drop = nn.Dropout(dropout)
         self.norm_mlp = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, d_mlp), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_mlp, d_model), nn.Dropout(dropout)
+            nn.Linear(d_model, d_mlp),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(d_mlp, d_model),
+            nn.Dropout(dropout),
         )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:

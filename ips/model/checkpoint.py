@@ -70,7 +70,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     damaged or not an ips checkpoint."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file (e.g. {path}/checkpoints/best.pt)")
+        raise CheckpointError(
+            f"{path} is a directory, not a checkpoint file (e.g. {path}/checkpoints/best.pt)"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     if path.stat().st_size == 0:

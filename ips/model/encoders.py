@@ -51,7 +51,9 @@ class SqueezeExcite(nn.Module):
         hidden = max(4, channels // reduction)
         conv = _CONV[spatial_dims]
         self.pool = _POOL[spatial_dims](1)
-        self.fc = nn.Sequential(conv(channels, hidden, 1), nn.ReLU(inplace=True), conv(hidden, channels, 1), nn.Sigmoid())
+        self.fc = nn.Sequential(
+            conv(channels, hidden, 1), nn.ReLU(inplace=True), conv(hidden, channels, 1), nn.Sigmoid()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.fc(self.pool(x))
@@ -60,16 +62,22 @@ class SqueezeExcite(nn.Module):
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3^d convs), optionally with squeeze-excitation."""
 
-    def __init__(self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str, se: bool = False) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str, se: bool = False
+    ) -> None:
         super().__init__()
         conv = _CONV[spatial_dims]
         self.body = nn.Sequential(
-            conv(cin, cout, 3, stride, 1, bias=False), _norm(norm, cout, spatial_dims), nn.ReLU(inplace=True),
-            conv(cout, cout, 3, 1, 1, bias=False), _norm(norm, cout, spatial_dims),
+            conv(cin, cout, 3, stride, 1, bias=False),
+            _norm(norm, cout, spatial_dims),
+            nn.ReLU(inplace=True),
+            conv(cout, cout, 3, 1, 1, bias=False),
+            _norm(norm, cout, spatial_dims),
             SqueezeExcite(cout, spatial_dims) if se else nn.Identity(),
         )
         self.skip = (
-            nn.Identity() if stride == 1 and cin == cout
+            nn.Identity()
+            if stride == 1 and cin == cout
             else nn.Sequential(conv(cin, cout, 1, stride, bias=False), _norm(norm, cout, spatial_dims))
         )
         self.act = nn.ReLU(inplace=True)
@@ -81,14 +89,20 @@ class BasicBlock(nn.Module):
 class InvertedBottleneck(nn.Module):
     """MobileNetV2-style block: 1^d expand, depthwise 3^d, 1^d project (far fewer MACs than 3^d convs)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str, expand: int = 4) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str, expand: int = 4
+    ) -> None:
         super().__init__()
         conv, hidden = _CONV[spatial_dims], cin * expand
         self.body = nn.Sequential(
-            conv(cin, hidden, 1, bias=False), _norm(norm, hidden, spatial_dims), nn.ReLU6(inplace=True),
-            conv(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), _norm(norm, hidden, spatial_dims),
+            conv(cin, hidden, 1, bias=False),
+            _norm(norm, hidden, spatial_dims),
             nn.ReLU6(inplace=True),
-            conv(hidden, cout, 1, bias=False), _norm(norm, cout, spatial_dims),
+            conv(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            _norm(norm, hidden, spatial_dims),
+            nn.ReLU6(inplace=True),
+            conv(hidden, cout, 1, bias=False),
+            _norm(norm, cout, spatial_dims),
         )
         self.residual = stride == 1 and cin == cout
 
@@ -103,8 +117,11 @@ class FireBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str) -> None:
         super().__init__()
         conv, squeeze = _CONV[spatial_dims], max(4, cout // 8)
-        self.squeeze = nn.Sequential(conv(cin, squeeze, 1, stride, bias=False), _norm(norm, squeeze, spatial_dims),
-                                     nn.ReLU(inplace=True))
+        self.squeeze = nn.Sequential(
+            conv(cin, squeeze, 1, stride, bias=False),
+            _norm(norm, squeeze, spatial_dims),
+            nn.ReLU(inplace=True),
+        )
         self.e1 = conv(squeeze, cout // 2, 1, bias=False)
         self.e3 = conv(squeeze, cout - cout // 2, 3, 1, 1, bias=False)
         self.post = nn.Sequential(_norm(norm, cout, spatial_dims), nn.ReLU(inplace=True))
@@ -142,7 +159,8 @@ class ConvEncoder(nn.Module):
         conv = _CONV[spatial_dims]
         layers: list[nn.Module] = [
             conv(in_chans, widths[0], 3 if not stem_pool else 7, 2, 1 if not stem_pool else 3, bias=False),
-            _norm(norm, widths[0], spatial_dims), nn.ReLU(inplace=True),
+            _norm(norm, widths[0], spatial_dims),
+            nn.ReLU(inplace=True),
         ]
         if stem_pool:
             layers.append(_MAXPOOL[spatial_dims](3, 2, 1))
@@ -171,40 +189,75 @@ def ips_cnn_tiny(*, in_chans: int, spatial_dims: int, norm: str = "group") -> Co
 
 @register_encoder
 def ips_cnn_small(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
-    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(16, 32, 64), depths=(1, 1, 1), norm=norm)
+    return ConvEncoder(
+        in_chans=in_chans, spatial_dims=spatial_dims, widths=(16, 32, 64), depths=(1, 1, 1), norm=norm
+    )
 
 
 @register_encoder
 def ips_resnet10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     """ResNet-10 widths (MedicalNet-like): fit for 64^3-128^3 volume patches."""
-    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
-                       stem_pool=True, norm=norm)
+    return ConvEncoder(
+        in_chans=in_chans,
+        spatial_dims=spatial_dims,
+        widths=(32, 64, 128, 256),
+        depths=(1, 1, 1, 1),
+        stem_pool=True,
+        norm=norm,
+    )
 
 
 @register_encoder
 def ips_resnet18(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
-    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(64, 128, 256, 512), depths=(2, 2, 2, 2),
-                       stem_pool=True, norm=norm)
+    return ConvEncoder(
+        in_chans=in_chans,
+        spatial_dims=spatial_dims,
+        widths=(64, 128, 256, 512),
+        depths=(2, 2, 2, 2),
+        stem_pool=True,
+        norm=norm,
+    )
 
 
 @register_encoder
 def ips_se_resnet10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
-    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
-                       block="se", stem_pool=True, norm=norm)
+    return ConvEncoder(
+        in_chans=in_chans,
+        spatial_dims=spatial_dims,
+        widths=(32, 64, 128, 256),
+        depths=(1, 1, 1, 1),
+        block="se",
+        stem_pool=True,
+        norm=norm,
+    )
 
 
 @register_encoder
 def ips_mobile10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     """Inverted-bottleneck (depthwise) variant of ips_resnet10."""
-    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
-                       block="inverted", stem_pool=True, norm=norm)
+    return ConvEncoder(
+        in_chans=in_chans,
+        spatial_dims=spatial_dims,
+        widths=(32, 64, 128, 256),
+        depths=(1, 1, 1, 1),
+        block="inverted",
+        stem_pool=True,
+        norm=norm,
+    )
 
 
 @register_encoder
 def ips_fire10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     """Fire-module (SqueezeNet) variant of ips_resnet10."""
-    return ConvEncoder(in_chans=in_chans, spatial_dims=spatial_dims, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
-                       block="fire", stem_pool=True, norm=norm)
+    return ConvEncoder(
+        in_chans=in_chans,
+        spatial_dims=spatial_dims,
+        widths=(32, 64, 128, 256),
+        depths=(1, 1, 1, 1),
+        block="fire",
+        stem_pool=True,
+        norm=norm,
+    )
 
 
 class FeatureProjector(nn.Module):
@@ -219,8 +272,9 @@ class FeatureProjector(nn.Module):
         return self.net(x)
 
 
-def load_encoder_weights(encoder: nn.Module, path: Path, *, name: str, norm: str, in_chans: int,
-                         spatial_dims: int) -> None:
+def load_encoder_weights(
+    encoder: nn.Module, path: Path, *, name: str, norm: str, in_chans: int, spatial_dims: int
+) -> None:
     """Load a state_dict file (e.g. `ips pretrain`'s encoder.pt) into one of our encoders.
 
     A file that does not fit raises a one-line ConfigError naming `model.pretrained`: first from the
@@ -236,32 +290,45 @@ def load_encoder_weights(encoder: nn.Module, path: Path, *, name: str, norm: str
             meta = json.loads(meta_path.read_text())
         except ValueError:
             meta = {}
-        diff = [f"model.{k}={meta[k]!r} there, {v!r} here" for k, v in want.items()
-                if k in meta and meta[k] != v]
+        diff = [
+            f"model.{k}={meta[k]!r} there, {v!r} here" for k, v in want.items() if k in meta and meta[k] != v
+        ]
         if diff:
-            raise ConfigError(f"model.pretrained: {path} was pretrained for another encoder ({'; '.join(diff)}); "
-                              "pretrain again with this config or set the same keys")
+            raise ConfigError(
+                f"model.pretrained: {path} was pretrained for another encoder ({'; '.join(diff)}); "
+                "pretrain again with this config or set the same keys"
+            )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
-        raise ConfigError(f"model.pretrained: {path} cannot be read as weights: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"model.pretrained: {path} cannot be read as weights: {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"model.pretrained: {path} is not an encoder state_dict (ips pretrain writes encoder.pt)")
+        raise ConfigError(
+            f"model.pretrained: {path} is not an encoder state_dict (ips pretrain writes encoder.pt)"
+        )
     own = encoder.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         has_bn = any(k.endswith("running_mean") for k in state)
-        hint = (f"the file holds {'BatchNorm' if has_bn else 'GroupNorm'} weights: set model.encoder_norm="
-                f"{'batch' if has_bn else 'group'} or pretrain again"
-                if has_bn != any(k.endswith("running_mean") for k in own) else
-                f"{len(missing)} weights missing, {len(unexpected)} unexpected (e.g. "
-                f"{(missing or unexpected)[0]!r}): another model.encoder?")
-        raise ConfigError(f"model.pretrained: {path} does not fit encoder {name!r} with encoder_norm {norm!r}; {hint}")
+        hint = (
+            f"the file holds {'BatchNorm' if has_bn else 'GroupNorm'} weights: set model.encoder_norm="
+            f"{'batch' if has_bn else 'group'} or pretrain again"
+            if has_bn != any(k.endswith("running_mean") for k in own)
+            else f"{len(missing)} weights missing, {len(unexpected)} unexpected (e.g. "
+            f"{(missing or unexpected)[0]!r}): another model.encoder?"
+        )
+        raise ConfigError(
+            f"model.pretrained: {path} does not fit encoder {name!r} with encoder_norm {norm!r}; {hint}"
+        )
     bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
     if bad:
-        raise ConfigError(f"model.pretrained: {path} does not fit encoder {name!r}: {bad[0]} has shape "
-                          f"{tuple(state[bad[0]].shape)} there, {tuple(own[bad[0]].shape)} here "
-                          "(model.in_chans or model.encoder differ?)")
+        raise ConfigError(
+            f"model.pretrained: {path} does not fit encoder {name!r}: {bad[0]} has shape "
+            f"{tuple(state[bad[0]].shape)} there, {tuple(own[bad[0]].shape)} here "
+            "(model.in_chans or model.encoder differ?)"
+        )
     encoder.load_state_dict(state)
 
 
@@ -320,8 +387,9 @@ def build_encoder(
             path = Path(pretrained)
             if not path.is_file():
                 raise ConfigError(f"model.pretrained: weights file {path} does not exist")
-            load_encoder_weights(encoder, path, name=name, norm=norm or "group", in_chans=in_chans,
-                                 spatial_dims=spatial_dims)
+            load_encoder_weights(
+                encoder, path, name=name, norm=norm or "group", in_chans=in_chans, spatial_dims=spatial_dims
+            )
         min_size = getattr(encoder, "min_patch_size", 1)
         if patch_size < min_size:
             raise ConfigError(
@@ -337,7 +405,9 @@ def build_encoder(
     return encoder
 
 
-def _check_patch_size(encoder: nn.Module, name: str, *, in_chans: int, spatial_dims: int, patch_size: int) -> None:
+def _check_patch_size(
+    encoder: nn.Module, name: str, *, in_chans: int, spatial_dims: int, patch_size: int
+) -> None:
     """One dummy forward: the only check that fits every timm architecture (ViTs fix their input size)."""
     was_training = encoder.training
     encoder.eval()
@@ -346,7 +416,9 @@ def _check_patch_size(encoder: nn.Module, name: str, *, in_chans: int, spatial_d
             out = encoder(torch.zeros(1, in_chans, *([patch_size] * spatial_dims)))
     except Exception as e:  # noqa: BLE001 - any failure means the size does not fit
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.patch_size: {patch_size} does not fit encoder {name!r}: {first_line}") from None
+        raise ConfigError(
+            f"model.patch_size: {patch_size} does not fit encoder {name!r}: {first_line}"
+        ) from None
     finally:
         encoder.train(was_training)
     if out.ndim != 2:

@@ -53,7 +53,9 @@ class IPSModel(nn.Module):
         # learnable scale that starts small lets content lead and position join as it proves useful.
         self.pos_scale = nn.Parameter(torch.tensor(0.1)) if pos_enc else None
         enc_dim = encoder.out_dim
-        self.project = nn.Identity() if enc_dim == d_model and not pixel_input else nn.Linear(enc_dim, d_model)
+        self.project = (
+            nn.Identity() if enc_dim == d_model and not pixel_input else nn.Linear(enc_dim, d_model)
+        )
         self.aggregator = CrossAttentionAggregator(
             d_model=d_model, n_heads=n_heads, n_queries=len(self.tasks), d_mlp=d_mlp, dropout=dropout
         )

@@ -36,7 +36,9 @@ def task_loss(task: TaskConfig, logits: torch.Tensor, target: torch.Tensor) -> t
     if task.kind == "multiclass":
         return F.cross_entropy(logits, target.long(), reduction="none")
     if task.kind == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").mean(dim=1)
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").mean(
+            dim=1
+        )
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 

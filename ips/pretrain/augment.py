@@ -17,8 +17,13 @@ def _u(n: int, lo: float, hi: float, gen: torch.Generator, like: torch.Tensor, *
     return (lo + (hi - lo) * torch.rand((n, *shape), generator=gen)).to(like.device, torch.float32)
 
 
-def random_affine(x: torch.Tensor, gen: torch.Generator, *, scale: tuple[float, float], shear: float,
-                  ) -> torch.Tensor:
+def random_affine(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    *,
+    scale: tuple[float, float],
+    shear: float,
+) -> torch.Tensor:
     """Random zoom-in crop (side share U(scale)), shift within the patch and shear up to `shear`:
     `(n, C, *S)` -> same shape (bilinear, reflected borders). 2D and 3D."""
     n, d = x.shape[0], x.ndim - 2
@@ -32,7 +37,9 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, *, scale: tuple[float, 
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def random_blur(x: torch.Tensor, gen: torch.Generator, *, p: float, sigma: tuple[float, float]) -> torch.Tensor:
+def random_blur(
+    x: torch.Tensor, gen: torch.Generator, *, p: float, sigma: tuple[float, float]
+) -> torch.Tensor:
     """Gaussian blur of a random share `p` of the patches, sigma U(sigma) px, separable, 2D and 3D."""
     n, c, d = x.shape[0], x.shape[1], x.ndim - 2
     on = _u(n, 0, 1, gen, x) < p

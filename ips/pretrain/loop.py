@@ -30,8 +30,15 @@ STATE_FILE = "state.pt"
 def encoder_meta(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
     """What a pretrained encoder file fits: checked by `ips.encoders.build_encoder` when it is loaded."""
     m = cfg.model
-    return {"format": "ips-pretrained-encoder-1", "encoder": m.encoder, "encoder_norm": m.encoder_norm or "group",
-            "in_chans": m.in_chans, "spatial_dims": m.spatial_dims, "patch_size": m.patch_size, "method": method}
+    return {
+        "format": "ips-pretrained-encoder-1",
+        "encoder": m.encoder,
+        "encoder_norm": m.encoder_norm or "group",
+        "in_chans": m.in_chans,
+        "spatial_dims": m.spatial_dims,
+        "patch_size": m.patch_size,
+        "method": method,
+    }
 
 
 def _fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -104,13 +111,16 @@ def pretrain_encoder(
     model = build_model(dataclasses.replace(cfg.model, pretrained=False))
     encoder = model.encoder.to(dev)
     mean, std = model.pixel_mean.to(dev), model.pixel_std.to(dev)
-    head = (SimCLRHead(encoder.out_dim, pc.proj_dim) if method == "simclr" else RotationHead(encoder.out_dim)).to(dev)
+    head = (
+        SimCLRHead(encoder.out_dim, pc.proj_dim) if method == "simclr" else RotationHead(encoder.out_dim)
+    ).to(dev)
     params = [*encoder.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
     steps_per_epoch = pc.patches_per_epoch // pc.batch_size
     total = steps_per_epoch * pc.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup_steps=min(steps_per_epoch, total // 10), total_steps=total))
+        optimizer, partial(warmup_cosine, warmup_steps=min(steps_per_epoch, total // 10), total_steps=total)
+    )
     he = cfg.model.in_chans == 3 and cfg.model.spatial_dims == 2
     view = ViewAugment(he=he, strength=pc.augment_strength, orientation=method == "simclr")
 
@@ -124,22 +134,58 @@ def pretrain_encoder(
     t_all = time.perf_counter()
     for epoch in range(start + 1, pc.epochs + 1):
         t0 = time.perf_counter()
-        losses.append(_run_epoch(encoder, head, optimizer, scheduler, params, sampler, view, mean, std,
-                                 method, pc, epoch, steps_per_epoch, dev, show_progress))
+        losses.append(
+            _run_epoch(
+                encoder,
+                head,
+                optimizer,
+                scheduler,
+                params,
+                sampler,
+                view,
+                mean,
+                std,
+                method,
+                pc,
+                epoch,
+                steps_per_epoch,
+                dev,
+                show_progress,
+            )
+        )
         _save_epoch(out, cfg, method, epoch, losses, encoder, head, optimizer, scheduler)
-        log(f"pretrain epoch {epoch}/{pc.epochs} | {method} loss {losses[-1]:.4f} | {time.perf_counter() - t0:.1f}s")
+        log(
+            f"pretrain epoch {epoch}/{pc.epochs} | {method} loss {losses[-1]:.4f} | {time.perf_counter() - t0:.1f}s"
+        )
         if stop_after_epochs is not None and epoch >= stop_after_epochs:
             break
     if not math.isfinite(losses[-1] if losses else 0.0):
         raise FloatingPointError("pretraining diverged")
-    return {"losses": losses, "encoder": out / ENCODER_FILE, "method": method,
-            "seconds": time.perf_counter() - t_all}
+    return {
+        "losses": losses,
+        "encoder": out / ENCODER_FILE,
+        "method": method,
+        "seconds": time.perf_counter() - t_all,
+    }
 
 
-def _run_epoch(encoder: torch.nn.Module, head: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               params: list[torch.nn.Parameter], sampler: StorePatchSampler, view: ViewAugment, mean: torch.Tensor,
-               std: torch.Tensor, method: str, pc: Any, epoch: int, steps_per_epoch: int, dev: torch.device,
-               show_progress: bool) -> float:
+def _run_epoch(
+    encoder: torch.nn.Module,
+    head: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    params: list[torch.nn.Parameter],
+    sampler: StorePatchSampler,
+    view: ViewAugment,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    method: str,
+    pc: Any,
+    epoch: int,
+    steps_per_epoch: int,
+    dev: torch.device,
+    show_progress: bool,
+) -> float:
     """One pretraining epoch over `steps_per_epoch` sampled batches; its mean loss."""
     gen = torch.Generator().manual_seed(pc.seed * 1000 + epoch)
     encoder.train()
@@ -156,7 +202,7 @@ def _run_epoch(encoder: torch.nn.Module, head: torch.nn.Module, optimizer: torch
             v1, v2 = view(x, gen), view(x, gen)
             h = encoder(normalize_pixels(torch.cat([v1, v2]), mean, std))  # (2b, D)
             z = head(h)
-            loss = nt_xent(z[: len(x)], z[len(x):], pc.temperature)
+            loss = nt_xent(z[: len(x)], z[len(x) :], pc.temperature)
         else:
             v, k = quarter_turns(view(x, gen), gen)
             loss = torch.nn.functional.cross_entropy(head(encoder(normalize_pixels(v, mean, std))), k)
@@ -177,14 +223,33 @@ def _run_epoch(encoder: torch.nn.Module, head: torch.nn.Module, optimizer: torch
     return total_loss / max(1, n)
 
 
-def _save_epoch(out: Path, cfg: ExperimentConfig, method: str, epoch: int, losses: list[float],
-                encoder: torch.nn.Module, head: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def _save_epoch(
+    out: Path,
+    cfg: ExperimentConfig,
+    method: str,
+    epoch: int,
+    losses: list[float],
+    encoder: torch.nn.Module,
+    head: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> None:
     """After each epoch: encoder.pt and encoder.json (usable at once), the resumable state, the loss curve."""
     _atomic_save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, out / ENCODER_FILE)
     (out / ENCODER_META).write_text(json.dumps(encoder_meta(cfg, method), indent=1))
-    _atomic_save({"epoch": epoch, "losses": losses, "encoder": encoder.state_dict(), "head": head.state_dict(),
-                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                  "fingerprint": _fingerprint(cfg)}, out / STATE_FILE)
+    _atomic_save(
+        {
+            "epoch": epoch,
+            "losses": losses,
+            "encoder": encoder.state_dict(),
+            "head": head.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "fingerprint": _fingerprint(cfg),
+        },
+        out / STATE_FILE,
+    )
     with (out / "loss.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["epoch", "loss"])
@@ -192,17 +257,25 @@ def _save_epoch(out: Path, cfg: ExperimentConfig, method: str, epoch: int, losse
     _plot(losses, out / "loss.png", f"{method} pretraining of {cfg.model.encoder}")
 
 
-def _resume(state_path: Path, cfg: ExperimentConfig, dev: torch.device, encoder: torch.nn.Module,
-            head: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, list[float]]:
+def _resume(
+    state_path: Path,
+    cfg: ExperimentConfig,
+    dev: torch.device,
+    encoder: torch.nn.Module,
+    head: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[int, list[float]]:
     """Restore an interrupted pretraining; ConfigError when it was started with another config."""
     state = torch.load(state_path, map_location=dev, weights_only=True)
     if state["fingerprint"] != _fingerprint(cfg):
-        raise ConfigError(f"{state_path.parent}: pretraining there was started with a different config (model, pretrain or "
-                          "data.grid); use a new --out or --no-resume")
+        raise ConfigError(
+            f"{state_path.parent}: pretraining there was started with a different config (model, pretrain or "
+            "data.grid); use a new --out or --no-resume"
+        )
     encoder.load_state_dict(state["encoder"])
     head.load_state_dict(state["head"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["epoch"]), [float(v) for v in state["losses"]]
-

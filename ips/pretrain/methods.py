@@ -23,7 +23,9 @@ class SimCLRHead(nn.Module):
 
     def __init__(self, in_dim: int, proj_dim: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, proj_dim))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, proj_dim)
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)

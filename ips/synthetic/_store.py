@@ -69,18 +69,28 @@ def write_store(
     out_dir = Path(out_dir)
     staging = out_dir / STAGING
     # overwrite: a store left in staging by a killed run may come from other parameters
-    options = PrepOptions(patch_size=patch_size, stride=patch_size, level=0, min_tissue=min_tissue,
-                          grid_name=sf.DEFAULT_GRID, overwrite=True)
-    built = Path(convert_array(array, staging, slide_id, spacing=spacing, options=options,
-                               background=background, mask=mask))
+    options = PrepOptions(
+        patch_size=patch_size,
+        stride=patch_size,
+        level=0,
+        min_tissue=min_tissue,
+        grid_name=sf.DEFAULT_GRID,
+        overwrite=True,
+    )
+    built = Path(
+        convert_array(
+            array, staging, slide_id, spacing=spacing, options=options, background=background, mask=mask
+        )
+    )
     root = zarr.open_group(str(built), mode="r+")
     truth = root.create_group(TRUTH_GROUP, overwrite=True)
     truth.attrs.update(dict(truth_attrs or {}))
     coords = np.asarray(root[f"{sf.GRIDS_GROUP}/{sf.DEFAULT_GRID}/{sf.COORDS_ARRAY}"][...])
     for name, cells in (truth_cells or {}).items():
         values = cells_to_grid(np.asarray(cells, dtype=np.float32), coords, patch_size)
-        arr = truth.create_array(name, shape=values.shape, dtype="float32", chunks=(max(1, len(values)),),
-                                 fill_value=0.0)
+        arr = truth.create_array(
+            name, shape=values.shape, dtype="float32", chunks=(max(1, len(values)),), fill_value=0.0
+        )
         if len(values):
             arr[...] = values
     final = out_dir / f"{slide_id}.zarr"
@@ -112,15 +122,15 @@ def write_manifest(path: str | Path, rows: Sequence[Mapping[str, Any]], columns:
     return path
 
 
-def stratified_splits(
-    labels: Sequence[int], fractions: Sequence[float], seed: int
-) -> list[str]:
+def stratified_splits(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[str]:
     """A split name (train/val/test) per item, the same share of each label in every split.
 
     Within each label, items are shuffled with `seed` and cut at the cumulative `fractions`.
     """
     if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
-        raise ValueError(f"split fractions must be 3 non-negative numbers (train, val, test), got {fractions}")
+        raise ValueError(
+            f"split fractions must be 3 non-negative numbers (train, val, test), got {fractions}"
+        )
     frac = np.asarray(fractions, dtype=float) / float(sum(fractions))
     rng = np.random.default_rng([seed, 0x5350])
     labels_arr = np.asarray(labels)

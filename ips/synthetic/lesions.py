@@ -171,7 +171,11 @@ def _n_lesions(rng: np.random.Generator, positive: bool) -> int:
 
 
 def render_slide_2d(
-    rng: np.random.Generator, size: int | tuple[int, int], patch_size: int, *, positive: bool,
+    rng: np.random.Generator,
+    size: int | tuple[int, int],
+    patch_size: int,
+    *,
+    positive: bool,
     n_lesions: int | None = None,
 ) -> LesionSlide:
     """One H&E-like slide `(3, H, W)` uint8; `positive` plants 1-3 lesions (or `n_lesions`)."""
@@ -211,7 +215,11 @@ def render_slide_2d(
 
 
 def render_volume_3d(
-    rng: np.random.Generator, size: int | tuple[int, int, int], patch_size: int, *, positive: bool,
+    rng: np.random.Generator,
+    size: int | tuple[int, int, int],
+    patch_size: int,
+    *,
+    positive: bool,
     n_lesions: int | None = None,
 ) -> LesionSlide:
     """One grey volume `(1, Z, Y, X)` uint8 (background 0); `positive` plants 1-3 bright spheres."""
@@ -306,22 +314,47 @@ def make_lesion_dataset(
     background = 255 if spatial_dims == 2 else 0
     rows = []
     for i, label in enumerate(labels):
-        slide = render_lesion_slide(slide_rng(seed, i), size, patch_size, positive=bool(label),
-                                    spatial_dims=spatial_dims)
+        slide = render_lesion_slide(
+            slide_rng(seed, i), size, patch_size, positive=bool(label), spatial_dims=spatial_dims
+        )
         slide_id = f"lesion{spatial_dims}d_{i:04d}"
         store = write_store(
-            slide.image, out_dir / "stores", slide_id, patch_size=patch_size, background=background,
-            mask=None if detect_tissue else _coarse(slide.tissue, max(1, patch_size // 8)), min_tissue=min_tissue, spacing=tuple(spacing),
+            slide.image,
+            out_dir / "stores",
+            slide_id,
+            patch_size=patch_size,
+            background=background,
+            mask=None if detect_tissue else _coarse(slide.tissue, max(1, patch_size // 8)),
+            min_tissue=min_tissue,
+            spacing=tuple(spacing),
             truth_cells={"lesion": patch_fraction(slide.lesion_mask, patch_size)},
-            truth_attrs={"label": slide.label, "lesions": [les.to_dict() for les in slide.lesions],
-                         "patch_size": patch_size},
+            truth_attrs={
+                "label": slide.label,
+                "lesions": [les.to_dict() for les in slide.lesions],
+                "patch_size": patch_size,
+            },
         )
-        rows.append({"slide_id": slide_id, "path": store.relative_to(out_dir).as_posix(),
-                     "label": slide.label, "split": splits[i], "n_lesions": len(slide.lesions)})
-    params = {"n_slides": n_slides, "size": size, "patch_size": patch_size, "seed": seed,
-              "positive_fraction": positive_fraction, "spatial_dims": spatial_dims,
-              "split_fractions": list(split_fractions), "spacing": list(spacing),
-              "detect_tissue": detect_tissue, "min_tissue": min_tissue}
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "path": store.relative_to(out_dir).as_posix(),
+                "label": slide.label,
+                "split": splits[i],
+                "n_lesions": len(slide.lesions),
+            }
+        )
+    params = {
+        "n_slides": n_slides,
+        "size": size,
+        "patch_size": patch_size,
+        "seed": seed,
+        "positive_fraction": positive_fraction,
+        "spatial_dims": spatial_dims,
+        "split_fractions": list(split_fractions),
+        "spacing": list(spacing),
+        "detect_tissue": detect_tissue,
+        "min_tissue": min_tissue,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "lesions.json").write_text(json.dumps(params, indent=1))
     return write_manifest(out_dir / "manifest.csv", rows, ["slide_id", "path", "label", "split", "n_lesions"])

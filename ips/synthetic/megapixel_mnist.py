@@ -151,7 +151,9 @@ def labels_from_placements(placements: Sequence[Placement]) -> dict[str, Label]:
     }
 
 
-def _place_boxes(rng: np.random.Generator, n: int, size: int, canvas: tuple[int, int]) -> list[tuple[int, int]]:
+def _place_boxes(
+    rng: np.random.Generator, n: int, size: int, canvas: tuple[int, int]
+) -> list[tuple[int, int]]:
     """`n` non-overlapping `size`-square boxes: uniform top-left corners, each redrawn on overlap.
 
     A box that finds no free spot in 1000 draws (a jammed tight canvas) restarts the whole layout.
@@ -219,16 +221,19 @@ def make_sample(
     )
 
     image = np.zeros(canvas, dtype=np.uint8)
-    noise = np.stack([
-        rng.integers(0, canvas[0] - size + 1, n_noise),
-        rng.integers(0, canvas[1] - size + 1, n_noise),
-        rng.integers(0, len(bank), n_noise),
-    ], axis=1).astype(np.int64)  # (K, 3): row, col, pattern
+    noise = np.stack(
+        [
+            rng.integers(0, canvas[0] - size + 1, n_noise),
+            rng.integers(0, canvas[1] - size + 1, n_noise),
+            rng.integers(0, len(bank), n_noise),
+        ],
+        axis=1,
+    ).astype(np.int64)  # (K, 3): row, col, pattern
     for r, c, k in noise:
-        box = image[r:r + size, c:c + size]
+        box = image[r : r + size, c : c + size]
         np.maximum(box, _upscale(bank[k], digit_scale), out=box)
     for p in placements:  # a digit owns its whole box (as in the reference)
-        image[p.row:p.row + size, p.col:p.col + size] = _upscale(images[p.index], digit_scale)
+        image[p.row : p.row + size, p.col : p.col + size] = _upscale(images[p.index], digit_scale)
     return MegapixelSample(image, placements, noise, labels_from_placements(placements))
 
 
@@ -256,7 +261,7 @@ def boxes_mask(placements: Sequence[Placement], canvas: tuple[int, int]) -> np.n
     """Bool `(H, W)`: the pixels of the digit boxes."""
     mask = np.zeros(canvas, dtype=bool)
     for p in placements:
-        mask[p.row:p.row + p.size, p.col:p.col + p.size] = True
+        mask[p.row : p.row + p.size, p.col : p.col + p.size] = True
     return mask
 
 
@@ -287,8 +292,10 @@ def make_megapixel_mnist(
     """
     canvas = (canvas, canvas) if isinstance(canvas, int) else tuple(canvas)
     if canvas[0] % patch_size or canvas[1] % patch_size:
-        raise ValueError(f"canvas {canvas} must be a multiple of patch_size {patch_size}: the grid keeps "
-                         "only whole patches, so digits at the edge would be lost")
+        raise ValueError(
+            f"canvas {canvas} must be a multiple of patch_size {patch_size}: the grid keeps "
+            "only whole patches, so digits at the edge would be lost"
+        )
     images, labels = load_mnist_csv(mnist_csv) if isinstance(mnist_csv, (str, Path)) else mnist_csv
     labels = np.asarray(labels, dtype=np.int64)
     pools = split_digit_pools(labels, pool_fractions, seed)
@@ -300,28 +307,51 @@ def make_megapixel_mnist(
         if count and len(pools[split]) == 0:
             raise ValueError(f"split {split!r} has no digits (pool_fractions={tuple(pool_fractions)})")
         for i in range(count):
-            sample = make_sample(images, labels, pools[split], sample_rng(seed, split, i), canvas=canvas,
-                                 noise_bank=bank, n_noise=n_noise, digit_scale=digit_scale,
-                                 distinct_others=distinct_others)
+            sample = make_sample(
+                images,
+                labels,
+                pools[split],
+                sample_rng(seed, split, i),
+                canvas=canvas,
+                noise_bank=bank,
+                n_noise=n_noise,
+                digit_scale=digit_scale,
+                distinct_others=distinct_others,
+            )
             slide_id = f"mnist_{split}_{i:05d}"
             store = write_store(
-                sample.image[None], out_dir / "stores", slide_id, patch_size=patch_size, background=0,
-                mask=full_mask, min_tissue=0.0,
+                sample.image[None],
+                out_dir / "stores",
+                slide_id,
+                patch_size=patch_size,
+                background=0,
+                mask=full_mask,
+                min_tissue=0.0,
                 truth_cells={"digit": patch_fraction(boxes_mask(sample.placements, canvas), patch_size)},
-                truth_attrs={"placements": [p.to_dict() for p in sample.placements],
-                             "labels": {k: list(v) if isinstance(v, tuple) else v
-                                        for k, v in sample.labels.items()},
-                             "n_noise": len(sample.noise)},
+                truth_attrs={
+                    "placements": [p.to_dict() for p in sample.placements],
+                    "labels": {k: list(v) if isinstance(v, tuple) else v for k, v in sample.labels.items()},
+                    "n_noise": len(sample.noise),
+                },
             )
-            row = {"slide_id": slide_id, "path": store.relative_to(out_dir).as_posix(), "split": split,
-                   "label": format_label(sample.labels["majority"])}
+            row = {
+                "slide_id": slide_id,
+                "path": store.relative_to(out_dir).as_posix(),
+                "split": split,
+                "label": format_label(sample.labels["majority"]),
+            }
             row.update({k: format_label(v) for k, v in sample.labels.items()})
             rows.append(row)
-    params = {"canvas": list(canvas), "seed": seed, "patch_size": patch_size, "digit_scale": digit_scale,
-              "n_noise": default_n_noise(canvas) if n_noise is None else n_noise,
-              "distinct_others": distinct_others, "pool_fractions": list(pool_fractions),
-              "pool_sizes": {s: len(p) for s, p in pools.items()},
-              "counts": {"train": n_train, "val": n_val, "test": n_test}}
+    params = {
+        "canvas": list(canvas),
+        "seed": seed,
+        "patch_size": patch_size,
+        "digit_scale": digit_scale,
+        "n_noise": default_n_noise(canvas) if n_noise is None else n_noise,
+        "distinct_others": distinct_others,
+        "pool_fractions": list(pool_fractions),
+        "pool_sizes": {s: len(p) for s, p in pools.items()},
+        "counts": {"train": n_train, "val": n_val, "test": n_test},
+    }
     (out_dir / "megapixel_mnist.json").write_text(json.dumps(params, indent=1))
-    return write_manifest(out_dir / "manifest.csv", rows,
-                          ["slide_id", "path", "label", "split", *TASK_NAMES])
+    return write_manifest(out_dir / "manifest.csv", rows, ["slide_id", "path", "label", "split", *TASK_NAMES])

@@ -71,8 +71,12 @@ def disc_mask(shape: Sequence[int], center: Sequence[int], radius: float) -> np.
     return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2
 
 
-def _place(rng: np.random.Generator, shape: tuple[int, int], radii: Sequence[float], margin: int,
-           ) -> list[tuple[tuple[int, int], float]]:
+def _place(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    radii: Sequence[float],
+    margin: int,
+) -> list[tuple[tuple[int, int], float]]:
     """Non-overlapping discs (gap >= margin px) wholly inside the image; a disc that finds no room is dropped."""
     placed: list[tuple[tuple[int, int], float]] = []
     for r in radii:
@@ -85,20 +89,27 @@ def _place(rng: np.random.Generator, shape: tuple[int, int], radii: Sequence[flo
     return placed
 
 
-def _nuclei_in(rng: np.random.Generator, canvas: np.ndarray, where: np.ndarray, count: int,
-               bank: list[np.ndarray]) -> None:
+def _nuclei_in(
+    rng: np.random.Generator, canvas: np.ndarray, where: np.ndarray, count: int, bank: list[np.ndarray]
+) -> None:
     """Stamp `count` big dark nuclei at random pixels of `where` into `canvas` (max)."""
     pos = np.argwhere(where)
     if not len(pos) or count <= 0:
         return
-    for c, k, v in zip(pos[rng.integers(0, len(pos), count)], rng.integers(0, len(bank), count),
-                       rng.uniform(1.1, 1.5, count)):
+    for c, k, v in zip(
+        pos[rng.integers(0, len(pos), count)], rng.integers(0, len(bank), count), rng.uniform(1.1, 1.5, count)
+    ):
         _stamp(canvas, bank[k], c, v)
 
 
 def render_small_object_slide(
-    rng: np.random.Generator, size: int, patch_size: int, *, positive: bool,
-    n_distractors: tuple[int, int] = (4, 8), max_object_fraction: float | None = None,
+    rng: np.random.Generator,
+    size: int,
+    patch_size: int,
+    *,
+    positive: bool,
+    n_distractors: tuple[int, int] = (4, 8),
+    max_object_fraction: float | None = None,
 ) -> SmallObjectSlide:
     """One slide `(3, size, size)`: distractors (clusters and vacuoles), plus one gland when `positive`.
 
@@ -113,18 +124,26 @@ def render_small_object_slide(
     n_dis = int(rng.integers(n_distractors[0], n_distractors[1] + 1))
     kinds = ["gland"] * int(positive) + [("cluster", "vacuole")[i % 2] for i in range(n_dis)]
     if n_dis >= 2:  # at least one of each kind, the rest at random
-        kinds[int(positive) + 2:] = [str(k) for k in rng.choice(["cluster", "vacuole"], n_dis - 2)]
+        kinds[int(positive) + 2 :] = [str(k) for k in rng.choice(["cluster", "vacuole"], n_dis - 2)]
     radii = rng.uniform(*OBJECT_RADIUS, len(kinds)) * patch_size
     placed = _place(rng, (h, w), radii, margin=patch_size // 2)
     if positive and len(placed) == 0:
         raise ValueError(f"no room for the target in a {size} px slide")
     # a vacuole is as large as a gland's lumen: its recorded radius is the pale disc's
-    objects = tuple(SmallObject(k, c, r * rng.uniform(*LUMEN_SHARE) if k == "vacuole" else r)
-                    for k, (c, r) in zip(kinds, placed))
+    objects = tuple(
+        SmallObject(k, c, r * rng.uniform(*LUMEN_SHARE) if k == "vacuole" else r)
+        for k, (c, r) in zip(kinds, placed)
+    )
     target = next((o for o in objects if o.kind == "gland"), None)
-    if target is not None and max_object_fraction is not None and np.pi * target.radius**2 > max_object_fraction * h * w:
-        raise ValueError(f"the target covers more than {max_object_fraction:.0%} of a {size} px slide; "
-                         "use a larger size or a smaller patch size")
+    if (
+        target is not None
+        and max_object_fraction is not None
+        and np.pi * target.radius**2 > max_object_fraction * h * w
+    ):
+        raise ValueError(
+            f"the target covers more than {max_object_fraction:.0%} of a {size} px slide; "
+            "use a larger size or a smaller patch size"
+        )
 
     fine = rng.standard_normal((h, w)).astype(np.float32)
     eosin = e_scale * (0.38 + 0.08 * _smooth_field(rng, (h, w), 16) + 0.03 * fine)
@@ -157,7 +176,9 @@ def render_small_object_slide(
     od = hema[..., None] * HEMATOXYLIN + np.maximum(eosin, 0)[..., None] * EOSIN
     od += 0.025 + 0.006 * rng.standard_normal((h, w, 1)).astype(np.float32)
     rgb = np.clip(255.0 * np.exp(-np.maximum(od, 0)), 0, 255).round().astype(np.uint8)
-    return SmallObjectSlide(np.ascontiguousarray(rgb.transpose(2, 0, 1)), target_mask, distractor_mask, objects)
+    return SmallObjectSlide(
+        np.ascontiguousarray(rgb.transpose(2, 0, 1)), target_mask, distractor_mask, objects
+    )
 
 
 def slide_rng(seed: int, index: int) -> np.random.Generator:
@@ -191,24 +212,56 @@ def make_small_object_dataset(
     splits = stratified_splits(labels.tolist(), split_fractions, seed)
     rows = []
     for i, label in enumerate(labels):
-        slide = render_small_object_slide(slide_rng(seed, i), size, patch_size, positive=bool(label),
-                                          n_distractors=n_distractors, max_object_fraction=max_object_fraction)
+        slide = render_small_object_slide(
+            slide_rng(seed, i),
+            size,
+            patch_size,
+            positive=bool(label),
+            n_distractors=n_distractors,
+            max_object_fraction=max_object_fraction,
+        )
         slide_id = f"smallobj_{i:04d}"
         store = write_store(
-            slide.image, out_dir / "stores", slide_id, patch_size=patch_size, background=255,
-            mask=np.ones((size // 8, size // 8), bool), min_tissue=0.0, spacing=(0.5, 0.5),
-            truth_cells={"lesion": patch_fraction(slide.target_mask, patch_size),
-                         "distractor": patch_fraction(slide.distractor_mask, patch_size)},
-            truth_attrs={"label": slide.label, "target": slide.target.to_dict() if slide.target else None,
-                         "distractors": [o.to_dict() for o in slide.objects if o.kind != "gland"],
-                         "patch_size": patch_size},
+            slide.image,
+            out_dir / "stores",
+            slide_id,
+            patch_size=patch_size,
+            background=255,
+            mask=np.ones((size // 8, size // 8), bool),
+            min_tissue=0.0,
+            spacing=(0.5, 0.5),
+            truth_cells={
+                "lesion": patch_fraction(slide.target_mask, patch_size),
+                "distractor": patch_fraction(slide.distractor_mask, patch_size),
+            },
+            truth_attrs={
+                "label": slide.label,
+                "target": slide.target.to_dict() if slide.target else None,
+                "distractors": [o.to_dict() for o in slide.objects if o.kind != "gland"],
+                "patch_size": patch_size,
+            },
         )
         n_dis = sum(o.kind != "gland" for o in slide.objects)
-        rows.append({"slide_id": slide_id, "path": store.relative_to(out_dir).as_posix(), "label": slide.label,
-                     "split": splits[i], "n_distractors": n_dis})
-    params = {"n_slides": n_slides, "size": size, "patch_size": patch_size, "seed": seed,
-              "positive_fraction": positive_fraction, "split_fractions": list(split_fractions),
-              "n_distractors": list(n_distractors)}
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "path": store.relative_to(out_dir).as_posix(),
+                "label": slide.label,
+                "split": splits[i],
+                "n_distractors": n_dis,
+            }
+        )
+    params = {
+        "n_slides": n_slides,
+        "size": size,
+        "patch_size": patch_size,
+        "seed": seed,
+        "positive_fraction": positive_fraction,
+        "split_fractions": list(split_fractions),
+        "n_distractors": list(n_distractors),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "small_objects.json").write_text(json.dumps(params, indent=1))
-    return write_manifest(out_dir / "manifest.csv", rows, ["slide_id", "path", "label", "split", "n_distractors"])
+    return write_manifest(
+        out_dir / "manifest.csv", rows, ["slide_id", "path", "label", "split", "n_distractors"]
+    )

@@ -18,7 +18,6 @@ from ips.errors import BudgetError
 GB = 1024**3
 
 
-
 @dataclass(frozen=True)
 class BudgetPlan:
     micro_batch_size: int

@@ -72,8 +72,11 @@ def plan_budget(
     targets1 = targets_for([record], cfg)
 
     def batch_of(k: int) -> SelectedBatch:
-        return stack_selections([sel] * k, {n: t.repeat(k, *[1] * (t.ndim - 1)) for n, t in targets1.items()},
-                                cfg.selection.memory_size)
+        return stack_selections(
+            [sel] * k,
+            {n: t.repeat(k, *[1] * (t.ndim - 1)) for n, t in targets1.items()},
+            cfg.selection.memory_size,
+        )
 
     def cost(k: int) -> int:
         batch = batch_of(k)
@@ -82,10 +85,23 @@ def plan_budget(
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(rt.device)
             with eval_mode(model):  # the selection pass is part of the step's peak
-                select(model, source, memory_size=cfg.selection.memory_size, iter_size=cfg.selection.iter_size,
-                       score=cfg.selection.score, device=rt.device, autocast_dtype=rt.autocast_dtype)
-            accumulate_gradients(model, batch, cfg.model.tasks, micro_batch_size=k, device=rt.device,
-                                 autocast_dtype=rt.autocast_dtype)
+                select(
+                    model,
+                    source,
+                    memory_size=cfg.selection.memory_size,
+                    iter_size=cfg.selection.iter_size,
+                    score=cfg.selection.score,
+                    device=rt.device,
+                    autocast_dtype=rt.autocast_dtype,
+                )
+            accumulate_gradients(
+                model,
+                batch,
+                cfg.model.tasks,
+                micro_batch_size=k,
+                device=rt.device,
+                autocast_dtype=rt.autocast_dtype,
+            )
             peak = torch.cuda.max_memory_allocated(rt.device)
             model.zero_grad(set_to_none=True)
             return int(peak)
@@ -99,13 +115,20 @@ def plan_budget(
 
         return estimate_step_bytes(model, step)
 
-    hint = (f"selection.memory_size (M={cfg.selection.memory_size}), model.patch_size ({cfg.model.patch_size}), "
-            f"selection.iter_size (I={cfg.selection.iter_size}) or the encoder ({cfg.model.encoder})")
+    hint = (
+        f"selection.memory_size (M={cfg.selection.memory_size}), model.patch_size ({cfg.model.patch_size}), "
+        f"selection.iter_size (I={cfg.selection.iter_size}) or the encoder ({cfg.model.encoder})"
+    )
     # the trial steps run in train mode: keep them from moving BatchNorm running statistics
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
-        return plan_micro_batch(cost, budget_bytes=int(cfg.train.vram_budget_gb * GB),
-                                batch_size=cfg.train.batch_size, measured=rt.device.type == "cuda", hint=hint)
+        return plan_micro_batch(
+            cost,
+            budget_bytes=int(cfg.train.vram_budget_gb * GB),
+            batch_size=cfg.train.batch_size,
+            measured=rt.device.type == "cuda",
+            hint=hint,
+        )
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
@@ -117,12 +140,18 @@ def recalibrate_from_selections(
 ) -> None:
     """Re-estimate BatchNorm statistics (`ips.training.batchnorm`) over the top-M selections of the slides in
     `chunks`, one forward per chunk (a chunk: the slides of one training micro-batch)."""
-    batches = (stack_selections(select_slides(model, [make_source(r, cfg) for r in chunk], cfg, rt), {},
-                                cfg.selection.memory_size) for chunk in chunks)
+    batches = (
+        stack_selections(
+            select_slides(model, [make_source(r, cfg) for r in chunk], cfg, rt), {}, cfg.selection.memory_size
+        )
+        for chunk in chunks
+    )
     recalibrate_batchnorm(model, batches, device=rt.device, autocast_dtype=rt.autocast_dtype)
 
 
-def make_augment(cfg: ExperimentConfig, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def make_augment(
+    cfg: ExperimentConfig, generator: torch.Generator
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Training-time augmentation of `(b, M, C, *S)` uint8 patches on the device -> float in [0, 1]."""
     if not cfg.data.augment or cfg.data.mode == "features":
         return None
@@ -143,8 +172,10 @@ def param_groups(model: IPSModel, cfg: ExperimentConfig) -> list[dict[str, Any]]
     enc = list(model.encoder.parameters())
     ids = {id(p) for p in enc}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": enc, "lr": cfg.train.lr * cfg.train.encoder_lr_scale, "name": "encoder"},
-            {"params": rest, "lr": cfg.train.lr, "name": "head"}]
+    return [
+        {"params": enc, "lr": cfg.train.lr * cfg.train.encoder_lr_scale, "name": "encoder"},
+        {"params": rest, "lr": cfg.train.lr, "name": "head"},
+    ]
 
 
 def set_encoder_frozen(model: IPSModel, frozen: bool, *, toggle_grad: bool = True) -> None:
@@ -233,8 +264,14 @@ def train(
 
 
 def _train_locked(
-    cfg: ExperimentConfig, manifest: str | Path, run_dir: Path, rt: Runtime, resume: bool, show_progress: bool,
-    stop_after_epochs: int | None, log: Callable[[str], None],
+    cfg: ExperimentConfig,
+    manifest: str | Path,
+    run_dir: Path,
+    rt: Runtime,
+    resume: bool,
+    show_progress: bool,
+    stop_after_epochs: int | None,
+    log: Callable[[str], None],
 ) -> TrainResult:
     inputs = load_inputs(cfg, manifest, rt.dist, log)
     saved = _checked_run_dir(cfg, run_dir, resume, rt, log)
@@ -246,7 +283,8 @@ def _train_locked(
     net: nn.Module = model
     if rt.dist.enabled:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+        )
     optimizer, scheduler = make_optimizer(model, cfg, len(inputs.train), rt.dist.world_size)
     progress = _Progress()
     metrics_log = None
@@ -269,8 +307,9 @@ def _train_locked(
         stop = False
         if rt.dist.is_main:
             assert metrics_log is not None
-            stop = _end_epoch(row, t0, model, optimizer, scheduler, inputs, cfg, rt, run_dir, metrics_log,
-                              progress, log)
+            stop = _end_epoch(
+                row, t0, model, optimizer, scheduler, inputs, cfg, rt, run_dir, metrics_log, progress, log
+            )
         stop = broadcast_flag(stop, rt.dist, rt.device)
         barrier(rt.dist)
         if stop or (stop_after_epochs is not None and epoch >= stop_after_epochs):
@@ -289,14 +328,17 @@ def make_runtime(cfg: ExperimentConfig, dist_info: DistInfo) -> Runtime:
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
     if cfg.train.batch_size % dist_info.world_size:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
-                          f"processes ({dist_info.world_size})")
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
+            f"processes ({dist_info.world_size})"
+        )
     autocast_dtype = torch.bfloat16 if (cfg.train.amp and device.type == "cuda") else None
     return Runtime(device, autocast_dtype, dist_info)
 
 
-def load_inputs(cfg: ExperimentConfig, manifest: str | Path, dist_info: DistInfo,
-                log: Callable[[str], None]) -> _Inputs:
+def load_inputs(
+    cfg: ExperimentConfig, manifest: str | Path, dist_info: DistInfo, log: Callable[[str], None]
+) -> _Inputs:
     """The manifest's train and val slides, each store checked against the model; the monitored metric.
 
     Warns (rank 0) when there is no validation split or a task's training labels hold a single class."""
@@ -309,19 +351,28 @@ def load_inputs(cfg: ExperimentConfig, manifest: str | Path, dist_info: DistInfo
     monitor = check_monitor(cfg, train_records, bool(val_records))
     warn = log if dist_info.is_main else (lambda _: None)
     if not val_records:
-        warn(f"warning: {manifest} has no val split: nothing measures generalisation, and best.pt is chosen "
-             f"by {monitor}")
+        warn(
+            f"warning: {manifest} has no val split: nothing measures generalisation, and best.pt is chosen "
+            f"by {monitor}"
+        )
     for task in cfg.model.tasks:
         seen = {_label_key(r.labels[task.name]) for r in train_records}
         if len(seen) < 2:
-            warn(f"warning: task {task.name!r}: every training slide has the label {next(iter(seen))}; the "
-                 "model can only learn that one class")
-    annotations = {r.slide_id: patch_labels(r.annotation, r.path, source_grid(open_store(r.path), cfg))
-                   for r in train_records if r.annotation and cfg.train.annotation_weight + cfg.train.annotation_slots > 0}
+            warn(
+                f"warning: task {task.name!r}: every training slide has the label {next(iter(seen))}; the "
+                "model can only learn that one class"
+            )
+    annotations = {
+        r.slide_id: patch_labels(r.annotation, r.path, source_grid(open_store(r.path), cfg))
+        for r in train_records
+        if r.annotation and cfg.train.annotation_weight + cfg.train.annotation_slots > 0
+    }
     if annotations:
-        warn(f"{len(annotations)} of {len(train_records)} training slides are annotated: patch-level guidance "
-             f"(train.annotation_slots {cfg.train.annotation_slots}, train.annotation_weight "
-             f"{cfg.train.annotation_weight})")
+        warn(
+            f"{len(annotations)} of {len(train_records)} training slides are annotated: patch-level guidance "
+            f"(train.annotation_slots {cfg.train.annotation_slots}, train.annotation_weight "
+            f"{cfg.train.annotation_weight})"
+        )
     return _Inputs(train_records, val_records, monitor, annotations)
 
 
@@ -352,8 +403,9 @@ def check_monitor(cfg: ExperimentConfig, train_records: Sequence[SlideRecord], h
     return monitor
 
 
-def _checked_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool, rt: Runtime,
-                     log: Callable[[str], None]) -> dict[str, Any] | None:
+def _checked_run_dir(
+    cfg: ExperimentConfig, run_dir: Path, resume: bool, rt: Runtime, log: Callable[[str], None]
+) -> dict[str, Any] | None:
     """The checkpoint to resume from (None: a fresh run), after the run-directory checks (`rundir`)."""
     last = run_dir / "checkpoints" / "last.pt"
     if not resume:
@@ -369,7 +421,9 @@ def _checked_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool, rt: Run
     return state
 
 
-def _restore(state: dict[str, Any], model: IPSModel, optimizer: torch.optim.Optimizer, scheduler: Any) -> _Progress:
+def _restore(
+    state: dict[str, Any], model: IPSModel, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> _Progress:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])  # the schedule's length comes from this run's train.epochs
@@ -378,8 +432,9 @@ def _restore(state: dict[str, Any], model: IPSModel, optimizer: torch.optim.Opti
     return _Progress(state["epoch"], extra.get("best"), extra.get("bad_epochs", 0))
 
 
-def choose_micro_batch(model: IPSModel, first: SlideRecord, cfg: ExperimentConfig, rt: Runtime,
-                       log: Callable[[str], None]) -> int:
+def choose_micro_batch(
+    model: IPSModel, first: SlideRecord, cfg: ExperimentConfig, rt: Runtime, log: Callable[[str], None]
+) -> int:
     """Slides per forward on this rank: `train.micro_batch_size`, else the budget planner's, else all."""
     local_batch = cfg.train.batch_size // rt.dist.world_size
     micro = cfg.train.micro_batch_size or local_batch
@@ -390,11 +445,15 @@ def choose_micro_batch(model: IPSModel, first: SlideRecord, cfg: ExperimentConfi
         log(plan.describe() + ("" if plan.measured else " (no CUDA: an estimate, not enforced)"))
         if rt.device.type == "cuda":
             total = torch.cuda.get_device_properties(rt.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.vram_budget_gb * GB / total), rt.device)
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, cfg.train.vram_budget_gb * GB / total), rt.device
+            )
     micro = min(micro, local_batch)
     if micro < local_batch and batchnorm_layers(model):
-        log(f"note: the encoder has BatchNorm and micro-batches hold {micro} slides: it normalises over each "
-            "micro-batch's patches, so gradients are close to, not equal to, full-batch ones")
+        log(
+            f"note: the encoder has BatchNorm and micro-batches hold {micro} slides: it normalises over each "
+            "micro-batch's patches, so gradients are close to, not equal to, full-batch ones"
+        )
     return micro
 
 
@@ -405,12 +464,14 @@ def make_optimizer(model: IPSModel, cfg: ExperimentConfig, n_train: int, world_s
     steps_per_epoch = math.ceil(padded_n / cfg.train.batch_size)
     warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup_steps=warmup, total_steps=steps_per_epoch * cfg.train.epochs))
+        optimizer, partial(warmup_cosine, warmup_steps=warmup, total_steps=steps_per_epoch * cfg.train.epochs)
+    )
     return optimizer, scheduler
 
 
-def calibration_chunks(model: IPSModel, train_records: Sequence[SlideRecord], cfg: ExperimentConfig,
-                       micro: int) -> list[list[SlideRecord]]:
+def calibration_chunks(
+    model: IPSModel, train_records: Sequence[SlideRecord], cfg: ExperimentConfig, micro: int
+) -> list[list[SlideRecord]]:
     """The BatchNorm recalibration set: fixed for the run, in micro-batches as training normalises them."""
     n = cfg.train.bn_recalibration_slides if batchnorm_layers(model) else 0
     pick = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(train_records))[:n])
@@ -418,14 +479,24 @@ def calibration_chunks(model: IPSModel, train_records: Sequence[SlideRecord], cf
 
 
 def run_epoch(
-    model: IPSModel, net: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    inputs: _Inputs, cfg: ExperimentConfig, rt: Runtime, epoch: int, micro: int, show_progress: bool,
+    model: IPSModel,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    inputs: _Inputs,
+    cfg: ExperimentConfig,
+    rt: Runtime,
+    epoch: int,
+    micro: int,
+    show_progress: bool,
 ) -> dict[str, Any]:
     """One pass over the training slides: per global batch, select on this rank's slides, then step.
     Returns the epoch's row: train loss, learning rate and train metrics."""
     train_records = inputs.train
     order = epoch_order(len(train_records), cfg.train.seed, epoch, rt.dist.world_size)
-    transform = make_augment(cfg, torch.Generator(device=rt.device).manual_seed(cfg.train.seed * 1000 + epoch))
+    transform = make_augment(
+        cfg, torch.Generator(device=rt.device).manual_seed(cfg.train.seed * 1000 + epoch)
+    )
     logits: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
     targets: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
     loss_sum, n_seen = 0.0, 0
@@ -433,16 +504,24 @@ def run_epoch(
     bar = _progress(len(batches), f"epoch {epoch}/{cfg.train.epochs}", show_progress and rt.dist.is_main)
     for global_batch in batches:
         mine = [train_records[i] for i in shard(global_batch, rt.dist)]
-        batch = selected_batch(model, mine, cfg, rt, [cfg.train.seed, epoch, *global_batch, rt.dist.rank],
-                               inputs.annotations)
+        batch = selected_batch(
+            model, mine, cfg, rt, [cfg.train.seed, epoch, *global_batch, rt.dist.rank], inputs.annotations
+        )
         model.train()
         frozen = epoch <= cfg.train.freeze_encoder_epochs
         set_encoder_frozen(model, frozen, toggle_grad=not rt.dist.enabled)
         optimizer.zero_grad(set_to_none=True)
         loss, batch_logits = accumulate_gradients(
-            net, batch, cfg.model.tasks, micro_batch_size=micro, device=rt.device,
-            autocast_dtype=rt.autocast_dtype, no_sync=rt.dist.enabled, transform=transform,
-            normalizer=len(global_batch) / rt.dist.world_size, annotation_weight=cfg.train.annotation_weight,
+            net,
+            batch,
+            cfg.model.tasks,
+            micro_batch_size=micro,
+            device=rt.device,
+            autocast_dtype=rt.autocast_dtype,
+            no_sync=rt.dist.enabled,
+            transform=transform,
+            normalizer=len(global_batch) / rt.dist.world_size,
+            annotation_weight=cfg.train.annotation_weight,
         )
         if frozen:  # under DDP the encoder still gets gradients (all ranks must reduce the same set)
             for p in model.encoder.parameters():
@@ -464,45 +543,78 @@ def run_epoch(
             bar.update(1)
     if bar is not None:
         bar.close()
-    row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen), "lr": scheduler.get_last_lr()[-1]}
-    metrics = evaluate_logits(cfg.model.tasks, {k: torch.cat(v) for k, v in logits.items()},
-                              {k: torch.cat(v).cpu() for k, v in targets.items()})
+    row: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": loss_sum / max(1, n_seen),
+        "lr": scheduler.get_last_lr()[-1],
+    }
+    metrics = evaluate_logits(
+        cfg.model.tasks,
+        {k: torch.cat(v) for k, v in logits.items()},
+        {k: torch.cat(v).cpu() for k, v in targets.items()},
+    )
     row.update({f"train_{k}": v for k, v in metrics.items() if k != "loss"})
     return row
 
 
-def selected_batch(model: IPSModel, records: Sequence[SlideRecord], cfg: ExperimentConfig, rt: Runtime,
-                   explore_seed: Sequence[int], annotations: dict[str, PatchLabels] | None = None) -> SelectedBatch:
+def selected_batch(
+    model: IPSModel,
+    records: Sequence[SlideRecord],
+    cfg: ExperimentConfig,
+    rt: Runtime,
+    explore_seed: Sequence[int],
+    annotations: dict[str, PatchLabels] | None = None,
+) -> SelectedBatch:
     """The slides' top-M selections, with `selection.explore` random slots and, on annotated slides,
     `train.annotation_slots` annotated ones; stacked with their targets (and patch targets)."""
     sources = [make_source(r, cfg) for r in records]
     selections = select_slides(model, sources, cfg, rt)
     rng = np.random.default_rng(list(explore_seed))
     if cfg.selection.explore > 0:
-        selections = [explore_selection(sel, src, fraction=cfg.selection.explore, generator=rng)
-                      for sel, src in zip(selections, sources)]
+        selections = [
+            explore_selection(sel, src, fraction=cfg.selection.explore, generator=rng)
+            for sel, src in zip(selections, sources)
+        ]
     patch_targets: list[np.ndarray | None] = [None] * len(records)
     for i, r in enumerate(records):
         labels = (annotations or {}).get(r.slide_id)
         if labels is None:
             continue
         if cfg.train.annotation_slots > 0:
-            selections[i] = guide_selection(selections[i], sources[i], candidates=labels.positives(),
-                                            fraction=cfg.train.annotation_slots, generator=rng)
+            selections[i] = guide_selection(
+                selections[i],
+                sources[i],
+                candidates=labels.positives(),
+                fraction=cfg.train.annotation_slots,
+                generator=rng,
+            )
         patch_targets[i] = labels.of(selections[i].indices.numpy())
     return stack_selections(selections, targets_for(records, cfg), cfg.selection.memory_size, patch_targets)
 
 
 def _end_epoch(
-    row: dict[str, Any], t0: float, model: IPSModel, optimizer: torch.optim.Optimizer, scheduler: Any,
-    inputs: _Inputs, cfg: ExperimentConfig, rt: Runtime, run_dir: Path, metrics_log: MetricsLog,
-    progress: _Progress, log: Callable[[str], None],
+    row: dict[str, Any],
+    t0: float,
+    model: IPSModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    inputs: _Inputs,
+    cfg: ExperimentConfig,
+    rt: Runtime,
+    run_dir: Path,
+    metrics_log: MetricsLog,
+    progress: _Progress,
+    log: Callable[[str], None],
 ) -> bool:
     """Rank 0 after an epoch: validate, checkpoint, log; True when early stopping ends the run."""
     if inputs.val:
         val_logits = predict_records(model, inputs.val, cfg, rt)
-        row.update({f"val_{k}": v for k, v in
-                    evaluate_logits(cfg.model.tasks, val_logits, targets_for(inputs.val, cfg)).items()})
+        row.update(
+            {
+                f"val_{k}": v
+                for k, v in evaluate_logits(cfg.model.tasks, val_logits, targets_for(inputs.val, cfg)).items()
+            }
+        )
     row["seconds"] = time.perf_counter() - t0
     if rt.device.type == "cuda":
         row["peak_device_gb"] = torch.cuda.max_memory_allocated(rt.device) / GB
@@ -513,10 +625,20 @@ def _end_epoch(
         progress.bad_epochs += 1
     extra = {"best": progress.best, "bad_epochs": progress.bad_epochs, "monitor": inputs.monitor}
     checkpoints = run_dir / "checkpoints"
-    save_checkpoint(checkpoints / "last.pt", model=model, config=cfg, epoch=row["epoch"], metrics=row,
-                    optimizer=optimizer, scheduler=scheduler, extra=extra)
+    save_checkpoint(
+        checkpoints / "last.pt",
+        model=model,
+        config=cfg,
+        epoch=row["epoch"],
+        metrics=row,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        extra=extra,
+    )
     if improved:
-        save_checkpoint(checkpoints / "best.pt", model=model, config=cfg, epoch=row["epoch"], metrics=row, extra=extra)
+        save_checkpoint(
+            checkpoints / "best.pt", model=model, config=cfg, epoch=row["epoch"], metrics=row, extra=extra
+        )
     metrics_log.append(row)
     log(_summary(row, cfg))
     patience = cfg.train.early_stopping_patience
@@ -531,8 +653,10 @@ def _summary(row: dict[str, Any], cfg: ExperimentConfig) -> str:
     if "val_loss" in row:
         parts.append(f"val_loss {row['val_loss']:.4f}")
         for t in cfg.model.tasks:
-            parts.append(f"{t.name}: acc {row.get(f'val_{t.name}/accuracy', float('nan')):.3f} "
-                         f"auroc {row.get(f'val_{t.name}/auroc', float('nan')):.3f}")
+            parts.append(
+                f"{t.name}: acc {row.get(f'val_{t.name}/accuracy', float('nan')):.3f} "
+                f"auroc {row.get(f'val_{t.name}/auroc', float('nan')):.3f}"
+            )
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)
 
@@ -543,4 +667,3 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="batch", leave=False)
-

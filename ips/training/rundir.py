@@ -18,13 +18,26 @@ from ips.errors import RunDirError
 
 LOCK_FILE = ".lock"
 # files a run writes: their presence means the directory holds a run
-RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "curves.png", "checkpoints/last.pt",
-             "checkpoints/best.pt")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "metrics.csv",
+    "curves.png",
+    "checkpoints/last.pt",
+    "checkpoints/best.pt",
+)
 # keys that change neither the model nor what it sees: a resumed run may change them
-RESUMABLE_KEYS = frozenset({
-    "train.epochs", "train.device", "train.vram_budget_gb", "train.micro_batch_size",
-    "train.early_stopping_patience", "data.read_threads", "selection.prefetch",
-})
+RESUMABLE_KEYS = frozenset(
+    {
+        "train.epochs",
+        "train.device",
+        "train.vram_budget_gb",
+        "train.micro_batch_size",
+        "train.early_stopping_patience",
+        "data.read_threads",
+        "selection.prefetch",
+    }
+)
 
 
 class RunLock:
@@ -45,11 +58,21 @@ class RunLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunDirError(f"{self.path.parent}: another run is using this run directory ({holder}); wait "
-                              "for it to end or use another --out") from None
+            raise RunDirError(
+                f"{self.path.parent}: another run is using this run directory ({holder}); wait "
+                "for it to end or use another --out"
+            ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            ).encode(),
+        )
         self._fd = fd
         return self
 
@@ -85,8 +108,10 @@ def check_fresh(run_dir: Path) -> None:
     """`--no-resume`: refuse a directory that holds another run, rather than mix two runs' files."""
     found = holds_run(run_dir)
     if found:
-        raise RunDirError(f"{run_dir}: holds a previous run ({', '.join(found)}); --no-resume starts a new run "
-                          "only in a new or empty directory: use another --out, or delete this one")
+        raise RunDirError(
+            f"{run_dir}: holds a previous run ({', '.join(found)}); --no-resume starts a new run "
+            "only in a new or empty directory: use another --out, or delete this one"
+        )
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -119,5 +144,6 @@ def check_resumable(run_dir: Path, saved: dict[str, Any], new: dict[str, Any]) -
         raise RunDirError(
             f"{run_dir}: cannot resume with a changed {'; '.join(refused)} (these change the model or its "
             f"data; resumable: {', '.join(sorted(RESUMABLE_KEYS))}); use a new --out, or --no-resume in an "
-            "empty directory")
+            "empty directory"
+        )
     return accepted

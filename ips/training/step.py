@@ -59,9 +59,14 @@ def accumulate_gradients(
                 logits, attn_logits = model(mb.patches, mb.positions, mb.mask)
             loss = total_loss(tasks, logits, mb.targets).sum() / norm
             if annotation_weight and mb.patch_targets is not None:
-                loss = loss + annotation_weight * annotation_loss(attn_logits, mb.patch_targets, mb.mask).sum() / norm
+                loss = (
+                    loss
+                    + annotation_weight * annotation_loss(attn_logits, mb.patch_targets, mb.mask).sum() / norm
+                )
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} in micro-batch starting at slide {start}")
+                raise FloatingPointError(
+                    f"non-finite loss {loss.item()} in micro-batch starting at slide {start}"
+                )
             loss.backward()
         total += loss.item() * norm / b
         for name, value in logits.items():
@@ -69,7 +74,9 @@ def accumulate_gradients(
     return total, {k: torch.cat(v) for k, v in logits_out.items()}
 
 
-def annotation_loss(attn_logits: torch.Tensor, patch_targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def annotation_loss(
+    attn_logits: torch.Tensor, patch_targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Per-slide patch-level guidance `(B,)`: BCE-with-logits between each patch's selection score (the
     attention logit averaged over tasks and heads, `(B, T, H, M)` -> `(B, M)`, the score that selection
     ranks by) and its annotated fraction `(B, M)`, averaged over the slide's annotated patches. Exactly
