@@ -30,6 +30,7 @@ from ips.config import ConfigError, ExperimentConfig, apply_overrides, save_conf
 DEMO_CONFIG: dict[str, Any] = {
     "model": {
         "encoder": "ips_cnn_small",
+        "encoder_norm": "batch",
         "in_chans": 3,
         "spatial_dims": 2,
         "patch_size": 32,
@@ -39,7 +40,7 @@ DEMO_CONFIG: dict[str, Any] = {
         "pos_enc": "none",
         "tasks": [{"name": "label", "kind": "binary"}],
     },
-    "selection": {"memory_size": 8, "iter_size": 32, "score": "logit"},
+    "selection": {"memory_size": 8, "iter_size": 32, "score": "logit", "explore": 0.25},
     "data": {"mode": "pixels", "grid": "default", "augment": True},
     "train": {
         "epochs": 15,
