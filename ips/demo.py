@@ -199,13 +199,7 @@ def run_demo(
     failures = heatmap_slides(loaded, test, heat_dir, checkpoint=str(checkpoint), log=log)
     if failures:
         raise RuntimeError(f"ips heatmap failed on {failures[0].slide_id}: {failures[0].reason}")
-    for r in test:
-        if r.labels.get(cfg.model.tasks[0].name) == 1:
-            result.lesion_auroc_per_slide[r.slide_id] = lesion_auroc(
-                heat_dir / r.slide_id / "scores.zarr", r.path
-            )
-    values = [v for v in result.lesion_auroc_per_slide.values() if not np.isnan(v)]
-    result.lesion_auroc = float(np.mean(values)) if values else float("nan")
+    _score_heatmaps(result, test, heat_dir, cfg.model.tasks[0].name)
     result.seconds["heatmap"] = time.perf_counter() - t0
     result.seconds["total"] = time.perf_counter() - t_all
 
@@ -219,6 +213,17 @@ def run_demo(
     }
     (out / MARKER).write_text(json.dumps(result.to_dict(), indent=1, default=float))
     return result
+
+
+def _score_heatmaps(result: DemoResult, test: Sequence[Any], heat_dir: Path, task: str) -> None:
+    """The check: per positive test slide, the AUROC of attention against its planted lesions; the mean."""
+    for r in test:
+        if r.labels.get(task) == 1:
+            result.lesion_auroc_per_slide[r.slide_id] = lesion_auroc(
+                heat_dir / r.slide_id / "scores.zarr", r.path
+            )
+    values = [v for v in result.lesion_auroc_per_slide.values() if not np.isnan(v)]
+    result.lesion_auroc = float(np.mean(values)) if values else float("nan")
 
 
 def summary(result: DemoResult) -> str:

@@ -90,10 +90,8 @@ OVER_LIMIT = {
     "ips/bench/memory.py run_memory": 116,
     "ips/bench/throughput.py run_throughput": 99,
     "ips/data/chunk_io.py read_boxes": 90,
-    "ips/demo.py run_demo": 81,
     "ips/infer/embed.py embed_store": 88,
     "ips/infer/heatmap.py write_slide_heatmaps": 90,
-    "ips/pretrain/loop.py pretrain_encoder": 87,
     "data_prep/convert.py _run": 96,
 }
 

@@ -87,8 +87,6 @@ def pretrain_encoder(
     Returns `{"losses": [per-epoch mean], "encoder": Path, "method": str, "seconds": float}`.
     `stop_after_epochs` ends early as if interrupted (tests of resume).
     """
-    from ips.data.open import check_source_fits_model
-    from ips.data.zarr_source import ZarrPatchSource
     from ips.model.ips_model import build_model
     from ips.runtime import resolve_device
     from ips.training.loop import warmup_cosine
@@ -100,12 +98,9 @@ def pretrain_encoder(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    sources = []
-    for s in stores:
-        src = ZarrPatchSource(s, grid=cfg.data.grid, read_threads=min(2, cfg.data.read_threads))
-        check_source_fits_model(src, cfg, f"store {s}")
-        sources.append(src)
-    sampler = StorePatchSampler(sources, batch_size=pc.batch_size, per_slide=pc.patches_per_slide)
+    sampler = StorePatchSampler(
+        _sources(cfg, stores), batch_size=pc.batch_size, per_slide=pc.patches_per_slide
+    )
 
     torch.manual_seed(pc.seed)
     model = build_model(dataclasses.replace(cfg.model, pretrained=False))
@@ -134,25 +129,9 @@ def pretrain_encoder(
     t_all = time.perf_counter()
     for epoch in range(start + 1, pc.epochs + 1):
         t0 = time.perf_counter()
-        losses.append(
-            _run_epoch(
-                encoder,
-                head,
-                optimizer,
-                scheduler,
-                params,
-                sampler,
-                view,
-                mean,
-                std,
-                method,
-                pc,
-                epoch,
-                steps_per_epoch,
-                dev,
-                show_progress,
-            )
-        )
+        step = (encoder, head, optimizer, scheduler, params)
+        batches = (sampler, view, mean, std, method, pc, epoch, steps_per_epoch, dev, show_progress)
+        losses.append(_run_epoch(*step, *batches))
         _save_epoch(out, cfg, method, epoch, losses, encoder, head, optimizer, scheduler)
         log(
             f"pretrain epoch {epoch}/{pc.epochs} | {method} loss {losses[-1]:.4f} | {time.perf_counter() - t0:.1f}s"
@@ -167,6 +146,19 @@ def pretrain_encoder(
         "method": method,
         "seconds": time.perf_counter() - t_all,
     }
+
+
+def _sources(cfg: ExperimentConfig, stores: Sequence[str | Path]) -> list[Any]:
+    """A patch source per store, each checked against the model (ConfigError naming the store)."""
+    from ips.data.open import check_source_fits_model
+    from ips.data.zarr_source import ZarrPatchSource
+
+    sources = []
+    for s in stores:
+        src = ZarrPatchSource(s, grid=cfg.data.grid, read_threads=min(2, cfg.data.read_threads))
+        check_source_fits_model(src, cfg, f"store {s}")
+        sources.append(src)
+    return sources
 
 
 def _run_epoch(
