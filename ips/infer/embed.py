@@ -10,7 +10,7 @@ store's `ips.features` attribute (what `FeatureSource` reads) only once every ro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,24 +65,7 @@ def embed_store(
     in_chans = source.patch_shape[0]
     if mean is None or std is None:
         mean, std = pixel_stats(encoder, in_chans)
-    shape = (1, in_chans) + (1,) * source.spatial_dims
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).reshape(shape)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).reshape(shape)
-
-    def embed(patches: torch.Tensor) -> torch.Tensor:
-        """`(n, C, *S)` uint8 on the host -> `(n, F)` float32 on the host."""
-        x = patches.to(device, non_blocking=True)
-        x = normalize_pixels(x, mean_t, std_t)
-        amp = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with amp:
-            out = encoder(x)
-        if out.ndim != 2:
-            raise ValueError(f"encoder {encoder_name!r} returned shape {tuple(out.shape)}, expected (n, F)")
-        return out.float().cpu()
+    embed = _embedder(encoder, encoder_name, mean, std, in_chans, source.spatial_dims, device)
 
     was_training = encoder.training
     encoder.eval()
@@ -116,14 +99,51 @@ def embed_store(
                     }
     finally:
         encoder.train(was_training)
-    info = FeatureInfo(name, grid, encoder_name, dim)
+    _announce(group, name, grid, encoder_name, dim)  # last: readers see only complete feature sets
+    return FeatureInfo(name, grid, encoder_name, dim)
+
+
+def _announce(group: zarr.Group, name: str, grid: str, encoder_name: str, dim: int) -> None:
+    """List the feature set in the store's `ips` attributes."""
     ips_attrs = dict(group.attrs[sf.IPS_ATTR])
     ips_attrs["features"] = {
         **(ips_attrs.get("features") or {}),
         name: {"grid": grid, "encoder": encoder_name, "dim": dim},
     }
-    group.attrs[sf.IPS_ATTR] = ips_attrs  # announced last: readers see only complete feature sets
-    return info
+    group.attrs[sf.IPS_ATTR] = ips_attrs
+
+
+def _embedder(
+    encoder: nn.Module,
+    encoder_name: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    in_chans: int,
+    spatial_dims: int,
+    device: torch.device,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`(n, C, *S)` uint8 patches on the host -> `(n, F)` float32 on the host: normalised, encoded on
+    `device` (bf16 autocast on CUDA)."""
+    shape = (1, in_chans) + (1,) * spatial_dims
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).reshape(shape)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).reshape(shape)
+
+    def embed(patches: torch.Tensor) -> torch.Tensor:
+        """`(n, C, *S)` uint8 on the host -> `(n, F)` float32 on the host."""
+        x = patches.to(device, non_blocking=True)
+        x = normalize_pixels(x, mean_t, std_t)
+        amp = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        with amp:
+            out = encoder(x)
+        if out.ndim != 2:
+            raise ValueError(f"encoder {encoder_name!r} returned shape {tuple(out.shape)}, expected (n, F)")
+        return out.float().cpu()
+
+    return embed
 
 
 def _resume_or_create(
