@@ -90,7 +90,6 @@ OVER_LIMIT = {
     "ips/bench/memory.py run_memory": 116,
     "ips/bench/throughput.py run_throughput": 99,
     "ips/data/chunk_io.py read_boxes": 90,
-    "ips/infer/heatmap.py write_slide_heatmaps": 90,
     "data_prep/convert.py _run": 96,
 }
 

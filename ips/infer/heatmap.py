@@ -317,6 +317,19 @@ def _nifti(path: Path, store: IpsStore, geom: GridGeometry, inf: SlideInference,
     )
 
 
+def _geojson(path: Path, geom: GridGeometry, inf: SlideInference, tasks: Sequence[TaskConfig]) -> Path:
+    """QuPath detections: one polygon per patch with its attention and logit per task, and whether the
+    top-M selection holds it."""
+    measurements: dict[str, np.ndarray] = {}
+    for t, spec in enumerate(tasks):
+        measurements[f"{spec.name} attention"] = inf.attention[:, t]
+        measurements[f"{spec.name} logit"] = inf.mean_logit[:, t]
+    selected = np.zeros(inf.n_patches, dtype=bool)
+    selected[inf.selected] = True
+    measurements["selected"] = selected.astype(np.float32)
+    return write_geojson(path, geom.level0, geom.size0, measurements, selected)
+
+
 def write_slide_heatmaps(
     model: IPSModel,
     cfg: ExperimentConfig,
@@ -390,17 +403,7 @@ def write_slide_heatmaps(
         _overlay(out / "heatmap.png", store, geom, inf, show, titles, record.slide_id, thumb_size)
     )
     if store.spatial_dims == 2:
-        measurements: dict[str, np.ndarray] = {}
-        attention, mean_logit = inf.attention, inf.mean_logit
-        for t, spec in enumerate(tasks):
-            measurements[f"{spec.name} attention"] = attention[:, t]
-            measurements[f"{spec.name} logit"] = mean_logit[:, t]
-        selected = np.zeros(inf.n_patches, dtype=bool)
-        selected[inf.selected] = True
-        measurements["selected"] = selected.astype(np.float32)
-        result.files.append(
-            write_geojson(out / "heatmap.geojson", geom.level0, geom.size0, measurements, selected)
-        )
+        result.files.append(_geojson(out / "heatmap.geojson", geom, inf, tasks))
     else:
         result.files.append(_nifti(out / "heatmap.nii.gz", store, geom, inf, show))
         result.files += _slices_3d(out, store, geom, inf, show[0], titles[0], thumb_size)
