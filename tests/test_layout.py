@@ -88,7 +88,6 @@ MAX_FUNCTION_LINES = 80
 OVER_LIMIT = {
     "ips/bench/memory.py run_worker": 89,
     "ips/bench/memory.py run_memory": 116,
-    "ips/bench/throughput.py run_throughput": 99,
     "ips/data/chunk_io.py read_boxes": 90,
     "data_prep/convert.py _run": 96,
 }

@@ -109,54 +109,9 @@ def run_throughput(
             model = model.to(memory_format=torch.channels_last)
         source = ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads)
         n = len(source)
-        in_memory = source.read(np.arange(n)).to(dev)  # (N, C, P, P) uint8: the encoder-only input
-        coords = source.coords
-        box = (
-            slice(None),
-            *(slice(int(lo), int(hi) + patch_size) for lo, hi in zip(coords.min(axis=0), coords.max(axis=0))),
+        kinds = _kinds(
+            model, store, source, cfg, dev, amp, patch_size, memory_size, iter_size, read_threads, prefetch
         )
-        stream = partial(stream_chunks, prefetch=prefetch, pin_memory=dev.type == "cuda")
-
-        def selection() -> Any:
-            src = ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads)  # opened per pass
-            with eval_mode(model):
-                return select(
-                    model,
-                    src,
-                    memory_size=memory_size,
-                    iter_size=iter_size,
-                    device=dev,
-                    stream=stream,
-                    autocast_dtype=amp,
-                )
-
-        memory_source = InMemoryPatchSource(in_memory, source.positions())
-
-        def selection_in_memory() -> Any:
-            with eval_mode(model):
-                return select(
-                    model,
-                    memory_source,
-                    memory_size=memory_size,
-                    iter_size=iter_size,
-                    device=dev,
-                    stream=iter_chunks,
-                    autocast_dtype=amp,
-                )
-
-        def encoder_only() -> None:
-            with eval_mode(model):
-                _encoder_only(model, in_memory, iter_size, amp)
-
-        kinds: dict[str, Callable[[], Any]] = {
-            "selection": selection,
-            "encoder_only": encoder_only,
-            "selection_in_memory": selection_in_memory,
-            "loader": lambda: _load_only(
-                ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads), iter_size, prefetch
-            ),
-            "raw_zarr": lambda: _raw_zarr(store, source.info.level, box),
-        }
         times, cpu = _interleaved(kinds, dev, repeats, log)
     finally:
         if tmp is not None:
@@ -172,6 +127,73 @@ def run_throughput(
         "repeats": repeats,
     }
     return _payload(times, cpu, dev, n, patch_bytes, settings)
+
+
+def _kinds(
+    model: IPSModel,
+    store: Path,
+    source: ZarrPatchSource,
+    cfg: Any,
+    dev: torch.device,
+    amp: torch.dtype | None,
+    patch_size: int,
+    memory_size: int,
+    iter_size: int,
+    read_threads: int,
+    prefetch: int,
+) -> dict[str, Callable[[], Any]]:
+    """What is timed, side by side: selection from the store, the encoder alone on the same patches in
+    memory, selection from memory, the loader alone, and one raw zarr read of the same pixels."""
+    n = len(source)
+    in_memory = source.read(np.arange(n)).to(dev)  # (N, C, P, P) uint8: the encoder-only input
+    coords = source.coords
+    box = (
+        slice(None),
+        *(slice(int(lo), int(hi) + patch_size) for lo, hi in zip(coords.min(axis=0), coords.max(axis=0))),
+    )
+    stream = partial(stream_chunks, prefetch=prefetch, pin_memory=dev.type == "cuda")
+
+    def selection() -> Any:
+        src = ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads)  # opened per pass
+        with eval_mode(model):
+            return select(
+                model,
+                src,
+                memory_size=memory_size,
+                iter_size=iter_size,
+                device=dev,
+                stream=stream,
+                autocast_dtype=amp,
+            )
+
+    memory_source = InMemoryPatchSource(in_memory, source.positions())
+
+    def selection_in_memory() -> Any:
+        with eval_mode(model):
+            return select(
+                model,
+                memory_source,
+                memory_size=memory_size,
+                iter_size=iter_size,
+                device=dev,
+                stream=iter_chunks,
+                autocast_dtype=amp,
+            )
+
+    def encoder_only() -> None:
+        with eval_mode(model):
+            _encoder_only(model, in_memory, iter_size, amp)
+
+    kinds: dict[str, Callable[[], Any]] = {
+        "selection": selection,
+        "encoder_only": encoder_only,
+        "selection_in_memory": selection_in_memory,
+        "loader": lambda: _load_only(
+            ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads), iter_size, prefetch
+        ),
+        "raw_zarr": lambda: _raw_zarr(store, source.info.level, box),
+    }
+    return kinds
 
 
 def _interleaved(
