@@ -69,16 +69,11 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement in this process: `args.mode` 'ips' (one training step) or 'naive'."""
     import torch
 
-    from ips.algo.batch import stack_selections
     from ips.bench.common import resolve_device
     from ips.bench.models import bench_config
-    from ips.bench.naive import naive_step
     from ips.data.zarr_source import ZarrPatchSource
-    from ips.infer.predict import select_slides
     from ips.model.ips_model import build_model
-    from ips.model.tasks import label_tensor
     from ips.runtime import DistInfo, Runtime
-    from ips.training.step import accumulate_gradients
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +94,6 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     rt = Runtime(device, amp, DistInfo())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    task = cfg.model.tasks[0]
     labels = [i % 2 for i in range(args.B)]
     sources = [
         ZarrPatchSource(args.store, grid=cfg.data.grid, read_threads=cfg.data.read_threads)
@@ -118,28 +112,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     status = "ok"
     t0 = time.perf_counter()
     try:
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        if args.mode == "ips":
-            selections = select_slides(model, sources, cfg, rt)
-            batch = stack_selections(
-                selections, {task.name: label_tensor(task, labels)}, cfg.selection.memory_size
-            )
-            accumulate_gradients(
-                model, batch, cfg.model.tasks, micro_batch_size=args.B, device=device, autocast_dtype=amp
-            )
-        else:  # one slide at a time (micro-batch 1): the most memory-frugal way to train naively
-            for source, label in zip(sources, labels):
-                naive_step(
-                    model,
-                    source,
-                    {task.name: label_tensor(task, [label])},
-                    cfg.model.tasks,
-                    device=device,
-                    chunk_size=args.I,
-                    autocast_dtype=amp,
-                )
-        optimizer.step()
+        _one_step(args, model, optimizer, sources, labels, cfg, rt)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
@@ -157,6 +130,48 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "status": status,
         **before,
     }
+
+
+def _one_step(
+    args: argparse.Namespace,
+    model: Any,
+    optimizer: Any,
+    sources: list[Any],
+    labels: list[int],
+    cfg: Any,
+    rt: Any,
+) -> None:
+    """The measured step: IPS (select, then train on the B x M selected patches) or naive (backprop
+    through every patch, one slide at a time: the most memory-frugal naive way)."""
+    from ips.algo.batch import stack_selections
+    from ips.bench.naive import naive_step
+    from ips.infer.predict import select_slides
+    from ips.model.tasks import label_tensor
+    from ips.training.step import accumulate_gradients
+
+    device, amp, task = rt.device, rt.autocast_dtype, cfg.model.tasks[0]
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    if args.mode == "ips":
+        selections = select_slides(model, sources, cfg, rt)
+        batch = stack_selections(
+            selections, {task.name: label_tensor(task, labels)}, cfg.selection.memory_size
+        )
+        accumulate_gradients(
+            model, batch, cfg.model.tasks, micro_batch_size=args.B, device=device, autocast_dtype=amp
+        )
+    else:  # one slide at a time (micro-batch 1): the most memory-frugal way to train naively
+        for source, label in zip(sources, labels):
+            naive_step(
+                model,
+                source,
+                {task.name: label_tensor(task, [label])},
+                cfg.model.tasks,
+                device=device,
+                chunk_size=args.I,
+                autocast_dtype=amp,
+            )
+    optimizer.step()
 
 
 def _worker_parser() -> argparse.ArgumentParser:
@@ -241,24 +256,9 @@ def run_memory(
             t0 = time.perf_counter()
             stores[n] = bench_store(store_dir, n, patch_size=patch_size)
             log(f"store N={n}: {stores[n].name} ({time.perf_counter() - t0:.1f} s)")
-        common = [
-            "--encoder",
-            encoder,
-            "--patch-size",
-            str(patch_size),
-            "--M",
-            str(memory_size),
-            "--I",
-            str(iter_size),
-            "--B",
-            str(batch_size),
-            "--device",
-            str(dev),
-            "--threads",
-            str(threads),
-            "--read-threads",
-            str(read_threads),
-        ]
+        common = _worker_args(
+            encoder, patch_size, memory_size, iter_size, batch_size, str(dev), threads, read_threads
+        )
         rows = []
         for n in ns:
             row = _run_in_subprocess(["--mode", "ips", "--store", str(stores[n]), *common], timeout)
@@ -271,40 +271,7 @@ def run_memory(
             }
             rows.append(row)
             log(f"ips   N={n}: {_describe_row(row)}")
-        naive_rows = []
-        if naive:
-            stop = None
-            for n in ns:
-                if stop is not None:
-                    naive_rows.append(
-                        {
-                            "n_patches": n,
-                            "peak_device_bytes": None,
-                            "peak_host_rss_bytes": None,
-                            "seconds": None,
-                            "status": f"not run ({stop})",
-                        }
-                    )
-                    continue
-                limit = int(naive_budget_bytes * NAIVE_GUARD)
-                row = _run_in_subprocess(
-                    ["--mode", "naive", "--store", str(stores[n]), "--limit-bytes", str(limit), *common],
-                    timeout,
-                )
-                row = {
-                    "n_patches": n,
-                    "peak_device_bytes": None,
-                    "peak_host_rss_bytes": None,
-                    "seconds": None,
-                    **row,
-                }
-                peak = row["peak_device_bytes"] if dev.type == "cuda" else row["peak_host_rss_bytes"]
-                if row["status"] == "ok" and peak is not None and peak > naive_budget_bytes:
-                    row["status"] = "over budget"
-                if row["status"] != "ok":
-                    stop = f"N={n} was {row['status'].split(':')[0]}"
-                naive_rows.append(row)
-                log(f"naive N={n}: {_describe_row(row)}")
+        naive_rows = _naive_rows(ns, stores, common, dev, naive_budget_bytes, timeout, log) if naive else []
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -326,6 +293,76 @@ def run_memory(
             "measure": "peak_device_bytes" if dev.type == "cuda" else "peak_host_rss_bytes",
         }
     return result
+
+
+def _worker_args(
+    encoder: str,
+    patch_size: int,
+    memory_size: int,
+    iter_size: int,
+    batch_size: int,
+    device: str,
+    threads: int,
+    read_threads: int,
+) -> list[str]:
+    """The measurement settings as the worker's command-line arguments (the same for IPS and naive)."""
+    values = {
+        "--encoder": encoder,
+        "--patch-size": patch_size,
+        "--M": memory_size,
+        "--I": iter_size,
+        "--B": batch_size,
+        "--device": device,
+        "--threads": threads,
+        "--read-threads": read_threads,
+    }
+    return [str(x) for pair in values.items() for x in pair]
+
+
+def _naive_rows(
+    ns: Sequence[int],
+    stores: dict[int, Path],
+    common: list[str],
+    dev: Any,
+    naive_budget_bytes: int,
+    timeout: float,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The naive baseline at increasing N until one run fails or exceeds the budget; larger N not run."""
+    naive_rows: list[dict[str, Any]] = []
+    stop = None
+    for n in ns:
+        if stop is not None:
+            naive_rows.append(
+                {
+                    "n_patches": n,
+                    "peak_device_bytes": None,
+                    "peak_host_rss_bytes": None,
+                    "seconds": None,
+                    "status": f"not run ({stop})",
+                }
+            )
+            continue
+        limit = int(naive_budget_bytes * NAIVE_GUARD)
+        row = _run_in_subprocess(
+            ["--mode", "naive", "--store", str(stores[n]), "--limit-bytes", str(limit), *common],
+            timeout,
+        )
+        row = {
+            "n_patches": n,
+            "peak_device_bytes": None,
+            "peak_host_rss_bytes": None,
+            "seconds": None,
+            **row,
+        }
+        peak = row["peak_device_bytes"] if dev.type == "cuda" else row["peak_host_rss_bytes"]
+        if row["status"] == "ok" and peak is not None and peak > naive_budget_bytes:
+            row["status"] = "over budget"
+        if row["status"] != "ok":
+            stop = f"N={n} was {row['status'].split(':')[0]}"
+        naive_rows.append(row)
+        log(f"naive N={n}: {_describe_row(row)}")
+    return naive_rows
 
 
 def _ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
