@@ -350,29 +350,7 @@ def _run(
         for k, f in enumerate(factors)
     ]
 
-    # level 0, one task per shard (decode in the reader, encode in ShardEncoder) on `threads` threads, in
-    # Z-order so the pyramid above is assembled in memory from each shard and written once (no read-back)
-    encoders = [writer.encoder(str(k), a) for k, a in enumerate(levels)]
-
-    def write(k: int, start: tuple[int, ...], data: np.ndarray) -> None:
-        encoders[k].write(start, data)
-
-    pyramid = StreamingPyramid(write, [a.shape[1:] for a in levels], factors, shard)
-
-    def copy_shard(idx: tuple[int, ...]) -> Callable[[], None]:
-        def task() -> None:
-            start = tuple(i * s for i, s in zip(idx, shard))
-            size = tuple(min(s, n - o) for s, n, o in zip(shard, spatial, start))
-            block = reader.read_region(start, size)
-            write(0, start, block)
-            pyramid.add(0, idx, block)
-
-        return task
-
-    grid0 = tuple(-(-n // s) for n, s in zip(spatial, shard))
-    tick = (lambda: progress(1)) if progress else None
-    run_bounded((copy_shard(idx) for idx in morton_order(grid0)), threads, tick)
-    assert pyramid.pending == 0
+    _write_levels(reader, writer, levels, factors, shard, threads, progress)
 
     # tissue mask on a low level (or the caller's mask)
     mask, mask_ds, mask_info = _mask(options, levels, factors, spatial, spacing, fill, given_mask)
@@ -381,23 +359,7 @@ def _run(
         MASK_ARRAY, mask.astype(np.uint8), chunk_rows=512 if dims == 2 else 64, dimension_names=mask_names
     )
 
-    # the grid
-    coords, tissue = make_grid(
-        mask,
-        mask_ds,
-        level_shape(spatial, factors[grid_level]),
-        factors[grid_level],
-        patch,
-        stride,
-        options.min_tissue,
-    )
-    if len(coords) == 0 and not options.allow_empty:
-        raise PrepError(
-            f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue}, "
-            f"level {grid_level}, patch {patch}; the mask covers {mask.mean():.1%} of the image)"
-        )
-    entry = _grid_entry(options, grid_level, patch, stride, len(coords), spacing, factors[grid_level])
-    _write_grid(group, options.grid_name, coords, tissue, entry)
+    coords, entry = _grid(group, options, mask, mask_ds, spatial, factors, grid_level, patch, stride, spacing)
 
     ips_attrs = _ips_attrs(
         reader,
@@ -433,6 +395,75 @@ def _run(
             writer.final.with_name(f"{slide_id}{THUMBNAIL_SUFFIX}"),
         )
     return store, len(coords)
+
+
+def _grid(
+    group: Any,
+    options: PrepOptions,
+    mask: np.ndarray,
+    mask_ds: tuple[int, ...],
+    spatial: tuple[int, ...],
+    factors: list[tuple[int, ...]],
+    grid_level: int,
+    patch: tuple[int, ...],
+    stride: tuple[int, ...],
+    spacing: Any,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The patch grid from the tissue mask, written into the store; PrepError when it is empty (unless
+    `allow_empty`). Returns the coordinates and the grid's attributes."""
+    coords, tissue = make_grid(
+        mask,
+        mask_ds,
+        level_shape(spatial, factors[grid_level]),
+        factors[grid_level],
+        patch,
+        stride,
+        options.min_tissue,
+    )
+    if len(coords) == 0 and not options.allow_empty:
+        raise PrepError(
+            f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue}, "
+            f"level {grid_level}, patch {patch}; the mask covers {mask.mean():.1%} of the image)"
+        )
+    entry = _grid_entry(options, grid_level, patch, stride, len(coords), spacing, factors[grid_level])
+    _write_grid(group, options.grid_name, coords, tissue, entry)
+    return coords, entry
+
+
+def _write_levels(
+    reader: ImageReader,
+    writer: StoreWriter,
+    levels: list[Any],
+    factors: list[tuple[int, ...]],
+    shard: tuple[int, ...],
+    threads: int,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Every pyramid level, from one pass over the source's level 0."""
+    spatial = reader.spatial_shape
+    # level 0, one task per shard (decode in the reader, encode in ShardEncoder) on `threads` threads, in
+    # Z-order so the pyramid above is assembled in memory from each shard and written once (no read-back)
+    encoders = [writer.encoder(str(k), a) for k, a in enumerate(levels)]
+
+    def write(k: int, start: tuple[int, ...], data: np.ndarray) -> None:
+        encoders[k].write(start, data)
+
+    pyramid = StreamingPyramid(write, [a.shape[1:] for a in levels], factors, shard)
+
+    def copy_shard(idx: tuple[int, ...]) -> Callable[[], None]:
+        def task() -> None:
+            start = tuple(i * s for i, s in zip(idx, shard))
+            size = tuple(min(s, n - o) for s, n, o in zip(shard, spatial, start))
+            block = reader.read_region(start, size)
+            write(0, start, block)
+            pyramid.add(0, idx, block)
+
+        return task
+
+    grid0 = tuple(-(-n // s) for n, s in zip(spatial, shard))
+    tick = (lambda: progress(1)) if progress else None
+    run_bounded((copy_shard(idx) for idx in morton_order(grid0)), threads, tick)
+    assert pyramid.pending == 0
 
 
 def _thumbnail(

@@ -87,7 +87,6 @@ MAX_FUNCTION_LINES = 80
 # A ratchet: each may shrink, none may grow, and no other function may pass the limit. Split them next.
 OVER_LIMIT = {
     "ips/data/chunk_io.py read_boxes": 90,
-    "data_prep/convert.py _run": 96,
 }
 
 
