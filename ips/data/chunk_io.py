@@ -76,6 +76,27 @@ class _Plan:
     pair_dst: list[tuple[slice, ...] | None]  # per pair: the same part in box coordinates (None: no overlap)
 
 
+def _copy_geometry(
+    lo: np.ndarray,
+    hi: np.ndarray,
+    user_order: np.ndarray,
+    pc_lo: np.ndarray,
+    chunk: np.ndarray,
+    shape: np.ndarray,
+) -> tuple[list[tuple[slice, ...]], list[tuple[slice, ...] | None]]:
+    """Per (chunk, box) pair: the box's part inside the chunk, in chunk and in box coordinates (None where
+    they do not overlap); computed for all pairs at once. `pc_lo`: each pair's chunk origin `(pairs, ndim)`."""
+    b_lo = lo[user_order]
+    a = np.maximum(b_lo, pc_lo)
+    z = np.minimum(np.minimum(hi[user_order], pc_lo + chunk), shape)
+    overlap = np.all(z > a, axis=1).tolist()
+    src_lo, src_hi = (a - pc_lo).tolist(), (z - pc_lo).tolist()
+    dst_lo, dst_hi = (a - b_lo).tolist(), (z - b_lo).tolist()
+    pair_src = [tuple(map(slice, x, y)) for x, y in zip(src_lo, src_hi)]
+    pair_dst = [tuple(map(slice, x, y)) if ok else None for x, y, ok in zip(dst_lo, dst_hi, overlap)]
+    return pair_src, pair_dst
+
+
 class ChunkReader:
     """Reads boxes (patches) of one zarr v3 array by whole chunks.
 
@@ -327,6 +348,25 @@ class ChunkReader:
             if v < dest.shape[ax]:
                 dest[(slice(None),) * ax + (slice(max(int(v), 0), None),)] = self.pad_value
 
+    def _shard_groups(
+        self, uniq: np.ndarray, grid: np.ndarray
+    ) -> list[tuple[tuple[int, ...] | None, np.ndarray]]:
+        """The unique chunks `(m, ndim)` grouped by shard: `(shard index, positions in uniq)` per shard
+        (unsharded: one group per chunk)."""
+        if self.sharded:  # one group per shard: its index and bytes are fetched once
+            s_grid = -(-grid // self._per_shard)
+            s_keys, s_inv = np.unique(
+                np.ravel_multi_index(tuple((uniq // self._per_shard).T), s_grid), return_inverse=True
+            )
+            shards = np.stack(np.unravel_index(s_keys, s_grid), axis=1)
+            groups = [
+                (tuple(int(v) for v in shards[g]), m)
+                for g, m in enumerate(_split_by(s_inv.reshape(-1), len(s_keys)))
+            ]
+        else:
+            groups = [(None, np.arange(i, i + 1)) for i in range(len(uniq))]
+        return groups
+
     def read_boxes(
         self,
         lo: np.ndarray,
@@ -379,18 +419,11 @@ class ChunkReader:
             & bool(np.all(size_a == self._chunk))
         )
         # copy geometry of every (chunk, box) pair; not needed when every chunk is decoded into the output
-        pair_src: list = []
-        pair_dst: list = []
-        if not direct.all():
-            pc_lo = c_lo[inverse[order]]  # (pairs, ndim)
-            b_lo = lo[user_order]
-            a = np.maximum(b_lo, pc_lo)
-            z = np.minimum(np.minimum(hi[user_order], pc_lo + self._chunk), self.shape)
-            overlap = np.all(z > a, axis=1).tolist()
-            src_lo, src_hi = (a - pc_lo).tolist(), (z - pc_lo).tolist()
-            dst_lo, dst_hi = (a - b_lo).tolist(), (z - b_lo).tolist()
-            pair_src = [tuple(map(slice, x, y)) for x, y in zip(src_lo, src_hi)]
-            pair_dst = [tuple(map(slice, x, y)) if ok else None for x, y, ok in zip(dst_lo, dst_hi, overlap)]
+        pair_src, pair_dst = (
+            ([], [])
+            if direct.all()
+            else _copy_geometry(lo, hi, user_order, c_lo[inverse[order]], self._chunk, self.shape)
+        )
         plan = _Plan(
             chunks=uniq,
             bounds=bounds.tolist(),
@@ -401,18 +434,7 @@ class ChunkReader:
             pair_src=pair_src,
             pair_dst=pair_dst,
         )
-        if self.sharded:  # one group per shard: its index and bytes are fetched once
-            s_grid = -(-grid // self._per_shard)
-            s_keys, s_inv = np.unique(
-                np.ravel_multi_index(tuple((uniq // self._per_shard).T), s_grid), return_inverse=True
-            )
-            shards = np.stack(np.unravel_index(s_keys, s_grid), axis=1)
-            groups = [
-                (tuple(int(v) for v in shards[g]), m)
-                for g, m in enumerate(_split_by(s_inv.reshape(-1), len(s_keys)))
-            ]
-        else:
-            groups = [(None, np.arange(i, i + 1)) for i in range(len(uniq))]
+        groups = self._shard_groups(uniq, grid)
         # at most `parallel` tasks, each a run of whole shards (a task per shard costs more than a
         # small shard's work), the last run in the calling thread
         n_tasks = 1 if executor is None else max(1, min(parallel, len(groups)))
