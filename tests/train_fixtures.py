@@ -61,7 +61,7 @@ def make_cross_slides(
             "split": "train" if i < n_train else "val",
             "annotation": "",
         }
-        if label and i < n_train and rng.random() < annotate:
+        if annotate and label and i < n_train and rng.random() < annotate:  # no draw unless asked: same data
             truth = np.zeros((size, size), dtype=np.uint8)
             for r, c in zip(*np.divmod(cells, size // PATCH)):
                 truth[r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] = 1
