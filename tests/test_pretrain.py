@@ -195,6 +195,60 @@ def test_encoder_file_round_trips_into_model_pretrained(tiny_set: Path, tmp_path
         torch.testing.assert_close(v, saved[k])
 
 
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_ips_embed_uses_the_pretrained_encoder(tiny_set: Path, tmp_path: Path, norm: str):
+    """`ips embed --pretrained DIR/encoder.pt` takes the encoder's norm from encoder.json, and the
+    features it writes are that encoder's outputs."""
+    import shutil
+
+    import numpy as np
+    import zarr
+
+    from ips.cli.main import main
+    from ips.model.encoders import build_encoder
+    from ips.model.ips_model import normalize_pixels, pixel_stats
+
+    cfg = cfg_of(f"model.encoder_norm={norm}", "pretrain.epochs=1")
+    pretrain_encoder(
+        cfg, _stores(tiny_set), tmp_path / "pt", device="cpu", show_progress=False, log=lambda s: None
+    )
+    store = tmp_path / "s.zarr"
+    shutil.copytree(_stores(tiny_set)[0], store)
+    weights = tmp_path / "pt" / ENCODER_FILE
+    m = cfg.model
+    rc = main(
+        [
+            "embed",
+            str(store),
+            "--encoder",
+            m.encoder,
+            "--pretrained",
+            str(weights),
+            "--dtype",
+            "float32",
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 0
+    features = np.asarray(zarr.open_group(str(store), mode="r")["features/default/embeddings"][:4])
+    enc = build_encoder(
+        m.encoder,
+        in_chans=m.in_chans,
+        spatial_dims=2,
+        patch_size=m.patch_size,
+        pretrained=str(weights),
+        norm=norm,
+    ).eval()
+    from ips.data.zarr_source import ZarrPatchSource
+
+    patches = ZarrPatchSource(store, grid="default").read(np.arange(4))
+    mean, std = (torch.tensor(v).reshape(1, -1, 1, 1) for v in pixel_stats(enc, m.in_chans))
+    with torch.no_grad():
+        expected = enc(normalize_pixels(patches, mean, std)).numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_mismatched_encoder_file_fails_clearly(tiny_set: Path, tmp_path: Path):
     cfg = cfg_of("model.encoder_norm=batch", "pretrain.epochs=1")
     pretrain_encoder(cfg, _stores(tiny_set), tmp_path, device="cpu", show_progress=False, log=lambda s: None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ips.cli._threads import add_threads, apply_threads
 
@@ -43,8 +44,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--read-threads", type=int, default=4, help="threads reading and decoding patches (default 4)"
     )
     p.add_argument("--overwrite", action="store_true", help="recompute a feature set that already exists")
+    p.add_argument(
+        "--encoder-norm",
+        choices=("group", "batch"),
+        default=None,
+        help="ips_* encoders: GroupNorm or BatchNorm (default: what `ips pretrain` recorded in encoder.json "
+        "beside --pretrained, else group)",
+    )
     add_threads(p)
     p.set_defaults(func=run)
+
+
+def _norm(args: argparse.Namespace) -> str | None:
+    """The normalisation of an ips_* encoder: --encoder-norm, else the one `ips pretrain` recorded beside
+    the --pretrained file (encoder.json), else the encoder's default. None for other encoders."""
+    if not args.encoder.startswith("ips_"):
+        return None
+    if args.encoder_norm:
+        return args.encoder_norm
+    weights = _pretrained(args.pretrained)
+    if isinstance(weights, str):
+        import json
+
+        meta = Path(weights).with_name("encoder.json")
+        if meta.is_file():
+            return json.loads(meta.read_text()).get("encoder_norm")
+    return None
 
 
 def _pretrained(value: str) -> bool | str:
@@ -88,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
                     spatial_dims=key[1],
                     patch_size=key[2],
                     pretrained=_pretrained(args.pretrained),
+                    norm=_norm(args),
                 ).to(device)
             result = embed_store(
                 store,
