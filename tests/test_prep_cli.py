@@ -261,3 +261,34 @@ def test_reader_override(tmp_path, capsys):
 
     prov = zarr.open_group(str(tmp_path / "o" / "g.zarr"), mode="r").attrs["ips"]["provenance"]
     assert prov["reader"] == "openslide" and prov["vendor"] == "generic-tiff"
+
+
+def test_slurm_job_array_script_runs_its_share(tmp_path):
+    """tools/slurm_prep.sh: task i of n runs `ips prep ... --shard i/n`; the shards cover every input once."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "slurm_prep.sh"
+    stub = tmp_path / "ips"
+    stub.write_text('#!/bin/sh\necho "$@"\n')
+    stub.chmod(0o755)
+    for i in range(3):
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "IPS": str(stub),
+            "SLURM_ARRAY_TASK_ID": str(i),
+            "SLURM_ARRAY_TASK_COUNT": "3",
+            "SLURM_CPUS_PER_TASK": "4",
+        }
+        out = subprocess.run(
+            ["bash", str(script), "--out", "stores", "a.svs", "b.svs"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert out == f"prep --out stores a.svs b.svs --workers 4 --shard {i}/3"
+    missing = subprocess.run(
+        ["bash", str(script), "x.svs"], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "job array" in missing.stderr
