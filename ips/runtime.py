@@ -39,13 +39,14 @@ class Runtime:
     dist: DistInfo
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU; ConfigError naming `train.device` for CUDA without CUDA."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """`auto` -> CUDA when available, else CPU; ConfigError naming `key` (the config key or option that
+    asked) for CUDA without CUDA."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} asked for but CUDA is not available")
+        raise ConfigError(f"{key}: {name!r} asked for but CUDA is not available")
     return device
 
 

@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-from ips.config import ConfigError
-
 MiB = 2**20
 GiB = 2**30
 
@@ -43,13 +41,10 @@ def current_rss_bytes() -> int | None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda where available, else cpu; an explicit cuda without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available")
-    return device
+    """`ips.runtime.resolve_device` for the bench's `--device` option."""
+    from ips.runtime import resolve_device as resolve
+
+    return resolve(name, key="--device")
 
 
 def describe_device(device: torch.device) -> str:

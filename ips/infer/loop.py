@@ -50,7 +50,7 @@ def load(checkpoint: str | Path, device_name: str) -> Loaded:
     from ips.model.checkpoint import load_model
     from ips.runtime import resolve_device
 
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, key="--device")
     model, cfg = load_model(checkpoint, device)
     autocast = torch.bfloat16 if (cfg.train.amp and device.type == "cuda") else None
     return Loaded(model, cfg, device, autocast)
