@@ -217,6 +217,19 @@ def reseal(store: str | Path, arrays: list[str] | None = None) -> None:
     write_marker(store, list(marker.get("grids", [])), recorded)
 
 
+def _holder(fd: int, wait: float = 1.0) -> str:
+    """What the lock's holder wrote (pid, host). It writes just after taking the lock, so an empty file
+    is read again for up to `wait` seconds before the holder counts as unknown."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if text or time.monotonic() > deadline:
+            return text or "unknown"
+        time.sleep(0.02)
+
+
 class StoreLock:
     """An exclusive lock on one output store, `DIR/.<slide_id>.zarr.lock` (fcntl.flock), held while a
     prep reads, converts or extends it, so two preps of the same output never interleave. The holder's
@@ -237,7 +250,7 @@ class StoreLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+                holder = _holder(fd)
                 os.close(fd)
                 raise PrepError(
                     f"{self.store}: another ips prep ({holder}) is writing this store "

@@ -89,11 +89,18 @@ class RunLock:
         self.release()
 
 
-def _read_holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-    except (OSError, ValueError):
-        info = {}
+def _read_holder(fd: int, wait: float = 1.0) -> str:
+    """The holder's PID, host and start. It writes them just after taking the lock, so an empty file is
+    read again for up to `wait` seconds before the holder counts as unknown."""
+    deadline = time.monotonic() + wait
+    info: dict = {}
+    while not info and time.monotonic() <= deadline:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info:
+            time.sleep(0.02)
     if not info:
         return "holder unknown"
     return f"PID {info.get('pid')} on host {info.get('host')}, started {info.get('started')}"
