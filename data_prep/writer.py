@@ -43,6 +43,7 @@ from ips import __version__
 from ips.errors import PrepError
 from ips.format import checksums
 from ips.format.checksums import bytes_record
+from ips.format.lockfile import read_holder, write_holder
 from ips.format.names import COMPLETE_MARKER, FORMAT_VERSION, LOCK_SUFFIX, PARTIAL_SUFFIX
 from ips.format.sharding import ShardLayout
 
@@ -217,19 +218,6 @@ def reseal(store: str | Path, arrays: list[str] | None = None) -> None:
     write_marker(store, list(marker.get("grids", [])), recorded)
 
 
-def _holder(fd: int, wait: float = 1.0) -> str:
-    """What the lock's holder wrote (pid, host). It writes just after taking the lock, so an empty file
-    is read again for up to `wait` seconds before the holder counts as unknown."""
-    import time
-
-    deadline = time.monotonic() + wait
-    while True:
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        if text or time.monotonic() > deadline:
-            return text or "unknown"
-        time.sleep(0.02)
-
-
 class StoreLock:
     """An exclusive lock on one output store, `DIR/.<slide_id>.zarr.lock` (fcntl.flock), held while a
     prep reads, converts or extends it, so two preps of the same output never interleave. The holder's
@@ -250,7 +238,7 @@ class StoreLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _holder(fd)
+                holder = read_holder(fd)
                 os.close(fd)
                 raise PrepError(
                     f"{self.store}: another ips prep ({holder}) is writing this store "
@@ -263,8 +251,7 @@ class StoreLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        write_holder(fd, f"pid {os.getpid()} on {socket.gethostname()}")
         self._fd = fd
         return self
 

@@ -60,8 +60,8 @@ def default_threads() -> int:
     """torch CPU threads when `--threads` is not given: half the cores, at most 4.
 
     torch's own default (one per core) makes small ops wait on each other whenever another process holds
-    a core: on a busy 2-core machine a demo epoch took 37x longer with it than with 1 thread
-    (docs/BENCHMARKS.md). Half the cores keeps most of the gain on an idle machine.
+    a core, which slowed the demo many times over on a busy 2-core machine; half the cores keeps most of
+    the gain on an idle one.
     """
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 

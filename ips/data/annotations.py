@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ips.data.store import open_store
+from ips.data.store import IpsStore, open_store
 from ips.errors import ManifestError
 
 RASTER_PER_PATCH = 8  # samples per patch side when rasterising polygons: fractions in steps of 1/64
@@ -50,15 +50,16 @@ class PatchLabels:
         return self.indices[self.fractions >= threshold]
 
 
-def patch_labels(annotation: str | Path, store: str | Path, grid: str) -> PatchLabels:
-    """Map the annotation file onto `grid` of `store`; ManifestError naming the file when it is unusable."""
+def patch_labels(annotation: str | Path, store: str | Path | IpsStore, grid: str) -> PatchLabels:
+    """Map the annotation file onto `grid` of `store` (a path, or a store already open); ManifestError
+    naming the file when it is unusable."""
     path = Path(annotation)
     if not path.is_file():
         raise ManifestError(f"annotation {path} does not exist")
-    opened = open_store(store)
+    opened = store if isinstance(store, IpsStore) else open_store(store)
     info = opened.grid(grid)
     coords = np.asarray(opened.coords(grid), dtype=np.int64)
-    down = _downsample(opened.level_downsamples, info.level, opened.spatial_dims)
+    down = opened.level_downsample(info.level)
     lo = coords * down  # (N, dims) level-0 top-left corners
     size = np.asarray(info.patch_size, dtype=np.float64) * down  # level-0 footprint of one patch
     if path.suffix.lower() in (".geojson", ".json"):
@@ -75,12 +76,6 @@ def patch_labels(annotation: str | Path, store: str | Path, grid: str) -> PatchL
         )
     keep = np.flatnonzero(fractions > 0)
     return PatchLabels(len(coords), keep.astype(np.int64), fractions[keep].astype(np.float32))
-
-
-def _downsample(level_downsamples: list[tuple[float, ...]], level: int, dims: int) -> np.ndarray:
-    if level < len(level_downsamples):
-        return np.asarray(level_downsamples[level], dtype=np.float64)
-    return np.full(dims, 2.0**level)
 
 
 def _read_polygons(path: Path) -> list[list[np.ndarray]]:

@@ -137,6 +137,12 @@ class IpsStore:
     def __repr__(self) -> str:
         return f"IpsStore({self.name}, dims={self.spatial_dims}, grids={list(self.grids)})"
 
+    def level_downsample(self, level: int) -> np.ndarray:
+        """Per-axis factors `(dims,)` of `level` relative to level 0 (2**level where the store has none)."""
+        if level < len(self.level_downsamples):
+            return np.asarray(self.level_downsamples[level], dtype=np.float64)
+        return np.full(self.spatial_dims, 2.0**level)
+
     def grid(self, name: str = sf.DEFAULT_GRID) -> GridInfo:
         valid = ", ".join(sorted(self.complete_grids)) or "none"
         if name in self.grids and name not in self.complete_grids:

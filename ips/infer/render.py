@@ -37,10 +37,8 @@ def thumbnail_level(store: IpsStore, max_size: int = 1024) -> int:
 
 
 def level_downsample(store: IpsStore, level: int) -> np.ndarray:
-    """Per-axis factors `(dims,)` of `level` relative to level 0 (2**level where the store has none)."""
-    if level < len(store.level_downsamples):
-        return np.asarray(store.level_downsamples[level], dtype=np.float64)
-    return np.full(store.spatial_dims, 2.0**level)
+    """Per-axis factors `(dims,)` of `level` relative to level 0 (`IpsStore.level_downsample`)."""
+    return store.level_downsample(level)
 
 
 def to_rgb(image: np.ndarray, background: float | None = None) -> np.ndarray:

@@ -362,11 +362,8 @@ def load_inputs(
                 f"warning: task {task.name!r}: every training slide has the label {next(iter(seen))}; the "
                 "model can only learn that one class"
             )
-    annotations = {
-        r.slide_id: patch_labels(r.annotation, r.path, source_grid(open_store(r.path), cfg))
-        for r in train_records
-        if r.annotation and cfg.train.annotation_weight + cfg.train.annotation_slots > 0
-    }
+    guided = cfg.train.annotation_weight + cfg.train.annotation_slots > 0
+    annotations = {r.slide_id: _patch_labels(r, cfg) for r in train_records if r.annotation and guided}
     if annotations:
         warn(
             f"{len(annotations)} of {len(train_records)} training slides are annotated: patch-level guidance "
@@ -374,6 +371,12 @@ def load_inputs(
             f"{cfg.train.annotation_weight})"
         )
     return _Inputs(train_records, val_records, monitor, annotations)
+
+
+def _patch_labels(record: SlideRecord, cfg: ExperimentConfig) -> PatchLabels:
+    """The slide's annotation on the grid it is read from (one store open)."""
+    store = open_store(record.path)
+    return patch_labels(record.annotation, store, source_grid(store, cfg))
 
 
 def _label_key(label: Any) -> Any:

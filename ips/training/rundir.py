@@ -7,7 +7,6 @@ Nothing is written into a run directory before these checks pass: a refused run 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import socket
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ips.errors import RunDirError
+from ips.format.lockfile import read_holder, write_holder
 
 LOCK_FILE = ".lock"
 # files a run writes: their presence means the directory holds a run
@@ -56,23 +56,14 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(fd)
+            holder = read_holder(fd)
             os.close(fd)
             raise RunDirError(
                 f"{self.path.parent}: another run is using this run directory ({holder}); wait "
                 "for it to end or use another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(
-            fd,
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                }
-            ).encode(),
-        )
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_holder(fd, f"PID {os.getpid()} on host {socket.gethostname()}, started {started}")
         self._fd = fd
         return self
 
@@ -87,23 +78,6 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _read_holder(fd: int, wait: float = 1.0) -> str:
-    """The holder's PID, host and start. It writes them just after taking the lock, so an empty file is
-    read again for up to `wait` seconds before the holder counts as unknown."""
-    deadline = time.monotonic() + wait
-    info: dict = {}
-    while not info and time.monotonic() <= deadline:
-        try:
-            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        except (OSError, ValueError):
-            info = {}
-        if not info:
-            time.sleep(0.02)
-    if not info:
-        return "holder unknown"
-    return f"PID {info.get('pid')} on host {info.get('host')}, started {info.get('started')}"
 
 
 def holds_run(run_dir: Path) -> list[str]:
