@@ -114,3 +114,23 @@ def test_no_function_is_longer_than_about_80_lines():
                     if n > MAX_FUNCTION_LINES:
                         long[key] = n
     assert long == {}
+
+
+def test_every_tool_imports_only_what_exists():
+    """tools/ are not imported by the suite; a moved module must not break them silently (issue 14 moved
+    `data_prep.errors` to `ips.errors` and `tools/make_small_object_dataset.py` failed at its first line)."""
+    import importlib
+
+    missing = []
+    for path in files_under("tools"):
+        for name in sorted(m for m in imports_of(path) if within(m, "ips", "data_prep")):
+            module, _, attr = name.rpartition(".")
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                try:
+                    if not hasattr(importlib.import_module(module), attr):
+                        missing.append(f"{path.name}: {name}")
+                except ImportError:
+                    missing.append(f"{path.name}: {name}")
+    assert missing == []

@@ -13,8 +13,7 @@ import argparse
 import sys
 import time
 
-from data_prep.errors import PrepError
-
+from ips.errors import PrepError
 from ips.synthetic.small_objects import make_small_object_dataset
 
 
