@@ -96,11 +96,16 @@ class DemoResult:
         return d
 
 
-def lesion_auroc(scores_path: str | Path, store_path: str | Path, task: int = 0) -> float:
+def lesion_auroc(
+    scores_path: str | Path, store_path: str | Path, task: int = 0, min_share: float | None = None
+) -> float:
     """AUROC of the heatmap's attention of each patch against the truth "overlaps a lesion".
 
     `scores_path`: a heatmap's scores.zarr (`attention (N, T)`); `store_path`: the slide's store with
-    `ips_truth/lesion (N,)`. NaN when the slide has no lesion patch (or only lesion patches).
+    `ips_truth/lesion (N,)` (the share of each patch inside a lesion). `min_share` None: positives are
+    the patches with any share > 0, negatives all others. `min_share` s: positives hold a share >= s,
+    negatives none at all, and the patches in between (a sliver of the lesion's edge, which look like
+    background) are left out. NaN when the slide has no positive or no negative patch.
     """
     import zarr
 
@@ -108,8 +113,11 @@ def lesion_auroc(scores_path: str | Path, store_path: str | Path, task: int = 0)
     from ips.synthetic import TRUTH_GROUP
 
     attention = np.asarray(zarr.open_group(str(scores_path), mode="r")["attention"][...])[:, task]
-    truth = np.asarray(zarr.open_group(str(store_path), mode="r")[f"{TRUTH_GROUP}/lesion"][...]) > 0
-    return auroc(attention, truth)
+    share = np.asarray(zarr.open_group(str(store_path), mode="r")[f"{TRUTH_GROUP}/lesion"][...])
+    if min_share is None:
+        return auroc(attention, share > 0)
+    keep = (share >= min_share) | (share == 0)
+    return auroc(attention[keep], share[keep] >= min_share)
 
 
 def _prepare_out(out: Path) -> None:

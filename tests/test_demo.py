@@ -56,6 +56,18 @@ def test_lesion_auroc_reads_attention_and_truth(tmp_path):
     assert lesion_auroc(tmp_path / "scores.zarr", tmp_path / "s.zarr") == 1.0
 
 
+def test_lesion_auroc_core_leaves_out_the_slivers(tmp_path):
+    """A sliver patch (share 0.05) ranked below background counts against "any share" but is left out of
+    the core AUROC (positives share >= 0.25, negatives share 0)."""
+    scores = zarr.open_group(str(tmp_path / "scores.zarr"), mode="w")
+    scores.create_array("attention", data=np.array([[0.1], [0.5], [0.0], [0.2], [0.9]], np.float32))
+    store = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    store.create_array("ips_truth/lesion", data=np.array([0.0, 0.3, 0.05, 0.0, 1.0], np.float32))
+    # any share: positives {0.5, 0.0, 0.9} vs negatives {0.1, 0.2}: 4 of 6 pairs ordered
+    assert lesion_auroc(tmp_path / "scores.zarr", tmp_path / "s.zarr") == pytest.approx(4 / 6)
+    assert lesion_auroc(tmp_path / "scores.zarr", tmp_path / "s.zarr", min_share=0.25) == 1.0
+
+
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not empty"):
