@@ -198,6 +198,10 @@ class TrainConfig:
     Slides whose manifest row names an `annotation` (`ips.data.annotations`) are trained with guidance:
     `annotation_slots` of the M slots hold annotated patches, and `annotation_weight` weighs a patch-level
     loss on their selection scores (`ips.training.step.annotation_loss`). Other slides train as before.
+
+    `instance_weight` > 0 adds a multiple-instance loss from the slide labels alone: for each binary task,
+    BCE between the slide label and the attention logit of its best selected patch
+    (`ips.training.step.instance_loss`), so negatives teach which look-alikes are not the object.
     """
 
     epochs: int = 10
@@ -219,6 +223,7 @@ class TrainConfig:
     annotation_slots: float = 0.25
     freeze_encoder_epochs: int = 0
     encoder_lr_scale: float = 1.0
+    instance_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -258,6 +263,9 @@ class TrainConfig:
         )
         _require(
             self.encoder_lr_scale > 0, "train.encoder_lr_scale", f"must be > 0, got {self.encoder_lr_scale}"
+        )
+        _require(
+            self.instance_weight >= 0, "train.instance_weight", f"must be >= 0, got {self.instance_weight}"
         )
 
 

@@ -525,6 +525,7 @@ def run_epoch(
             transform=transform,
             normalizer=len(global_batch) / rt.dist.world_size,
             annotation_weight=cfg.train.annotation_weight,
+            instance_weight=cfg.train.instance_weight,
         )
         if frozen:  # under DDP the encoder still gets gradients (all ranks must reduce the same set)
             for p in model.encoder.parameters():
