@@ -104,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="Q",
-        help="quality 1-100 of a lossy codec (default: jpeg 90, jpegxl 94, webp 90) or a lossless codec's level",
+        help="quality 1-100 of a lossy codec (default: jpeg 90, jpegxl 93, webp 90) or a lossless codec's level",
     )
     p.add_argument(
         "--store-from",

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 NAMES = {"jpeg": "imagecodecs_jpeg", "jpegxl": "imagecodecs_jpegxl", "webp": "imagecodecs_webp"}
 # default quality: >= 40 dB PSNR on the real H&E slide for jpeg and jpegxl (docs/BENCHMARKS.md); WebP's
 # lossy mode is 4:2:0 only and stays near 34 dB at any quality there
-DEFAULT_LEVEL = {"jpeg": 90, "jpegxl": 94, "webp": 90}
+DEFAULT_LEVEL = {"jpeg": 90, "jpegxl": 93, "webp": 90}
 IMAGE_ORDER = (1, 2, 0)  # (C, y, x) -> (y, x, C): the transpose before the image codec
 
 
