@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data_prep.options import CODECS, PrepOptions
+from data_prep.options import CODECS, STORE_FROM, PrepOptions
 from data_prep.readers import READERS
 from ips.errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 
@@ -92,7 +92,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="force a reader backend (default: chosen from the file's content)",
     )
-    p.add_argument("--codec", choices=CODECS, default="blosc-lz4", help="lossless codec (default blosc-lz4)")
+    p.add_argument(
+        "--codec",
+        choices=CODECS,
+        default="blosc-lz4",
+        help="pixel codec: lossless blosc-lz4 (default), zstd, none; lossy for uint8 RGB/grey slides: "
+        "jpeg, jpegxl, webp",
+    )
+    p.add_argument(
+        "--codec-level",
+        type=int,
+        default=None,
+        metavar="Q",
+        help="quality 1-100 of a lossy codec (default: jpeg 90, jpegxl 93, webp 90) or a lossless codec's level",
+    )
+    p.add_argument(
+        "--store-from",
+        choices=STORE_FROM,
+        default="level0",
+        help="level0: store the source's level 0 and the pyramid below (default); grid: begin the store at "
+        "the grid's level (--level / --mpp), so a 20x grid on a 40x scan stores a quarter of the pixels",
+    )
     p.add_argument("--overwrite", action="store_true", help="redo complete stores")
     p.add_argument("--allow-empty", action="store_true", help="keep stores whose grid is empty")
     p.add_argument("--no-thumbnail", action="store_true", help="do not draw thumbnails")
@@ -202,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         min_tissue=args.min_tissue,
         grid_name=args.grid_name,
         codec=args.codec,
+        codec_level=args.codec_level,
+        store_from=args.store_from,
         threads=threads,
         overwrite=args.overwrite,
         allow_empty=args.allow_empty,

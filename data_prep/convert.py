@@ -8,6 +8,7 @@ A failure removes the partial store and raises `PrepError` with a one-line reaso
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import math
@@ -24,7 +25,8 @@ import numpy as np
 import zarr
 
 from data_prep.grid import make_grid
-from data_prep.options import PrepOptions, per_axis
+from data_prep.levels import LevelReader, level0_record
+from data_prep.options import LOSSY_CODECS, PrepOptions, per_axis
 from data_prep.pyramid import StreamingPyramid, level_shape, morton_order, plan_levels
 from data_prep.readers import ArrayReader, ImageReader, open_reader
 from data_prep.thumbnail import render_thumbnail, save_png
@@ -41,7 +43,7 @@ from data_prep.writer import (
     write_marker,
 )
 from ips import __version__
-from ips.errors import PrepError
+from ips.errors import ConfigError, PrepError
 from ips.format import checksums
 from ips.format.names import (
     COORDS_ARRAY,
@@ -263,11 +265,12 @@ def _ips_attrs(
 ) -> dict[str, Any]:
     """The store's `ips` attributes (docs/FORMAT.md)."""
     spacing = reader.spacing
+    source = reader.source if isinstance(reader, LevelReader) else reader
     prov = {
         **provenance,
-        "reader": reader.name,
+        "reader": source.name,
         "vendor": reader.vendor,
-        "source_shape": list(reader.shape),
+        "source_shape": list(source.shape),
         "source_dtype": str(reader.dtype),
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -282,6 +285,9 @@ def _ips_attrs(
         "spacing": list(spacing) if spacing else None,
         "level_downsamples": [list(f) for f in factors],
         "level_shapes": shapes,
+        "source_level": reader.record()
+        if isinstance(reader, LevelReader)
+        else level0_record(len(factors[0])),
         "background": reader.background,
         "chunks": list(chunk),
         "shards": list(shard),
@@ -300,12 +306,11 @@ def _mask(
     spatial: tuple[int, ...],
     spacing: tuple[float, ...] | None,
     fill: float,
-    given: np.ndarray | None,
+    given: tuple[np.ndarray, tuple[int, ...]] | None,
 ) -> tuple[np.ndarray, tuple[int, ...], dict[str, Any]]:
     """`(mask, downsample, info)`: the caller's mask resampled, or the tissue mask of a low level."""
     if given is not None:
-        mask, mask_ds = resample_mask(given, spatial)
-        return mask, mask_ds, {"method": "given", "threshold": None, "level": None}
+        return given[0], given[1], {"method": "given", "threshold": None, "level": None}
     m = _mask_level(options, factors, spatial, spacing)
     mask, info = tissue_mask(
         levels[m][...],
@@ -332,10 +337,11 @@ def _run(
 
     `provenance()` is called once the pixels are written (so a source hash can run meanwhile).
     """
+    check_codec(options, reader)
+    reader, grid_level = _store_reader(reader, options)
     dims, spatial, spacing = reader.spatial_dims, reader.spatial_shape, reader.spacing
     patch = per_axis(options.patch_size, dims, "patch_size")
     stride = per_axis(options.stride if options.stride is not None else options.patch_size, dims, "stride")
-    grid_level = _choose_level(options, spatial, spacing)
     factors = plan_levels(spatial, spacing, max_size=options.pyramid_max_size, min_levels=grid_level + 1)
     chunk, shard = chunk_layout(patch, stride, options.shard_chunks or (8 if dims == 2 else 4))
     compressor = make_compressor(options.codec, options.codec_level)
@@ -353,7 +359,8 @@ def _run(
     _write_levels(reader, writer, levels, factors, shard, threads, progress)
 
     # tissue mask on a low level (or the caller's mask)
-    mask, mask_ds, mask_info = _mask(options, levels, factors, spatial, spacing, fill, given_mask)
+    given = _given_mask(given_mask, reader) if given_mask is not None else None
+    mask, mask_ds, mask_info = _mask(options, levels, factors, spatial, spacing, fill, given)
     mask_names = ["z", "y", "x"][-dims:]
     writer.small_array(
         MASK_ARRAY, mask.astype(np.uint8), chunk_rows=512 if dims == 2 else 64, dimension_names=mask_names
@@ -395,6 +402,49 @@ def _run(
             writer.final.with_name(f"{slide_id}{THUMBNAIL_SUFFIX}"),
         )
     return store, len(coords)
+
+
+def check_codec(options: PrepOptions, reader: ImageReader) -> None:
+    """ConfigError naming --codec when a lossy codec is asked for an image it cannot code (it takes 2D
+    uint8 images with 1 or 3 channels: RGB slides, grey images; WebP RGB only)."""
+    if options.codec not in LOSSY_CODECS:
+        return
+    dims, dtype, channels = reader.spatial_dims, np.dtype(reader.dtype), reader.shape[0]
+    if dims != 2 or dtype != np.uint8 or channels not in (1, 3):
+        raise ConfigError(
+            f"--codec {options.codec}: lossy codecs take 2D uint8 images with 1 or 3 channels, not this "
+            f"{dims}D {dtype} image with {channels} channels; use blosc-lz4, zstd or none"
+        )
+    if options.codec == "webp" and channels != 3:
+        raise ConfigError("--codec webp: WebP codes RGB only, not 1-channel images; use jpeg or jpegxl")
+
+
+def _given_mask(given: np.ndarray, reader: ImageReader) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A caller's mask (over the source's level 0) as `(mask, downsample from the store's level 0)`.
+
+    A store that begins at a source level (factor f) needs mask factors that are multiples of f: a finer
+    mask is reduced by majority over blocks (`(M)` -> `(ceil(M / r))`) until they are."""
+    source = reader.source if isinstance(reader, LevelReader) else reader
+    mask, ds = resample_mask(given, source.spatial_shape)
+    factor = reader.factor if isinstance(reader, LevelReader) else (1,) * len(ds)
+    blocks = tuple(f // math.gcd(d, f) for d, f in zip(ds, factor))
+    if any(b > 1 for b in blocks):
+        padded = np.zeros([-(-n // b) * b for n, b in zip(mask.shape, blocks)], np.float32)
+        padded[tuple(slice(0, n) for n in mask.shape)] = mask
+        split = [v for n, b in zip(padded.shape, blocks) for v in (n // b, b)]
+        mask = padded.reshape(split).mean(axis=tuple(range(1, 2 * len(blocks), 2))) >= 0.5
+        ds = tuple(d * b for d, b in zip(ds, blocks))
+    return mask, tuple(d // f for d, f in zip(ds, factor))
+
+
+def _store_reader(reader: ImageReader, options: PrepOptions) -> tuple[ImageReader, int]:
+    """`(reader of the store's level 0, grid level in the store)`: with `store_from` grid, the source
+    seen from the grid's level (`data_prep.levels`) and grid level 0; else the source as it is."""
+    grid_level = _choose_level(options, reader.spatial_shape, reader.spacing)
+    if options.store_from != "grid" or grid_level == 0:
+        return reader, grid_level
+    every = plan_levels(reader.spatial_shape, reader.spacing, max_size=1, min_levels=grid_level + 1)
+    return LevelReader(reader, every, grid_level), 0
 
 
 def _grid(
@@ -504,7 +554,7 @@ def _thumbnail(
 
 
 def _failure_reason(e: BaseException) -> str:
-    if isinstance(e, PrepError):
+    if isinstance(e, (PrepError, ConfigError)):
         return str(e)
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return "disk full (ENOSPC) while writing the store"
@@ -533,7 +583,7 @@ def add_grid(store: str | Path, options: PrepOptions) -> int:
     spacing = tuple(attrs["spacing"]) if attrs.get("spacing") else None
     patch = per_axis(options.patch_size, dims, "patch_size")
     stride = per_axis(options.stride if options.stride is not None else options.patch_size, dims, "stride")
-    level = _choose_level(options, shapes[0], spacing)
+    level = _level_in_store(options, attrs)
     if level >= len(factors):
         raise PrepError(
             f"level {level} is not in the store (levels 0..{len(factors) - 1}); "
@@ -559,6 +609,22 @@ def add_grid(store: str | Path, options: PrepOptions) -> int:
     return len(coords)
 
 
+def _level_in_store(options: PrepOptions, attrs: dict[str, Any]) -> int:
+    """The grid level `options` ask for (`level` counts the source's pyramid, `mpp` is physical) as a
+    level of a store whose level 0 may be a source level (`ips.source_level`, `--store-from grid`)."""
+    shape0 = tuple(attrs["level_shapes"][0][1:])
+    spacing = tuple(attrs["spacing"]) if attrs.get("spacing") else None
+    offset = int((attrs.get("source_level") or {}).get("pyramid_level", 0))
+    if options.mpp is not None or offset == 0:
+        return _choose_level(options, shape0, spacing)
+    if options.level < offset:
+        raise PrepError(
+            f"level {options.level} is finer than the store's level 0 (source level {offset}, "
+            "--store-from grid); rerun with --overwrite to rebuild it"
+        )
+    return _choose_level(dataclasses.replace(options, level=options.level - offset), shape0, spacing)
+
+
 def _list_grid(store: Path, name: str) -> None:
     """Record grid `name`'s arrays in the marker and list the grid: the step that makes it count."""
     marker = read_marker(store)
@@ -570,6 +636,7 @@ def _list_grid(store: Path, name: str) -> None:
 
 # options that shape a grid / a store: a complete store made with other values is not what was asked for
 _STORE_OPTIONS = (
+    "store_from",
     "codec",
     "codec_level",
     "shard_chunks",
@@ -591,14 +658,12 @@ def options_mismatch(store: Path, options: PrepOptions) -> str | None:
     diffs = []
     if entry is not None:
         dims = int(attrs["spatial_dims"])
-        shapes = [tuple(s[1:]) for s in attrs["level_shapes"]]
-        spacing = tuple(attrs["spacing"]) if attrs.get("spacing") else None
         patch = per_axis(options.patch_size, dims, "patch_size")
         stride = per_axis(
             options.stride if options.stride is not None else options.patch_size, dims, "stride"
         )
         try:
-            level: object = _choose_level(options, shapes[0], spacing)
+            level: object = _level_in_store(options, attrs)
         except PrepError:
             level = f"mpp {options.mpp}" if options.mpp is not None else options.level
         asked = {

@@ -12,7 +12,9 @@ import numpy as np
 from ips.errors import ConfigError
 from ips.format.names import DEFAULT_GRID
 
-CODECS = ("blosc-lz4", "zstd", "none")
+LOSSY_CODECS = ("jpeg", "jpegxl", "webp")  # uint8 RGB / grey 2D only (ips.format.image_codecs)
+CODECS = ("blosc-lz4", "zstd", "none", *LOSSY_CODECS)
+STORE_FROM = ("level0", "grid")
 
 
 def per_axis(value: int | tuple[int, ...], dims: int, name: str) -> tuple[int, ...]:
@@ -31,10 +33,13 @@ class PrepOptions:
     Grid: `patch_size` and `stride` in pixels of the grid's level (an int, or one per spatial axis);
     the level is `level`, or the pyramid level nearest to `mpp` micrometers per pixel (within
     `mpp_tolerance`, relative); patches with a tissue fraction >= `min_tissue` are kept. Store:
-    `codec` (blosc-lz4, zstd, none; see `data_prep.writer`), `shard_chunks` chunks per shard side (None: 8 in 2D, 4 in 3D),
+    `codec` (lossless: blosc-lz4, zstd, none; lossy, for uint8 RGB / grey slides: jpeg, jpegxl, webp at
+    quality `codec_level` 1-100; see `data_prep.writer`), `shard_chunks` chunks per shard side (None: 8 in 2D, 4 in 3D),
     pyramid down to `pyramid_max_size` pixels on the longest y/x side; the mask on the first level at
     about `mask_mpp` micrometers per pixel (when the spacing is known) whose longest side is also
-    <= `mask_max_size` (None: 2048 in 2D, 256 in 3D counting z). `threads` decode and
+    <= `mask_max_size` (None: 2048 in 2D, 256 in 3D counting z). `store_from`: `level0` stores the
+    source's level 0 and the pyramid below it; `grid` starts the store at the grid's level (its level 0
+    is then that level of the source; `ips.source_level` records which). `threads` decode and
     encode in parallel (0: up to 8, as many as CPUs). `allow_empty`: keep a store whose grid is empty
     (else that input fails with "no tissue").
     """
@@ -48,6 +53,7 @@ class PrepOptions:
     mpp_tolerance: float = 0.25
     codec: str = "blosc-lz4"
     codec_level: int | None = None
+    store_from: str = "level0"
     shard_chunks: int | None = None
     pyramid_max_size: int = 512
     mask_max_size: int | None = None
@@ -88,6 +94,13 @@ class PrepOptions:
         )
         require(self.mpp_tolerance > 0, "mpp_tolerance", "must be > 0")
         require(self.codec in CODECS, "codec", f"must be one of {CODECS}, got {self.codec!r}")
+        if self.codec in LOSSY_CODECS and self.codec_level is not None:
+            require(1 <= self.codec_level <= 100, "codec_level", f"quality 1-100, got {self.codec_level}")
+        require(
+            self.store_from in STORE_FROM,
+            "store_from",
+            f"must be one of {STORE_FROM}, got {self.store_from!r}",
+        )
         require(self.shard_chunks is None or self.shard_chunks >= 1, "shard_chunks", "must be >= 1")
         require(self.pyramid_max_size >= 1, "pyramid_max_size", "must be >= 1")
         require(self.mask_max_size is None or self.mask_max_size >= 8, "mask_max_size", "must be >= 8")

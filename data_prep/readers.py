@@ -114,6 +114,30 @@ class ImageReader(ABC):
             )
         return out
 
+    def native_levels(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """`(downsample, spatial shape)` of each pyramid level the source holds itself, level 0 first.
+
+        Only levels whose per-axis downsample from level 0 is a power of two and whose sides are
+        `n // f` or `ceil(n / f)` are listed (the levels `read_level_region` reads); the base has none
+        but level 0."""
+        return [((1,) * self.spatial_dims, self.spatial_shape)]
+
+    def read_level_region(self, level: int, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+        """Region `[start, start + size)` (pixels of native level `level`): `(C, *size)` of `dtype`."""
+        if level == 0:
+            return self.read_region(start, size)
+        shape = self.native_levels()[level][1]
+        for s, n, full in zip(start, size, shape):
+            if s < 0 or n < 1 or s + n > full:
+                raise ValueError(f"region {start}+{size} is outside level {level} {shape}")
+        out = self._read_level(level, tuple(int(s) for s in start), tuple(int(n) for n in size))
+        if out.shape != (self.shape[0], *size):
+            raise PrepError(f"reader {self.name} returned shape {out.shape} for level {level} {start}+{size}")
+        return out
+
+    def _read_level(self, level: int, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+        raise NotImplementedError(f"reader {self.name} has no native level {level}")
+
     def metadata(self) -> dict[str, Any]:
         """Extra provenance (JSON-able) for the store's attributes."""
         return {}
@@ -282,6 +306,11 @@ class TiffReader(ImageReader):
         )
         self.spacing = self._find_spacing()
         self.background = 255 if (self.dtype == np.uint8 and channels == 3) else 0
+        self._levels: list[tuple[tuple[int, ...], tuple[int, ...], Any]] = [
+            ((1,) * self.spatial_dims, self.spatial_shape, None)
+        ]
+        if self.spatial_dims == 2 and all(n == 1 for n in lead_shape):  # pages parsed here, not in threads
+            self._levels += _tiff_levels(series, keyframe, self.spatial_shape, samples)
 
     @classmethod
     def accepts(cls, path: Path, head: bytes) -> bool:
@@ -338,11 +367,12 @@ class TiffReader(ImageReader):
             raise PrepError(f"corrupt TIFF: page {flat} is missing")
         return page
 
-    def _read_plane(self, page: Any, y0: int, x0: int, h: int, w: int, out: np.ndarray) -> None:
-        """Decode the tiles/strips of `page` covering the region into `out` `(S, h, w)`."""
-        kf = self._kf
-        th, tw = self._seg
-        ny, nx = self._grid
+    def _read_plane(
+        self, page: Any, y0: int, x0: int, h: int, w: int, out: np.ndarray, geometry: tuple | None = None
+    ) -> None:
+        """Decode the tiles/strips of `page` covering the region into `out` `(S, h, w)`. `geometry`:
+        `(keyframe, (tile rows, tile cols), (tiles down, tiles across))` of the page's level (level 0)."""
+        kf, (th, tw), (ny, nx) = geometry or (self._kf, self._seg, self._grid)
         planes = self._samples if self._separate else 1
         for s in range(planes):
             for ty in range(y0 // th, (y0 + h - 1) // th + 1):
@@ -391,11 +421,49 @@ class TiffReader(ImageReader):
                 self._read_plane(self._page(z or 0, c), y0, x0, h, w, dst)
         return out
 
+    def native_levels(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Level 0, then the series' reduced levels (pyramidal TIFF, SVS, OME-TIFF) that are exact 2**k
+        downsamples with the same layout; 2D images of one page only (no channel or z pages)."""
+        return [(f, shape) for f, shape, _ in self._levels]
+
+    def _read_level(self, level: int, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+        _, _, (page, geometry) = self._levels[level]
+        out = np.empty((self.shape[0], *size), self.dtype)
+        self._read_plane(page, *start, *size, out, geometry)
+        return out
+
     def metadata(self) -> dict[str, Any]:
         return {"tiff_series_axes": self._series.axes, "tiff_compression": self._kf.compression.name}
 
     def close(self) -> None:
         self._tif.close()
+
+
+def _tiff_levels(
+    series: Any, kf0: Any, shape0: tuple[int, ...], samples: int
+) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[Any, tuple]]]:
+    """`(downsample, shape, (page, geometry))` of each usable reduced level of a one-page 2D series."""
+    found = []
+    for lvl in list(getattr(series, "levels", []))[1:]:
+        if len(lvl.pages) != 1:
+            continue
+        page = lvl.pages[0]
+        kf = lvl.keyframe
+        shape = (kf.imagelength, kf.imagewidth)
+        factor = tuple(max(1, round(n / m)) for n, m in zip(shape0, shape))
+        exact = all(m in (n // f, -(-n // f)) and f & (f - 1) == 0 for n, m, f in zip(shape0, shape, factor))
+        same = kf.dtype == kf0.dtype and kf.planarconfig == kf0.planarconfig
+        same = same and (kf.samplesperpixel if samples > 1 else 1) == samples and kf.axes == kf0.axes
+        if not (exact and same) or factor in [f for f, _, _ in found]:
+            continue
+        seg = (
+            (kf.tilelength, kf.tilewidth)
+            if kf.is_tiled
+            else (min(kf.rowsperstrip or shape[0], shape[0]), shape[1])
+        )
+        grid = (math.ceil(shape[0] / seg[0]), math.ceil(shape[1] / seg[1]))
+        found.append((factor, shape, (page, (kf, seg, grid))))
+    return found
 
 
 # --- NIfTI -------------------------------------------------------------------------------------------

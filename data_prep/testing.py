@@ -132,6 +132,26 @@ def tissue_image(
     return img
 
 
+def texture_image(height: int, width: int, *, seed: int = 0, cell: int = 8) -> np.ndarray:
+    """A smooth, stained-looking RGB texture (no glass): random colours on a `cell`-pixel lattice,
+    bilinearly interpolated, plus +-2 grey levels of noise, like the low-frequency content of H&E at
+    20x. For lossy-codec tests without the real slide. Returns uint8 `(Y, X, 3)`."""
+    rng = np.random.default_rng(seed)
+    lattice = rng.uniform(-1, 1, (height // cell + 2, width // cell + 2, 3))
+    ys, xs = np.arange(height) / cell, np.arange(width) / cell
+    y0, x0 = ys.astype(int), xs.astype(int)
+    ty, tx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    smooth = (
+        lattice[y0][:, x0] * (1 - ty) * (1 - tx)
+        + lattice[y0 + 1][:, x0] * ty * (1 - tx)
+        + lattice[y0][:, x0 + 1] * (1 - ty) * tx
+        + lattice[y0 + 1][:, x0 + 1] * ty * tx
+    )
+    base = np.array([185.0, 110.0, 175.0])  # eosin pink; the texture swings +-60 around it
+    img = base + 60 * smooth + rng.integers(-2, 3, (height, width, 3))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
 def write_pyramid_tiff(
     path: str | Path,
     image: np.ndarray,

@@ -36,12 +36,12 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
-from data_prep.options import CODECS
+from data_prep.options import CODECS, LOSSY_CODECS
 from ips import __version__
 from ips.errors import PrepError
-from ips.format import checksums
+from ips.format import checksums, image_codecs
 from ips.format.checksums import bytes_record
 from ips.format.lockfile import read_holder, write_holder
 from ips.format.names import COMPLETE_MARKER, FORMAT_VERSION, LOCK_SUFFIX, PARTIAL_SUFFIX
@@ -52,7 +52,10 @@ ARRAY_CONFIG = {"write_empty_chunks": False}  # background chunks stay unwritten
 
 
 def make_compressor(name: str, level: int | None = None) -> Any:
-    """The zarr v3 compressor for a codec name in CODECS (None for "none")."""
+    """The zarr v3 compressor for a lossless codec name in CODECS (None for "none"), or for a lossy one
+    (LOSSY_CODECS) its image codec, which `StoreWriter.image_array` places as the serializer."""
+    if name in LOSSY_CODECS:
+        return image_codecs.make(name, level)
     if name == "zstd":
         return ZstdCodec(level=1 if level is None else level)
     if name == "blosc-lz4":  # byte shuffle: a no-op for uint8, groups bytes of uint16/float volumes
@@ -306,8 +309,19 @@ class StoreWriter:
         fill_value: float,
         compressor: Any,
     ) -> zarr.Array:
-        """A pyramid level `(C, *spatial)`, chunks `(C, *chunks)` inside shards `(C, *shards)`."""
+        """A pyramid level `(C, *spatial)`, chunks `(C, *chunks)` inside shards `(C, *shards)`. An image
+        codec (`compressor` from a lossy `make_compressor`) sees each chunk as `(y, x, C)`."""
         assert self.group is not None
+        image = isinstance(compressor, image_codecs.ImageCodec)
+        codecs: dict[str, Any] = (
+            {
+                "filters": [TransposeCodec(order=image_codecs.IMAGE_ORDER)],
+                "serializer": compressor,
+                "compressors": None,
+            }
+            if image
+            else {"compressors": compressor}
+        )
         dims = ["c", "z", "y", "x"][-len(shape) :] if len(shape) == 4 else ["c", "y", "x"]
         spatial = shape[1:]
         chunk = tuple(min(c, n) for c, n in zip(chunks, spatial))
@@ -319,7 +333,7 @@ class StoreWriter:
             dtype=dtype,
             chunks=(shape[0], *chunk),
             shards=(shape[0], *shard),
-            compressors=compressor,
+            **codecs,
             fill_value=fill_value,
             dimension_names=dims,
             config=ARRAY_CONFIG,

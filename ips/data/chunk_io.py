@@ -6,7 +6,8 @@ read per request, one awaited store read per chunk, a copy through its output bu
 than decoding a small chunk. Here each shard's index is read once and cached, the byte ranges wanted
 from one shard are coalesced into few reads, each chunk is decoded once per call however many patches
 share it, and a chunk that is exactly one patch is decoded straight into the output. numcodecs releases
-the GIL while decoding, so shards are handled in parallel by a thread pool.
+the GIL while decoding (so do imagecodecs' JPEG, JPEG XL and WebP decoders), so shards are handled in
+parallel by a thread pool.
 
 The byte layout (keys, shard index, codecs) is `ips.format.sharding.ShardLayout`, shared with the
 writer; `ChunkReader.for_array` returns None for a layout it does not handle, and callers fall back to
@@ -299,7 +300,9 @@ class ChunkReader:
         if dest is None:
             dest = np.empty(self.chunk_shape, dtype=self.dtype)
         try:
-            if self.codec is None:
+            if self.layout.image is not None:  # JPEG / JPEG XL / WebP: a (y, x, C) tile, copied transposed
+                dest[...] = self.layout.decode_image(data)
+            elif self.codec is None:
                 dest[...] = np.frombuffer(data, dtype=self.stored_dtype).reshape(self.chunk_shape)
             elif self.stored_dtype == self.dtype:
                 self._decode_into(data, dest)

@@ -77,8 +77,14 @@ class IpsStore:
     Attributes:
         location: what was opened (path, URL or zarr store), for messages and reopening.
         group: the root zarr group.
-        spatial_dims, channels, background, spacing, level_downsamples: the `ips` attributes.
+        spatial_dims, channels, background, spacing, level_downsamples: the `ips` attributes (`spacing`
+            and `level_downsamples` are of the store's own levels: array `0` first).
+        source_downsample: `(dims,)` source level-0 pixels per store level-0 pixel (`ips.source_level`:
+            > 1 for a store made with `--store-from grid`; 1 for a store without the record).
         grids, features: name -> `GridInfo` / `FeatureInfo`.
+
+    Coordinates reported to users (heatmaps, GeoJSON, annotations, the viewer) are the source's level-0
+    pixels: `level_downsample` and `source_spacing` map store levels to them.
     """
 
     def __init__(
@@ -107,6 +113,8 @@ class IpsStore:
             self.background = attrs.get("background", 0)
             self.spacing = attrs.get("spacing")
             self.level_downsamples = [tuple(d) for d in attrs.get("level_downsamples", [])]
+            source = (attrs.get("source_level") or {}).get("downsample") or [1] * self.spatial_dims
+            self.source_downsample = np.asarray(source, dtype=np.float64).reshape(self.spatial_dims)
             self.grids = {
                 name: GridInfo(
                     name,
@@ -138,10 +146,20 @@ class IpsStore:
         return f"IpsStore({self.name}, dims={self.spatial_dims}, grids={list(self.grids)})"
 
     def level_downsample(self, level: int) -> np.ndarray:
-        """Per-axis factors `(dims,)` of `level` relative to level 0 (2**level where the store has none)."""
+        """Per-axis factors `(dims,)` of store level `level` relative to the *source's* level 0 (the
+        store's own factors, 2**level where it has none, times `source_downsample`)."""
         if level < len(self.level_downsamples):
-            return np.asarray(self.level_downsamples[level], dtype=np.float64)
-        return np.full(self.spatial_dims, 2.0**level)
+            own = np.asarray(self.level_downsamples[level], dtype=np.float64)
+        else:
+            own = np.full(self.spatial_dims, 2.0**level)
+        return own * self.source_downsample
+
+    @property
+    def source_spacing(self) -> list[float] | None:
+        """Physical size of a source level-0 pixel `(dims,)` in micrometers (None when unknown)."""
+        if not self.spacing:
+            return None
+        return [float(s) / float(d) for s, d in zip(self.spacing, self.source_downsample)]
 
     def grid(self, name: str = sf.DEFAULT_GRID) -> GridInfo:
         valid = ", ".join(sorted(self.complete_grids)) or "none"

@@ -147,11 +147,8 @@ class ZarrPatchSource:
         self.info = opened.grid(grid)
         self.spatial_dims = opened.spatial_dims
         self.background = opened.background
-        self.level_downsample = (
-            tuple(opened.level_downsamples[self.info.level])
-            if self.info.level < len(opened.level_downsamples)
-            else None
-        )
+        # to the source's level 0 (a store made with --store-from grid begins at a lower level)
+        self.level_downsample = tuple(float(v) for v in opened.level_downsample(self.info.level))
         array = opened.level(self.info.level)
         if array.ndim != self.spatial_dims + 1:
             raise ValueError(
@@ -266,8 +263,8 @@ class ZarrPatchSource:
 
     def level0_coords(self) -> np.ndarray:
         """Top-left corners in level-0 pixels, int64 `(N, dims)` (for heatmaps and GeoJSON)."""
-        down = np.asarray(self.level_downsample or (2**self.info.level,) * self.spatial_dims)
-        return (self.coords * down).astype(np.int64)
+        down = np.asarray(self.level_downsample)
+        return np.rint(self.coords * down).astype(np.int64)
 
 
 class FeatureSource:

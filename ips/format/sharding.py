@@ -10,9 +10,11 @@ What a layout says (zarr v3 spec, `sharding_indexed` codec and chunk key encodin
   chunk that is not written (the fill value stands for it), followed by the crc32c (little-endian
   uint32) of the index bytes when the index codecs end in `crc32c`;
 - an inner chunk is `bytes` (C order, the `endian` given for multi-byte dtypes) then at most one
-  compressor: zstd, blosc or gzip (`CODECS`), mapped to its numcodecs codec, which zarr-python uses too.
+  compressor: zstd, blosc or gzip (`CODECS`), mapped to its numcodecs codec, which zarr-python uses too;
+  or (uint8 images) an optional `transpose` then one image codec of `ips.format.image_codecs` (JPEG,
+  JPEG XL, WebP) as the array -> bytes codec.
 
-Layouts outside that (transpose filters, nested sharding, several compressors, big-endian index) raise
+Layouts outside that (transpose before `bytes`, nested sharding, several compressors, big-endian index) raise
 `UnsupportedLayout`: callers then fall back to zarr's own reads (the reader) or refuse (the writer).
 
 zarr's public API is used for what it does well: the array's metadata (`Array.metadata.to_dict()`, the
@@ -38,6 +40,8 @@ from typing import Any
 import google_crc32c
 import numcodecs
 import numpy as np
+
+from ips.format import image_codecs
 
 MISSING = np.uint64(2**64 - 1)  # index entry of an inner chunk that is not written
 CODECS = ("zstd", "blosc", "gzip")  # compressors (after `bytes`) the layout handles
@@ -75,6 +79,30 @@ def make_codec(spec: dict[str, Any] | None) -> numcodecs.abc.Codec | None:
     if name == "gzip":
         return numcodecs.GZip(level=int(conf.get("level", 5)))
     raise UnsupportedLayout(f"compressor {name!r} (handled: {', '.join(CODECS)})")
+
+
+@dataclass(frozen=True)
+class ImageChain:
+    """An inner chain `[transpose(order)] + image codec`: codec short name, its quality, the transpose."""
+
+    name: str
+    level: int
+    order: tuple[int, ...] | None
+
+
+def _image_chain(codecs: Sequence[dict[str, Any]]) -> ImageChain | None:
+    """The image chain of `codecs`, None when they do not end in an image codec (then `bytes` rules)."""
+    names = [c["name"] for c in codecs]
+    short = image_codecs.short_name(names[-1]) if names else None
+    if short is None:
+        return None
+    order = None
+    if names[:-1] == ["transpose"]:
+        order = tuple(int(i) for i in codecs[0]["configuration"]["order"])
+    elif names[:-1]:
+        raise UnsupportedLayout(f"inner codecs {names} (handled: [transpose] + one image codec)")
+    level = (codecs[-1].get("configuration") or {}).get("level")
+    return ImageChain(short, int(level) if level is not None else image_codecs.DEFAULT_LEVEL[short], order)
 
 
 def _inner_chain(codecs: Sequence[dict[str, Any]]) -> tuple[str | None, dict[str, Any] | None]:
@@ -120,6 +148,7 @@ class ShardLayout:
     key_prefix: str = "c"
     key_separator: str = "/"
     codec: numcodecs.abc.Codec | None = field(default=None, compare=False, repr=False)
+    image: ImageChain | None = None
 
     @classmethod
     def of(cls, array: Any) -> ShardLayout:
@@ -142,7 +171,10 @@ class ShardLayout:
             index_at_end = conf.get("index_location", "end") == "end"
             codecs = conf["codecs"]
             shard_shape = tuple(int(s) for s in array.shards)
-        endian, compressor = _inner_chain(codecs)
+        image = _image_chain(codecs)
+        if image is not None and dtype != np.uint8:
+            raise UnsupportedLayout(f"image codec {image.name} on {dtype} (uint8 only)")
+        endian, compressor = _inner_chain(codecs) if image is None else (None, None)
         stored = dtype.newbyteorder("<" if endian != "big" else ">") if dtype.itemsize > 1 else dtype
         return cls(
             shape=tuple(int(n) for n in array.shape),
@@ -157,6 +189,7 @@ class ShardLayout:
             key_prefix=prefix,
             key_separator=sep,
             codec=make_codec(compressor),
+            image=image,
         )
 
     # --- keys ----------------------------------------------------------------------------------------
@@ -220,12 +253,17 @@ class ShardLayout:
 
     def encode_chunk(self, chunk: np.ndarray) -> bytes:
         """Encoded bytes of one inner chunk `chunk_shape` (in `dtype`)."""
+        if self.image is not None:
+            tile = chunk if self.image.order is None else chunk.transpose(self.image.order)  # (y, x, C)
+            return image_codecs.encode(self.image.name, self.image.level, tile)
         raw = np.ascontiguousarray(chunk, dtype=self.stored_dtype)
         return bytes(self.codec.encode(raw)) if self.codec is not None else raw.tobytes()
 
     def decode_chunk(self, data: bytes | memoryview) -> np.ndarray:
         """One inner chunk `chunk_shape` in `dtype` from its encoded bytes; raises ValueError (or the
         codec's error) if they do not decode to exactly one chunk."""
+        if self.image is not None:
+            return self.decode_image(data)
         raw = self.codec.decode(data) if self.codec is not None else data
         flat = np.frombuffer(raw, dtype=self.stored_dtype)
         if flat.size != int(np.prod(self.chunk_shape)):
@@ -233,6 +271,18 @@ class ShardLayout:
                 f"decoded {flat.nbytes} bytes, expected {int(np.prod(self.chunk_shape)) * flat.itemsize}"
             )
         return flat.reshape(self.chunk_shape).astype(self.dtype, copy=False)
+
+    def decode_image(self, data: bytes | memoryview) -> np.ndarray:
+        """One inner chunk `chunk_shape` of an image chain: the codec's `(y, x[, C])` tile, transposed back
+        (a view); ValueError if it has another size."""
+        assert self.image is not None
+        tile = image_codecs.decoder(self.image.name)(data)
+        order = self.image.order
+        stored = self.chunk_shape if order is None else tuple(self.chunk_shape[i] for i in order)
+        if tile.size != int(np.prod(stored)):
+            raise ValueError(f"decoded a {tile.shape} image, expected {stored}")
+        tile = tile.reshape(stored)
+        return tile if order is None else tile.transpose(np.argsort(order))
 
     def encode_shard(self, chunks: Iterable[tuple[tuple[int, ...], bytes]]) -> bytes | None:
         """A whole shard from `(position within the shard, encoded bytes)` of its written chunks (in

@@ -248,8 +248,8 @@ def _overlay(
 def _aspect(store: IpsStore, level: int, axes: tuple[int, int]) -> float:
     """Physical height / width of a pixel of `level` on the plane of spatial `axes` (rows, cols)."""
     ds = level_downsample(store, level)
-    spacing = np.asarray(store.spacing or [1.0] * store.spatial_dims, dtype=np.float64)
-    size = spacing * ds
+    spacing = np.asarray(store.source_spacing or [1.0] * store.spatial_dims, dtype=np.float64)
+    size = spacing * ds  # ds: from the source's level 0
     return float(size[axes[0]] / size[axes[1]])
 
 

@@ -33,7 +33,7 @@ def source_affine(store: IpsStore) -> np.ndarray:
     affine = store.attrs.get("affine")
     if affine is not None:
         return np.asarray(affine, dtype=np.float64).reshape(4, 4)
-    spacing = store.spacing or [1000.0, 1000.0, 1000.0]  # (sz, sy, sx) micrometers
+    spacing = store.source_spacing or [1000.0, 1000.0, 1000.0]  # (sz, sy, sx) micrometers of source voxels
     sz, sy, sx = (float(s) / 1000.0 for s in spacing)
     return np.diag([sx, sy, sz, 1.0])
 

@@ -140,7 +140,7 @@ class ViewerApp:
             "dims": image.dims,
             "channels": store.channels,
             "dtype": str(image.dtype),
-            "spacing": store.spacing,
+            "spacing": store.source_spacing,  # of a level-0 pixel of the source: the viewer's frame
             "tile_size": image.tile_size,
             "tile_format": "jpg"
             if image.dims == 2 and store.channels == 3 and image.window is None
@@ -148,7 +148,7 @@ class ViewerApp:
             "levels": [
                 {"shape": list(s), "downsample": list(d)} for s, d in zip(image.shapes, image.downsamples)
             ],
-            "mask": {"downsample": mask.get("downsample")}
+            "mask": {"downsample": _to_source(mask.get("downsample"), store)}
             if image.dims == 2 and "mask" in _members(store)
             else None,
             "label": entry.label if entry else "",
@@ -433,3 +433,10 @@ def url_of(server: ThreadingHTTPServer) -> str:
 def asset_path(name: str) -> Path:
     """Where an asset lives (for tests)."""
     return Path(str(resources.files("ips.view").joinpath("assets", name)))
+
+
+def _to_source(downsample: list[float] | None, store: IpsStore) -> list[float] | None:
+    """A downsample from the store's level 0 as one from the source's level 0 (`--store-from grid`)."""
+    if downsample is None:
+        return None
+    return [float(d) * float(s) for d, s in zip(downsample, store.source_downsample)]

@@ -44,9 +44,8 @@ class SlideImage:
         self.dims = store.spatial_dims
         n = len(store.level_downsamples) or 1
         self.shapes = [tuple(int(s) for s in store.level(k).shape[1:]) for k in range(n)]  # spatial (dims,)
-        self.downsamples = [tuple(float(v) for v in d) for d in store.level_downsamples] or [
-            (1.0,) * self.dims
-        ]
+        # from the source's level 0, the frame of heatmap coordinates (a store may begin lower down)
+        self.downsamples = [tuple(float(v) for v in store.level_downsample(k)) for k in range(n)]
         self.dtype = np.dtype(store.level(0).dtype)
         self.window = self._window()
 
