@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain", action="store_true")
     p.add_argument("--pretrain-set", nargs="*", default=[])
     p.add_argument("--threads", default="1")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="skip the pretrain, train and predict steps whose outputs OUT already holds (redo heatmaps, metrics)",
+    )
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     from ips.cli.main import main as ips
@@ -51,8 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(csv.DictReader(f))
     overrides = list(a.overrides)
 
+    done = {
+        "pretrain": out / "pretrain" / "encoder.pt",
+        "train": out / "run" / "checkpoints" / "best.pt",
+        "predict": out / "pred" / "metrics.json",
+    }
+
     def step(name: str, args: list[str]) -> None:
         cmds.append("ips " + " ".join(args))
+        if a.reuse and name in done and done[name].is_file():
+            print(f"$ (reused {done[name]}) {cmds[-1]}", flush=True)
+            return
         print("$ " + cmds[-1], flush=True)
         c0, t0 = _cpu_s(), time.perf_counter()
         rc = ips(args)
