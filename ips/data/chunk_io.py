@@ -194,22 +194,46 @@ class ChunkReader:
             finally:
                 os.close(fd)
         else:
-            proto = default_buffer_prototype()
-            requests = (
-                [None]
-                if ranges is None and suffix is None
-                else [SuffixByteRequest(suffix)]
-                if ranges is None
-                else [RangeByteRequest(a, b) for a, b in ranges]
-            )
-            out = []
-            for req in requests:
-                buf = sync(self._store.get(key, prototype=proto, byte_range=req))
-                if buf is None:
-                    return self._absent(rel)
-                out.append(buf.to_bytes())
+            got = self._fetch_remote(key, rel, ranges, suffix)
+            if got is None:
+                return self._absent(rel)
+            out, size = got
         if ranges is not None and any(len(o) != b - a for o, (a, b) in zip(out, ranges)):
             raise self._damaged(rel, "the file is shorter than its index says (truncated)")
+        return out, size
+
+    def _fetch_remote(
+        self, key: str, rel: str, ranges: list[tuple[int, int]] | None, suffix: int | None
+    ) -> tuple[list[bytes], int | None] | None:
+        """`_fetch` through the zarr store (object storage): every range of one call in one batch
+        (`get_partial_values`: concurrent requests, merged further by obstore); a suffix becomes a
+        bounded range when the marker records the object's size (some HTTP servers lack suffixes)."""
+        record = self._written.get(rel) if self._written is not None else None
+        size = record[0] if record is not None else None
+        if ranges is None and suffix is not None and size is not None:
+            ranges = [(max(0, size - suffix), size)]
+        requests = (
+            [None]
+            if ranges is None and suffix is None
+            else [SuffixByteRequest(suffix)]
+            if ranges is None
+            else [RangeByteRequest(a, b) for a, b in ranges]
+        )
+        proto = default_buffer_prototype()
+        try:
+            if len(requests) == 1:
+                bufs = [sync(self._store.get(key, prototype=proto, byte_range=requests[0]))]
+            else:
+                bufs = sync(self._store.get_partial_values(proto, [(key, r) for r in requests]))
+        except FileNotFoundError:
+            return None
+        if any(b is None for b in bufs):
+            return None
+        out = [b.to_bytes() for b in bufs]
+        if ranges is not None and any(len(o) != b - a for o, (a, b) in zip(out, ranges)):
+            raise self._damaged(rel, "the object is shorter than recorded (truncated)")
+        if size is None and ranges is None and suffix is None:
+            size = len(out[0])
         return out, size
 
     def _absent(self, key: str) -> None:
