@@ -7,6 +7,7 @@ skip, saying so, when moto (or obstore, the client) is not installed: `pip insta
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ def start_server() -> tuple[S3Server, object]:
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
     app = DomainDispatcherApplication(create_backend_app)
     requests = Requests()
 
