@@ -82,6 +82,27 @@ def test_prep_to_s3_writes_what_a_local_prep_writes(s3, prepped):
         assert thumb == (local / f"{sid}.thumbnail.png").read_bytes()
 
 
+def test_a_store_over_plain_http_reads_the_same(s3, prepped):
+    """https:// (here http:// on loopback: the S3 server serves objects to plain GETs) is read-only."""
+    import json
+
+    url, local = prepped
+    public = {
+        "Effect": "Allow",
+        "Principal": "*",
+        "Action": "s3:*",
+        "Resource": f"arn:aws:s3:::{s3.bucket}/prep/*",
+    }
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [public]})
+    _s3_client(s3).put_bucket_policy(Bucket=s3.bucket, Policy=policy)
+    http = f"{s3.endpoint}/{s3.bucket}/prep/slide1.zarr"
+    a, b = ZarrPatchSource(http), ZarrPatchSource(local / "slide1.zarr")
+    idx = np.arange(len(b))
+    assert np.array_equal(a.read(idx).numpy(), b.read(idx).numpy())
+    with pytest.raises(SystemExit):  # argparse: bad usage, exit 2
+        main(["prep", "x.tif", "--out", http])
+
+
 def test_rerun_skips_and_adds_a_grid_remotely(s3, slides, prepped):
     url, _ = prepped
     opts = PrepOptions(patch_size=16, threads=1)

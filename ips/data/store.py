@@ -289,7 +289,9 @@ def open_store(location: StoreLocation, *, mode: Literal["r", "r+"] = "r") -> Ip
         raise StoreError(
             f"{name}: store does not exist" if gone else f"{name}: not a zarr group ({type(e).__name__}: {e})"
         ) from None
-    except (OSError, ValueError, ImportError) as e:  # a remote store: network, credentials, bad URL
+    except Exception as e:  # a remote store: network, credentials, bad URL (obstore's own errors)
+        if not is_remote(location):
+            raise
         raise StoreError(f"{name}: cannot open ({type(e).__name__}: {_first_line(e)})") from None
     if marker is None:
         raise StoreError(
@@ -338,8 +340,13 @@ def check_files(store: IpsStore) -> None:
                         "written (truncated or changed); rebuild with `ips prep --overwrite`"
                     )
         return
-    # remote: one listing with sizes (a request per 1000 objects), not a HEAD per object
-    sizes = loc.list_sizes(store.group.store)
+    # remote: one listing with sizes (a request per 1000 objects), not a HEAD per object; HTTP servers
+    # have no listing: a HEAD per object, concurrently
+    if isinstance(store.location, str) and loc.scheme_of(store.location) in ("http", "https"):
+        keys = [f"{array}/{key}" for array, record in store.written.items() for key in record]
+        sizes = loc.sizes_of(store.group.store, keys)
+    else:
+        sizes = loc.list_sizes(store.group.store)
     for array, record in store.written.items():
         for key, (size, _) in record.items():
             got = sizes.get(f"{array}/{key}")

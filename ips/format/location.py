@@ -164,3 +164,23 @@ def list_sizes(store: Any, prefix: str = "") -> dict[str, int]:
         return dict(zip(keys, await asyncio.gather(*(size(k) for k in keys))))
 
     return _sync(run())
+
+
+def sizes_of(store: Any, keys: list[str]) -> dict[str, int]:
+    """`{key: size}` of the given objects that exist, by concurrent HEAD requests (for HTTP servers,
+    which have no listing)."""
+
+    async def run() -> dict[str, int]:
+        limit = asyncio.Semaphore(CONCURRENCY)
+
+        async def size(key: str) -> int | None:
+            async with limit:
+                try:
+                    return int(await store.getsize(key))
+                except FileNotFoundError:
+                    return None
+
+        got = await asyncio.gather(*(size(k) for k in keys))
+        return {k: n for k, n in zip(keys, got) if n is not None}
+
+    return _sync(run())
