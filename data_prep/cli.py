@@ -3,7 +3,9 @@
 Inputs are sorted (as given) and de-duplicated; `--shard i/n` keeps every n-th starting at i (0-based,
 `0 <= i < n`, as SLURM's `--array=0-(n-1)`), so n jobs given the same inputs split them without
 overlap. `--workers N` converts N inputs at once in separate processes, each with
-`--threads` (default: CPUs / N) decode/encode threads. One line per failed input goes to stderr as it
+`--threads` (default: CPUs / N) decode/encode threads; `--dask ADDRESS | local:N` runs each input as a
+Dask task instead (`data_prep.dask_run`). `--out` may be `s3://` or `gs://` (`data_prep.remote`).
+One line per failed input goes to stderr as it
 happens, and a summary table to stdout at the end. Exit status: 0 all done (or skipped), 1 some inputs
 failed (the others were still converted), 2 bad usage.
 """
@@ -38,6 +40,19 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def out_location(text: str) -> Path | str:
+    """`--out`: a local folder (Path) or an `s3://` / `gs://` URL (kept as text)."""
+    from ips.format.location import WRITABLE_SCHEMES, is_remote, local_path, scheme_of
+
+    try:
+        scheme = scheme_of(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if is_remote(text) and scheme not in WRITABLE_SCHEMES:
+        raise argparse.ArgumentTypeError(f"{text}: {scheme}:// is read-only; write to s3:// or gs://")
+    return text.rstrip("/") if is_remote(text) else local_path(text)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "prep",
@@ -47,7 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "skipped (or get a new --grid-name); partial ones are redone.",
     )
     p.add_argument("sources", nargs="+", metavar="SRC", help="slide or volume files")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=out_location,
+        metavar="DIR",
+        help="output folder, or s3://bucket/prefix, gs://bucket/prefix (object storage)",
+    )
     p.add_argument(
         "--patch-size", type=int, default=256, metavar="P", help="patch side in pixels (default 256)"
     )
@@ -70,6 +91,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="F",
         help="keep patches with at least this tissue fraction (default 0.5)",
     )
+    _add_run_options(p)
+    _add_store_options(p)
+    p.add_argument("--overwrite", action="store_true", help="redo complete stores")
+    p.add_argument("--allow-empty", action="store_true", help="keep stores whose grid is empty")
+    p.add_argument("--no-thumbnail", action="store_true", help="do not draw thumbnails")
+    p.set_defaults(func=run)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Grid name and where/how the conversions run (processes, threads, shards, Dask)."""
     p.add_argument("--grid-name", default="default", metavar="NAME", help="grid name (default 'default')")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="processes (default 1)")
     p.add_argument(
@@ -86,6 +117,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="i/n",
         help="only the i-th (0-based) of n deterministic splits of the sorted inputs",
     )
+    p.add_argument(
+        "--dask",
+        default=None,
+        metavar="ADDRESS",
+        help="run the inputs as Dask tasks on the scheduler at ADDRESS, or local:N (N local worker processes)",
+    )
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    """How pixels are read and stored: reader, codec, the store's first level."""
     p.add_argument(
         "--reader",
         choices=sorted(READERS),
@@ -113,10 +154,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="level0: store the source's level 0 and the pyramid below (default); grid: begin the store at "
         "the grid's level (--level / --mpp), so a 20x grid on a 40x scan stores a quarter of the pixels",
     )
-    p.add_argument("--overwrite", action="store_true", help="redo complete stores")
-    p.add_argument("--allow-empty", action="store_true", help="keep stores whose grid is empty")
-    p.add_argument("--no-thumbnail", action="store_true", help="do not draw thumbnails")
-    p.set_defaults(func=run)
 
 
 def die_with_parent(parent: int) -> None:
@@ -147,7 +184,7 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="ips-prep-parent-watch", daemon=True).start()
 
 
-def _work(source: str, out: Path, options: PrepOptions, reader: str | None) -> PrepResult:
+def _work(source: str, out: Path | str, options: PrepOptions, reader: str | None) -> PrepResult:
     from data_prep.convert import prep_file
 
     return prep_file(source, out, options=options, reader=reader)
@@ -213,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")
-    threads = args.threads or max(1, min(8, (os.cpu_count() or 1) // args.workers))
+    procs = _processes(args)  # 0: a remote Dask cluster, whose workers pick their own thread counts
+    threads = args.threads or (max(1, min(8, (os.cpu_count() or 1) // procs)) if procs else 0)
     options = PrepOptions(
         patch_size=args.patch_size,
         stride=args.stride,
@@ -229,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
         allow_empty=args.allow_empty,
         thumbnail=not args.no_thumbnail,
     )
-    if args.out.exists() and not args.out.is_dir():
+    if isinstance(args.out, Path) and args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} exists and is not a directory")
     inputs, results = _select_inputs(list(args.sources), args.shard)
     for r in results:
@@ -237,7 +275,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     with tqdm(total=len(inputs), desc="ips prep", unit="input", disable=None, file=sys.stderr) as bar:
-        if args.workers == 1 or len(inputs) <= 1:
+        if args.dask:
+            from data_prep.dask_run import run_dask
+
+            run_dask(inputs, args.out, options, args.reader, args.dask, lambda r: _report(r, results, bar))
+        elif args.workers == 1 or len(inputs) <= 1:
             for src in inputs:
                 bar.set_postfix_str(Path(src).name, refresh=True)
                 _report(_work(src, args.out, options, args.reader), results, bar)
@@ -245,6 +287,17 @@ def run(args: argparse.Namespace) -> int:
             _run_pool(inputs, args, options, results, bar)
     print(summary_table(results))
     return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
+
+
+def _processes(args: argparse.Namespace) -> int:
+    """Processes sharing this machine's CPUs: `--workers`, or N of `--dask local:N` (1 for a remote
+    scheduler: its workers are elsewhere, and `--threads 0` lets each use its own CPUs)."""
+    if args.dask:
+        from data_prep.dask_run import parse_dask
+
+        address, n = parse_dask(args.dask)
+        return n if address is None else 0
+    return args.workers
 
 
 def _run_pool(

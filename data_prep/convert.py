@@ -8,11 +8,11 @@ A failure removes the partial store and raises `PrepError` with a one-line reaso
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -35,16 +35,18 @@ from data_prep.writer import (
     StoreLock,
     StoreWriter,
     chunk_layout,
+    final_location,
     is_complete,
     make_compressor,
+    open_writer,
     read_marker,
     run_bounded,
-    store_paths,
     write_marker,
 )
 from ips import __version__
 from ips.errors import ConfigError, PrepError
 from ips.format import checksums
+from ips.format.location import is_remote, zarr_store
 from ips.format.names import (
     COORDS_ARRAY,
     FORMAT_VERSION,
@@ -88,7 +90,7 @@ class PrepResult:
     source: str
     slide_id: str
     status: str  # "done", "skipped", "grid added", "failed"
-    store: Path | None = None
+    store: Path | str | None = None  # a URL for a store on object storage
     n_patches: int | None = None
     seconds: float = 0.0
     reason: str = ""
@@ -384,23 +386,11 @@ def _run(
 
     if options.thumbnail:
         t = _first_level_within(factors, spatial, options.thumbnail_size, slice(-2, None))
-        _thumbnail(
-            levels[t][...],
-            mask,
-            coords,
-            entry,
-            factors,
-            t,
-            fill,
-            writer.final.with_name(f".{slide_id}{THUMBNAIL_SUFFIX}.new"),
-            slide_id,
-        )
+        thumb = writer.staging(f"{slide_id}{THUMBNAIL_SUFFIX}")
+        _thumbnail(levels[t][...], mask, coords, entry, factors, t, fill, thumb, slide_id)
     store = writer.commit([options.grid_name])
     if options.thumbnail:
-        os.replace(
-            writer.final.with_name(f".{slide_id}{THUMBNAIL_SUFFIX}.new"),
-            writer.final.with_name(f"{slide_id}{THUMBNAIL_SUFFIX}"),
-        )
+        writer.publish(thumb, f"{slide_id}{THUMBNAIL_SUFFIX}")
     return store, len(coords)
 
 
@@ -565,17 +555,13 @@ def _failure_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _remove_tmp_thumbnail(final: Path, slide_id: str) -> None:
-    final.with_name(f".{slide_id}{THUMBNAIL_SUFFIX}.new").unlink(missing_ok=True)
-
-
 def add_grid(store: str | Path, options: PrepOptions) -> int:
     """Add grid `options.grid_name` to a complete store (from its mask and pyramid); returns its N.
 
     The grid counts once the marker lists it: a crash before that leaves the store as it was.
     """
-    store = Path(store)
-    group = zarr.open_group(str(store), mode="r+")
+    store = store if is_remote(store) else Path(store)
+    group = zarr.open_group(zarr_store(store, read_only=False), mode="r+")
     attrs = dict(group.attrs[IPS_ATTR])
     dims = attrs["spatial_dims"]
     factors = [tuple(f) for f in attrs["level_downsamples"]]
@@ -625,7 +611,7 @@ def _level_in_store(options: PrepOptions, attrs: dict[str, Any]) -> int:
     return _choose_level(dataclasses.replace(options, level=options.level - offset), shape0, spacing)
 
 
-def _list_grid(store: Path, name: str) -> None:
+def _list_grid(store: Path | str, name: str) -> None:
     """Record grid `name`'s arrays in the marker and list the grid: the step that makes it count."""
     marker = read_marker(store)
     arrays = dict(marker.get("arrays") or {})
@@ -648,10 +634,10 @@ _STORE_OPTIONS = (
 )
 
 
-def options_mismatch(store: Path, options: PrepOptions) -> str | None:
+def options_mismatch(store: Path | str, options: PrepOptions) -> str | None:
     """Why the complete `store` is not what `options` ask for (its grid `options.grid_name` or its
     pyramid / mask / codec were made with other values), or None when it is."""
-    group = zarr.open_group(str(store), mode="r")
+    group = zarr.open_group(zarr_store(store), mode="r")
     attrs = dict(group.attrs.get(IPS_ATTR) or {})
     entry = (attrs.get("grids") or {}).get(options.grid_name)
     made = (attrs.get("provenance") or {}).get("options") or {}
@@ -712,7 +698,9 @@ def prep_file(
         slide_id = slide_id_of(path)
     except PrepError as e:
         return PrepResult(str(path), path.name, "failed", reason=str(e))
-    final, _ = store_paths(out_dir, slide_id)
+    final = final_location(out_dir, slide_id)
+    if is_remote(out_dir):  # object storage has no lock: one writer per store (data_prep.remote)
+        return _prep_locked(path, out_dir, slide_id, options, reader, progress, t0)
     try:
         with StoreLock(out_dir, slide_id):
             return _prep_locked(path, out_dir, slide_id, options, reader, progress, t0)
@@ -731,7 +719,7 @@ def _prep_locked(
     progress: Callable[[int], None] | None,
     t0: float,
 ) -> PrepResult:
-    final, _ = store_paths(out_dir, slide_id)
+    final = final_location(out_dir, slide_id)
     if is_complete(final) and not options.overwrite:
         try:
             return _existing(path, final, slide_id, options, t0)
@@ -744,7 +732,7 @@ def _prep_locked(
                 reason=_failure_reason(e),
                 seconds=time.perf_counter() - t0,
             )
-    writer = StoreWriter(out_dir, slide_id)
+    writer = open_writer(out_dir, slide_id)
     digest: dict[str, str] = {}
     try:
         with open_reader(path, reader) as r:
@@ -763,8 +751,7 @@ def _prep_locked(
 
             store, n = _run(r, writer, options, slide_id=slide_id, provenance=provenance, progress=progress)
     except BaseException as e:
-        writer.abort()
-        _remove_tmp_thumbnail(final, slide_id)
+        writer.abort()  # the partial store and the staged thumbnail
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: clean up, then stop
             raise
         return PrepResult(
@@ -773,7 +760,7 @@ def _prep_locked(
     return PrepResult(str(path), slide_id, "done", store, n, time.perf_counter() - t0)
 
 
-def _existing(path: Path, final: Path, slide_id: str, options: PrepOptions, t0: float) -> PrepResult:
+def _existing(path: Path, final: Path | str, slide_id: str, options: PrepOptions, t0: float) -> PrepResult:
     """A complete store is there: skip it, add the grid, or say why it is not what was asked for."""
     mismatch = options_mismatch(final, options)
     if mismatch:
@@ -828,8 +815,9 @@ def convert_array(
     reader = ArrayReader(np.asarray(array), spacing=spacing, background=background)
     if mask is not None:
         resample_mask(mask, reader.spatial_shape)  # validate before writing anything
-    final, _ = store_paths(out_dir, slide_id)
-    with StoreLock(out_dir, slide_id):
+    final = final_location(out_dir, slide_id)
+    # object storage has no lock: one writer per store (data_prep.remote)
+    with contextlib.nullcontext() if is_remote(out_dir) else StoreLock(out_dir, slide_id):
         if is_complete(final) and not options.overwrite:
             if options.grid_name not in read_marker(final).get("grids", []):
                 add_grid(final, options)
@@ -845,18 +833,15 @@ def _convert_array_locked(
     options: PrepOptions,
     mask: np.ndarray | None,
 ) -> Path:
-    final, _ = store_paths(out_dir, slide_id)
-
     def provenance() -> dict[str, Any]:
         digest = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest() if options.hash_source else None
         return {"source_path": None, "source_size_bytes": int(reader._array.nbytes), "source_sha256": digest}
 
-    writer = StoreWriter(out_dir, slide_id)
+    writer = open_writer(out_dir, slide_id)
     try:
         store, _ = _run(reader, writer, options, slide_id=slide_id, provenance=provenance, given_mask=mask)
     except BaseException as e:
-        writer.abort()
-        _remove_tmp_thumbnail(final, slide_id)
+        writer.abort()  # the partial store and the staged thumbnail
         if isinstance(e, (PrepError, ValueError)) or not isinstance(e, Exception):
             raise
         raise PrepError(f"{slide_id}: {_failure_reason(e)}") from e

@@ -41,8 +41,9 @@ from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 from data_prep.options import CODECS, LOSSY_CODECS
 from ips import __version__
 from ips.errors import PrepError
-from ips.format import checksums, image_codecs
+from ips.format import checksums, image_codecs, location
 from ips.format.checksums import bytes_record
+from ips.format.location import is_remote
 from ips.format.lockfile import read_holder, write_holder
 from ips.format.names import COMPLETE_MARKER, FORMAT_VERSION, LOCK_SUFFIX, PARTIAL_SUFFIX
 from ips.format.sharding import ShardLayout
@@ -162,11 +163,15 @@ class ShardEncoder:
         key = lay.key(idx)
         path = self._folder / key
         if data is None:
-            path.unlink(missing_ok=True)
+            self._remove(path)
             self.records.pop(key, None)
             return
         self._put(path, data)
         self.records[key] = bytes_record(data)
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        path.unlink(missing_ok=True)
 
     @staticmethod
     def _put(path: Path, data: bytes) -> None:
@@ -182,6 +187,8 @@ def store_paths(out_dir: str | Path, slide_id: str) -> tuple[Path, Path]:
 
 
 def is_complete(store: str | Path) -> bool:
+    if is_remote(store):
+        return location.get_bytes(location.object_store(str(store)), COMPLETE_MARKER) is not None
     return (Path(store) / COMPLETE_MARKER).is_file()
 
 
@@ -200,6 +207,10 @@ def write_marker(store: Path, grids: list[str], arrays: dict[str, checksums.Arra
         "checksum": checksums.CHECKSUM,
         "arrays": arrays,
     }
+    if is_remote(store):  # one PUT: an object appears whole or not at all
+        data = json.dumps(marker, separators=(",", ":")).encode()
+        location.put_bytes(location.object_store(str(store), read_only=False), COMPLETE_MARKER, data)
+        return
     tmp = store / f".{COMPLETE_MARKER}.tmp"
     with open(tmp, "w") as f:
         json.dump(marker, f, separators=(",", ":"))
@@ -287,6 +298,7 @@ class StoreWriter:
         self.final, self.partial = store_paths(out_dir, slide_id)
         self.group: zarr.Group | None = None
         self.records: dict[str, dict[str, list[int]]] = {}  # array -> key -> [size, crc32c], as written
+        self._staged: list[Path] = []
 
     def begin(self) -> zarr.Group:
         """Create a fresh partial store (stale ones from killed runs are removed first)."""
@@ -377,5 +389,32 @@ class StoreWriter:
             shutil.rmtree(old, ignore_errors=True)
         return self.final
 
+    def staging(self, name: str) -> Path:
+        """Where to write `DIR/<name>` (a file beside the store, e.g. its thumbnail) before `publish`."""
+        staged = self.final.with_name(f".{name}.new")
+        self._staged.append(staged)
+        return staged
+
+    def publish(self, staged: Path, name: str) -> None:
+        """Put a staged file in place as `DIR/<name>` (after `commit`)."""
+        os.replace(staged, self.final.with_name(name))
+
     def abort(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
+        for staged in self._staged:
+            staged.unlink(missing_ok=True)
+
+
+def open_writer(out_dir: str | Path, slide_id: str) -> StoreWriter:
+    """The writer of `out_dir/<slide_id>.zarr`: local (partial folder + rename) or on object storage
+    (`data_prep.remote`: written in place, the marker last)."""
+    if is_remote(out_dir):
+        from data_prep.remote import RemoteStoreWriter
+
+        return RemoteStoreWriter(out_dir, slide_id)
+    return StoreWriter(out_dir, slide_id)
+
+
+def final_location(out_dir: str | Path, slide_id: str) -> str | Path:
+    """`DIR/<slide_id>.zarr`, a Path or (object storage) a URL."""
+    return location.join(out_dir, f"{slide_id}.zarr")

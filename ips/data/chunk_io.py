@@ -195,22 +195,46 @@ class ChunkReader:
             finally:
                 os.close(fd)
         else:
-            proto = default_buffer_prototype()
-            requests = (
-                [None]
-                if ranges is None and suffix is None
-                else [SuffixByteRequest(suffix)]
-                if ranges is None
-                else [RangeByteRequest(a, b) for a, b in ranges]
-            )
-            out = []
-            for req in requests:
-                buf = sync(self._store.get(key, prototype=proto, byte_range=req))
-                if buf is None:
-                    return self._absent(rel)
-                out.append(buf.to_bytes())
+            got = self._fetch_remote(key, rel, ranges, suffix)
+            if got is None:
+                return self._absent(rel)
+            out, size = got
         if ranges is not None and any(len(o) != b - a for o, (a, b) in zip(out, ranges)):
             raise self._damaged(rel, "the file is shorter than its index says (truncated)")
+        return out, size
+
+    def _fetch_remote(
+        self, key: str, rel: str, ranges: list[tuple[int, int]] | None, suffix: int | None
+    ) -> tuple[list[bytes], int | None] | None:
+        """`_fetch` through the zarr store (object storage): every range of one call in one batch
+        (`get_partial_values`: concurrent requests, merged further by obstore); a suffix becomes a
+        bounded range when the marker records the object's size (some HTTP servers lack suffixes)."""
+        record = self._written.get(rel) if self._written is not None else None
+        size = record[0] if record is not None else None
+        if ranges is None and suffix is not None and size is not None:
+            ranges = [(max(0, size - suffix), size)]
+        requests = (
+            [None]
+            if ranges is None and suffix is None
+            else [SuffixByteRequest(suffix)]
+            if ranges is None
+            else [RangeByteRequest(a, b) for a, b in ranges]
+        )
+        proto = default_buffer_prototype()
+        try:
+            if len(requests) == 1:
+                bufs = [sync(self._store.get(key, prototype=proto, byte_range=requests[0]))]
+            else:
+                bufs = sync(self._store.get_partial_values(proto, [(key, r) for r in requests]))
+        except FileNotFoundError:
+            return None
+        if any(b is None for b in bufs):
+            return None
+        out = [b.to_bytes() for b in bufs]
+        if ranges is not None and any(len(o) != b - a for o, (a, b) in zip(out, ranges)):
+            raise self._damaged(rel, "the object is shorter than recorded (truncated)")
+        if size is None and ranges is None and suffix is None:
+            size = len(out[0])
         return out, size
 
     def _absent(self, key: str) -> None:
@@ -231,23 +255,60 @@ class ChunkReader:
             if lay.index_at_end
             else self._fetch(key, ranges=[(0, lay.index_nbytes)])
         )
-        index = None
-        if got is not None:
-            raw, size = got
-            record = self._written.get(key) if self._written is not None else None
-            if record is not None and size is not None and size != record[0]:
-                raise self._damaged(key, f"{size} bytes, {record[0]} written (truncated or changed)")
-            try:
-                index = lay.decode_index(raw[0])
-                if size is not None:
-                    lay.check_index(index, size)
-            except CorruptShard as e:
-                raise self._damaged(key, str(e)) from None
+        index = None if got is None else self._index_from(key, got[0][0], got[1])
+        self._cache_index(shard, index)
+        return index
+
+    def _index_from(self, key: str, raw: bytes, size: int | None) -> np.ndarray:
+        """The decoded index of shard `key` (of `size` bytes, where known), checked against the record."""
+        record = self._written.get(key) if self._written is not None else None
+        if record is not None and size is not None and size != record[0]:
+            raise self._damaged(key, f"{size} bytes, {record[0]} written (truncated or changed)")
+        try:
+            index = self.layout.decode_index(raw)
+            if size is not None:
+                self.layout.check_index(index, size)
+        except CorruptShard as e:
+            raise self._damaged(key, str(e)) from None
+        return index
+
+    def _cache_index(self, shard: tuple[int, ...], index: np.ndarray | None) -> None:
         with self._lock:
             self._index_cache[shard] = index
             if len(self._index_cache) > INDEX_CACHE_SHARDS:
                 self._index_cache.popitem(last=False)
-        return index
+
+    def _prefetch_indexes(self, shards: list[tuple[int, ...]]) -> None:
+        """Object storage: the indexes of `shards` not cached yet, in one batch of concurrent requests
+        (one round trip for a read's shards, not one per shard); a shard the marker does not record is
+        background, with no request at all."""
+        lay = self.layout
+        if self._root is not None or not lay.sharded or not lay.index_at_end or self._written is None:
+            return
+        with self._lock:
+            todo = [s for s in shards if s not in self._index_cache]
+        wanted = []
+        for shard in todo:
+            record = self._written.get(lay.key(shard))
+            if record is None:
+                self._cache_index(shard, None)
+            else:
+                wanted.append((shard, record[0]))
+        if len(wanted) < 2:
+            return
+        prefix = f"{self._prefix}/" if self._prefix else ""
+        requests = [
+            (f"{prefix}{lay.key(s)}", RangeByteRequest(max(0, n - lay.index_nbytes), n)) for s, n in wanted
+        ]
+        bufs = sync(self._store.get_partial_values(default_buffer_prototype(), requests))
+        for (shard, size), buf in zip(wanted, bufs):
+            key = lay.key(shard)
+            if buf is None:
+                self._absent(key)
+            elif len(buf) != min(size, lay.index_nbytes):
+                raise self._damaged(key, "the object is shorter than recorded (truncated)")
+            else:
+                self._cache_index(shard, self._index_from(key, buf.to_bytes(), size))
 
     def _chunk_bytes(
         self, shard: tuple[int, ...] | None, chunks: np.ndarray
@@ -438,6 +499,7 @@ class ChunkReader:
             pair_dst=pair_dst,
         )
         groups = self._shard_groups(uniq, grid)
+        self._prefetch_indexes([g[0] for g in groups if g[0] is not None])
         # at most `parallel` tasks, each a run of whole shards (a task per shard costs more than a
         # small shard's work), the last run in the calling thread
         n_tasks = 1 if executor is None else max(1, min(parallel, len(groups)))

@@ -27,7 +27,9 @@ from zarr.core.sync import sync
 
 from ips.errors import StoreError
 from ips.format import checksums
+from ips.format import location as loc
 from ips.format import names as sf
+from ips.format.location import is_remote
 
 StoreLocation = str | Path | zarr.abc.store.Store
 
@@ -62,8 +64,8 @@ class FeatureInfo:
 
 
 def is_local(location: StoreLocation) -> bool:
-    """True for a local path (a `Path`, or a string without a URL scheme)."""
-    return isinstance(location, Path) or (isinstance(location, str) and "://" not in location)
+    """True for a local path (a `Path`, a string without a URL scheme, or a `file://` URL)."""
+    return isinstance(location, (str, Path)) and not is_remote(location)
 
 
 def describe(location: StoreLocation) -> str:
@@ -201,16 +203,13 @@ class IpsStore:
         first: each must exist with its size and crc32c, so a lost chunk is not read as the fill value."""
         array = self._array(key)
         record = self.written_keys(key)
-        if record and is_local(self.location):
-            for chunk_key, (size, crc) in record.items():
-                path = Path(self.location) / key / chunk_key
-                try:
-                    got = checksums.file_record(path)
-                except FileNotFoundError:
+        if record:
+            for chunk_key, (size, crc), got in zip(record, record.values(), self._records(key, record)):
+                if got is None:
                     raise StoreError(
                         f"{self.name}: array {key!r} chunk {chunk_key!r}: missing (written by "
                         "ips prep, since lost); rebuild with `ips prep --overwrite`"
-                    ) from None
+                    )
                 if got != [size, crc]:
                     raise StoreError(
                         f"{self.name}: array {key!r} chunk {chunk_key!r}: {got[0]} bytes, crc32c "
@@ -224,6 +223,25 @@ class IpsStore:
                 f"{self.name}: array {key!r} does not decode ({type(e).__name__}: {e}); "
                 "rebuild with `ips prep --overwrite`"
             ) from None
+
+    def _records(self, key: str, record: dict[str, list[int]]) -> list[list[int] | None]:
+        """`[size, crc32c]` of each recorded chunk of array `key` as stored now (None: missing); the
+        objects of a remote store are fetched at once."""
+        if is_local(self.location):
+            root = loc.local_path(self.location) / key
+            out: list[list[int] | None] = []
+            for chunk_key in record:
+                try:
+                    out.append(checksums.file_record(root / chunk_key))
+                except FileNotFoundError:
+                    out.append(None)
+            return out
+        keys = [f"{key}/{k}" for k in record]
+        out = []
+        for i in range(0, len(keys), 2 * loc.CONCURRENCY):  # in batches: memory bounded by a batch
+            datas = loc.get_many(self.group.store, keys[i : i + 2 * loc.CONCURRENCY])
+            out += [None if d is None else checksums.bytes_record(d) for d in datas]
+        return out
 
     def coords(self, grid: str = sf.DEFAULT_GRID) -> np.ndarray:
         """Grid coords, int64 `(N, spatial_dims)` (top-left corners, pixels of the grid's level)."""
@@ -268,7 +286,7 @@ def open_store(location: StoreLocation, *, mode: Literal["r", "r+"] = "r") -> Ip
     """
     name = describe(location)
     if is_local(location):
-        path = Path(location)
+        path = loc.local_path(location)
         if not path.exists():
             raise StoreError(f"{name}: store does not exist{_partial_hint(path)}")
         if not path.is_dir():
@@ -279,10 +297,20 @@ def open_store(location: StoreLocation, *, mode: Literal["r", "r+"] = "r") -> Ip
                 "interrupted or is still running: rerun `ips prep`"
             )
     try:
-        group = zarr.open_group(location, mode=mode)
+        target = (
+            loc.zarr_store(location, read_only=mode == "r") if isinstance(location, (str, Path)) else location
+        )
+        group = zarr.open_group(target, mode=mode)
+        marker = _read_marker(group)
     except (FileNotFoundError, zarr.errors.BaseZarrError) as e:
-        raise StoreError(f"{name}: not a zarr group ({type(e).__name__}: {e})") from None
-    marker = _read_marker(group)
+        gone = is_remote(location) and isinstance(e, FileNotFoundError)
+        raise StoreError(
+            f"{name}: store does not exist" if gone else f"{name}: not a zarr group ({type(e).__name__}: {e})"
+        ) from None
+    except Exception as e:  # a remote store: network, credentials, bad URL (obstore's own errors)
+        if not is_remote(location):
+            raise
+        raise StoreError(f"{name}: cannot open ({type(e).__name__}: {_first_line(e)})") from None
     if marker is None:
         raise StoreError(
             f"{name}: incomplete store (no {sf.COMPLETE_MARKER}); its conversion was "
@@ -304,12 +332,16 @@ def open_store(location: StoreLocation, *, mode: Literal["r", "r+"] = "r") -> Ip
     return store
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def check_files(store: IpsStore) -> None:
     """The cheap check: every recorded chunk/shard file exists with its recorded size (one stat each).
     Raises StoreError naming the store, the array and the first bad key."""
     assert store.written is not None
     if is_local(store.location):
-        root = str(store.location)
+        root = str(loc.local_path(store.location))
         for array, record in store.written.items():
             base = os.path.join(root, array)
             for key, (size, _) in record.items():
@@ -326,16 +358,20 @@ def check_files(store: IpsStore) -> None:
                         "written (truncated or changed); rebuild with `ips prep --overwrite`"
                     )
         return
-    root_path = store.group.store_path
+    # remote: one listing with sizes (a request per 1000 objects), not a HEAD per object; HTTP servers
+    # have no listing: a HEAD per object, concurrently
+    if isinstance(store.location, str) and loc.scheme_of(store.location) in ("http", "https"):
+        keys = [f"{array}/{key}" for array, record in store.written.items() for key in record]
+        sizes = loc.sizes_of(store.group.store, keys)
+    else:
+        sizes = loc.list_sizes(store.group.store)
     for array, record in store.written.items():
         for key, (size, _) in record.items():
-            node = root_path / array / key
-            try:
-                got = sync(node.store.getsize(node.path))
-            except FileNotFoundError:
+            got = sizes.get(f"{array}/{key}")
+            if got is None:
                 raise StoreError(
                     f"{store.name}: array {array!r} chunk {key!r}: missing (written by ips prep, since lost)"
-                ) from None
+                )
             if got != size:
                 raise StoreError(f"{store.name}: array {array!r} chunk {key!r}: {got} bytes, {size} written")
 
@@ -354,16 +390,13 @@ def verify_store(location: StoreLocation) -> list[str]:
             f"{store.name}: cannot be verified: format {store.format_version} records no checksums "
             "(rebuild with `ips prep --overwrite`)"
         ]
-    if not is_local(location):
-        return []  # sizes checked on open; checksums of remote stores are not read back
     problems = []
     for array, record in store.written.items():
-        for key, (size, crc) in record.items():
-            try:
-                got_size, got_crc = checksums.file_record(Path(location) / array / key)
-            except FileNotFoundError:
+        for (key, (size, crc)), got in zip(record.items(), store._records(array, record)):
+            if got is None:
                 problems.append(f"{store.name}: array {array!r} chunk {key!r}: missing")
                 continue
+            got_size, got_crc = got
             if (got_size, got_crc) != (size, crc):
                 problems.append(
                     f"{store.name}: array {array!r} chunk {key!r}: {got_size} bytes, crc32c "

@@ -78,8 +78,13 @@ def scan_array(folder: str | Path, known: ArrayRecord | None = None) -> ArrayRec
 def scan_store(
     store: str | Path, known: dict[str, ArrayRecord] | None = None, only: list[str] | None = None
 ) -> dict[str, ArrayRecord]:
-    """`{array path: record}` of every array in a local store (or those in `only`)."""
-    store = Path(store)
+    """`{array path: record}` of every array in a store (or those in `only`); a remote store (URL) is
+    scanned by `scan_remote`."""
+    from ips.format import location
+
+    if location.is_remote(store):
+        return scan_remote(location.object_store(str(store)), known, only)
+    store = location.local_path(store)
     known = known or {}
     return {
         a: scan_array(store / a, known.get(a)) for a in (only if only is not None else array_paths(store))
@@ -87,8 +92,63 @@ def scan_store(
 
 
 def read_marker(store: str | Path) -> dict[str, Any]:
-    """The completion marker of a local store (raises OSError / ValueError if missing or not JSON)."""
-    marker = json.loads((Path(store) / COMPLETE_MARKER).read_text())
+    """The completion marker of a store (raises OSError / ValueError if missing or not JSON)."""
+    from ips.format import location
+
+    if location.is_remote(store):
+        data = location.get_bytes(location.object_store(str(store)), COMPLETE_MARKER)
+        if data is None:
+            raise FileNotFoundError(f"{store}: no {COMPLETE_MARKER}")
+        marker = json.loads(data)
+    else:
+        marker = json.loads((location.local_path(store) / COMPLETE_MARKER).read_text())
     if not isinstance(marker, dict):
         raise ValueError(f"{COMPLETE_MARKER} is not a JSON object")
     return marker
+
+
+def scan_remote(
+    store: Any, known: dict[str, ArrayRecord] | None = None, only: list[str] | None = None
+) -> dict[str, ArrayRecord]:
+    """`scan_store` for a store on an object store (a zarr store object): one listing with sizes; the
+    objects not in `known` with the listed size are read back for their crc32c (small arrays)."""
+    from ips.format import location
+
+    sizes = location.list_sizes(store)
+    metas = sorted(k for k in sizes if k == "zarr.json" or k.endswith("/zarr.json"))
+    arrays = only
+    if arrays is None:
+        docs = location.get_many(store, metas)
+        arrays = sorted(
+            m.rsplit("/", 1)[0] if "/" in m else ""
+            for m, doc in zip(metas, docs)
+            if doc is not None and json.loads(doc).get("node_type") == "array"
+        )
+    known = known or {}
+    nested = {m.rsplit("/", 1)[0] for m in metas if "/" in m}  # every group or array folder
+    record: dict[str, ArrayRecord] = {a: {} for a in arrays}
+    todo: list[tuple[str, str, str]] = []  # (array, key, object key)
+    for a in arrays:
+        base = f"{a}/" if a else ""
+        for obj, size in sizes.items():
+            if not obj.startswith(base) or obj == f"{base}zarr.json":
+                continue
+            rel = obj[len(base) :]
+            # a nested array or group (its own zarr.json) is not part of this array
+            if any(f"{base}{p}" in nested for p in _parents(rel)):
+                continue
+            seen = known.get(a, {}).get(rel)
+            if seen is not None and seen[0] == size:
+                record[a][rel] = list(seen)
+            else:
+                todo.append((a, rel, obj))
+    for (a, rel, _), data in zip(todo, location.get_many(store, [t[2] for t in todo])):
+        if data is not None:
+            record[a][rel] = bytes_record(data)
+    return {a: dict(sorted(r.items())) for a, r in record.items()}
+
+
+def _parents(rel: str) -> list[str]:
+    """`"c/0/1"` -> `["c", "c/0"]`: the folders above a key."""
+    parts = rel.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]

@@ -67,7 +67,7 @@ def store_records(stores: Sequence[str]) -> list[SlideRecord]:
         if sid in seen:
             raise ConfigError(f"two stores have the slide id {sid!r}: {seen[sid]} and {s}")
         seen[sid] = s
-        records.append(SlideRecord(sid, str(Path(s))))
+        records.append(SlideRecord(sid, s if "://" in s else str(Path(s))))  # URLs as given
     return records
 
 

@@ -1,0 +1,186 @@
+"""Where a store lives: the one place that tells a local path from a URL and builds its zarr v3 store.
+
+Local: a plain path or `file://` URL, read and written as files. Remote: `s3://bucket/prefix`,
+`gs://bucket/prefix` (read and write) and `https://host/path` (read-only; `http://` too, for servers
+on this machine), through zarr's `ObjectStore` on obstore (Rust I/O that does not hold the GIL; one
+small dependency for all three schemes: `pip install "ips-wsi[cloud]"`). Endpoint and credentials come
+from the standard environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_REGION`; `GOOGLE_SERVICE_ACCOUNT`, ...); an `http://` endpoint (an
+S3-compatible server such as MinIO or moto) is allowed without further setting.
+
+Object stores have no rename, so a remote store is made complete by its completion marker alone, written
+last (`data_prep.remote`). The helpers below are synchronous wrappers over the zarr store API (run on
+zarr's event loop), batched where a caller has many keys: listing with sizes, concurrent gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+REMOTE_SCHEMES = ("s3", "gs", "https", "http")
+WRITABLE_SCHEMES = ("s3", "gs")
+CONCURRENCY = 32  # requests in flight at once for batched gets (listing, checksums, verify)
+
+
+def scheme_of(location: str | Path) -> str:
+    """`"file"` for a local path (or `file://` URL), else the URL's scheme; ValueError for others."""
+    if isinstance(location, Path) or "://" not in str(location):
+        return "file"
+    scheme = urlsplit(str(location)).scheme.lower()
+    if scheme == "file" or scheme in REMOTE_SCHEMES:
+        return scheme
+    raise ValueError(f"{location}: unsupported URL scheme {scheme!r} (use a path, s3://, gs:// or https://)")
+
+
+def is_remote(location: Any) -> bool:
+    """True for an `s3://`, `gs://`, `https://` or `http://` URL (a zarr store object is neither)."""
+    return isinstance(location, str) and "://" in location and scheme_of(location) != "file"
+
+
+def local_path(location: str | Path) -> Path:
+    """The path of a local location (`file://` stripped)."""
+    text = str(location)
+    return Path(urlsplit(text).path) if text.startswith("file://") else Path(location)
+
+
+def join(base: str | Path, name: str) -> str | Path:
+    """`base/name`: a Path for a local base, a URL (one `/` between) for a remote one."""
+    if is_remote(base):
+        return f"{str(base).rstrip('/')}/{name}"
+    return local_path(base) / name
+
+
+def base_name(location: str | Path) -> str:
+    """The last part of a path or URL (`s3://b/x/a.zarr/` -> `a.zarr`)."""
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _client_options(url: str) -> dict[str, Any]:
+    # an S3-compatible server on plain http (MinIO, moto): obstore refuses http unless allowed
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT", ""))
+    return {"allow_http": True} if url.startswith("http://") or endpoint.startswith("http://") else {}
+
+
+def object_store(location: str, *, read_only: bool = True) -> Any:
+    """The zarr `ObjectStore` rooted at the remote `location` (keys are relative to it).
+
+    Raises ValueError for a write to a read-only scheme, ImportError (naming the extra) without obstore.
+    """
+    scheme = scheme_of(location)
+    if not read_only and scheme not in WRITABLE_SCHEMES:
+        raise ValueError(f"{location}: {scheme}:// is read-only here; write stores to s3:// or gs://")
+    try:
+        from obstore.store import from_url
+        from zarr.storage import ObjectStore
+    except ImportError:
+        raise ImportError(
+            f"{location}: remote stores need obstore: pip install 'ips-wsi[cloud]' (or obstore)"
+        ) from None
+    store = from_url(location.rstrip("/"), client_options=_client_options(location))
+    return ObjectStore(store, read_only=read_only)
+
+
+def zarr_store(location: str | Path, *, read_only: bool = True) -> Any:
+    """What `zarr.open_group` takes for `location`: a local path string, or a remote `ObjectStore`."""
+    if is_remote(location):
+        return object_store(str(location), read_only=read_only)
+    return str(local_path(location))
+
+
+# --- synchronous object helpers (any zarr store; listing with sizes is one request per 1000 keys on
+# obstore, a HEAD per key elsewhere) ----------------------------------------------------------------------
+
+
+def _sync(coro: Any) -> Any:
+    from zarr.core.sync import sync
+
+    return sync(coro)
+
+
+def _proto() -> Any:
+    from zarr.buffer import default_buffer_prototype
+
+    return default_buffer_prototype()
+
+
+def get_bytes(store: Any, key: str) -> bytes | None:
+    """The whole object `key` of a zarr store, or None if it does not exist."""
+    buf = _sync(store.get(key, prototype=_proto()))
+    return None if buf is None else buf.to_bytes()
+
+
+def get_many(store: Any, keys: list[str]) -> list[bytes | None]:
+    """Several whole objects, `CONCURRENCY` requests at once (None where absent)."""
+
+    async def run() -> list[bytes | None]:
+        limit = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(key: str) -> bytes | None:
+            async with limit:
+                buf = await store.get(key, prototype=_proto())
+            return None if buf is None else buf.to_bytes()
+
+        return await asyncio.gather(*(one(k) for k in keys))
+
+    return _sync(run())
+
+
+def put_bytes(store: Any, key: str, data: bytes) -> None:
+    """Write object `key` (whole; an object store has no partial writes)."""
+    _sync(store.set(key, _proto().buffer.from_bytes(data)))
+
+
+def delete_key(store: Any, key: str) -> None:
+    """Delete object `key` (nothing if it is absent)."""
+    _sync(store.delete(key))
+
+
+def delete_prefix(store: Any, prefix: str = "") -> None:
+    """Delete every object under `prefix` (all of the store for "")."""
+    _sync(store.delete_dir(prefix))
+
+
+def list_sizes(store: Any, prefix: str = "") -> dict[str, int]:
+    """`{key: size}` of every object under `prefix` (keys relative to the store's root)."""
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    inner = getattr(store, "store", None)
+    if inner is not None and type(inner).__module__.startswith("obstore"):
+        import obstore
+
+        return {m["path"]: int(m["size"]) for batch in obstore.list(inner, prefix or None) for m in batch}
+
+    async def run() -> dict[str, int]:
+        keys = [k async for k in store.list_prefix(prefix)]
+        limit = asyncio.Semaphore(CONCURRENCY)
+
+        async def size(key: str) -> int:
+            async with limit:
+                return int(await store.getsize(key))
+
+        return dict(zip(keys, await asyncio.gather(*(size(k) for k in keys))))
+
+    return _sync(run())
+
+
+def sizes_of(store: Any, keys: list[str]) -> dict[str, int]:
+    """`{key: size}` of the given objects that exist, by concurrent HEAD requests (for HTTP servers,
+    which have no listing)."""
+
+    async def run() -> dict[str, int]:
+        limit = asyncio.Semaphore(CONCURRENCY)
+
+        async def size(key: str) -> int | None:
+            async with limit:
+                try:
+                    return int(await store.getsize(key))
+                except FileNotFoundError:
+                    return None
+
+        got = await asyncio.gather(*(size(k) for k in keys))
+        return {k: n for k, n in zip(keys, got) if n is not None}
+
+    return _sync(run())
