@@ -142,6 +142,27 @@ def test_throughput_json_contract(tmp_path):
     assert t["ratio"] == pytest.approx(t["selection_seconds"] / t["encoder_only_seconds"], rel=1e-2)
 
 
+def test_throughput_codec_option_measures_a_store_per_codec(tmp_path):
+    out, stores = tmp_path / "t.json", tmp_path / "stores"
+    argv = ["bench", "throughput", "--n", "32", "--encoder", "ips_cnn_tiny", *TINY, "--repeats", "1"]
+    rc = main([*argv, "--codec", "blosc-lz4", "jpeg", "--store-dir", str(stores), "--json", str(out)])
+    assert rc == 0
+    t = json.loads(out.read_text())["throughput"]
+    assert t["codec"] == "blosc-lz4" and [c["codec"] for c in t["codecs"]] == ["blosc-lz4", "jpeg"]
+    assert t["ratio"] == t["codecs"][0]["ratio"]  # the contract keys are the first codec's
+    for row in t["codecs"]:
+        assert row["ratio"] > 0 and row["loader_ratio"] > 0 and row["level0_bytes"] > 0
+    # each store's level 0 is coded as asked: its codec chain (inside the shards) names the codec
+    chains = {p.name: (p / "0" / "zarr.json").read_text() for p in stores.glob("*.zarr")}
+    assert len(chains) == 2
+    jpeg = next(v for k, v in chains.items() if k.endswith("_jpeg.zarr"))
+    lossless = next(v for k, v in chains.items() if not k.endswith("_jpeg.zarr"))
+    assert '"imagecodecs_jpeg"' in jpeg and '"blosc"' not in jpeg
+    assert '"blosc"' in lossless and "imagecodecs" not in lossless
+    with pytest.raises(SystemExit):  # not one of prep's codecs
+        main([*argv, "--codec", "png"])
+
+
 def test_encoders_json_contract(tmp_path):
     out = tmp_path / "e.json"
     rc = main(

@@ -37,12 +37,16 @@ def bench_store(
     channels: int = 3,
     tissue_patches: int | None = 1024,
     seed: int = 0,
+    codec: str = "blosc-lz4",
+    codec_level: int | None = None,
 ) -> Path:
     """A 2D store with a grid of exactly `n_patches` patches of `patch_size` (stride = patch size).
 
     The image is `ceil(sqrt(N))` patches square; the mask keeps the first N grid cells in row-major
     order. `tissue_patches`: the first rows holding about that many patches get real pixels (None:
-    all of them, for throughput measurements). Returns `root/<name>.zarr` (reused if complete).
+    all of them, for throughput measurements). `codec`, `codec_level`: the pixel codec, as `ips prep
+    --codec/--codec-level` (lossy ones need `channels` 1 or 3). Returns `root/<name>.zarr` (reused if
+    complete).
     """
     from data_prep.convert import PrepOptions, convert_array
     from data_prep.writer import reseal
@@ -55,6 +59,8 @@ def bench_store(
     name = (
         f"bench_n{n_patches}_p{patch_size}_c{channels}_t{'all' if tissue_patches is None else band}_s{seed}"
     )
+    if codec != "blosc-lz4" or codec_level is not None:  # the default keeps its old name (reused stores)
+        name += f"_{codec}" + ("" if codec_level is None else f"{codec_level}")
     shape = (channels, rows * patch_size, side * patch_size)
     if band == rows:  # every patch is tissue: a real image (throughput stores are small)
         image = textured(shape, seed)
@@ -71,6 +77,8 @@ def bench_store(
         thumbnail=False,
         hash_source=False,
         pyramid_max_size=max(512, patch_size),
+        codec=codec,
+        codec_level=codec_level,
     )
     store = convert_array(
         image, root, name, options=options, background=BACKGROUND, mask=mask.reshape(rows, side)

@@ -12,6 +12,10 @@ On the same N patches of one store, in one process, repeats interleaved:
 - loader: `stream_chunks` over the store without a model, against a raw zarr read of the same pixels
   (level 0's bounding box of the grid in one call, zarr's own concurrency).
 
+`--codec blosc-lz4 jpeg jpegxl`: one store per codec (the same pixels before coding); each store's
+selection, loader and raw read are interleaved with the one encoder-only pass, so the codecs' ratios come
+from one run (a lossy codec costs more to decode: the ratio moves where decoding outpaces the prefetch).
+
 Each figure is the fastest of `repeats` (the least disturbed by other processes); medians are kept too,
 and the process CPU time of each (all threads: the work done, which sharing the machine disturbs less).
 JSON (DESIGN.md contract): `{"device", "selection_seconds", "encoder_only_seconds", "ratio", ...}`.
@@ -22,7 +26,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -79,12 +83,21 @@ def run_throughput(
     prefetch: int = 2,
     repeats: int = 5,
     store_dir: str | Path | None = None,
+    codecs: Sequence[str] = ("blosc-lz4",),
+    codec_level: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure selection vs. encoder-only and loader vs. raw zarr on `n_patches` patches; the
-    `throughput` JSON payload."""
+    `throughput` JSON payload.
+
+    `codecs`: one store per codec (as `ips prep --codec`, all at `codec_level`; None: each codec's
+    default), the same pixels before coding; their selection, loader and raw reads are interleaved with
+    one encoder-only pass, so the ratios of all codecs come from the same run. The contract keys are the
+    first codec's; `codecs` in the payload holds every codec's figures."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not codecs or len(set(codecs)) != len(codecs):
+        raise ValueError(f"codecs must be distinct and not empty, got {list(codecs)}")
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -102,16 +115,23 @@ def run_throughput(
     tmp = tempfile.TemporaryDirectory(prefix="ips-bench-") if store_dir is None else None
     root = Path(tmp.name if tmp else store_dir)  # type: ignore[arg-type]
     try:
-        store = bench_store(root, n_patches, patch_size=patch_size, tissue_patches=None)
+        stores = {
+            c: bench_store(
+                root, n_patches, patch_size=patch_size, tissue_patches=None, codec=c, codec_level=codec_level
+            )
+            for c in codecs
+        }
         torch.manual_seed(0)
         model = build_model(cfg.model).to(dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        source = ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads)
+        timing = _Timing(model, cfg, dev, amp, memory_size, iter_size, read_threads, prefetch)
+        source = ZarrPatchSource(stores[codecs[0]], grid=cfg.data.grid, read_threads=read_threads)
         n = len(source)
-        kinds = _kinds(
-            model, store, source, cfg, dev, amp, patch_size, memory_size, iter_size, read_threads, prefetch
-        )
+        kinds = timing.memory_kinds(source)
+        for c, store in stores.items():
+            kinds.update({f"{k}@{c}": fn for k, fn in timing.store_kinds(store, patch_size).items()})
+        store_bytes = {c: _level0_bytes(store) for c, store in stores.items()}
         times, cpu = _interleaved(kinds, dev, repeats, log)
     finally:
         if tmp is not None:
@@ -125,75 +145,91 @@ def run_throughput(
         "read_threads": read_threads,
         "prefetch": prefetch,
         "repeats": repeats,
+        "codec": codecs[0],
+        "codec_level": codec_level,
     }
-    return _payload(times, cpu, dev, n, patch_bytes, settings)
-
-
-def _kinds(
-    model: IPSModel,
-    store: Path,
-    source: ZarrPatchSource,
-    cfg: Any,
-    dev: torch.device,
-    amp: torch.dtype | None,
-    patch_size: int,
-    memory_size: int,
-    iter_size: int,
-    read_threads: int,
-    prefetch: int,
-) -> dict[str, Callable[[], Any]]:
-    """What is timed, side by side: selection from the store, the encoder alone on the same patches in
-    memory, selection from memory, the loader alone, and one raw zarr read of the same pixels."""
-    n = len(source)
-    in_memory = source.read(np.arange(n)).to(dev)  # (N, C, P, P) uint8: the encoder-only input
-    coords = source.coords
-    box = (
-        slice(None),
-        *(slice(int(lo), int(hi) + patch_size) for lo, hi in zip(coords.min(axis=0), coords.max(axis=0))),
+    payload = _payload(
+        _first_codec(times, codecs[0]), _first_codec(cpu, codecs[0]), dev, n, patch_bytes, settings
     )
-    stream = partial(stream_chunks, prefetch=prefetch, pin_memory=dev.type == "cuda")
+    payload["codecs"] = [_codec_row(c, times, cpu, n, patch_bytes, store_bytes[c]) for c in codecs]
+    return payload
 
-    def selection() -> Any:
-        src = ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads)  # opened per pass
-        with eval_mode(model):
+
+def _level0_bytes(store: Path) -> int:
+    """Bytes on disk of the store's level 0 (the pixels the patches are read from)."""
+    return sum(f.stat().st_size for f in (store / "0").rglob("*") if f.is_file())
+
+
+def _first_codec(values: dict[str, list[float]], first: str) -> dict[str, list[float]]:
+    """`selection@<first>` -> `selection` (the contract keys), other codecs' kinds kept as they are."""
+    return {k.removesuffix(f"@{first}"): v for k, v in values.items()}
+
+
+class _Timing:
+    """What is timed, side by side: the encoder alone on patches in memory and selection from memory
+    (`memory_kinds`), and per store selection, the loader alone and one raw zarr read of the same pixels
+    (`store_kinds`)."""
+
+    def __init__(
+        self,
+        model: IPSModel,
+        cfg: Any,
+        dev: torch.device,
+        amp: torch.dtype | None,
+        memory_size: int,
+        iter_size: int,
+        read_threads: int,
+        prefetch: int,
+    ) -> None:
+        self.model, self.cfg, self.dev, self.amp = model, cfg, dev, amp
+        self.memory_size, self.iter_size = memory_size, iter_size
+        self.read_threads, self.prefetch = read_threads, prefetch
+
+    def _select(self, source: Any, stream: Callable[..., Any]) -> Any:
+        with eval_mode(self.model):
             return select(
-                model,
-                src,
-                memory_size=memory_size,
-                iter_size=iter_size,
-                device=dev,
+                self.model,
+                source,
+                memory_size=self.memory_size,
+                iter_size=self.iter_size,
+                device=self.dev,
                 stream=stream,
-                autocast_dtype=amp,
+                autocast_dtype=self.amp,
             )
 
-    memory_source = InMemoryPatchSource(in_memory, source.positions())
+    def memory_kinds(self, source: ZarrPatchSource) -> dict[str, Callable[[], Any]]:
+        """Encoder only and selection on `source`'s patches held in memory (on the device)."""
+        in_memory = source.read(np.arange(len(source))).to(self.dev)  # (N, C, P, P) uint8
+        memory_source = InMemoryPatchSource(in_memory, source.positions())
 
-    def selection_in_memory() -> Any:
-        with eval_mode(model):
-            return select(
-                model,
-                memory_source,
-                memory_size=memory_size,
-                iter_size=iter_size,
-                device=dev,
-                stream=iter_chunks,
-                autocast_dtype=amp,
-            )
+        def encoder_only() -> None:
+            with eval_mode(self.model):
+                _encoder_only(self.model, in_memory, self.iter_size, self.amp)
 
-    def encoder_only() -> None:
-        with eval_mode(model):
-            _encoder_only(model, in_memory, iter_size, amp)
+        return {
+            "encoder_only": encoder_only,
+            "selection_in_memory": lambda: self._select(memory_source, iter_chunks),
+        }
 
-    kinds: dict[str, Callable[[], Any]] = {
-        "selection": selection,
-        "encoder_only": encoder_only,
-        "selection_in_memory": selection_in_memory,
-        "loader": lambda: _load_only(
-            ZarrPatchSource(store, grid=cfg.data.grid, read_threads=read_threads), iter_size, prefetch
-        ),
-        "raw_zarr": lambda: _raw_zarr(store, source.info.level, box),
-    }
-    return kinds
+    def store_kinds(self, store: Path, patch_size: int) -> dict[str, Callable[[], Any]]:
+        """Selection from `store`, its loader alone, and one raw zarr read of the grid's bounding box."""
+        grid, threads = self.cfg.data.grid, self.read_threads
+        source = ZarrPatchSource(store, grid=grid, read_threads=threads)
+        coords = source.coords
+        box = (
+            slice(None),
+            *(slice(int(lo), int(hi) + patch_size) for lo, hi in zip(coords.min(axis=0), coords.max(axis=0))),
+        )
+        stream = partial(stream_chunks, prefetch=self.prefetch, pin_memory=self.dev.type == "cuda")
+        return {  # sources opened per pass, as training opens them
+            "selection": lambda: self._select(
+                ZarrPatchSource(store, grid=grid, read_threads=threads), stream
+            ),
+            "loader": lambda: _load_only(
+                ZarrPatchSource(store, grid=grid, read_threads=threads), self.iter_size, self.prefetch
+            ),
+            "raw_zarr": lambda: _raw_zarr(store, source.info.level, box),
+        }
 
 
 def _interleaved(
@@ -253,15 +289,38 @@ def _payload(
     }
 
 
+def _codec_row(
+    codec: str,
+    times: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    n: int,
+    patch_bytes: int,
+    store_bytes: int,
+) -> dict[str, Any]:
+    """One codec's figures (fastest of the repeats), against the one encoder-only pass of the run."""
+    best = {k: min(times[f"{k}@{codec}"]) for k in ("selection", "loader", "raw_zarr")}
+    med = statistics.median(times[f"selection@{codec}"]) / statistics.median(times["encoder_only"])
+    enc, enc_cpu = min(times["encoder_only"]), min(cpu["encoder_only"])
+    return {
+        "codec": codec,
+        "level0_bytes": store_bytes,
+        "selection_seconds": round(best["selection"], 6),
+        "ratio": round(best["selection"] / enc, 4),
+        "ratio_median": round(med, 4),
+        "cpu_ratio": round(min(cpu[f"selection@{codec}"]) / enc_cpu, 4),
+        "loader_seconds": round(best["loader"], 6),
+        "raw_zarr_seconds": round(best["raw_zarr"], 6),
+        "loader_ratio": round(best["loader"] / best["raw_zarr"], 4),
+        "loader_cpu_fraction": round(min(cpu[f"loader@{codec}"]) / enc_cpu, 4),
+        "patches_per_second": {k: round(n / v, 1) for k, v in best.items()},
+        "loader_megabytes_per_second": round(n * patch_bytes / best["loader"] / 1e6, 1),
+    }
+
+
 def throughput_table(result: dict[str, Any]) -> str:
+    """The payload as text: the encoder-only floor, then selection, loader and raw read per codec."""
     pps = result["patches_per_second"]
     rows = [
-        [
-            "selection pass",
-            f"{result['selection_seconds']:.3f}",
-            f"{pps['selection']:,.0f}",
-            f"{result['ratio']:.3f} (median {result['ratio_median']:.3f}, CPU time {result['cpu_ratio']:.3f})",
-        ],
         ["encoder only", f"{result['encoder_only_seconds']:.3f}", f"{pps['encoder_only']:,.0f}", "1 (floor)"],
         [
             "selection, patches in memory",
@@ -269,21 +328,31 @@ def throughput_table(result: dict[str, Any]) -> str:
             f"{pps['selection_in_memory']:,.0f}",
             f"{result['in_memory_ratio']:.3f}",
         ],
-        [
-            "loader (stream_chunks)",
-            f"{result['loader_seconds']:.3f}",
-            f"{pps['loader']:,.0f}",
-            f"{result['loader_ratio']:.3f} of raw zarr",
-        ],
-        ["raw zarr read", f"{result['raw_zarr_seconds']:.3f}", f"{pps['raw_zarr']:,.0f}", "1"],
     ]
+    for c in result["codecs"]:
+        name, cps = c["codec"], c["patches_per_second"]
+        rows += [
+            [
+                f"selection pass, {name}",
+                f"{c['selection_seconds']:.3f}",
+                f"{cps['selection']:,.0f}",
+                f"{c['ratio']:.3f} (median {c['ratio_median']:.3f}, CPU time {c['cpu_ratio']:.3f})",
+            ],
+            [
+                f"loader (stream_chunks), {name}",
+                f"{c['loader_seconds']:.3f}",
+                f"{cps['loader']:,.0f}",
+                f"{c['loader_ratio']:.3f} of raw zarr",
+            ],
+            [f"raw zarr read, {name}", f"{c['raw_zarr_seconds']:.3f}", f"{cps['raw_zarr']:,.0f}", "1"],
+        ]
     head = (
         f"{result['n_patches']:,} patches of {result['patch_size']} px, {result['encoder']}, "
         f"M={result['memory_size']}, I={result['iter_size']}, {result['device']}, "
         f"{result['torch_threads']} torch threads"
     )
+    share = ", ".join(f"{c['codec']} {100 * c['loader_cpu_fraction']:.0f}%" for c in result["codecs"])
     foot = (
-        f"loading costs {100 * result['loader_cpu_fraction']:.0f}% of the encoder's CPU time; the prefetch "
-        "thread hides it where a core is free"
+        f"loading costs {share} of the encoder's CPU time; the prefetch thread hides it where a core is free"
     )
     return head + "\n" + format_table(["pass", "seconds", "patches/s", "ratio"], rows) + "\n" + foot

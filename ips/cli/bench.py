@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from data_prep.options import CODECS  # light: the prep parser is built from it too
+
 
 def _int_list(text: str) -> list[int]:
     from ips.bench.common import parse_int_list  # imports torch: not while building the parser
@@ -25,6 +27,38 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def _throughput_parser(kinds: argparse._SubParsersAction) -> None:
+    t = kinds.add_parser(
+        "throughput",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="selection pass vs. encoder only; loader vs. raw zarr",
+    )
+    t.add_argument("--n", type=int, default=2048, help="patches")
+    t.add_argument("--patch-size", type=int, default=64, help="patch side in pixels")
+    t.add_argument("--encoder", default="ips_resnet10", help="encoder name (ips.model.encoders or timm)")
+    t.add_argument("--M", type=int, default=32, help="memory size")
+    t.add_argument("--I", type=int, default=256, help="iteration size (patches per chunk)")
+    t.add_argument("--read-threads", type=int, default=2, help="decode threads of the patch source")
+    t.add_argument("--prefetch", type=int, default=2, help="chunks read ahead")
+    t.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the fastest of each counts")
+    t.add_argument(
+        "--store-dir", type=Path, default=None, help="keep the generated store here (None: temporary)"
+    )
+    t.add_argument(
+        "--codec",
+        nargs="+",
+        choices=CODECS,
+        default=["blosc-lz4"],
+        help="pixel codec(s) of the generated store, as `ips prep --codec`; several: one store each, "
+        "measured side by side in the same run",
+    )
+    t.add_argument(
+        "--codec-level", type=int, default=None, help="quality of a lossy codec (default: each codec's own)"
+    )
+    _common(t)
+    t.set_defaults(func=run_throughput_cmd)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,24 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(m)
     m.set_defaults(func=run_memory_cmd)
 
-    t = kinds.add_parser(
-        "throughput",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="selection pass vs. encoder only; loader vs. raw zarr",
-    )
-    t.add_argument("--n", type=int, default=2048, help="patches")
-    t.add_argument("--patch-size", type=int, default=64, help="patch side in pixels")
-    t.add_argument("--encoder", default="ips_resnet10", help="encoder name (ips.model.encoders or timm)")
-    t.add_argument("--M", type=int, default=32, help="memory size")
-    t.add_argument("--I", type=int, default=256, help="iteration size (patches per chunk)")
-    t.add_argument("--read-threads", type=int, default=2, help="decode threads of the patch source")
-    t.add_argument("--prefetch", type=int, default=2, help="chunks read ahead")
-    t.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the fastest of each counts")
-    t.add_argument(
-        "--store-dir", type=Path, default=None, help="keep the generated store here (None: temporary)"
-    )
-    _common(t)
-    t.set_defaults(func=run_throughput_cmd)
+    _throughput_parser(kinds)
 
     e = kinds.add_parser(
         "encoders",
@@ -161,6 +178,8 @@ def run_throughput_cmd(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         repeats=args.repeats,
         store_dir=args.store_dir,
+        codecs=args.codec,
+        codec_level=args.codec_level,
     )
     print(throughput_table(result))
     if args.json:
