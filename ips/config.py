@@ -282,6 +282,8 @@ class PretrainConfig:
     all grid patches of the stores, `patches_per_slide` at a time from one store (one chunked read),
     so time per epoch does not grow with the number of slides. `augment_strength` scales the colour
     (H&E: HED stain jitter; grey: intensity scale/shift/gamma), blur and crop/deformation jitter.
+    `decorrelation` (simclr): weight of a penalty on correlated encoder output dimensions
+    (`ips.pretrain.methods.decorrelation`) against the collapse of the features into a few directions.
     """
 
     method: PretrainMethod = "auto"
@@ -294,6 +296,7 @@ class PretrainConfig:
     temperature: float = 0.2
     proj_dim: int = 64
     augment_strength: float = 1.0
+    decorrelation: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -319,6 +322,7 @@ class PretrainConfig:
         _require(self.temperature > 0, "pretrain.temperature", f"must be > 0, got {self.temperature}")
         _require(self.proj_dim >= 1, "pretrain.proj_dim", f"must be >= 1, got {self.proj_dim}")
         _require(0 <= self.augment_strength <= 2, "pretrain.augment_strength", "must be in [0, 2]")
+        _require(self.decorrelation >= 0, "pretrain.decorrelation", f"must be >= 0, got {self.decorrelation}")
 
     def resolved_method(self, spatial_dims: int) -> str:
         if self.method != "auto":
