@@ -120,3 +120,25 @@ def test_cli(store, tmp_path, capsys):
     assert main(["embed", str(store), str(tmp_path / "gone.zarr"), "--encoder", "ips_cnn_tiny"]) == 1
     assert "gone.zarr" in capsys.readouterr().err
     assert main(["embed", str(store), "--encoder", "no_such_encoder_xyz"]) == 2
+
+
+def test_cli_shards_split_the_stores_without_overlap(tmp_path, capsys):
+    """`ips embed --shard i/n` (one job-array task each): the shards together embed every store once,
+    whatever order each task got them in, and the features equal an unsharded run's."""
+    stores = [
+        str(write_store(tmp_path / f"s{i}.zarr", random_image((3, 24, 24), seed=i), patch_size=8))
+        for i in range(5)
+    ]
+    args = ["--encoder", "ips_cnn_tiny", "--device", "cpu", "--chunk-size", "16", "--dtype", "float32"]
+    done = []
+    for i, order in enumerate((stores, stores[::-1])):
+        capsys.readouterr()
+        assert main(["embed", *order, *args, "--name", "part", "--shard", f"{i}/2"]) == 0
+        done += [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert sorted(done) == sorted(stores)  # each store once
+    assert main(["embed", *stores, *args, "--name", "whole"]) == 0
+    for s in stores:
+        whole, part = FeatureSource(s, "whole"), FeatureSource(s, "part")
+        assert torch.equal(whole.read(np.arange(len(whole))), part.read(np.arange(len(part))))
+    with pytest.raises(SystemExit):  # argparse: i must be < n
+        main(["embed", *stores, *args, "--shard", "2/2"])

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_prep.cli import parse_shard
 from ips.cli._threads import add_threads, apply_threads
 
 
@@ -51,8 +52,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="ips_* encoders: GroupNorm or BatchNorm (default: what `ips pretrain` recorded in encoder.json "
         "beside --pretrained, else group)",
     )
+    p.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        metavar="i/n",
+        help="only the i-th (0-based) of n splits of the sorted stores: one job-array task each, as in ips prep",
+    )
     add_threads(p)
     p.set_defaults(func=run)
+
+
+def shard_stores(stores: list[str], shard: tuple[int, int] | None) -> list[str]:
+    """Sorted, de-duplicated stores; with `shard (i, n)` every n-th from the i-th, so n tasks given the same
+    list split it without overlap or gaps, whatever order each was given."""
+    ordered = sorted(set(stores))
+    return ordered if shard is None else ordered[shard[0] :: shard[1]]
 
 
 def _norm(args: argparse.Namespace) -> str | None:
@@ -99,9 +114,13 @@ def run(args: argparse.Namespace) -> int:
         if args.device == "auto"
         else args.device
     )
+    # weights not loaded from a file start from a fixed seed: every run and every --shard task of a cohort
+    # embeds with the same encoder
+    torch.manual_seed(0)
     encoders: dict[tuple[int, int, int], torch.nn.Module] = {}  # one per (channels, dims, patch size)
     failures: dict[str, str] = {}
-    for store in args.stores:
+    stores = shard_stores(list(args.stores), args.shard)
+    for store in stores:
         try:
             opened = open_store(store)
             info = opened.grid(args.grid)
@@ -135,5 +154,5 @@ def run(args: argparse.Namespace) -> int:
     for store, reason in failures.items():
         print(f"ips embed: failed: {store}: {reason}", file=sys.stderr)
     if failures:
-        print(f"ips embed: {len(failures)} of {len(args.stores)} stores failed", file=sys.stderr)
+        print(f"ips embed: {len(failures)} of {len(stores)} stores failed", file=sys.stderr)
     return 1 if failures else 0
