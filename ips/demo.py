@@ -43,9 +43,9 @@ DEMO_CONFIG: dict[str, Any] = {
     "selection": {"memory_size": 8, "iter_size": 32, "score": "logit", "explore": 0.25},
     "data": {"mode": "pixels", "grid": "default", "augment": True},
     "train": {
-        "epochs": 15,
+        "epochs": 30,
         "batch_size": 4,
-        "lr": 1.0e-3,
+        "lr": 5.0e-4,
         "weight_decay": 0.01,
         "warmup_epochs": 1,
         "seed": 0,
