@@ -8,7 +8,6 @@ A failure removes the partial store and raises `PrepError` with a one-line reaso
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -32,7 +31,6 @@ from data_prep.readers import ArrayReader, ImageReader, open_reader
 from data_prep.thumbnail import render_thumbnail, save_png
 from data_prep.tissue import resample_mask, tissue_mask
 from data_prep.writer import (
-    StoreLock,
     StoreWriter,
     chunk_layout,
     final_location,
@@ -41,6 +39,7 @@ from data_prep.writer import (
     open_writer,
     read_marker,
     run_bounded,
+    store_lock,
     write_marker,
 )
 from ips import __version__
@@ -699,10 +698,8 @@ def prep_file(
     except PrepError as e:
         return PrepResult(str(path), path.name, "failed", reason=str(e))
     final = final_location(out_dir, slide_id)
-    if is_remote(out_dir):  # object storage has no lock: one writer per store (data_prep.remote)
-        return _prep_locked(path, out_dir, slide_id, options, reader, progress, t0)
     try:
-        with StoreLock(out_dir, slide_id):
+        with store_lock(out_dir, slide_id):
             return _prep_locked(path, out_dir, slide_id, options, reader, progress, t0)
     except PrepError as e:  # the lock is held by another prep
         return PrepResult(
@@ -816,8 +813,7 @@ def convert_array(
     if mask is not None:
         resample_mask(mask, reader.spatial_shape)  # validate before writing anything
     final = final_location(out_dir, slide_id)
-    # object storage has no lock: one writer per store (data_prep.remote)
-    with contextlib.nullcontext() if is_remote(out_dir) else StoreLock(out_dir, slide_id):
+    with store_lock(out_dir, slide_id):
         if is_complete(final) and not options.overwrite:
             if options.grid_name not in read_marker(final).get("grids", []):
                 add_grid(final, options)

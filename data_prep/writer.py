@@ -23,6 +23,7 @@ equal the fill value (`background`) are not written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -403,6 +404,12 @@ class StoreWriter:
         shutil.rmtree(self.partial, ignore_errors=True)
         for staged in self._staged:
             staged.unlink(missing_ok=True)
+
+
+def store_lock(out_dir: str | Path, slide_id: str) -> Any:
+    """The lock of `out_dir/<slide_id>.zarr` while it is written: a `StoreLock` on a local disk; none on
+    object storage, which has no flock (one writer per store, `data_prep.remote`)."""
+    return contextlib.nullcontext() if is_remote(out_dir) else StoreLock(out_dir, slide_id)
 
 
 def open_writer(out_dir: str | Path, slide_id: str) -> StoreWriter:

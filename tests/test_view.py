@@ -22,7 +22,7 @@ from inference_fixtures import make_store
 
 from ips.data.store import open_store
 from ips.infer.heatmap import GridGeometry, write_scores
-from ips.infer.render import colorize, level_downsample, overlay_colors
+from ips.infer.render import colorize, overlay_colors
 from ips.synthetic import TRUTH_GROUP
 from ips.synthetic.lesions import make_lesion_dataset
 from ips.view.catalog import build_catalog
@@ -57,7 +57,7 @@ def truth_scores(store_path: Path, out_dir: Path, slide_id: str) -> Path:
         attention=np.exp(head_logits - lse[None]).mean(axis=2).astype(np.float32),
         mean_logit=head_logits.mean(axis=2),
     )
-    down = level_downsample(store, info.level).astype(np.int64)
+    down = store.level_downsample(info.level).astype(np.int64)
     geom = GridGeometry(
         "default",
         info.level,

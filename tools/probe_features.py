@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         feats.append(slide_features(model, store))
         target.append(truth["lesion"][...] > 0.25)
         names = set(truth.array_keys())
-        distractor.append(truth["distractor"][...] > 0.25 if "distractor" in names else target[-1] * False)
+        distractor.append(
+            truth["distractor"][...] > 0.25 if "distractor" in names else np.zeros_like(target[-1])
+        )
         slide.append(np.full(len(feats[-1]), i))
     x, y, d, s = (np.concatenate(a) for a in (feats, target, distractor, slide))
     fit, held = s % 2 == 0, s % 2 == 1

@@ -40,13 +40,6 @@ def current_rss_bytes() -> int | None:
     return None
 
 
-def resolve_device(name: str) -> torch.device:
-    """`ips.runtime.resolve_device` for the bench's `--device` option."""
-    from ips.runtime import resolve_device as resolve
-
-    return resolve(name, key="--device")
-
-
 def describe_device(device: torch.device) -> str:
     """The device in words for the JSON: `cpu (2 cores, <model>)` or the CUDA device's name."""
     if device.type == "cuda":

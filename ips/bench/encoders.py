@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ips.bench.common import MiB, describe_device, format_table, resolve_device, synchronize
+from ips.bench.common import MiB, describe_device, format_table, synchronize
 from ips.model.encoders import build_encoder, list_encoders
+from ips.runtime import resolve_device
 
 REFERENCE = "ips_resnet10"
 TIMM_2D = ("resnet18",)  # the 2D default of ModelConfig (a timm model), for comparison
@@ -165,7 +166,7 @@ def run_encoders(
     """Measure every encoder in 2D and 3D; the `encoders` JSON payload."""
     if threads:
         torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     rows = []
     settings = (
         (2, encoders_2d, patch_2d, batch_2d, in_chans_2d),

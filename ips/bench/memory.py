@@ -69,15 +69,14 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement in this process: `args.mode` 'ips' (one training step) or 'naive'."""
     import torch
 
-    from ips.bench.common import resolve_device
     from ips.bench.models import bench_config
     from ips.data.zarr_source import ZarrPatchSource
     from ips.model.ips_model import build_model
-    from ips.runtime import DistInfo, Runtime
+    from ips.runtime import DistInfo, Runtime, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
     cfg = bench_config(
         encoder=args.encoder,
         patch_size=args.patch_size,
@@ -241,11 +240,12 @@ def run_memory(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure IPS (and the naive baseline) at each N of `ns`; the `memory` JSON payload."""
-    from ips.bench.common import describe_device, resolve_device
+    from ips.bench.common import describe_device
     from ips.bench.stores import bench_store
+    from ips.runtime import resolve_device
 
     ns = sorted(set(int(n) for n in ns))
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     tmp = None
     if store_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="ips-bench-")

@@ -36,13 +36,14 @@ import torch
 import zarr
 
 from ips.algo.selection import eval_mode, select
-from ips.bench.common import describe_device, format_table, resolve_device, timed
+from ips.bench.common import describe_device, format_table, timed
 from ips.bench.models import bench_config
 from ips.bench.stores import bench_store
 from ips.data.sources import InMemoryPatchSource, iter_chunks
 from ips.data.streaming import stream_chunks
 from ips.data.zarr_source import ZarrPatchSource
 from ips.model.ips_model import IPSModel, build_model
+from ips.runtime import resolve_device
 
 
 def _encoder_only(
@@ -100,7 +101,7 @@ def run_throughput(
         raise ValueError(f"codecs must be distinct and not empty, got {list(codecs)}")
     if threads:
         torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     amp = torch.bfloat16 if dev.type == "cuda" else None
     cfg = bench_config(
         encoder=encoder,

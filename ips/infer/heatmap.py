@@ -35,7 +35,6 @@ from ips.data.store import IpsStore, open_store
 from ips.data.streaming import stream_chunks
 from ips.infer.geojson import write_geojson
 from ips.infer.render import (
-    level_downsample,
     max_over_axis,
     paint_patches,
     read_thumbnail,
@@ -98,7 +97,7 @@ def grid_geometry(store: IpsStore, source: PatchSource, cfg: ExperimentConfig) -
     info = store.grid(grid)
     coords = getattr(source, "coords", None)  # the source's copy: the store's is read only if it has none
     coords = np.asarray(store.coords(grid) if coords is None else coords, dtype=np.int64)
-    down = level_downsample(store, info.level).astype(np.int64)
+    down = store.level_downsample(info.level).astype(np.int64)
     return GridGeometry(
         grid,
         info.level,
@@ -223,7 +222,7 @@ def _overlay(
 ) -> Path:
     """heatmap.png: one panel per shown task over the thumbnail (3D: maximum over z on the projection)."""
     base, level = read_thumbnail(store, thumb_size)
-    ds = level_downsample(store, level)[-2:]
+    ds = store.level_downsample(level)[-2:]
     attention = inf.attention
     if geom.level0.shape[1] == 3:  # a volume seen from above: the maximum over z per (y, x)
         heats = []
@@ -247,7 +246,7 @@ def _overlay(
 
 def _aspect(store: IpsStore, level: int, axes: tuple[int, int]) -> float:
     """Physical height / width of a pixel of `level` on the plane of spatial `axes` (rows, cols)."""
-    ds = level_downsample(store, level)
+    ds = store.level_downsample(level)
     spacing = np.asarray(store.source_spacing or [1.0] * store.spatial_dims, dtype=np.float64)
     size = spacing * ds  # ds: from the source's level 0
     return float(size[axes[0]] / size[axes[1]])
@@ -265,7 +264,7 @@ def _slices_3d(
     """Three orthogonal planes (of a low level) through the centre of the most attended patch."""
     level = thumbnail_level(store, thumb_size)
     array = store.level(level)
-    ds = level_downsample(store, level)
+    ds = store.level_downsample(level)
     attention = inf.attention
     peak = int(np.argmax(attention[:, t]))
     centre0 = geom.level0[peak] + geom.size0 // 2  # (z, y, x) level-0 voxels

@@ -36,11 +36,6 @@ def thumbnail_level(store: IpsStore, max_size: int = 1024) -> int:
     return n_levels - 1
 
 
-def level_downsample(store: IpsStore, level: int) -> np.ndarray:
-    """Per-axis factors `(dims,)` of `level` relative to level 0 (`IpsStore.level_downsample`)."""
-    return store.level_downsample(level)
-
-
 def to_rgb(image: np.ndarray, background: float | None = None) -> np.ndarray:
     """`(C, Y, X)` of any dtype -> uint8 `(Y, X, 3)`: RGB as is for 3 uint8 channels, else the channel
     mean, contrast-stretched (0.5-99.5 percentiles) unless uint8."""

@@ -97,7 +97,7 @@ def pretrain_encoder(
     method = pc.resolved_method(cfg.model.spatial_dims)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     sampler = StorePatchSampler(
         _sources(cfg, stores), batch_size=pc.batch_size, per_slide=pc.patches_per_slide
     )

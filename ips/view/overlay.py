@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ips.data.store import IpsStore
-from ips.infer.render import colorize, level_downsample
+from ips.infer.render import colorize
 
 AXES = "zyx"
 
@@ -98,7 +98,7 @@ def load_scores(path: Path, store: IpsStore) -> Scores:
     level0 = np.asarray(root["level0_coords"][...], dtype=np.int64)
     selected = np.flatnonzero(np.asarray(root["selected"][...], dtype=bool))
     info = store.grid(str(attrs.get("grid", "default")))
-    down = level_downsample(store, info.level).astype(np.int64)
+    down = store.level_downsample(info.level).astype(np.int64)
     size0 = np.asarray(info.patch_size, dtype=np.int64) * down
     stride0 = np.maximum(np.asarray(info.stride, dtype=np.int64) * down, 1)
     origin0 = level0.min(axis=0) if len(level0) else np.zeros(store.spatial_dims, dtype=np.int64)
