@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ips.algo.novelty import NoveltyReference, reference_indices
 from ips.data.sources import Chunk, PatchSource, iter_chunks
 
 StreamFn = Callable[[PatchSource, int], Iterator[Chunk]]
@@ -39,13 +40,15 @@ class Selection:
 
     indices `(m,)` int64 into the source; scores `(m,)` float (NaN where the N <= M shortcut skipped
     scoring); patches `(m, *patch_shape)` as read (uint8 stays uint8), on the host; positions `(m, d)`.
-    m = min(M, N).
+    m = min(M, N). `novel` `(p,)` int64: when asked for (training exploration), the indices of the bag's
+    p most novel patches (`ips.algo.novelty`), most novel first, whether selected or not; else None.
     """
 
     indices: torch.Tensor
     scores: torch.Tensor
     patches: torch.Tensor
     positions: torch.Tensor
+    novel: torch.Tensor | None = None
 
 
 def top_m(scores: torch.Tensor, indices: torch.Tensor, m: int) -> torch.Tensor:
@@ -73,11 +76,16 @@ def select(
     device: torch.device | str = "cpu",
     stream: StreamFn = iter_chunks,
     autocast_dtype: torch.dtype | None = None,
+    novel_pool: int = 0,
+    generator: np.random.Generator | None = None,
 ) -> Selection:
     """Select the `memory_size` most attended patches of `source`, streaming chunks of `iter_size`.
 
     The model is used as it is: wrap the call in `eval_mode(model)` (the training loop does).
     `stream(source, iter_size)` yields the chunks (`ips.streaming.stream_chunks` adds prefetching).
+    `novel_pool` > 0 (training exploration): also keep the indices of the `novel_pool` most novel patches
+    against a reference sample drawn with `generator` (one extra chunk of encoder work); the model then
+    needs `embed_content` and `add_position` (IPSModel has them).
     """
     if memory_size < 1 or iter_size < 1:
         raise ValueError(f"memory_size and iter_size must be >= 1, got {memory_size}, {iter_size}")
@@ -102,12 +110,17 @@ def select(
     buf_pos: torch.Tensor | None = None
     buf_emb: torch.Tensor | None = None  # softmax_mean only
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    novel = _NovelBuffer(model, source, novel_pool, generator, device, autocast) if novel_pool > 0 else None
     for chunk in stream(source, iter_size):
-        with autocast:
-            emb = model.embed(
-                chunk.patches.to(device, non_blocking=True), chunk.positions.to(device)
-            )  # (i, D)
         idx = torch.from_numpy(chunk.indices)
+        with autocast:
+            x, pos = chunk.patches.to(device, non_blocking=True), chunk.positions.to(device)
+            if novel is None:
+                emb = model.embed(x, pos)  # (i, D)
+            else:
+                content = model.embed_content(x)
+                novel.update(idx, content)
+                emb = model.add_position(content, pos)
         all_idx = torch.cat([buf_idx, idx])
         all_patches = chunk.patches if buf_patches is None else torch.cat([buf_patches, chunk.patches])
         all_pos = chunk.positions if buf_pos is None else torch.cat([buf_pos, chunk.positions])
@@ -126,24 +139,85 @@ def select(
             buf_emb = all_emb[keep.to(all_emb.device)]
             del all_emb
         # drop references now, so that the next read does not overlap the previous chunk (O(M + I) peak)
-        del emb, all_patches, all_pos, chunk
+        del emb, x, pos, all_patches, all_pos, chunk
     assert buf_patches is not None and buf_pos is not None
-    return Selection(buf_idx, buf_scores, buf_patches, buf_pos)
+    return Selection(buf_idx, buf_scores, buf_patches, buf_pos, None if novel is None else novel.indices)
+
+
+class _NovelBuffer:
+    """The `size` most novel patches seen so far (indices and scores), against a reference sample of the
+    bag embedded up front. Streaming top-`size` equals the global top-`size`: the score is per patch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        source: PatchSource,
+        size: int,
+        generator: np.random.Generator | None,
+        device: torch.device,
+        autocast: torch.autocast,
+    ) -> None:
+        if generator is None:
+            raise ValueError("novel_pool needs a generator for the reference sample")
+        ref = reference_indices(len(source), generator)
+        with autocast:
+            sample = model.embed_content(source.read(ref).to(device))
+        self.reference = NoveltyReference.from_sample(sample)
+        self.size = size
+        self.indices = torch.empty(0, dtype=torch.long)
+        self.scores = torch.empty(0)
+
+    def update(self, idx: torch.Tensor, content: torch.Tensor) -> None:
+        all_idx = torch.cat([self.indices, idx])
+        all_scores = torch.cat([self.scores, self.reference.scores(content).cpu()])
+        keep = top_m(all_scores, all_idx, self.size)
+        self.indices, self.scores = all_idx[keep], all_scores[keep]
+
+
+NOVEL_POOL_FACTOR = 4  # a novel slot is drawn among the 4 x (novel slots) most novel unselected patches
+
+
+def novel_slots(memory_size: int, fraction: float, novel_share: float) -> int:
+    """How many of the M slots `explore_selection` fills from the most novel patches."""
+    return int(round(novel_share * int(round(fraction * memory_size))))
+
+
+def novel_pool_size(memory_size: int, fraction: float, novel_share: float) -> int:
+    """How many of the most novel patches `select(novel_pool=...)` must keep so that, the M selected
+    ones aside, `NOVEL_POOL_FACTOR` candidates per novel slot remain (0: no novelty needed)."""
+    k = novel_slots(memory_size, fraction, novel_share)
+    return memory_size + NOVEL_POOL_FACTOR * k if k > 0 else 0
 
 
 def explore_selection(
-    selection: Selection, source: PatchSource, *, fraction: float, generator: np.random.Generator
+    selection: Selection,
+    source: PatchSource,
+    *,
+    fraction: float,
+    generator: np.random.Generator,
+    novel_share: float = 0.0,
 ) -> Selection:
-    """Replace the lowest-scoring `round(fraction * m)` selected patches with patches drawn uniformly from
-    the unselected rest of the bag (training-time exploration; scores of drawn patches are NaN)."""
+    """Replace the lowest-scoring `round(fraction * m)` selected patches with unselected ones (training-time
+    exploration; scores of drawn patches are NaN). A `novel_share` of those slots is drawn uniformly among
+    the `NOVEL_POOL_FACTOR` x as many most novel unselected patches (`selection.novel`, see
+    ips.algo.novelty), the rest uniformly from all unselected patches."""
     m, n = selection.indices.numel(), len(source)
     chosen = np.zeros(n, dtype=bool)
     chosen[selection.indices.numpy()] = True
-    pool = np.flatnonzero(~chosen)
-    k = min(int(round(fraction * m)), len(pool))
+    k = min(int(round(fraction * m)), n - int(chosen.sum()))
     if k <= 0:
         return selection
-    return _replace_lowest(selection, source, np.sort(generator.choice(pool, size=k, replace=False)))
+    drawn = np.empty(0, dtype=np.int64)
+    k_novel = min(k, int(round(novel_share * k)))
+    if k_novel > 0:
+        if selection.novel is None:
+            raise ValueError("novel_share > 0 needs a selection made with novel_pool > 0")
+        novel = selection.novel.numpy()
+        candidates = novel[~chosen[novel]][: NOVEL_POOL_FACTOR * k_novel]
+        drawn = generator.choice(candidates, size=min(k_novel, len(candidates)), replace=False)
+        chosen[drawn] = True
+    rest = generator.choice(np.flatnonzero(~chosen), size=k - len(drawn), replace=False)
+    return _replace_lowest(selection, source, np.sort(np.concatenate([drawn, rest]).astype(np.int64)))
 
 
 def guide_selection(

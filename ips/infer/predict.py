@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import numpy as np
 import torch
 
 from ips.algo.batch import stack_selections
@@ -20,9 +21,16 @@ from ips.runtime import Runtime
 
 
 def select_slides(
-    model: IPSModel, sources: Sequence[PatchSource], cfg: ExperimentConfig, rt: Runtime
+    model: IPSModel,
+    sources: Sequence[PatchSource],
+    cfg: ExperimentConfig,
+    rt: Runtime,
+    *,
+    novel_pool: int = 0,
+    generator: np.random.Generator | None = None,
 ) -> list[Selection]:
-    """One no-grad selection pass per slide, the model in eval mode (restored after)."""
+    """One no-grad selection pass per slide, the model in eval mode (restored after); `novel_pool` and
+    `generator` as in `ips.algo.selection.select` (training exploration)."""
     stream = partial(stream_chunks, prefetch=cfg.selection.prefetch, pin_memory=rt.device.type == "cuda")
     with eval_mode(model):
         return [
@@ -35,6 +43,8 @@ def select_slides(
                 device=rt.device,
                 stream=stream,
                 autocast_dtype=rt.autocast_dtype,
+                novel_pool=novel_pool,
+                generator=generator,
             )
             for src in sources
         ]

@@ -73,10 +73,17 @@ class IPSModel(nn.Module):
 
     def embed(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`(n, C, *S)` or `(n, F)` patches, `(n, d)` positions -> embeddings `(n, D)` (with position)."""
-        emb = self.project(self.encoder(self.normalize(patches)))
-        if self.use_pos_enc:
-            emb = emb + self.pos_scale * sincos_encoding(positions, self.d_model).to(emb.dtype)
-        return emb
+        return self.add_position(self.embed_content(patches), positions)
+
+    def embed_content(self, patches: torch.Tensor) -> torch.Tensor:
+        """`(n, C, *S)` or `(n, F)` patches -> embeddings `(n, D)` of what they show, without position."""
+        return self.project(self.encoder(self.normalize(patches)))
+
+    def add_position(self, content: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`(n, D)` content embeddings, `(n, d)` positions -> `(n, D)` with the position encoding added."""
+        if not self.use_pos_enc:
+            return content
+        return content + self.pos_scale * sincos_encoding(positions, self.d_model).to(content.dtype)
 
     def selection_scores(self, emb: torch.Tensor) -> torch.Tensor:
         """The default selection score: mean over tasks and heads of attention logits. `(B, N, D)` -> `(B, N)`.

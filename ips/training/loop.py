@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ips.algo.batch import SelectedBatch, stack_selections
-from ips.algo.selection import eval_mode, explore_selection, guide_selection, select
+from ips.algo.selection import eval_mode, explore_selection, guide_selection, novel_pool_size, select
 from ips.config import ConfigError, ExperimentConfig, save_config
 from ips.data.annotations import PatchLabels, patch_labels
 from ips.data.manifest import SlideRecord, read_manifest
@@ -569,14 +569,17 @@ def selected_batch(
     explore_seed: Sequence[int],
     annotations: dict[str, PatchLabels] | None = None,
 ) -> SelectedBatch:
-    """The slides' top-M selections, with `selection.explore` random slots and, on annotated slides,
+    """The slides' top-M selections, with `selection.explore` slots (novel or random) and, on annotated slides,
     `train.annotation_slots` annotated ones; stacked with their targets (and patch targets)."""
     sources = [make_source(r, cfg) for r in records]
-    selections = select_slides(model, sources, cfg, rt)
     rng = np.random.default_rng(list(explore_seed))
-    if cfg.selection.explore > 0:
+    sel_cfg = cfg.selection
+    pool = novel_pool_size(sel_cfg.memory_size, sel_cfg.explore, sel_cfg.explore_novel)
+    selections = select_slides(model, sources, cfg, rt, novel_pool=pool, generator=rng)
+    if sel_cfg.explore > 0:
+        novel_share = sel_cfg.explore_novel if pool > 0 else 0.0
         selections = [
-            explore_selection(sel, src, fraction=cfg.selection.explore, generator=rng)
+            explore_selection(sel, src, fraction=sel_cfg.explore, generator=rng, novel_share=novel_share)
             for sel, src in zip(selections, sources)
         ]
     patch_targets: list[np.ndarray | None] = [None] * len(records)
