@@ -4,6 +4,7 @@ from it; the training loop passes it through; bad settings fail naming the key."
 import numpy as np
 import pytest
 import torch
+from test_selection import make_case
 
 from ips.algo.novelty import REFERENCE_PATCHES, NoveltyReference, reference_indices
 from ips.algo.selection import (
@@ -19,7 +20,6 @@ from ips.config import ModelConfig, SelectionConfig
 from ips.data.sources import InMemoryPatchSource, iter_chunks
 from ips.errors import ConfigError
 from ips.model.ips_model import build_model
-from test_selection import make_case
 
 
 def global_novelty(model, source, seed: int) -> torch.Tensor:
