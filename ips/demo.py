@@ -40,7 +40,7 @@ DEMO_CONFIG: dict[str, Any] = {
         "pos_enc": "none",
         "tasks": [{"name": "label", "kind": "binary"}],
     },
-    "selection": {"memory_size": 8, "iter_size": 32, "score": "logit", "explore": 0.25},
+    "selection": {"memory_size": 8, "iter_size": 32, "score": "logit", "explore": 0.25, "explore_novel": 1.0},
     "data": {"mode": "pixels", "grid": "default", "augment": True},
     "train": {
         "epochs": 30,
