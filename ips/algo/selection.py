@@ -3,6 +3,8 @@
 Memory: the buffer holds M patches (and, for the softmax score, M embeddings) plus one chunk of I:
 O(M + I), independent of N. The default `logit` score depends on each patch alone, so the result equals
 the global top-M over all N patches for any M, I and patch order (ties broken by lower patch index).
+Training exploration with novel slots (`novel_pool`) adds a reference sample of 32 patches, embedded
+before the pass and dropped, and P indices: O(M + max(I, 32) + P) (ips.algo.novelty).
 """
 
 from __future__ import annotations
