@@ -126,12 +126,13 @@ def pretrain_encoder(
         start, losses = _resume(state_path, cfg, dev, encoder, head, optimizer, scheduler)
         log(f"resumed pretraining from {state_path} after epoch {start}")
 
+    run = _Pretraining(
+        encoder, head, optimizer, scheduler, sampler, view, mean, std, method, pc, steps_per_epoch, dev
+    )
     t_all = time.perf_counter()
     for epoch in range(start + 1, pc.epochs + 1):
         t0 = time.perf_counter()
-        step = (encoder, head, optimizer, scheduler, params)
-        batches = (sampler, view, mean, std, method, pc, epoch, steps_per_epoch, dev, show_progress)
-        losses.append(_run_epoch(*step, *batches))
+        losses.append(_run_epoch(run, epoch, show_progress))
         _save_epoch(out, cfg, method, epoch, losses, encoder, head, optimizer, scheduler)
         log(
             f"pretrain epoch {epoch}/{pc.epochs} | {method} loss {losses[-1]:.4f} | {time.perf_counter() - t0:.1f}s"
@@ -161,24 +162,31 @@ def _sources(cfg: ExperimentConfig, stores: Sequence[str | Path]) -> list[Any]:
     return sources
 
 
-def _run_epoch(
-    encoder: torch.nn.Module,
-    head: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    params: list[torch.nn.Parameter],
-    sampler: StorePatchSampler,
-    view: ViewAugment,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    method: str,
-    pc: Any,
-    epoch: int,
-    steps_per_epoch: int,
-    dev: torch.device,
-    show_progress: bool,
-) -> float:
-    """One pretraining epoch over `steps_per_epoch` sampled batches; its mean loss."""
+@dataclasses.dataclass
+class _Pretraining:
+    """What every pretraining epoch uses: the networks and their optimiser, the patch stream and the views
+    (`mean`, `std`: the model's pixel normalisation; `pc`: the config's `pretrain` section)."""
+
+    encoder: torch.nn.Module
+    head: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: StorePatchSampler
+    view: ViewAugment
+    mean: torch.Tensor
+    std: torch.Tensor
+    method: str
+    pc: Any
+    steps_per_epoch: int
+    device: torch.device
+
+
+def _run_epoch(run: _Pretraining, epoch: int, show_progress: bool) -> float:
+    """One pretraining epoch over `run.steps_per_epoch` sampled batches; its mean loss."""
+    encoder, head, optimizer, scheduler = run.encoder, run.head, run.optimizer, run.scheduler
+    view, mean, std, method, pc = run.view, run.mean, run.std, run.method, run.pc
+    steps_per_epoch, dev = run.steps_per_epoch, run.device
+    params = [*encoder.parameters(), *head.parameters()]
     gen = torch.Generator().manual_seed(pc.seed * 1000 + epoch)
     encoder.train()
     head.train()
@@ -188,7 +196,7 @@ def _run_epoch(
         from tqdm import tqdm
 
         bar = tqdm(total=steps_per_epoch, desc=f"pretrain {epoch}/{pc.epochs}", unit="batch", leave=False)
-    for batch in sampler.batches(steps_per_epoch, pc.seed, epoch):
+    for batch in run.sampler.batches(steps_per_epoch, pc.seed, epoch):
         x = unit_pixels(batch.to(dev))  # (b, C, *S) in [0, 1]
         if method == "simclr":
             v1, v2 = view(x, gen), view(x, gen)
