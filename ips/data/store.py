@@ -29,7 +29,6 @@ from ips.errors import StoreError
 from ips.format import checksums
 from ips.format import location as loc
 from ips.format import names as sf
-from ips.format.location import is_remote
 
 StoreLocation = str | Path | zarr.abc.store.Store
 
@@ -65,7 +64,7 @@ class FeatureInfo:
 
 def is_local(location: StoreLocation) -> bool:
     """True for a local path (a `Path`, a string without a URL scheme, or a `file://` URL)."""
-    return isinstance(location, (str, Path)) and not is_remote(location)
+    return isinstance(location, (str, Path)) and not loc.is_remote(location)
 
 
 def describe(location: StoreLocation) -> str:
@@ -303,12 +302,12 @@ def open_store(location: StoreLocation, *, mode: Literal["r", "r+"] = "r") -> Ip
         group = zarr.open_group(target, mode=mode)
         marker = _read_marker(group)
     except (FileNotFoundError, zarr.errors.BaseZarrError) as e:
-        gone = is_remote(location) and isinstance(e, FileNotFoundError)
+        gone = loc.is_remote(location) and isinstance(e, FileNotFoundError)
         raise StoreError(
             f"{name}: store does not exist" if gone else f"{name}: not a zarr group ({type(e).__name__}: {e})"
         ) from None
     except Exception as e:  # a remote store: network, credentials, bad URL (obstore's own errors)
-        if not is_remote(location):
+        if not loc.is_remote(location):
             raise
         raise StoreError(f"{name}: cannot open ({type(e).__name__}: {_first_line(e)})") from None
     if marker is None:
