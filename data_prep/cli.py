@@ -40,6 +40,12 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def take_shard(ordered: list[str], shard: tuple[int, int] | None) -> list[str]:
+    """Every n-th of the sorted `ordered` from the i-th (`shard (i, n)`; None: all): n job-array tasks
+    given the same inputs, in any order, split them without overlap or gaps."""
+    return ordered if shard is None else ordered[shard[0] :: shard[1]]
+
+
 def out_location(text: str) -> Path | str:
     """`--out`: a local folder (Path) or an `s3://` / `gs://` URL (kept as text)."""
     from ips.format.location import WRITABLE_SCHEMES, is_remote, local_path, scheme_of
@@ -207,9 +213,7 @@ def _select_inputs(sources: list[str], shard: tuple[int, int] | None) -> tuple[l
             duplicates[src] = f"duplicate slide_id {sid!r} (also made from {owner[sid]})"
         else:
             owner[sid] = src
-    if shard is not None:
-        i, n = shard
-        ordered = ordered[i::n]
+    ordered = take_shard(ordered, shard)
     keep = [s for s in ordered if s not in duplicates]
     failed = [PrepResult(s, Path(s).name, "failed", reason=duplicates[s]) for s in ordered if s in duplicates]
     return keep, failed

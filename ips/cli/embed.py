@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_prep.cli import parse_shard
+from data_prep.cli import parse_shard, take_shard
 from ips.cli._threads import add_threads, apply_threads
 
 
@@ -66,8 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def shard_stores(stores: list[str], shard: tuple[int, int] | None) -> list[str]:
     """Sorted, de-duplicated stores; with `shard (i, n)` every n-th from the i-th, so n tasks given the same
     list split it without overlap or gaps, whatever order each was given."""
-    ordered = sorted(set(stores))
-    return ordered if shard is None else ordered[shard[0] :: shard[1]]
+    return take_shard(sorted(set(stores)), shard)
 
 
 def _norm(args: argparse.Namespace) -> str | None:

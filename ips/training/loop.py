@@ -576,10 +576,11 @@ def selected_batch(
     sel_cfg = cfg.selection
     pool = novel_pool_size(sel_cfg.memory_size, sel_cfg.explore, sel_cfg.explore_novel)
     selections = select_slides(model, sources, cfg, rt, novel_pool=pool, generator=rng)
-    if sel_cfg.explore > 0:
-        novel_share = sel_cfg.explore_novel if pool > 0 else 0.0
+    if sel_cfg.explore > 0:  # pool 0 means no novel slot at M, hence none at m <= M either
         selections = [
-            explore_selection(sel, src, fraction=sel_cfg.explore, generator=rng, novel_share=novel_share)
+            explore_selection(
+                sel, src, fraction=sel_cfg.explore, generator=rng, novel_share=sel_cfg.explore_novel
+            )
             for sel, src in zip(selections, sources)
         ]
     patch_targets: list[np.ndarray | None] = [None] * len(records)
