@@ -295,6 +295,10 @@ class PretrainConfig:
     (H&E: HED stain jitter; grey: intensity scale/shift/gamma), blur and crop/deformation jitter.
     `decorrelation` (simclr): weight of a penalty on correlated encoder output dimensions
     (`ips.pretrain.methods.decorrelation`) against the collapse of the features into a few directions.
+    `content_oversample` k > 1: draw k x the patches and train on the batch's share with the most content
+    (pixel standard deviation), for grids that are mostly blank (Megapixel MNIST: 225 patches, 5 digits).
+    `orientation` (simclr): random flips and quarter turns in the views; turn it off where orientation
+    carries meaning (digits: a turned 6 is a 9).
     """
 
     method: PretrainMethod = "auto"
@@ -308,6 +312,8 @@ class PretrainConfig:
     proj_dim: int = 64
     augment_strength: float = 1.0
     decorrelation: float = 0.0
+    content_oversample: int = 1
+    orientation: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -334,6 +340,11 @@ class PretrainConfig:
         _require(self.proj_dim >= 1, "pretrain.proj_dim", f"must be >= 1, got {self.proj_dim}")
         _require(0 <= self.augment_strength <= 2, "pretrain.augment_strength", "must be in [0, 2]")
         _require(self.decorrelation >= 0, "pretrain.decorrelation", f"must be >= 0, got {self.decorrelation}")
+        _require(
+            self.content_oversample >= 1,
+            "pretrain.content_oversample",
+            f"must be >= 1, got {self.content_oversample}",
+        )
 
     def resolved_method(self, spatial_dims: int) -> str:
         if self.method != "auto":

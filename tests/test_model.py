@@ -155,3 +155,42 @@ def test_encoder_norm_option():
         build_encoder("features", in_chans=3, spatial_dims=2, patch_size=32, feature_dim=8, norm="group")
     with pytest.raises(ConfigError, match=r"model.encoder_norm"):
         ModelConfig(encoder="ips_cnn_tiny", encoder_norm="layer")
+
+
+@pytest.mark.parametrize(("dims", "chans", "norm"), [(2, 1, "batch"), (2, 3, "group"), (3, 1, "batch")])
+def test_constant_patches_are_encoded_once_with_the_same_result(dims, chans, norm):
+    """No grad + eval mode: each distinct constant patch is encoded once, and every embedding equals the
+    one the plain encoder gives (Megapixel MNIST canvases are mostly blank)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        encoder="ips_cnn_tiny",
+        spatial_dims=dims,
+        in_chans=chans,
+        patch_size=8,
+        encoder_norm=norm,
+        tasks=TASKS,
+    )
+    model = build_model(cfg).eval()
+    shape = (chans, *([8] * dims))
+    x = torch.zeros(20, *shape, dtype=torch.uint8)  # 20 patches: blank unless set below
+    x[2] = torch.randint(0, 256, shape, dtype=torch.uint8)
+    x[11] = torch.randint(0, 256, shape, dtype=torch.uint8)
+    x[5] = x[7] = x[17] = 255  # a second constant value
+    x[9, 0] = 3  # a third colour: (3, 0, 0) in RGB, 3 in grey
+    x[13] = 3 if chans == 1 else x[9]  # the same colour again
+    x[15, ..., 0] = 7  # not constant
+    seen: list[int] = []
+    model.encoder.register_forward_hook(lambda mod, inp, out: seen.append(len(inp[0])))
+    with torch.no_grad():
+        plain = model.project(model.encoder(model.normalize(x)))
+        once = model.embed_content(x)
+    assert torch.allclose(once, plain, atol=1e-6, rtol=0)
+    assert seen == [20, 6]  # 3 varied patches + 3 distinct colours (0, 255, the ninth's)
+    # with gradients or in train mode (BatchNorm batch statistics) every patch goes through the encoder
+    model.train()
+    seen.clear()
+    with torch.no_grad():
+        model.embed_content(x)
+    model.eval()
+    model.embed_content(x)
+    assert seen == [20, 20]

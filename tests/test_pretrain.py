@@ -111,6 +111,50 @@ def test_generator_store_truth(tiny_set: Path):
 # --- pretraining ----------------------------------------------------------------------------------------
 
 
+def _sparse_sources(n_slides: int = 3, n: int = 100, content_every: int = 10):
+    """Slides of `n` blank 8-px patches of which every `content_every`-th (by index) holds a bright square
+    whose size codes the slide and index: `InMemoryPatchSource`s."""
+    from ips.data.sources import InMemoryPatchSource
+
+    sources = []
+    for s in range(n_slides):
+        x = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+        for i in range(0, n, content_every):
+            x[i, 0, 1 : 2 + (i + s) % 6, 2:5] = 200
+        sources.append(InMemoryPatchSource(x))
+    return sources
+
+
+def test_content_oversample_keeps_the_patches_that_show_something():
+    from ips.pretrain.sampler import StorePatchSampler, content_score
+
+    sources = _sparse_sources()
+    plain = StorePatchSampler(sources, batch_size=8, per_slide=4)
+    dense = StorePatchSampler(sources, batch_size=8, per_slide=4, oversample=16)
+    blank_plain = blank_dense = total = 0
+    for a, b in zip(plain.batches(20, seed=0, epoch=1), dense.batches(20, seed=0, epoch=1)):
+        assert a.shape == b.shape == (8, 1, 8, 8) and b.dtype == torch.uint8
+        blank_plain += int((content_score(a) == 0).sum())
+        blank_dense += int((content_score(b) == 0).sum())
+        total += len(a)
+    # one patch in 10 has content: a uniform draw is ~90% blank; 16x oversampling leaves almost none
+    assert blank_plain > 0.75 * total
+    assert blank_dense < 0.05 * total
+    # seeded: the same draw again
+    again = StorePatchSampler(sources, batch_size=8, per_slide=4, oversample=16)
+    for b, c in zip(dense.batches(3, seed=0, epoch=2), again.batches(3, seed=0, epoch=2)):
+        assert torch.equal(b, c)
+
+
+def test_content_oversample_is_checked():
+    from ips.pretrain.sampler import StorePatchSampler
+
+    with pytest.raises(ValueError, match="oversample"):
+        StorePatchSampler(_sparse_sources(), batch_size=8, per_slide=4, oversample=0)
+    with pytest.raises(ConfigError, match="pretrain.content_oversample"):
+        cfg_of("pretrain.content_oversample=0")
+
+
 def test_decorrelation_is_zero_for_independent_and_one_for_copied_dimensions():
     from ips.pretrain.methods import decorrelation
 

@@ -76,7 +76,14 @@ class IPSModel(nn.Module):
         return self.add_position(self.embed_content(patches), positions)
 
     def embed_content(self, patches: torch.Tensor) -> torch.Tensor:
-        """`(n, C, *S)` or `(n, F)` patches -> embeddings `(n, D)` of what they show, without position."""
+        """`(n, C, *S)` or `(n, F)` patches -> embeddings `(n, D)` of what they show, without position.
+
+        Without gradients and in eval mode, constant patches (every pixel the same colour: the blank
+        canvas of Megapixel MNIST, a slide's background where the mask keeps it) are encoded once per
+        distinct colour: the encoder then maps equal inputs to equal outputs, so only the work changes.
+        """
+        if self.pixel_input and not self.training and not torch.is_grad_enabled():
+            return _embed_constants_once(self, patches)
         return self.project(self.encoder(self.normalize(patches)))
 
     def add_position(self, content: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -103,6 +110,26 @@ class IPSModel(nn.Module):
         emb = self.embed(patches.flatten(0, 1), positions.flatten(0, 1)).unflatten(0, (b, m))  # (B, M, D)
         z, attn_logits = self.aggregator(emb, mask)
         return self.heads(z), attn_logits
+
+
+def _embed_constants_once(model: IPSModel, patches: torch.Tensor) -> torch.Tensor:
+    """`model.embed_content` of `(n, C, *S)` patches, each distinct constant patch encoded once. (n, D)."""
+    flat = patches.reshape(len(patches), patches.shape[1], -1)  # (n, C, P)
+    constant = (flat == flat[:, :, :1]).all(dim=2).all(dim=1)  # (n,): one value per channel
+    if int(constant.sum()) < 2:
+        return model.project(model.encoder(model.normalize(patches)))
+    values = flat[:, :, 0]  # (n, C): a constant patch is its pixel; one representative per value
+    _, which, counts = torch.unique(values[constant], dim=0, return_inverse=True, return_counts=True)
+    const_idx = torch.nonzero(constant).squeeze(1)
+    first = torch.full((len(counts),), len(patches), dtype=torch.long, device=patches.device)
+    first = first.scatter_reduce(0, which, const_idx, reduce="amin")  # earliest patch of each value
+    todo = torch.cat([torch.nonzero(~constant).squeeze(1), first])
+    emb = model.project(model.encoder(model.normalize(patches[todo])))  # (n_varied + n_values, D)
+    out = emb.new_empty((len(patches), emb.shape[1]))
+    n_varied = len(todo) - len(first)
+    out[todo[:n_varied]] = emb[:n_varied]
+    out[const_idx] = emb[n_varied:][which]
+    return out
 
 
 def unit_pixels(patches: torch.Tensor) -> torch.Tensor:

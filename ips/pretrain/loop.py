@@ -99,7 +99,10 @@ def pretrain_encoder(
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device, key="--device")
     sampler = StorePatchSampler(
-        _sources(cfg, stores), batch_size=pc.batch_size, per_slide=pc.patches_per_slide
+        _sources(cfg, stores),
+        batch_size=pc.batch_size,
+        per_slide=pc.patches_per_slide,
+        oversample=pc.content_oversample,
     )
 
     torch.manual_seed(pc.seed)
@@ -117,7 +120,7 @@ def pretrain_encoder(
         optimizer, partial(warmup_cosine, warmup_steps=min(steps_per_epoch, total // 10), total_steps=total)
     )
     he = cfg.model.in_chans == 3 and cfg.model.spatial_dims == 2
-    view = ViewAugment(he=he, strength=pc.augment_strength, orientation=method == "simclr")
+    view = ViewAugment(he=he, strength=pc.augment_strength, orientation=method == "simclr" and pc.orientation)
 
     losses: list[float] = []
     start = 0
