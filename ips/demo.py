@@ -97,12 +97,17 @@ class DemoResult:
 
 
 def lesion_auroc(
-    scores_path: str | Path, store_path: str | Path, task: int = 0, min_share: float | None = None
+    scores_path: str | Path,
+    store_path: str | Path,
+    task: int = 0,
+    min_share: float | None = None,
+    truth: str = "lesion",
 ) -> float:
     """AUROC of the heatmap's attention of each patch against the truth "overlaps a lesion".
 
     `scores_path`: a heatmap's scores.zarr (`attention (N, T)`); `store_path`: the slide's store with
-    `ips_truth/lesion (N,)` (the share of each patch inside a lesion). `min_share` None: positives are
+    `ips_truth/<truth> (N,)` (the share of each patch inside a lesion; `truth="digit"` for the digits of
+    a Megapixel MNIST canvas). `min_share` None: positives are
     the patches with any share > 0, negatives all others. `min_share` s: positives hold a share >= s,
     negatives none at all, and the patches in between (a sliver of the lesion's edge, which look like
     background) are left out. NaN when the slide has no positive or no negative patch.
@@ -113,7 +118,7 @@ def lesion_auroc(
     from ips.synthetic import TRUTH_GROUP
 
     attention = np.asarray(zarr.open_group(str(scores_path), mode="r")["attention"][...])[:, task]
-    share = np.asarray(zarr.open_group(str(store_path), mode="r")[f"{TRUTH_GROUP}/lesion"][...])
+    share = np.asarray(zarr.open_group(str(store_path), mode="r")[f"{TRUTH_GROUP}/{truth}"][...])
     if min_share is None:
         return auroc(attention, share > 0)
     keep = (share >= min_share) | (share == 0)

@@ -56,6 +56,18 @@ def test_lesion_auroc_reads_attention_and_truth(tmp_path):
     assert lesion_auroc(tmp_path / "scores.zarr", tmp_path / "s.zarr") == 1.0
 
 
+def test_lesion_auroc_reads_another_truth_and_task(tmp_path):
+    """`truth="digit"` reads `ips_truth/digit` (Megapixel MNIST); `task` picks the attention column."""
+    scores = zarr.open_group(str(tmp_path / "scores.zarr"), mode="w")
+    scores.create_array("attention", data=np.array([[0.9, 0.1], [0.1, 0.9], [0.2, 0.0]], np.float32))
+    store = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    store.create_array("ips_truth/digit", data=np.array([0.0, 0.4, 0.0], np.float32))
+    assert lesion_auroc(tmp_path / "scores.zarr", tmp_path / "s.zarr", truth="digit") == 0.0
+    assert lesion_auroc(tmp_path / "scores.zarr", tmp_path / "s.zarr", task=1, truth="digit") == 1.0
+    with pytest.raises(KeyError):
+        lesion_auroc(tmp_path / "scores.zarr", tmp_path / "s.zarr")
+
+
 def test_lesion_auroc_core_leaves_out_the_slivers(tmp_path):
     """A sliver patch (share 0.05) ranked below background counts against "any share" but is left out of
     the core AUROC (positives share >= 0.25, negatives share 0)."""

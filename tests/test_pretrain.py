@@ -385,6 +385,43 @@ def test_pretrain_cli(tiny_set: Path, tmp_path: Path):
     )
 
 
+def test_pretrain_split_takes_only_that_split_of_a_manifest(tmp_path: Path, capsys):
+    from ips.cli.main import main
+    from ips.cli.pretrain import _expand
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "slide_id,path,label,split\na,s/a.zarr,0,train\nb,/abs/b.zarr,1,val\nc,s/c.zarr,1,train\n"
+    )
+    assert _expand([str(manifest)]) == [str(tmp_path / "s/a.zarr"), "/abs/b.zarr", str(tmp_path / "s/c.zarr")]
+    assert _expand([str(manifest), "x.zarr"], "train") == [
+        str(tmp_path / "s/a.zarr"),
+        str(tmp_path / "s/c.zarr"),
+        "x.zarr",
+    ]
+    assert _expand([str(manifest)], "val") == ["/abs/b.zarr"]
+    with pytest.raises(ValueError, match=r"m\.csv: no row of split 'test'"):
+        _expand([str(manifest)], "test")
+    no_split = tmp_path / "n.csv"
+    no_split.write_text("slide_id,path,label\na,s/a.zarr,0\n")
+    assert _expand([str(no_split)]) == [str(tmp_path / "s/a.zarr")]
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(__import__("yaml").safe_dump(TINY))
+    args = [
+        "pretrain",
+        str(no_split),
+        "--config",
+        str(cfg_path),
+        "--out",
+        str(tmp_path / "pt"),
+        "--split",
+        "train",
+    ]
+    assert main(args) == 2
+    assert "n.csv: --split train given, but the manifest has no split column" in capsys.readouterr().err
+    assert not (tmp_path / "pt").exists()
+
+
 # --- staged training ------------------------------------------------------------------------------------
 
 

@@ -32,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        help="of a manifest CSV, take only the rows of this split (e.g. train: no validation or test "
+        "slide is seen, not even without its label); stores given directly are always taken",
+    )
+    p.add_argument(
         "--set",
         nargs="+",
         action="extend",
@@ -43,17 +49,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _expand(items: list[str]) -> list[str]:
-    """Stores as given; a `.csv` argument stands for the stores of that manifest (its `path` column)."""
+def _expand(items: list[str], split: str | None = None) -> list[str]:
+    """Stores as given; a `.csv` argument stands for the stores of that manifest (its `path` column),
+    only those of `split` when it is given."""
     import csv
 
     out: list[str] = []
     for item in items:
         if item.endswith(".csv") and Path(item).is_file():
             with open(item, newline="") as f:
-                for row in csv.DictReader(f):
-                    path = Path(row["path"])
-                    out.append(str(path if path.is_absolute() else Path(item).parent / path))
+                reader = csv.DictReader(f)
+                if split is not None and "split" not in (reader.fieldnames or []):
+                    raise ValueError(f"{item}: --split {split} given, but the manifest has no split column")
+                rows = [row for row in reader if split is None or row["split"].strip() == split]
+            if not rows:
+                raise ValueError(f"{item}: no row of split {split!r}")
+            for row in rows:
+                path = Path(row["path"])
+                out.append(str(path if path.is_absolute() else Path(item).parent / path))
         else:
             out.append(item)
     return out
@@ -67,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     # argparse cannot split one positional list in two: items with '=' are overrides, the rest stores
     overrides = [o for o in args.stores if "=" in o] + list(args.set)
-    stores = _expand([s for s in args.stores if "=" not in s])
     cfg = load_config(args.config, overrides)
     try:
+        stores = _expand([s for s in args.stores if "=" not in s], args.split)
         result = pretrain_encoder(
             cfg, stores, args.out, device=args.device, resume=not args.no_resume, show_progress=not args.quiet
         )
