@@ -54,6 +54,39 @@ def test_mnist_deterministic_by_seed(fake_mnist):
     assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c))
 
 
+def test_mnist_warp_keeps_the_canvas_and_draws_new_hands(real_mnist):
+    """`warp` changes each digit's pixels only: same boxes, noise and labels as the plain canvas, every
+    digit box differs from its source digit, keeps its ink near the centre and still reads as a digit
+    of similar mass; strength 0 is the identity."""
+    images, labels = real_mnist
+    pool = np.arange(len(labels))
+    bank = mm.make_noise_bank(mm.PAPER_N_NOISE, 0)
+
+    def sample(warp: float) -> mm.MegapixelSample:
+        rng, wrng = mm.sample_rng(0, "train", 7), np.random.default_rng([0, 0, 7, 1])
+        return mm.make_sample(
+            images, labels, pool, rng, canvas=(300, 300), noise_bank=bank, warp=warp, warp_rng=wrng
+        )
+
+    plain, warped = sample(0.0), sample(1.0)
+    assert warped.placements == plain.placements and warped.labels == plain.labels
+    np.testing.assert_array_equal(warped.noise, plain.noise)
+    for p in warped.placements:
+        box = warped.image[p.row : p.row + 28, p.col : p.col + 28].astype(float)
+        src = images[p.index].astype(float)
+        assert np.abs(box - src).mean() > 5  # a new hand, not the stored digit
+        assert 0.6 < box.sum() / src.sum() < 1.6  # the same stroke mass, give or take the scale
+        corr = np.corrcoef(box.ravel(), src.ravel())[0, 1]
+        assert corr > 0.3, corr  # still that digit
+    digit = images[0]
+    np.testing.assert_array_equal(mm.warp_digit(digit, np.random.default_rng(0), 0.0), digit)
+    again = mm.warp_digit(digit, np.random.default_rng(5), 1.0)
+    np.testing.assert_array_equal(again, mm.warp_digit(digit, np.random.default_rng(5), 1.0))
+    assert again.dtype == np.uint8 and again.shape == (28, 28)
+    with pytest.raises(ValueError, match="warp_rng"):
+        mm.make_sample(images, labels, pool, mm.sample_rng(0, "train", 0), warp=1.0)
+
+
 def _check_sample(
     sample: mm.MegapixelSample,
     images: np.ndarray,
@@ -301,6 +334,13 @@ def test_megapixel_mnist_dataset(tmp_path, fake_mnist):
     assert [r["multilabel"] for r in _read_manifest(again)] == [r["multilabel"] for r in rows]
     with pytest.raises(ValueError, match="multiple of patch_size"):
         mm.make_megapixel_mnist(fake_mnist, tmp_path / "bad", 1, 0, 0, canvas=160, patch_size=50)
+    # train_warp warps the training canvases only: the same labels, validation and test pixel-identical
+    warped = mm.make_megapixel_mnist(fake_mnist, tmp_path / "warped", 2, 1, 1, canvas=150, train_warp=1.0)
+    assert [r["multilabel"] for r in _read_manifest(warped)] == [r["multilabel"] for r in rows]
+    for row in rows:
+        a = _open_complete(manifest.parent / row["path"])["0"][...]
+        b = _open_complete(warped.parent / row["path"])["0"][...]
+        assert np.array_equal(a, b) == (row["split"] != "train"), row["slide_id"]
 
 
 @needs_writer

@@ -6,7 +6,8 @@
 For the benchmark of patch-level guidance (docs/BENCHMARKS.md): a seeded `--fraction` of the train split
 gets a mask (`<store>.annotation.npy`, one pixel per grid cell at the grid's level, 1 where the planted
 object covers at least `--min-fraction` of the cell) in a new `annotation` column; negatives get an empty
-mask, which says "nothing here". Other rows keep an empty cell. Stores need `ips_truth/lesion`.
+mask, which says "nothing here". Other rows keep an empty cell. Stores need `ips_truth/<--truth>`:
+`lesion` (lesion and small-object sets, the default) or `digit` (Megapixel MNIST: every digit is marked).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the new manifest (same folder as --manifest keeps paths)")
     p.add_argument("--min-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truth", default="lesion", help="array under ips_truth/ that marks the objects")
     a = p.parse_args(argv)
     src = Path(a.manifest)
     rows = list(csv.DictReader(src.open()))
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         g = zarr.open_group(str(store), mode="r")
         coords = np.asarray(g["grids/default/coords"][...])
         patch = int(g.attrs["ips"]["grids"]["default"]["patch_size"][0])
-        truth = np.asarray(g["ips_truth/lesion"][...]) >= a.min_fraction
+        truth = np.asarray(g[f"ips_truth/{a.truth}"][...]) >= a.min_fraction
         level0 = g["0"].shape[1:]
         mask = np.zeros([int(np.ceil(s / patch)) for s in level0], dtype=np.uint8)
         cells = coords[truth] // patch
@@ -53,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
-    n_pos = sum(1 for i in chosen if rows[i]["label"] == "1")
-    print(f"annotated {len(chosen)} of {len(train)} training slides ({n_pos} positive) -> {a.out}")
+    n_marked = sum(1 for i in chosen if np.load(src.parent / rows[i]["annotation"]).any())
+    print(
+        f"annotated {len(chosen)} of {len(train)} training slides ({n_marked} with a marked patch) -> {a.out}"
+    )
     return 0
 
 

@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("TRAIN", "VAL", "TEST"),
         help="shares of each class's digits per split pool",
     )
+    parser.add_argument(
+        "--warp-train",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="draw each training canvas's digits through a random affine warp of strength S (1: up to "
+        "+-15 degrees, +-15%% scale, +-0.25 shear); validation and test digits stay as they are",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -67,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             n_noise=args.n_noise,
             distinct_others=not args.reference_others,
             pool_fractions=args.pool_fractions,
+            train_warp=args.warp_train,
         )
     except (ValueError, OSError, PrepError) as e:
         print(f"error: {e}", file=sys.stderr)

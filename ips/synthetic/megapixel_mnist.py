@@ -180,6 +180,30 @@ def _upscale(img: np.ndarray, scale: int) -> np.ndarray:
     return img if scale == 1 else np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
 
 
+def warp_digit(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """A new hand for a digit: a random affine warp of `img (28, 28)` uint8 about its centre.
+
+    `strength` 1: rotation up to +-15 degrees, scale 0.85-1.15, shear up to +-0.25 rad; 0: `img` itself.
+    Training canvases drawn from a few thousand digits reuse each digit in many canvases, and a model
+    can learn those instances by heart (docs/BENCHMARKS.md); warped copies are new instances.
+    """
+    if strength <= 0:
+        return img
+    from skimage.transform import AffineTransform, warp
+
+    rot, shear = np.deg2rad(15.0) * strength, 0.25 * strength
+    centre = (np.array(img.shape[::-1]) - 1) / 2.0  # (x, y)
+    affine = AffineTransform(
+        rotation=rng.uniform(-rot, rot),
+        scale=1.0 + rng.uniform(-0.15, 0.15) * strength,
+        shear=rng.uniform(-shear, shear),
+    )
+    to_centre, back = AffineTransform(translation=-centre), AffineTransform(translation=centre)
+    forward = to_centre + affine + back
+    out = warp(img.astype(np.float32), forward.inverse, order=1, preserve_range=True, mode="constant", cval=0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def make_sample(
     images: np.ndarray,
     labels: np.ndarray,
@@ -191,12 +215,18 @@ def make_sample(
     n_noise: int | None = None,
     digit_scale: int = 1,
     distinct_others: bool = True,
+    warp: float = 0.0,
+    warp_rng: np.random.Generator | None = None,
 ) -> MegapixelSample:
     """Draw one Megapixel MNIST canvas from the digits `images[pool]`.
 
     `images (N, 28, 28)` uint8, `labels (N,)`, `pool` indices of usable digits (every class present).
     `noise_bank (K, 28, 28)` (default: 50 patterns from seed 0); `n_noise` default scales 50 by area.
+    `warp` > 0 draws each digit through `warp_digit` with `warp_rng` (its own stream: the canvas's digits,
+    boxes, noise and labels are those of `warp` 0).
     """
+    if warp > 0 and warp_rng is None:
+        raise ValueError("warp > 0 needs a warp_rng")
     if digit_scale < 1:
         raise ValueError(f"digit_scale must be >= 1, got {digit_scale}")
     by_class = [pool[labels[pool] == c] for c in range(N_CLASSES)]
@@ -233,7 +263,8 @@ def make_sample(
         box = image[r : r + size, c : c + size]
         np.maximum(box, _upscale(bank[k], digit_scale), out=box)
     for p in placements:  # a digit owns its whole box (as in the reference)
-        image[p.row : p.row + size, p.col : p.col + size] = _upscale(images[p.index], digit_scale)
+        digit = warp_digit(images[p.index], warp_rng, warp) if warp > 0 else images[p.index]
+        image[p.row : p.row + size, p.col : p.col + size] = _upscale(digit, digit_scale)
     return MegapixelSample(image, placements, noise, labels_from_placements(placements))
 
 
@@ -265,6 +296,36 @@ def boxes_mask(placements: Sequence[Placement], canvas: tuple[int, int]) -> np.n
     return mask
 
 
+def _write_canvas(
+    sample: MegapixelSample, out_dir: Path, slide_id: str, split: str, patch_size: int, mask: np.ndarray
+) -> dict[str, str]:
+    """One canvas's store under `out_dir/stores/` (grid, truth) -> its manifest row."""
+    canvas = sample.image.shape
+    store = write_store(
+        sample.image[None],
+        out_dir / "stores",
+        slide_id,
+        patch_size=patch_size,
+        background=0,
+        mask=mask,
+        min_tissue=0.0,
+        truth_cells={"digit": patch_fraction(boxes_mask(sample.placements, canvas), patch_size)},
+        truth_attrs={
+            "placements": [p.to_dict() for p in sample.placements],
+            "labels": {k: list(v) if isinstance(v, tuple) else v for k, v in sample.labels.items()},
+            "n_noise": len(sample.noise),
+        },
+    )
+    row = {
+        "slide_id": slide_id,
+        "path": store.relative_to(out_dir).as_posix(),
+        "split": split,
+        "label": format_label(sample.labels["majority"]),
+    }
+    row.update({k: format_label(v) for k, v in sample.labels.items()})
+    return row
+
+
 def make_megapixel_mnist(
     mnist_csv: str | Path | tuple[np.ndarray, np.ndarray],
     out_dir: str | Path,
@@ -279,16 +340,18 @@ def make_megapixel_mnist(
     n_noise: int | None = None,
     distinct_others: bool = True,
     pool_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    train_warp: float = 0.0,
 ) -> Path:
     """Write a Megapixel MNIST dataset: one store per canvas under `out_dir/stores/`, and the manifest.
 
-    `mnist_csv`: an MNIST CSV path, or `(images (N, 28, 28) uint8, labels (N,))`. Each split draws its
-    digits from its own disjoint pool (`split_digit_pools(labels, pool_fractions, seed)`). Stores: one
-    channel, background 0, grid `default` of `patch_size` patches at stride `patch_size` over the whole
-    canvas (an all-ones mask and `min_tissue` 0 keep every patch: black canvas is not "no tissue" here),
-    and truth `ips_truth/digit` `(N,)` = share of each patch inside a digit box, plus the placements and
-    labels in the `ips_truth` attributes. Manifest `out_dir/manifest.csv`: `slide_id,path,label,split,
-    majority,max,top,multilabel` (`label` = `majority`; paths relative to `out_dir`). Returns its path.
+        `mnist_csv`: an MNIST CSV path, or `(images (N, 28, 28) uint8, labels (N,))`. Each split draws its
+        digits from its own disjoint pool (`split_digit_pools(labels, pool_fractions, seed)`). Stores: one
+        channel, background 0, grid `default` of `patch_size` patches at stride `patch_size` over the whole
+        canvas (an all-ones mask and `min_tissue` 0 keep every patch: black canvas is not "no tissue" here),
+        and truth `ips_truth/digit` `(N,)` = share of each patch inside a digit box, plus the placements and
+        labels in the `ips_truth` attributes. `train_warp` > 0 warps the training canvases' digits
+    (`warp_digit`); validation and test canvases are never warped. Manifest `out_dir/manifest.csv`: `slide_id,path,label,split,
+        majority,max,top,multilabel` (`label` = `majority`; paths relative to `out_dir`). Returns its path.
     """
     canvas = (canvas, canvas) if isinstance(canvas, int) else tuple(canvas)
     if canvas[0] % patch_size or canvas[1] % patch_size:
@@ -317,31 +380,12 @@ def make_megapixel_mnist(
                 n_noise=n_noise,
                 digit_scale=digit_scale,
                 distinct_others=distinct_others,
+                warp=train_warp if split == "train" else 0.0,
+                warp_rng=np.random.default_rng([seed, SPLITS.index(split), i, 1]),
             )
-            slide_id = f"mnist_{split}_{i:05d}"
-            store = write_store(
-                sample.image[None],
-                out_dir / "stores",
-                slide_id,
-                patch_size=patch_size,
-                background=0,
-                mask=full_mask,
-                min_tissue=0.0,
-                truth_cells={"digit": patch_fraction(boxes_mask(sample.placements, canvas), patch_size)},
-                truth_attrs={
-                    "placements": [p.to_dict() for p in sample.placements],
-                    "labels": {k: list(v) if isinstance(v, tuple) else v for k, v in sample.labels.items()},
-                    "n_noise": len(sample.noise),
-                },
+            rows.append(
+                _write_canvas(sample, out_dir, f"mnist_{split}_{i:05d}", split, patch_size, full_mask)
             )
-            row = {
-                "slide_id": slide_id,
-                "path": store.relative_to(out_dir).as_posix(),
-                "split": split,
-                "label": format_label(sample.labels["majority"]),
-            }
-            row.update({k: format_label(v) for k, v in sample.labels.items()})
-            rows.append(row)
     params = {
         "canvas": list(canvas),
         "seed": seed,
@@ -350,6 +394,7 @@ def make_megapixel_mnist(
         "n_noise": default_n_noise(canvas) if n_noise is None else n_noise,
         "distinct_others": distinct_others,
         "pool_fractions": list(pool_fractions),
+        "train_warp": train_warp,
         "pool_sizes": {s: len(p) for s, p in pools.items()},
         "counts": {"train": n_train, "val": n_val, "test": n_test},
     }
