@@ -21,8 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-CORE_SHARE = 0.25
+from small_object_benchmark import CORE_SHARE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ips.cli.main import main as ips_main
     from ips.config import ExperimentConfig
+    from ips.data.manifest import _resolve
     from ips.demo import lesion_auroc
     from ips.model.checkpoint import load_checkpoint
 
@@ -49,15 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"{manifest}: no row of split {a.split!r}", file=sys.stderr)
         return 2
-    stores = [Path(r["path"]) if Path(r["path"]).is_absolute() else manifest.parent / r["path"] for r in rows]
+    stores = [_resolve(r["path"], manifest.parent)[0] for r in rows]
     out = Path(a.out)
-    args = ["heatmap", "--checkpoint", a.checkpoint, *map(str, stores), "--out", str(out), "--top-k", "0"]
+    args = ["heatmap", "--checkpoint", a.checkpoint, *stores, "--out", str(out), "--top-k", "0"]
     if ips_main([*args, "--threads", a.threads]) != 0:
         return 2
     tasks = [t.name for t in ExperimentConfig.from_dict(load_checkpoint(a.checkpoint)["config"]).model.tasks]
+    pairs = [(out / r["slide_id"] / "scores.zarr", s) for r, s in zip(rows, stores, strict=True)]
     summary: dict[str, dict[str, float]] = {}
     for i, task in enumerate(tasks):
-        pairs = [(out / r["slide_id"] / "scores.zarr", s) for r, s in zip(rows, stores, strict=True)]
         anyshare = [lesion_auroc(sc, st, task=i, truth=a.truth) for sc, st in pairs]
         core = [lesion_auroc(sc, st, task=i, min_share=CORE_SHARE, truth=a.truth) for sc, st in pairs]
         summary[task] = {

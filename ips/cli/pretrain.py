@@ -54,6 +54,8 @@ def _expand(items: list[str], split: str | None = None) -> list[str]:
     only those of `split` when it is given."""
     import csv
 
+    from ips.data.manifest import _resolve
+
     out: list[str] = []
     for item in items:
         if item.endswith(".csv") and Path(item).is_file():
@@ -63,10 +65,8 @@ def _expand(items: list[str], split: str | None = None) -> list[str]:
                     raise ValueError(f"{item}: --split {split} given, but the manifest has no split column")
                 rows = [row for row in reader if split is None or row["split"].strip() == split]
             if not rows:
-                raise ValueError(f"{item}: no row of split {split!r}")
-            for row in rows:
-                path = Path(row["path"])
-                out.append(str(path if path.is_absolute() else Path(item).parent / path))
+                raise ValueError(f"{item}: no row" + (f" of split {split!r}" if split else "s"))
+            out += [_resolve(row["path"], Path(item).parent)[0] for row in rows]
         else:
             out.append(item)
     return out

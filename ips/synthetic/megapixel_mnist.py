@@ -344,14 +344,15 @@ def make_megapixel_mnist(
 ) -> Path:
     """Write a Megapixel MNIST dataset: one store per canvas under `out_dir/stores/`, and the manifest.
 
-        `mnist_csv`: an MNIST CSV path, or `(images (N, 28, 28) uint8, labels (N,))`. Each split draws its
-        digits from its own disjoint pool (`split_digit_pools(labels, pool_fractions, seed)`). Stores: one
-        channel, background 0, grid `default` of `patch_size` patches at stride `patch_size` over the whole
-        canvas (an all-ones mask and `min_tissue` 0 keep every patch: black canvas is not "no tissue" here),
-        and truth `ips_truth/digit` `(N,)` = share of each patch inside a digit box, plus the placements and
-        labels in the `ips_truth` attributes. `train_warp` > 0 warps the training canvases' digits
-    (`warp_digit`); validation and test canvases are never warped. Manifest `out_dir/manifest.csv`: `slide_id,path,label,split,
-        majority,max,top,multilabel` (`label` = `majority`; paths relative to `out_dir`). Returns its path.
+    `mnist_csv`: an MNIST CSV path, or `(images (N, 28, 28) uint8, labels (N,))`. Each split draws its
+    digits from its own disjoint pool (`split_digit_pools(labels, pool_fractions, seed)`). Stores: one
+    channel, background 0, grid `default` of `patch_size` patches at stride `patch_size` over the whole
+    canvas (an all-ones mask and `min_tissue` 0 keep every patch: black canvas is not "no tissue" here),
+    and truth `ips_truth/digit` `(N,)` = share of each patch inside a digit box, plus the placements and
+    labels in the `ips_truth` attributes. `train_warp` > 0 warps the training canvases' digits
+    (`warp_digit`); validation and test canvases are never warped. Manifest `out_dir/manifest.csv`:
+    `slide_id,path,label,split,majority,max,top,multilabel` (`label` = `majority`; paths relative to
+    `out_dir`). Returns its path.
     """
     canvas = (canvas, canvas) if isinstance(canvas, int) else tuple(canvas)
     if canvas[0] % patch_size or canvas[1] % patch_size:
@@ -369,6 +370,7 @@ def make_megapixel_mnist(
     for split, count in zip(SPLITS, (n_train, n_val, n_test)):
         if count and len(pools[split]) == 0:
             raise ValueError(f"split {split!r} has no digits (pool_fractions={tuple(pool_fractions)})")
+        warp = train_warp if split == "train" else 0.0
         for i in range(count):
             sample = make_sample(
                 images,
@@ -380,8 +382,8 @@ def make_megapixel_mnist(
                 n_noise=n_noise,
                 digit_scale=digit_scale,
                 distinct_others=distinct_others,
-                warp=train_warp if split == "train" else 0.0,
-                warp_rng=np.random.default_rng([seed, SPLITS.index(split), i, 1]),
+                warp=warp,
+                warp_rng=np.random.default_rng([seed, SPLITS.index(split), i, 1]) if warp > 0 else None,
             )
             rows.append(
                 _write_canvas(sample, out_dir, f"mnist_{split}_{i:05d}", split, patch_size, full_mask)
