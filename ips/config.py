@@ -177,7 +177,13 @@ class SelectionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where slides come from and how patches are read."""
+    """Where slides come from and how patches are read.
+
+    Training-time augmentation (`augment`, `ips.data.augment`) of the selected patches: `orientation`
+    (flips and quarter turns; off where orientation carries the label, e.g. digits: a turned 6 is a 9),
+    `color_jitter`, and `shift` (each patch moved by up to this many pixels along every spatial axis,
+    reflect-padded; 0 = off).
+    """
 
     manifest: str | None = None
     mode: DataMode = "pixels"
@@ -185,7 +191,9 @@ class DataConfig:
     features: str = "default"
     read_threads: int = 4
     augment: bool = True
+    orientation: bool = True
     color_jitter: float = 0.05
+    shift: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -195,6 +203,7 @@ class DataConfig:
         )
         _require(self.read_threads >= 1, "data.read_threads", "must be >= 1")
         _require(0.0 <= self.color_jitter <= 0.5, "data.color_jitter", "must be in [0, 0.5]")
+        _require(self.shift >= 0, "data.shift", f"must be >= 0 pixels, got {self.shift}")
 
 
 @dataclass(frozen=True)

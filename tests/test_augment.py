@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from ips.config import DataConfig
-from ips.data.augment import PatchAugment, color_jitter, flip_rotate, hed_jitter
+from ips.config import ConfigError, DataConfig
+from ips.data.augment import PatchAugment, color_jitter, flip_rotate, hed_jitter, shift_patches
 
 
 def _patches(shape, seed=0) -> torch.Tensor:
@@ -91,6 +93,55 @@ def test_identity_when_disabled():
     assert PatchAugment(flips=False, rot90=False, color_jitter=0.0)(x) is x
     assert PatchAugment.from_config(DataConfig(augment=False))(x) is x
     assert PatchAugment.from_config(DataConfig(augment=True, color_jitter=0.05)).color_jitter == 0.05
+
+
+def _reflect_index(i: int, side: int) -> int:
+    """Where 'reflect' padding reads index i (may be outside [0, side)) from: edge pixel not repeated."""
+    if i < 0:
+        return -i
+    if i >= side:
+        return 2 * (side - 1) - i
+    return i
+
+
+def _shifted(p: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
+    """Patch `(C, *S)` moved by `offsets`: output[q] = p[reflect(q - o)] per axis (written out, no pad)."""
+    out = p
+    for axis, o in enumerate(offsets, start=1):
+        side = p.shape[axis]
+        idx = torch.tensor([_reflect_index(q - o, side) for q in range(side)])
+        out = out.index_select(axis, idx)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(40, 2, 7, 6), (30, 1, 5, 6, 4)])
+def test_shift_each_patch_is_a_reflected_translation(shape):
+    x = _patches(shape)
+    s = 2
+    y = shift_patches(x, s, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    all_offsets = list(itertools.product(range(-s, s + 1), repeat=len(shape) - 2))
+    seen = set()
+    for a, b in zip(x, y):
+        match = [o for o in all_offsets if torch.equal(b, _shifted(a, o))]
+        assert len(match) == 1, "every output patch is exactly one translation of its input"
+        seen.add(match[0])
+    # every offset per axis, both signs, is drawn
+    for axis in range(len(shape) - 2):
+        assert {o[axis] for o in seen} == set(range(-s, s + 1))
+
+
+def test_shift_config_and_errors():
+    x = _patches((6, 1, 8, 8))
+    assert shift_patches(x, 0) is x
+    aug = PatchAugment.from_config(DataConfig(orientation=False, color_jitter=0.0, shift=3))
+    assert (aug.flips, aug.rot90, aug.shift) == (False, False, 3)
+    a, b = aug(x, torch.Generator().manual_seed(4)), aug(x, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    with pytest.raises(ValueError, match="data.shift: 8 pixels must be smaller than the patch side 8"):
+        shift_patches(x, 8)
+    with pytest.raises(ConfigError, match="data.shift"):
+        DataConfig(shift=-1)
 
 
 def test_hed_jitter_small_and_in_range():

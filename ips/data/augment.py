@@ -7,6 +7,8 @@ generator's device, then moved), so a seeded generator gives the same augmentati
 - flips along every spatial axis (any patch shape);
 - 90-degree rotations in each spatial plane whose two sides are equal (2D: square patches; 3D: only the
   planes where the patch is cubic);
+- shift: each patch moved by a random integer offset in [-shift, shift] pixels along every spatial axis,
+  the uncovered border filled by reflection (no new colour, no black frame on tissue);
 - colour, `color_jitter` = strength s (0 = off): for RGB, HED stain jitter (Tellez et al. 2018: each
   stain's optical density scaled by U(1-s, 1+s) and shifted by U(-s, s)) and saturation U(1-s, 1+s);
   for any C, brightness +U(-s, s) and contrast U(1-s, 1+s).
@@ -63,6 +65,30 @@ def flip_rotate(
     return x
 
 
+def shift_patches(x: torch.Tensor, shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-patch random translation of `x` `(n, C, *spatial)` by up to `shift` pixels per axis.
+
+    Output pixel `p` of a patch moved by offset `o` is input pixel `p - o`, reflected at the border
+    (`torch.nn.functional.pad` mode 'reflect'), so `shift` must be smaller than every side.
+    """
+    n, spatial = x.shape[0], x.shape[2:]
+    if shift <= 0 or n == 0:
+        return x
+    if shift >= min(spatial):
+        raise ValueError(f"data.shift: {shift} pixels must be smaller than the patch side {min(spatial)}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    padded = torch.nn.functional.pad(x, (shift,) * (2 * len(spatial)), mode="reflect")
+    for axis, side in enumerate(spatial, start=2):
+        # start of each patch's window in the padded axis: shift - offset, offset ~ U{-shift..shift}
+        start = torch.randint(0, 2 * shift + 1, (n,), generator=generator, device=device).to(x.device)
+        index = start.view(n, 1) + torch.arange(side, device=x.device)
+        view = [n] + [1] * (padded.ndim - 1)
+        view[axis] = side
+        index = index.view(view).expand(*padded.shape[:axis], side, *padded.shape[axis + 1 :])
+        padded = torch.gather(padded, axis, index)
+    return padded
+
+
 def hed_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-patch stain jitter of RGB `x` `(n, 3, *spatial)` in [0, 1], in HED optical-density space."""
     n = x.shape[0]
@@ -108,14 +134,23 @@ class PatchAugment:
     flips: bool = True
     rot90: bool = True
     color_jitter: float = 0.0
+    shift: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.color_jitter <= 0.5:
             raise ValueError(f"color_jitter must be in [0, 0.5], got {self.color_jitter}")
+        if self.shift < 0:
+            raise ValueError(f"shift must be >= 0 pixels, got {self.shift}")
 
     @classmethod
     def from_config(cls, data: DataConfig) -> PatchAugment:
-        return cls(enabled=data.augment, color_jitter=data.color_jitter)
+        return cls(
+            enabled=data.augment,
+            flips=data.orientation,
+            rot90=data.orientation,
+            color_jitter=data.color_jitter,
+            shift=data.shift,
+        )
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if not x.is_floating_point():
@@ -128,6 +163,8 @@ class PatchAugment:
             return x
         if self.flips or self.rot90:
             x = flip_rotate(x, generator, flips=self.flips, rot90=self.rot90)
+        if self.shift > 0:
+            x = shift_patches(x, self.shift, generator)
         if self.color_jitter > 0:
             if x.shape[1] == 3:
                 x = hed_jitter(x, self.color_jitter, generator)

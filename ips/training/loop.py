@@ -25,7 +25,7 @@ from ips.algo.selection import eval_mode, explore_selection, guide_selection, no
 from ips.config import ConfigError, ExperimentConfig, save_config
 from ips.data.annotations import PatchLabels, patch_labels
 from ips.data.manifest import SlideRecord, read_manifest
-from ips.data.open import check_source_fits_model, make_source, source_grid
+from ips.data.open import check_source_fits_model, make_source, reuse_sources, source_grid
 from ips.data.sources import PatchSource
 from ips.data.store import open_store
 from ips.infer.predict import predict_records, select_slides
@@ -255,7 +255,8 @@ def train(
     lock = RunLock(run_dir).acquire() if dist_info.is_main else None
     rt = make_runtime(cfg, dist_info)
     try:
-        return _train_locked(cfg, manifest, run_dir, rt, resume, show_progress, stop_after_epochs, log)
+        with reuse_sources():  # each store opened once per run, not once per epoch and pass
+            return _train_locked(cfg, manifest, run_dir, rt, resume, show_progress, stop_after_epochs, log)
     finally:
         if rt.device.type == "cuda" and cfg.train.vram_budget_gb is not None:
             torch.cuda.set_per_process_memory_fraction(1.0, rt.device)  # leave the process as it was
