@@ -9,6 +9,10 @@ For each digit placed on the first `--canvases` training canvases (`ips_truth` a
 model's encoder (eval mode), fits a 10-class logistic regression on the digits of the even canvases
 and prints the held-out accuracy on the odd ones: all digits, and those whole inside one patch.
 A fresh encoder (neither option) is the baseline.
+
+Training canvases reuse a pool of MNIST images that training sees too, so after `ips train` the
+even/odd split overstates how well *new* digits are read: `--held-out-split test` fits on the
+training canvases and tests on that split's canvases, whose digits come from a separate pool.
 """
 
 from __future__ import annotations
@@ -37,6 +41,23 @@ def best_patch(coords: np.ndarray, patch: int, row: int, col: int, size: int) ->
     return i, float(area[i]) / (size * size)
 
 
+def digit_features(
+    model: torch.nn.Module, cfg, root: Path, rows: list[dict[str, str]]
+) -> tuple[np.ndarray, ...]:
+    """Per placed digit of the canvases `rows`: the encoder feature of its best patch `(n, d)`, its class,
+    its canvas's index in `rows` and the share of its box inside that patch."""
+    feats, digits, canvas, share = [], [], [], []
+    for i, row in enumerate(rows):
+        store = root / row["path"]
+        group = zarr.open_group(str(store), mode="r")
+        coords = group[f"grids/{cfg.data.grid}/coords"][...][:, -2:]
+        x = slide_features(model, store)
+        for pl in group["ips_truth"].attrs["placements"]:
+            j, s = best_patch(coords, cfg.model.patch_size, pl["row"], pl["col"], pl.get("size", DIGIT_SIZE))
+            feats.append(x[j]), digits.append(pl["digit"]), canvas.append(i), share.append(s)
+    return tuple(np.asarray(a) for a in (feats, digits, canvas, share))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", required=True, type=Path)
@@ -44,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", help="encoder.pt from ips pretrain")
     p.add_argument("--checkpoint", help="a training checkpoint: probe its encoder")
     p.add_argument("--canvases", type=int, default=400)
+    p.add_argument("--held-out-split", help="test on this split's canvases (e.g. test) instead of odd ones")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -52,18 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=False)["model"])
     model.eval()
-    rows = [r for r in csv.DictReader(args.manifest.open()) if r["split"] == "train"][: args.canvases]
-    feats, digits, canvas, share = [], [], [], []
-    for i, row in enumerate(rows):
-        store = args.manifest.parent / row["path"]
-        group = zarr.open_group(str(store), mode="r")
-        coords = group[f"grids/{cfg.data.grid}/coords"][...][:, -2:]
-        x = slide_features(model, store)
-        for pl in group["ips_truth"].attrs["placements"]:
-            j, s = best_patch(coords, cfg.model.patch_size, pl["row"], pl["col"], pl.get("size", DIGIT_SIZE))
-            feats.append(x[j]), digits.append(pl["digit"]), canvas.append(i), share.append(s)
-    x, y, c, s = (np.asarray(a) for a in (feats, digits, canvas, share))
+    rows = list(csv.DictReader(args.manifest.open()))
+    train_rows = [r for r in rows if r["split"] == "train"][: args.canvases]
+    x, y, c, s = digit_features(model, cfg, args.manifest.parent, train_rows)
     fit, held = c % 2 == 0, c % 2 == 1
+    if args.held_out_split:
+        other = [r for r in rows if r["split"] == args.held_out_split][: args.canvases]
+        if not other:
+            p.error(f"{args.manifest}: no canvas of split {args.held_out_split!r}")
+        xo, yo, _, so = digit_features(model, cfg, args.manifest.parent, other)
+        x, y, s = np.concatenate([x, xo]), np.concatenate([y, yo]), np.concatenate([s, so])
+        fit = np.arange(len(y)) < len(c)
+        held = ~fit
     x = (x - x[fit].mean(0)) / (x[fit].std(0) + 1e-6)
     xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
     lin = torch.nn.Linear(x.shape[1], N_CLASSES)
