@@ -194,3 +194,58 @@ def test_constant_patches_are_encoded_once_with_the_same_result(dims, chans, nor
     model.eval()
     model.embed_content(x)
     assert seen == [20, 20]
+
+
+def _context_model(layers: int = 1):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        encoder="features", feature_dim=8, d_model=16, n_heads=2, d_mlp=16, context_layers=layers, tasks=TASKS
+    )
+    return build_model(cfg).eval()
+
+
+def test_context_layers_mix_values_but_not_attention():
+    """Values see the other patches; the attention logits (and so the selection) stay per patch."""
+    model = _context_model()
+    x, pos = torch.randn(1, 4, 8), torch.rand(1, 4, 2) * 5
+    changed = x.clone()
+    changed[0, 3] = torch.randn(8) * 3
+    _, attn = model(x, pos)
+    _, attn2 = model(changed, pos)
+    torch.testing.assert_close(attn2[..., :3], attn[..., :3])  # patches 0-2: the same logits
+    emb = model.embed(x[0], pos[0])[None]
+    emb2 = model.embed(changed[0], pos[0])[None]
+    torch.testing.assert_close(model.aggregator.attention_logits(emb[:, :1]), attn[..., :1])  # alone
+    values, values2 = model.aggregator.values(emb), model.aggregator.values(emb2)
+    assert not torch.allclose(values[:, :, :3], values2[:, :, :3])  # patches 0-2 see patch 3
+    plain = _context_model(0).aggregator
+    assert plain.context is None
+    torch.testing.assert_close(plain.values(emb)[:, :, :3], plain.values(emb2)[:, :, :3])
+
+
+def test_context_layers_padding_mask_matches_unpadded_bag():
+    model = _context_model(2)
+    x, pos = torch.randn(2, 3, 8), torch.rand(2, 3, 2)
+    ref, _ = model(x, pos)
+    padded = torch.cat([x, torch.randn(2, 2, 8) * 100], dim=1)
+    pos_p = torch.cat([pos, torch.rand(2, 2, 2)], dim=1)
+    mask = torch.tensor([[True, True, True, False, False]] * 2)
+    out, _ = model(padded, pos_p, mask)
+    for name in ref:
+        torch.testing.assert_close(out[name], ref[name])
+
+
+def test_context_layers_train_and_refuse_streaming_all_mode():
+    from ips.cli._inference_args import check_mode
+
+    model = _context_model().train()
+    logits, _ = model(torch.randn(2, 5, 8), torch.rand(2, 5, 2))
+    sum(v.pow(2).mean() for v in logits.values()).backward()
+    ctx = [p for n, p in model.named_parameters() if n.startswith("aggregator.context")]
+    assert ctx and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx)
+    with pytest.raises(ConfigError, match="--mode all: ck.pt has model.context_layers 1"):
+        check_mode("all", 1, "ck.pt")
+    check_mode("topm", 1, "ck.pt")
+    check_mode("all", 0, "ck.pt")
+    with pytest.raises(ConfigError, match="model.context_layers"):
+        ModelConfig(context_layers=-1)
