@@ -9,7 +9,7 @@ import torch
 from train_fixtures import TINY, make_cross_slides, tiny_config
 
 import ips.data.open as open_mod
-from ips.data.manifest import SlideRecord
+from ips.data.manifest import SlideRecord, read_manifest
 from ips.data.open import SourceCache, make_source, reuse_sources
 from ips.data.zarr_source import ZarrPatchSource
 from ips.model.checkpoint import load_checkpoint
@@ -22,8 +22,7 @@ def slides(tmp_path_factory) -> Path:
 
 
 def _records(manifest: Path) -> list[SlideRecord]:
-    rows = manifest.read_text().splitlines()[1:]
-    return [SlideRecord(r.split(",")[0], str(manifest.parent / r.split(",")[1])) for r in rows]
+    return read_manifest(manifest, tiny_config().model.tasks)
 
 
 def test_reused_inside_the_block_only(slides):
@@ -56,6 +55,10 @@ def test_lru_bound_on_estimated_bytes(slides):
     assert cache.get(keys[0]) is None and cache.get(keys[1]) is None  # oldest dropped first
     assert cache.get(keys[2]) is not None and cache.get(keys[3]) is not None
     assert SourceCache(max_bytes=0).bytes == 0
+    again = SourceCache()
+    again.put(keys[0], make_source(records[0], cfg))
+    again.put(keys[0], make_source(records[0], cfg))
+    assert len(again) == 1 and again.bytes == one  # a replaced source is counted once
     zero = SourceCache(max_bytes=0)
     zero.put(keys[0], make_source(records[0], cfg))
     assert len(zero) == 0 and zero.bytes == 0

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ips.cli.main import main as ips_main
     from ips.config import ExperimentConfig
-    from ips.data.manifest import _resolve
+    from ips.data.manifest import resolve_path
     from ips.demo import lesion_auroc
     from ips.model.checkpoint import load_checkpoint
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"{manifest}: no row of split {a.split!r}", file=sys.stderr)
         return 2
-    stores = [_resolve(r["path"], manifest.parent)[0] for r in rows]
+    stores = [resolve_path(r["path"], manifest.parent)[0] for r in rows]
     out = Path(a.out)
     args = ["heatmap", "--checkpoint", a.checkpoint, *stores, "--out", str(out), "--top-k", "0"]
     if ips_main([*args, "--threads", a.threads]) != 0:

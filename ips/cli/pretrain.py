@@ -54,7 +54,7 @@ def _expand(items: list[str], split: str | None = None) -> list[str]:
     only those of `split` when it is given."""
     import csv
 
-    from ips.data.manifest import _resolve
+    from ips.data.manifest import resolve_path
 
     out: list[str] = []
     for item in items:
@@ -66,7 +66,7 @@ def _expand(items: list[str], split: str | None = None) -> list[str]:
                 rows = [row for row in reader if split is None or row["split"].strip() == split]
             if not rows:
                 raise ValueError(f"{item}: no row" + (f" of split {split!r}" if split else "s"))
-            out += [_resolve(row["path"], Path(item).parent)[0] for row in rows]
+            out += [resolve_path(row["path"], Path(item).parent)[0] for row in rows]
         else:
             out.append(item)
     return out

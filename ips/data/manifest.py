@@ -80,7 +80,7 @@ def _annotation(
     return str(path)
 
 
-def _resolve(path: str, folder: Path) -> tuple[str, bool]:
+def resolve_path(path: str, folder: Path) -> tuple[str, bool]:
     """(resolved path, is local): URLs are kept; relative local paths are joined to `folder`."""
     if "://" in path:
         return path, False
@@ -146,7 +146,7 @@ def read_manifest(
             seen[slide_id] = line
             if not cells["path"]:
                 raise fail("path", "empty path")
-            store, local = _resolve(cells["path"], folder)
+            store, local = resolve_path(cells["path"], folder)
             row_split = cells.get("split") or None
             if row_split is not None and row_split not in SPLITS:
                 raise fail("split", f"unknown split {row_split!r}; valid splits: {', '.join(SPLITS)}")

@@ -45,6 +45,8 @@ class SourceCache:
         return hit[0]
 
     def put(self, key: tuple, source: PatchSource) -> None:
+        if key in self._kept:  # replaced: its bytes must not be counted twice
+            self.bytes -= self._kept.pop(key)[1]
         cost = SOURCE_BYTES + PATCH_BYTES * len(source)
         self._kept[key] = (source, cost)
         self.bytes += cost
