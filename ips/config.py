@@ -369,6 +369,13 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
+    def __post_init__(self) -> None:
+        _require(
+            self.data.shift < self.model.patch_size or self.data.mode == "features",
+            "data.shift",
+            f"{self.data.shift} pixels must be smaller than model.patch_size {self.model.patch_size}",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 

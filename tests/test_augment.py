@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from ips.config import ConfigError, DataConfig
+from ips.config import ConfigError, DataConfig, ExperimentConfig
 from ips.data.augment import PatchAugment, color_jitter, flip_rotate, hed_jitter, shift_patches
 
 
@@ -142,6 +142,10 @@ def test_shift_config_and_errors():
         shift_patches(x, 8)
     with pytest.raises(ConfigError, match="data.shift"):
         DataConfig(shift=-1)
+    # caught when the config is read, before any training: the patch side is in the same config
+    with pytest.raises(ConfigError, match="data.shift: 16 pixels must be smaller than model.patch_size 16"):
+        ExperimentConfig.from_dict({"model": {"patch_size": 16}, "data": {"shift": 16}})
+    assert ExperimentConfig.from_dict({"model": {"patch_size": 16}, "data": {"shift": 15}}).data.shift == 15
 
 
 def test_hed_jitter_small_and_in_range():
