@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ips.config import ConfigError, ExperimentConfig, ModelConfig, TaskConfig
+from ips.config import ConfigError, ModelConfig, TaskConfig
 from ips.model.encoders import build_encoder, list_encoders
 from ips.model.ips_model import build_model
 
@@ -194,99 +194,3 @@ def test_constant_patches_are_encoded_once_with_the_same_result(dims, chans, nor
     model.eval()
     model.embed_content(x)
     assert seen == [20, 20]
-
-
-def _context_model(layers: int = 1, *, trained: bool = True):
-    """A features model with `layers` context layers; `trained`: their zero-initialised residual branches
-    drawn at random, as after training (at initialisation the layers are the identity)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        encoder="features", feature_dim=8, d_model=16, n_heads=2, d_mlp=16, context_layers=layers, tasks=TASKS
-    )
-    model = build_model(cfg).eval()
-    if trained and model.aggregator.context is not None:
-        for layer in model.aggregator.context.layers:
-            for out in (layer.self_attn.out_proj, layer.linear2):
-                torch.nn.init.normal_(out.weight, std=0.3)
-                torch.nn.init.normal_(out.bias, std=0.3)
-    return model
-
-
-def test_context_layers_start_as_the_identity():
-    """Fresh context layers change nothing: the values are exactly those of the same model without them,
-    so a run starts from the plain model and the layers learn from there."""
-    model = _context_model(2, trained=False)
-    plain = _context_model(0).aggregator
-    plain.load_state_dict({k: v for k, v in model.aggregator.state_dict().items() if "context" not in k})
-    emb = torch.randn(3, 5, 16)
-    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]])
-    torch.testing.assert_close(model.aggregator.values(emb, mask), plain.values(emb))
-    z, logits = model.aggregator(emb, mask)
-    z0, logits0 = plain(emb, mask)
-    torch.testing.assert_close(z, z0)
-    torch.testing.assert_close(logits, logits0)
-
-
-def test_context_layers_have_their_own_learning_rate():
-    from ips.training.loop import param_groups
-
-    cfg = ExperimentConfig.from_dict(
-        {"model": {"context_layers": 1}, "train": {"lr": 1e-3, "context_lr_scale": 0.1}}
-    )
-    model = build_model(cfg.model)
-    groups = {g["name"]: g for g in param_groups(model, cfg)}
-    assert groups["context"]["lr"] == pytest.approx(1e-4) and groups["head"]["lr"] == 1e-3
-    ctx = {id(p) for p in model.aggregator.context.parameters()}
-    assert {id(p) for p in groups["context"]["params"]} == ctx
-    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
-    plain = ExperimentConfig.from_dict({})
-    assert [g["name"] for g in param_groups(build_model(plain.model), plain)] == ["encoder", "head"]
-    with pytest.raises(ConfigError, match="train.context_lr_scale"):
-        ExperimentConfig.from_dict({"train": {"context_lr_scale": 0}})
-
-
-def test_context_layers_mix_values_but_not_attention():
-    """Values see the other patches; the attention logits (and so the selection) stay per patch."""
-    model = _context_model()
-    x, pos = torch.randn(1, 4, 8), torch.rand(1, 4, 2) * 5
-    changed = x.clone()
-    changed[0, 3] = torch.randn(8) * 3
-    _, attn = model(x, pos)
-    _, attn2 = model(changed, pos)
-    torch.testing.assert_close(attn2[..., :3], attn[..., :3])  # patches 0-2: the same logits
-    emb = model.embed(x[0], pos[0])[None]
-    emb2 = model.embed(changed[0], pos[0])[None]
-    torch.testing.assert_close(model.aggregator.attention_logits(emb[:, :1]), attn[..., :1])  # alone
-    values, values2 = model.aggregator.values(emb), model.aggregator.values(emb2)
-    assert not torch.allclose(values[:, :, :3], values2[:, :, :3])  # patches 0-2 see patch 3
-    plain = _context_model(0).aggregator
-    assert plain.context is None
-    torch.testing.assert_close(plain.values(emb)[:, :, :3], plain.values(emb2)[:, :, :3])
-
-
-def test_context_layers_padding_mask_matches_unpadded_bag():
-    model = _context_model(2)
-    x, pos = torch.randn(2, 3, 8), torch.rand(2, 3, 2)
-    ref, _ = model(x, pos)
-    padded = torch.cat([x, torch.randn(2, 2, 8) * 100], dim=1)
-    pos_p = torch.cat([pos, torch.rand(2, 2, 2)], dim=1)
-    mask = torch.tensor([[True, True, True, False, False]] * 2)
-    out, _ = model(padded, pos_p, mask)
-    for name in ref:
-        torch.testing.assert_close(out[name], ref[name])
-
-
-def test_context_layers_train_and_refuse_streaming_all_mode():
-    from ips.cli._inference_args import check_mode
-
-    model = _context_model().train()
-    logits, _ = model(torch.randn(2, 5, 8), torch.rand(2, 5, 2))
-    sum(v.pow(2).mean() for v in logits.values()).backward()
-    ctx = [p for n, p in model.named_parameters() if n.startswith("aggregator.context")]
-    assert ctx and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx)
-    with pytest.raises(ConfigError, match="--mode all: ck.pt has model.context_layers 1"):
-        check_mode("all", 1, "ck.pt")
-    check_mode("topm", 1, "ck.pt")
-    check_mode("all", 0, "ck.pt")
-    with pytest.raises(ConfigError, match="model.context_layers"):
-        ModelConfig(context_layers=-1)

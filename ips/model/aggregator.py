@@ -36,22 +36,11 @@ class CrossAttentionAggregator(nn.Module):
 
     Attention logit of patch i for query t, head h: `l[t,h,i] = <q[t,h], k[h,i]> / sqrt(d_k)`.
 
-    `context_layers` > 0: the *values* come from that many pre-norm transformer layers over the bag (each
-    patch sees the others, e.g. the patches a digit is split across), while the keys, and with them the
-    attention logits and the selection, stay a function of each patch alone.
-
     Shapes: `x (B, N, D)`, optional `mask (B, N)` (True = real patch) -> `z (B, T, D)`, `logits (B, T, H, N)`.
     """
 
     def __init__(
-        self,
-        *,
-        d_model: int,
-        n_heads: int,
-        n_queries: int,
-        d_mlp: int,
-        dropout: float = 0.0,
-        context_layers: int = 0,
+        self, *, d_model: int, n_heads: int, n_queries: int, d_mlp: int, dropout: float = 0.0
     ) -> None:
         super().__init__()
         if d_model % n_heads:
@@ -66,25 +55,6 @@ class CrossAttentionAggregator(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
         self.attn_drop = nn.Dropout(dropout)
-        self.context = (
-            nn.TransformerEncoder(
-                nn.TransformerEncoderLayer(
-                    d_model, n_heads, d_mlp, dropout, activation="gelu", batch_first=True, norm_first=True
-                ),
-                context_layers,
-                enable_nested_tensor=False,
-            )
-            if context_layers
-            else None
-        )
-        if self.context is not None:
-            # each layer's residual branches start at zero, so the layers start as the identity and the
-            # values are at first exactly those without context: at lr 1e-3 a randomly initialised layer
-            # collapsed a Megapixel MNIST run at epoch 7 (docs/BENCHMARKS.md "Sixth look")
-            for layer in self.context.layers:
-                for out in (layer.self_attn.out_proj, layer.linear2):
-                    nn.init.zeros_(out.weight)
-                    nn.init.zeros_(out.bias)
         self.norm_mlp = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(
             nn.Linear(d_model, d_mlp),
@@ -104,10 +74,8 @@ class CrossAttentionAggregator(nn.Module):
         k = self._heads(self.k_proj(self.norm_kv(x)))  # (B, H, N, d_k)
         return torch.einsum("htd,bhnd->bthn", q, k) / math.sqrt(self.d_k)
 
-    def values(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`x (B, N, D)`, optional `mask (B, N)` (True = real) -> values `(B, H, N, d_k)`."""
-        if self.context is not None:
-            x = self.context(x, src_key_padding_mask=None if mask is None else ~mask)
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """`x (B, N, D)` -> values `(B, H, N, d_k)`."""
         return self._heads(self.v_proj(self.norm_kv(x)))
 
     def combine(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -119,5 +87,5 @@ class CrossAttentionAggregator(nn.Module):
         logits = self.attention_logits(x)  # (B, T, H, N)
         masked = logits if mask is None else logits.masked_fill(~mask[:, None, None, :], float("-inf"))
         attn = self.attn_drop(masked.softmax(dim=-1))
-        pooled = torch.einsum("bthn,bhnd->bthd", attn, self.values(x, mask))  # (B, T, H, d_k)
+        pooled = torch.einsum("bthn,bhnd->bthd", attn, self.values(x))  # (B, T, H, d_k)
         return self.combine(pooled), logits
