@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ips.config import ConfigError, ModelConfig, TaskConfig
+from ips.config import ConfigError, ExperimentConfig, ModelConfig, TaskConfig
 from ips.model.encoders import build_encoder, list_encoders
 from ips.model.ips_model import build_model
 
@@ -194,3 +194,129 @@ def test_constant_patches_are_encoded_once_with_the_same_result(dims, chans, nor
     model.eval()
     model.embed_content(x)
     assert seen == [20, 20]
+
+
+def _context_model(layers: int = 1, *, trained: bool = True):
+    """A features model with `layers` context layers; `trained`: their zero-initialised residual branches
+    drawn at random, as after training (at initialisation the layers are the identity)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        encoder="features", feature_dim=8, d_model=16, n_heads=2, d_mlp=16, context_layers=layers, tasks=TASKS
+    )
+    model = build_model(cfg).eval()
+    if trained and model.aggregator.context is not None:
+        for layer in model.aggregator.context.layers:
+            for out in (layer.self_attn.out_proj, layer.linear2):
+                torch.nn.init.normal_(out.weight, std=0.3)
+                torch.nn.init.normal_(out.bias, std=0.3)
+    return model
+
+
+def _bag(b: int = 1, n: int = 4):
+    """Features `(b, n, 8)` and grid positions `(b, n, 2)`: patches 0-1 and 2-3 are neighbours, the
+    pairs far apart."""
+    pos = torch.tensor([[0.0, 0.0], [0.0, 1.0], [5.0, 5.0], [6.0, 6.0], [9.0, 0.0]])[:n]
+    return torch.randn(b, n, 8), pos.expand(b, n, 2).clone()
+
+
+def _parts(model, x, pos):
+    """(embeddings with position, content) of a bag, each `(B, N, D)`."""
+    emb = torch.stack([model.embed(xi, pi) for xi, pi in zip(x, pos)])
+    return emb, torch.stack([model.embed_content(xi) for xi in x])
+
+
+def test_context_layers_start_as_the_identity():
+    """Fresh context layers change nothing: the outputs are exactly those of the same model without them,
+    so a run starts from the plain model and the layers learn from there."""
+    model = _context_model(2, trained=False)
+    x, pos = _bag(3, 5)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]])
+    out, logits = model(x, pos, mask)
+    model.aggregator.context = None
+    out0, logits0 = model(x, pos, mask)
+    for name in out:
+        torch.testing.assert_close(out[name], out0[name])
+    torch.testing.assert_close(logits, logits0)
+
+
+def test_context_layers_have_their_own_learning_rate():
+    from ips.training.loop import param_groups
+
+    cfg = ExperimentConfig.from_dict(
+        {"model": {"context_layers": 1}, "train": {"lr": 1e-3, "context_lr_scale": 0.1}}
+    )
+    model = build_model(cfg.model)
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert groups["context"]["lr"] == pytest.approx(1e-4) and groups["head"]["lr"] == 1e-3
+    ctx = {id(p) for p in model.aggregator.context.parameters()}
+    assert {id(p) for p in groups["context"]["params"]} == ctx
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    plain = ExperimentConfig.from_dict({})
+    assert [g["name"] for g in param_groups(build_model(plain.model), plain)] == ["encoder", "head"]
+    with pytest.raises(ConfigError, match="train.context_lr_scale"):
+        ExperimentConfig.from_dict({"train": {"context_lr_scale": 0}})
+
+
+def test_context_layers_mix_neighbours_values_but_not_attention():
+    """A patch's value sees its grid neighbours, not far patches; the attention logits (and so the
+    selection) stay per patch."""
+    model = _context_model()
+    x, pos = _bag()
+    changed = x.clone()
+    changed[0, 3] = torch.randn(8) * 3
+    _, attn = model(x, pos)
+    _, attn2 = model(changed, pos)
+    torch.testing.assert_close(attn2[..., :3], attn[..., :3])  # patches 0-2: the same logits
+    values = model.aggregator.values(*_parts(model, x, pos)[:1], None, _parts(model, x, pos)[1], pos)
+    emb2, content2 = _parts(model, changed, pos)
+    values2 = model.aggregator.values(emb2, None, content2, pos)
+    torch.testing.assert_close(values2[:, :, :2], values[:, :, :2])  # far from patch 3: unchanged
+    assert not torch.allclose(values2[:, :, 2], values[:, :, 2])  # patch 2, its neighbour, sees it
+
+
+def test_context_is_translation_invariant_and_blind_to_the_bag_layout():
+    """The context's contribution depends on contents and who neighbours whom, not on where the bag lies
+    or in which order its patches come: it cannot tell training bags apart by their layout."""
+    model = _context_model(2)
+    x, pos = _bag(1, 5)
+    _, content = _parts(model, x, pos)
+    delta = model.aggregator.context_delta(content, pos)
+    torch.testing.assert_close(
+        model.aggregator.context_delta(content, pos + torch.tensor([7.0, -3.0])), delta
+    )
+    moved = pos.clone()
+    moved[0, 2:4] += torch.tensor([20.0, 40.0])  # the neighbouring pair elsewhere on the slide
+    torch.testing.assert_close(model.aggregator.context_delta(content, moved), delta)
+    perm = torch.tensor([4, 2, 0, 3, 1])
+    torch.testing.assert_close(model.aggregator.context_delta(content[:, perm], pos[:, perm]), delta[:, perm])
+    alone = pos.clone()
+    alone[0, 1] += torch.tensor([0.0, 2.0])  # patch 1 no longer touches patch 0
+    assert not torch.allclose(model.aggregator.context_delta(content, alone)[:, :2], delta[:, :2])
+
+
+def test_context_layers_padding_mask_matches_unpadded_bag():
+    model = _context_model(2)
+    x, pos = _bag(2, 3)
+    ref, _ = model(x, pos)
+    padded = torch.cat([x, torch.randn(2, 2, 8) * 100], dim=1)
+    pos_p = torch.cat([pos, torch.zeros(2, 2, 2)], dim=1)  # padding placed on patch 0's neighbours
+    mask = torch.tensor([[True, True, True, False, False]] * 2)
+    out, _ = model(padded, pos_p, mask)
+    for name in ref:
+        torch.testing.assert_close(out[name], ref[name])
+
+
+def test_context_layers_train_and_refuse_streaming_all_mode():
+    from ips.cli._inference_args import check_mode
+
+    model = _context_model().train()
+    logits, _ = model(*_bag(2, 5))
+    sum(v.pow(2).mean() for v in logits.values()).backward()
+    ctx = [p for n, p in model.named_parameters() if n.startswith("aggregator.context")]
+    assert ctx and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx)
+    with pytest.raises(ConfigError, match="--mode all: ck.pt has model.context_layers 1"):
+        check_mode("all", 1, "ck.pt")
+    check_mode("topm", 1, "ck.pt")
+    check_mode("all", 0, "ck.pt")
+    with pytest.raises(ConfigError, match="model.context_layers"):
+        ModelConfig(context_layers=-1)
