@@ -99,7 +99,6 @@ class ModelConfig:
     d_mlp: int = 256
     dropout: float = 0.0
     pos_enc: Literal["sincos", "none"] = "sincos"
-    context_layers: int = 0
     tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
 
     def __post_init__(self) -> None:
@@ -121,7 +120,6 @@ class ModelConfig:
                 f"sincos positional encoding needs d_model >= {2 * self.spatial_dims}",
             )
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
-        _require(self.context_layers >= 0, "model.context_layers", f"must be >= 0, got {self.context_layers}")
         _require(
             self.encoder_norm in (None, "group", "batch"),
             "model.encoder_norm",
@@ -245,7 +243,6 @@ class TrainConfig:
     annotation_slots: float = 0.25
     freeze_encoder_epochs: int = 0
     encoder_lr_scale: float = 1.0
-    context_lr_scale: float = 0.3
     instance_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -286,9 +283,6 @@ class TrainConfig:
         )
         _require(
             self.encoder_lr_scale > 0, "train.encoder_lr_scale", f"must be > 0, got {self.encoder_lr_scale}"
-        )
-        _require(
-            self.context_lr_scale > 0, "train.context_lr_scale", f"must be > 0, got {self.context_lr_scale}"
         )
         _require(
             self.instance_weight >= 0, "train.instance_weight", f"must be >= 0, got {self.instance_weight}"

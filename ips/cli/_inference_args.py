@@ -32,15 +32,6 @@ def add_common(p: argparse.ArgumentParser) -> None:
     add_threads(p)
 
 
-def check_mode(mode: str, context_layers: int, checkpoint: str) -> None:
-    """`--mode all` streams the attention over all N patches; a model with context layers cannot."""
-    if mode == "all" and context_layers > 0:
-        raise ConfigError(
-            f"--mode all: {checkpoint} has model.context_layers {context_layers}, whose values depend on "
-            "the whole bag, so all N patches cannot be pooled in a stream; use --mode topm"
-        )
-
-
 def out_dir(path: str) -> Path:
     """`--out` as a folder; ConfigError (exit 2) when it names an existing file."""
     out = Path(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ips.cli._inference_args import add_common, check_mode, out_dir, report_failures
+from ips.cli._inference_args import add_common, out_dir, report_failures
 from ips.cli._threads import apply_threads
 from ips.config import ConfigError
 
@@ -46,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
     out = out_dir(args.out)  # before any work: a bad --out is bad usage
     apply_threads(args.threads)
     loaded = load(args.checkpoint, args.device)
-    check_mode(args.mode, loaded.cfg.model.context_layers, str(args.checkpoint))
     failures = heatmap_slides(
         loaded,
         records,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ips.cli._inference_args import add_common, check_mode, err, out_dir, report_failures
+from ips.cli._inference_args import add_common, err, out_dir, report_failures
 from ips.cli._threads import apply_threads
 from ips.config import ConfigError
 
@@ -40,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
     out = out_dir(args.out)  # before any work: a bad --out is bad usage
     apply_threads(args.threads)
     loaded = load(args.checkpoint, args.device)
-    check_mode(args.mode, loaded.cfg.model.context_layers, str(args.checkpoint))
     if args.manifest:
         records = read_manifest(
             args.manifest, loaded.cfg.model.tasks, args.split, require_labels=False, check_paths=False

@@ -152,11 +152,6 @@ def stream_slide(
     n = len(source)
     if n == 0:
         raise ValueError("cannot run inference on an empty bag (the grid has no patches)")
-    if aggregate and model.aggregator.context is not None:
-        raise ValueError(
-            "--mode all pools all N patches in a stream, which model.context_layers > 0 cannot do "
-            "(its values depend on the whole bag): use --mode topm"
-        )
     device = torch.device(device)
     t, h = len(model.tasks), model.aggregator.n_heads
     head_logits = np.empty((n, t, h), dtype=np.float32)

@@ -35,7 +35,6 @@ class IPSModel(nn.Module):
         n_heads: int,
         d_mlp: int,
         dropout: float = 0.0,
-        context_layers: int = 0,
         pos_enc: bool = True,
         pixel_input: bool = True,
         mean: Sequence[float] | None = None,
@@ -58,12 +57,7 @@ class IPSModel(nn.Module):
             nn.Identity() if enc_dim == d_model and not pixel_input else nn.Linear(enc_dim, d_model)
         )
         self.aggregator = CrossAttentionAggregator(
-            d_model=d_model,
-            n_heads=n_heads,
-            n_queries=len(self.tasks),
-            d_mlp=d_mlp,
-            dropout=dropout,
-            context_layers=context_layers,
+            d_model=d_model, n_heads=n_heads, n_queries=len(self.tasks), d_mlp=d_mlp, dropout=dropout
         )
         self.heads = TaskHeads(self.tasks, d_model)
         if pixel_input:
@@ -113,10 +107,8 @@ class IPSModel(nn.Module):
         Returns per-task logits `{task: (B, n_out)}` and attention logits `(B, T, H, M)`.
         """
         b, m = patches.shape[:2]
-        content = self.embed_content(patches.flatten(0, 1)).unflatten(0, (b, m))  # (B, M, D)
-        pos = positions.flatten(0, 1)
-        emb = self.add_position(content.flatten(0, 1), pos).unflatten(0, (b, m))
-        z, attn_logits = self.aggregator(emb, mask, content, positions)
+        emb = self.embed(patches.flatten(0, 1), positions.flatten(0, 1)).unflatten(0, (b, m))  # (B, M, D)
+        z, attn_logits = self.aggregator(emb, mask)
         return self.heads(z), attn_logits
 
 
@@ -183,7 +175,6 @@ def build_model(cfg: ModelConfig) -> IPSModel:
         n_heads=cfg.n_heads,
         d_mlp=cfg.d_mlp,
         dropout=cfg.dropout,
-        context_layers=cfg.context_layers,
         pos_enc=cfg.pos_enc == "sincos",
         pixel_input=pixel_input,
         mean=mean,

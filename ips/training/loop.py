@@ -167,21 +167,15 @@ def make_augment(
 
 
 def param_groups(model: IPSModel, cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """AdamW groups: the encoder at `lr * encoder_lr_scale` (a pretrained encoder fine-tunes slower), the
-    aggregator's context layers (`model.context_layers`) at `lr * context_lr_scale`, the rest (projection,
-    aggregator, heads) at `lr`. The schedule scales all alike."""
+    """AdamW groups: the encoder at `lr * encoder_lr_scale` (a pretrained encoder fine-tunes slower),
+    the rest (projection, aggregator, heads) at `lr`. The schedule scales both alike."""
     enc = list(model.encoder.parameters())
-    context = model.aggregator.context
-    ctx = list(context.parameters()) if context is not None else []
-    ids = {id(p) for p in [*enc, *ctx]}
+    ids = {id(p) for p in enc}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    groups = [
+    return [
         {"params": enc, "lr": cfg.train.lr * cfg.train.encoder_lr_scale, "name": "encoder"},
         {"params": rest, "lr": cfg.train.lr, "name": "head"},
     ]
-    if ctx:  # no empty group: a checkpoint of a model without context layers keeps its two groups
-        groups.append({"params": ctx, "lr": cfg.train.lr * cfg.train.context_lr_scale, "name": "context"})
-    return groups
 
 
 def set_encoder_frozen(model: IPSModel, frozen: bool, *, toggle_grad: bool = True) -> None:
