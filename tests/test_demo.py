@@ -68,6 +68,18 @@ def test_lesion_auroc_reads_another_truth_and_task(tmp_path):
         lesion_auroc(tmp_path / "scores.zarr", tmp_path / "s.zarr")
 
 
+def test_lesion_auroc_reads_the_truth_of_the_heatmaps_grid(tmp_path):
+    """A heatmap of grid `halo` is scored against `ips_truth/halo/<truth>`, not the default grid's."""
+    scores = zarr.open_group(str(tmp_path / "scores.zarr"), mode="w")
+    scores.create_array("attention", data=np.array([[0.9], [0.1], [0.2]], np.float32))
+    store = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    store.create_array("ips_truth/digit", data=np.array([0.0, 0.4, 0.0], np.float32))
+    store.create_array("ips_truth/halo/digit", data=np.array([0.7, 0.0, 0.0], np.float32))
+    assert lesion_auroc(tmp_path / "scores.zarr", tmp_path / "s.zarr", truth="digit") == 0.0
+    scores.attrs["grid"] = "halo"
+    assert lesion_auroc(tmp_path / "scores.zarr", tmp_path / "s.zarr", truth="digit") == 1.0
+
+
 def test_lesion_auroc_core_leaves_out_the_slivers(tmp_path):
     """A sliver patch (share 0.05) ranked below background counts against "any share" but is left out of
     the core AUROC (positives share >= 0.25, negatives share 0)."""

@@ -13,7 +13,15 @@ import pytest
 from ips.config import TaskConfig
 from ips.synthetic import lesions as les
 from ips.synthetic import megapixel_mnist as mm
-from ips.synthetic._store import TRUTH_GROUP, patch_fraction, stratified_splits
+from ips.synthetic._store import (
+    TRUTH_GROUP,
+    GridSpec,
+    cells_to_grid,
+    patch_fraction,
+    stratified_splits,
+    truth_key,
+    window_share,
+)
 
 HAVE_WRITER = importlib.util.find_spec("data_prep.convert") is not None
 needs_writer = pytest.mark.skipif(not HAVE_WRITER, reason="data_prep.convert (the store writer) is missing")
@@ -282,6 +290,44 @@ def test_patch_fraction_edges_and_splits():
     assert les.lesion_tasks()[0].kind == "binary" and les.lesion_tasks()[0].column == "label"
 
 
+def _brute_share(mask: np.ndarray, corner, size) -> float:
+    sl = tuple(slice(max(c, 0), min(c + s, n)) for c, s, n in zip(corner, size, mask.shape))
+    window = mask[sl]
+    return float(window.mean()) if window.size else 0.0
+
+
+@pytest.mark.parametrize("shape", [(23, 31), (9, 11, 13)])
+def test_window_share_is_the_mean_over_each_window(shape):
+    rng = np.random.default_rng(len(shape))
+    mask = rng.random(shape) < 0.3
+    # a stride-p grid of size-p windows (edge cells sticking out): the same as the per-cell fractions
+    p = 4
+    starts = np.stack(np.meshgrid(*(np.arange(0, n, p) for n in shape), indexing="ij"), -1).reshape(
+        -1, len(shape)
+    )
+    np.testing.assert_allclose(
+        window_share(mask, starts, (p,) * len(shape)),
+        cells_to_grid(patch_fraction(mask, p), starts, p),
+        atol=1e-6,
+    )
+    # overlapping windows of another size, some past the edge: the mean of the pixels inside the image
+    corners = rng.integers(-3, np.asarray(shape) + 2, (40, len(shape)))
+    size = tuple(int(x) for x in rng.integers(2, 9, len(shape)))
+    expected = [_brute_share(mask.astype(np.float64), c, size) for c in corners]
+    np.testing.assert_allclose(window_share(mask, corners, size), expected, atol=1e-6)
+
+
+def test_grid_spec_parse():
+    assert GridSpec.parse("halo:1:38:24") == GridSpec("halo", 1, 38, 24)
+    for bad in ("halo:1:38", "halo:x:38:24", ":1:38:24", "default:0:50:50", "h:-1:38:24", "h:0:0:24"):
+        with pytest.raises(ValueError, match=bad.replace("-", "\\-")):
+            GridSpec.parse(bad)
+    assert (
+        truth_key("digit") == f"{TRUTH_GROUP}/digit"
+        and truth_key("digit", "halo") == f"{TRUTH_GROUP}/halo/digit"
+    )
+
+
 # --- datasets on disk -----------------------------------------------------------------------------------
 
 
@@ -334,6 +380,21 @@ def test_megapixel_mnist_dataset(tmp_path, fake_mnist):
     assert [r["multilabel"] for r in _read_manifest(again)] == [r["multilabel"] for r in rows]
     with pytest.raises(ValueError, match="multiple of patch_size"):
         mm.make_megapixel_mnist(fake_mnist, tmp_path / "bad", 1, 0, 0, canvas=160, patch_size=50)
+    # a further grid: at level 1, overlapping; its truth is each window's share in the digit boxes
+    halo = mm.make_megapixel_mnist(
+        fake_mnist, tmp_path / "halo", 1, 0, 1, canvas=300, seed=0, extra_grids=[GridSpec("halo", 1, 38, 24)]
+    )
+    for row in _read_manifest(halo):
+        g = _open_complete(halo.parent / row["path"])
+        assert g["grids/halo"].attrs["level"] == 1 and list(g["grids/halo"].attrs["stride"]) == [24, 24]
+        coords = g["grids/halo/coords"][...]
+        assert len(coords) == 5 * 5 and coords.max() == 96  # starts 0, 24, ..., 96 on the 150-px level 1
+        boxes = mm.boxes_mask([mm.Placement(**p) for p in g[TRUTH_GROUP].attrs["placements"]], (300, 300))
+        expected = [_brute_share(boxes.astype(np.float64), 2 * c, (76, 76)) for c in coords]
+        np.testing.assert_allclose(g[truth_key("digit", "halo")][...], expected, atol=1e-6)
+        default = g["grids/default/coords"][...]
+        expected = [_brute_share(boxes.astype(np.float64), c, (50, 50)) for c in default]
+        np.testing.assert_allclose(g[truth_key("digit")][...], expected, atol=1e-6)
     # train_warp warps the training canvases only: the same labels, validation and test pixel-identical
     warped = mm.make_megapixel_mnist(fake_mnist, tmp_path / "warped", 2, 1, 1, canvas=150, train_warp=1.0)
     assert [r["multilabel"] for r in _read_manifest(warped)] == [r["multilabel"] for r in rows]

@@ -385,6 +385,23 @@ def test_pretrain_cli(tiny_set: Path, tmp_path: Path):
     )
 
 
+def test_overrides_after_the_options_join_the_positional_list():
+    from ips.cli.main import build_parser, parse
+
+    parser = build_parser()
+    args = parse(
+        parser, ["pretrain", "a.zarr", "--config", "c.yaml", "--out", "d", "x.y=1", "--quiet", "z=2"]
+    )
+    assert args.stores == ["a.zarr", "x.y=1", "z=2"] and args.quiet and args.out == "d"
+    args = parse(parser, ["train", "--config", "c.yaml", "a.b=1", "--out", "r", "c.d=2"])
+    assert args.overrides == ["a.b=1", "c.d=2"] and args.out == "r"
+    for stray in (["b.zarr"], ["--bogus"], ["k=v", "--bogus"]):  # not key=value: still an error
+        with pytest.raises(SystemExit):
+            parse(parser, ["pretrain", "a.zarr", "--config", "c.yaml", "--out", "d", *stray])
+    with pytest.raises(SystemExit):  # a subcommand without an override list takes none
+        parse(parser, ["demo", "--quick", "k=v"])
+
+
 def test_pretrain_split_takes_only_that_split_of_a_manifest(tmp_path: Path, capsys):
     from ips.cli.main import main
     from ips.cli.pretrain import _expand

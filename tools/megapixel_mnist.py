@@ -14,6 +14,7 @@ import sys
 import time
 
 from ips.errors import PrepError
+from ips.synthetic._store import GridSpec
 from ips.synthetic.megapixel_mnist import PAPER_CANVAS, make_megapixel_mnist
 
 
@@ -58,8 +59,21 @@ def main(argv: list[str] | None = None) -> int:
         help="draw each training canvas's digits through a random affine warp of strength S (1: up to "
         "+-15 degrees, +-15%% scale, +-0.25 shear); validation and test digits stay as they are",
     )
+    parser.add_argument(
+        "--extra-grid",
+        action="append",
+        default=[],
+        metavar="NAME:LEVEL:PATCH:STRIDE",
+        help="a further grid in every store, with its own digit truth (repeatable); e.g. halo:1:38:24 "
+        "(half resolution, 38-px patches every 24 px: each digit lies whole in one patch); "
+        "train on it with data.grid=NAME model.patch_size=PATCH",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        extra_grids = [GridSpec.parse(g) for g in args.extra_grid]
+    except ValueError as e:
+        parser.error(f"--extra-grid: {e}")
     t0 = time.perf_counter()
     try:
         manifest = make_megapixel_mnist(
@@ -76,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             distinct_others=not args.reference_others,
             pool_fractions=args.pool_fractions,
             train_warp=args.warp_train,
+            extra_grids=extra_grids,
         )
     except (ValueError, OSError, PrepError) as e:
         print(f"error: {e}", file=sys.stderr)

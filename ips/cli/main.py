@@ -38,9 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`argv` parsed; key=value items left after the options go to the subcommand's override list.
+
+    argparse fills a positional list only once, so in `ips pretrain S... --config C --out D k=v` the
+    trailing `k=v` would be "unrecognized"; a subcommand names the list that takes them with
+    `set_defaults(trailing_overrides=FIELD)`. Anything else left over is an error, as before.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        field = getattr(args, "trailing_overrides", None)
+        if field is None or not all("=" in x and not x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, field, [*getattr(args, field), *extra])
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

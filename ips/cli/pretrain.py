@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="config overrides after the options, e.g. --set pretrain.epochs=4",
     )
     add_threads(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, trailing_overrides="stores")
 
 
 def _expand(items: list[str], split: str | None = None) -> list[str]:

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_threads(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, trailing_overrides="overrides")
 
 
 def run(args: argparse.Namespace) -> int:

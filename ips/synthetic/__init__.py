@@ -4,7 +4,7 @@ Both write ips stores (through `data_prep.convert.convert_array`) and a manifest
 tests build on them. See `megapixel_mnist` and `lesions` for the generation rules.
 """
 
-from ips.synthetic._store import TRUTH_GROUP, patch_fraction
+from ips.synthetic._store import TRUTH_GROUP, GridSpec, patch_fraction, truth_key, window_share
 from ips.synthetic.lesions import (
     Lesion,
     LesionSlide,
@@ -28,6 +28,7 @@ from ips.synthetic.megapixel_mnist import (
 
 __all__ = [
     "TRUTH_GROUP",
+    "GridSpec",
     "Lesion",
     "LesionSlide",
     "MegapixelSample",
@@ -45,4 +46,6 @@ __all__ = [
     "render_slide_2d",
     "render_volume_3d",
     "split_digit_pools",
+    "truth_key",
+    "window_share",
 ]

@@ -1,19 +1,21 @@
 """Writing generated images as ips stores, with ground truth beside the format's own arrays, and manifests.
 
 Truth lives in the store under `ips_truth/` (a name outside docs/FORMAT.md, so readers ignore it):
-per-patch float32 arrays `ips_truth/<name>` `(N,)` aligned with `grids/<grid>/coords`, and the group's
-attributes (planted objects, labels). It is added before the store becomes visible: the writer builds the
+per-patch float32 arrays `ips_truth/<name>` `(N,)` aligned with `grids/default/coords` (and
+`ips_truth/<grid>/<name>` for any further grid, `truth_key`), and the group's attributes (planted
+objects, labels). It is added before the store becomes visible: the writer builds the
 complete store in a staging folder, the truth is added there, and the folder is then renamed into place.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zarr
@@ -46,6 +48,72 @@ def cells_to_grid(cells: np.ndarray, coords: np.ndarray, patch_size: int) -> np.
     return cells[tuple((coords // patch_size).T)]
 
 
+def window_share(mask: np.ndarray, coords0: np.ndarray, size0: Sequence[int]) -> np.ndarray:
+    """Mean of `mask` `(H, W)` / `(D, H, W)` over each level-0 window `[c, c + size0)` -> `(N,)` float32.
+
+    `coords0` `(N, d)`: the windows' corners in level-0 pixels. Windows that stick out of the image count
+    only their pixels inside it (as `patch_fraction`); on a stride-`p` grid of size-`p` windows this is
+    `cells_to_grid(patch_fraction(mask, p), coords, p)`. Summed-area table: O(image + N * 2^d).
+    """
+    dims = mask.ndim
+    sat = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.float64)
+    sat[(slice(1, None),) * dims] = mask
+    for ax in range(dims):
+        sat = np.cumsum(sat, axis=ax)
+    shape = np.asarray(mask.shape, dtype=np.int64)
+    corner = np.asarray(coords0, dtype=np.int64).reshape(-1, dims)
+    lo = np.clip(corner, 0, shape)
+    hi = np.clip(corner + np.asarray(size0, dtype=np.int64), 0, shape)
+    total = np.zeros(len(lo), dtype=np.float64)
+    for corner in np.ndindex(*(2,) * dims):  # inclusion-exclusion over the window's 2^d corners
+        idx = tuple(np.where(c, hi[:, ax], lo[:, ax]) for ax, c in enumerate(corner))
+        total += (-1) ** (dims - sum(corner)) * sat[idx]
+    area = np.prod(hi - lo, axis=1)
+    return np.where(area > 0, total / np.maximum(area, 1), 0.0).astype(np.float32)
+
+
+class GridSpec(NamedTuple):
+    """A further grid for a generated store: `patch_size` / `stride` in pixels of pyramid `level`."""
+
+    name: str
+    level: int
+    patch_size: int
+    stride: int
+
+    @classmethod
+    def parse(cls, text: str) -> GridSpec:
+        """`NAME:LEVEL:PATCH:STRIDE`, e.g. `halo:1:38:24` (ValueError naming the text otherwise)."""
+        parts = text.split(":")
+        try:
+            if len(parts) != 4 or not parts[0]:
+                raise ValueError
+            spec = cls(parts[0], *(int(x) for x in parts[1:]))
+        except ValueError:
+            raise ValueError(f"grid {text!r}: expected NAME:LEVEL:PATCH:STRIDE, e.g. halo:1:38:24") from None
+        if spec.name == sf.DEFAULT_GRID or spec.level < 0 or spec.patch_size < 1 or spec.stride < 1:
+            raise ValueError(
+                f"grid {text!r}: the name must not be {sf.DEFAULT_GRID!r}, the level >= 0, "
+                "patch and stride >= 1"
+            )
+        return spec
+
+
+def truth_key(name: str, grid: str = sf.DEFAULT_GRID) -> str:
+    """Path in a store of truth `name` of grid `grid`: `ips_truth/<name>` for the default grid (the
+    layout every generated store has), `ips_truth/<grid>/<name>` for a further grid."""
+    return f"{TRUTH_GROUP}/{name}" if grid == sf.DEFAULT_GRID else f"{TRUTH_GROUP}/{grid}/{name}"
+
+
+def _write_truth(truth: Any, name: str, grid: str, values: np.ndarray) -> None:
+    """`values` `(N,)` as truth `name` of `grid` in the `ips_truth` group `truth` (at `truth_key`)."""
+    group = truth if grid == sf.DEFAULT_GRID else truth.require_group(grid)
+    arr = group.create_array(
+        name, shape=values.shape, dtype="float32", chunks=(max(1, len(values)),), fill_value=0.0
+    )
+    if len(values):
+        arr[...] = values
+
+
 def write_store(
     array: np.ndarray,
     out_dir: str | Path,
@@ -57,14 +125,24 @@ def write_store(
     min_tissue: float,
     spacing: tuple[float, ...] | None = None,
     truth_cells: Mapping[str, np.ndarray] | None = None,
+    truth_masks: Mapping[str, np.ndarray] | None = None,
     truth_attrs: Mapping[str, Any] | None = None,
+    extra_grids: Sequence[GridSpec] = (),
 ) -> Path:
-    """Write `array` `(C, Y, X)` / `(C, Z, Y, X)` uint8 as `out_dir/<slide_id>.zarr` with grid `default`.
+    """Write `array` `(C, Y, X)` / `(C, Z, Y, X)` uint8 as `out_dir/<slide_id>.zarr` with grid `default`
+    (`patch_size` at stride `patch_size` on level 0) and the `extra_grids`.
 
-    `truth_cells`: name -> per-cell values `(G0, G1[, G2])` over the stride-`patch_size` cells of level 0;
-    stored per grid patch as `ips_truth/<name>` `(N,)`. Returns the store's path.
+    Truth per grid patch, `(N,)` at `truth_key(name, grid)`: `truth_cells` (name -> per-cell values
+    `(G0, G1[, G2])` over the stride-`patch_size` cells of level 0) for the default grid only;
+    `truth_masks` (name -> level-0 mask `(Y, X)` / `(Z, Y, X)`, bool or float) for every grid, as the
+    share of each patch's level-0 window inside the mask (`window_share`). Returns the store's path.
     """
-    from data_prep.convert import THUMBNAIL_SUFFIX, PrepOptions, convert_array  # optional at import time
+    from data_prep.convert import (
+        THUMBNAIL_SUFFIX,
+        PrepOptions,
+        add_grid,
+        convert_array,
+    )  # optional at import time
 
     out_dir = Path(out_dir)
     staging = out_dir / STAGING
@@ -77,6 +155,10 @@ def write_store(
         grid_name=sf.DEFAULT_GRID,
         overwrite=True,
     )
+    deepest = max((g.level for g in extra_grids), default=0)
+    if deepest:  # the pyramid must reach the extra grids' levels (by default it stops at <= 512 px)
+        side = max(array.shape[-2:]) >> deepest
+        options = dataclasses.replace(options, pyramid_max_size=max(1, min(options.pyramid_max_size, side)))
     built = Path(
         convert_array(
             array, staging, slide_id, spacing=spacing, options=options, background=background, mask=mask
@@ -88,11 +170,27 @@ def write_store(
     coords = np.asarray(root[f"{sf.GRIDS_GROUP}/{sf.DEFAULT_GRID}/{sf.COORDS_ARRAY}"][...])
     for name, cells in (truth_cells or {}).items():
         values = cells_to_grid(np.asarray(cells, dtype=np.float32), coords, patch_size)
-        arr = truth.create_array(
-            name, shape=values.shape, dtype="float32", chunks=(max(1, len(values)),), fill_value=0.0
+        _write_truth(truth, name, sf.DEFAULT_GRID, values)
+    for spec in extra_grids:
+        add_grid(
+            built,
+            dataclasses.replace(
+                options,
+                patch_size=spec.patch_size,
+                stride=spec.stride,
+                level=spec.level,
+                grid_name=spec.name,
+                allow_empty=True,
+            ),
         )
-        if len(values):
-            arr[...] = values
+    factors = root.attrs[sf.IPS_ATTR]["level_downsamples"]
+    for grid in [sf.DEFAULT_GRID, *(g.name for g in extra_grids)] if truth_masks else ():
+        info = root[f"{sf.GRIDS_GROUP}/{grid}"].attrs
+        factor = np.asarray(factors[info["level"]], dtype=np.int64)
+        grid_coords = np.asarray(root[f"{sf.GRIDS_GROUP}/{grid}/{sf.COORDS_ARRAY}"][...]) * factor
+        size0 = np.asarray(info["patch_size"], dtype=np.int64) * factor
+        for name, mask in truth_masks.items():
+            _write_truth(truth, name, grid, window_share(np.asarray(mask), grid_coords, size0))
     final = out_dir / f"{slide_id}.zarr"
     old = out_dir / f".{slide_id}.zarr.old"
     if final.exists():  # replace a previous run's store, as the writer's commit does

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ips.config import TaskConfig
-from ips.synthetic._store import patch_fraction, write_manifest, write_store
+from ips.synthetic._store import GridSpec, write_manifest, write_store
 
 DIGIT_SIZE = 28
 PAPER_CANVAS = 1500
@@ -297,9 +297,15 @@ def boxes_mask(placements: Sequence[Placement], canvas: tuple[int, int]) -> np.n
 
 
 def _write_canvas(
-    sample: MegapixelSample, out_dir: Path, slide_id: str, split: str, patch_size: int, mask: np.ndarray
+    sample: MegapixelSample,
+    out_dir: Path,
+    slide_id: str,
+    split: str,
+    patch_size: int,
+    mask: np.ndarray,
+    extra_grids: Sequence[GridSpec] = (),
 ) -> dict[str, str]:
-    """One canvas's store under `out_dir/stores/` (grid, truth) -> its manifest row."""
+    """One canvas's store under `out_dir/stores/` (grids, truth) -> its manifest row."""
     canvas = sample.image.shape
     store = write_store(
         sample.image[None],
@@ -309,7 +315,8 @@ def _write_canvas(
         background=0,
         mask=mask,
         min_tissue=0.0,
-        truth_cells={"digit": patch_fraction(boxes_mask(sample.placements, canvas), patch_size)},
+        truth_masks={"digit": boxes_mask(sample.placements, canvas)},
+        extra_grids=extra_grids,
         truth_attrs={
             "placements": [p.to_dict() for p in sample.placements],
             "labels": {k: list(v) if isinstance(v, tuple) else v for k, v in sample.labels.items()},
@@ -341,6 +348,7 @@ def make_megapixel_mnist(
     distinct_others: bool = True,
     pool_fractions: Sequence[float] = (0.7, 0.15, 0.15),
     train_warp: float = 0.0,
+    extra_grids: Sequence[GridSpec] = (),
 ) -> Path:
     """Write a Megapixel MNIST dataset: one store per canvas under `out_dir/stores/`, and the manifest.
 
@@ -349,7 +357,9 @@ def make_megapixel_mnist(
     channel, background 0, grid `default` of `patch_size` patches at stride `patch_size` over the whole
     canvas (an all-ones mask and `min_tissue` 0 keep every patch: black canvas is not "no tissue" here),
     and truth `ips_truth/digit` `(N,)` = share of each patch inside a digit box, plus the placements and
-    labels in the `ips_truth` attributes. `train_warp` > 0 warps the training canvases' digits
+    labels in the `ips_truth` attributes. `extra_grids`: further grids in every store (e.g.
+    `GridSpec("halo", 1, 38, 24)`: at half resolution, patches overlapping so that every digit lies
+    whole in one), each with its own `ips_truth/<grid>/digit`. `train_warp` > 0 warps the training canvases' digits
     (`warp_digit`); validation and test canvases are never warped. Manifest `out_dir/manifest.csv`:
     `slide_id,path,label,split,majority,max,top,multilabel` (`label` = `majority`; paths relative to
     `out_dir`). Returns its path.
@@ -386,7 +396,9 @@ def make_megapixel_mnist(
                 warp_rng=np.random.default_rng([seed, SPLITS.index(split), i, 1]) if warp > 0 else None,
             )
             rows.append(
-                _write_canvas(sample, out_dir, f"mnist_{split}_{i:05d}", split, patch_size, full_mask)
+                _write_canvas(
+                    sample, out_dir, f"mnist_{split}_{i:05d}", split, patch_size, full_mask, extra_grids
+                )
             )
     params = {
         "canvas": list(canvas),
@@ -397,6 +409,7 @@ def make_megapixel_mnist(
         "distinct_others": distinct_others,
         "pool_fractions": list(pool_fractions),
         "train_warp": train_warp,
+        "extra_grids": [g._asdict() for g in extra_grids],
         "pool_sizes": {s: len(p) for s, p in pools.items()},
         "counts": {"train": n_train, "val": n_val, "test": n_test},
     }
