@@ -50,10 +50,14 @@ def digit_features(
     for i, row in enumerate(rows):
         store = root / row["path"]
         group = zarr.open_group(str(store), mode="r")
-        coords = group[f"grids/{cfg.data.grid}/coords"][...][:, -2:]
-        x = slide_features(model, store)
+        # placements are in level-0 pixels; a grid on a coarser level (e.g. `halo`) is scaled up to them
+        level = group[f"grids/{cfg.data.grid}"].attrs["level"]
+        factor = int(group.attrs["ips"]["level_downsamples"][level][-1])
+        coords = group[f"grids/{cfg.data.grid}/coords"][...][:, -2:] * factor
+        x = slide_features(model, store, grid=cfg.data.grid)
+        patch0 = cfg.model.patch_size * factor
         for pl in group["ips_truth"].attrs["placements"]:
-            j, s = best_patch(coords, cfg.model.patch_size, pl["row"], pl["col"], pl.get("size", DIGIT_SIZE))
+            j, s = best_patch(coords, patch0, pl["row"], pl["col"], pl.get("size", DIGIT_SIZE))
             feats.append(x[j]), digits.append(pl["digit"]), canvas.append(i), share.append(s)
     return tuple(np.asarray(a) for a in (feats, digits, canvas, share))
 

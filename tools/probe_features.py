@@ -29,9 +29,9 @@ from ips.model import build_model
 from ips.model.metrics import auroc
 
 
-def slide_features(model, store: Path, batch: int = 256) -> np.ndarray:
-    """`(N, D)` encoder features of every grid patch of one store (eval mode, no grad)."""
-    src = ZarrPatchSource(store)
+def slide_features(model, store: Path, batch: int = 256, grid: str = "default") -> np.ndarray:
+    """`(N, D)` encoder features of every patch of grid `grid` of one store (eval mode, no grad)."""
+    src = ZarrPatchSource(store, grid=grid)
     out = []
     with torch.no_grad():
         for start in range(0, len(src), batch):
