@@ -17,10 +17,10 @@ from ips.synthetic._store import (
     TRUTH_GROUP,
     GridSpec,
     cells_to_grid,
+    grid_share,
     patch_fraction,
     stratified_splits,
     truth_key,
-    window_share,
 )
 
 HAVE_WRITER = importlib.util.find_spec("data_prep.convert") is not None
@@ -297,24 +297,31 @@ def _brute_share(mask: np.ndarray, corner, size) -> float:
 
 
 @pytest.mark.parametrize("shape", [(23, 31), (9, 11, 13)])
-def test_window_share_is_the_mean_over_each_window(shape):
+def test_grid_share_is_the_mean_over_each_patch(shape):
+    from data_prep.grid import grid_starts
+
     rng = np.random.default_rng(len(shape))
     mask = rng.random(shape) < 0.3
-    # a stride-p grid of size-p windows (edge cells sticking out): the same as the per-cell fractions
+    dims = len(shape)
+
+    def grid(size, patch, stride, factor):  # a grid as prep makes it, with a random half of it kept
+        starts = [grid_starts(n // factor, patch, stride) for n in size]
+        coords = np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, dims)
+        return coords[np.sort(rng.choice(len(coords), len(coords) // 2 + 1, replace=False))]
+
+    # the default grid (stride = patch on level 0): the same as the per-cell fractions
     p = 4
-    starts = np.stack(np.meshgrid(*(np.arange(0, n, p) for n in shape), indexing="ij"), -1).reshape(
-        -1, len(shape)
-    )
+    coords = grid(shape, p, p, 1)
     np.testing.assert_allclose(
-        window_share(mask, starts, (p,) * len(shape)),
-        cells_to_grid(patch_fraction(mask, p), starts, p),
+        grid_share(mask, coords, (p,) * dims, (1,) * dims),
+        cells_to_grid(patch_fraction(mask, p), coords, p),
         atol=1e-6,
     )
-    # overlapping windows of another size, some past the edge: the mean of the pixels inside the image
-    corners = rng.integers(-3, np.asarray(shape) + 2, (40, len(shape)))
-    size = tuple(int(x) for x in rng.integers(2, 9, len(shape)))
-    expected = [_brute_share(mask.astype(np.float64), c, size) for c in corners]
-    np.testing.assert_allclose(window_share(mask, corners, size), expected, atol=1e-6)
+    # an overlapping grid on level 1 (downsample 2): the mean over each patch's level-0 window
+    coords = grid(shape, 3, 2, 2)
+    expected = [_brute_share(mask.astype(np.float64), 2 * c, (6,) * dims) for c in coords]
+    np.testing.assert_allclose(grid_share(mask, coords, (3,) * dims, (2,) * dims), expected, atol=1e-6)
+    assert grid_share(mask, np.zeros((0, dims), np.int64), (3,) * dims, (2,) * dims).shape == (0,)
 
 
 def test_grid_spec_parse():

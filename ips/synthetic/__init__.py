@@ -4,7 +4,7 @@ Both write ips stores (through `data_prep.convert.convert_array`) and a manifest
 tests build on them. See `megapixel_mnist` and `lesions` for the generation rules.
 """
 
-from ips.synthetic._store import TRUTH_GROUP, GridSpec, patch_fraction, truth_key, window_share
+from ips.synthetic._store import TRUTH_GROUP, GridSpec, grid_share, patch_fraction, truth_key
 from ips.synthetic.lesions import (
     Lesion,
     LesionSlide,
@@ -29,6 +29,7 @@ from ips.synthetic.megapixel_mnist import (
 __all__ = [
     "TRUTH_GROUP",
     "GridSpec",
+    "grid_share",
     "Lesion",
     "LesionSlide",
     "MegapixelSample",
@@ -47,5 +48,4 @@ __all__ = [
     "render_volume_3d",
     "split_digit_pools",
     "truth_key",
-    "window_share",
 ]

@@ -48,28 +48,24 @@ def cells_to_grid(cells: np.ndarray, coords: np.ndarray, patch_size: int) -> np.
     return cells[tuple((coords // patch_size).T)]
 
 
-def window_share(mask: np.ndarray, coords0: np.ndarray, size0: Sequence[int]) -> np.ndarray:
-    """Mean of `mask` `(H, W)` / `(D, H, W)` over each level-0 window `[c, c + size0)` -> `(N,)` float32.
+def grid_share(
+    mask: np.ndarray, coords: np.ndarray, patch: Sequence[int], factor: Sequence[int]
+) -> np.ndarray:
+    """Share of each grid patch inside the level-0 `mask` `(Y, X)` / `(Z, Y, X)` -> `(N,)` float32.
 
-    `coords0` `(N, d)`: the windows' corners in level-0 pixels. Windows that stick out of the image count
-    only their pixels inside it (as `patch_fraction`); on a stride-`p` grid of size-`p` windows this is
-    `cells_to_grid(patch_fraction(mask, p), coords, p)`. Summed-area table: O(image + N * 2^d).
+    `coords` `(N, d)`: the patches' corners in pixels of their level, whose downsample to level 0 is
+    `factor`; `patch`: the patch size in those pixels. A grid's patches lie inside the image and on a
+    product of per-axis starts, so this is `data_prep.grid.tissue_fractions` (the prep's exact
+    summed-area fractions) on those starts; on the default grid it equals `cells_to_grid(patch_fraction)`.
     """
-    dims = mask.ndim
-    sat = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.float64)
-    sat[(slice(1, None),) * dims] = mask
-    for ax in range(dims):
-        sat = np.cumsum(sat, axis=ax)
-    shape = np.asarray(mask.shape, dtype=np.int64)
-    corner = np.asarray(coords0, dtype=np.int64).reshape(-1, dims)
-    lo = np.clip(corner, 0, shape)
-    hi = np.clip(corner + np.asarray(size0, dtype=np.int64), 0, shape)
-    total = np.zeros(len(lo), dtype=np.float64)
-    for corner in np.ndindex(*(2,) * dims):  # inclusion-exclusion over the window's 2^d corners
-        idx = tuple(np.where(c, hi[:, ax], lo[:, ax]) for ax, c in enumerate(corner))
-        total += (-1) ** (dims - sum(corner)) * sat[idx]
-    area = np.prod(hi - lo, axis=1)
-    return np.where(area > 0, total / np.maximum(area, 1), 0.0).astype(np.float32)
+    from data_prep.grid import tissue_fractions  # optional at import time
+
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, mask.ndim)
+    if len(coords) == 0:
+        return np.zeros(0, np.float32)
+    starts = [np.unique(coords[:, a]) for a in range(mask.ndim)]
+    frac = tissue_fractions(mask, starts, tuple(float(p) for p in patch), tuple(float(f) for f in factor))
+    return frac[tuple(np.searchsorted(st, coords[:, a]) for a, st in enumerate(starts))]
 
 
 class GridSpec(NamedTuple):
@@ -135,14 +131,10 @@ def write_store(
     Truth per grid patch, `(N,)` at `truth_key(name, grid)`: `truth_cells` (name -> per-cell values
     `(G0, G1[, G2])` over the stride-`patch_size` cells of level 0) for the default grid only;
     `truth_masks` (name -> level-0 mask `(Y, X)` / `(Z, Y, X)`, bool or float) for every grid, as the
-    share of each patch's level-0 window inside the mask (`window_share`). Returns the store's path.
+    share of each patch inside the mask (`grid_share`). Returns the store's path.
     """
-    from data_prep.convert import (
-        THUMBNAIL_SUFFIX,
-        PrepOptions,
-        add_grid,
-        convert_array,
-    )  # optional at import time
+    # optional at import time
+    from data_prep.convert import THUMBNAIL_SUFFIX, PrepOptions, add_grid, convert_array
 
     out_dir = Path(out_dir)
     staging = out_dir / STAGING
@@ -186,11 +178,10 @@ def write_store(
     factors = root.attrs[sf.IPS_ATTR]["level_downsamples"]
     for grid in [sf.DEFAULT_GRID, *(g.name for g in extra_grids)] if truth_masks else ():
         info = root[f"{sf.GRIDS_GROUP}/{grid}"].attrs
-        factor = np.asarray(factors[info["level"]], dtype=np.int64)
-        grid_coords = np.asarray(root[f"{sf.GRIDS_GROUP}/{grid}/{sf.COORDS_ARRAY}"][...]) * factor
-        size0 = np.asarray(info["patch_size"], dtype=np.int64) * factor
+        grid_coords = root[f"{sf.GRIDS_GROUP}/{grid}/{sf.COORDS_ARRAY}"][...]
         for name, mask in truth_masks.items():
-            _write_truth(truth, name, grid, window_share(np.asarray(mask), grid_coords, size0))
+            share = grid_share(np.asarray(mask), grid_coords, info["patch_size"], factors[info["level"]])
+            _write_truth(truth, name, grid, share)
     final = out_dir / f"{slide_id}.zarr"
     old = out_dir / f".{slide_id}.zarr.old"
     if final.exists():  # replace a previous run's store, as the writer's commit does
