@@ -4,6 +4,13 @@ maps them in one place. Messages are one line that names the file or key and wha
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -54,3 +61,53 @@ class RunDirError(IpsError, RuntimeError):
 
 class PrepError(IpsError):
     """An input cannot be converted; `str(e)` is a one-line reason (the caller adds the file name)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One input that failed: its name (slide id or path), where it is, and a one-line reason."""
+
+    name: str
+    path: str
+    reason: str
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its message (prefixed with its type for kinds that are not ours)."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text if isinstance(e, IpsError) else f"{type(e).__name__}: {text}"
+
+
+def run_each(
+    items: Sequence[T],
+    work: Callable[[T], R],
+    *,
+    name: Callable[[T], str] = str,
+    path: Callable[[T], str] = str,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[tuple[T, R]], list[Failure]]:
+    """Run `work` on every item; one that raises becomes a `Failure` and the others still run.
+
+    The one loop behind every command that takes several inputs (exit status 1 when some failed).
+    `log` gets `[i/n] NAME: FAILED: reason` for each failure as it happens. KeyboardInterrupt and
+    other BaseExceptions are not caught: stopping the command stops it.
+    Returns (item, result) for the items that succeeded, in order, and the failures, in order.
+    """
+    done: list[tuple[T, R]] = []
+    failures: list[Failure] = []
+    for i, item in enumerate(items, 1):
+        try:
+            done.append((item, work(item)))
+        except Exception as e:  # noqa: BLE001 - one bad input must not stop the others
+            failures.append(Failure(name(item), path(item), one_line(e)))
+            if log:
+                log(f"[{i}/{len(items)}] {name(item)}: FAILED: {one_line(e)}")
+    return done, failures
+
+
+def failure_summary(command: str, failures: Sequence[Failure], total: int) -> list[str]:
+    """The closing lines of a command with failures: one per failed input, then the count."""
+    lines = [f"ips {command}: failed: {f.name} ({f.path}): {f.reason}" for f in failures]
+    if failures:
+        lines.append(f"ips {command}: {len(failures)} of {total} inputs failed")
+    return lines
