@@ -266,6 +266,7 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.rss
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 def test_host_memory_does_not_grow_with_slide_size(tmp_path):
     """Peak RSS of `ips heatmap` in a subprocess at 1,024 and 16,384 patches (16x; 16-px patches on a
@@ -308,6 +309,7 @@ def test_host_memory_does_not_grow_with_slide_size(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_heatmap_ranks_planted_lesions_above_the_rest(tmp_path):
     """Train briefly (ips.training.loop.train) on 32 synthetic H&E-like slides with planted lesions (slide label
     only, no positional encoding: with it this tiny model memorises positions), then score every patch of

@@ -67,6 +67,16 @@ def split_rows(manifest: Path, split: str, limit: int) -> list[dict[str, str]]:
     return rows[:limit] if limit > 0 else rows
 
 
+def run_subcommand(name: str, argv: list[str]) -> int:
+    """Run `ips NAME ARGV` in this process through the subcommand's own parser (`register` + `func`)."""
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="ips")
+    importlib.import_module(f"ips.cli.{name}").register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
 def run_heatmaps(args: argparse.Namespace) -> int:
     import zarr
 
@@ -77,8 +87,6 @@ def run_heatmaps(args: argparse.Namespace) -> int:
     rows = split_rows(manifest, args.split, args.limit)
     stores = [resolve_path(r["path"], manifest.parent)[0] for r in rows]
     if args.checkpoint is not None:
-        from ips.cli.main import main as ips_main
-
         cmd = [
             "heatmap",
             "--checkpoint",
@@ -90,7 +98,7 @@ def run_heatmaps(args: argparse.Namespace) -> int:
             "0",
         ]
         cmd += ["--device", args.device, *(["--threads", str(args.threads)] if args.threads else [])]
-        if ips_main(cmd) != 0:
+        if run_subcommand("heatmap", cmd) != EXIT_OK:
             print("ips eval heatmaps: `ips heatmap` failed (see above)", file=sys.stderr)
             return EXIT_USAGE
     pairs = [(out / r["slide_id"] / "scores.zarr", Path(s)) for r, s in zip(rows, stores, strict=True)]
