@@ -9,7 +9,7 @@ Runs exactly the CLI commands (printed): `ips pretrain STORES --config CFG --out
 `ips heatmap` (positive test slides), then the mean per-slide AUROC of attention vs. `ips_truth/lesion`.
 Writes OUT/result.json: accuracy, AUROC (slide level), heatmap AUROC, CPU minutes per stage.
 
-Results page rows: docs/BENCHMARKS.md, "Small objects learn from slide labels" and "3D planted lesions".
+Results page rows: docs/BENCHMARKS.md, "Small objects among similar distractors" and "3D planted-lesion volumes".
 """
 
 from __future__ import annotations

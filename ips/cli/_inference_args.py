@@ -27,7 +27,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
         default="topm",
         help="prediction from the top-M selected patches as trained (default), or from all N "
         "patches by exact streaming attention (a model trained on top-M has never seen the rest; "
-        "the two compared: docs/BENCHMARKS.md)",
+        'compared in docs/BENCHMARKS.md, "Top-M against whole-bag prediction")',
     )
     add_threads(p)
 

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from ips.cli._threads import add_threads
 from ips.errors import EXIT_OK, EXIT_USAGE, ManifestError
 
 
@@ -48,9 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run `ips heatmap` with this checkpoint into DIR first (default: no)",
     )
     h.add_argument("--device", default="auto", help="with --checkpoint: auto, cpu, cuda, ... (default auto)")
-    h.add_argument(
-        "--threads", default=None, help="with --checkpoint: torch CPU threads (default: ips heatmap's)"
-    )
+    add_threads(h)  # with --checkpoint: passed to `ips heatmap`
     h.add_argument("--json", default=None, help="write the summary here (default DIR/summary.json)")
     h.add_argument("--quiet", action="store_true", help="print nothing but errors")
     h.set_defaults(func=run_heatmaps)
@@ -97,7 +96,7 @@ def run_heatmaps(args: argparse.Namespace) -> int:
             "--top-k",
             "0",
         ]
-        cmd += ["--device", args.device, *(["--threads", str(args.threads)] if args.threads else [])]
+        cmd += ["--device", args.device, *([] if args.threads is None else ["--threads", str(args.threads)])]
         if run_subcommand("heatmap", cmd) != EXIT_OK:
             print("ips eval heatmaps: `ips heatmap` failed (see above)", file=sys.stderr)
             return EXIT_USAGE
