@@ -392,3 +392,20 @@ def test_tests_that_train_or_measure_memory_are_also_marked_slow():
                 if m & {"learning", "rss"} and "slow" not in m:
                     bad.append(f"{rel(path)}::{node.name}")
     assert bad == []
+
+
+def test_every_benchmark_names_a_section_of_the_results_page():
+    """Each harness in benchmarks/ says which results it reproduces, and that section exists."""
+    headings = {
+        line[3:].strip()
+        for line in (ROOT / "docs" / "BENCHMARKS.md").read_text().splitlines()
+        if line.startswith("## ")
+    }
+    bad = {}
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        line = next((x for x in doc.splitlines() if x.startswith("Results page row")), "")
+        named = re.findall(r'"([^"]+)"', line)
+        if not named or set(named) - headings:
+            bad[rel(path)] = named or "no 'Results page row: docs/BENCHMARKS.md, \"SECTION\"' line"
+    assert bad == {}
