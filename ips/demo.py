@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ips.config import ConfigError, ExperimentConfig, apply_overrides, save_config
+from ips.eval import lesion_auroc
 
 # == configs/demo.yaml (tests/test_demo.py checks that they stay equal)
 DEMO_CONFIG: dict[str, Any] = {
@@ -94,38 +95,6 @@ class DemoResult:
         d["out"] = str(self.out)
         d["check"] = {"lesion_auroc_threshold": LESION_AUROC_CHECK, "passed": self.check_passed}
         return d
-
-
-def lesion_auroc(
-    scores_path: str | Path,
-    store_path: str | Path,
-    task: int = 0,
-    min_share: float | None = None,
-    truth: str = "lesion",
-) -> float:
-    """AUROC of the heatmap's attention of each patch against the truth "overlaps a lesion".
-
-    `scores_path`: a heatmap's scores.zarr (`attention (N, T)`, its grid's name); `store_path`: the
-    slide's store with that grid's truth `(N,)` at `ips.synthetic.truth_key(truth, grid)`: the share of
-    each patch inside a lesion (`truth="digit"` for the digits of a Megapixel MNIST canvas). `min_share`
-    None: positives are the patches with any share > 0, negatives all others. `min_share` s: positives
-    hold a share >= s, negatives none at all, and the patches in between (a sliver of the lesion's edge,
-    which look like background) are left out. NaN when the slide has no positive or no negative patch.
-    """
-    import zarr
-
-    from ips.format.names import DEFAULT_GRID
-    from ips.model.metrics import auroc
-    from ips.synthetic import truth_key
-
-    scores = zarr.open_group(str(scores_path), mode="r")
-    attention = np.asarray(scores["attention"][...])[:, task]
-    key = truth_key(truth, scores.attrs.get("grid", DEFAULT_GRID))  # the truth of the heatmap's grid
-    share = np.asarray(zarr.open_group(str(store_path), mode="r")[key][...])
-    if min_share is None:
-        return auroc(attention, share > 0)
-    keep = (share >= min_share) | (share == 0)
-    return auroc(attention[keep], share[keep] >= min_share)
 
 
 def _prepare_out(out: Path) -> None:

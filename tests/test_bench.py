@@ -1,7 +1,10 @@
-"""`ips bench`: each kind writes valid JSON per the DESIGN.md contract on a tiny setting (not that it is fast)."""
+"""`ips bench`: each kind writes valid JSON with the fields the README promises, on a tiny setting (not that it is fast)."""
 
 import json
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ from ips.bench import memory as bench_memory
 from ips.bench.common import parse_int_list, write_json
 from ips.bench.encoders import count_macs
 from ips.bench.stores import BACKGROUND, bench_store
+from ips.bench.throughput import _payload
 from ips.cli.main import main
 from ips.data.zarr_source import ZarrPatchSource
 
@@ -23,7 +27,20 @@ def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+def _torch_process_peak_rss() -> int:
+    """Peak RSS (bytes) of a fresh Python that only imports torch: measured here, not by ips. A process
+    that runs a training step imports torch too, so it cannot peak lower."""
+    code = (
+        "import torch\nprint(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    return int(done.stdout.split()[-1]) * 1024
+
+
 @pytest.mark.slow
+@pytest.mark.rss
 def test_memory_json_contract_and_plot(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "memory.png"
     write_json(out, "throughput", {"kept": True})  # another kind's results in the same file survive
@@ -62,10 +79,12 @@ def test_memory_json_contract_and_plot(tmp_path):
         )
         assert isinstance(r["seconds"], float) and r["seconds"] > 0
         assert r["peak_host_rss_bytes"] >= r["rss_before_step_bytes"]
+    # the figures are a real process's bytes: no lower than a bare torch process measured here
+    floor = _torch_process_peak_rss()
+    assert all(r["peak_host_rss_bytes"] >= floor for r in mem["rows"] + mem["naive"]["rows"]), floor
     # monotone-sane: IPS stays flat (generous bound), the naive baseline does not shrink with N
     ips_rss = [r["peak_host_rss_bytes"] for r in mem["rows"]]
     assert max(ips_rss) <= 1.5 * min(ips_rss)
-    assert mem["host_rss_ratio"] == pytest.approx(ips_rss[-1] / ips_rss[0], abs=1e-3)
     naive = [r["peak_host_rss_bytes"] for r in mem["naive"]["rows"]]
     assert naive[1] >= 0.95 * naive[0]
     assert mem["naive"]["budget_bytes"] == 8 * 2**30
@@ -82,7 +101,7 @@ def test_naive_stops_at_the_first_n_over_budget(tmp_path, monkeypatch):
             int(Path(argv[argv.index("--store") + 1]).name.split("_")[1][1:]),
         )
         runs.append((mode, n))
-        rss = 100 if mode == "ips" else 10 * n
+        rss = (100 if n < 80 else 150) if mode == "ips" else 10 * n
         return {
             "n_patches": n,
             "peak_device_bytes": None,
@@ -107,11 +126,30 @@ def test_naive_stops_at_the_first_n_over_budget(tmp_path, monkeypatch):
         "not run (N=40 was over budget)",
     ]
     assert ("naive", 80) not in runs and ("ips", 80) in runs
-    assert result["host_rss_ratio"] == 1.0
+    assert result["host_rss_ratio"] == 1.5  # IPS peak at the largest N (150) / at the smallest (100)
+
+
+def test_throughput_ratios_are_of_the_fastest_passes():
+    """Known times in, hand-computed figures out: ratio = fastest selection / fastest encoder-only pass,
+    ratio_median of the medians, loader_ratio = fastest loader / fastest raw read."""
+    times = {
+        "selection": [3.0, 2.0, 4.0],
+        "encoder_only": [1.0, 2.0, 4.0],
+        "selection_in_memory": [1.5, 1.25, 9.0],
+        "loader": [0.5, 0.25, 0.75],
+        "raw_zarr": [1.0, 2.0, 0.5],
+    }
+    cpu = {k: [2 * t for t in v] for k, v in times.items()}
+    p = _payload(times, cpu, torch.device("cpu"), 100, 16, {})
+    assert (p["selection_seconds"], p["encoder_only_seconds"], p["ratio"]) == (2.0, 1.0, 2.0)
+    assert p["ratio_median"] == 1.5 and p["in_memory_ratio"] == 1.25 and p["loader_ratio"] == 0.5
+    assert p["cpu_ratio"] == 2.0 and p["loader_cpu_fraction"] == 0.25
+    assert p["patches_per_second"]["selection"] == 50.0
 
 
 def test_throughput_json_contract(tmp_path):
     out = tmp_path / "t.json"
+    t0 = time.perf_counter()
     rc = main(
         [
             "bench",
@@ -127,6 +165,7 @@ def test_throughput_json_contract(tmp_path):
             str(out),
         ]
     )
+    wall = time.perf_counter() - t0  # an outside clock around the whole command
     assert rc == 0
     t = json.loads(out.read_text())["throughput"]
     assert isinstance(t["device"], str) and t["n_patches"] == 96
@@ -139,7 +178,10 @@ def test_throughput_json_contract(tmp_path):
         "loader_ratio",
     ):
         assert isinstance(t[key], float) and t[key] > 0 and math.isfinite(t[key]), key
-    assert t["ratio"] == pytest.approx(t["selection_seconds"] / t["encoder_only_seconds"], rel=1e-2)
+    # each kind ran a warm-up and one timed pass inside the command: together they fit in its wall time
+    passes = ("selection", "encoder_only", "selection_in_memory", "loader", "raw_zarr")
+    assert all(len(t["all_seconds"][k]) == 1 for k in passes)
+    assert sum(t["all_seconds"][k][0] for k in passes) < wall
 
 
 def test_throughput_codec_option_measures_a_store_per_codec(tmp_path):

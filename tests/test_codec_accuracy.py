@@ -1,4 +1,4 @@
-"""tools/codec_accuracy.py end to end on a tiny setting: TIFFs -> one store set per codec -> train -> table."""
+"""benchmarks/codec_accuracy.py end to end on a tiny setting: TIFFs -> one store set per codec -> train -> table."""
 
 import csv
 import json
@@ -21,7 +21,7 @@ def test_codec_accuracy_tool_runs_each_codec_on_the_same_slides(tmp_path):
     out = tmp_path / "acc"
     argv = ["--out", str(out), "--n-slides", "6", "--size", "160", "--codecs", "blosc-lz4", "jpeg:90"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "tools" / "codec_accuracy.py"), *argv, "--set", "train.epochs=1"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "codec_accuracy.py"), *argv, "--set", "train.epochs=1"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {r["codec"]: r for r in json.loads((out / "codec_accuracy.json").read_text())["rows"]}

@@ -443,3 +443,98 @@ def test_lesion_dataset(tmp_path, dims, size, patch):
             assert (truth > 0).any()
         else:
             assert not truth.any()
+
+
+# `ips synth KIND`: the command-line entries of the generators (the dataset rules are tested above)
+
+
+def _synth(*argv: str) -> int:
+    from ips.cli.main import main
+
+    return main(["synth", *argv])
+
+
+@needs_writer
+def test_synth_lesions_passes_its_options_to_the_generator(tmp_path):
+    out = tmp_path / "cli"
+    argv = ["--n-slides", "4", "--size", "64", "--patch-size", "16", "--positive-fraction", "0.75"]
+    assert _synth("lesions", "--out", str(out), *argv, "--seed", "3", "--quiet") == 0
+    rows = _read_manifest(out / "manifest.csv")
+    assert sorted(r["label"] for r in rows) == ["0", "1", "1", "1"]  # 3 of 4 positive, as asked
+    for i, row in enumerate(rows):  # the stores hold the slides the rules draw for seed 3 at 64 px / 16 px
+        slide = les.render_lesion_slide(les.slide_rng(3, i), 64, 16, positive=row["label"] == "1")
+        np.testing.assert_array_equal(_open_complete(out / row["path"])["0"][...], slide.image)
+
+
+@needs_writer
+def test_synth_small_objects_and_annotate(tmp_path, capsys):
+    out = tmp_path / "so"
+    argv = [
+        "--n-slides",
+        "6",
+        "--size",
+        "128",
+        "--patch-size",
+        "16",
+        "--distractors",
+        "2",
+        "3",
+        "--max-object-fraction",
+        "0.1",
+    ]
+    assert _synth("small-objects", "--out", str(out), *argv, "--split-fractions", "1", "0", "0") == 0
+    assert "wrote 6 slides" in capsys.readouterr().out
+    rows = _read_manifest(out / "manifest.csv")
+    assert len(rows) == 6 and {r["split"] for r in rows} == {"train"}
+    new = out / "annotated.csv"
+    assert (
+        _synth("annotate", "--manifest", str(out / "manifest.csv"), "--fraction", "1", "--out", str(new)) == 0
+    )
+    for row in _read_manifest(new):  # every training slide annotated: mask cell (r, c) = truth of that patch
+        g = _open_complete(out / row["path"])
+        mask = np.load(out / row["annotation"])
+        coords = g["grids/default/coords"][...] // 16
+        expected = np.zeros_like(mask)
+        for (r, c), share in zip(coords, g[f"{TRUTH_GROUP}/lesion"][...], strict=True):
+            expected[r, c] = share >= 0.25
+        np.testing.assert_array_equal(mask, expected)
+        assert mask.any() == (row["label"] == "1")
+    assert (
+        _synth("annotate", "--manifest", str(out / "manifest.csv"), "--fraction", "2", "--out", str(new)) == 2
+    )
+
+
+@needs_writer
+def test_synth_megapixel_mnist_reads_the_csv(tmp_path, fake_mnist):
+    import gzip
+
+    images, labels = fake_mnist
+    csv_path = tmp_path / "mnist.csv.gz"
+    with gzip.open(csv_path, "wt") as f:
+        for image, label in zip(images, labels, strict=True):
+            f.write(",".join(map(str, [*image.reshape(-1), label])) + "\n")
+    out = tmp_path / "mm"
+    argv = [
+        "--n-train",
+        "2",
+        "--n-val",
+        "1",
+        "--n-test",
+        "1",
+        "--canvas",
+        "150",
+        "--extra-grid",
+        "halo:0:50:25",
+    ]
+    assert _synth("megapixel-mnist", "--mnist", str(csv_path), "--out", str(out), *argv, "--quiet") == 0
+    rows = _read_manifest(out / "manifest.csv")
+    assert [r["split"] for r in rows] == ["train", "train", "val", "test"]
+    assert "halo" in _open_complete(out / rows[0]["path"])["grids"]
+    bad = ["--mnist", str(csv_path), "--out", str(tmp_path / "bad"), "--extra-grid", "nonsense"]
+    assert _synth("megapixel-mnist", *bad) == 2
+
+
+def test_synth_refuses_a_bad_setting_in_one_line(tmp_path, capsys):
+    assert _synth("lesions", "--out", str(tmp_path / "x"), "--size", "8", "--patch-size", "32") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ips synth lesions: ")

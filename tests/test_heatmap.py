@@ -266,6 +266,7 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.rss
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 def test_host_memory_does_not_grow_with_slide_size(tmp_path):
     """Peak RSS of `ips heatmap` in a subprocess at 1,024 and 16,384 patches (16x; 16-px patches on a
@@ -308,10 +309,11 @@ def test_host_memory_does_not_grow_with_slide_size(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_heatmap_ranks_planted_lesions_above_the_rest(tmp_path):
-    """Train briefly (ips.train.train) on 32 synthetic H&E-like slides with planted lesions (slide label
+    """Train briefly (ips.training.loop.train) on 32 synthetic H&E-like slides with planted lesions (slide label
     only, no positional encoding: with it this tiny model memorises positions), then score every patch of
-    the held-out positive slides. Measured (`tools/bench_inference.py --seeds 0 1 2`): mean per-slide
+    the held-out positive slides. Measured (`benchmarks/inference.py --seeds 0 1 2`): mean per-slide
     AUROC of attention vs "overlaps a lesion" 0.85 / 0.86 / 0.90 and vs ">= half lesion" 0.996 / 0.996 /
     0.984; this test runs seed 0. Thresholds 0.75 and 0.9 leave ~0.1 margin. Chance is 0.5."""
     from ips.model.metrics import auroc

@@ -1,4 +1,4 @@
-"""Prep integrity (issue 13): workers die with a killed parent, a store is complete only through one
+"""Prep integrity: workers die with a killed parent, a store is complete only through one
 rename taken last, one prep per store at a time (a lock), stale partial stores are cleaned, and a
 rerun with other options says so and names --overwrite."""
 
@@ -107,6 +107,7 @@ def store_digest(store: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill9_parent_of_workers(tmp_path):
     inputs = make_inputs(tmp_path / "in", 4)

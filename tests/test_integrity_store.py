@@ -1,4 +1,4 @@
-"""Store integrity (issue 13): a lost, truncated or damaged chunk is an error that names the store, the
+"""Store integrity: a lost, truncated or damaged chunk is an error that names the store, the
 array and the chunk, never background read in silence; `ips verify` checks every checksum."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training never mixes two runs, never half-refuses, and says what it will not do (issue 13)."""
+"""Training never mixes two runs, never half-refuses, and says what it will not do."""
 
 from __future__ import annotations
 

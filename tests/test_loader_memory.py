@@ -46,6 +46,7 @@ def stores(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.rss
 def test_streaming_peak_rss_does_not_grow_with_n(stores):
     small, big = _peak(stores[10_000]), _peak(stores[100_000])
     assert small["n"] == 10_000 and big["n"] == 100_000
@@ -59,6 +60,7 @@ def test_streaming_peak_rss_does_not_grow_with_n(stores):
 
 
 @pytest.mark.slow
+@pytest.mark.rss
 def test_control_holding_all_patches_is_detected(stores):
     """The measurement can see growth: reading all 100k patches at once exceeds the tolerance."""
     small, naive = _peak(stores[10_000]), _peak(stores[100_000], mode="naive")

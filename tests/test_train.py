@@ -26,6 +26,7 @@ def small_data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_tiny_training_learns(tmp_path):
     """Slide labels only (lesion present or not) on 32 synthetic H&E-like slides (ips.synthetic.lesions),
     M=8 of ~30-50 tissue patches, default sincos positions. Chance is 0.5 (balanced, stratified). Measured
@@ -77,6 +78,7 @@ def test_tiny_training_learns(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_exploration_finds_patches_that_top_m_alone_never_shows(tmp_path):
     """One bright cross among 64 patches: a fresh encoder ranks the extreme patch consistently (here:
     last), so plain top-M (M=8) rarely trains on it. Measured, seeds 0/1/2, 15 epochs: final val accuracy

@@ -401,6 +401,7 @@ SERVE_ALL = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.rss
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for the peak RSS")
 def test_memory_is_flat_in_the_slide_size(tmp_path):
     """Serve every tile of every level of a 1024^2 and a 3200^2 store (~10x the pixels) in a fresh process

@@ -8,7 +8,7 @@
 #   1. the CUDA tests (pytest -m cuda)
 #   2. ips bench memory --device cuda, 1k .. 250k patches
 #   3. ips bench throughput --device cuda
-#   4. the budget planner at the paper's setting: B 16, a 250k-patch slide, 5 GB (tools/budget_check.py)
+#   4. the budget planner at the paper's setting: B 16, a 250k-patch slide, 5 GB (benchmarks/budget.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-gpu_check}}"
@@ -37,7 +37,7 @@ step bench_memory 200 $PY -m ips.cli bench memory --device "$DEVICE" --n "$MEMOR
   --store-dir "$OUT_DIR/stores"
 step bench_throughput 90 $PY -m ips.cli bench throughput --device "$DEVICE" --n "${THROUGHPUT_N:-8192}" --threads 4 --read-threads 4 \
   --json "$OUT_DIR/bench_throughput.json"
-step budget 120 $PY tools/budget_check.py --device "$DEVICE" --n "${BUDGET_N:-250000}" --store-dir "$OUT_DIR/stores" \
+step budget 120 $PY benchmarks/budget.py --device "$DEVICE" --n "${BUDGET_N:-250000}" --store-dir "$OUT_DIR/stores" \
   --json "$OUT_DIR/budget.json"
 
 $PY - "$OUT_DIR" <<'PYEOF'

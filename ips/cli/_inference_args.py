@@ -26,8 +26,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
         choices=("topm", "all"),
         default="topm",
         help="prediction from the top-M selected patches as trained (default), or from all N "
-        "patches by exact streaming attention (a model trained on top-M has never seen the rest: on "
-        "mostly blank Megapixel MNIST canvases 'all' answered majority at 0.10 instead of 0.885)",
+        "patches by exact streaming attention (a model trained on top-M has never seen the rest; "
+        'compared in docs/BENCHMARKS.md, "Top-M against whole-bag prediction")',
     )
     add_threads(p)
 

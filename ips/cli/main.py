@@ -26,6 +26,8 @@ SUBCOMMANDS = [
     "ips.cli.verify",
     "ips.cli.demo",
     "ips.cli.view",
+    "ips.cli.synth",
+    "ips.cli.eval",
 ]
 
 

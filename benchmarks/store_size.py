@@ -1,7 +1,7 @@
-"""Store size and codecs (issue 16), side by side in one run on one slide: store bytes / source bytes,
+"""Store size and codecs, side by side in one run on one slide: store bytes / source bytes,
 PSNR of level 0 against the lossless store, prep CPU / decode CPU, and patch reads per second per core.
 
-    IPS_TEST_DATA=../shared/data .venv/bin/python tools/bench_store_size.py [--repeat 20] [--json FILE]
+    IPS_TEST_DATA=../shared/data python benchmarks/store_size.py [--repeat 20] [--json FILE]
 
 Stores (all `--patch-size 256`, one thread, no thumbnail, in a temporary folder): level0 + blosc-lz4
 (the default), zstd, `--store-from grid --mpp 1.0` with blosc-lz4 and zstd, and jpeg / jpegxl / webp at
@@ -9,6 +9,8 @@ their default quality at level 0. PSNR is over the whole level 0 against the def
 (for `--store-from grid`: against the default store's level 1, which it should equal). Reads: every
 written 256-px chunk of level 0 as one patch, through the direct shard reader (`ips.data.chunk_io`) on
 the calling thread, `--repeat` passes; patches per second of process CPU time.
+
+Results page row: docs/BENCHMARKS.md, "Store size and codecs".
 """
 
 from __future__ import annotations
@@ -16,19 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from data_prep.convert import PrepOptions, prep_file
+from data_prep.readers import open_reader
+from data_prep.writer import chunk_layout, iter_blocks, run_bounded
+from ips.data.chunk_io import ChunkReader
+from ips.data.store import open_store
 
-from data_prep.convert import PrepOptions, prep_file  # noqa: E402
-from ips.data.chunk_io import ChunkReader  # noqa: E402
-from ips.data.store import open_store  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CASES = {
     "level0 blosc-lz4": {},
@@ -45,11 +47,22 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def decode_cpu(src: Path) -> float:
-    """Process CPU seconds to decode the source's level 0 once, shard by shard as prep reads it."""
-    from bench_prep import decode_only
+def decode_cpu(src: Path, patch: int = 256) -> float:
+    """Process CPU seconds to decode the source's level 0 once, shard by shard as prep reads it (the
+    best of 3; the same measure as `benchmarks/prep.py`'s decode-only pass, one thread)."""
+    best = float("inf")
+    for _ in range(3):
+        with open_reader(src) as reader:
+            dims = reader.spatial_dims
+            _, shard = chunk_layout((patch,) * dims, (patch,) * dims, 8 if dims == 2 else 4)
+            c0 = time.process_time()
 
-    return min(decode_only(src, 256, 1)[1] for _ in range(3))
+            def task(start, size, reader=reader):
+                return lambda: reader.read_region(start, size)
+
+            run_bounded((task(s, n) for s, n in iter_blocks(reader.spatial_shape, shard)), 1)
+            best = min(best, time.process_time() - c0)
+    return best
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -135,7 +148,6 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20, help="read passes; the fastest counts")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO / "tools"))
     with tempfile.TemporaryDirectory() as work:
         result = measure(args.src, Path(work), args.repeat)
     print(

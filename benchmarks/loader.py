@@ -1,6 +1,6 @@
 """Loader benchmark: the patch loader against raw zarr reads, and reading hidden behind compute.
 
-    .venv/bin/python tools/bench_loader.py [--workdir /tmp/ips_bench_loader] [--json out.json]
+    python benchmarks/loader.py [--workdir /tmp/ips_bench_loader] [--json out.json]
 
 Builds (once, cached in --workdir) a store with `data_prep.convert.convert_array` (the `ips prep`
 writer: `--codec`, default its default blosc-lz4; one 224 x 224 patch per chunk, 8 x 8 chunks per
@@ -19,6 +19,8 @@ median of the repeats (the machine may be shared: the minimum is the least distu
    `--compute-ratio` x the read time per chunk, on `--compute-threads` torch threads) fed by
    `stream_chunks` vs the same compute over the same patches already in memory (and fed by
    `iter_chunks`, no prefetch, to show what hiding saves).
+
+Results page row: docs/BENCHMARKS.md, "Loader against raw zarr reads".
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -36,12 +37,10 @@ import numpy as np
 import torch
 import zarr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ips.data.sources import iter_chunks  # noqa: E402
-from ips.data.streaming import stream_chunks  # noqa: E402
-from ips.data.zarr_source import ZarrPatchSource  # noqa: E402
-from ips.format.sharding import ShardLayout  # noqa: E402
+from ips.data.sources import iter_chunks
+from ips.data.streaming import stream_chunks
+from ips.data.zarr_source import ZarrPatchSource
+from ips.format.sharding import ShardLayout
 
 
 def he_like(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Where Megapixel MNIST learning stalls: three small checks, each of one part of the model on its own.
 
-    .venv/bin/python tools/mmnist_learnability.py aggregator [--lr 1e-3] [--steps 1000]
-    .venv/bin/python tools/mmnist_learnability.py encoder    [--lr 1e-3] [--steps 300] [--norm group|batch]
-    .venv/bin/python tools/mmnist_learnability.py bags       [--lr 1e-3] [--steps 400] [--norm group|batch]
-    .venv/bin/python tools/mmnist_learnability.py contrast
+    python experiments/mmnist_learnability.py aggregator [--lr 1e-3] [--steps 1000]
+    python experiments/mmnist_learnability.py encoder    [--lr 1e-3] [--steps 300] [--norm group|batch]
+    python experiments/mmnist_learnability.py bags       [--lr 1e-3] [--steps 400] [--norm group|batch]
+    python experiments/mmnist_learnability.py contrast
 
 - `aggregator`: the cross-attention aggregator and heads of `configs/megapixel_mnist_cpu.yaml` on bags of
   36 synthetic feature vectors (`model.encoder=features`): 5 hold a fixed random vector per digit class
@@ -20,7 +20,7 @@
 
 `--norm` sets `model.encoder_norm` ('group', the default of our encoders, or 'batch').
 
-Reads MNIST from `$IPS_TEST_DATA/mnist_5k.csv.gz` (or --mnist). One torch thread. Figures: docs/BENCHMARKS.md.
+Reads MNIST from `$IPS_TEST_DATA/mnist_5k.csv.gz` (or --mnist). One torch thread. Figures: docs/notes/2026-12-training-log.md (Megapixel MNIST).
 """
 
 from __future__ import annotations

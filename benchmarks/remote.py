@@ -1,6 +1,6 @@
-"""Object storage and Dask (issue 16), measured side by side on this machine:
+"""Object storage and Dask, measured side by side on this machine:
 
-    python tools/bench_remote.py [--n-patches 4096] [--repeats 3] [--json out.json]
+    python benchmarks/remote.py [--n-patches 4096] [--repeats 3] [--json out.json]
 
 1. remote reads: selection throughput (`ips.algo.selection.select` with a tiny encoder, so reading
    shows) from a store on a local S3 server (moto's, a separate process on 127.0.0.1) against the same
@@ -12,6 +12,8 @@
    each `--threads 1`; the stores are compared byte for byte (timestamps masked).
 3. interruption: `ips prep --out s3://...` killed (SIGKILL) once its first level-0 shard is on the
    server; the store must open as incomplete, and a rerun must complete it.
+
+Results page row: docs/BENCHMARKS.md, "Stores on S3 and Dask prep".
 """
 
 from __future__ import annotations
@@ -32,17 +34,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ips.algo.selection import eval_mode, select
+from ips.bench.models import bench_config
+from ips.bench.stores import bench_store
+from ips.data.store import StoreError, open_store
+from ips.data.streaming import stream_chunks
+from ips.data.zarr_source import ZarrPatchSource
+from ips.format import location
+from ips.model.ips_model import build_model
 
-from ips.algo.selection import eval_mode, select  # noqa: E402
-from ips.bench.models import bench_config  # noqa: E402
-from ips.bench.stores import bench_store  # noqa: E402
-from ips.data.store import StoreError, open_store  # noqa: E402
-from ips.data.streaming import stream_chunks  # noqa: E402
-from ips.data.zarr_source import ZarrPatchSource  # noqa: E402
-from ips.format import location  # noqa: E402
-from ips.model.ips_model import build_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BUCKET = "ips-bench"
 TIMESTAMP = re.compile(rb'"(created|completed)": ?"[^"]*"')
@@ -131,7 +132,7 @@ def ips(*args: str, env: dict[str, str] | None = None) -> float:
     subprocess.run(
         [sys.executable, "-m", "ips.cli", *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, **(env or {})},
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -184,9 +185,7 @@ def interruption(work: Path, env: dict[str, str], side: int) -> dict:
     (src,) = slides(work / "big", 1, side)
     url = f"s3://{BUCKET}/killed"
     cmd = [sys.executable, "-m", "ips.cli", "prep", src, "--out", url, "--patch-size", "16"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stderr=subprocess.DEVNULL)
     store = location.object_store(f"{url}/slide0.zarr")
     while not location.list_sizes(store, "0/c") and proc.poll() is None:
         time.sleep(0.01)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Linear probe of an encoder's patch features against per-patch truth: do the features tell the object apart?
 
-    python tools/probe_features.py --manifest data/smallobj/manifest.csv --config configs/demo.yaml \
+    python experiments/probe_features.py --manifest data/smallobj/manifest.csv --config configs/demo.yaml \
         [--encoder runs/pt/encoder.pt | --checkpoint runs/r/best.pt] [--slides 80]
 
 Reads every grid patch of the first `--slides` training slides whose stores hold `ips_truth/lesion`

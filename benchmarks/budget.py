@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """The memory-budget planner at the paper's setting, then one real training step under its plan.
 
-    python tools/budget_check.py --json budget.json                       # B 16, 250k patches, 5 GB (CUDA)
-    python tools/budget_check.py --device cpu --n 2000 --json b.json      # the same path, small, on a CPU
+    python benchmarks/budget.py --json budget.json                       # B 16, 250k patches, 5 GB (CUDA)
+    python benchmarks/budget.py --device cpu --n 2000 --json b.json      # the same path, small, on a CPU
 
 Config: configs/megapixel_mnist.yaml (the paper's ResNet-18 on 50 px patches, M 100, I 100, B 16,
 `train.vram_budget_gb: 5`). One slide of N patches (a generated store) stands for each of the B slides:
 the planner measures one step's peak at k slides (selection pass included) and picks the micro-batch; then
 one step of the full batch of B selections runs with that micro-batch under the process cap the training
 loop sets, and its peak is compared with the budget. JSON: plan, peak, budget, `within_budget`.
+
+Results page row: docs/BENCHMARKS.md, "Memory budget at the paper's setting".
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Top-M vs whole-bag prediction and heatmap quality on synthetic lesion slides, after a short training.
 
-    python tools/bench_inference.py --out /tmp/bench_inf --n-slides 32 --epochs 30 --seeds 0 1 2
+    python benchmarks/inference.py --out /tmp/bench_inf --n-slides 32 --epochs 30 --seeds 0 1 2
 
 Per seed: writes a lesion dataset (`ips.synthetic.lesions`), trains a tiny IPS model with `ips.train.train`
 (slide labels only), then on the held-out test split reports accuracy and AUROC of the `topm` (as
 trained) and `all` (exact streaming attention over every patch) predictions, and the mean per-slide AUROC
 of the heatmap (attention of every patch) against the planted lesions on positive slides. `--json FILE`
 writes the rows.
+
+Results page rows: docs/BENCHMARKS.md, "Top-M against whole-bag prediction" and "Heatmaps find planted lesions".
 """
 
 from __future__ import annotations

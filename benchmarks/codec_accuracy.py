@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Accuracy of a model trained on stores of each codec (issue 16): same slides, same seed, one table.
+"""Accuracy of a model trained on stores of each codec: same slides, same seed, one table.
 
-    python tools/codec_accuracy.py --out /tmp/codec_acc --n-slides 48 --size 512 --seeds 0 1
+    python benchmarks/codec_accuracy.py --out /tmp/codec_acc --n-slides 48 --size 512 --seeds 0 1
 
 1. render: `--n-slides` synthetic H&E-like slides (`ips.synthetic.lesions`, as `ips demo`: half with 1-3
    planted lesions; same labels and train/val/test splits as `make_lesion_dataset`), each written as an
@@ -19,6 +19,8 @@
    store bytes (all stores, and level 0 alone, against the TIFFs) and PSNR of level 0 against the TIFFs.
 
 Writes `<out>/codec_accuracy.json` and prints a markdown table.
+
+Results page row: docs/BENCHMARKS.md, "Accuracy per codec".
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Benchmark `ips prep`: conversion time / decode-only time (same reader, same threads, same blocks,
 one run), scaling with --workers over copies of the slide, and store size / source size.
 
-    IPS_TEST_DATA=../shared/data .venv/bin/python tools/bench_prep.py --threads 1 2 --mosaic 3 \
+    IPS_TEST_DATA=../shared/data python benchmarks/prep.py --threads 1 2 --mosaic 3 \
         --workers 1 2 4 --copies 4
 
 Prints a markdown table (paste into docs/BENCHMARKS.md) and, with --json FILE, writes the figures.
+
+Results page row: docs/BENCHMARKS.md, "Prep speed".
 """
 
 from __future__ import annotations
@@ -16,18 +18,16 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from data_prep.cli import register
+from data_prep.convert import PrepOptions, prep_file
+from data_prep.readers import open_reader
+from data_prep.writer import chunk_layout, iter_blocks, run_bounded
 
-from data_prep.cli import register  # noqa: E402
-from data_prep.convert import PrepOptions, prep_file  # noqa: E402
-from data_prep.readers import open_reader  # noqa: E402
-from data_prep.writer import chunk_layout, iter_blocks, run_bounded  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def du(path: Path) -> int:

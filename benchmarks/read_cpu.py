@@ -1,11 +1,13 @@
 """Host CPU per patch of `ZarrPatchSource.read`, for patches smaller than chunks (the per-patch copy path).
 
-    .venv/bin/python tools/bench_read_cpu.py [--patch-size 32] [--n 8192] [--chunk 256] [--repeat 5]
+    python benchmarks/read_cpu.py [--patch-size 32] [--n 8192] [--chunk 256] [--repeat 5]
 
 A throughput store (`ips.bench.stores.bench_store`, every patch real pixels; the writer puts 32-px
 patches in 64-px chunks) is read in index order, `--chunk` patches per call, by one read thread; the
 figure is the process CPU time of the fastest pass over all patches, per patch. Run it on two commits
 one after the other, twice, to compare (the machine may be shared: CPU time is the steadier figure).
+
+Results page row: docs/BENCHMARKS.md, "Selection costs little beyond the encoder" (host CPU per patch read).
 """
 
 from __future__ import annotations

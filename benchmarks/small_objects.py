@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """One row of the small-object table: [pretrain] -> train -> predict (test split) -> heatmaps -> metrics.
 
-    python tools/small_object_benchmark.py --manifest data/smallobj/manifest.csv --out runs/so_pre \\
+    python benchmarks/small_objects.py --manifest data/smallobj/manifest.csv --out runs/so_pre \\
         --pretrain [--pretrain-set pretrain.epochs=8] -- model.encoder_norm=batch selection.explore=0.25
 
 Runs exactly the CLI commands (printed): `ips pretrain STORES --config CFG --out OUT/pretrain`, `ips train
 --config CFG --manifest M --out OUT/run [model.pretrained=OUT/pretrain/encoder.pt] OVERRIDES`, `ips predict`,
 `ips heatmap` (positive test slides), then the mean per-slide AUROC of attention vs. `ips_truth/lesion`.
 Writes OUT/result.json: accuracy, AUROC (slide level), heatmap AUROC, CPU minutes per stage.
+
+Results page rows: docs/BENCHMARKS.md, "Small objects among similar distractors" and "3D planted-lesion volumes".
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-CORE_SHARE = 0.25  # a patch at least a quarter inside the target counts for heatmap_auroc_core
 
 
 def _cpu_s() -> float:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     from ips.cli.main import main as ips
-    from ips.demo import lesion_auroc
+    from ips.eval import CORE_SHARE, lesion_auroc
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
