@@ -17,7 +17,7 @@ from ips.data.store import UnverifiedStoreWarning, open_store, verify_store
 from ips.data.zarr_source import ZarrPatchSource
 from ips.errors import StoreError
 from ips.format import names as sf
-from ips.format.checksums import read_marker
+from ips.format.store import read_marker
 
 
 @pytest.fixture(params=["blosc-lz4", "zstd"])
@@ -36,11 +36,13 @@ def shard(store, key="c/0/1/1"):
 
 def test_marker_records_every_written_file(store):
     marker = read_marker(store)
-    assert marker["format_version"] == sf.FORMAT_VERSION == 2 and marker["checksum"] == "crc32c"
-    level0 = marker["arrays"]["0"]
+    assert marker.format_version == sf.FORMAT_VERSION == 3
+    raw = json.loads((store / sf.COMPLETE_MARKER).read_text())
+    assert raw["checksum"] == "crc32c"
+    level0 = marker.arrays["0"]
     assert sorted(level0) == ["c/0/0/0", "c/0/0/1", "c/0/1/0", "c/0/1/1"]
     assert all(level0[k][0] == shard(store, k).stat().st_size for k in level0)
-    assert "grids/default/coords" in marker["arrays"] and "mask" in marker["arrays"]
+    assert "grids/default/coords" in marker.arrays and "mask" in marker.arrays
     assert verify_store(store) == []
 
 
@@ -125,7 +127,7 @@ def test_background_is_not_damage(tmp_path):
     img[:, :64, :64] = 17
     opts = PrepOptions(patch_size=32, shard_chunks=2, min_tissue=0.0, thumbnail=False, hash_source=False)
     s = convert_array(img, tmp_path, "bg", options=opts, background=255, mask=np.ones((8, 8), bool))
-    assert sorted(read_marker(s)["arrays"]["0"]) == ["c/0/0/0"]
+    assert sorted(read_marker(s).arrays["0"]) == ["c/0/0/0"]
     source = ZarrPatchSource(s)
     out = source.read(np.arange(len(source))).numpy()
     assert (out[0] == 17).all() and (out[-1] == 255).all()
@@ -138,7 +140,7 @@ def test_format1_store_opens_with_one_warning_and_is_unverifiable(store, capsys)
     attrs = dict(group.attrs["ips"])
     attrs["format_version"] = 1
     group.attrs["ips"] = attrs
-    marker = read_marker(store)
+    marker = json.loads((store / sf.COMPLETE_MARKER).read_text())
     (store / sf.COMPLETE_MARKER).write_text(
         json.dumps({k: marker[k] for k in ("tool_version", "completed", "grids")})
     )
