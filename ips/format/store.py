@@ -454,11 +454,9 @@ class IpsStore:
         pixel dtype); None: nothing."""
         recorded = (self.marker.metadata or {}).get(key)
         if recorded is not None:
-            got = node_metadata(doc)
-            changed = [f for f in recorded if got.get(f) != recorded[f]]
-            if changed:
-                f = changed[0]
-                return f"{_short(got.get(f))} as {f}, {_short(recorded[f])} recorded"
+            changed = _difference(node_metadata(doc), recorded, "")
+            if changed is not None:
+                return changed
         if key.isdigit() and doc.get("node_type") == "array":
             shapes = self.attrs.get("level_shapes")
             k = int(key)
@@ -578,7 +576,25 @@ class IpsStore:
 
 def _short(value: Any) -> str:
     text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _difference(got: Any, recorded: Any, where: str) -> str | None:
+    """The first place where `got` differs from `recorded` (JSON values), as `codecs[0]...clevel 4,
+    recorded 5`; None where they are equal."""
+    if got == recorded:
+        return None
+    if isinstance(got, dict) and isinstance(recorded, dict):
+        for key in [*recorded, *(k for k in got if k not in recorded)]:
+            found = _difference(got.get(key), recorded.get(key), f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+    if isinstance(got, list) and isinstance(recorded, list) and len(got) == len(recorded):
+        for i, (a, b) in enumerate(zip(got, recorded)):
+            found = _difference(a, b, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return f"{where} {_short(got)}, recorded {_short(recorded)}"
 
 
 def _first_line(e: BaseException) -> str:
