@@ -377,9 +377,7 @@ def test_a_grid_zarr_json_deleted_or_changed_is_found(store):
     assert "'grids/default' zarr.json: missing" in verify_store(store)[0]
     doc["attributes"]["stride"] = [16, 16]
     meta.write_text(json.dumps(doc))
-    assert (
-        "'grids/default' zarr.json: attributes.stride[0] 16, recorded 32" in verify_store(store)[0]
-    )
+    assert "'grids/default' zarr.json: attributes.stride[0] 16, recorded 32" in verify_store(store)[0]
 
 
 def test_grid_attributes_changed_in_the_root_are_refused(store):
