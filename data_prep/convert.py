@@ -44,7 +44,7 @@ from ips.format.names import (
     OME_ATTR,
     TISSUE_ARRAY,
 )
-from ips.format.store import Marker, is_complete, read_marker, seal
+from ips.format.store import Marker, is_complete, open_store, read_marker, seal
 from ips.format.store import store_location as final_location
 
 THUMBNAIL_SUFFIX = ".thumbnail.png"  # DIR/<slide_id>.thumbnail.png, beside the store
@@ -280,7 +280,17 @@ def _plan(reader: ImageReader, options: PrepOptions, slide_id: str) -> _Plan:
         spatial, reader.spacing, max_size=options.pyramid_max_size, min_levels=grid_level + 1
     )
     chunk, shard = chunk_layout(patch, stride, options.shard_chunks or (8 if dims == 2 else 4))
-    return _Plan(slide_id, options, reader, grid_level, patch, stride, factors, chunk, shard)
+    return _Plan(
+        slide_id=slide_id,
+        options=options,
+        reader=reader,
+        grid_level=grid_level,
+        patch=patch,
+        stride=stride,
+        factors=factors,
+        chunk=chunk,
+        shard=shard,
+    )
 
 
 @dataclass(frozen=True)
@@ -372,10 +382,10 @@ def _run(
             str(k),
             (reader.shape[0], *level_shape(plan.spatial, f)),
             reader.dtype,
-            plan.chunk,
-            plan.shard,
-            reader.background,
-            compressor,
+            chunks=plan.chunk,
+            shards=plan.shard,
+            fill_value=reader.background,
+            compressor=compressor,
         )
         for k, f in enumerate(plan.factors)
     ]
@@ -454,18 +464,26 @@ def _grid(group: Any, plan: _Plan, mask: _Mask) -> tuple[np.ndarray, dict[str, A
     coords, tissue = make_grid(
         mask.mask,
         mask.downsample,
-        level_shape(plan.spatial, factor),
-        factor,
-        plan.patch,
-        plan.stride,
-        options.min_tissue,
+        level_shape=level_shape(plan.spatial, factor),
+        level_downsample=factor,
+        patch=plan.patch,
+        stride=plan.stride,
+        min_tissue=options.min_tissue,
     )
     if len(coords) == 0 and not options.allow_empty:
         raise PrepError(
             f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue}, "
             f"level {level}, patch {plan.patch}; the mask covers {mask.mask.mean():.1%} of the image)"
         )
-    entry = _grid_entry(options, level, plan.patch, plan.stride, len(coords), plan.spacing, factor)
+    entry = _grid_entry(
+        options,
+        level,
+        patch=plan.patch,
+        stride=plan.stride,
+        n=len(coords),
+        spacing=plan.spacing,
+        factor=factor,
+    )
     _write_grid(group, options.grid_name, coords, tissue, entry)
     return coords, entry
 
@@ -558,8 +576,9 @@ def add_grid(store: str | Path, options: PrepOptions) -> int:
     The grid counts once the marker lists it: a crash before that leaves the store as it was.
     """
     store = store if is_remote(store) else Path(store)
-    group = zarr.open_group(zarr_store(store, read_only=False), mode="r+")
-    attrs = dict(group.attrs[IPS_ATTR])
+    opened = open_store(store, mode="r+")  # checked: the mask below is the one prep recorded
+    group = opened.group
+    attrs = dict(opened.attrs)
     dims = attrs["spatial_dims"]
     factors = [tuple(f) for f in attrs["level_downsamples"]]
     shapes = [tuple(s[1:]) for s in attrs["level_shapes"]]
@@ -572,7 +591,12 @@ def add_grid(store: str | Path, options: PrepOptions) -> int:
             f"level {level} is not in the store (levels 0..{len(factors) - 1}); "
             "rerun with --overwrite to rebuild the pyramid"
         )
-    mask = np.asarray(group[MASK_ARRAY][...]).astype(bool)
+    stored_mask = opened.mask()
+    if stored_mask is None:
+        raise PrepError(
+            f"{store}: the store has no tissue mask to make a grid from; rebuild it with --overwrite"
+        )
+    mask = np.asarray(stored_mask).astype(bool)
     coords, tissue = make_grid(
         mask,
         tuple(attrs["mask"]["downsample"]),
@@ -584,7 +608,9 @@ def add_grid(store: str | Path, options: PrepOptions) -> int:
     )
     if len(coords) == 0 and not options.allow_empty:
         raise PrepError(f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue})")
-    entry = _grid_entry(options, level, patch, stride, len(coords), spacing, factors[level])
+    entry = _grid_entry(
+        options, level, patch=patch, stride=stride, n=len(coords), spacing=spacing, factor=factors[level]
+    )
     _write_grid(group, options.grid_name, coords, tissue, entry)
     attrs["grids"] = {**attrs.get("grids", {}), options.grid_name: entry}
     group.attrs.update({IPS_ATTR: attrs})
@@ -703,7 +729,9 @@ def prep_file(
     final = final_location(out_dir, slide_id)
     try:
         with store_lock(out_dir, slide_id):
-            return _prep_locked(path, out_dir, slide_id, options, reader, progress, t0)
+            return _prep_locked(
+                path, out_dir, slide_id, options=options, reader=reader, progress=progress, t0=t0
+            )
     except PrepError as e:  # the lock is held by another prep
         return PrepResult(
             str(path), slide_id, "failed", final, reason=str(e), seconds=time.perf_counter() - t0

@@ -435,3 +435,24 @@ def test_verify_gives_one_line_per_store_and_goes_on(store, tmp_path, capsys):
     assert "broken.zarr/zarr.json: damaged" in lines[0]
     assert "garbage.zarr" in lines[1] and "'0'" in lines[1]
     assert "many.zarr" in lines[2] and "missing" in lines[2]
+
+
+def test_a_grid_added_to_a_format2_store_records_it_whole(store):
+    """Adding a grid rewrites the marker: a format-2 store's marker then records every array's metadata
+    and the store says format 3; a format-1 store (nothing recorded) is not extended."""
+    from data_prep.convert import add_grid
+
+    _as_format2(store)
+    opts = PrepOptions(patch_size=64, min_tissue=0.0, grid_name="big", thumbnail=False)
+    assert add_grid(store, opts) == 16
+    opened = open_store(store)
+    assert opened.format_version == 3 and opened.complete_grids == {"default", "big"}
+    assert set(opened.marker.metadata) >= {"0", "mask", "grids/big", "grids/default/coords"}
+    assert verify_store(store) == []
+    doc = _marker_doc(store)
+    (store / sf.COMPLETE_MARKER).write_text(
+        json.dumps({k: doc[k] for k in ("tool_version", "completed", "grids")})
+    )
+    _set_attrs_version(store, 1)
+    with pytest.warns(UnverifiedStoreWarning), pytest.raises(StoreError, match="records no checksums"):
+        add_grid(store, PrepOptions(patch_size=128, min_tissue=0.0, grid_name="huge", thumbnail=False))

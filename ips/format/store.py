@@ -241,15 +241,24 @@ def seal(
     rest is kept from the present marker (a grid added, pixels filled in by a benchmark).
     """
     previous = read_marker(location) if only is not None else None
+    if only is not None and (previous is None or previous.arrays is None):
+        raise StoreError(
+            f"{describe(location)}: records no checksums (format 1, or incomplete); {REBUILD} before adding to it"
+        )
     arrays = dict(previous.arrays or {}) if previous is not None else {}
     metadata = dict(previous.metadata or {}) if previous is not None else {}
     scanned = checksums.scan_store(location, known, list(only) if only is not None else None)
     arrays.update(scanned)
     group = zarr.open_group(_store_object(location), mode="r")
-    for path in scanned:
-        metadata[path] = node_metadata(group[path].metadata.to_dict())
+    for path in arrays:  # a format-2 store gets the record of every array (it becomes format 3)
+        if path in scanned or path not in metadata:
+            metadata[path] = node_metadata(group[path].metadata.to_dict())
     for g in grids:
         metadata[f"{sf.GRIDS_GROUP}/{g}"] = node_metadata(group[f"{sf.GRIDS_GROUP}/{g}"].metadata.to_dict())
+    attrs = group.attrs.asdict().get(sf.IPS_ATTR)
+    if isinstance(attrs, dict) and attrs.get("format_version") == 2:  # what the marker now records
+        writable = zarr.open_group(_store_object(location, read_only=False), mode="r+")
+        writable.attrs.update({sf.IPS_ATTR: {**attrs, "format_version": sf.FORMAT_VERSION}})
     marker = Marker(
         format_version=sf.FORMAT_VERSION,
         grids=tuple(dict.fromkeys(grids)),
