@@ -461,6 +461,8 @@ class IpsStore:
         """What is wrong with node `key`'s metadata `doc` (its zarr.json as a dict) against the marker's
         record (format 3) and what the `ips` attributes record (every format: each level's shape, the
         pixel dtype); None: nothing."""
+        if "pickle" in json.dumps(doc.get("codecs", [])):  # a pickle codec runs code from the store
+            return "a pickle codec (it would run code from the store; refused)"
         recorded = (self.marker.metadata or {}).get(key)
         if recorded is not None:
             changed = _difference(node_metadata(doc), recorded, "")
