@@ -1,19 +1,9 @@
-"""Writing a store: the partial folder, pyramid arrays, small arrays, attributes, the marker, the rename.
+"""Writing a store: the partial folder, pyramid arrays, small arrays, the lock; the marker and the commit
+are the store contract's (`ips.format.store.commit`).
 
-Codec: blosc with lz4 (clevel 5, byte shuffle), a zarr v3 core codec, so every zarr v3 implementation
-reads the store. Measured on the real Aperio slide (2967 x 2220 RGB, 19.8 MB raw, 1.94 MB JPEG source),
-level 0 in 256-px chunks, on disk, and single-thread codec speed on its chunks:
-
-    codec        level 0 on disk   encode      decode
-    none         21.2 MB           -           -
-    blosc-lz4     8.7 MB           2400 MB/s   5900 MB/s
-    zstd 1        7.8 MB            370 MB/s    760 MB/s
-    zstd 3        7.8 MB           (slower)
-    zstd 9        7.6 MB           (slower)
-
-blosc-lz4 costs 11% more disk than zstd and encodes 6.5x / decodes 7.8x faster: with zstd, re-encoding
-the decoded JPEG losslessly cost more CPU than decoding the JPEG, and the patch reader decodes every
-chunk it trains on. `--codec zstd` (level 1) gives the smaller store.
+Codec: blosc with lz4 (clevel 5, byte shuffle) by default, a zarr v3 core codec, so every zarr v3
+implementation reads the store; `--codec zstd` (level 1) gives a smaller store for slower encoding and
+decoding (docs/FORMAT.md "Chunks" has the measured sizes and speeds).
 
 Chunks: every level has the same chunk shape, the patch size (or `gcd(patch, stride)` when patches
 overlap, so a patch covers whole chunks), enlarged to a multiple of at least 64 (2D) / 32 (3D) pixels

@@ -1,4 +1,4 @@
-"""Stores on object storage (issue 16): `ips prep --out s3://...`, reads, predict, heatmap and embed against
+"""Stores on object storage: `ips prep --out s3://...`, reads, predict, heatmap and embed against
 a local S3 server (moto, on 127.0.0.1), compared byte for byte with the same work on local disk.
 
 Also: a batch of neighbouring patches costs a few coalesced range requests, not one per patch; damage

@@ -1,4 +1,4 @@
-"""Smaller stores (issue 16): `--store-from grid` (the store begins at the grid's level; everything users
+"""Smaller stores: `--store-from grid` (the store begins at the grid's level; everything users
 see stays in the source's level-0 pixels) and lossy image codecs (JPEG, JPEG XL, WebP) for RGB slides."""
 
 from __future__ import annotations
