@@ -119,12 +119,17 @@ def _damaged(where: str, what: str) -> StoreError:
     return StoreError(f"{where}: damaged completion marker ({what}); the store cannot be checked: {REBUILD}")
 
 
-def _record_ok(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64 for v in value)
-    )
+def _records_ok(record: Any) -> bool:
+    """`record` is `{key: [size, crc32c]}` with non-negative integers (crc32c below 2**32)."""
+    if type(record) is not dict:
+        return False
+    for v in record.values():
+        if type(v) is not list or len(v) != 2:
+            return False
+        size, crc = v
+        if type(size) is not int or type(crc) is not int or size < 0 or not 0 <= crc < 1 << 32:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -180,9 +185,7 @@ class Marker:
         if doc.get("checksum") != checksums.CHECKSUM:
             raise _damaged(where, f"checksum {doc.get('checksum')!r}, not {checksums.CHECKSUM!r}")
         arrays = doc.get("arrays")
-        if not isinstance(arrays, dict) or not all(
-            isinstance(r, dict) and all(_record_ok(v) for v in r.values()) for r in arrays.values()
-        ):
+        if not isinstance(arrays, dict) or not all(_records_ok(r) for r in arrays.values()):
             raise _damaged(where, "'arrays' is not a record of [size, crc32c] per file")
         metadata = doc.get("metadata") if version >= 3 else None
         if version >= 3:
