@@ -153,6 +153,8 @@ class RootGuard:
             if not os.path.exists(path):
                 raise FileNotFoundError(path)
             raise OutsideStore(path, OUTSIDE)
+        if not hasattr(os, "O_NOFOLLOW") and os.path.islink(path):  # (Windows) no flag to do it for us
+            raise OutsideStore(path, LINK)
         try:
             return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError as e:
