@@ -439,16 +439,19 @@ def test_verify_gives_one_line_per_store_and_goes_on(store, tmp_path, capsys):
 
 def test_a_grid_added_to_a_format2_store_records_it_whole(store):
     """Adding a grid rewrites the marker: a format-2 store's marker then records every array's metadata
-    and the store says format 3; a format-1 store (nothing recorded) is not extended."""
+    (a format-3 marker); a format-1 store (nothing recorded) is not extended."""
     from data_prep.convert import add_grid
 
     _as_format2(store)
     opts = PrepOptions(patch_size=64, min_tissue=0.0, grid_name="big", thumbnail=False)
     assert add_grid(store, opts) == 16
     opened = open_store(store)
-    assert opened.format_version == 3 and opened.complete_grids == {"default", "big"}
+    assert opened.marker.format_version == 3 and opened.complete_grids == {"default", "big"}
     assert set(opened.marker.metadata) >= {"0", "mask", "grids/big", "grids/default/coords"}
     assert verify_store(store) == []
+    _set_level_meta(store, "data_type", "float64")
+    assert 'data_type "float64", recorded "uint8"' in verify_store(store)[0]
+    _set_level_meta(store, "data_type", "uint8")
     doc = _marker_doc(store)
     (store / sf.COMPLETE_MARKER).write_text(
         json.dumps({k: doc[k] for k in ("tool_version", "completed", "grids")})

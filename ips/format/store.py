@@ -253,15 +253,13 @@ def seal(
     scanned = checksums.scan_store(location, known, list(only) if only is not None else None)
     arrays.update(scanned)
     group = zarr.open_group(_store_object(location), mode="r")
-    for path in arrays:  # a format-2 store gets the record of every array (it becomes format 3)
+    # a format-2 store gets the record of every array: its marker becomes format 3 (its attributes, which
+    # nothing else changes, stay: one write, so no crash leaves the two disagreeing)
+    for path in arrays:
         if path in scanned or path not in metadata:
             metadata[path] = node_metadata(group[path].metadata.to_dict())
     for g in grids:
         metadata[f"{sf.GRIDS_GROUP}/{g}"] = node_metadata(group[f"{sf.GRIDS_GROUP}/{g}"].metadata.to_dict())
-    attrs = group.attrs.asdict().get(sf.IPS_ATTR)
-    if isinstance(attrs, dict) and attrs.get("format_version") == 2:  # what the marker now records
-        writable = zarr.open_group(_store_object(location, read_only=False), mode="r+")
-        writable.attrs.update({sf.IPS_ATTR: {**attrs, "format_version": sf.FORMAT_VERSION}})
     marker = Marker(
         format_version=sf.FORMAT_VERSION,
         grids=tuple(dict.fromkeys(grids)),
@@ -348,7 +346,11 @@ class IpsStore:
                 f"{', '.join(map(str, sf.READABLE_VERSIONS))} (rerun `ips prep --overwrite`)"
             )
         self.format_version = int(version)
-        if marker.format_version != self.format_version:
+        # equal; or a format-3 marker on a format-2 store (a grid added since: more is recorded, not less)
+        if marker.format_version != self.format_version and (marker.format_version, self.format_version) != (
+            3,
+            2,
+        ):
             raise _damaged(
                 f"{self.name}/{sf.COMPLETE_MARKER}",
                 f"format {marker.format_version}, the store's attributes say {self.format_version}",
