@@ -46,7 +46,7 @@ from ips.format import names
 from ips.infer.slide import infer_slide
 from ips.model.checkpoint import load_model
 from ips.model.metrics import auroc
-from ips.synthetic._store import cells_to_grid, patch_fraction, stratified_splits, write_manifest
+from ips.synthetic._store import grid_share, stratified_splits, write_manifest
 from ips.synthetic.lesions import render_slide_2d, slide_labels, slide_rng
 from ips.training.loop import train
 
@@ -72,10 +72,10 @@ def codec_label(name: str, level: int | None) -> str:
 
 
 def render(out: Path, n_slides: int, size: int, patch: int, seed: int) -> list[dict[str, Any]]:
-    """Write `out/tiffs/<slide_id>.tif` `(H, W, 3)` uint8 and `out/lesion_cells.npz` (per slide the lesion
-    share of each `patch` grid cell `(ceil(H/p), ceil(W/p))`); returns the manifest rows without paths.
+    """Write `out/tiffs/<slide_id>.tif` `(H, W, 3)` uint8 and `out/lesion_masks.npz` (per slide the lesion
+    pixel mask `(H, W)`); returns the manifest rows without paths.
     Reuses what a previous run wrote (rendering is deterministic in `seed`)."""
-    tiffs, cells_file = out / "tiffs", out / "lesion_cells.npz"
+    tiffs, cells_file = out / "tiffs", out / "lesion_masks.npz"
     labels = slide_labels(n_slides, 0.5, seed)
     splits = stratified_splits(labels.tolist(), SPLITS, seed)
     rows, cells = [], {}
@@ -94,7 +94,7 @@ def render(out: Path, n_slides: int, size: int, patch: int, seed: int) -> list[d
                 resolutionunit="CENTIMETER",
             )
             tmp.replace(path)
-        cells[slide_id] = patch_fraction(slide.lesion_mask, patch)
+        cells[slide_id] = slide.lesion_mask
         rows.append(
             {"slide_id": slide_id, "label": slide.label, "split": splits[i], "n_lesions": len(slide.lesions)}
         )
@@ -117,7 +117,7 @@ def make_set(out: Path, rows: list[dict[str, Any]], name: str, level: int | None
     argv = prep_command(out / "tiffs", set_dir / "stores", name, level, patch)
     if ips_main(argv) != 0:
         raise RuntimeError(f"ips prep failed for codec {codec_label(name, level)}: see the messages above")
-    with np.load(out / "lesion_cells.npz") as npz:
+    with np.load(out / "lesion_masks.npz") as npz:
         cells = dict(npz)
     truth, manifest_rows = {}, []
     for row in rows:
@@ -127,7 +127,7 @@ def make_set(out: Path, rows: list[dict[str, Any]], name: str, level: int | None
                 str(store / names.GRIDS_GROUP / names.DEFAULT_GRID / names.COORDS_ARRAY), mode="r"
             )[...]
         )
-        truth[row["slide_id"]] = cells_to_grid(cells[row["slide_id"]], coords, patch)  # (N,)
+        truth[row["slide_id"]] = grid_share(cells[row["slide_id"]], coords, (patch, patch), (1, 1))  # (N,)
         manifest_rows.append({**row, "path": store.relative_to(set_dir).as_posix()})
     np.savez_compressed(set_dir / "truth.npz", **truth)
     return write_manifest(set_dir / "manifest.csv", manifest_rows, MANIFEST_COLUMNS)

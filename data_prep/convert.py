@@ -28,23 +28,12 @@ from data_prep.levels import LevelReader, level0_record
 from data_prep.options import LOSSY_CODECS, PrepOptions, per_axis
 from data_prep.pyramid import StreamingPyramid, level_shape, morton_order, plan_levels
 from data_prep.readers import ArrayReader, ImageReader, open_reader
+from data_prep.remote import open_writer
 from data_prep.thumbnail import render_thumbnail, save_png
 from data_prep.tissue import resample_mask, tissue_mask
-from data_prep.writer import (
-    StoreWriter,
-    chunk_layout,
-    final_location,
-    is_complete,
-    make_compressor,
-    open_writer,
-    read_marker,
-    run_bounded,
-    store_lock,
-    write_marker,
-)
+from data_prep.writer import StoreWriter, chunk_layout, make_compressor, run_bounded, store_lock
 from ips import __version__
-from ips.errors import ConfigError, PrepError
-from ips.format import checksums
+from ips.errors import ConfigError, PrepError, StoreError
 from ips.format.location import is_remote, zarr_store
 from ips.format.names import (
     COORDS_ARRAY,
@@ -55,6 +44,8 @@ from ips.format.names import (
     OME_ATTR,
     TISSUE_ARRAY,
 )
+from ips.format.store import Marker, is_complete, open_store, read_marker, seal
+from ips.format.store import store_location as final_location
 
 THUMBNAIL_SUFFIX = ".thumbnail.png"  # DIR/<slide_id>.thumbnail.png, beside the store
 # extensions stripped (repeatedly) from a file name to make its slide_id
@@ -251,21 +242,71 @@ def _write_grid(
         grid[TISSUE_ARRAY][...] = tissue
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one conversion writes, settled before any pixel is: the reader of the store's level 0, the
+    pyramid's factors, the chunk and shard shapes, the grid's level, patch and stride."""
+
+    slide_id: str
+    options: PrepOptions
+    reader: ImageReader
+    grid_level: int
+    patch: tuple[int, ...]
+    stride: tuple[int, ...]
+    factors: list[tuple[int, ...]]
+    chunk: tuple[int, ...]
+    shard: tuple[int, ...]
+
+    @property
+    def dims(self) -> int:
+        return self.reader.spatial_dims
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return self.reader.spatial_shape
+
+    @property
+    def spacing(self) -> tuple[float, ...] | None:
+        return self.reader.spacing
+
+
+def _plan(reader: ImageReader, options: PrepOptions, slide_id: str) -> _Plan:
+    check_codec(options, reader)
+    reader, grid_level = _store_reader(reader, options)
+    dims, spatial = reader.spatial_dims, reader.spatial_shape
+    patch = per_axis(options.patch_size, dims, "patch_size")
+    stride = per_axis(options.stride if options.stride is not None else options.patch_size, dims, "stride")
+    factors = plan_levels(
+        spatial, reader.spacing, max_size=options.pyramid_max_size, min_levels=grid_level + 1
+    )
+    chunk, shard = chunk_layout(patch, stride, options.shard_chunks or (8 if dims == 2 else 4))
+    return _Plan(
+        slide_id=slide_id,
+        options=options,
+        reader=reader,
+        grid_level=grid_level,
+        patch=patch,
+        stride=stride,
+        factors=factors,
+        chunk=chunk,
+        shard=shard,
+    )
+
+
+@dataclass(frozen=True)
+class _Mask:
+    """The tissue mask as stored: `mask` `(*M)` bool, its `downsample` from level 0, and how it was made."""
+
+    mask: np.ndarray
+    downsample: tuple[int, ...]
+    info: dict[str, Any]
+
+
 def _ips_attrs(
-    reader: ImageReader,
-    options: PrepOptions,
-    provenance: dict[str, Any],
-    *,
-    slide_id: str,
-    factors: list[tuple[int, ...]],
-    shapes: list[list[int]],
-    chunk: tuple[int, ...],
-    shard: tuple[int, ...],
-    mask_info: dict[str, Any],
-    entry: dict[str, Any],
+    plan: _Plan, provenance: dict[str, Any], levels: list[zarr.Array], mask: _Mask, entry: dict[str, Any]
 ) -> dict[str, Any]:
     """The store's `ips` attributes (docs/FORMAT.md)."""
-    spacing = reader.spacing
+    reader, options = plan.reader, plan.options
     source = reader.source if isinstance(reader, LevelReader) else reader
     prov = {
         **provenance,
@@ -283,45 +324,39 @@ def _ips_attrs(
         "spatial_dims": reader.spatial_dims,
         "channels": reader.shape[0],
         "dtype": str(reader.dtype),
-        "spacing": list(spacing) if spacing else None,
-        "level_downsamples": [list(f) for f in factors],
-        "level_shapes": shapes,
+        "spacing": list(plan.spacing) if plan.spacing else None,
+        "level_downsamples": [list(f) for f in plan.factors],
+        "level_shapes": [list(a.shape) for a in levels],
         "source_level": reader.record()
         if isinstance(reader, LevelReader)
-        else level0_record(len(factors[0])),
+        else level0_record(len(plan.factors[0])),
         "background": reader.background,
-        "chunks": list(chunk),
-        "shards": list(shard),
+        "chunks": list(plan.chunk),
+        "shards": list(plan.shard),
         "affine": reader.affine,
-        "mask": mask_info,
+        "mask": {"downsample": list(mask.downsample), **mask.info},
         "grids": {options.grid_name: entry},
-        "thumbnail": f"../{slide_id}{THUMBNAIL_SUFFIX}" if options.thumbnail else None,
+        "thumbnail": f"../{plan.slide_id}{THUMBNAIL_SUFFIX}" if options.thumbnail else None,
         "provenance": prov,
     }
 
 
-def _mask(
-    options: PrepOptions,
-    levels: list[zarr.Array],
-    factors: list[tuple[int, ...]],
-    spatial: tuple[int, ...],
-    spacing: tuple[float, ...] | None,
-    fill: float,
-    given: tuple[np.ndarray, tuple[int, ...]] | None,
-) -> tuple[np.ndarray, tuple[int, ...], dict[str, Any]]:
-    """`(mask, downsample, info)`: the caller's mask resampled, or the tissue mask of a low level."""
+def _mask(plan: _Plan, levels: list[zarr.Array], given: np.ndarray | None) -> _Mask:
+    """The caller's mask resampled, or the tissue mask of a low level."""
     if given is not None:
-        return given[0], given[1], {"method": "given", "threshold": None, "level": None}
-    m = _mask_level(options, factors, spatial, spacing)
+        mask, downsample = _given_mask(given, plan.reader)
+        return _Mask(mask, downsample, {"method": "given", "threshold": None, "level": None})
+    options, factors = plan.options, plan.factors
+    m = _mask_level(options, factors, plan.spatial, plan.spacing)
     mask, info = tissue_mask(
         levels[m][...],
-        background=fill,
-        spacing=spacing,
+        background=plan.reader.background,
+        spacing=plan.spacing,
         downsample=factors[m],
         min_object_um2=options.min_object_um2,
         max_hole_um2=options.max_hole_um2,
     )
-    return mask, factors[m], {**info, "level": m}
+    return _Mask(mask, factors[m], {**info, "level": m})
 
 
 def _run(
@@ -338,55 +373,41 @@ def _run(
 
     `provenance()` is called once the pixels are written (so a source hash can run meanwhile).
     """
-    check_codec(options, reader)
-    reader, grid_level = _store_reader(reader, options)
-    dims, spatial, spacing = reader.spatial_dims, reader.spatial_shape, reader.spacing
-    patch = per_axis(options.patch_size, dims, "patch_size")
-    stride = per_axis(options.stride if options.stride is not None else options.patch_size, dims, "stride")
-    factors = plan_levels(spatial, spacing, max_size=options.pyramid_max_size, min_levels=grid_level + 1)
-    chunk, shard = chunk_layout(patch, stride, options.shard_chunks or (8 if dims == 2 else 4))
+    plan = _plan(reader, options, slide_id)
+    reader, dims = plan.reader, plan.dims
     compressor = make_compressor(options.codec, options.codec_level)
-    threads = options.n_threads
     group = writer.begin()
-    C, fill = reader.shape[0], reader.background
-
     levels = [
         writer.image_array(
-            str(k), (C, *level_shape(spatial, f)), reader.dtype, chunk, shard, fill, compressor
+            str(k),
+            (reader.shape[0], *level_shape(plan.spatial, f)),
+            reader.dtype,
+            chunks=plan.chunk,
+            shards=plan.shard,
+            fill_value=reader.background,
+            compressor=compressor,
         )
-        for k, f in enumerate(factors)
+        for k, f in enumerate(plan.factors)
     ]
+    _write_levels(plan, writer, levels, progress)
 
-    _write_levels(reader, writer, levels, factors, shard, threads, progress)
-
-    # tissue mask on a low level (or the caller's mask)
-    given = _given_mask(given_mask, reader) if given_mask is not None else None
-    mask, mask_ds, mask_info = _mask(options, levels, factors, spatial, spacing, fill, given)
-    mask_names = ["z", "y", "x"][-dims:]
+    mask = _mask(plan, levels, given_mask)  # on a low level (or the caller's mask)
     writer.small_array(
-        MASK_ARRAY, mask.astype(np.uint8), chunk_rows=512 if dims == 2 else 64, dimension_names=mask_names
+        MASK_ARRAY,
+        mask.mask.astype(np.uint8),
+        chunk_rows=512 if dims == 2 else 64,
+        dimension_names=["z", "y", "x"][-dims:],
     )
-
-    coords, entry = _grid(group, options, mask, mask_ds, spatial, factors, grid_level, patch, stride, spacing)
-
-    ips_attrs = _ips_attrs(
-        reader,
-        options,
-        provenance(),
-        slide_id=slide_id,
-        factors=factors,
-        shapes=[list(a.shape) for a in levels],
-        chunk=chunk,
-        shard=shard,
-        mask_info={"downsample": list(mask_ds), **mask_info},
-        entry=entry,
+    coords, entry = _grid(group, plan, mask)
+    group.attrs.update(
+        {
+            OME_ATTR: _ome_attrs(slide_id, dims, plan.spacing, plan.factors),
+            IPS_ATTR: _ips_attrs(plan, provenance(), levels, mask, entry),
+        }
     )
-    group.attrs.update({OME_ATTR: _ome_attrs(slide_id, dims, spacing, factors), IPS_ATTR: ips_attrs})
-
     if options.thumbnail:
-        t = _first_level_within(factors, spatial, options.thumbnail_size, slice(-2, None))
         thumb = writer.staging(f"{slide_id}{THUMBNAIL_SUFFIX}")
-        _thumbnail(levels[t][...], mask, coords, entry, factors, t, fill, thumb, slide_id)
+        _thumbnail(plan, levels, mask, coords, entry, thumb)
     store = writer.commit([options.grid_name])
     if options.thumbnail:
         writer.publish(thumb, f"{slide_id}{THUMBNAIL_SUFFIX}")
@@ -436,50 +457,42 @@ def _store_reader(reader: ImageReader, options: PrepOptions) -> tuple[ImageReade
     return LevelReader(reader, every, grid_level), 0
 
 
-def _grid(
-    group: Any,
-    options: PrepOptions,
-    mask: np.ndarray,
-    mask_ds: tuple[int, ...],
-    spatial: tuple[int, ...],
-    factors: list[tuple[int, ...]],
-    grid_level: int,
-    patch: tuple[int, ...],
-    stride: tuple[int, ...],
-    spacing: Any,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def _grid(group: Any, plan: _Plan, mask: _Mask) -> tuple[np.ndarray, dict[str, Any]]:
     """The patch grid from the tissue mask, written into the store; PrepError when it is empty (unless
     `allow_empty`). Returns the coordinates and the grid's attributes."""
+    options, level, factor = plan.options, plan.grid_level, plan.factors[plan.grid_level]
     coords, tissue = make_grid(
-        mask,
-        mask_ds,
-        level_shape(spatial, factors[grid_level]),
-        factors[grid_level],
-        patch,
-        stride,
-        options.min_tissue,
+        mask.mask,
+        mask.downsample,
+        level_shape=level_shape(plan.spatial, factor),
+        level_downsample=factor,
+        patch=plan.patch,
+        stride=plan.stride,
+        min_tissue=options.min_tissue,
     )
     if len(coords) == 0 and not options.allow_empty:
         raise PrepError(
             f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue}, "
-            f"level {grid_level}, patch {patch}; the mask covers {mask.mean():.1%} of the image)"
+            f"level {level}, patch {plan.patch}; the mask covers {mask.mask.mean():.1%} of the image)"
         )
-    entry = _grid_entry(options, grid_level, patch, stride, len(coords), spacing, factors[grid_level])
+    entry = _grid_entry(
+        options,
+        level,
+        patch=plan.patch,
+        stride=plan.stride,
+        n=len(coords),
+        spacing=plan.spacing,
+        factor=factor,
+    )
     _write_grid(group, options.grid_name, coords, tissue, entry)
     return coords, entry
 
 
 def _write_levels(
-    reader: ImageReader,
-    writer: StoreWriter,
-    levels: list[Any],
-    factors: list[tuple[int, ...]],
-    shard: tuple[int, ...],
-    threads: int,
-    progress: Callable[[int], None] | None,
+    plan: _Plan, writer: StoreWriter, levels: list[Any], progress: Callable[[int], None] | None
 ) -> None:
     """Every pyramid level, from one pass over the source's level 0."""
-    spatial = reader.spatial_shape
+    reader, spatial, shard = plan.reader, plan.spatial, plan.shard
     # level 0, one task per shard (decode in the reader, encode in ShardEncoder) on `threads` threads, in
     # Z-order so the pyramid above is assembled in memory from each shard and written once (no read-back)
     encoders = [writer.encoder(str(k), a) for k, a in enumerate(levels)]
@@ -487,7 +500,7 @@ def _write_levels(
     def write(k: int, start: tuple[int, ...], data: np.ndarray) -> None:
         encoders[k].write(start, data)
 
-    pyramid = StreamingPyramid(write, [a.shape[1:] for a in levels], factors, shard)
+    pyramid = StreamingPyramid(write, [a.shape[1:] for a in levels], plan.factors, shard)
 
     def copy_shard(idx: tuple[int, ...]) -> Callable[[], None]:
         def task() -> None:
@@ -501,22 +514,22 @@ def _write_levels(
 
     grid0 = tuple(-(-n // s) for n, s in zip(spatial, shard))
     tick = (lambda: progress(1)) if progress else None
-    run_bounded((copy_shard(idx) for idx in morton_order(grid0)), threads, tick)
+    run_bounded((copy_shard(idx) for idx in morton_order(grid0)), plan.options.n_threads, tick)
     assert pyramid.pending == 0
 
 
 def _thumbnail(
-    image: np.ndarray,
-    mask: np.ndarray,
+    plan: _Plan,
+    levels: list[zarr.Array],
+    mask: _Mask,
     coords: np.ndarray,
     entry: dict[str, Any],
-    factors: list[tuple[int, ...]],
-    t: int,
-    background: float,
     path: Path,
-    slide_id: str,
 ) -> None:
-    """Render the thumbnail of level `t` with the grid's patches and save it at `path`."""
+    """Render the thumbnail (the first level within `thumbnail_size`) with the grid's patches; save it
+    at `path`."""
+    factors = plan.factors
+    t = _first_level_within(factors, plan.spatial, plan.options.thumbnail_size, slice(-2, None))
     g = entry["level"]
     scale = [a / b for a, b in zip(factors[g][-2:], factors[t][-2:])]  # grid-level px -> thumbnail px
     yx = coords[:, -2:].astype(np.float64)
@@ -536,9 +549,12 @@ def _thumbnail(
     )
     size = "x".join(str(p) for p in entry["patch_size"])
     caption = (
-        f"{slide_id}: {entry['n_patches']} patches of {size} at level {g}, min tissue {entry['min_tissue']}"
+        f"{plan.slide_id}: {entry['n_patches']} patches of {size} at level {g}, "
+        f"min tissue {entry['min_tissue']}"
     )
-    rgb = render_thumbnail(image, mask, boxes, background=background, caption=caption)
+    rgb = render_thumbnail(
+        levels[t][...], mask.mask, boxes, background=plan.reader.background, caption=caption
+    )
     save_png(rgb, path)
 
 
@@ -560,8 +576,9 @@ def add_grid(store: str | Path, options: PrepOptions) -> int:
     The grid counts once the marker lists it: a crash before that leaves the store as it was.
     """
     store = store if is_remote(store) else Path(store)
-    group = zarr.open_group(zarr_store(store, read_only=False), mode="r+")
-    attrs = dict(group.attrs[IPS_ATTR])
+    opened = open_store(store, mode="r+")  # checked: the mask below is the one prep recorded
+    group = opened.group
+    attrs = dict(opened.attrs)
     dims = attrs["spatial_dims"]
     factors = [tuple(f) for f in attrs["level_downsamples"]]
     shapes = [tuple(s[1:]) for s in attrs["level_shapes"]]
@@ -574,7 +591,12 @@ def add_grid(store: str | Path, options: PrepOptions) -> int:
             f"level {level} is not in the store (levels 0..{len(factors) - 1}); "
             "rerun with --overwrite to rebuild the pyramid"
         )
-    mask = np.asarray(group[MASK_ARRAY][...]).astype(bool)
+    stored_mask = opened.mask()
+    if stored_mask is None:
+        raise PrepError(
+            f"{store}: the store has no tissue mask to make a grid from; rebuild it with --overwrite"
+        )
+    mask = np.asarray(stored_mask).astype(bool)
     coords, tissue = make_grid(
         mask,
         tuple(attrs["mask"]["downsample"]),
@@ -586,7 +608,9 @@ def add_grid(store: str | Path, options: PrepOptions) -> int:
     )
     if len(coords) == 0 and not options.allow_empty:
         raise PrepError(f"no tissue: grid {options.grid_name!r} is empty (min_tissue {options.min_tissue})")
-    entry = _grid_entry(options, level, patch, stride, len(coords), spacing, factors[level])
+    entry = _grid_entry(
+        options, level, patch=patch, stride=stride, n=len(coords), spacing=spacing, factor=factors[level]
+    )
     _write_grid(group, options.grid_name, coords, tissue, entry)
     attrs["grids"] = {**attrs.get("grids", {}), options.grid_name: entry}
     group.attrs.update({IPS_ATTR: attrs})
@@ -612,11 +636,16 @@ def _level_in_store(options: PrepOptions, attrs: dict[str, Any]) -> int:
 
 def _list_grid(store: Path | str, name: str) -> None:
     """Record grid `name`'s arrays in the marker and list the grid: the step that makes it count."""
-    marker = read_marker(store)
-    arrays = dict(marker.get("arrays") or {})
     grid_arrays = [f"{GRIDS_GROUP}/{name}/{COORDS_ARRAY}", f"{GRIDS_GROUP}/{name}/{TISSUE_ARRAY}"]
-    arrays.update(checksums.scan_store(store, only=grid_arrays))
-    write_marker(store, [*dict.fromkeys([*marker.get("grids", []), name])], arrays)
+    seal(store, [*_marker(store).grids, name], only=grid_arrays)
+
+
+def _marker(store: Path | str) -> Marker:
+    """The marker of a complete store (StoreError when it is damaged)."""
+    marker = read_marker(store)
+    if marker is None:
+        raise StoreError(f"{store}: incomplete store (no completion marker)")
+    return marker
 
 
 # options that shape a grid / a store: a complete store made with other values is not what was asked for
@@ -700,7 +729,9 @@ def prep_file(
     final = final_location(out_dir, slide_id)
     try:
         with store_lock(out_dir, slide_id):
-            return _prep_locked(path, out_dir, slide_id, options, reader, progress, t0)
+            return _prep_locked(
+                path, out_dir, slide_id, options=options, reader=reader, progress=progress, t0=t0
+            )
     except PrepError as e:  # the lock is held by another prep
         return PrepResult(
             str(path), slide_id, "failed", final, reason=str(e), seconds=time.perf_counter() - t0
@@ -762,7 +793,7 @@ def _existing(path: Path, final: Path | str, slide_id: str, options: PrepOptions
     mismatch = options_mismatch(final, options)
     if mismatch:
         return PrepResult(str(path), slide_id, "failed", final, reason=mismatch)
-    if options.grid_name in read_marker(final).get("grids", []):
+    if options.grid_name in _marker(final).grids:
         return PrepResult(str(path), slide_id, "skipped", final, reason="complete store exists")
     n = add_grid(final, options)
     return PrepResult(str(path), slide_id, "grid added", final, n, time.perf_counter() - t0)
@@ -815,7 +846,7 @@ def convert_array(
     final = final_location(out_dir, slide_id)
     with store_lock(out_dir, slide_id):
         if is_complete(final) and not options.overwrite:
-            if options.grid_name not in read_marker(final).get("grids", []):
+            if options.grid_name not in _marker(final).grids:
                 add_grid(final, options)
             return final
         return _convert_array_locked(array, reader, out_dir, slide_id, options, mask)

@@ -20,9 +20,11 @@ from typing import Any
 
 import zarr
 
-from data_prep.writer import ShardEncoder, StoreWriter, write_marker
-from ips.format import checksums, location
+from data_prep.writer import ShardEncoder, StoreWriter
+from ips.format import location
+from ips.format.location import is_remote
 from ips.format.names import COMPLETE_MARKER
+from ips.format.store import seal
 
 
 class RemoteShardEncoder(ShardEncoder):
@@ -65,8 +67,8 @@ class RemoteStoreWriter(StoreWriter):
 
     def commit(self, grids: list[str]) -> Path:
         """Record every array's objects (sizes from one listing; small arrays read back for their
-        crc32c), then write the marker: the one PUT that makes the store complete."""
-        write_marker(self.final, grids, checksums.scan_remote(self.store, self.records))  # type: ignore[arg-type]
+        crc32c) and metadata, then write the marker: the one PUT that makes the store complete."""
+        seal(self.final, grids, known=self.records)
         return self.final  # type: ignore[return-value]
 
     def staging(self, name: str) -> Path:
@@ -86,3 +88,11 @@ class RemoteStoreWriter(StoreWriter):
         finally:
             for staged in self._staged:
                 staged.unlink(missing_ok=True)
+
+
+def open_writer(out_dir: str | Path, slide_id: str) -> StoreWriter:
+    """The writer of `out_dir/<slide_id>.zarr`: local (partial folder + rename, `StoreWriter`) or on object
+    storage (written in place, the marker last, `RemoteStoreWriter`)."""
+    if is_remote(out_dir):
+        return RemoteStoreWriter(out_dir, slide_id)
+    return StoreWriter(out_dir, slide_id)

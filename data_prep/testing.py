@@ -198,3 +198,30 @@ def write_nifti(path: str | Path, volume: np.ndarray, affine: np.ndarray) -> Pat
     img.header.set_xyzt_units("mm")
     nib.save(img, str(path))
     return Path(path)
+
+
+# --- a test oracle: the share of each patch inside a mask, by plain block sums -----------------------
+# (the project computes it one way, `data_prep.grid.tissue_fractions` through `ips.synthetic.grid_share`;
+# tests compare that with these independent sums)
+
+
+def patch_fraction(mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """Fraction of each `patch_size` grid cell inside `mask`: `(ceil(H/p), ceil(W/p))` (or 3D) float32.
+
+    Edge cells that stick out of the image count only their pixels inside it.
+    """
+    p = patch_size
+    cells = tuple(-(-s // p) for s in mask.shape)
+    padded = np.zeros(tuple(c * p for c in cells), dtype=np.float32)
+    padded[tuple(slice(0, s) for s in mask.shape)] = mask
+    inside = np.zeros_like(padded)
+    inside[tuple(slice(0, s) for s in mask.shape)] = 1.0
+    # (G0, p, G1, p, ...) -> sum over the within-cell axes
+    split = tuple(x for c in cells for x in (c, p))
+    axes = tuple(range(1, 2 * len(cells), 2))
+    return (padded.reshape(split).sum(axes) / inside.reshape(split).sum(axes)).astype(np.float32)
+
+
+def cells_to_grid(cells: np.ndarray, coords: np.ndarray, patch_size: int) -> np.ndarray:
+    """Per-cell values `(G0, G1[, G2])` of a stride-`patch_size` grid -> per-patch `(N,)` at `coords (N, d)`."""
+    return cells[tuple((coords // patch_size).T)]

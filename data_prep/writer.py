@@ -1,19 +1,9 @@
-"""Writing a store: the partial folder, pyramid arrays, small arrays, attributes, the marker, the rename.
+"""Writing a store: the partial folder, pyramid arrays, small arrays, the lock; the marker and the commit
+are the store contract's (`ips.format.store.commit`).
 
-Codec: blosc with lz4 (clevel 5, byte shuffle), a zarr v3 core codec, so every zarr v3 implementation
-reads the store. Measured on the real Aperio slide (2967 x 2220 RGB, 19.8 MB raw, 1.94 MB JPEG source),
-level 0 in 256-px chunks, on disk, and single-thread codec speed on its chunks:
-
-    codec        level 0 on disk   encode      decode
-    none         21.2 MB           -           -
-    blosc-lz4     8.7 MB           2400 MB/s   5900 MB/s
-    zstd 1        7.8 MB            370 MB/s    760 MB/s
-    zstd 3        7.8 MB           (slower)
-    zstd 9        7.6 MB           (slower)
-
-blosc-lz4 costs 11% more disk than zstd and encodes 6.5x / decodes 7.8x faster: with zstd, re-encoding
-the decoded JPEG losslessly cost more CPU than decoding the JPEG, and the patch reader decodes every
-chunk it trains on. `--codec zstd` (level 1) gives the smaller store.
+Codec: blosc with lz4 (clevel 5, byte shuffle) by default, a zarr v3 core codec, so every zarr v3
+implementation reads the store; `--codec zstd` (level 1) gives a smaller store for slower encoding and
+decoding (docs/FORMAT.md "Chunks" has the measured sizes and speeds).
 
 Chunks: every level has the same chunk shape, the patch size (or `gcd(patch, stride)` when patches
 overlap, so a patch covers whole chunks), enlarged to a multiple of at least 64 (2D) / 32 (3D) pixels
@@ -24,14 +14,12 @@ equal the fill value (`background`) are not written.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
 import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +28,15 @@ import zarr
 from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
 from data_prep.options import CODECS, LOSSY_CODECS
-from ips import __version__
 from ips.errors import PrepError
-from ips.format import checksums, image_codecs, location
+from ips.format import image_codecs
 from ips.format.checksums import bytes_record
 from ips.format.location import is_remote
 from ips.format.lockfile import read_holder, write_holder
-from ips.format.names import COMPLETE_MARKER, FORMAT_VERSION, LOCK_SUFFIX, PARTIAL_SUFFIX
+from ips.format.names import COMPLETE_MARKER, LOCK_SUFFIX
 from ips.format.sharding import ShardLayout
+from ips.format.store import commit, read_marker, remove_stale, seal, store_paths
+from ips.format.store import is_complete as is_complete
 
 MIN_CHUNK = {2: 64, 3: 32}
 ARRAY_CONFIG = {"write_empty_chunks": False}  # background chunks stay unwritten
@@ -181,56 +170,16 @@ class ShardEncoder:
             f.write(data)
 
 
-def store_paths(out_dir: str | Path, slide_id: str) -> tuple[Path, Path]:
-    """`(final, partial)`: `DIR/<slide_id>.zarr` and this process's `DIR/.<slide_id>.zarr.partial-<pid>`."""
-    out_dir = Path(out_dir)
-    return out_dir / f"{slide_id}.zarr", out_dir / f".{slide_id}.zarr{PARTIAL_SUFFIX}-{os.getpid()}"
-
-
-def is_complete(store: str | Path) -> bool:
-    if is_remote(store):
-        return location.get_bytes(location.object_store(str(store)), COMPLETE_MARKER) is not None
-    return (Path(store) / COMPLETE_MARKER).is_file()
-
-
-def read_marker(store: str | Path) -> dict[str, Any]:
-    return checksums.read_marker(store)
-
-
-def write_marker(store: Path, grids: list[str], arrays: dict[str, checksums.ArrayRecord]) -> None:
-    """Write the completion marker atomically (temp file + rename): the grids it vouches for and, per
-    array, every written chunk/shard key with `[size, crc32c]` (`ips.format.checksums`)."""
-    marker = {
-        "format_version": FORMAT_VERSION,
-        "tool_version": __version__,
-        "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "grids": grids,
-        "checksum": checksums.CHECKSUM,
-        "arrays": arrays,
-    }
-    if is_remote(store):  # one PUT: an object appears whole or not at all
-        data = json.dumps(marker, separators=(",", ":")).encode()
-        location.put_bytes(location.object_store(str(store), read_only=False), COMPLETE_MARKER, data)
-        return
-    tmp = store / f".{COMPLETE_MARKER}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(marker, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, store / COMPLETE_MARKER)
-
-
 def reseal(store: str | Path, arrays: list[str] | None = None) -> None:
     """Record the current bytes of a complete store's arrays (all, or those named) in its marker: for
     tools that change a store after `ips prep` (benchmarks filling pixels in, a grid added)."""
-    store = Path(store)
     marker = read_marker(store)
-    recorded = dict(marker.get("arrays") or {})
+    if marker is None:
+        raise PrepError(f"{store}: not a complete store (no {COMPLETE_MARKER})")
     if arrays is None:
-        recorded = checksums.scan_store(store, recorded)
+        seal(store, marker.grids, known=marker.arrays)
     else:
-        recorded.update(checksums.scan_store(store, recorded, only=arrays))
-    write_marker(store, list(marker.get("grids", [])), recorded)
+        seal(store, marker.grids, only=arrays)
 
 
 class StoreLock:
@@ -275,18 +224,6 @@ class StoreLock:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
-
-
-def remove_stale(out_dir: str | Path, slide_id: str) -> None:
-    """Remove partial and old copies of `slide_id`'s store left by killed runs. Call with its
-    `StoreLock` held: no other prep is then writing them."""
-    for stale in Path(out_dir).glob(f".{slide_id}.zarr.*"):
-        if stale.name.endswith(LOCK_SUFFIX):
-            continue
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
 
 
 class StoreWriter:
@@ -379,16 +316,10 @@ class StoreWriter:
         return arr
 
     def commit(self, grids: list[str]) -> Path:
-        """Make the store complete: record every array's written keys, sizes and checksums in the
-        marker (written inside the partial store), then rename it into place (replacing an old one)."""
-        write_marker(self.partial, grids, checksums.scan_store(self.partial, self.records))
-        old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-        if self.final.exists():
-            os.rename(self.final, old)
-        os.rename(self.partial, self.final)  # the one step that makes the store complete
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        return self.final
+        """Make the store complete (`ips.format.store.commit`): record every array's written keys, sizes,
+        checksums and metadata in the marker (written inside the partial store), then rename it into
+        place (replacing an old one)."""
+        return commit(self.partial, self.final, grids, self.records)
 
     def staging(self, name: str) -> Path:
         """Where to write `DIR/<name>` (a file beside the store, e.g. its thumbnail) before `publish`."""
@@ -410,18 +341,3 @@ def store_lock(out_dir: str | Path, slide_id: str) -> Any:
     """The lock of `out_dir/<slide_id>.zarr` while it is written: a `StoreLock` on a local disk; none on
     object storage, which has no flock (one writer per store, `data_prep.remote`)."""
     return contextlib.nullcontext() if is_remote(out_dir) else StoreLock(out_dir, slide_id)
-
-
-def open_writer(out_dir: str | Path, slide_id: str) -> StoreWriter:
-    """The writer of `out_dir/<slide_id>.zarr`: local (partial folder + rename) or on object storage
-    (`data_prep.remote`: written in place, the marker last)."""
-    if is_remote(out_dir):
-        from data_prep.remote import RemoteStoreWriter
-
-        return RemoteStoreWriter(out_dir, slide_id)
-    return StoreWriter(out_dir, slide_id)
-
-
-def final_location(out_dir: str | Path, slide_id: str) -> str | Path:
-    """`DIR/<slide_id>.zarr`, a Path or (object storage) a URL."""
-    return location.join(out_dir, f"{slide_id}.zarr")

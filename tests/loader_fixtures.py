@@ -91,7 +91,14 @@ def write_store(
     if coords is None:
         coords = grid_coords(level_shape, patch, stride)
     coords = np.asarray(coords, dtype=np.int64)
-    grid = root.create_group(f"{sf.GRIDS_GROUP}/{grid_name}")
+    entry = {
+        "level": level,
+        "patch_size": list(patch),
+        "stride": list(stride),
+        "min_tissue": 0.0,
+        "n_patches": int(len(coords)),
+    }
+    grid = root.create_group(f"{sf.GRIDS_GROUP}/{grid_name}", attributes=entry)
     grid.create_array(sf.COORDS_ARRAY, data=coords, chunks=(min(len(coords), 65536) or 1, dims))
     grid.create_array(
         sf.TISSUE_ARRAY, data=np.ones(len(coords), np.float32), chunks=(min(len(coords), 65536) or 1,)
@@ -125,15 +132,7 @@ def write_store(
                 "level_downsamples": [[2**k] * dims for k in range(n_levels)],
                 "background": background,
                 "mask": None,
-                "grids": {
-                    grid_name: {
-                        "level": level,
-                        "patch_size": list(patch),
-                        "stride": list(stride),
-                        "min_tissue": 0.0,
-                        "n_patches": int(len(coords)),
-                    }
-                },
+                "grids": {grid_name: entry},
                 "provenance": {"reader": "tests.loader_fixtures"},
                 **({"features": feat_attrs} if feat_attrs else {}),
             },
@@ -147,13 +146,12 @@ def write_store(
 def seal(path: str | Path, grids: list[str] | None = None) -> None:
     """Write (or rewrite) the completion marker of a hand-made store, recording every array's files as
     `ips prep` does (call again after changing the store's arrays)."""
-    from data_prep.writer import write_marker
-    from ips.format import checksums
+    from ips.format.store import seal as seal_store
 
     path = Path(path)
     if grids is None:
         grids = json.loads((path / sf.COMPLETE_MARKER).read_text()).get("grids", [])
-    write_marker(path, grids, checksums.scan_store(path))
+    seal_store(path, grids)
 
 
 def random_image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -10,18 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_prep.testing import cells_to_grid, patch_fraction
 from ips.config import TaskConfig
 from ips.synthetic import lesions as les
 from ips.synthetic import megapixel_mnist as mm
-from ips.synthetic._store import (
-    TRUTH_GROUP,
-    GridSpec,
-    cells_to_grid,
-    grid_share,
-    patch_fraction,
-    stratified_splits,
-    truth_key,
-)
+from ips.synthetic._store import TRUTH_GROUP, GridSpec, grid_share, stratified_splits, truth_key
 
 HAVE_WRITER = importlib.util.find_spec("data_prep.convert") is not None
 needs_writer = pytest.mark.skipif(not HAVE_WRITER, reason="data_prep.convert (the store writer) is missing")

@@ -19,7 +19,7 @@ from data_prep.testing import tissue_image, write_pyramid_tiff
 from data_prep.writer import StoreLock, is_complete
 from ips.cli.main import main
 from ips.data.store import verify_store
-from ips.format.checksums import read_marker
+from ips.format.store import read_marker
 
 REPO = Path(__file__).resolve().parents[1]
 # imported by every Python process started with this folder on PYTHONPATH (the spawned workers too):
@@ -103,7 +103,7 @@ def store_digest(store: Path) -> dict:
     """What must be equal between two runs: every array's written files (sizes, crc32c), the grids."""
     marker = read_marker(store)
     attrs = json.loads((store / "zarr.json").read_text())["attributes"]["ips"]
-    return {"arrays": marker["arrays"], "grids": marker["grids"], "grid_attrs": attrs["grids"]}
+    return {"arrays": marker.arrays, "grids": marker.grids, "grid_attrs": attrs["grids"]}
 
 
 @pytest.mark.slow

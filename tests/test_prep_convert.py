@@ -71,7 +71,7 @@ def test_pyramid_tiff_roundtrip(pyramid_tiff, tmp_path):
     assert [c.to_dict()["name"] for c in a0.compressors] == ["blosc"]
     assert a0.compressors[0].to_dict()["configuration"]["cname"] == "lz4"
     # attributes as in docs/FORMAT.md
-    assert attrs["format_version"] == 2 and attrs["spatial_dims"] == 2 and attrs["channels"] == 3
+    assert attrs["format_version"] == 3 and attrs["spatial_dims"] == 2 and attrs["channels"] == 3
     assert attrs["spacing"] == [0.5, 0.5] and attrs["background"] == 255
     prov = attrs["provenance"]
     assert prov["reader"] == "tifffile" and prov["source_size_bytes"] == path.stat().st_size

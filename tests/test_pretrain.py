@@ -10,13 +10,14 @@ import pytest
 import torch
 import zarr
 
+from data_prep.testing import patch_fraction
 from ips.config import ConfigError, ExperimentConfig, apply_overrides
 from ips.data.zarr_source import ZarrPatchSource
 from ips.model.encoders import build_encoder
 from ips.model.ips_model import build_model
 from ips.pretrain import ENCODER_FILE, pretrain_encoder
 from ips.synthetic import small_objects as so
-from ips.synthetic._store import TRUTH_GROUP, patch_fraction
+from ips.synthetic._store import TRUTH_GROUP
 
 TINY = {
     "model": {

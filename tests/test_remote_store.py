@@ -26,7 +26,7 @@ from data_prep.testing import tissue_image, write_pyramid_tiff
 from ips.cli.main import main
 from ips.data.store import StoreError, open_store, verify_store
 from ips.data.zarr_source import FeatureSource, ZarrPatchSource
-from ips.format.checksums import read_marker
+from ips.format.store import read_marker
 from ips.infer.loop import store_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_prep_to_s3_writes_what_a_local_prep_writes(s3, prepped):
     for sid in ("slide0", "slide1"):
         remote_store, local_store = f"{url}/{sid}.zarr", local / f"{sid}.zarr"
         # every chunk/shard object, by size and crc32c, equals the local file
-        assert read_marker(remote_store)["arrays"] == read_marker(local_store)["arrays"]
+        assert read_marker(remote_store).arrays == read_marker(local_store).arrays
         a, b = ZarrPatchSource(remote_store), ZarrPatchSource(local_store)
         assert np.array_equal(a.coords, b.coords) and len(a) > 50
         idx = np.arange(len(a))
@@ -273,7 +273,7 @@ def test_lossy_codec_and_store_from_grid_on_s3_equal_local(s3, tmp_path):
     for out in (url, str(local)):
         assert main(["prep", str(slide), "--out", out, *opts]) == 0
     remote_store, local_store = f"{url}/two.zarr", local / "two.zarr"
-    assert read_marker(remote_store)["arrays"] == read_marker(local_store)["arrays"]
+    assert read_marker(remote_store).arrays == read_marker(local_store).arrays
     a, b = open_store(remote_store), open_store(local_store)
     assert (
         a.attrs["source_level"] == b.attrs["source_level"] and b.attrs["source_level"]["pyramid_level"] == 1

@@ -1,8 +1,9 @@
-"""`ips verify STORE...`: check that stores are complete and intact (every checksum recorded by `ips prep`).
+"""`ips verify STORE...`: check that stores are complete and intact: the marker, each array's and grid's
+metadata, every recorded chunk's size and crc32c, no links and no files the marker does not record.
 
-One line per problem on stderr (store, array, chunk key, what is wrong), `ok STORE` on stdout for each
-intact store. Exit status: 0 all intact, 1 some missing, incomplete, damaged or unverifiable (format 1),
-2 bad usage.
+One line per store: `ok STORE` on stdout, or `ips verify: DAMAGED <first problem>` on stderr (with the
+count of further problems); any failure of one store is reported and the next store is checked. Exit
+status: 0 all intact, 1 some missing, incomplete, damaged or unverifiable (format 1), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -16,24 +17,35 @@ from ips.errors import EXIT_OK, EXIT_SOME_FAILED
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "verify",
-        help="check stores: every recorded chunk exists with its size and crc32c",
-        description="Check each STORE made by `ips prep`: complete, every written chunk/shard present with "
-        "its recorded size and crc32c. Exit 0 all intact, 1 some damaged (each named), 2 bad usage.",
+        help="check stores: marker, metadata, every recorded chunk's size and crc32c",
+        description="Check each STORE made by `ips prep`: complete, its marker intact, every array's and "
+        "grid's metadata as recorded, every written chunk/shard present with its recorded size and "
+        "crc32c, no links. One line per store. Exit 0 all intact, 1 some damaged (each named), 2 bad usage.",
     )
     p.add_argument("stores", nargs="+", metavar="STORE", help="store paths (DIR/<slide_id>.zarr)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ips.data.store import verify_store
+def verify_one(store: str) -> list[str]:
+    """Every problem of one store, one line each (empty: intact); never raises for a damaged store."""
+    from ips.format.store import verify_store
 
+    return verify_store(store)
+
+
+def summary(problems: list[str]) -> str:
+    """The one line of a damaged store: its first problem, and how many more there are."""
+    more = len(problems) - 1
+    return problems[0] + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
+def run(args: argparse.Namespace) -> int:
     bad = 0
     for store in args.stores:
-        problems = verify_store(store)
-        for line in problems:
-            print(f"ips verify: DAMAGED {line}", file=sys.stderr)
+        problems = verify_one(store)
         if problems:
             bad += 1
+            print(f"ips verify: DAMAGED {summary(problems)}", file=sys.stderr)
         else:
             print(f"ok {store}")
     if bad:

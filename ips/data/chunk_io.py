@@ -16,7 +16,9 @@ zarr's own reads. Local stores are read with plain `os.pread`; other stores thro
 synchronous byte-range read).
 
 Integrity: given the store's record of written keys (`ips.format.checksums`, from the completion
-marker), a shard that is absent but recorded was lost, not background. Every problem with a chunk's
+marker), a shard that is absent but recorded was lost, not background, and a key the record does not
+hold is background without a read (whatever a file there holds). A local chunk file that is a symbolic
+link, or lies in a folder resolving outside the store, is refused (`ips.format.location.RootGuard`). Every problem with a chunk's
 bytes (a lost shard, one shorter than its index says, a bad index checksum, a chunk that does not
 decode) raises `StoreError` naming the store, the array and the chunk.
 """
@@ -41,6 +43,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from ips.errors import StoreError
+from ips.format.location import OutsideStore, RootGuard
 from ips.format.sharding import MISSING, CorruptShard, ShardLayout, UnsupportedLayout
 
 # byte ranges of one shard closer than this are fetched as one read: on local disk a pread is cheap and
@@ -136,6 +139,8 @@ class ChunkReader:
         self._store = array.store_path.store
         self._prefix = array.store_path.path
         self._root = str(self._store.root) if isinstance(self._store, LocalStore) else None
+        # no reads outside the store: a chunk file that is a link, or lies outside the root, is refused
+        self._guard = RootGuard(self._root) if self._root is not None else None
         self._gap = COALESCE_GAP_LOCAL if self._root is not None else COALESCE_GAP_REMOTE
         self.sharded = layout.sharded
         self._per_shard = np.asarray(layout.chunks_per_shard, dtype=np.int64)
@@ -178,13 +183,17 @@ class ChunkReader:
         file's size where known; None if the key is absent (and not recorded as written: then it is
         lost, a StoreError). A range cut short by the end of the file raises StoreError (truncated)."""
         rel = key
+        if self._written is not None and rel not in self._written:
+            return None  # not written (background): the marker says so, whatever a file there holds
         key = f"{self._prefix}/{rel}" if self._prefix else rel
         size: int | None = None
-        if self._root is not None:  # local disk: plain preads, no event-loop round trip
+        if self._guard is not None:  # local disk: plain preads, no event-loop round trip
             try:
-                fd = os.open(os.path.join(self._root, key), os.O_RDONLY)
+                fd = self._guard.open(os.path.join(self._root or "", key))
             except FileNotFoundError:
                 return self._absent(rel)
+            except OutsideStore as e:
+                raise self._damaged(rel, e.reason) from None
             try:
                 if ranges is not None:
                     out = [os.pread(fd, b - a, a) for a, b in ranges]

@@ -267,6 +267,46 @@ class ZarrPatchSource:
         return np.rint(self.coords * down).astype(np.int64)
 
 
+class RegionReader:
+    """Boxes of one pyramid level of an opened store, read through the same checked chunk reader as the
+    patch sources (what `ips predict` reads): recorded chunks checked, links and reads outside the store
+    refused, damage a one-line `StoreError`. For the viewer's tiles and galleries.
+
+    `shape`: the level's `(C, *spatial)`; `read(start, size)` -> `(C, *size)` in the store's dtype, the
+    part outside the level filled with the store's `background`. Thread-safe.
+    """
+
+    def __init__(self, store: IpsStore, level: int) -> None:
+        array = store.level(level)  # metadata checked against the marker
+        self.store, self.level = store, level
+        self.shape = tuple(int(n) for n in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.background = store.background
+        self._chunks = ChunkReader.for_array(
+            array, self.background, written=store.written_keys(str(level)), name=store.name
+        )
+        self._array = array
+
+    def read(self, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+        """The box `[start, start + size)` of the level's spatial axes: `(C, *size)`."""
+        if len(start) != len(self.shape) - 1 or len(size) != len(start) or min(size, default=1) < 1:
+            raise ValueError(f"a box of {len(self.shape) - 1} spatial axes, sizes >= 1; got {start}, {size}")
+        out = np.empty((1, self.shape[0], *size), dtype=self.dtype)
+        if self._chunks is not None:
+            lo = np.asarray([[0, *start]], dtype=np.int64)
+            self._chunks.read_boxes(lo, (self.shape[0], *size), out, np.zeros(1, np.int64))
+            return out[0]
+        # a layout the chunk reader does not handle: zarr's own read (still through the checked store)
+        out[...] = self.background
+        lo = [max(0, a) for a in start]
+        hi = [min(n, a + b) for a, b, n in zip(start, size, self.shape[1:])]
+        if all(h > a for a, h in zip(lo, hi)):
+            data = self._array[(slice(None), *(slice(a, h) for a, h in zip(lo, hi)))]
+            dst = tuple(slice(a - s, h - s) for a, h, s in zip(lo, hi, start))
+            out[(0, slice(None), *dst)] = data
+        return out[0]
+
+
 class FeatureSource:
     """Precomputed feature vectors of one feature set: `read(indices)` -> float32 `(n, F)`.
 

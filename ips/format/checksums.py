@@ -3,9 +3,9 @@
 The marker lists, per array (path in the store, e.g. `"0"`, `"grids/default/coords"`), every chunk or
 shard file that was written: its key (relative to the array, `c/0/1`), its size in bytes and the
 crc32c of its bytes. A key that is not listed was never written (background, the fill value stands for
-it); a listed key that is missing, of another size or with another checksum was lost or damaged. Array
-metadata (`zarr.json`) is not listed: attributes change legitimately (a grid added, features computed)
-and zarr refuses a missing or broken `zarr.json` by itself.
+it); a listed key that is missing, of another size or with another checksum was lost or damaged. What each
+array's `zarr.json` must say is recorded beside it (`ips.format.store.node_metadata`); the marker itself is
+read, written and checked by `ips.format.store`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import google_crc32c
-
-from ips.format.names import COMPLETE_MARKER
 
 CHECKSUM = "crc32c"
 ArrayRecord = dict[str, list[int]]  # chunk/shard key -> [size in bytes, crc32c]
@@ -26,12 +24,17 @@ _READ = 1 << 22
 
 def file_record(path: str | Path) -> list[int]:
     """`[size, crc32c]` of a file, read in 4 MiB pieces."""
+    with open(path, "rb") as f:
+        return stream_record(f)
+
+
+def stream_record(f: BinaryIO) -> list[int]:
+    """`[size, crc32c]` of what is left to read in the open file `f`, read in 4 MiB pieces."""
     crc = 0
     size = 0
-    with open(path, "rb") as f:
-        while block := f.read(_READ):
-            crc = google_crc32c.extend(crc, block)
-            size += len(block)
+    while block := f.read(_READ):
+        crc = google_crc32c.extend(crc, block)
+        size += len(block)
     return [size, int(crc)]
 
 
@@ -89,22 +92,6 @@ def scan_store(
     return {
         a: scan_array(store / a, known.get(a)) for a in (only if only is not None else array_paths(store))
     }
-
-
-def read_marker(store: str | Path) -> dict[str, Any]:
-    """The completion marker of a store (raises OSError / ValueError if missing or not JSON)."""
-    from ips.format import location
-
-    if location.is_remote(store):
-        data = location.get_bytes(location.object_store(str(store)), COMPLETE_MARKER)
-        if data is None:
-            raise FileNotFoundError(f"{store}: no {COMPLETE_MARKER}")
-        marker = json.loads(data)
-    else:
-        marker = json.loads((location.local_path(store) / COMPLETE_MARKER).read_text())
-    if not isinstance(marker, dict):
-        raise ValueError(f"{COMPLETE_MARKER} is not a JSON object")
-    return marker
 
 
 def scan_remote(

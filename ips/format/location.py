@@ -16,10 +16,15 @@ zarr's event loop), batched where a caller has many keys: listing with sizes, co
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from zarr.storage import LocalStore
+
+from ips.errors import StoreError
 
 REMOTE_SCHEMES = ("s3", "gs", "https", "http")
 WRITABLE_SCHEMES = ("s3", "gs")
@@ -85,10 +90,110 @@ def object_store(location: str, *, read_only: bool = True) -> Any:
 
 
 def zarr_store(location: str | Path, *, read_only: bool = True) -> Any:
-    """What `zarr.open_group` takes for `location`: a local path string, or a remote `ObjectStore`."""
+    """What `zarr.open_group` takes for `location`: a `CheckedLocalStore` (reads stay inside the store), or
+    a remote `ObjectStore`."""
     if is_remote(location):
         return object_store(str(location), read_only=read_only)
-    return str(local_path(location))
+    return checked_local_store(local_path(location), read_only=read_only)
+
+
+# --- no reads outside a local store --------------------------------------------------------------------
+# A store may come from someone else: a chunk file that is a symbolic link, or that lies in a folder
+# resolving outside the store's root, would make every reader serve a file the store does not hold. Every
+# local read goes through `outside_reason` (zarr's reads through `CheckedLocalStore`, the patch reader's
+# preads in `ips.data.chunk_io`); the root itself may be a link (a store kept on another disk).
+
+
+LINK = "a symbolic link (a store holds no links; refused)"
+OUTSIDE = "in a folder that resolves outside the store (refused)"
+
+
+class OutsideStore(StoreError):
+    """A read that would leave the store (a symbolic link, or a folder resolving outside its root);
+    `reason` says which."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (raised in DataLoader workers)
+        return OutsideStore, (self.path, self.reason)
+
+
+class RootGuard:
+    """Decides whether a path under a local store's root stays inside it. Folders found inside are
+    remembered, so a chunk read costs one dictionary lookup beyond the `open` (done with O_NOFOLLOW)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = os.path.realpath(root)
+        self._inside: set[str] = set()
+
+    def folder_inside(self, folder: str) -> bool:
+        """True when `folder` resolves inside the root."""
+        if folder in self._inside:
+            return True
+        real = os.path.realpath(folder)
+        if real == self.root or real.startswith(self.root + os.sep):
+            self._inside.add(folder)
+            return True
+        return False
+
+    def reason(self, path: str) -> str | None:
+        """Why reading the file `path` would leave the store (None: it would not)."""
+        if os.path.islink(path):
+            return LINK
+        if not self.folder_inside(os.path.dirname(path)):
+            return OUTSIDE
+        return None
+
+    def open(self, path: str) -> int:
+        """`os.open(path, O_RDONLY)` that refuses a link or a path outside the root (`OutsideStore`);
+        FileNotFoundError as usual."""
+        if not self.folder_inside(os.path.dirname(path)):
+            if not os.path.exists(path):
+                raise FileNotFoundError(path)
+            raise OutsideStore(path, OUTSIDE)
+        if not hasattr(os, "O_NOFOLLOW") and os.path.islink(path):  # (Windows) no flag to do it for us
+            raise OutsideStore(path, LINK)
+        try:
+            return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutsideStore(path, LINK) from None
+            raise
+
+
+class CheckedLocalStore(LocalStore):
+    """zarr's `LocalStore` whose reads refuse files outside the store (`OutsideStore`): every zarr read
+    of a local store (metadata, small arrays, zarr's own pixel reads) goes through it."""
+
+    def __init__(self, root: str | Path, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        self.guard = RootGuard(self.root)
+
+    def _check(self, key: str) -> None:
+        why = self.guard.reason(str(self.root / key))
+        if why is not None:
+            raise OutsideStore(self.root / key, why)
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        self._check(key)
+        return await super().get(key, prototype, byte_range)
+
+    def get_sync(self, key: str, *, prototype: Any = None, byte_range: Any = None) -> Any:
+        self._check(key)
+        return super().get_sync(key, prototype=prototype, byte_range=byte_range)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            self._check(key)
+        return await super().get_partial_values(prototype, key_ranges)
+
+
+def checked_local_store(root: str | Path, *, read_only: bool = True) -> CheckedLocalStore:
+    """The `CheckedLocalStore` at `root`."""
+    return CheckedLocalStore(root, read_only=read_only)
 
 
 # --- synchronous object helpers (any zarr store; listing with sizes is one request per 1000 keys on

@@ -4,7 +4,7 @@ Both write ips stores (through `data_prep.convert.convert_array`) and a manifest
 tests build on them. See `megapixel_mnist` and `lesions` for the generation rules.
 """
 
-from ips.synthetic._store import TRUTH_GROUP, GridSpec, grid_share, patch_fraction, truth_key
+from ips.synthetic._store import TRUTH_GROUP, GridSpec, grid_share, truth_key
 from ips.synthetic.lesions import (
     Lesion,
     LesionSlide,
@@ -42,7 +42,6 @@ __all__ = [
     "make_megapixel_mnist",
     "make_sample",
     "megapixel_mnist_tasks",
-    "patch_fraction",
     "render_lesion_slide",
     "render_slide_2d",
     "render_volume_3d",

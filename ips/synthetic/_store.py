@@ -4,7 +4,8 @@ Truth lives in the store under `ips_truth/` (a name outside docs/FORMAT.md, so r
 per-patch float32 arrays `ips_truth/<name>` `(N,)` aligned with `grids/default/coords` (and
 `ips_truth/<grid>/<name>` for any further grid, `truth_key`), and the group's attributes (planted
 objects, labels). It is added before the store becomes visible: the writer builds the
-complete store in a staging folder, the truth is added there, and the folder is then renamed into place.
+complete store in a staging folder, the truth is added there, and the store contract's commit
+(`ips.format.store.commit`) records it in the marker and renames the folder into place.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,31 +21,10 @@ import numpy as np
 import zarr
 
 from ips.format import names as sf
+from ips.format.store import commit, read_marker
 
 TRUTH_GROUP = "ips_truth"
 STAGING = ".staging"
-
-
-def patch_fraction(mask: np.ndarray, patch_size: int) -> np.ndarray:
-    """Fraction of each `patch_size` grid cell inside `mask`: `(ceil(H/p), ceil(W/p))` (or 3D) float32.
-
-    Edge cells that stick out of the image count only their pixels inside it.
-    """
-    p = patch_size
-    cells = tuple(-(-s // p) for s in mask.shape)
-    padded = np.zeros(tuple(c * p for c in cells), dtype=np.float32)
-    padded[tuple(slice(0, s) for s in mask.shape)] = mask
-    inside = np.zeros_like(padded)
-    inside[tuple(slice(0, s) for s in mask.shape)] = 1.0
-    # (G0, p, G1, p, ...) -> sum over the within-cell axes
-    split = tuple(x for c in cells for x in (c, p))
-    axes = tuple(range(1, 2 * len(cells), 2))
-    return (padded.reshape(split).sum(axes) / inside.reshape(split).sum(axes)).astype(np.float32)
-
-
-def cells_to_grid(cells: np.ndarray, coords: np.ndarray, patch_size: int) -> np.ndarray:
-    """Per-cell values `(G0, G1[, G2])` of a stride-`patch_size` grid -> per-patch `(N,)` at `coords (N, d)`."""
-    return cells[tuple((coords // patch_size).T)]
 
 
 def grid_share(
@@ -56,7 +35,7 @@ def grid_share(
     `coords` `(N, d)`: the patches' corners in pixels of their level, whose downsample to level 0 is
     `factor`; `patch`: the patch size in those pixels. A grid's patches lie inside the image and on a
     product of per-axis starts, so this is `data_prep.grid.tissue_fractions` (the prep's exact
-    summed-area fractions) on those starts; on the default grid it equals `cells_to_grid(patch_fraction)`.
+    summed-area fractions) on those starts: the one "share of a patch inside a mask" of the project.
     """
     from data_prep.grid import tissue_fractions  # optional at import time
 
@@ -120,18 +99,18 @@ def write_store(
     mask: np.ndarray | None,
     min_tissue: float,
     spacing: tuple[float, ...] | None = None,
-    truth_cells: Mapping[str, np.ndarray] | None = None,
     truth_masks: Mapping[str, np.ndarray] | None = None,
     truth_attrs: Mapping[str, Any] | None = None,
     extra_grids: Sequence[GridSpec] = (),
 ) -> Path:
     """Write `array` `(C, Y, X)` / `(C, Z, Y, X)` uint8 as `out_dir/<slide_id>.zarr` with grid `default`
-    (`patch_size` at stride `patch_size` on level 0) and the `extra_grids`.
+    (`patch_size` at stride `patch_size` on level 0) and the `extra_grids`; returns the store's path.
 
-    Truth per grid patch, `(N,)` at `truth_key(name, grid)`: `truth_cells` (name -> per-cell values
-    `(G0, G1[, G2])` over the stride-`patch_size` cells of level 0) for the default grid only;
-    `truth_masks` (name -> level-0 mask `(Y, X)` / `(Z, Y, X)`, bool or float) for every grid, as the
-    share of each patch inside the mask (`grid_share`). Returns the store's path.
+    Truth: `truth_masks` (name -> level-0 mask `(Y, X)` / `(Z, Y, X)`, bool or float) becomes, for every
+    grid, the share of each patch inside the mask (`grid_share`), `(N,)` at `truth_key(name, grid)`;
+    `truth_attrs` the `ips_truth` group's attributes. The store is built in `out_dir/.staging/` and made
+    complete by the store contract's commit (`ips.format.store.commit`: its marker records the truth too,
+    then one rename into place).
     """
     # optional at import time
     from data_prep.convert import THUMBNAIL_SUFFIX, PrepOptions, add_grid, convert_array
@@ -156,13 +135,6 @@ def write_store(
             array, staging, slide_id, spacing=spacing, options=options, background=background, mask=mask
         )
     )
-    root = zarr.open_group(str(built), mode="r+")
-    truth = root.create_group(TRUTH_GROUP, overwrite=True)
-    truth.attrs.update(dict(truth_attrs or {}))
-    coords = np.asarray(root[f"{sf.GRIDS_GROUP}/{sf.DEFAULT_GRID}/{sf.COORDS_ARRAY}"][...])
-    for name, cells in (truth_cells or {}).items():
-        values = cells_to_grid(np.asarray(cells, dtype=np.float32), coords, patch_size)
-        _write_truth(truth, name, sf.DEFAULT_GRID, values)
     for spec in extra_grids:
         add_grid(
             built,
@@ -175,26 +147,38 @@ def write_store(
                 allow_empty=True,
             ),
         )
-    factors = root.attrs[sf.IPS_ATTR]["level_downsamples"]
-    for grid in [sf.DEFAULT_GRID, *(g.name for g in extra_grids)] if truth_masks else ():
-        info = root[f"{sf.GRIDS_GROUP}/{grid}"].attrs
-        grid_coords = root[f"{sf.GRIDS_GROUP}/{grid}/{sf.COORDS_ARRAY}"][...]
-        for name, mask in truth_masks.items():
-            share = grid_share(np.asarray(mask), grid_coords, info["patch_size"], factors[info["level"]])
-            _write_truth(truth, name, grid, share)
-    final = out_dir / f"{slide_id}.zarr"
-    old = out_dir / f".{slide_id}.zarr.old"
-    if final.exists():  # replace a previous run's store, as the writer's commit does
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(built, final)
-    shutil.rmtree(old, ignore_errors=True)
+    grids = [sf.DEFAULT_GRID, *(g.name for g in extra_grids)]
+    _add_truth(built, grids, truth_masks or {}, truth_attrs or {})
+    final = commit(built, out_dir / f"{slide_id}.zarr", grids, known=_recorded(built))
     thumb = staging / f"{slide_id}{THUMBNAIL_SUFFIX}"
     if thumb.is_file():  # the store's attributes point at ../<slide_id>.thumbnail.png
         os.replace(thumb, out_dir / thumb.name)
     if not any(staging.iterdir()):
         staging.rmdir()
     return final
+
+
+def _recorded(store: Path) -> dict[str, Any]:
+    """What the staged store's marker records already (its checksums need not be computed again)."""
+    marker = read_marker(store)
+    return dict(marker.arrays or {}) if marker is not None else {}
+
+
+def _add_truth(
+    store: Path, grids: Sequence[str], masks: Mapping[str, np.ndarray], attrs: Mapping[str, Any]
+) -> None:
+    """The `ips_truth` group of a staged store: `attrs`, and per grid and mask the share of each patch
+    inside the mask."""
+    root = zarr.open_group(str(store), mode="r+")
+    truth = root.create_group(TRUTH_GROUP, overwrite=True)
+    truth.attrs.update(dict(attrs))
+    factors = root.attrs[sf.IPS_ATTR]["level_downsamples"]
+    for grid in grids:
+        info = root[f"{sf.GRIDS_GROUP}/{grid}"].attrs
+        coords = root[f"{sf.GRIDS_GROUP}/{grid}/{sf.COORDS_ARRAY}"][...]
+        for name, mask in masks.items():
+            share = grid_share(np.asarray(mask), coords, info["patch_size"], factors[info["level"]])
+            _write_truth(truth, name, grid, share)
 
 
 def write_manifest(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:

@@ -13,7 +13,7 @@ few small bright specks; a lesion is a sphere (radius 0.3-0.5 patch sizes) of br
 Per-volume brightness varies x0.8-1.2.
 
 Truth: the lesion pixel mask is exactly the union of the discs/spheres (pixel centres within `radius`
-of `center`); `patch_fraction` gives, per grid cell, the fraction of its pixels in a lesion. A patch
+of `center`); the store's truth is, per grid patch, the share of its pixels in a lesion (`grid_share`). A patch
 "overlaps a lesion" when its fraction is > 0. Positive slides have 1-3 lesions, negatives none.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from ips.config import TaskConfig
-from ips.synthetic._store import patch_fraction, stratified_splits, write_manifest, write_store
+from ips.synthetic._store import stratified_splits, write_manifest, write_store
 
 # Ruifrok & Johnston (2001) optical density per unit stain, RGB
 HEMATOXYLIN = np.array([0.650, 0.704, 0.286], dtype=np.float32)
@@ -327,7 +327,7 @@ def make_lesion_dataset(
             mask=None if detect_tissue else _coarse(slide.tissue, max(1, patch_size // 8)),
             min_tissue=min_tissue,
             spacing=tuple(spacing),
-            truth_cells={"lesion": patch_fraction(slide.lesion_mask, patch_size)},
+            truth_masks={"lesion": slide.lesion_mask},
             truth_attrs={
                 "label": slide.label,
                 "lesions": [les.to_dict() for les in slide.lesions],

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ips.synthetic._store import patch_fraction, stratified_splits, write_manifest, write_store
+from ips.synthetic._store import stratified_splits, write_manifest, write_store
 from ips.synthetic.lesions import EOSIN, HEMATOXYLIN, _blob_kernel, _smooth_field, _sprinkle, _stamp
 
 OBJECT_RADIUS = (0.6, 0.9)  # in patch sizes: target and distractors alike
@@ -230,10 +230,7 @@ def make_small_object_dataset(
             mask=np.ones((size // 8, size // 8), bool),
             min_tissue=0.0,
             spacing=(0.5, 0.5),
-            truth_cells={
-                "lesion": patch_fraction(slide.target_mask, patch_size),
-                "distractor": patch_fraction(slide.distractor_mask, patch_size),
-            },
+            truth_masks={"lesion": slide.target_mask, "distractor": slide.distractor_mask},
             truth_attrs={
                 "label": slide.label,
                 "target": slide.target.to_dict() if slide.target else None,
