@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
-from ips import __version__
+from ips._version import __version__
 from ips.errors import StoreError
 from ips.format import checksums
 from ips.format import location as loc
