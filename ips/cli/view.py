@@ -31,6 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--port", type=int, default=8765, help="port (0: any free one; default 8765)")
     p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (a reverse proxy's name); "
+        "localhost, loopback addresses and the bound address are always answered",
+    )
+    p.add_argument(
         "--cache-mb", type=int, default=64, help="memory cap of the tile cache in MiB (default 64)"
     )
     p.add_argument("--verbose", action="store_true", help="log every request")
@@ -54,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        server = make_server(app, args.host, args.port, quiet=not args.verbose)
+        server = make_server(app, args.host, args.port, quiet=not args.verbose, allow_hosts=args.allow_host)
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     n_heat = sum(e.heatmap is not None for e in catalog.values())
