@@ -140,6 +140,8 @@ def load_scores(path: Path, store: IpsStore, name: str) -> Scores:
     writes (a link inside, arrays of unexpected shapes, too many patches or tasks)."""
     import zarr
 
+    if path.is_symlink() or path.parent.is_symlink():  # below the --heatmaps folder: no links either
+        raise StoreError(f"{name}: {path.parent.name}/{path.name} is or lies in a symlink; refused")
     check_tree(path, name)
     root = zarr.open_group(str(path), mode="r")
     attrs = root.attrs.asdict()

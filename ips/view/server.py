@@ -50,7 +50,7 @@ from ips.errors import StoreError, one_line
 from ips.view.catalog import SlideEntry
 from ips.view.overlay import Scores, load_scores
 from ips.view.reading import MAX_READ_BYTES, open_checked
-from ips.view.serving import ViewerServer, bind
+from ips.view.serving import Limits, ViewerServer, bind
 from ips.view.tiles import AXES, FORMATS, ByteLRU, SlideImage, TileError, encode
 
 ASSETS = {
@@ -609,16 +609,17 @@ def make_server(
     quiet: bool = True,
     *,
     allow_hosts: Iterable[str] = (),
-    workers: int | None = None,
+    limits: Limits | None = None,
 ) -> ViewerServer:
-    """A server for `app` bound to (host, port) (port 0: any free one); not yet serving (`serve_forever`).
-    `allow_hosts`: further Host names to answer (a reverse proxy's). Raises OSError (address in use)."""
+    """A server for `app` bound to (host, port) (port 0: any free one), listening, not yet serving
+    (`serve_forever`). `allow_hosts`: further Host names to answer (a reverse proxy's); `limits`: workers,
+    connections, timeouts. Raises OSError (address in use, unknown host)."""
     site = Site(app, HostCheck.for_address(host, allow_hosts), quiet)
 
     def handle(head: bytes, peer: tuple[str, int]) -> bytes:
         return _Exchange(head, peer, site).answer
 
-    return ViewerServer(bind(host, port), handle, workers=workers, log=app.log)
+    return ViewerServer(bind(host, port), handle, limits=limits or Limits(), log=app.log)
 
 
 def is_loopback(host: str) -> bool:

@@ -30,6 +30,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 BACKLOG = 1024
@@ -48,6 +49,25 @@ TOO_LARGE = (
 )
 
 Handler = Callable[[bytes, tuple[str, int]], bytes]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much the server takes on: worker threads (None: `default_workers()`), open connections (None:
+    `connection_cap()`), seconds for a request head to arrive and for an answer to be taken."""
+
+    workers: int | None = None
+    max_connections: int | None = None
+    head_timeout: float = HEAD_TIMEOUT
+    write_timeout: float = WRITE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "max_connections"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not (self.head_timeout > 0 and self.write_timeout > 0):
+            raise ValueError("timeouts must be > 0")
 
 
 def default_workers() -> int:
@@ -86,7 +106,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class ViewerServer:
-    """Serve `handle` on the bound socket `sock` (see the module docstring). `serve_forever()` blocks until
+    """Serve `handle` on the bound socket `sock` within `limits` (see the module docstring); `log` gets
+    one line per problem of the server's own (default: stderr). `serve_forever()` blocks until
     `shutdown()` (from another thread); `server_close()` releases the socket and the workers."""
 
     def __init__(
@@ -94,20 +115,18 @@ class ViewerServer:
         sock: socket.socket,
         handle: Handler,
         *,
-        workers: int | None = None,
-        max_connections: int | None = None,
-        head_timeout: float = HEAD_TIMEOUT,
-        write_timeout: float = WRITE_TIMEOUT,
+        limits: Limits | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
+        limits = limits or Limits()
         self.socket = sock
         sock.listen(BACKLOG)  # connections queue from now on, before `serve_forever` begins
         self.server_address: tuple[Any, ...] = sock.getsockname()
         self.handle = handle
-        self.workers = workers or default_workers()
-        self.max_connections = max_connections or connection_cap()
-        self.head_timeout = head_timeout
-        self.write_timeout = write_timeout
+        self.workers = limits.workers or default_workers()
+        self.max_connections = limits.max_connections or connection_cap()
+        self.head_timeout = limits.head_timeout
+        self.write_timeout = limits.write_timeout
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.open_connections = 0
         self._waiting: OrderedDict[int, asyncio.StreamWriter] = OrderedDict()
