@@ -222,6 +222,15 @@ def truncate_unrecorded(store: Path) -> None:
     drop_from_marker(store, "0")
 
 
+def huge_chunks(store: Path) -> None:
+    """Metadata of a crafted store: chunks of 3 x 8192 x 8192 bytes, each decoded whole by a read."""
+    meta_path = store / "0" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["chunk_grid"]["configuration"]["chunk_shape"] = [3, 8192, 8192]
+    meta["codecs"][0]["configuration"]["chunk_shape"] = [3, 8192, 8192]
+    meta_path.write_text(json.dumps(meta))
+
+
 DAMAGE = {
     "flipped shard index": (flip_index, b"checksum"),
     "garbled chunks": (garble, b"does not decode"),
@@ -229,6 +238,7 @@ DAMAGE = {
     "truncated unrecorded shard": (truncate_unrecorded, b"shard"),
     "broken level metadata": (lambda s: (s / "0" / "zarr.json").write_text("{"), b"zarr.json"),
     "deleted level metadata": (lambda s: (s / "0" / "zarr.json").unlink(), b"array '0'"),
+    "chunks too large to read": (huge_chunks, b"MiB"),
     "broken mask chunk": (lambda s: (s / "mask" / "c" / "0" / "0").write_bytes(b"\0" * 22), b"mask"),
 }
 

@@ -29,6 +29,7 @@ from ips.format import location as loc
 
 MAX_READ_BYTES = 64 << 20  # one read of the viewer (a tile, a gallery patch, a window sample)
 MAX_LEVELS = 64
+MAX_CHUNKS_PER_SHARD = 1 << 20  # a shard index of 16 MiB
 
 
 def check_tree(root: Path, name: str) -> None:
@@ -79,10 +80,7 @@ class LevelRegions:
             raise StoreError(f"{store.name}: {self.n_levels} pyramid levels (at most {MAX_LEVELS})")
         self.arrays = [_level(store, k) for k in range(self.n_levels)]
         for k, array in enumerate(self.arrays):
-            if array.ndim != store.spatial_dims + 1:
-                raise StoreError(
-                    f"{store.name}: level {k} has {array.ndim} axes, expected {store.spatial_dims + 1}"
-                )
+            _check_level(store.name, k, array, store.spatial_dims)
         self._readers: dict[int, ChunkReader | None] = {}
         self._lock = threading.Lock()
 
@@ -120,6 +118,24 @@ class LevelRegions:
         start = np.asarray([[0, *lo]], dtype=np.int64)
         reader.read_boxes(start, full, out, np.zeros(1, dtype=np.int64))
         return out[0]
+
+
+def _check_level(name: str, level: int, array: Any, dims: int) -> None:
+    """Refuse a level the viewer cannot read within bounds: other axes, a non-numeric dtype, chunks over
+    `MAX_READ_BYTES` (each is decoded whole) or shards of more than `MAX_CHUNKS_PER_SHARD` chunks."""
+    where = f"{name}: level {level}"
+    if array.ndim != dims + 1:
+        raise StoreError(f"{where} has {array.ndim} axes, expected {dims + 1}")
+    dtype = np.dtype(array.dtype)
+    if dtype.kind not in "iuf":
+        raise StoreError(f"{where} has dtype {dtype}: not pixels")
+    chunk_bytes = int(np.prod(array.chunks, dtype=np.float64)) * dtype.itemsize
+    if chunk_bytes > MAX_READ_BYTES:
+        raise StoreError(f"{where}: chunks {tuple(array.chunks)} are over {MAX_READ_BYTES >> 20} MiB each")
+    shards = array.shards or array.chunks
+    per_shard = int(np.prod([s // c for s, c in zip(shards, array.chunks)], dtype=np.float64))
+    if per_shard > MAX_CHUNKS_PER_SHARD:
+        raise StoreError(f"{where}: shards of {per_shard} chunks (at most {MAX_CHUNKS_PER_SHARD})")
 
 
 def _level(store: IpsStore, level: int) -> Any:
