@@ -15,7 +15,6 @@ with, and reads are bounded in size (`MAX_READ_BYTES`).
 from __future__ import annotations
 
 import os
-import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -45,16 +44,17 @@ def check_tree(root: Path, name: str) -> None:
         except OSError as e:
             raise StoreError(f"{name}: cannot list {folder.relative_to(base)} ({e.strerror})") from None
         for entry in entries:
-            try:
-                mode = entry.stat(follow_symlinks=False).st_mode
+            try:  # the types come from the listing (d_type): no system call per file
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(Path(entry.path))
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    continue
+                kind = "a symlink" if entry.is_symlink() else "not a regular file"
             except OSError:  # gone since the listing: nothing to read there
                 continue
-            if stat.S_ISDIR(mode):
-                todo.append(Path(entry.path))
-            elif not stat.S_ISREG(mode):
-                kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
-                rel = Path(entry.path).relative_to(base).as_posix()
-                raise StoreError(f"{name}: {rel!r} is {kind}; refused (a store's files must lie inside it)")
+            rel = Path(entry.path).relative_to(base).as_posix()
+            raise StoreError(f"{name}: {rel!r} is {kind}; refused (a store's files must lie inside it)")
 
 
 def open_checked(location: StoreLocation, name: str) -> IpsStore:
