@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -27,6 +29,7 @@ from ips.view.catalog import build_catalog
 from ips.view.server import HostCheck, ViewerApp, make_server, url_of
 from ips.view.serving import BACKLOG, Limits
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = (384, 320)  # one shard at level 0; tiles 0_0 (256 x 256) and 1_0 (128 x 256)
 
 
@@ -236,6 +239,7 @@ DAMAGE = {
     "garbled chunks": (garble, b"does not decode"),
     "truncated shard": (lambda s: (s / "0" / "c" / "0" / "0" / "0").write_bytes(b"x" * 10), b"bytes"),
     "truncated unrecorded shard": (truncate_unrecorded, b"shard"),
+    "broken root metadata": (lambda s: (s / "zarr.json").write_text("{"), b"zarr.json"),
     "broken level metadata": (lambda s: (s / "0" / "zarr.json").write_text("{"), b"zarr.json"),
     "deleted level metadata": (lambda s: (s / "0" / "zarr.json").unlink(), b"array '0'"),
     "chunks too large to read": (huge_chunks, b"MiB"),
@@ -264,6 +268,39 @@ def test_damage_answers_one_line_without_paths_or_tracebacks(base, tmp_path, dam
     assert len(logged) == 1 and "\n" not in logged[0] and str(store) in logged[0], (
         logged
     )  # the operator's log
+
+
+def test_the_command_logs_one_line_per_problem(base, tmp_path):
+    """`ips view` itself: a store without checksums (a warning) and a damaged one, each one line on
+    stderr (no traceback, no warning's source line), the URL on stdout."""
+    legacy = copy_store(base.a, tmp_path / "legacy")
+    marker = legacy / sf.COMPLETE_MARKER
+    record = json.loads(marker.read_text())
+    del record["arrays"]
+    marker.write_text(json.dumps(record))
+    damaged = copy_store(base.a, tmp_path / "damaged", "d")
+    flip_index(damaged)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ips.cli", "view", str(legacy), str(damaged), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        url = proc.stdout.readline().split(" at ")[1].split()[0]
+        assert http_get(url + "api/slides/s/tiles/0/0_0.jpg")[0] == 200
+        for _ in range(2):
+            assert http_get(url + "api/slides/d/tiles/0/0_0.jpg")[0] == 500
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert "UnverifiedStoreWarning" in lines[0] and str(legacy) in lines[0]
+    assert lines[1].startswith(f"ips view: {damaged}: array '0'") and "checksum" in lines[1]
 
 
 def test_paths_are_scrubbed_in_every_form(base, tmp_path):

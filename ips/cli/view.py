@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from ips.errors import ConfigError
 
@@ -53,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     if args.cache_mb < 1:
         raise ConfigError(f"--cache-mb must be >= 1, got {args.cache_mb}")
+    # a warning about a store (one without checksums) is one line of the server's log, not two
+    warnings.showwarning = lambda message, category, *_, **__: print(
+        f"ips view: {category.__name__}: {message}", file=sys.stderr, flush=True
+    )
     catalog = build_catalog(args.stores, args.manifest, args.heatmaps, args.predictions, args.split)
     app = ViewerApp(catalog, cache_bytes=args.cache_mb << 20)
     if not is_loopback(args.host):

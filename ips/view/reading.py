@@ -65,7 +65,14 @@ def open_checked(location: StoreLocation, name: str) -> IpsStore:
         if not path.is_dir():
             raise StoreError(f"{name}: store does not exist (deleted or moved since `ips view` started?)")
         check_tree(path, name)
-    return open_store(location)
+    try:
+        return open_store(location)
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zarr's own errors for a root zarr.json that does not parse
+        raise StoreError(
+            f"{name}: its metadata (zarr.json) does not load ({type(e).__name__}: {e})"
+        ) from None
 
 
 class LevelRegions:

@@ -339,31 +339,31 @@ class ViewerApp:
             return self._failed(raw_path, e)
 
     def _failed(self, raw_path: str, e: Exception) -> Response:
+        """A request that raised: one line to the log (the full message, once per distinct line), one to
+        the client (the slide's id, no local path)."""
         parts = urlsplit(raw_path).path.split("/")
         slide_id = unquote(parts[3]) if len(parts) > 3 and parts[1:3] == ["api", "slides"] else None
         entry = self.catalog.get(slide_id) if slide_id is not None else None
-        gone = entry is not None and _gone(entry.store)
-        line = (
-            f"{entry.slide_id}: its store {entry.store} is missing"
-            if entry is not None and gone
-            else f"{entry.slide_id}: {one_line(e)}"
-            if entry is not None
-            else one_line(e)
-        )
-        with self._lock:
-            if line not in self._logged and len(self._logged) < LOGGED_MAX:
-                self._logged.add(line)
-                self.log(f"ips view: {line}")
         if entry is None:
+            self._log_once(one_line(e))
             return Response.error(500, f"cannot answer ({self._scrub(one_line(e))})")
         self.forget(entry.slide_id)
         name = f"slide {entry.slide_id!r}"
-        if gone:
+        if _gone(entry.store):
+            self._log_once(f"{entry.store}: store missing (deleted or moved)")
             return Response.error(
                 404, f"{name}: its store is missing (deleted or moved since `ips view` started)"
             )
-        reason = self._scrub(one_line(e)).removeprefix(f"{name}: ")
-        return Response.error(500, f"{name} cannot be read: {reason}")
+        reason = one_line(e).removeprefix(f"{name}: ").removeprefix(f"{entry.store}: ")
+        self._log_once(f"{entry.store}: {reason}")  # the operator's log: the path is theirs to see
+        return Response.error(500, f"{name} cannot be read: {self._scrub(reason)}")
+
+    def _log_once(self, line: str) -> None:
+        with self._lock:
+            if line in self._logged or len(self._logged) >= LOGGED_MAX:
+                return
+            self._logged.add(line)
+        self.log(f"ips view: {line}")
 
     def _route(self, raw_path: str) -> Response:
         if not raw_path.startswith("/"):
