@@ -557,6 +557,9 @@ class _Exchange(BaseHTTPRequestHandler):
         if not self.wfile.getvalue():  # an empty request line: nothing was answered
             self.send_error(HTTPStatus.BAD_REQUEST, "empty request line")
 
+    def version_string(self) -> str:
+        return self.server_version
+
     @property
     def answer(self) -> bytes:
         return self.wfile.getvalue()
