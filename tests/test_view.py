@@ -448,3 +448,23 @@ def test_colour_map_low_transparent_high_dark_and_saturated():
     assert table[0, 3] == 0 and np.all(np.diff(table[:, 3]) >= 0)  # low attention: the tissue shows
     top = table[-1]
     assert top[3] >= 0.8 and top[:3].mean() < 0.4 and top[:3].max() - top[:3].min() > 0.4
+
+
+def test_view_code_passes_state_as_objects():
+    """No function of ips/view or its command takes more than 8 parameters (self and keyword-only ones with
+    defaults aside), and no call passes more than 6 positional values (state travels as one object)."""
+    import ast
+
+    files = sorted((ROOT / "ips" / "view").glob("*.py")) + [ROOT / "ips" / "cli" / "view.py"]
+    wide = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [p.arg for p in a.posonlyargs + a.args if p.arg not in ("self", "cls")]
+                params += [p.arg for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
+                if len(params) > 8:
+                    wide.append(f"{path.name}:{node.lineno} def {node.name} ({len(params)} parameters)")
+            elif isinstance(node, ast.Call) and len(node.args) > 6:
+                wide.append(f"{path.name}:{node.lineno} a call with {len(node.args)} positional values")
+    assert not wide, wide

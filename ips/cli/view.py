@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from ips.errors import ConfigError
 
@@ -31,6 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--port", type=int, default=8765, help="port (0: any free one; default 8765)")
     p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (a reverse proxy's name); "
+        "localhost, loopback addresses and the bound address are always answered",
+    )
+    p.add_argument(
         "--cache-mb", type=int, default=64, help="memory cap of the tile cache in MiB (default 64)"
     )
     p.add_argument("--verbose", action="store_true", help="log every request")
@@ -45,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     if args.cache_mb < 1:
         raise ConfigError(f"--cache-mb must be >= 1, got {args.cache_mb}")
+    # a warning about a store (one without checksums) is one line of the server's log, not two
+    warnings.showwarning = lambda message, category, *_, **__: print(
+        f"ips view: {category.__name__}: {message}", file=sys.stderr, flush=True
+    )
     catalog = build_catalog(args.stores, args.manifest, args.heatmaps, args.predictions, args.split)
     app = ViewerApp(catalog, cache_bytes=args.cache_mb << 20)
     if not is_loopback(args.host):
@@ -54,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        server = make_server(app, args.host, args.port, quiet=not args.verbose)
+        server = make_server(app, args.host, args.port, quiet=not args.verbose, allow_hosts=args.allow_host)
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     n_heat = sum(e.heatmap is not None for e in catalog.values())

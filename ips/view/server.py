@@ -1,8 +1,12 @@
-"""The viewer's routes (`ViewerApp.get`, plain data in and out, tested without sockets) and the HTTP server.
+"""The viewer's routes (`ViewerApp.get`, plain data in and out, tested without sockets) and the HTTP layer
+over them (`make_server`: request heads parsed by `http.server`, in memory; sockets in `ips.view.serving`).
 
 Read-only: GET and HEAD only. A request names a slide by id; ids, levels, axes, indices and tile positions
 are looked up or range-checked, never joined into paths, so path traversal and unknown ids get 404 and a
-request can only read the stores the viewer was started with. Routes:
+request can only read the stores the viewer was started with (through `ips.view.reading`: no links).
+A malformed request line gets 400; a Host header naming another host 421 (DNS rebinding); a store that
+cannot be read 500, one line naming the slide, never a local path (the server's log has the full line).
+Routes:
 
     /                                             index page (slides, predictions, labels)
     /slide/<id>                                   a slide's page
@@ -21,14 +25,19 @@ request can only read the stores the viewer was started with. Routes:
 
 from __future__ import annotations
 
+import io
+import ipaddress
 import json
+import os
 import re
+import socket
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,10 +45,12 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from ips.data.store import IpsStore, open_store
-from ips.errors import StoreError
+from ips.data.store import IpsStore
+from ips.errors import StoreError, one_line
 from ips.view.catalog import SlideEntry
 from ips.view.overlay import Scores, load_scores
+from ips.view.reading import MAX_READ_BYTES, open_checked
+from ips.view.serving import Limits, ViewerServer, bind
 from ips.view.tiles import AXES, FORMATS, ByteLRU, SlideImage, TileError, encode
 
 ASSETS = {
@@ -54,6 +65,9 @@ OPEN_SLIDES = 8  # slides kept open (store + scores); older ones are reopened on
 TOP_K = 12  # gallery patches per task
 GALLERY_MAX = 256  # longest side of a gallery image
 NUMBER = re.compile(r"^-?\d{1,12}$")
+# an absolute local path left in a message (after the known stores' paths were replaced by their ids)
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"`:;,()<>]+/)+[^\s'\"`:;,()<>]*")
+LOGGED_MAX = 1000  # distinct failure lines logged; later repeats are not
 
 
 @dataclass
@@ -68,7 +82,8 @@ class Response:
 
     @staticmethod
     def error(status: int, message: str) -> Response:
-        return Response(status, "text/plain; charset=utf-8", f"{status} {message}\n".encode())
+        line = " ".join(message.split())  # one line, whatever the message held
+        return Response(status, "text/plain; charset=utf-8", f"{status} {line}\n".encode())
 
 
 class BadRequest(ValueError):
@@ -89,16 +104,51 @@ def _int(text: str) -> int:
 class OpenSlide:
     image: SlideImage
     scores: Scores | None
+    has_mask: bool
+
+
+@dataclass
+class _Scrubber:
+    """Replaces the known stores' and heatmaps' local paths in messages by what the client may see."""
+
+    names: list[tuple[str, str]] = field(default_factory=list)  # (path as text, replacement), longest first
+
+    @classmethod
+    def of(cls, catalog: dict[str, SlideEntry]) -> _Scrubber:
+        pairs: dict[str, str] = {}
+        for e in catalog.values():
+            places = [(e.store, f"slide {e.slide_id!r}")]
+            if e.heatmap is not None:
+                places.append((str(e.heatmap), f"heatmap of {e.slide_id!r}"))
+            for place, name in places:
+                for text in {str(place), os.path.abspath(place), os.path.realpath(place)}:
+                    pairs.setdefault(text.rstrip("/") or text, name)
+        return cls(sorted(pairs.items(), key=lambda kv: -len(kv[0])))
+
+    def __call__(self, message: str) -> str:
+        for text, name in self.names:
+            message = message.replace(text, name)
+        return ABSOLUTE_PATH.sub("<path>", message)
 
 
 class ViewerApp:
-    """Everything the server answers, for the slides of `catalog` (slide_id -> SlideEntry)."""
+    """Everything the server answers, for the slides of `catalog` (slide_id -> SlideEntry). `log` gets one
+    line per distinct failure (a store that cannot be read): the full message, local paths included."""
 
-    def __init__(self, catalog: dict[str, SlideEntry], cache_bytes: int = DEFAULT_CACHE_MB << 20) -> None:
+    def __init__(
+        self,
+        catalog: dict[str, SlideEntry],
+        cache_bytes: int = DEFAULT_CACHE_MB << 20,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.catalog = catalog
         self.cache = ByteLRU(cache_bytes)
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._scrub = _Scrubber.of(catalog)
         self._open: OrderedDict[str, OpenSlide] = OrderedDict()
+        self._opening: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._logged: set[str] = set()
 
     # -- slides -------------------------------------------------------------------------------------------
 
@@ -110,14 +160,33 @@ class ViewerApp:
             if slide_id in self._open:
                 self._open.move_to_end(slide_id)
                 return self._open[slide_id]
-        store = open_store(entry.store)
-        scores = load_scores(entry.heatmap / "scores.zarr", store) if entry.heatmap is not None else None
-        opened = OpenSlide(SlideImage(store), scores)
-        with self._lock:
-            self._open[slide_id] = opened
-            while len(self._open) > OPEN_SLIDES:
-                self._open.popitem(last=False)
+            opening = self._opening.setdefault(slide_id, threading.Lock())
+        with opening:  # one opening per slide, however many requests for it arrive at once
+            with self._lock:
+                if slide_id in self._open:
+                    return self._open[slide_id]
+            opened = self._open_slide(entry)
+            with self._lock:
+                self._open[slide_id] = opened
+                while len(self._open) > OPEN_SLIDES:
+                    self._open.popitem(last=False)
         return opened
+
+    def _open_slide(self, entry: SlideEntry) -> OpenSlide:
+        name = f"slide {entry.slide_id!r}"
+        store = open_checked(entry.store, name)
+        image = SlideImage(store)
+        scores = (
+            load_scores(entry.heatmap / "scores.zarr", store, f"heatmap of {entry.slide_id!r}")
+            if entry.heatmap is not None
+            else None
+        )
+        return OpenSlide(image, scores, image.dims == 2 and _has_mask(store))
+
+    def forget(self, slide_id: str) -> None:
+        """Drop an opened slide (its store failed): the next request opens it again."""
+        with self._lock:
+            self._open.pop(slide_id, None)
 
     def index(self) -> list[dict[str, Any]]:
         return [
@@ -148,9 +217,7 @@ class ViewerApp:
             "levels": [
                 {"shape": list(s), "downsample": list(d)} for s, d in zip(image.shapes, image.downsamples)
             ],
-            "mask": {"downsample": _to_source(mask.get("downsample"), store)}
-            if image.dims == 2 and "mask" in _members(store)
-            else None,
+            "mask": {"downsample": _to_source(mask.get("downsample"), store)} if opened.has_mask else None,
             "label": entry.label if entry else "",
             "predictions": [p.to_dict() for p in entry.predictions] if entry else [],
             "heatmap": _heatmap_info(opened.scores) if opened.scores is not None else None,
@@ -162,7 +229,7 @@ class ViewerApp:
     def tile(self, slide_id: str, parts: list[str]) -> Response:
         """parts: [level, ty_tx.fmt] (2D) or [level, axis, index, ty_tx.fmt] (3D)."""
         image = self.slide(slide_id).image
-        name, dot, fmt = parts[-1].rpartition(".")
+        name, dot, fmt = parts[-1].rpartition(".") if parts else ("", "", "")
         if not dot or fmt not in FORMATS or name.count("_") != 1 or len(parts) not in (2, 4):
             raise NotFound("tile names are <ty>_<tx>.jpg or .png")
         ty, tx = (_int(v) for v in name.split("_"))
@@ -184,6 +251,7 @@ class ViewerApp:
         scores = opened.scores
         if (
             scores is None
+            or not parts
             or not parts[-1].endswith(".png")
             or len(parts) != (1 if opened.image.dims == 2 else 3)
         ):
@@ -203,12 +271,16 @@ class ViewerApp:
         return Response(200, "image/png", body)
 
     def mask(self, slide_id: str) -> Response:
-        store = self.slide(slide_id).image.store
-        if store.spatial_dims != 2 or "mask" not in _members(store):
-            raise NotFound("no 2D tissue mask")
+        opened = self.slide(slide_id)
+        if not opened.has_mask:
+            raise NotFound(f"slide {slide_id[:80]!r} has no 2D tissue mask")
         key = ("mask", slide_id)
         body = self.cache.get(key)
         if body is None:
+            store = opened.image.store
+            shape = store.group["mask"].shape
+            if int(np.prod(shape, dtype=np.float64)) > MAX_READ_BYTES:
+                raise StoreError(f"{store.name}: a tissue mask of shape {tuple(shape)} is too large to serve")
             m = np.asarray(store.read_small("mask")) > 0  # (y, x) at the mask's downsample: a small array
             rgba = np.zeros((*m.shape, 4), dtype=np.uint8)
             rgba[m] = (0, 170, 60, 90)  # tissue: translucent green
@@ -229,7 +301,7 @@ class ViewerApp:
         key = ("patch", slide_id, index)
         body = self.cache.get(key)
         if body is None:
-            body = encode(_read_patch(opened.image, scores.level0[index], scores.size0), "jpg")
+            body = encode(_read_patch(opened.image, scores.grid.level0[index], scores.grid.size0), "jpg")
             self.cache.put(key, body)
         return Response(200, "image/jpeg", body)
 
@@ -240,13 +312,13 @@ class ViewerApp:
         if opened.scores is None or len(point) != opened.image.dims:
             raise NotFound("no scores at that point")
         s = opened.scores
-        i = s.patch_at(point)
+        i = s.grid.patch_at(point)
         if i < 0:
             return {"index": None}
         return {
             "index": i,
-            "level0": s.level0[i].tolist(),
-            "size0": s.size0.tolist(),
+            "level0": s.grid.level0[i].tolist(),
+            "size0": s.grid.size0.tolist(),
             "selected": bool(np.isin(i, s.selected)),
             "attention": {t: float(s.attention[i, k]) for k, t in enumerate(s.tasks)},
             "logit": {t: float(s.logit[i, k]) for k, t in enumerate(s.tasks)},
@@ -255,17 +327,47 @@ class ViewerApp:
     # -- routing ------------------------------------------------------------------------------------------
 
     def get(self, raw_path: str) -> Response:
-        """Answer one GET. Unknown routes, ids and out-of-range requests: 404; malformed numbers: 400."""
+        """Answer one GET. Unknown routes, ids and out-of-range requests: 404; malformed requests: 400; a
+        store that cannot be read: 500 (404 when it is gone), one line without local paths."""
         try:
             return self._route(raw_path)
-        except (NotFound, TileError, KeyError) as e:
-            return Response.error(404, str(e).strip("'\"")[:200] or "not found")
+        except (NotFound, TileError) as e:
+            return Response.error(404, self._scrub(str(e).strip("'\"")[:200]) or "not found")
         except BadRequest as e:
-            return Response.error(400, str(e))
-        except StoreError as e:
-            return Response.error(500, f"store error: {e}")
+            return Response.error(400, self._scrub(str(e)))
+        except Exception as e:  # noqa: BLE001 - a damaged or vanished store: one line, the server goes on
+            return self._failed(raw_path, e)
+
+    def _failed(self, raw_path: str, e: Exception) -> Response:
+        """A request that raised: one line to the log (the full message, once per distinct line), one to
+        the client (the slide's id, no local path)."""
+        parts = urlsplit(raw_path).path.split("/")
+        slide_id = unquote(parts[3]) if len(parts) > 3 and parts[1:3] == ["api", "slides"] else None
+        entry = self.catalog.get(slide_id) if slide_id is not None else None
+        if entry is None:
+            self._log_once(one_line(e))
+            return Response.error(500, f"cannot answer ({self._scrub(one_line(e))})")
+        self.forget(entry.slide_id)
+        name = f"slide {entry.slide_id!r}"
+        if _gone(entry.store):
+            self._log_once(f"{entry.store}: store missing (deleted or moved)")
+            return Response.error(
+                404, f"{name}: its store is missing (deleted or moved since `ips view` started)"
+            )
+        reason = one_line(e).removeprefix(f"{name}: ").removeprefix(f"{entry.store}: ")
+        self._log_once(f"{entry.store}: {reason}")  # the operator's log: the path is theirs to see
+        return Response.error(500, f"{name} cannot be read: {self._scrub(reason)}")
+
+    def _log_once(self, line: str) -> None:
+        with self._lock:
+            if line in self._logged or len(self._logged) >= LOGGED_MAX:
+                return
+            self._logged.add(line)
+        self.log(f"ips view: {line}")
 
     def _route(self, raw_path: str) -> Response:
+        if not raw_path.startswith("/"):
+            raise BadRequest("the request target must be a path starting with '/'")
         path = urlsplit(raw_path).path
         parts = [unquote(p) for p in path.split("/")[1:]]
         if any(p in ("", ".", "..") or "/" in p or "\\" in p or "\0" in p for p in parts) and path != "/":
@@ -311,12 +413,21 @@ def _missing() -> Response:
     raise NotFound("no such route")
 
 
-def _members(store: IpsStore) -> set[str]:
+def _has_mask(store: IpsStore) -> bool:
     try:
         store.group["mask"]
-        return {"mask"}
     except KeyError:
-        return set()
+        return False
+    return True
+
+
+def _gone(store: str) -> bool:
+    """True when a local store's folder or completion marker is no longer there."""
+    if "://" in store:
+        return False
+    from ips.format import names as sf
+
+    return not (Path(store) / sf.COMPLETE_MARKER).is_file()
 
 
 def _asset(name: str) -> Response:
@@ -327,17 +438,18 @@ def _asset(name: str) -> Response:
 
 
 def _heatmap_info(s: Scores) -> dict[str, Any]:
+    g = s.grid
     tasks = []
     for t, name in enumerate(s.tasks):
         top = s.top(t, TOP_K)
-        peak = s.level0[top[0]] + s.size0 // 2 if len(top) else np.zeros_like(s.size0)
+        peak = g.level0[top[0]] + g.size0 // 2 if len(top) else np.zeros_like(g.size0)
         tasks.append(
             {
                 "name": name,
                 "vmax": s.vmax(t),
                 "peak0": peak.tolist(),
                 "top": [
-                    {"index": int(i), "level0": s.level0[i].tolist(), "attention": float(s.attention[i, t])}
+                    {"index": int(i), "level0": g.level0[i].tolist(), "attention": float(s.attention[i, t])}
                     for i in top
                 ],
             }
@@ -345,11 +457,11 @@ def _heatmap_info(s: Scores) -> dict[str, Any]:
     return {
         "tasks": tasks,
         "n_patches": s.n_patches,
-        "origin0": s.origin0.tolist(),
-        "stride0": s.stride0.tolist(),
-        "size0": s.size0.tolist(),
-        "shape": list(s.shape),
-        "selected": s.level0[s.selected].tolist(),
+        "origin0": g.origin0.tolist(),
+        "stride0": g.stride0.tolist(),
+        "size0": g.size0.tolist(),
+        "shape": list(g.shape),
+        "selected": g.level0[s.selected].tolist(),
         "mode": s.attrs.get("mode"),
         "probabilities": s.attrs.get("probabilities"),
     }
@@ -362,23 +474,95 @@ def _read_patch(image: SlideImage, level0: np.ndarray, size0: np.ndarray) -> np.
         if max(size0[-2:] / np.asarray(d[-2:])) >= 32:
             level = k
     d = np.asarray(image.downsamples[level])
-    lo = (level0 // d).astype(np.int64)
+    shape = np.asarray(image.shapes[level], dtype=np.int64)
+    lo = np.clip((level0 // d).astype(np.int64), 0, shape - 1)
     hi = np.maximum(((level0 + size0) // d).astype(np.int64), lo + 1)
-    hi = np.minimum(hi, lo + GALLERY_MAX)
-    array = image.store.level(level)
-    if image.dims == 2:
-        region = np.asarray(array[:, lo[0] : hi[0], lo[1] : hi[1]])
-    else:
-        z = int((lo[0] + hi[0]) // 2)
-        region = np.asarray(array[:, z, lo[1] : hi[1], lo[2] : hi[2]])
-    return image.to_rgb(region)
+    hi = np.minimum(np.minimum(hi, lo + GALLERY_MAX), shape)
+    if image.dims == 3:  # the middle plane across z
+        lo[0] = (lo[0] + hi[0]) // 2
+        hi[0] = lo[0] + 1
+    region = image.regions.read(level, tuple(lo.tolist()), tuple((hi - lo).tolist()))
+    return image.to_rgb(region if image.dims == 2 else region[:, 0])
 
 
-class _Handler(BaseHTTPRequestHandler):
+# -- HTTP -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    """Which Host headers the server answers (DNS rebinding: a page of another site whose name now points
+    at this machine must not read the slides). Names are compared without their port (an SSH tunnel
+    may forward another port): `localhost` and IP literals of this machine's loopback always; the bound
+    address and the `extra` names; when bound to a non-loopback address, also this machine's host names
+    and any IP literal (a rebinding attack needs a name it controls). No Host header (HTTP/1.0 tools) is
+    answered too."""
+
+    names: frozenset[str]
+    any_ip: bool
+
+    @classmethod
+    def for_address(cls, host: str, extra: Iterable[str] = ()) -> HostCheck:
+        names = {"localhost", host.lower().strip("[]").rstrip("."), *(n.lower().rstrip(".") for n in extra)}
+        local = is_loopback(host)
+        if not local:
+            names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        return cls(frozenset(names), any_ip=not local)
+
+    def allows(self, header: str | None) -> bool:
+        if header is None:
+            return True
+        text = header.strip().lower()
+        if text.startswith("["):  # [v6]:port
+            name = text[1 : text.find("]")] if "]" in text else ""
+        else:
+            name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+        name = name.rstrip(".")
+        try:
+            ip = ipaddress.ip_address(name)
+        except ValueError:
+            return bool(name) and name in self.names
+        return ip.is_loopback or self.any_ip or name in self.names
+
+
+@dataclass(frozen=True)
+class Site:
+    """What the in-memory handler needs: the routes, the Host check, and whether to log each request."""
+
     app: ViewerApp
-    quiet = True
+    hosts: HostCheck
+    quiet: bool = True
+
+
+CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'"
+
+
+class _Exchange(BaseHTTPRequestHandler):
+    """One request answered in memory: `head` (request line and headers) in, `.answer` (the whole
+    response) out. `http.server` parses the head (and answers a malformed one 400 or 431); no socket is
+    touched here, so a client that goes away cannot raise in this thread."""
+
     server_version = "ips-view"
     sys_version = ""
+    protocol_version = "HTTP/1.0"
+    default_request_version = "HTTP/1.0"  # a request line without a version is answered with a status line
+
+    def __init__(self, head: bytes, peer: tuple[str, int], site: Site) -> None:  # no socket: not super()
+        self.rfile = io.BytesIO(head)
+        self.wfile = io.BytesIO()
+        self.client_address = peer
+        self.site = site
+        self.close_connection = True
+        self.command, self.requestline, self.request_version = "", "", self.default_request_version
+        self.handle_one_request()
+        if not self.wfile.getvalue():  # an empty request line: nothing was answered
+            self.send_error(HTTPStatus.BAD_REQUEST, "empty request line")
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    @property
+    def answer(self) -> bytes:
+        return self.wfile.getvalue()
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server interface
         self._answer(send_body=True)
@@ -389,42 +573,69 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse(self) -> None:
         self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, "read-only viewer")
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
 
     def _answer(self, send_body: bool) -> None:
-        r = self.app.get(self.path)
+        if not self.site.hosts.allows(self.headers.get("Host")):
+            r = Response.error(421, "this viewer does not answer to that Host name (DNS rebinding guard)")
+        else:
+            r = self.site.app.get(self.path)
+        self._send(r, send_body, cache="private, max-age=3600" if "/tiles/" in self.path else "no-cache")
+
+    def _send(self, r: Response, send_body: bool = True, cache: str = "no-cache") -> None:
         self.send_response(r.status)
         self.send_header("Content-Type", r.content_type)
         self.send_header("Content-Length", str(len(r.body)))
         self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header(
-            "Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self'"
-        )
-        self.send_header("Cache-Control", "private, max-age=3600" if "/tiles/" in self.path else "no-cache")
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("Cache-Control", cache)
         self.end_headers()
         if send_body:
             self.wfile.write(r.body)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """A one-line text body (not http.server's HTML page)."""
+        status = HTTPStatus(code)
+        self.close_connection = True
+        self._send(Response.error(status.value, message or status.phrase), self.command != "HEAD")
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        if not self.quiet:
-            super().log_message(format, *args)
+        if not self.site.quiet:
+            line = format % args
+            print(f"{self.client_address[0]} {line}", file=sys.stderr, flush=True)
 
 
 def make_server(
-    app: ViewerApp, host: str = "127.0.0.1", port: int = 0, quiet: bool = True
-) -> ThreadingHTTPServer:
-    """A threading HTTP server for `app` bound to (host, port) (port 0: any free one); not yet serving."""
-    handler = type("Handler", (_Handler,), {"app": app, "quiet": quiet})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    app: ViewerApp,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    quiet: bool = True,
+    *,
+    allow_hosts: Iterable[str] = (),
+    limits: Limits | None = None,
+) -> ViewerServer:
+    """A server for `app` bound to (host, port) (port 0: any free one), listening, not yet serving
+    (`serve_forever`). `allow_hosts`: further Host names to answer (a reverse proxy's); `limits`: workers,
+    connections, timeouts. Raises OSError (address in use, unknown host)."""
+    site = Site(app, HostCheck.for_address(host, allow_hosts), quiet)
+
+    def handle(head: bytes, peer: tuple[str, int]) -> bytes:
+        return _Exchange(head, peer, site).answer
+
+    return ViewerServer(bind(host, port), handle, limits=limits or Limits(), log=app.log)
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
-def url_of(server: ThreadingHTTPServer) -> str:
+def url_of(server: ViewerServer) -> str:
     host, port = server.server_address[:2]
     host = str(host)
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"

@@ -2,8 +2,8 @@
 
 A 2D tile is `level[:, ty*T:(ty+1)*T, tx*T:(tx+1)*T]` (clipped at the level's edge); a 3D tile is the same
 cut from one plane of the level, `axis` in z/y/x at `index` (in that level's voxels), its rows and columns
-the two other axes in z, y, x order. Only the tile's region is read (the zarr chunks it touches): memory is
-O(tile + cache cap), never a whole level.
+the two other axes in z, y, x order. Only the tile's region is read (the chunks it touches, through the
+checked reader of `ips.view.reading`): memory is O(tile + cache cap), never a whole level.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ips.data.store import IpsStore
+from ips.errors import StoreError
+from ips.view.reading import MAX_READ_BYTES, LevelRegions
 
 TILE_SIZE = 256
 AXES = "zyx"
@@ -42,20 +44,30 @@ class SlideImage:
         self.store = store
         self.tile_size = tile_size
         self.dims = store.spatial_dims
-        n = len(store.level_downsamples) or 1
-        self.shapes = [tuple(int(s) for s in store.level(k).shape[1:]) for k in range(n)]  # spatial (dims,)
+        self.regions = LevelRegions(store)
+        n = self.regions.n_levels
+        self.shapes = [self.regions.shape(k) for k in range(n)]  # spatial (dims,)
         # from the source's level 0, the frame of heatmap coordinates (a store may begin lower down)
         self.downsamples = [tuple(float(v) for v in store.level_downsample(k)) for k in range(n)]
-        self.dtype = np.dtype(store.level(0).dtype)
+        self.dtype = np.dtype(self.regions.arrays[0].dtype)
+        if self.regions.channels * tile_size**2 * self.dtype.itemsize > MAX_READ_BYTES:
+            raise StoreError(f"{store.name}: {self.regions.channels} channels: a tile is too large to serve")
         self.window = self._window()
 
     def _window(self) -> Window | None:
-        """uint8: none (pixels as stored); else the 0.5-99.5 percentiles of the smallest level."""
+        """uint8: none (pixels as stored); else the 0.5-99.5 percentiles of the smallest level (its
+        middle part where it is large: a read stays under the cap)."""
         if self.dtype == np.uint8:
             return None
-        small = np.asarray(self.store.level(len(self.shapes) - 1)[...], dtype=np.float32)
-        lo, hi = np.percentile(small, [0.5, 99.5]) if small.size else (0.0, 1.0)
-        return Window(float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+        shape = np.asarray(self.shapes[-1], dtype=np.int64)
+        per_pixel = self.regions.channels * self.dtype.itemsize
+        side = int((MAX_READ_BYTES // 4 // per_pixel) ** (1 / self.dims))
+        size = np.minimum(shape, side)
+        lo = (shape - size) // 2
+        small = self.regions.read(len(self.shapes) - 1, tuple(lo.tolist()), tuple(size.tolist()))
+        small = small.astype(np.float32)
+        lo_v, hi_v = np.percentile(small, [0.5, 99.5]) if small.size else (0.0, 1.0)
+        return Window(float(lo_v), float(hi_v) if hi_v > lo_v else float(lo_v) + 1.0)
 
     def plane_shape(self, level: int, axis: str | None) -> tuple[int, int]:
         """`(rows, cols)` of level `level` (2D) or of its planes across `axis` (3D)."""
@@ -81,14 +93,14 @@ class SlideImage:
         """The tile's pixels as stored: `(C, h, w)` (h, w <= tile size at the level's edge)."""
         self.check(level, axis, index, ty, tx)
         t = self.tile_size
-        rows = slice(ty * t, (ty + 1) * t)
-        cols = slice(tx * t, (tx + 1) * t)
-        array = self.store.level(level)
-        if axis is None:
-            return np.asarray(array[:, rows, cols])
-        key: list[slice | int] = [slice(None), rows, cols]
-        key.insert(1 + AXES.index(axis), index)  # (C, plane rows, plane cols)
-        return np.asarray(array[tuple(key)])
+        rows, cols = self.plane_shape(level, axis)
+        lo = [ty * t, tx * t]
+        size = [min(t, rows - lo[0]), min(t, cols - lo[1])]
+        if axis is not None:  # the plane's box: one voxel thick across `axis`
+            lo.insert(AXES.index(axis), index)
+            size.insert(AXES.index(axis), 1)
+        box = self.regions.read(level, tuple(lo), tuple(size))
+        return box if axis is None else box.squeeze(1 + AXES.index(axis))  # (C, plane rows, plane cols)
 
     def to_rgb(self, region: np.ndarray) -> np.ndarray:
         """`(C, h, w)` -> uint8 `(h, w, 3)`: 3 channels as RGB, else the channel mean in grey; non-uint8 by
