@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import zarr
 from inference_fixtures import make_store
 
 from ips.format import names as sf
@@ -238,11 +239,11 @@ DAMAGE = {
     "flipped shard index": (flip_index, b"checksum"),
     "garbled chunks": (garble, b"does not decode"),
     "truncated shard": (lambda s: (s / "0" / "c" / "0" / "0" / "0").write_bytes(b"x" * 10), b"bytes"),
-    "truncated unrecorded shard": (truncate_unrecorded, b"shard"),
+    "truncated unrecorded shard": (truncate_unrecorded, b"completion marker"),  # the strict marker names it
     "broken root metadata": (lambda s: (s / "zarr.json").write_text("{"), b"zarr.json"),
     "broken level metadata": (lambda s: (s / "0" / "zarr.json").write_text("{"), b"zarr.json"),
     "deleted level metadata": (lambda s: (s / "0" / "zarr.json").unlink(), b"array '0'"),
-    "chunks too large to read": (huge_chunks, b"MiB"),
+    "chunks too large to read": (huge_chunks, b"zarr.json"),  # the marker records the chunk shape
     "broken mask chunk": (lambda s: (s / "mask" / "c" / "0" / "0").write_bytes(b"\0" * 22), b"mask"),
 }
 
@@ -274,10 +275,11 @@ def test_the_command_logs_one_line_per_problem(base, tmp_path):
     """`ips view` itself: a store without checksums (a warning) and a damaged one, each one line on
     stderr (no traceback, no warning's source line), the URL on stdout."""
     legacy = copy_store(base.a, tmp_path / "legacy")
+    group = zarr.open_group(str(legacy), mode="r+")  # a genuine format-1 store: attributes and marker agree
+    group.attrs["ips"] = {**dict(group.attrs["ips"]), "format_version": 1}
     marker = legacy / sf.COMPLETE_MARKER
     record = json.loads(marker.read_text())
-    del record["arrays"]
-    marker.write_text(json.dumps(record))
+    marker.write_text(json.dumps({k: record[k] for k in ("tool_version", "completed", "grids")}))
     damaged = copy_store(base.a, tmp_path / "damaged", "d")
     flip_index(damaged)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
