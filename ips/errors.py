@@ -4,6 +4,8 @@ maps them in one place. Messages are one line that names the file or key and wha
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -59,8 +61,31 @@ class RunDirError(IpsError, RuntimeError):
     exit_code = EXIT_USAGE
 
 
+class WriteError(IpsError):
+    """A file or folder cannot be written (disk full, read-only, no permission, a file where a folder
+    must be); the message names it and what happened."""
+
+
 class PrepError(IpsError):
     """An input cannot be converted; `str(e)` is a one-line reason (the caller adds the file name)."""
+
+
+def os_error_reason(e: OSError) -> str:
+    """What an OSError says happened, e.g. `No space left on device (ENOSPC)`."""
+    code = errno.errorcode.get(e.errno or 0)
+    text = e.strerror or (os.strerror(e.errno) if e.errno else str(e) or type(e).__name__)
+    return f"{text} ({code})" if code else text
+
+
+def os_error_line(e: OSError, path: object = None) -> str:
+    """An OSError as one line naming the file: `PATH: No space left on device (ENOSPC)`.
+
+    `path` is the file the caller was writing or reading, used when the error does not name one."""
+    where = e.filename if e.filename is not None else path
+    if e.filename2 is not None:
+        where = f"{e.filename} -> {e.filename2}"
+    reason = os_error_reason(e)
+    return f"{where}: {reason}" if where is not None else reason
 
 
 @dataclass(frozen=True)
@@ -74,6 +99,8 @@ class Failure:
 
 def one_line(e: BaseException) -> str:
     """An exception as one line: its message (prefixed with its type for kinds that are not ours)."""
+    if isinstance(e, OSError) and not isinstance(e, IpsError) and e.errno is not None:
+        return os_error_line(e)
     text = (str(e).strip().splitlines() or [""])[0]
     return text if isinstance(e, IpsError) else f"{type(e).__name__}: {text}"
 

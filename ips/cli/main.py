@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from ips import __version__
-from ips.errors import EXIT_USAGE, IpsError
+from ips.errors import EXIT_SOME_FAILED, EXIT_USAGE, IpsError, os_error_line
 
 # module paths of subcommands; each must have `register(subparsers)`
 SUBCOMMANDS = [
@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{e.label}: " if e.label else ""
         print(f"ips {args.command}: {label}{e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file or folder that cannot be read or written: one line, not a traceback
+        if e.errno is None:
+            raise
+        print(f"ips {args.command}: {os_error_line(e)}", file=sys.stderr)
+        return EXIT_SOME_FAILED
     except KeyboardInterrupt:
         print(f"ips {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,7 @@ import torch
 from ips.config import ConfigError, ExperimentConfig
 from ips.model.checkpoint import rng_state, set_rng_state
 from ips.model.ips_model import normalize_pixels, unit_pixels
+from ips.model.torchfile import read_torch_file
 from ips.pretrain.augment import ViewAugment
 from ips.pretrain.methods import RotationHead, SimCLRHead, decorrelation, nt_xent, quarter_turns
 from ips.pretrain.sampler import StorePatchSampler
@@ -25,6 +26,7 @@ from ips.pretrain.sampler import StorePatchSampler
 ENCODER_FILE = "encoder.pt"
 ENCODER_META = "encoder.json"
 STATE_FILE = "state.pt"
+_STATE_KEYS = ("fingerprint", "encoder", "head", "optimizer", "scheduler", "rng", "epoch", "losses")
 
 
 def encoder_meta(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
@@ -272,7 +274,7 @@ def _resume(
     scheduler: Any,
 ) -> tuple[int, list[float]]:
     """Restore an interrupted pretraining; ConfigError when it was started with another config."""
-    state = torch.load(state_path, map_location=dev, weights_only=True)
+    state = read_torch_file(state_path, what="pretraining state", keys=_STATE_KEYS, map_location=dev)
     if state["fingerprint"] != _fingerprint(cfg):
         raise ConfigError(
             f"{state_path.parent}: pretraining there was started with a different config (model, pretrain or "
