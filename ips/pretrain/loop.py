@@ -278,7 +278,7 @@ def _resume(
     if state["fingerprint"] != _fingerprint(cfg):
         raise ConfigError(
             f"{state_path.parent}: pretraining there was started with a different config (model, pretrain or "
-            "data.grid); use a new --out or --no-resume"
+            "data.grid); use a new --out or --overwrite"
         )
     encoder.load_state_dict(state["encoder"])
     head.load_state_dict(state["head"])
