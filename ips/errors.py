@@ -97,8 +97,39 @@ class Failure:
     reason: str
 
 
+def remote_reason(e: BaseException) -> str:
+    """An object-store client's error (obstore: many lines, XML and a debug dump) as a short reason:
+    the service's code and message (`NoSuchBucket: The specified bucket does not exist`), an HTTP status,
+    or that the server could not be reached."""
+    import re
+
+    text = str(e)
+    code = re.search(r"<Code>([^<]+)</Code>", text)
+    message = re.search(r"<Message>([^<]+)</Message>", text)
+    if code:
+        return f"{code.group(1)}: {message.group(1)}" if message else code.group(1)
+    if "error sending request" in text or "Connection refused" in text or "dns error" in text:
+        retries = re.search(r"after (\d+) retries", text)
+        tried = f" after {retries.group(1)} retries" if retries else ""
+        return f"cannot reach the server{tried} (check AWS_ENDPOINT_URL and the network)"
+    status = re.search(r"status code: (\d{3})[^:]*(?::\s*([^\n<]*))?", text)
+    if status:
+        hint = {"401": "unauthenticated: check the credentials", "403": "access denied: check the credentials"}
+        detail = hint.get(status.group(1), (status.group(2) or "").strip())
+        return f"HTTP {status.group(1)}" + (f" ({detail})" if detail else "")
+    lines = [x.strip() for x in text.split("Debug source:")[0].splitlines() if x.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def is_remote_error(e: BaseException) -> bool:
+    """An error raised by the object-store client (obstore), whatever its kind."""
+    return type(e).__module__.split(".")[0] in ("obstore", "_obstore")
+
+
 def one_line(e: BaseException) -> str:
     """An exception as one line: its message (prefixed with its type for kinds that are not ours)."""
+    if is_remote_error(e):
+        return f"object store: {remote_reason(e)}"
     if isinstance(e, OSError) and not isinstance(e, IpsError) and e.errno is not None:
         return os_error_line(e)
     text = (str(e).strip().splitlines() or [""])[0]

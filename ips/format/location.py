@@ -184,3 +184,20 @@ def sizes_of(store: Any, keys: list[str]) -> dict[str, int]:
         return {k: n for k, n in zip(keys, got) if n is not None}
 
     return _sync(run())
+
+
+def check_writable(location: str) -> None:
+    """Before writing stores under a remote `location`: one listing request, so that a missing bucket,
+    refused or missing credentials, or an unreachable server is one `WriteError` line naming the URL,
+    not the same failure for every input (nor a client's traceback)."""
+    from ips.errors import WriteError, is_remote_error, remote_reason
+
+    try:
+        store = object_store(location, read_only=False)
+        list_sizes(store, "")
+    except (ValueError, ImportError) as e:
+        raise WriteError(f"--out {location}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the client's own error kinds
+        if not is_remote_error(e):
+            raise
+        raise WriteError(f"--out {location}: cannot write there ({remote_reason(e)})") from None
