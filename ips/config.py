@@ -604,3 +604,17 @@ def with_overrides(cfg: ExperimentConfig, **sections: dict[str, Any]) -> Experim
     for name, values in sections.items():
         data[name] = {**data[name], **values}
     return ExperimentConfig.from_dict(data)
+
+
+def override_loaded(
+    cfg: ExperimentConfig, overrides: list[str], *, fixed: tuple[str, ...] = ("model",)
+) -> ExperimentConfig:
+    """A checkpoint's config with `key=value` overrides, validated; ConfigError for a key of a `fixed`
+    section (the checkpoint's weights fix the model: `model.*` cannot change after training)."""
+    for item in overrides:
+        section = item.split("=", 1)[0].strip().split(".")[0]
+        if section in fixed:
+            raise ConfigError(
+                f"override {item!r}: {section}.* is fixed by the checkpoint's weights (retrain to change it)"
+            )
+    return ExperimentConfig.from_dict(apply_overrides(cfg.to_dict(), overrides)) if overrides else cfg

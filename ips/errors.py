@@ -114,7 +114,10 @@ def remote_reason(e: BaseException) -> str:
         return f"cannot reach the server{tried} (check AWS_ENDPOINT_URL and the network)"
     status = re.search(r"status code: (\d{3})[^:]*(?::\s*([^\n<]*))?", text)
     if status:
-        hint = {"401": "unauthenticated: check the credentials", "403": "access denied: check the credentials"}
+        hint = {
+            "401": "unauthenticated: check the credentials",
+            "403": "access denied: check the credentials",
+        }
         detail = hint.get(status.group(1), (status.group(2) or "").strip())
         return f"HTTP {status.group(1)}" + (f" ({detail})" if detail else "")
     lines = [x.strip() for x in text.split("Debug source:")[0].splitlines() if x.strip()]
