@@ -146,12 +146,14 @@ def run_each(
     name: Callable[[T], str] = str,
     path: Callable[[T], str] = str,
     log: Callable[[str], None] | None = None,
+    fatal: tuple[type[BaseException], ...] = (),
 ) -> tuple[list[tuple[T, R]], list[Failure]]:
     """Run `work` on every item; one that raises becomes a `Failure` and the others still run.
 
     The one loop behind every command that takes several inputs (exit status 1 when some failed).
     `log` gets `[i/n] NAME: FAILED: reason` for each failure as it happens. KeyboardInterrupt and
-    other BaseExceptions are not caught: stopping the command stops it.
+    other BaseExceptions are not caught: stopping the command stops it; nor are the `fatal` kinds (e.g.
+    ConfigError: bad usage that every item would hit).
     Returns (item, result) for the items that succeeded, in order, and the failures, in order.
     """
     done: list[tuple[T, R]] = []
@@ -160,6 +162,8 @@ def run_each(
         try:
             done.append((item, work(item)))
         except Exception as e:  # noqa: BLE001 - one bad input must not stop the others
+            if isinstance(e, fatal):
+                raise
             failures.append(Failure(name(item), path(item), one_line(e)))
             if log:
                 log(f"[{i}/{len(items)}] {name(item)}: FAILED: {one_line(e)}")
