@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="convert slides / volumes into zarr stores with tissue masks and patch grids",
         description="Convert each SRC into DIR/<slide_id>.zarr (slide_id = file name without its "
         "extensions), with a thumbnail DIR/<slide_id>.thumbnail.png. Complete stores are "
-        "skipped (or get a new --grid-name); partial ones are redone.",
+        "skipped (or get a new --grid); partial ones are redone; --overwrite redoes complete ones.",
     )
     p.add_argument("sources", nargs="+", metavar="SRC", help="slide or volume files")
     p.add_argument(
@@ -98,7 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_run_options(p)
     _add_store_options(p)
-    p.add_argument("--overwrite", action="store_true", help="redo complete stores")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo complete stores (default: skip them, finish partial ones)",
+    )
     p.add_argument("--allow-empty", action="store_true", help="keep stores whose grid is empty")
     p.add_argument("--no-thumbnail", action="store_true", help="do not draw thumbnails")
     p.set_defaults(func=run)
@@ -106,8 +110,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Grid name and where/how the conversions run (processes, threads, shards, Dask)."""
-    p.add_argument("--grid-name", default="default", metavar="NAME", help="grid name (default 'default')")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="processes (default 1)")
+    p.add_argument(
+        "--grid",
+        dest="grid_name",
+        default="default",
+        metavar="NAME",
+        help="name of the grid to make, read by data.grid and `ips embed --grid` (default 'default')",
+    )
+    p.add_argument("--grid-name", dest="grid_name", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes; one that dies fails only its input (default 1)",
+    )
     p.add_argument(
         "--threads",
         type=int,
