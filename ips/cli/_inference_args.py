@@ -11,7 +11,7 @@ from typing import Any
 from ips.cli._common import add_device, add_quiet
 from ips.cli._threads import add_threads
 from ips.data.manifest import SPLITS
-from ips.errors import ConfigError, Failure, failure_summary
+from ips.errors import ConfigError, Failure, WriteError, failure_summary, os_error_line
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -40,10 +40,15 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def out_dir(path: str) -> Path:
-    """`--out` as a folder; ConfigError (exit 2) when it names an existing file."""
+    """`--out` as a folder, made now: ConfigError (exit 2) when it names an existing file, WriteError
+    (one line naming it) when it cannot be made (a file on its path, a read-only or unwritable folder)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"--out: {os_error_line(e, out)}") from None
     return out
 
 
