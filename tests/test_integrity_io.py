@@ -250,7 +250,14 @@ def test_a_garbage_pretraining_state_is_one_line(tmp_path, data, content, capsys
     else:
         (out / "state.pt").write_bytes(content)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({**tiny_config().to_dict(), "pretrain": {"epochs": 1, "batch_size": 8, "patches_per_slide": 4, "patches_per_epoch": 16}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                **tiny_config().to_dict(),
+                "pretrain": {"epochs": 1, "batch_size": 8, "patches_per_slide": 4, "patches_per_epoch": 16},
+            }
+        )
+    )
     stores = [str(p) for p in sorted(data.parent.glob("*.zarr"))[:2]]
     rc = main(["pretrain", *stores, "--config", str(cfg), "--out", str(out), "--quiet"])
     line = one_error_line(capsys, "pretrain")
