@@ -1,5 +1,5 @@
 """One error hierarchy. Every error a user can cause derives from `IpsError` and carries the exit status
-the CLI returns for it (DESIGN.md: 0 all done, 1 some inputs failed, 2 bad usage or config); `ips.cli.main`
+the CLI returns for it (docs/ARCHITECTURE.md: 0 all done, 1 some inputs failed, 2 bad usage or config); `ips.cli.main`
 maps them in one place. Messages are one line that names the file or key and what is wrong."""
 
 from __future__ import annotations

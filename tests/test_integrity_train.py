@@ -1,4 +1,5 @@
-"""Training never mixes two runs, never half-refuses, and says what it will not do (issue 13)."""
+"""Training never mixes two runs, never half-refuses, and says what it will not do; a resumed run reads
+the data of the run it resumes; `ips pretrain` holds the same run lock."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`ips prep --dask local:2` (issue 16): 8 slides on a local Dask cluster of 2 worker processes give the
+"""`ips prep --dask local:2`: 8 slides on a local Dask cluster of 2 worker processes give the
 stores a serial prep gives, byte for byte, except the two timestamps (`ips.provenance.created` in the
 root `zarr.json`, `completed` in the marker); a bad input fails alone, named in the summary."""
 

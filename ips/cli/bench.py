@@ -1,6 +1,6 @@
 """`ips bench memory|throughput|encoders [--json FILE] [...]`: the measurements behind the README's claims.
 
-`--json FILE` writes `{"memory" | "throughput" | "encoders": {...}}` (DESIGN.md contract); other
+`--json FILE` writes `{"memory" | "throughput" | "encoders": {...}}` (a stable contract); other
 top-level keys of an existing FILE are kept, so one file can hold all three.
 """
 

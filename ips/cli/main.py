@@ -2,7 +2,7 @@
 
 Each subcommand module exposes `register(subparsers)`, which adds its parser and sets `func`, a callable
 taking the parsed namespace and returning the exit status (0 all done, 1 some inputs failed, 2 bad
-usage or config; DESIGN.md).
+usage or config; docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
