@@ -1,6 +1,6 @@
 """Prep integrity: workers die with a killed parent, a dead worker fails only the input it held, a store
-is complete only through one rename taken last, one prep per store at a time (a lock), stale partial stores are cleaned, and a
-rerun with other options says so and names --overwrite."""
+is complete only through one rename taken last, one prep per store at a time (a lock), stale partial
+stores are cleaned, and a rerun with other options says so and names --overwrite."""
 
 from __future__ import annotations
 
