@@ -23,6 +23,7 @@ from ips.errors import CheckpointError, ConfigError, WriteError, one_line, remot
 from ips.model.checkpoint import load_checkpoint, save_checkpoint
 from ips.model.ips_model import build_model
 
+PRETRAIN_TINY = {"epochs": 1, "batch_size": 8, "patches_per_slide": 4, "patches_per_epoch": 16}
 TORCH_ENOSPC = "[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs 4176"
 
 
@@ -86,6 +87,17 @@ def test_train_on_a_full_disk_exits_1_with_one_line(tmp_path, data, cfg_file, mo
     rc = main(["train", "--config", str(cfg_file), "--manifest", str(data), "--out", str(out), "--quiet"])
     line = one_error_line(capsys, "train")
     assert rc == 1 and str(out / "checkpoints") in line and "cannot write" in line, line
+
+
+def test_pretrain_on_a_full_disk_exits_1_with_one_line(tmp_path, data, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(TORCH_ENOSPC)))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({**tiny_config().to_dict(), "pretrain": PRETRAIN_TINY}))
+    stores = [str(p) for p in sorted(data.parent.glob("*.zarr"))[:2]]
+    out = tmp_path / "pt"
+    rc = main(["pretrain", *stores, "--config", str(cfg), "--out", str(out), "--quiet"])
+    line = one_error_line(capsys, "pretrain")
+    assert rc == 1 and str(out) in line and "cannot write" in line, line
 
 
 def test_predictions_csv_on_a_full_disk_is_one_line_naming_it(tmp_path, data, monkeypatch, capsys):
@@ -180,6 +192,18 @@ def test_prep_into_a_missing_bucket_is_one_line(tmp_path, s3, capsys):
     )
 
 
+def test_prep_without_credentials_is_one_line(tmp_path, s3, monkeypatch, capsys):
+    from data_prep.testing import tissue_image, write_pyramid_tiff
+
+    src = write_pyramid_tiff(tmp_path / "a.tif", tissue_image(128, 128, seed=0), levels=1, tile=64)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    url = s3.url("nocreds")
+    rc = main(["prep", str(src), "--out", url, "--patch-size", "32", "--no-thumbnail"])
+    line = one_error_line(capsys, "prep")
+    assert rc == 1 and line.startswith(f"ips prep: --out {url}: cannot write there (HTTP 403"), line
+
+
 def test_prep_to_an_unsupported_scheme_is_one_usage_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["prep", "a.tif", "--out", "ftp://host/x"])
@@ -250,14 +274,7 @@ def test_a_garbage_pretraining_state_is_one_line(tmp_path, data, content, capsys
     else:
         (out / "state.pt").write_bytes(content)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                **tiny_config().to_dict(),
-                "pretrain": {"epochs": 1, "batch_size": 8, "patches_per_slide": 4, "patches_per_epoch": 16},
-            }
-        )
-    )
+    cfg.write_text(yaml.safe_dump({**tiny_config().to_dict(), "pretrain": PRETRAIN_TINY}))
     stores = [str(p) for p in sorted(data.parent.glob("*.zarr"))[:2]]
     rc = main(["pretrain", *stores, "--config", str(cfg), "--out", str(out), "--quiet"])
     line = one_error_line(capsys, "pretrain")

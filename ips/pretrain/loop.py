@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -18,7 +17,7 @@ import torch
 from ips.config import ConfigError, ExperimentConfig
 from ips.model.checkpoint import rng_state, set_rng_state
 from ips.model.ips_model import normalize_pixels, unit_pixels
-from ips.model.torchfile import read_torch_file
+from ips.model.torchfile import read_torch_file, save_torch_file
 from ips.pretrain.augment import ViewAugment
 from ips.pretrain.methods import RotationHead, SimCLRHead, decorrelation, nt_xent, quarter_turns
 from ips.pretrain.sampler import StorePatchSampler
@@ -51,9 +50,7 @@ def _fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_torch_file(obj, path)  # a failed write (a full disk) is one line naming the file
 
 
 def _plot(losses: list[float], path: Path, title: str) -> None:
