@@ -3,7 +3,7 @@
 Inputs are sorted (as given) and de-duplicated; `--shard i/n` keeps every n-th starting at i (0-based,
 `0 <= i < n`, as SLURM's `--array=0-(n-1)`), so n jobs given the same inputs split them without
 overlap. `--workers N` converts N inputs at once in separate processes, each with
-`--threads` (default: CPUs / N) decode/encode threads; `--dask ADDRESS | local:N` runs each input as a
+`--threads` (default CPUs / N) decode/encode threads; `--dask ADDRESS | local:N` runs each input as a
 Dask task instead (`data_prep.dask_run`). `--out` may be `s3://` or `gs://` (`data_prep.remote`).
 One line per failed input goes to stderr as it
 happens, and a summary table to stdout at the end. Exit status: 0 all done (or skipped), 1 some inputs
@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--patch-size", type=int, default=256, metavar="P", help="patch side in pixels (default 256)"
     )
-    p.add_argument("--stride", type=int, default=None, metavar="S", help="grid step in pixels (default: P)")
+    p.add_argument("--stride", type=int, default=None, metavar="S", help="grid step in pixels (default P)")
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--level", type=int, default=0, metavar="L", help="pyramid level of the grid (default 0)"
@@ -101,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="redo complete stores (default: skip them, finish partial ones)",
+        help="redo complete stores (default skip them, finish partial ones)",
     )
     p.add_argument("--allow-empty", action="store_true", help="keep stores whose grid is empty")
     p.add_argument("--no-thumbnail", action="store_true", help="do not draw thumbnails")
@@ -130,7 +130,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="T",
-        help="decode/encode threads per process (default: CPUs / workers, at most 8)",
+        help="decode/encode threads per process (default CPUs / workers, at most 8)",
     )
     p.add_argument(
         "--shard",
@@ -153,7 +153,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
         "--reader",
         choices=sorted(READERS),
         default=None,
-        help="force a reader backend (default: chosen from the file's content)",
+        help="force a reader backend (default chosen from the file's content)",
     )
     p.add_argument(
         "--codec",
@@ -167,7 +167,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="Q",
-        help="quality 1-100 of a lossy codec (default: jpeg 90, jpegxl 93, webp 90) or a lossless codec's level",
+        help="quality 1-100 of a lossy codec (default jpeg 90, jpegxl 93, webp 90) or a lossless codec's level",
     )
     p.add_argument(
         "--store-from",

@@ -81,7 +81,7 @@ def _throughput_parser(kinds: argparse._SubParsersAction) -> None:
         "--store-dir",
         type=Path,
         default=None,
-        help="keep the generated store here (default: a temporary one)",
+        help="keep the generated store here (default a temporary one)",
     )
     t.add_argument(
         "--codec",
@@ -92,7 +92,7 @@ def _throughput_parser(kinds: argparse._SubParsersAction) -> None:
         "measured side by side in the same run (default blosc-lz4)",
     )
     t.add_argument(
-        "--codec-level", type=int, default=None, help="quality of a lossy codec (default: each codec's own)"
+        "--codec-level", type=int, default=None, help="quality of a lossy codec (default each codec's own)"
     )
     _common(t)
     t.set_defaults(func=run_throughput_cmd)
@@ -141,12 +141,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the naive baseline runs at increasing N until its peak (host RSS on CPU, device memory "
         "on CUDA) exceeds this many GB (default 4)",
     )
-    m.add_argument("--plot", type=Path, default=None, help="write the figure (PNG) here (default: none)")
+    m.add_argument("--plot", type=Path, default=None, help="write the figure (PNG) here (default none)")
     m.add_argument(
         "--store-dir",
         type=Path,
         default=None,
-        help="keep the generated stores here and reuse them (default: a temporary folder)",
+        help="keep the generated stores here and reuse them (default a temporary folder)",
     )
     m.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement (default 1200)")
     _common(m)

@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="false",
         help="weights: a local file, 'true' (timm hub, needs network) or 'false' (default)",
     )
-    p.add_argument("--grid", default="default", help="grid to embed (default: default)")
-    p.add_argument("--name", default="default", help="feature set name, features/<name> (default: default)")
+    p.add_argument("--grid", default="default", help="grid to embed (default default)")
+    p.add_argument("--name", default="default", help="feature set name, features/<name> (default default)")
     p.add_argument(
         "--chunk-size",
         type=int,
@@ -43,13 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--read-threads", type=int, default=4, help="threads reading and decoding patches (default 4)"
     )
-    add_overwrite(p, "recompute a feature set that already exists (default: resume or skip it)")
+    add_overwrite(p, "recompute a feature set that already exists (default resume or skip it)")
     add_quiet(p, "no per-store lines")
     p.add_argument(
         "--encoder-norm",
         choices=("group", "batch"),
         default=None,
-        help="ips_* encoders: GroupNorm or BatchNorm (default: what `ips pretrain` recorded in encoder.json "
+        help="ips_* encoders: GroupNorm or BatchNorm (default what `ips pretrain` recorded in encoder.json "
         "beside --pretrained, else group)",
     )
     p.add_argument(

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Exact attention of every patch, drawn and exported per store under DIR/<slide_id>/.",
     )
     add_common(p)
-    p.add_argument("--task", help="draw only this task (default: every task, one panel each)")
+    p.add_argument("--task", help="draw only this task (default every task, one panel each)")
     p.add_argument(
         "--top-k", type=int, default=16, help="patches in top_patches.png per task (0: none; default 16)"
     )
