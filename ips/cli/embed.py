@@ -25,8 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="false",
         help="weights: a local file, 'true' (timm hub, needs network) or 'false' (default)",
     )
-    p.add_argument("--grid", default="default", help="grid to embed (default default)")
-    p.add_argument("--name", default="default", help="feature set name, features/<name> (default default)")
+    p.add_argument(
+        "--grid", default="default", help="grid to embed, as data.grid and prep --grid (default 'default')"
+    )
+    p.add_argument("--name", default="default", help="feature set name, features/<name> (default 'default')")
     p.add_argument(
         "--chunk-size",
         type=int,
