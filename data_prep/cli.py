@@ -311,7 +311,9 @@ def run(args: argparse.Namespace) -> int:
                 work,
                 workers=args.workers,
                 report=report,
-                died=lambda src: _failed(src, f"{DIED}; rerun to retry"),
+                failed=lambda src, reason: _failed(
+                    src, f"{reason}; rerun to retry" if reason == DIED else reason
+                ),
                 log=lambda line: bar.write(line, file=sys.stderr),
             )
     print(summary_table(results))

@@ -21,6 +21,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from ips.errors import one_line
+
 R = TypeVar("R")
 
 DIED = "the worker process died while converting it (crash, out of memory or killed)"
@@ -76,7 +78,12 @@ def _drain(started: Any, into: set[str]) -> None:
 
 
 def _round(
-    items: Sequence[str], work: Callable[[str], R], workers: int, report: Callable[[R], None], ctx: Any
+    items: Sequence[str],
+    work: Callable[[str], R],
+    workers: int,
+    report: Callable[[R], None],
+    failed: Callable[[str, str], R],
+    ctx: Any,
 ) -> tuple[list[str], list[str]]:
     """One pool over `items`; (not started, started but unfinished) when the pool broke, else ([], [])."""
     started_q = ctx.Queue()
@@ -95,6 +102,8 @@ def _round(
             except BrokenProcessPool:
                 unfinished.append(futures[fut])
                 continue
+            except Exception as e:  # noqa: BLE001 - what `work` raised for this input: its failure alone
+                result = failed(futures[fut], one_line(e))
             report(result)
     # the queue's feeder may lag a dying worker by a moment; what it never sent counts as not started
     _drain(started_q, started)
@@ -109,25 +118,26 @@ def run_pool(
     *,
     workers: int,
     report: Callable[[R], None],
-    died: Callable[[str], R],
+    failed: Callable[[str, str], R],
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> None:
     """`report(work(item))` for every item, `workers` processes at once (spawned: the parent may hold
     threads, which fork would copy in a broken state). `work` must be picklable (module-level).
 
-    An item whose worker died, and died again when it was retried alone, is reported as `died(item)`.
+    An item for which `work` raised is reported as `failed(item, one-line reason)`; one whose worker
+    died, and died again when it was retried alone, as `failed(item, DIED)`.
     """
     ctx = multiprocessing.get_context("spawn")
     pending = list(items)
     while pending:
-        not_started, suspects = _round(pending, work, workers, report, ctx)
+        not_started, suspects = _round(pending, work, workers, report, failed, ctx)
         if not suspects and len(not_started) == len(pending):  # workers die before any input: stop
             for item in not_started:
-                report(died(item))
+                report(failed(item, DIED))
             return
         for item in suspects:
             log(f"ips prep: a worker process died while {item} was converting; retrying it alone")
-            again, crashed = _round([item], work, 1, report, ctx)
+            again, crashed = _round([item], work, 1, report, failed, ctx)
             if crashed or again:
-                report(died(item))
+                report(failed(item, DIED))
         pending = not_started

@@ -28,7 +28,7 @@ def _count(text: str) -> int:
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=_count,
+        type=int,  # a negative count is refused where it is applied (ConfigError, exit 2)
         default=None,
         metavar="N",
         help="torch CPU threads (0: torch's default, one per core; more than the cores available is "
