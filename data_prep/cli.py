@@ -281,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
         from ips.format.location import check_writable
 
         check_writable(args.out)
+    else:  # a local one: a read-only or unwritable folder, a file on its path, once
+        _check_local_out(args.out)
     inputs, results = _select_inputs(list(args.sources), args.shard)
     for r in results:
         print(f"ips prep: FAILED {r.source}: {r.reason}", file=sys.stderr)
@@ -318,6 +320,19 @@ def run(args: argparse.Namespace) -> int:
             )
     print(summary_table(results))
     return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
+
+
+def _check_local_out(out: Path) -> None:
+    """`--out` made now; WriteError (one line naming it) when it cannot be made or written into, rather
+    than the same failure for every input."""
+    from ips.errors import WriteError, os_error_line
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"--out: {os_error_line(e, out)}") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # EROFS and missing permission both answer here
+        raise WriteError(f"--out: {out}: cannot write into it (read-only or no permission)")
 
 
 def _processes(args: argparse.Namespace) -> int:

@@ -139,6 +139,35 @@ def test_an_unwritable_out_is_one_line(tmp_path, data, cfg_file, monkeypatch, ca
     assert rc == 1 and f"{out}: {os.strerror(code)} ({name})" in line, line
 
 
+@pytest.mark.parametrize("how", ["mkdir", "access"])
+def test_prep_into_an_unwritable_out_is_one_line(tmp_path, monkeypatch, capsys, how):
+    from data_prep.testing import tissue_image, write_pyramid_tiff
+
+    srcs = [
+        write_pyramid_tiff(tmp_path / f"{n}.tif", tissue_image(96, 96, seed=0), levels=1, tile=32)
+        for n in "ab"
+    ]
+    out = tmp_path / "ro" / "stores"
+    if how == "mkdir":  # a read-only mount refuses to make the folder
+        monkeypatch.setattr(
+            Path,
+            "mkdir",
+            lambda self, *a, **k: (_ for _ in ()).throw(
+                OSError(errno.EROFS, "Read-only file system", str(self))
+            ),
+        )
+    else:  # the folder exists but cannot be written into
+        out.mkdir(parents=True)
+        real = os.access
+        monkeypatch.setattr(
+            os, "access", lambda p, mode, **k: False if Path(p) == out else real(p, mode, **k)
+        )
+    rc = main(["prep", *map(str, srcs), "--out", str(out), "--patch-size", "32"])
+    line = one_error_line(capsys, "prep")
+    want = f"{out}: Read-only file system (EROFS)" if how == "mkdir" else f"{out}: cannot write into it"
+    assert rc == 1 and want in line, line
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_folder_for_real(tmp_path, data, cfg_file, capsys):
     locked = tmp_path / "ro"

@@ -71,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ips {args.command}: {os_error_line(e)}", file=sys.stderr)
         return EXIT_SOME_FAILED
+    except Exception as e:  # an object store's client error (obstore): one short line, not its dump
+        from ips.errors import is_remote_error, one_line
+
+        if not is_remote_error(e):
+            raise
+        print(f"ips {args.command}: {one_line(e)}", file=sys.stderr)
+        return EXIT_SOME_FAILED
     except KeyboardInterrupt:
         print(f"ips {args.command}: interrupted", file=sys.stderr)
         return 130
