@@ -291,3 +291,37 @@ def test_pretrain_holds_the_lock_while_it_runs(tmp_path, monkeypatch):
     argv = ["pretrain", "s.zarr", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out), "--quiet"]
     assert main(argv) == 0 and seen
     RunLock(out).acquire().release()  # free again once it ended
+
+
+def test_the_store_digest_covers_what_the_run_reads_and_nothing_else(tmp_path):
+    """Another grid or feature set added to a store later (`ips prep --grid`, `ips embed`) leaves a
+    resumable run resumable; other pixels, mask or grid do not."""
+    from ips.config import DataConfig
+    from ips.format.names import COMPLETE_MARKER
+    from ips.training.rundir import store_digest
+
+    store = tmp_path / "x.zarr"
+    store.mkdir()
+    arrays = {
+        "0": {"c/0/0/0": [100, 1]},
+        "mask": {"c/0/0": [10, 2]},
+        "grids/default/coords": {"c/0/0": [12, 3]},
+        "features/default/emb": {"c/0/0": [50, 4]},
+    }
+
+    def digest(changes: dict, data: DataConfig | None = None) -> str | None:
+        (store / COMPLETE_MARKER).write_text(
+            json.dumps({"format_version": 2, "arrays": {**arrays, **changes}})
+        )
+        return store_digest(str(store), data or DataConfig())
+
+    base = digest({})
+    assert base is not None
+    assert digest({"grids/fine/coords": {"c/0/0": [9, 9]}}) == base  # a grid added later
+    assert digest({"features/default/emb": {"c/0/0": [51, 5]}}) == base  # features: not read in pixels mode
+    assert digest({"0": {"c/0/0/0": [100, 7]}}) != base  # other pixels
+    assert digest({"mask": {"c/0/0": [10, 8]}}) != base
+    assert digest({"grids/default/coords": {"c/0/0": [12, 9]}}) != base
+    features = DataConfig(mode="features")
+    assert digest({}, features) != digest({"features/default/emb": {"c/0/0": [51, 5]}}, features)
+    assert store_digest(str(tmp_path / "missing.zarr"), DataConfig()) is None  # its reader says why
