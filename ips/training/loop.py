@@ -380,7 +380,7 @@ def load_inputs(
 def _patch_labels(record: SlideRecord, cfg: ExperimentConfig) -> PatchLabels:
     """The slide's annotation on the grid it is read from (one store open)."""
     store = open_store(record.path)
-    return patch_labels(record.annotation, store, source_grid(store, cfg))
+    return patch_labels(record.annotation, store, source_grid(store, cfg), slide=record.slide_id)
 
 
 def _label_key(label: Any) -> Any:
