@@ -104,6 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="redo complete stores (default skip them, finish partial ones)",
     )
     p.add_argument("--allow-empty", action="store_true", help="keep stores whose grid is empty")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (failures and the summary stay)")
     p.add_argument("--no-thumbnail", action="store_true", help="do not draw thumbnails")
     p.set_defaults(func=run)
 
@@ -288,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"ips prep: FAILED {r.source}: {r.reason}", file=sys.stderr)
     from tqdm import tqdm
 
-    with tqdm(total=len(inputs), desc="ips prep", unit="input", disable=None, file=sys.stderr) as bar:
+    quiet = True if args.quiet else None  # None: tqdm draws only on a terminal
+    with tqdm(total=len(inputs), desc="ips prep", unit="input", disable=quiet, file=sys.stderr) as bar:
         report = partial(_report, results=results, bar=bar)
         work = partial(_work, out=args.out, options=options, reader=args.reader)
         if args.dask:

@@ -30,6 +30,8 @@ def shown_help(*path: str) -> str:
     return subparser(*path).format_help()
 
 
+QUIET_TOO = ["prep"]  # no model, but a progress bar: the same --quiet
+
 RUNS_A_MODEL = [
     ("train",),
     ("pretrain",),
@@ -154,3 +156,8 @@ def test_view_split_is_a_choice(capsys):
     with pytest.raises(SystemExit):
         parse(build_parser(), ["view", "--manifest", "m.csv", "--split", "tset"])
     assert "invalid choice: 'tset'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", QUIET_TOO)
+def test_quiet_on_commands_with_progress_bars(command):
+    assert "--quiet" in options(command)
