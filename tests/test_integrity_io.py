@@ -233,6 +233,27 @@ def test_prep_without_credentials_is_one_line(tmp_path, s3, monkeypatch, capsys)
     assert rc == 1 and line.startswith(f"ips prep: --out {url}: cannot write there (HTTP 403"), line
 
 
+def test_prep_to_an_unreachable_server_is_one_line_within_seconds(tmp_path, monkeypatch, capsys):
+    import socket
+    import time
+
+    pytest.importorskip("obstore", reason="remote stores need obstore")
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    t0 = time.monotonic()
+    rc = main(["prep", str(tmp_path / "a.tif"), "--out", "s3://bucket/x"])
+    line = one_error_line(capsys, "prep")
+    assert rc == 1 and "cannot reach the server" in line and time.monotonic() - t0 < 30, line
+
+
 def test_prep_to_an_unsupported_scheme_is_one_usage_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["prep", "a.tif", "--out", "ftp://host/x"])
