@@ -595,7 +595,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML; WriteError naming the file when it cannot be written."""
+    from ips.errors import WriteError, os_error_line
+
+    try:
+        Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    except OSError as e:
+        raise WriteError(os_error_line(e, path)) from None
 
 
 def with_overrides(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
