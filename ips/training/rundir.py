@@ -202,9 +202,10 @@ def store_digest(location: str, data: DataConfig) -> str | None:
     if raw is None:
         return None
     try:
-        marker = json.loads(raw)
-        arrays = marker["arrays"]
+        arrays = json.loads(raw)["arrays"]
     except (ValueError, KeyError, TypeError):
+        arrays = None
+    if not isinstance(arrays, dict):
         return hashlib.sha256(raw).hexdigest()[:16]  # a marker without checksums: its bytes stand for it
 
     def read(name: str) -> bool:
