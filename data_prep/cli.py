@@ -3,7 +3,7 @@
 Inputs are sorted (as given) and de-duplicated; `--shard i/n` keeps every n-th starting at i (0-based,
 `0 <= i < n`, as SLURM's `--array=0-(n-1)`), so n jobs given the same inputs split them without
 overlap. `--workers N` converts N inputs at once in separate processes, each with
-`--threads` (default: CPUs / N) decode/encode threads; `--dask ADDRESS | local:N` runs each input as a
+`--threads` (default CPUs / N) decode/encode threads; `--dask ADDRESS | local:N` runs each input as a
 Dask task instead (`data_prep.dask_run`). `--out` may be `s3://` or `gs://` (`data_prep.remote`).
 One line per failed input goes to stderr as it
 happens, and a summary table to stdout at the end. Exit status: 0 all done (or skipped), 1 some inputs
@@ -13,17 +13,16 @@ failed (the others were still converted), 2 bad usage.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_prep.options import CODECS, STORE_FROM, PrepOptions
 from data_prep.readers import READERS
-from ips.errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from data_prep.workers import DIED, die_with_parent, run_pool
+from ips.errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, run_each
 
 if TYPE_CHECKING:  # the pipeline (zarr, scikit-image) loads only when prep runs: `ips --help` stays fast
     from data_prep.convert import PrepResult
@@ -65,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="convert slides / volumes into zarr stores with tissue masks and patch grids",
         description="Convert each SRC into DIR/<slide_id>.zarr (slide_id = file name without its "
         "extensions), with a thumbnail DIR/<slide_id>.thumbnail.png. Complete stores are "
-        "skipped (or get a new --grid-name); partial ones are redone.",
+        "skipped (or get a new --grid); partial ones are redone; --overwrite redoes complete ones.",
     )
     p.add_argument("sources", nargs="+", metavar="SRC", help="slide or volume files")
     p.add_argument(
@@ -78,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--patch-size", type=int, default=256, metavar="P", help="patch side in pixels (default 256)"
     )
-    p.add_argument("--stride", type=int, default=None, metavar="S", help="grid step in pixels (default: P)")
+    p.add_argument("--stride", type=int, default=None, metavar="S", help="grid step in pixels (default P)")
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--level", type=int, default=0, metavar="L", help="pyramid level of the grid (default 0)"
@@ -99,22 +98,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_run_options(p)
     _add_store_options(p)
-    p.add_argument("--overwrite", action="store_true", help="redo complete stores")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo complete stores (default skip them, finish partial ones)",
+    )
     p.add_argument("--allow-empty", action="store_true", help="keep stores whose grid is empty")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (failures and the summary stay)")
     p.add_argument("--no-thumbnail", action="store_true", help="do not draw thumbnails")
     p.set_defaults(func=run)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Grid name and where/how the conversions run (processes, threads, shards, Dask)."""
-    p.add_argument("--grid-name", default="default", metavar="NAME", help="grid name (default 'default')")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="processes (default 1)")
+    p.add_argument(
+        "--grid",
+        dest="grid_name",
+        default="default",
+        metavar="NAME",
+        help="name of the grid to make, read by data.grid and `ips embed --grid` (default 'default')",
+    )
+    p.add_argument("--grid-name", dest="grid_name", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes; one that dies fails only its input (default 1)",
+    )
     p.add_argument(
         "--threads",
         type=int,
         default=0,
         metavar="T",
-        help="decode/encode threads per process (default: CPUs / workers, at most 8)",
+        help="decode/encode threads per process (default CPUs / workers, at most 8)",
     )
     p.add_argument(
         "--shard",
@@ -137,7 +154,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
         "--reader",
         choices=sorted(READERS),
         default=None,
-        help="force a reader backend (default: chosen from the file's content)",
+        help="force a reader backend (default chosen from the file's content)",
     )
     p.add_argument(
         "--codec",
@@ -151,7 +168,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="Q",
-        help="quality 1-100 of a lossy codec (default: jpeg 90, jpegxl 93, webp 90) or a lossless codec's level",
+        help="quality 1-100 of a lossy codec (default jpeg 90, jpegxl 93, webp 90) or a lossless codec's level",
     )
     p.add_argument(
         "--store-from",
@@ -162,38 +179,19 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def die_with_parent(parent: int) -> None:
-    """In a worker: exit as soon as the parent process `parent` dies (even by `kill -9`), so no orphan
-    keeps converting (and holding a store's lock) after the run is gone.
-
-    Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG). Everywhere: a daemon
-    thread checks once a second that the parent is still ours (an orphan is re-parented)."""
-    import ctypes
-    import signal
-    import threading
-    import time
-
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="ips-prep-parent-watch", daemon=True).start()
-
-
 def _work(source: str, out: Path | str, options: PrepOptions, reader: str | None) -> PrepResult:
     from data_prep.convert import prep_file
 
     return prep_file(source, out, options=options, reader=reader)
+
+
+def _failed(source: str, reason: str) -> PrepResult:
+    from data_prep.convert import PrepResult
+
+    return PrepResult(source, Path(source).name, "failed", reason=reason)
+
+
+__all__ = ["die_with_parent", "parse_shard", "register", "summary_table", "take_shard"]
 
 
 def _select_inputs(sources: list[str], shard: tuple[int, int] | None) -> tuple[list[str], list[PrepResult]]:
@@ -219,7 +217,7 @@ def _select_inputs(sources: list[str], shard: tuple[int, int] | None) -> tuple[l
     return keep, failed
 
 
-def _report(result: PrepResult, results: list[PrepResult], bar: object) -> None:
+def _report(result: PrepResult, *, results: list[PrepResult], bar: object) -> None:
     results.append(result)
     if result.status == "failed":
         msg = f"ips prep: FAILED {result.source}: {result.reason}"
@@ -255,6 +253,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     procs = _processes(args)  # 0: a remote Dask cluster, whose workers pick their own thread counts
+    cores = os.cpu_count() or 1
+    if args.threads > cores and procs:  # thousands of threads exhaust the process, they do not speed it up
+        print(
+            f"warning: --threads {args.threads} is more than the {cores} cores; using {cores}",
+            file=sys.stderr,
+        )
+        args.threads = cores
     threads = args.threads or (max(1, min(8, (os.cpu_count() or 1) // procs)) if procs else 0)
     options = PrepOptions(
         patch_size=args.patch_size,
@@ -273,24 +278,63 @@ def run(args: argparse.Namespace) -> int:
     )
     if isinstance(args.out, Path) and args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} exists and is not a directory")
+    if isinstance(args.out, str):  # a remote --out: a missing bucket or refused credentials, once
+        from ips.format.location import check_writable
+
+        check_writable(args.out)
+    else:  # a local one: a read-only or unwritable folder, a file on its path, once
+        _check_local_out(args.out)
     inputs, results = _select_inputs(list(args.sources), args.shard)
     for r in results:
         print(f"ips prep: FAILED {r.source}: {r.reason}", file=sys.stderr)
     from tqdm import tqdm
 
-    with tqdm(total=len(inputs), desc="ips prep", unit="input", disable=None, file=sys.stderr) as bar:
+    quiet = True if args.quiet else None  # None: tqdm draws only on a terminal
+    with tqdm(total=len(inputs), desc="ips prep", unit="input", disable=quiet, file=sys.stderr) as bar:
+        report = partial(_report, results=results, bar=bar)
+        work = partial(_work, out=args.out, options=options, reader=args.reader)
         if args.dask:
             from data_prep.dask_run import run_dask
 
-            run_dask(inputs, args.out, options, args.reader, args.dask, lambda r: _report(r, results, bar))
+            run_dask(inputs, args.out, options, args.reader, args.dask, report)
         elif args.workers == 1 or len(inputs) <= 1:
-            for src in inputs:
+
+            def one(src: str) -> PrepResult:
                 bar.set_postfix_str(Path(src).name, refresh=True)
-                _report(_work(src, args.out, options, args.reader), results, bar)
+                return work(src)
+
+            # prep_file reports what it can name; anything else it raises is one line for its input
+            done, failures = run_each(inputs, one, name=lambda s: Path(s).name)
+            by_source = dict(done)
+            crashed = {f.path: f.reason for f in failures}
+            for src in inputs:
+                report(by_source[src] if src in by_source else _failed(src, crashed[src]))
         else:
-            _run_pool(inputs, args, options, results, bar)
+            run_pool(
+                inputs,
+                work,
+                workers=args.workers,
+                report=report,
+                failed=lambda src, reason: _failed(
+                    src, f"{reason}; rerun to retry" if reason == DIED else reason
+                ),
+                log=lambda line: bar.write(line, file=sys.stderr),
+            )
     print(summary_table(results))
     return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
+
+
+def _check_local_out(out: Path) -> None:
+    """`--out` made now; WriteError (one line naming it) when it cannot be made or written into, rather
+    than the same failure for every input."""
+    from ips.errors import WriteError, os_error_line
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"--out: {os_error_line(e, out)}") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # EROFS and missing permission both answer here
+        raise WriteError(f"--out: {out}: cannot write into it (read-only or no permission)")
 
 
 def _processes(args: argparse.Namespace) -> int:
@@ -302,31 +346,3 @@ def _processes(args: argparse.Namespace) -> int:
         address, n = parse_dask(args.dask)
         return n if address is None else 0
     return args.workers
-
-
-def _run_pool(
-    inputs: list[str], args: argparse.Namespace, options: PrepOptions, results: list[PrepResult], bar: object
-) -> None:
-    # spawn: the parent may hold threads (zarr's event loop), which fork would copy in a broken state
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(args.workers, len(inputs)),
-        mp_context=ctx,
-        initializer=die_with_parent,
-        initargs=(os.getpid(),),
-    ) as pool:
-        futures = {pool.submit(_work, src, args.out, options, args.reader): src for src in inputs}
-        for fut in as_completed(futures):
-            src = futures[fut]
-            try:
-                result = fut.result()
-            except BrokenProcessPool:
-                from data_prep.convert import PrepResult
-
-                result = PrepResult(
-                    src,
-                    Path(src).name,
-                    "failed",
-                    reason="the worker process died (crash or out of memory); rerun to retry",
-                )
-            _report(result, results, bar)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -370,6 +371,7 @@ class ExperimentConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _require(
             self.data.shift < self.model.patch_size or self.data.mode == "features",
             "data.shift",
@@ -396,9 +398,79 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _closest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float of a config (nested sections and tuples included) is finite: inf or nan in a learning
+    rate, a weight or a clip is never meant, and fails far from the key (FloatingPointError at a step)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+        for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
+            if dataclasses.is_dataclass(v) and isinstance(value, tuple):
+                _check_finite(v, f"{key}[{i}].")
+            elif isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}: must be a finite number, got {v}")
+
+
+# other names people use for a key (left) -> the key's name here; checked before spelling
+SYNONYMS = {
+    "learning_rate": "lr",
+    "learningrate": "lr",
+    "base_lr": "lr",
+    "wd": "weight_decay",
+    "decay": "weight_decay",
+    "epoch": "epochs",
+    "n_epochs": "epochs",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "batch": "batch_size",
+    "bs": "batch_size",
+    "micro_batch": "micro_batch_size",
+    "clip": "grad_clip",
+    "gradient_clip": "grad_clip",
+    "clip_grad_norm": "grad_clip",
+    "patience": "early_stopping_patience",
+    "warmup": "warmup_epochs",
+    "m": "memory_size",
+    "memory": "memory_size",
+    "i": "iter_size",
+    "iter": "iter_size",
+    "iteration_size": "iter_size",
+    "patch": "patch_size",
+    "patchsize": "patch_size",
+    "channels": "in_chans",
+    "in_channels": "in_chans",
+    "num_channels": "in_chans",
+    "backbone": "encoder",
+    "heads": "n_heads",
+    "num_heads": "n_heads",
+    "threads": "read_threads",
+    "num_workers": "read_threads",
+    "workers": "read_threads",
+    "temp": "temperature",
+    "tau": "temperature",
+}
+
+
+def _suggest(key: str, valid: list[str]) -> str | None:
+    """The valid name `key` most likely meant: a known synonym, a name that contains it as a whole word
+    (`patience` -> `early_stopping_patience`), else the closest spelling."""
+    low = key.lower().replace("-", "_")
+    if low in valid:
+        return low
+    synonym = SYNONYMS.get(low)
+    if synonym in valid:
+        return synonym
+    words = [v for v in valid if low in v.split("_") or (len(low) > 3 and low in v)]
+    if len(words) == 1:
+        return words[0]
+    match = difflib.get_close_matches(low, valid, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _closest(key: str, valid: list[str], prefix: str = "") -> str:
+    match = _suggest(key, valid)
+    return f"; did you mean {prefix + match!r}?" if match else f"; valid keys: {', '.join(valid)}"
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -417,7 +489,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+        finite = [m for m in errors if "finite number" in m]  # the number is the type, its value is not
+        raise ConfigError(finite[0] if finite else f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
@@ -444,14 +517,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, Path)):
             return str(value)
@@ -472,7 +550,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}'{_closest(str(key), names)}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_closest(str(key), names, prefix)}")
         kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
     try:
         return cls(**kwargs)
@@ -517,7 +595,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML; WriteError naming the file when it cannot be written."""
+    from ips.errors import WriteError, os_error_line
+
+    try:
+        Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    except OSError as e:
+        raise WriteError(os_error_line(e, path)) from None
 
 
 def with_overrides(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
@@ -526,3 +610,17 @@ def with_overrides(cfg: ExperimentConfig, **sections: dict[str, Any]) -> Experim
     for name, values in sections.items():
         data[name] = {**data[name], **values}
     return ExperimentConfig.from_dict(data)
+
+
+def override_loaded(
+    cfg: ExperimentConfig, overrides: list[str], *, fixed: tuple[str, ...] = ("model",)
+) -> ExperimentConfig:
+    """A checkpoint's config with `key=value` overrides, validated; ConfigError for a key of a `fixed`
+    section (the checkpoint's weights fix the model: `model.*` cannot change after training)."""
+    for item in overrides:
+        section = item.split("=", 1)[0].strip().split(".")[0]
+        if section in fixed:
+            raise ConfigError(
+                f"override {item!r}: {section}.* is fixed by the checkpoint's weights (retrain to change it)"
+            )
+    return ExperimentConfig.from_dict(apply_overrides(cfg.to_dict(), overrides)) if overrides else cfg

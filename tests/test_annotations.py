@@ -262,3 +262,117 @@ def test_annotations_make_a_stalled_task_learn(tmp_path):
         assert any("training slides are annotated" in line for line in lines) == (name == "guided"), lines
         accuracy[name] = [r["val_label/accuracy"] for r in result.history]
     assert accuracy["guided"][-1] >= 0.8 and accuracy["control"][-1] <= 0.6, accuracy
+
+
+# --- annotations that cannot be right are refused at load, in one line naming the file and the slide -----
+
+
+def _polygon_file(tmp_path, geometry) -> object:
+    path = tmp_path / "bad.geojson"
+    feature = {"type": "Feature", "properties": {}, "geometry": geometry}
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    return path
+
+
+SQUARE = [[0, 0], [32, 0], [32, 32], [0, 32], [0, 0]]  # inside the 192 x 128 slide
+
+
+@pytest.mark.parametrize(
+    ("geometry", "match"),
+    [
+        (
+            {"type": "Polygon", "coordinates": [[[5000, 5000], [5100, 5000], [5100, 5100], [5000, 5000]]]},
+            "outside",
+        ),
+        ({"type": "Polygon", "coordinates": [[[-50, -50], [-10, -50], [-10, -10], [-50, -50]]]}, "outside"),
+        ({"type": "Polygon", "coordinates": [[[0, 0], [float("nan"), 5], [9, 9], [0, 0]]]}, "NaN"),
+        ({"type": "Polygon", "coordinates": [[[10, 10]]]}, "encloses no area"),
+        (
+            {"type": "Polygon", "coordinates": [[[0, 0, 1], [32, 0, 1], [32, 32, 1], [0, 0, 1]]]},
+            "3 coordinates",
+        ),
+        ({"type": "Polygon", "coordinates": None}, "not a list of rings"),
+        ({"type": "Polygon", "coordinates": [0, 0, 32, 0, 32, 32]}, "not a list of rings"),
+        (
+            {"type": "Polygon", "coordinates": [[["0", "0"], ["32", "0"], ["32", "32"]]]},
+            "not a pair of numbers",
+        ),
+        ({"type": "Polygon", "coordinates": [[]]}, "empty"),
+        ({"type": "Polygon", "coordinates": []}, "not a list of rings"),
+        ({"type": "MultiPolygon", "coordinates": [SQUARE]}, "not a list of rings|not a pair of numbers"),
+        ({"type": "MultiPolygon", "coordinates": [[[1, 2]]]}, "not a pair of numbers|not a list"),
+        ({"type": "MultiPolygon", "coordinates": 7}, "not a list of rings"),
+    ],
+)
+def test_polygons_that_cannot_be_right_are_one_line_errors(tmp_path, geometry, match):
+    store = _store(tmp_path, 0)
+    path = _polygon_file(tmp_path, geometry)
+    with pytest.raises(ManifestError, match=match) as e:
+        patch_labels(path, store, "default", slide="s0")
+    text = str(e.value)
+    assert f"annotation {path} of slide s0: " in text and "\n" not in text
+
+
+def test_a_polygon_between_the_patches_touches_none_and_is_an_error(tmp_path):
+    """Inside the slide but over no patch of the grid (a tissue grid skips background): an error."""
+    image = np.full((3, 128, 192), 180, dtype=np.uint8)
+    tissue = np.zeros((128, 192), dtype=bool)
+    tissue[:, :96] = True  # the grid covers the left half only
+    store = convert_array(
+        image, tmp_path, "half", mask=tissue, options=PrepOptions(patch_size=16, min_tissue=0.5)
+    )
+    right = [[[150, 40], [180, 40], [180, 80], [150, 80], [150, 40]]]
+    with pytest.raises(ManifestError, match=r"of slide half: its polygons touch none of the \d+ patches"):
+        patch_labels(_geojson(tmp_path / "r.geojson", [right]), store, "default", slide="half")
+    left = [[[10, 10], [40, 10], [40, 40], [10, 40], [10, 10]]]
+    assert patch_labels(_geojson(tmp_path / "l.geojson", [left]), store, "default").indices.size > 0
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((10, 1000), "not the slide .* at one scale"),
+        ((1000, 10), "not the slide .* at one scale"),
+        ((1, 1), "coarser than a patch"),
+        ((4, 128, 192), "expected 2 spatial dimensions"),
+        ((256, 384), "larger than the slide"),
+        ((128, 191 + 8), "not the slide .* at one scale"),
+    ],
+)
+def test_masks_of_another_size_are_refused_not_stretched(tmp_path, shape, match):
+    store = _store(tmp_path, 0)  # level 0: 128 x 192, patches of 16
+    path = tmp_path / "m.npy"
+    np.save(path, np.ones(shape, dtype=np.uint8))
+    with pytest.raises(ManifestError, match=match) as e:
+        patch_labels(path, store, "default", slide="s0")
+    assert f"annotation {path} of slide s0: " in str(e.value)
+
+
+@pytest.mark.parametrize("shape", [(128, 192), (64, 96), (32, 48), (16, 24), (65, 96), (128, 192, 3)])
+def test_masks_at_one_scale_of_the_slide_are_taken(tmp_path, shape):
+    store = _store(tmp_path, 0)
+    path = tmp_path / "m.npy"
+    np.save(path, np.ones(shape, dtype=np.uint8))
+    labels = patch_labels(path, store, "default")
+    assert labels.indices.size == labels.n_patches and np.all(labels.fractions > 0.99)
+
+
+def test_a_huge_png_is_one_line_without_decoding_it(tmp_path):
+    """A 30000 x 30000 PNG (PIL's bomb limit would raise DecompressionBombError) for a small slide."""
+    from PIL import Image
+
+    store = _store(tmp_path, 0)
+    path = tmp_path / "huge.png"
+    Image.new("1", (30000, 30000)).save(path, optimize=False)  # 1-bit, compresses to ~100 kB
+    assert path.stat().st_size < 2_000_000  # a small file that would decode to 900 M pixels
+    with pytest.raises(ManifestError, match=r"mask size 30000 x 30000 is (larger than|not) the slide"):
+        patch_labels(path, store, "default", slide="s0")
+
+
+def test_a_damaged_mask_file_is_one_line(tmp_path):
+    store = _store(tmp_path, 0)
+    path = tmp_path / "m.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ManifestError, match=r"cannot read the mask") as e:
+        patch_labels(path, store, "default", slide="s0")
+    assert "\n" not in str(e.value)

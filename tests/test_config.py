@@ -58,7 +58,11 @@ def test_yaml_and_overrides(tmp_path):
     ("data", "overrides", "match"),
     [
         ({"selction": {}}, [], r"unknown config key 'selction'.*did you mean 'selection'"),
-        ({"selection": {"memory_sise": 4}}, [], r"'selection.memory_sise'.*did you mean 'memory_size'"),
+        (
+            {"selection": {"memory_sise": 4}},
+            [],
+            r"'selection.memory_sise'.*did you mean 'selection.memory_size'",
+        ),
         ({}, ["train.learning_rate=1"], r"'train.learning_rate'"),
         ({}, ["trian.lr=1"], r"did you mean 'train'"),
         ({}, ["train.lr"], r"expected section.key=value"),
@@ -102,3 +106,60 @@ def test_task_properties():
     assert TaskConfig(name="x", kind="multilabel", num_classes=10).n_outputs == 10
     assert TaskConfig(name="x", label_column="col").column == "col"
     assert ModelConfig().tasks[0].column == "label"
+
+
+def _float_keys() -> list[str]:
+    """Every `section.key` whose type admits a float (float or float | None), read from the type hints."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for section in dataclasses.fields(ExperimentConfig):
+        hints = typing.get_type_hints(
+            section.type if isinstance(section.type, type) else type(section.default_factory())
+        )
+        for name, tp in hints.items():
+            if tp is float or float in typing.get_args(tp):
+                keys.append(f"{section.name}.{name}")
+    return keys
+
+
+def test_every_float_key_is_known():
+    keys = _float_keys()
+    # the keys the audit found accepting inf are among them: the listing is not empty or partial
+    assert {"train.lr", "train.annotation_weight", "train.grad_clip", "pretrain.lr"} <= set(keys)
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("value", ["inf", ".inf", "-.inf", "nan", ".nan", "-inf"])
+def test_non_finite_numbers_are_refused_for_every_float_key(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key}: must be a finite number"):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_non_finite_number_in_a_yaml_file_and_in_code(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  grad_clip: .inf\n")
+    with pytest.raises(ConfigError, match=r"^train.grad_clip: must be a finite number"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^train.lr: must be a finite number"):
+        ExperimentConfig(train=TrainConfig(lr=float("inf")))
+
+
+@pytest.mark.parametrize(
+    ("override", "meant"),
+    [
+        ("train.learning_rate=1e-4", "train.lr"),
+        ("train.LR=1e-4", "train.lr"),
+        ("train.n_epochs=3", "train.epochs"),
+        ("train.patience=3", "train.early_stopping_patience"),
+        ("train.wd=0.1", "train.weight_decay"),
+        ("selection.M=8", "selection.memory_size"),
+        ("selection.I=8", "selection.iter_size"),
+        ("model.backbone=x", "model.encoder"),
+        ("train.epcohs=3", "train.epochs"),
+    ],
+)
+def test_did_you_mean_uses_names_and_synonyms(override, meant):
+    with pytest.raises(ConfigError, match=rf"did you mean '{meant}'\?$"):
+        load_config(None, [override])

@@ -225,7 +225,7 @@ def test_checkpoint_that_does_not_fit_the_store(tmp_path, capsys, kind):
     err = capsys.readouterr().err
     assert rc == 1  # the good store is still drawn
     assert (tmp_path / "o" / "good" / "heatmap.png").is_file()
-    line = next(s for s in err.splitlines() if s.strip().startswith("bad ("))
+    line = next(s for s in err.splitlines() if s.startswith("ips heatmap: failed: bad ("))
     assert str(bad) in line and want in line, err
 
 

@@ -1,6 +1,6 @@
-"""Prep integrity: workers die with a killed parent, a store is complete only through one
-rename taken last, one prep per store at a time (a lock), stale partial stores are cleaned, and a
-rerun with other options says so and names --overwrite."""
+"""Prep integrity: workers die with a killed parent, a dead worker fails only the input it held, a store
+is complete only through one rename taken last, one prep per store at a time (a lock), stale partial
+stores are cleaned, and a rerun with other options says so and names --overwrite."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ if os.environ.get("IPS_TEST_SLOW_READ"):
         time.sleep(float(os.environ["IPS_TEST_SLOW_READ"]))
         return _read(self, start, size)
     readers.TiffReader._read = _slow
+if os.environ.get("IPS_TEST_CRASH_ON"):  # a worker reading this file dies at once, as in a crash
+    import signal
+    import data_prep.readers as readers
+    _read_c = readers.TiffReader._read
+    def _crash(self, start, size):
+        if self.path.name == os.environ["IPS_TEST_CRASH_ON"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _read_c(self, start, size)
+    readers.TiffReader._read = _crash
 """
 
 
@@ -241,3 +250,65 @@ def test_two_concurrent_preps_do_not_interleave(tmp_path):
             assert "another ips prep (pid" in err and "s0.zarr" in err, err
     assert verify_store(out / "s0.zarr") == []
     assert sorted(p.name for p in out.iterdir()) == ["s0.zarr"]
+
+
+def spawned_workers(pid: int) -> list[int]:
+    """The pool's worker processes among `pid`'s children (not multiprocessing's resource tracker)."""
+    found = []
+    for child in children(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            found.append(child)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_that_dies_fails_only_the_input_it_held(tmp_path):
+    inputs = make_inputs(tmp_path / "in", 4, size=256)
+    out = tmp_path / "out"
+    env = {**slow_env(tmp_path, 0.0), "IPS_TEST_CRASH_ON": "s1.tif"}
+    run = subprocess.run(prep_cmd(inputs, out, "--workers", "2"), env=env, capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr
+    failed = [line for line in run.stderr.splitlines() if line.startswith("ips prep: FAILED")]
+    assert len(failed) == 1 and "s1.tif" in failed[0] and "worker process died" in failed[0], run.stderr
+    assert sorted(p.name for p in out.glob("*.zarr")) == ["s0.zarr", "s2.zarr", "s3.zarr"]
+    for name in ("s0", "s2", "s3"):
+        assert is_complete(out / f"{name}.zarr") and verify_store(out / f"{name}.zarr") == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_killed_once_costs_no_input(tmp_path):
+    inputs = make_inputs(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        prep_cmd(inputs, out, "--workers", "2"),
+        env=slow_env(tmp_path, 0.2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until a worker has written a level-0 shard
+            if any(p.is_file() for p in out.glob(".s*.zarr.partial-*/0/c/*/*/*")):
+                break
+            assert proc.poll() is None, "the run finished before a worker could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no shard written within 60 s")
+        workers = spawned_workers(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "retrying it alone" in stderr and "FAILED" not in stderr, stderr
+    for src in inputs:
+        store = out / f"{src.stem}.zarr"
+        assert is_complete(store) and verify_store(store) == [], store

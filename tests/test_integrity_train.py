@@ -1,13 +1,16 @@
-"""Training never mixes two runs, never half-refuses, and says what it will not do."""
+"""Training never mixes two runs, never half-refuses, and says what it will not do; a resumed run reads
+the data of the run it resumes; `ips pretrain` holds the same run lock."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from train_fixtures import make_cross_slides, tiny_config
 
 from ips.cli.main import main
@@ -187,3 +190,138 @@ def test_collectives_use_the_backends_device(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_collective_device_on_cuda():
     assert distributed.collective_device("nccl", torch.device("cuda", 0)).type == "cuda"
+
+
+# --- a resumed run reads the data of the run it resumes ------------------------------------------------
+
+
+def _flipped(manifest: Path, name: str, column: str = "label") -> Path:
+    """A copy of `manifest` beside it (same relative store paths) with every `column` value changed."""
+    rows = manifest.read_text().splitlines()
+    header = rows[0].split(",")
+    i = header.index(column)
+    out = []
+    for row in rows[1:]:
+        cells = row.split(",")
+        cells[i] = {"0": "1", "1": "0", "train": "val", "val": "train"}[cells[i]]
+        out.append(",".join(cells))
+    path = manifest.with_name(name)
+    path.write_text("\n".join([rows[0], *out]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("column", ["label", "split"])
+def test_resume_on_a_changed_manifest_is_refused_naming_overwrite(tmp_path, data, column, capsys):
+    run = tmp_path / "run"
+    cfg = tiny_config(train={**tiny_config().train.__dict__, "epochs": 2})
+    train(cfg, manifest=data, run_dir=run, stop_after_epochs=1, **QUIET)
+    last = (run / "checkpoints" / "last.pt").read_bytes()
+    changed = _flipped(data, f"flipped_{column}.csv", column)
+    with pytest.raises(
+        RunDirError, match=r"cannot resume on different data \(.*manifest rows changed.*--overwrite"
+    ):
+        train(cfg, manifest=changed, run_dir=run, **QUIET)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == last  # the refused run changed nothing
+    # the CLI: one line, exit 2; --overwrite starts over on the new data
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    argv = ["train", "--config", str(tmp_path / "cfg.yaml"), "--manifest", str(changed), "--out", str(run)]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume on different data" in err[0] and "--overwrite" in err[0], err
+    assert main([*argv, "--quiet", "--overwrite", "train.epochs=1"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1  # a new run, not a resumed one
+
+
+def test_resume_on_a_rebuilt_store_is_refused(tmp_path, data):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(data.parent, folder)
+    manifest = folder / data.name
+    run = tmp_path / "run"
+    cfg = tiny_config(train={**tiny_config().train.__dict__, "epochs": 2})
+    train(cfg, manifest=manifest, run_dir=run, stop_after_epochs=1, **QUIET)
+    # s001 rebuilt from the pixels of s000 (another store with the same name): its marker's checksums differ
+    shutil.rmtree(folder / "s001.zarr")
+    shutil.copytree(folder / "s000.zarr", folder / "s001.zarr")
+    with pytest.raises(RunDirError, match=r"stores changed: 1 \(s001\)"):
+        train(cfg, manifest=manifest, run_dir=run, **QUIET)
+
+
+def test_resume_on_the_same_data_goes_on_and_records_them(tmp_path, data):
+    run = tmp_path / "run"
+    cfg = tiny_config(train={**tiny_config().train.__dict__, "epochs": 2})
+    train(cfg, manifest=data, run_dir=run, stop_after_epochs=1, **QUIET)
+    record = json.loads((run / "data.json").read_text())["slides"]
+    assert sorted(record) == [f"s{i:03d}" for i in range(12)]  # 8 train + 4 val rows, one entry each
+    # the same rows in another order, written by another program: still the same data
+    rows = data.read_text().splitlines()
+    same = data.with_name("reordered.csv")
+    same.write_text("\n".join([rows[0], *reversed(rows[1:])]) + "\n")
+    result = train(cfg, manifest=same, run_dir=run, **QUIET)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+# --- ips pretrain holds the run lock of ips train ---------------------------------------------------------
+
+
+def test_pretrain_refuses_a_directory_in_use(tmp_path, capsys):
+    out = tmp_path / "pt"
+    (tmp_path / "cfg.yaml").write_text("model: {encoder: ips_cnn_tiny, in_chans: 1, patch_size: 8}\n")
+    argv = ["pretrain", str(tmp_path / "s.zarr"), "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)]
+    with RunLock(out):  # what a running `ips train` or `ips pretrain` holds
+        assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"another run is using this run directory (PID {os.getpid()}" in err[0], err
+
+
+def test_pretrain_holds_the_lock_while_it_runs(tmp_path, monkeypatch):
+    import ips.pretrain
+
+    out, seen = tmp_path / "pt", []
+
+    def fake(cfg, stores, out_dir, **kw):
+        with pytest.raises(RunDirError, match="another run is using"):
+            RunLock(Path(out_dir)).acquire()  # a second pretraining (or train) into the same --out
+        seen.append(out_dir)
+        return {"encoder": Path(out_dir) / "encoder.pt", "method": "simclr", "losses": [1.0], "seconds": 0.0}
+
+    monkeypatch.setattr(ips.pretrain, "pretrain_encoder", fake)
+    (tmp_path / "cfg.yaml").write_text("model: {encoder: ips_cnn_tiny, in_chans: 1, patch_size: 8}\n")
+    argv = ["pretrain", "s.zarr", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out), "--quiet"]
+    assert main(argv) == 0 and seen
+    RunLock(out).acquire().release()  # free again once it ended
+
+
+def test_the_store_digest_covers_what_the_run_reads_and_nothing_else(tmp_path):
+    """Another grid or feature set added to a store later (`ips prep --grid`, `ips embed`) leaves a
+    resumable run resumable; other pixels, mask or grid do not."""
+    from ips.config import DataConfig
+    from ips.format.names import COMPLETE_MARKER
+    from ips.training.rundir import store_digest
+
+    store = tmp_path / "x.zarr"
+    store.mkdir()
+    arrays = {
+        "0": {"c/0/0/0": [100, 1]},
+        "mask": {"c/0/0": [10, 2]},
+        "grids/default/coords": {"c/0/0": [12, 3]},
+        "features/default/emb": {"c/0/0": [50, 4]},
+    }
+
+    def digest(changes: dict, data: DataConfig | None = None) -> str | None:
+        (store / COMPLETE_MARKER).write_text(
+            json.dumps({"format_version": 2, "arrays": {**arrays, **changes}})
+        )
+        return store_digest(str(store), data or DataConfig())
+
+    base = digest({})
+    assert base is not None
+    assert digest({"grids/fine/coords": {"c/0/0": [9, 9]}}) == base  # a grid added later
+    assert digest({"features/default/emb": {"c/0/0": [51, 5]}}) == base  # features: not read in pixels mode
+    assert digest({"0": {"c/0/0/0": [100, 7]}}) != base  # other pixels
+    assert digest({"mask": {"c/0/0": [10, 8]}}) != base
+    assert digest({"grids/default/coords": {"c/0/0": [12, 9]}}) != base
+    features = DataConfig(mode="features")
+    assert digest({}, features) != digest({"features/default/emb": {"c/0/0": [51, 5]}}, features)
+    assert store_digest(str(tmp_path / "missing.zarr"), DataConfig()) is None  # its reader says why

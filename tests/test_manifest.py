@@ -156,3 +156,28 @@ def test_labels_optional_for_prediction(tmp_path):
     records = read_manifest(path, [BINARY, GRADE], require_labels=False)
     assert records[0].labels == {} and records[1].labels == {"tumor": 1}
     assert "bad label" in _error(path, [BINARY])  # an empty label is an error when labels are required
+
+
+@pytest.mark.parametrize("slide_id", ["..", ".", "a/b", "..\\\\x", ".hidden", "../../etc"])
+def test_a_slide_id_that_cannot_name_a_folder_is_refused(tmp_path, slide_id):
+    """Heatmaps are written to DIR/<slide_id>/: a slide id must stay one folder inside DIR."""
+    path = _write(tmp_path, f"slide_id,path,tumor\na,a.zarr,1\n{slide_id},b.zarr,0\n")
+    message = _error(path, [BINARY])
+    assert f"row 3, column 'slide_id': slide id {slide_id!r} cannot name a folder" in message
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_a_manifest_that_is_not_utf8_is_one_line_naming_the_row(tmp_path, encoding):
+    for s in ("a.zarr", "b.zarr"):
+        (tmp_path / s).mkdir()
+    path = tmp_path / "manifest.csv"
+    path.write_bytes("slide_id,path,tumor\na,a.zarr,1\nbé,b.zarr,0\n".encode(encoding))
+    message = _error(path, [BINARY])
+    row = "row 3" if encoding == "latin-1" else "row 1"  # UTF-16 fails at its byte-order mark
+    assert message.startswith(f"{path}: {row}: not UTF-8 text (byte 0x") and "\n" not in message
+
+
+def test_utf8_with_a_byte_order_mark_is_read(tmp_path):
+    path = _write(tmp_path, "")
+    path.write_bytes("slide_id,path,tumor\nbé,a.zarr,1\n".encode("utf-8-sig"))
+    assert [r.slide_id for r in read_manifest(path, [BINARY])] == ["bé"]

@@ -181,7 +181,8 @@ def test_a_failing_store_does_not_stop_the_others(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1
     assert {r["slide_id"] for r in _read(out / "predictions.csv")} == {"s0"}
-    summary = err.split("store(s) failed:")[1]
+    summary = err.split("ips predict: failed:", 1)[1]
+    assert "ips predict: 2 of 3 inputs failed" in summary
     assert f"gray ({bad_channels})" in summary and "patches have shape (1, 16, 16)" in summary
     assert f"missing ({missing})" in summary and "does not exist" in summary
 

@@ -292,3 +292,39 @@ def test_slurm_job_array_script_runs_its_share(tmp_path):
         ["bash", str(script), "x.svs"], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True
     )
     assert missing.returncode == 2 and "job array" in missing.stderr
+
+
+def test_threads_beyond_the_cores_are_lowered_with_a_warning(tmp_path, capsys):
+    import os
+
+    src = write_pyramid_tiff(tmp_path / "a.tif", tissue_image(96, 96, seed=0), levels=1, tile=32)
+    rc = main(["prep", str(src), "--out", str(tmp_path / "o"), "--patch-size", "32", "--threads", "100000"])
+    cores = os.cpu_count()
+    assert (
+        rc == 0
+        and f"--threads 100000 is more than the {cores} cores; using {cores}" in capsys.readouterr().err
+    )
+    assert is_complete(tmp_path / "o" / "a.zarr")
+
+
+def test_an_unexpected_error_of_one_input_is_one_line_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    """What prep_file does not turn into a failed result itself (a bug, a library's own error) fails that
+    input alone, in one line, through the one per-input loop."""
+    import data_prep.convert as convert
+
+    srcs = [
+        write_pyramid_tiff(tmp_path / f"{n}.tif", tissue_image(96, 96, seed=i), levels=1, tile=32)
+        for i, n in enumerate("ab")
+    ]
+    real = convert.prep_file
+
+    def flaky(source, out, **kw):
+        if Path(source).name == "a.tif":
+            raise RuntimeError("boom\nsecond line")
+        return real(source, out, **kw)
+
+    monkeypatch.setattr(convert, "prep_file", flaky)
+    rc = main(["prep", *map(str, srcs), "--out", str(tmp_path / "o"), "--patch-size", "32", "--no-thumbnail"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ips prep: FAILED")]
+    assert rc == 1 and err == [f"ips prep: FAILED {srcs[0]}: RuntimeError: boom"]
+    assert is_complete(tmp_path / "o" / "b.zarr")

@@ -1,6 +1,6 @@
 """`ips bench memory|throughput|encoders [--json FILE] [...]`: the measurements behind the README's claims.
 
-`--json FILE` writes `{"memory" | "throughput" | "encoders": {...}}` (DESIGN.md contract); other
+`--json FILE` writes `{"memory" | "throughput" | "encoders": {...}}` (a stable contract); other
 top-level keys of an existing FILE are kept, so one file can hold all three.
 """
 
@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from data_prep.options import CODECS  # light: the prep parser is built from it too
+from ips.cli._threads import bounded_threads
 
 
 def _int_list(text: str) -> list[int]:
@@ -24,27 +25,63 @@ def _int_list(text: str) -> list[int]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from ips.cli._common import add_device
+    from ips.cli._threads import _count
+
     p.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_device(p)
+    p.add_argument(
+        "--threads",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="torch CPU threads (default 0: torch's own, one per core; more than the cores is lowered)",
+    )
+
+
+def _selection(p: argparse.ArgumentParser, memory_size: int, iter_size: int) -> None:
+    """The selection's sizes under the config's own names; `--M` / `--I` stay accepted, hidden."""
+    p.add_argument(
+        "--memory-size",
+        type=int,
+        default=memory_size,
+        metavar="M",
+        help=f"selection.memory_size: patches kept per slide (default {memory_size})",
+    )
+    p.add_argument(
+        "--iter-size",
+        type=int,
+        default=iter_size,
+        metavar="I",
+        help=f"selection.iter_size: patches per streamed chunk (default {iter_size})",
+    )
+    p.add_argument("--M", dest="memory_size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--I", dest="iter_size", type=int, help=argparse.SUPPRESS)
 
 
 def _throughput_parser(kinds: argparse._SubParsersAction) -> None:
     t = kinds.add_parser(
         "throughput",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="selection pass vs. encoder only; loader vs. raw zarr",
     )
-    t.add_argument("--n", type=int, default=2048, help="patches")
-    t.add_argument("--patch-size", type=int, default=64, help="patch side in pixels")
-    t.add_argument("--encoder", default="ips_resnet10", help="encoder name (ips.model.encoders or timm)")
-    t.add_argument("--M", type=int, default=32, help="memory size")
-    t.add_argument("--I", type=int, default=256, help="iteration size (patches per chunk)")
-    t.add_argument("--read-threads", type=int, default=2, help="decode threads of the patch source")
-    t.add_argument("--prefetch", type=int, default=2, help="chunks read ahead")
-    t.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the fastest of each counts")
+    t.add_argument("--n", type=int, default=2048, help="patches (default 2048)")
+    t.add_argument("--patch-size", type=int, default=64, help="patch side in pixels (default 64)")
     t.add_argument(
-        "--store-dir", type=Path, default=None, help="keep the generated store here (None: temporary)"
+        "--encoder", default="ips_resnet10", help="encoder name, ours or timm's (default ips_resnet10)"
+    )
+    _selection(t, 32, 256)
+    t.add_argument(
+        "--read-threads", type=int, default=2, help="decode threads of the patch source (default 2)"
+    )
+    t.add_argument("--prefetch", type=int, default=2, help="chunks read ahead (default 2)")
+    t.add_argument(
+        "--repeats", type=int, default=5, help="interleaved repeats; the fastest of each counts (default 5)"
+    )
+    t.add_argument(
+        "--store-dir",
+        type=Path,
+        default=None,
+        help="keep the generated store here (default a temporary one)",
     )
     t.add_argument(
         "--codec",
@@ -52,10 +89,10 @@ def _throughput_parser(kinds: argparse._SubParsersAction) -> None:
         choices=CODECS,
         default=["blosc-lz4"],
         help="pixel codec(s) of the generated store, as `ips prep --codec`; several: one store each, "
-        "measured side by side in the same run",
+        "measured side by side in the same run (default blosc-lz4)",
     )
     t.add_argument(
-        "--codec-level", type=int, default=None, help="quality of a lossy codec (default: each codec's own)"
+        "--codec-level", type=int, default=None, help="quality of a lossy codec (default each codec's own)"
     )
     _common(t)
     t.set_defaults(func=run_throughput_cmd)
@@ -71,37 +108,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     m = kinds.add_parser(
         "memory",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="peak memory of a training step against N (IPS and the naive baseline)",
     )
     m.add_argument(
         "--n",
         type=_int_list,
         default=[1000, 10000, 100000, 250000],
-        help="numbers of patches per slide, comma-separated (k, M suffixes allowed)",
+        help="numbers of patches per slide, comma-separated (k, M suffixes allowed; default "
+        "1000,10000,100000,250000)",
     )
-    m.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
-    m.add_argument("--encoder", default="ips_cnn_tiny", help="encoder name (ips.model.encoders or timm)")
-    m.add_argument("--M", type=int, default=32, help="memory size (selected patches per slide)")
-    m.add_argument("--I", type=int, default=256, help="iteration size (patches per streamed chunk)")
-    m.add_argument("--B", type=int, default=2, help="slides per batch")
-    m.add_argument("--read-threads", type=int, default=2, help="decode threads of the patch source")
+    m.add_argument("--patch-size", type=int, default=16, help="patch side in pixels (default 16)")
+    m.add_argument(
+        "--encoder", default="ips_cnn_tiny", help="encoder name, ours or timm's (default ips_cnn_tiny)"
+    )
+    _selection(m, 32, 256)
+    m.add_argument(
+        "--batch-size",
+        type=int,
+        default=2,
+        metavar="B",
+        help="train.batch_size: slides per batch (default 2)",
+    )
+    m.add_argument("--B", dest="batch_size", type=int, help=argparse.SUPPRESS)
+    m.add_argument(
+        "--read-threads", type=int, default=2, help="decode threads of the patch source (default 2)"
+    )
     m.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     m.add_argument(
         "--naive-budget-gb",
         type=float,
         default=4.0,
         help="the naive baseline runs at increasing N until its peak (host RSS on CPU, device memory "
-        "on CUDA) exceeds this",
+        "on CUDA) exceeds this many GB (default 4)",
     )
-    m.add_argument("--plot", type=Path, default=None, help="write the figure (PNG) here")
+    m.add_argument("--plot", type=Path, default=None, help="write the figure (PNG) here (default none)")
     m.add_argument(
         "--store-dir",
         type=Path,
         default=None,
-        help="keep the generated stores here and reuse them (None: a temporary folder)",
+        help="keep the generated stores here and reuse them (default a temporary folder)",
     )
-    m.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement")
+    m.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement (default 1200)")
     _common(m)
     m.set_defaults(func=run_memory_cmd)
 
@@ -109,20 +156,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     e = kinds.add_parser(
         "encoders",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="parameters, MACs, latency and memory per patch of the encoders",
     )
-    e.add_argument(
-        "--encoders-2d", default=None, help="comma-separated names (default: ours + timm resnet18)"
-    )
-    e.add_argument("--encoders-3d", default=None, help="comma-separated names (default: ours)")
-    e.add_argument("--patch-2d", type=int, default=224, help="2D patch side in pixels")
-    e.add_argument("--patch-3d", type=int, default=64, help="3D patch side in voxels")
-    e.add_argument("--batch-2d", type=int, default=8, help="patches per timed 2D batch")
-    e.add_argument("--batch-3d", type=int, default=2, help="patches per timed 3D batch")
-    e.add_argument("--in-chans-2d", type=int, default=3, help="channels of 2D patches (RGB)")
-    e.add_argument("--in-chans-3d", type=int, default=1, help="channels of 3D patches (CT/MR: 1)")
-    e.add_argument("--repeats", type=int, default=3, help="timed repeats; the fastest counts")
+    e.add_argument("--encoders-2d", default=None, help="comma-separated names (default ours + timm resnet18)")
+    e.add_argument("--encoders-3d", default=None, help="comma-separated names (default ours)")
+    e.add_argument("--patch-2d", type=int, default=224, help="2D patch side in pixels (default 224)")
+    e.add_argument("--patch-3d", type=int, default=64, help="3D patch side in voxels (default 64)")
+    e.add_argument("--batch-2d", type=int, default=8, help="patches per timed 2D batch (default 8)")
+    e.add_argument("--batch-3d", type=int, default=2, help="patches per timed 3D batch (default 2)")
+    e.add_argument("--in-chans-2d", type=int, default=3, help="channels of 2D patches (default 3, RGB)")
+    e.add_argument("--in-chans-3d", type=int, default=1, help="channels of 3D patches (default 1, CT/MR)")
+    e.add_argument("--repeats", type=int, default=3, help="timed repeats; the fastest counts (default 3)")
     _common(e)
     e.set_defaults(func=run_encoders_cmd)
 
@@ -140,12 +184,12 @@ def run_memory_cmd(args: argparse.Namespace) -> int:
     result = run_memory(
         args.n,
         patch_size=args.patch_size,
-        memory_size=args.M,
-        iter_size=args.I,
-        batch_size=args.B,
+        memory_size=args.memory_size,
+        iter_size=args.iter_size,
+        batch_size=args.batch_size,
         encoder=args.encoder,
         device=args.device,
-        threads=args.threads,
+        threads=bounded_threads(args.threads) or 0,
         read_threads=args.read_threads,
         store_dir=args.store_dir,
         naive=not args.no_naive,
@@ -170,10 +214,10 @@ def run_throughput_cmd(args: argparse.Namespace) -> int:
         args.n,
         encoder=args.encoder,
         patch_size=args.patch_size,
-        memory_size=args.M,
-        iter_size=args.I,
+        memory_size=args.memory_size,
+        iter_size=args.iter_size,
         device=args.device,
-        threads=args.threads,
+        threads=bounded_threads(args.threads) or 0,
         read_threads=args.read_threads,
         prefetch=args.prefetch,
         repeats=args.repeats,
@@ -202,7 +246,7 @@ def run_encoders_cmd(args: argparse.Namespace) -> int:
         in_chans_3d=args.in_chans_3d,
         repeats=args.repeats,
         device=args.device,
-        threads=args.threads,
+        threads=bounded_threads(args.threads) or 0,
     )
     print(encoders_table(result))
     if args.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ips.cli._common import add_device, add_quiet
 from ips.cli._threads import add_threads, apply_threads
 
 
@@ -21,9 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "there is replaced, any other non-empty folder is refused",
     )
     p.add_argument("--quick", action="store_true", help="a smaller, shorter setting (a smoke test)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    add_device(p)
     add_threads(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(p, "no progress bars")
     p.set_defaults(func=run)
 
 

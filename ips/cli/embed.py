@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from data_prep.cli import parse_shard, take_shard
+from ips.cli._common import add_device, add_overwrite, add_quiet
 from ips.cli._threads import add_threads, apply_threads
 
 
@@ -24,17 +25,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="false",
         help="weights: a local file, 'true' (timm hub, needs network) or 'false' (default)",
     )
-    p.add_argument("--grid", default="default", help="grid to embed (default: default)")
-    p.add_argument("--name", default="default", help="feature set name, features/<name> (default: default)")
+    p.add_argument(
+        "--grid", default="default", help="grid to embed, as data.grid and prep --grid (default 'default')"
+    )
+    p.add_argument("--name", default="default", help="feature set name, features/<name> (default 'default')")
     p.add_argument(
         "--chunk-size",
         type=int,
         default=256,
         help="patches per forward pass and per written chunk (default 256)",
     )
-    p.add_argument(
-        "--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default auto)"
-    )
+    add_device(p)
     p.add_argument(
         "--dtype",
         choices=("float16", "float32"),
@@ -44,12 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--read-threads", type=int, default=4, help="threads reading and decoding patches (default 4)"
     )
-    p.add_argument("--overwrite", action="store_true", help="recompute a feature set that already exists")
+    add_overwrite(p, "recompute a feature set that already exists (default resume or skip it)")
+    add_quiet(p, "no per-store lines")
     p.add_argument(
         "--encoder-norm",
         choices=("group", "batch"),
         default=None,
-        help="ips_* encoders: GroupNorm or BatchNorm (default: what `ips pretrain` recorded in encoder.json "
+        help="ips_* encoders: GroupNorm or BatchNorm (default what `ips pretrain` recorded in encoder.json "
         "beside --pretrained, else group)",
     )
     p.add_argument(
@@ -99,59 +101,55 @@ def run(args: argparse.Namespace) -> int:
     import torch  # here, not at import: building the `ips` parser must stay fast
 
     from ips.config import ConfigError
-    from ips.data.store import StoreError, open_store
+    from ips.data.store import open_store
+    from ips.errors import failure_summary, run_each
     from ips.infer.embed import embed_store
     from ips.model.encoders import build_encoder
+    from ips.runtime import resolve_device
 
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     apply_threads(args.threads)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+    device = resolve_device(args.device, key="--device")
     # weights not loaded from a file start from a fixed seed: every run and every --shard task of a cohort
     # embeds with the same encoder
     torch.manual_seed(0)
     encoders: dict[tuple[int, int, int], torch.nn.Module] = {}  # one per (channels, dims, patch size)
-    failures: dict[str, str] = {}
     stores = shard_stores(list(args.stores), args.shard)
-    for store in stores:
-        try:
-            opened = open_store(store)
-            info = opened.grid(args.grid)
-            key = (opened.channels, opened.spatial_dims, min(info.patch_size))
-            if key not in encoders:  # one encoder per patch shape; ConfigError (bad name/size) is exit 2
-                encoders[key] = build_encoder(
-                    args.encoder,
-                    in_chans=key[0],
-                    spatial_dims=key[1],
-                    patch_size=key[2],
-                    pretrained=_pretrained(args.pretrained),
-                    norm=_norm(args),
-                ).to(device)
-            result = embed_store(
-                store,
-                encoders[key],
-                grid=args.grid,
-                name=args.name,
-                chunk_size=args.chunk_size,
-                device=device,
-                encoder_name=args.encoder,
-                dtype=args.dtype,
-                read_threads=args.read_threads,
-                overwrite=args.overwrite,
-            )
+
+    def encoder_for(key: tuple[int, int, int]) -> torch.nn.Module:
+        if key not in encoders:  # one encoder per patch shape
+            encoders[key] = build_encoder(
+                args.encoder,
+                in_chans=key[0],
+                spatial_dims=key[1],
+                patch_size=key[2],
+                pretrained=_pretrained(args.pretrained),
+                norm=_norm(args),
+            ).to(device)
+        return encoders[key]
+
+    def one(store: str) -> None:
+        opened = open_store(store)
+        info = opened.grid(args.grid)
+        encoder = encoder_for((opened.channels, opened.spatial_dims, min(info.patch_size)))
+        result = embed_store(
+            store,
+            encoder,
+            grid=args.grid,
+            name=args.name,
+            chunk_size=args.chunk_size,
+            device=device,
+            encoder_name=args.encoder,
+            dtype=args.dtype,
+            read_threads=args.read_threads,
+            overwrite=args.overwrite,
+        )
+        if not args.quiet:
             print(f"{store}: features/{result.name} ({result.dim} per patch, {info.n_patches} patches)")
-        except (StoreError, ValueError, OSError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            failures[store] = str(e).splitlines()[0] if str(e) else type(e).__name__
-    for store, reason in failures.items():
-        print(f"ips embed: failed: {store}: {reason}", file=sys.stderr)
-    if failures:
-        print(f"ips embed: {len(failures)} of {len(stores)} stores failed", file=sys.stderr)
+
+    # a bad encoder name or --pretrained file is bad usage (exit 2), not a failure of each store
+    _, failures = run_each(stores, one, fatal=(ConfigError,))
+    for line in failure_summary("embed", failures, len(stores)):
+        print(line, file=sys.stderr)
     return 1 if failures else 0

@@ -1,4 +1,4 @@
-"""`ips heatmap --checkpoint CKPT STORE... --out DIR [--task NAME] [--top-k K] [--mode topm|all]`
+"""`ips heatmap --checkpoint CKPT (--manifest CSV | STORE...) --out DIR [--task NAME] [--top-k K] [key=value ...]`
 
 Per store, under `DIR/<slide_id>/`: heatmap.png, scores.zarr, top_patches.png, and heatmap.geojson
 (2D) or heatmap.nii.gz with three slice PNGs (3D); see `ips.infer.heatmap`. Exit 0: all done; 1: some stores
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from ips.cli._inference_args import add_common, out_dir, report_failures
+from ips.cli._common import split_overrides
+from ips.cli._inference_args import add_common, check_inputs, out_dir, report_failures
 from ips.cli._threads import apply_threads
 from ips.config import ConfigError
 
@@ -21,8 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Exact attention of every patch, drawn and exported per store under DIR/<slide_id>/.",
     )
     add_common(p)
-    p.add_argument("stores", nargs="+", metavar="STORE", help="stores made by `ips prep`")
-    p.add_argument("--task", help="draw only this task (default: every task, one panel each)")
+    p.add_argument("--task", help="draw only this task (default every task, one panel each)")
     p.add_argument(
         "--top-k", type=int, default=16, help="patches in top_patches.png per task (0: none; default 16)"
     )
@@ -36,16 +36,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ips.config import override_loaded
+    from ips.data.manifest import read_manifest, safe_slide_id
     from ips.infer.loop import heatmap_slides, load, store_records
 
+    stores, overrides = split_overrides(args.stores)
+    check_inputs(args, stores)
     if args.top_k < 0:
         raise ConfigError(f"--top-k must be >= 0, got {args.top_k}")
     if args.thumb_size < 16:
         raise ConfigError(f"--thumb-size must be >= 16, got {args.thumb_size}")
-    records = store_records(args.stores)
+    records = store_records(stores) if stores else []
+    for (
+        r
+    ) in records:  # each becomes a folder DIR/<slide_id>: never '..' or a path (the manifest's are checked)
+        safe_slide_id(r.slide_id, f"store {r.path}")
     out = out_dir(args.out)  # before any work: a bad --out is bad usage
     apply_threads(args.threads)
     loaded = load(args.checkpoint, args.device)
+    loaded.cfg = override_loaded(loaded.cfg, overrides)
+    if args.manifest:
+        records = read_manifest(
+            args.manifest, loaded.cfg.model.tasks, args.split, require_labels=False, check_paths=False
+        )
+        if not records:
+            raise ConfigError(
+                f"no slides in {args.manifest}" + (f" of split {args.split}" if args.split else "")
+            )
     failures = heatmap_slides(
         loaded,
         records,
@@ -55,6 +72,6 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         thumb_size=args.thumb_size,
         checkpoint=str(args.checkpoint),
-        log=print,
+        log=None if args.quiet else print,
     )
-    return report_failures("heatmap", failures)
+    return report_failures("heatmap", failures, len(records))

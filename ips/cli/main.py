@@ -2,7 +2,7 @@
 
 Each subcommand module exposes `register(subparsers)`, which adds its parser and sets `func`, a callable
 taking the parsed namespace and returning the exit status (0 all done, 1 some inputs failed, 2 bad
-usage or config; DESIGN.md).
+usage or config; docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from ips import __version__
-from ips.errors import EXIT_USAGE, IpsError
+from ips.errors import EXIT_SOME_FAILED, EXIT_USAGE, IpsError, os_error_line
 
 # module paths of subcommands; each must have `register(subparsers)`
 SUBCOMMANDS = [
@@ -68,6 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{e.label}: " if e.label else ""
         print(f"ips {args.command}: {label}{e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file or folder that cannot be read or written: one line, not a traceback
+        if e.errno is None:
+            raise
+        print(f"ips {args.command}: {os_error_line(e)}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    except Exception as e:  # an object store's client error (obstore): one short line, not its dump
+        from ips.errors import is_remote_error, one_line
+
+        if not is_remote_error(e):
+            raise
+        print(f"ips {args.command}: {one_line(e)}", file=sys.stderr)
+        return EXIT_SOME_FAILED
     except KeyboardInterrupt:
         print(f"ips {args.command}: interrupted", file=sys.stderr)
         return 130

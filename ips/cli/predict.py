@@ -1,4 +1,4 @@
-"""`ips predict --checkpoint CKPT (--manifest CSV | STORE...) --out DIR [--mode topm|all] [--device D]`
+"""`ips predict --checkpoint CKPT (--manifest CSV | STORE...) --out DIR [--mode topm|all] [key=value ...]`
 
 Writes `DIR/predictions.csv` (one row per slide and task; `ips.infer.predictions`) and, when labels are known,
 `DIR/metrics.json`. Exit 0: every store predicted; 1: some failed (the others are still predicted and a
@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ips.cli._inference_args import add_common, err, out_dir, report_failures
+from ips.cli._common import split_overrides
+from ips.cli._inference_args import add_common, check_inputs, err, out_dir, report_failures
 from ips.cli._threads import apply_threads
 from ips.config import ConfigError
 
@@ -19,43 +20,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",
         help="predict slides with a trained checkpoint",
-        description="Predict every slide of a manifest (or the given stores) with a trained checkpoint.",
+        description="Predict every slide of a manifest (or the given stores) with a trained checkpoint; "
+        "labels in the manifest give DIR/metrics.json.",
     )
     add_common(p)
-    p.add_argument("stores", nargs="*", metavar="STORE", help="stores made by `ips prep` (or use --manifest)")
-    p.add_argument("--manifest", help="CSV slide_id,path[,label columns][,split]; labels give metrics.json")
-    p.add_argument("--split", choices=("train", "val", "test"), help="only the manifest rows of this split")
-    p.add_argument("--quiet", action="store_true", help="no per-slide lines")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ips.config import override_loaded
     from ips.data.manifest import read_manifest
+    from ips.errors import WriteError, os_error_line
     from ips.infer.loop import load, predict_slides, store_records
 
-    if bool(args.manifest) == bool(args.stores):
-        raise ConfigError("give either --manifest CSV or one or more STORE paths (not both)")
-    if args.split and not args.manifest:
-        raise ConfigError("--split needs --manifest")
+    stores, overrides = split_overrides(args.stores)
+    check_inputs(args, stores)
     out = out_dir(args.out)  # before any work: a bad --out is bad usage
     apply_threads(args.threads)
     loaded = load(args.checkpoint, args.device)
+    loaded.cfg = override_loaded(loaded.cfg, overrides)
     if args.manifest:
         records = read_manifest(
             args.manifest, loaded.cfg.model.tasks, args.split, require_labels=False, check_paths=False
         )
     else:
-        records = store_records(args.stores)
+        records = store_records(stores)
     if not records:
         raise ConfigError(f"no slides to predict (manifest {args.manifest}, split {args.split})")
     t0 = time.perf_counter()
-    report = predict_slides(
-        loaded, records, out, mode=args.mode, checkpoint=str(args.checkpoint), log=None if args.quiet else err
-    )
+    started = time.time()
+    try:
+        report = predict_slides(
+            loaded,
+            records,
+            out,
+            mode=args.mode,
+            checkpoint=str(args.checkpoint),
+            log=None if args.quiet else err,
+        )
+    except OSError as e:  # writing the results (a full disk, a read-only folder): name the file
+        if e.errno is None or e.filename is not None:
+            raise
+        csv_file = out / "predictions.csv"
+        written = csv_file.is_file() and csv_file.stat().st_mtime >= started
+        raise WriteError(os_error_line(e, out / ("metrics.json" if written else "predictions.csv"))) from None
     print(
         f"ips predict: {report.n_done} of {len(records)} slides predicted ({args.mode}) in "
         f"{time.perf_counter() - t0:.1f}s -> {report.predictions}"
     )
     if report.metrics_file:
         print(f"metrics -> {report.metrics_file}")
-    return report_failures("predict", report.failures)
+    return report_failures("predict", report.failures, len(records))

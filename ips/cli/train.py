@@ -1,4 +1,4 @@
-"""`ips train --config CFG.yaml [--manifest CSV] [--out RUN_DIR] [key=value ...]`"""
+"""`ips train --config CFG.yaml [--manifest CSV] [--out RUN_DIR] [--device D] [--overwrite] [key=value ...]`"""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ips.cli._common import add_device, add_overrides, add_overwrite, add_quiet
 from ips.cli._threads import add_threads, apply_threads
 from ips.config import ConfigError, load_config
 
@@ -14,18 +15,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train under a fixed memory budget",
-        description="Train an IPS model. Multi-GPU: torchrun --nproc_per_node N -m ips.cli train ...",
+        description="Train an IPS model; rerunning into the same --out resumes it (same config and data). "
+        "Multi-GPU: torchrun --nproc_per_node N -m ips.cli train ...",
     )
     p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
-    p.add_argument("--manifest", help="CSV slide_id,path,label[,split]; overrides data.manifest")
+    p.add_argument("--manifest", help="CSV slide_id,path,label[,split] (default data.manifest)")
     p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
-    p.add_argument(
-        "--no-resume", action="store_true", help="start over even if the run directory has a checkpoint"
+    add_device(p, default=None, help="auto (CUDA if available), cpu, cuda, ... (default train.device)")
+    add_overwrite(
+        p,
+        "remove the run already in --out (checkpoints, metrics, config) and start over instead of resuming it",
+        old_name="--no-resume",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p, "no progress bar")
     add_threads(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
-    p.set_defaults(func=run, trailing_overrides="overrides")
+    add_overrides(p)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,21 +40,32 @@ def run(args: argparse.Namespace) -> int:
     from ips.runtime import resolve_device
     from ips.training.distributed import cleanup, init_distributed
     from ips.training.loop import train
+    from ips.training.rundir import RunLock, remove_run
 
     apply_threads(args.threads)
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
+    cfg = load_config(args.config, overrides)
     manifest = args.manifest or cfg.data.manifest
     if not manifest:
         raise ConfigError("no manifest: give --manifest or data.manifest")
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
     dist_info = init_distributed(resolve_device(cfg.train.device).type)
     try:
+        if args.overwrite and dist_info.is_main:
+            # under the run lock: a run in progress there is never removed (then train() takes the lock
+            # again; a run that starts in between makes train() refuse, as for any held directory)
+            with RunLock(out):
+                removed = remove_run(out)
+            if removed:
+                print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
         result = train(
             cfg,
             manifest=manifest,
             run_dir=out,
             dist_info=dist_info,
-            resume=not args.no_resume,
+            resume=not args.overwrite,
             show_progress=not args.quiet,
         )
     except torch.cuda.OutOfMemoryError as e:

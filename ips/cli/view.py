@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("stores", nargs="*", metavar="STORE", help="stores made by `ips prep`")
     p.add_argument("--manifest", help="a manifest (slide_id,path[,label,...]): its slides, with their labels")
-    p.add_argument("--split", help="only the manifest's slides of this split (train, val, test)")
+    p.add_argument(
+        "--split", choices=("train", "val", "test"), help="only the manifest's slides of this split"
+    )
     p.add_argument("--heatmaps", help="the --out folder of `ips heatmap` (DIR/<slide_id>/scores.zarr)")
     p.add_argument("--predictions", help="predictions.csv of `ips predict`")
     p.add_argument(

@@ -18,6 +18,7 @@ the column, raised when the manifest is read (every row is checked, whatever spl
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,12 +81,46 @@ def _annotation(
     return str(path)
 
 
+def safe_slide_id(slide_id: str, where: str) -> str:
+    """`slide_id` when it can name a folder (heatmaps write `DIR/<slide_id>/`, prep `DIR/<slide_id>.zarr`):
+    one path component, not `.` or `..`, not hidden; ManifestError naming `where` otherwise."""
+    bad = (
+        not slide_id
+        or slide_id.startswith(".")
+        or any(c in slide_id for c in "/\\\0")
+        or slide_id != slide_id.strip()
+    )
+    if bad:
+        raise ManifestError(
+            f"{where}: slide id {slide_id!r} cannot name a folder (empty, a path, or starting with '.'); "
+            "rename it"
+        )
+    return slide_id
+
+
 def resolve_path(path: str, folder: Path) -> tuple[str, bool]:
     """(resolved path, is local): URLs are kept; relative local paths are joined to `folder`."""
     if "://" in path:
         return path, False
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (folder / p)), True
+
+
+def _read_text(path: Path) -> str:
+    """The manifest's text (UTF-8, a byte-order mark allowed); ManifestError naming the row of the first
+    byte that is not UTF-8 (a spreadsheet's Latin-1 or UTF-16 export) or what the OS said."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        row = raw.count(b"\n", 0, e.start) + 1
+        raise ManifestError(
+            f"{path}: row {row}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the "
+            "manifest as UTF-8 CSV"
+        ) from None
 
 
 def read_manifest(
@@ -107,7 +142,7 @@ def read_manifest(
         raise ManifestError(f"{path}: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file does not exist")
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         if not header:
@@ -141,6 +176,10 @@ def read_manifest(
             slide_id = cells["slide_id"]
             if not slide_id:
                 raise fail("slide_id", "empty slide_id")
+            try:
+                safe_slide_id(slide_id, "slide_id")
+            except ManifestError as e:
+                raise fail("slide_id", str(e).split(": ", 1)[1]) from None
             if slide_id in seen:
                 raise fail("slide_id", f"duplicate slide_id {slide_id!r} (first at row {seen[slide_id]})")
             seen[slide_id] = line

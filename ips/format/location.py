@@ -70,9 +70,11 @@ def _client_options(url: str) -> dict[str, Any]:
     return {"allow_http": True} if url.startswith("http://") or endpoint.startswith("http://") else {}
 
 
-def object_store(location: str, *, read_only: bool = True) -> Any:
+def object_store(location: str, *, read_only: bool = True, quick: bool = False) -> Any:
     """The zarr `ObjectStore` rooted at the remote `location` (keys are relative to it).
 
+    `quick`: give up after 2 retries within 10 s (a check before work, not the work: an unreachable
+    server is said at once instead of after obstore's default 10 retries in 3 minutes).
     Raises ValueError for a write to a read-only scheme, ImportError (naming the extra) without obstore.
     """
     scheme = scheme_of(location)
@@ -85,7 +87,12 @@ def object_store(location: str, *, read_only: bool = True) -> Any:
         raise ImportError(
             f"{location}: remote stores need obstore: pip install 'ips-wsi[cloud]' (or obstore)"
         ) from None
-    store = from_url(location.rstrip("/"), client_options=_client_options(location))
+    retry: dict[str, Any] = {}
+    if quick:
+        from datetime import timedelta
+
+        retry = {"retry_config": {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}}
+    store = from_url(location.rstrip("/"), client_options=_client_options(location), **retry)
     return ObjectStore(store, read_only=read_only)
 
 
@@ -289,3 +296,20 @@ def sizes_of(store: Any, keys: list[str]) -> dict[str, int]:
         return {k: n for k, n in zip(keys, got) if n is not None}
 
     return _sync(run())
+
+
+def check_writable(location: str) -> None:
+    """Before writing stores under a remote `location`: one listing request, so that a missing bucket,
+    refused or missing credentials, or an unreachable server is one `WriteError` line naming the URL,
+    not the same failure for every input (nor a client's traceback)."""
+    from ips.errors import WriteError, is_remote_error, remote_reason
+
+    try:
+        store = object_store(location, read_only=False, quick=True)
+        list_sizes(store, "")
+    except (ValueError, ImportError) as e:
+        raise WriteError(f"--out {location}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the client's own error kinds
+        if not is_remote_error(e):
+            raise
+        raise WriteError(f"--out {location}: cannot write there ({remote_reason(e)})") from None

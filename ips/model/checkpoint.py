@@ -5,7 +5,6 @@ Loading uses `torch.load(weights_only=True)`: a checkpoint is data, never code.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from torch import nn
 from ips.config import ExperimentConfig
 from ips.errors import CheckpointError
 from ips.model.ips_model import IPSModel, build_model
+from ips.model.torchfile import read_torch_file, save_torch_file
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,7 +47,8 @@ def save_checkpoint(
     scheduler: Any = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write atomically (temp file + rename): an interrupted save never leaves a truncated checkpoint."""
+    """Write atomically (temp file + rename): an interrupted save never leaves a truncated checkpoint; a
+    failed one (disk full, read-only folder) is a WriteError naming the file."""
     path = Path(path)
     payload = {
         "format": "ips-checkpoint-1",
@@ -60,9 +61,7 @@ def save_checkpoint(
         "rng": rng_state(),
         "extra": extra or {},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_torch_file(payload, path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -73,15 +72,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path} is a directory, not a checkpoint file (e.g. {path}/checkpoints/best.pt)"
         )
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): the file was cut short; use another checkpoint")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {reason})") from None
+    payload = read_torch_file(path, what="checkpoint", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != "ips-checkpoint-1":
         raise CheckpointError(f"{path} is not an ips checkpoint (written by `ips train`)")
     return payload

@@ -298,12 +298,13 @@ def load_encoder_weights(
                 f"model.pretrained: {path} was pretrained for another encoder ({'; '.join(diff)}); "
                 "pretrain again with this config or set the same keys"
             )
+    from ips.errors import CheckpointError
+    from ips.model.torchfile import read_torch_file
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
-        raise ConfigError(
-            f"model.pretrained: {path} cannot be read as weights: {str(e).splitlines()[0]}"
-        ) from None
+        state = read_torch_file(path, what="weights file")
+    except CheckpointError as e:
+        raise ConfigError(f"model.pretrained: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(
             f"model.pretrained: {path} is not an encoder state_dict (ips pretrain writes encoder.pt)"

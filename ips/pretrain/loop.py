@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -18,6 +17,7 @@ import torch
 from ips.config import ConfigError, ExperimentConfig
 from ips.model.checkpoint import rng_state, set_rng_state
 from ips.model.ips_model import normalize_pixels, unit_pixels
+from ips.model.torchfile import read_torch_file, save_torch_file
 from ips.pretrain.augment import ViewAugment
 from ips.pretrain.methods import RotationHead, SimCLRHead, decorrelation, nt_xent, quarter_turns
 from ips.pretrain.sampler import StorePatchSampler
@@ -25,6 +25,7 @@ from ips.pretrain.sampler import StorePatchSampler
 ENCODER_FILE = "encoder.pt"
 ENCODER_META = "encoder.json"
 STATE_FILE = "state.pt"
+_STATE_KEYS = ("fingerprint", "encoder", "head", "optimizer", "scheduler", "rng", "epoch", "losses")
 
 
 def encoder_meta(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
@@ -49,9 +50,7 @@ def _fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_torch_file(obj, path)  # a failed write (a full disk) is one line naming the file
 
 
 def _plot(losses: list[float], path: Path, title: str) -> None:
@@ -272,11 +271,11 @@ def _resume(
     scheduler: Any,
 ) -> tuple[int, list[float]]:
     """Restore an interrupted pretraining; ConfigError when it was started with another config."""
-    state = torch.load(state_path, map_location=dev, weights_only=True)
+    state = read_torch_file(state_path, what="pretraining state", keys=_STATE_KEYS, map_location=dev)
     if state["fingerprint"] != _fingerprint(cfg):
         raise ConfigError(
             f"{state_path.parent}: pretraining there was started with a different config (model, pretrain or "
-            "data.grid); use a new --out or --no-resume"
+            "data.grid); use a new --out or --overwrite"
         )
     encoder.load_state_dict(state["encoder"])
     head.load_state_dict(state["head"])

@@ -37,7 +37,7 @@ from ips.runtime import DistInfo, Runtime, resolve_device, seed_everything
 from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from ips.training.budget import GB, BudgetPlan, estimate_step_bytes, plan_micro_batch
 from ips.training.distributed import barrier, broadcast_flag, shard
-from ips.training.rundir import RunLock, check_fresh, check_resumable
+from ips.training.rundir import RunLock, check_fresh, check_resumable, check_same_data
 from ips.training.runlog import MetricsLog
 from ips.training.step import accumulate_gradients
 
@@ -276,6 +276,9 @@ def _train_locked(
 ) -> TrainResult:
     inputs = load_inputs(cfg, manifest, rt.dist, log)
     saved = _checked_run_dir(cfg, run_dir, resume, rt, log)
+    check_same_data(
+        run_dir, [*inputs.train, *inputs.val], cfg.data, resuming=saved is not None, write=rt.dist.is_main
+    )
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(rt.device)
     if rt.device.type == "cuda" and cfg.train.channels_last and cfg.model.spatial_dims == 2:
@@ -377,7 +380,7 @@ def load_inputs(
 def _patch_labels(record: SlideRecord, cfg: ExperimentConfig) -> PatchLabels:
     """The slide's annotation on the grid it is read from (one store open)."""
     store = open_store(record.path)
-    return patch_labels(record.annotation, store, source_grid(store, cfg))
+    return patch_labels(record.annotation, store, source_grid(store, cfg), slide=record.slide_id)
 
 
 def _label_key(label: Any) -> Any:
