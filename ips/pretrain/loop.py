@@ -19,7 +19,7 @@ from ips.config import ConfigError, ExperimentConfig
 from ips.model.checkpoint import rng_state, set_rng_state
 from ips.model.ips_model import normalize_pixels, unit_pixels
 from ips.pretrain.augment import ViewAugment
-from ips.pretrain.methods import RotationHead, SimCLRHead, decorrelation, nt_xent, quarter_turns
+from ips.pretrain.methods import RotationHead, SimCLRHead, nt_xent, quarter_turns
 from ips.pretrain.sampler import StorePatchSampler
 
 ENCODER_FILE = "encoder.pt"
@@ -203,11 +203,8 @@ def _run_epoch(run: _Pretraining, epoch: int, show_progress: bool) -> float:
         x = unit_pixels(batch.to(dev))  # (b, C, *S) in [0, 1]
         if method == "simclr":
             v1, v2 = view(x, gen), view(x, gen)
-            h = encoder(normalize_pixels(torch.cat([v1, v2]), mean, std))  # (2b, D)
-            z = head(h)
+            z = head(encoder(normalize_pixels(torch.cat([v1, v2]), mean, std)))  # (2b, P)
             loss = nt_xent(z[: len(x)], z[len(x) :], pc.temperature)
-            if pc.decorrelation:
-                loss = loss + pc.decorrelation * decorrelation(h)
         else:
             v, k = quarter_turns(view(x, gen), gen)
             loss = torch.nn.functional.cross_entropy(head(encoder(normalize_pixels(v, mean, std))), k)

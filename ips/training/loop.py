@@ -292,7 +292,7 @@ def _train_locked(
     if rt.dist.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")  # only now: every check has passed
-        metrics_log = MetricsLog(run_dir, tensorboard=False)
+        metrics_log = MetricsLog(run_dir)
     if saved is not None:
         progress = _restore(saved, model, optimizer, scheduler)
         if metrics_log:
@@ -317,7 +317,6 @@ def _train_locked(
             break
     if metrics_log is not None:
         metrics_log.plot()
-        metrics_log.close()
     history = metrics_log.rows if metrics_log else []
     return TrainResult(run_dir, history, progress.best, inputs.monitor, micro)
 
@@ -526,7 +525,6 @@ def run_epoch(
             transform=transform,
             normalizer=len(global_batch) / rt.dist.world_size,
             annotation_weight=cfg.train.annotation_weight,
-            instance_weight=cfg.train.instance_weight,
         )
         if frozen:  # under DDP the encoder still gets gradients (all ranks must reduce the same set)
             for p in model.encoder.parameters():

@@ -1,4 +1,4 @@
-"""Run logs: metrics as JSONL and CSV, optional TensorBoard, and a plot of the training curves."""
+"""Run logs: metrics as JSONL and CSV, and a plot of the training curves."""
 
 from __future__ import annotations
 
@@ -12,20 +12,12 @@ from typing import Any
 class MetricsLog:
     """Append one row per epoch to `metrics.jsonl` and rewrite `metrics.csv` (columns can grow)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.jsonl = run_dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         if self.jsonl.exists():  # resumed run: keep the history
             self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                print("tensorboard is not installed: pip install tensorboard (logging to CSV/JSONL only)")
 
     def truncate(self, epochs: int) -> None:
         """Forget rows after `epochs` (a resumed run redoes them)."""
@@ -37,11 +29,6 @@ class MetricsLog:
         with self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self._write_csv()
-        if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.writer.add_scalar(k, v, row["epoch"])
-            self.writer.flush()
 
     def _rewrite(self) -> None:
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
@@ -86,7 +73,3 @@ class MetricsLog:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
