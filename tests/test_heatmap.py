@@ -17,8 +17,8 @@ from ips.cli.main import main
 from ips.data.manifest import SlideRecord
 from ips.data.open import make_source
 from ips.data.store import open_store
+from ips.infer.engine import infer_slide
 from ips.infer.render import paint, pixel_boxes, read_thumbnail, thumbnail_level
-from ips.infer.slide import infer_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def test_checkpoint_that_does_not_fit_the_store(tmp_path, capsys, kind):
     if kind == "dims":
         bad = make_store(tmp_path / "stores", "bad", size=(32, 32, 32), channels=1, patch=16, background=0)
         cfg = tiny_cfg(in_chans=1, patch=16)
-        want = "a 3D volume store, but the checkpoint's model is 2D"
+        want = "a 3D volume store, but the model is 2D"
     else:
         bad = make_store(
             tmp_path / "stores",

@@ -446,7 +446,9 @@ def test_encoder_lr_scale_sets_the_encoder_group():
     from ips.training.loop import param_groups
 
     cfg = cfg_of("train.lr=1e-3", "train.encoder_lr_scale=0.1")
-    groups = param_groups(build_model(cfg.model), cfg)
+    groups = param_groups(
+        build_model(cfg.model), lr=cfg.train.lr, encoder_lr_scale=cfg.train.encoder_lr_scale
+    )
     assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-3])
     with pytest.raises(ConfigError, match="train.freeze_encoder_epochs"):
         cfg_of("train.freeze_encoder_epochs=5")

@@ -12,7 +12,7 @@ from ips.cli._threads import add_threads
 from ips.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not when `ips --help` builds the parser
-    from ips.infer.loop import Failure
+    from ips.errors import Failure
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -50,5 +50,5 @@ def report_failures(command: str, failures: Sequence[Failure]) -> int:
         return 0
     err(f"ips {command}: {len(failures)} store(s) failed:")
     for f in failures:
-        err(f"  {f.slide_id} ({f.path}): {f.reason}")
+        err(f"  {f.name} ({f.path}): {f.reason}")
     return 1

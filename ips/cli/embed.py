@@ -102,17 +102,12 @@ def run(args: argparse.Namespace) -> int:
     from ips.data.store import StoreError, open_store
     from ips.infer.embed import embed_store
     from ips.model.encoders import build_encoder
+    from ips.runtime import resolve_device
 
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     apply_threads(args.threads)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+    device = resolve_device(args.device, key="--device")
     # weights not loaded from a file start from a fixed seed: every run and every --shard task of a cohort
     # embeds with the same encoder
     torch.manual_seed(0)

@@ -9,7 +9,6 @@ store's `ips.features` attribute (what `FeatureSource` reads) only once every ro
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from ips.data.streaming import stream_chunks
 from ips.data.zarr_source import ZarrPatchSource
 from ips.format import names as sf
 from ips.model.ips_model import normalize_pixels, pixel_stats
+from ips.runtime import Runtime, autocast_dtype_for
 
 PROGRESS_ATTR = "ips_progress"
 
@@ -132,12 +132,7 @@ def _embedder(
         """`(n, C, *S)` uint8 on the host -> `(n, F)` float32 on the host."""
         x = patches.to(device, non_blocking=True)
         x = normalize_pixels(x, mean_t, std_t)
-        amp = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with amp:
+        with Runtime(device, autocast_dtype_for(device)).autocast():
             out = encoder(x)
         if out.ndim != 2:
             raise ValueError(f"encoder {encoder_name!r} returned shape {tuple(out.shape)}, expected (n, F)")

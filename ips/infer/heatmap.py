@@ -12,8 +12,9 @@ Under `out_dir/` (the CLI makes it `DIR/<slide_id>/`):
   `slice_z.png`, `slice_y.png`, `slice_x.png`: orthogonal planes through the peak patch.
 - `top_patches.png`: the top-k patches by attention of each shown task, read through the source.
 
-Attention is exact over all N patches (`ips.infer.slide`); memory is one chunk of patches plus O(N)
-scalars plus thumbnail-sized images, whatever the slide's size.
+Attention is exact over all N patches, gathered by the selection pass itself (`Predictor.infer`,
+`ips.infer.slide`); memory is the top-M buffer and one chunk of patches plus O(N) scalars plus
+thumbnail-sized images, whatever the slide's size.
 """
 
 from __future__ import annotations
@@ -21,18 +22,17 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ips.config import ConfigError, ExperimentConfig, TaskConfig
+from ips.config import ConfigError, TaskConfig
 from ips.data.manifest import SlideRecord
-from ips.data.open import source_grid
+from ips.data.open import SourceFactory
 from ips.data.sources import PatchSource
 from ips.data.store import IpsStore, open_store
-from ips.data.streaming import stream_chunks
+from ips.infer.engine import Loaded
 from ips.infer.geojson import write_geojson
 from ips.infer.render import (
     max_over_axis,
@@ -43,8 +43,7 @@ from ips.infer.render import (
     thumbnail_level,
     to_rgb,
 )
-from ips.infer.slide import Mode, SlideInference, check_model_fits, infer_slide
-from ips.model.ips_model import IPSModel
+from ips.infer.slide import Mode, SlideInference
 from ips.model.tasks import probabilities
 
 SCORES = "scores.zarr"
@@ -91,9 +90,9 @@ def select_tasks(tasks: Sequence[TaskConfig], name: str | None) -> list[int]:
     return [names.index(name)]
 
 
-def grid_geometry(store: IpsStore, source: PatchSource, cfg: ExperimentConfig) -> GridGeometry:
+def grid_geometry(store: IpsStore, source: PatchSource, sources: SourceFactory) -> GridGeometry:
     """The patch geometry of the grid the source reads (features: the grid they were computed on)."""
-    grid = source_grid(store, cfg)
+    grid = sources.grid_of(store)
     info = store.grid(grid)
     coords = getattr(source, "coords", None)  # the source's copy: the store's is read only if it has none
     coords = np.asarray(store.coords(grid) if coords is None else coords, dtype=np.int64)
@@ -177,8 +176,8 @@ def _patch_images(patches: torch.Tensor) -> list[np.ndarray]:
     return [to_rgb(p) for p in x]
 
 
-def _pixel_source(source: PatchSource, store_path: str, cfg: ExperimentConfig, grid: str) -> PatchSource:
-    if cfg.data.mode != "features":
+def _pixel_source(source: PatchSource, store_path: str, features: bool, grid: str) -> PatchSource:
+    if not features:
         return source
     from ips.data.zarr_source import ZarrPatchSource
 
@@ -330,43 +329,25 @@ def _geojson(path: Path, geom: GridGeometry, inf: SlideInference, tasks: Sequenc
 
 
 def write_slide_heatmaps(
-    model: IPSModel,
-    cfg: ExperimentConfig,
+    loaded: Loaded,
     record: SlideRecord,
     out_dir: str | Path,
     *,
     task: str | None = None,
     top_k: int = 16,
     mode: Mode = "topm",
-    device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
     thumb_size: int = 1024,
     checkpoint: str | None = None,
 ) -> HeatmapResult:
-    """Every heatmap file of one store (module docstring). Raises ConfigError / StoreError naming the store."""
-    from ips.data.open import make_source
-
-    show = select_tasks(cfg.model.tasks, task)
-    where = f"store {record.path}"
-    source = make_source(record, cfg)
-    check_model_fits(source, cfg, where)
+    """Every heatmap file of one store (module docstring), from one pass of the checkpoint's predictor.
+    Raises ConfigError / StoreError naming the store."""
+    tasks = loaded.cfg.model.tasks
+    show = select_tasks(tasks, task)
+    source = loaded.open(record)
     store = open_store(record.path)
-    geom = grid_geometry(store, source, cfg)
-    device = torch.device(device)
-    stream = partial(stream_chunks, prefetch=cfg.selection.prefetch, pin_memory=device.type == "cuda")
+    geom = grid_geometry(store, source, loaded.sources)
     modes: tuple[Mode, ...] = ("topm",) if mode == "topm" else ("topm", "all")  # top-M flags the GeoJSON
-    inf = infer_slide(
-        model,
-        source,
-        memory_size=cfg.selection.memory_size,
-        iter_size=cfg.selection.iter_size,
-        modes=modes,
-        score=cfg.selection.score,
-        device=device,
-        stream=stream,
-        autocast_dtype=autocast_dtype,
-    )
-    tasks = cfg.model.tasks
+    inf = loaded.predictor.infer(source, modes=modes)
     logits = inf.logits[mode]
     if store.spatial_dims == 3:  # a volume's thumbnail level is read whole (projection): keep it small
         thumb_size = min(thumb_size, VOLUME_THUMB_SIZE)
@@ -381,23 +362,15 @@ def write_slide_heatmaps(
         f" ({mode})"
         for t in show
     ]
-
-    result.files.append(
-        write_scores(
-            out / SCORES,
-            inf,
-            geom,
-            tasks,
-            {
-                "slide_id": record.slide_id,
-                "store": str(record.path),
-                "checkpoint": checkpoint,
-                "mode": mode,
-                "probabilities": result.probabilities,
-                "memory_size": cfg.selection.memory_size,
-            },
-        )
-    )
+    attrs = {
+        "slide_id": record.slide_id,
+        "store": str(record.path),
+        "checkpoint": checkpoint,
+        "mode": mode,
+        "probabilities": result.probabilities,
+        "memory_size": loaded.predictor.selector.memory_size,
+    }
+    result.files.append(write_scores(out / SCORES, inf, geom, tasks, attrs))
     result.files.append(
         _overlay(out / "heatmap.png", store, geom, inf, show, titles, record.slide_id, thumb_size)
     )
@@ -407,7 +380,7 @@ def write_slide_heatmaps(
         result.files.append(_nifti(out / "heatmap.nii.gz", store, geom, inf, show))
         result.files += _slices_3d(out, store, geom, inf, show[0], titles[0], thumb_size)
     if top_k > 0:
-        pixels = _pixel_source(source, record.path, cfg, geom.grid)
+        pixels = _pixel_source(source, record.path, loaded.sources.features, geom.grid)
         result.files.append(
             write_gallery(out / "top_patches.png", pixels, inf, show, tasks, top_k, record.slide_id)
         )

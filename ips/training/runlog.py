@@ -1,4 +1,4 @@
-"""Run logs: metrics as JSONL and CSV, and a plot of the training curves."""
+"""Run logs of training and pretraining: metrics as JSONL and CSV, plots of the curves, the progress bar."""
 
 from __future__ import annotations
 
@@ -73,3 +73,34 @@ class MetricsLog:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def write_loss_log(out: Path, losses: list[float], title: str) -> None:
+    """Pretraining's log: `loss.csv` (epoch, loss) and `loss.png`, rewritten after each epoch."""
+    with (out / "loss.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "loss"])
+        w.writerows([(i + 1, v) for i, v in enumerate(losses)])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(range(1, len(losses) + 1), losses, marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over `total` batches, or None when not `enabled` (quiet runs, ranks other than 0)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)
