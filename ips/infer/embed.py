@@ -65,7 +65,15 @@ def embed_store(
     in_chans = source.patch_shape[0]
     if mean is None or std is None:
         mean, std = pixel_stats(encoder, in_chans)
-    embed = _embedder(encoder, encoder_name, mean, std, in_chans, source.spatial_dims, device)
+    embed = _embedder(
+        encoder,
+        encoder_name=encoder_name,
+        mean=mean,
+        std=std,
+        in_chans=in_chans,
+        spatial_dims=source.spatial_dims,
+        device=device,
+    )
 
     was_training = encoder.training
     encoder.eval()
@@ -77,12 +85,12 @@ def embed_store(
             emb_array, done = _resume_or_create(
                 group,
                 f"{sf.FEATURES_GROUP}/{name}",
-                source.coords,
-                dim,
-                {"grid": grid, "encoder": encoder_name, "total": n, "dim": dim},
-                chunk_size,
-                dtype,
-                overwrite,
+                coords=source.coords,
+                dim=dim,
+                run={"grid": grid, "encoder": encoder_name, "total": n, "dim": dim},
+                chunk_size=chunk_size,
+                dtype=dtype,
+                overwrite=overwrite,
             )
             rows = emb_array.chunks[0]  # write whole zarr chunks, so a resumed run starts at a chunk boundary
             if done < n:
@@ -115,6 +123,7 @@ def _announce(group: zarr.Group, name: str, grid: str, encoder_name: str, dim: i
 
 def _embedder(
     encoder: nn.Module,
+    *,
     encoder_name: str,
     mean: Sequence[float],
     std: Sequence[float],
@@ -144,6 +153,7 @@ def _embedder(
 def _resume_or_create(
     group: zarr.Group,
     path: str,
+    *,
     coords: np.ndarray,
     dim: int,
     run: dict[str, Any],

@@ -64,6 +64,20 @@ class GridGeometry:
 
 
 @dataclass
+class Drawing:
+    """What every file of one slide is drawn from: its id, store and patch geometry, the inference pass,
+    the indices of the tasks shown, their panel titles, and the thumbnail size."""
+
+    slide_id: str
+    store: IpsStore
+    geom: GridGeometry
+    inf: SlideInference
+    show: Sequence[int]
+    titles: Sequence[str]
+    thumb_size: int
+
+
+@dataclass
 class HeatmapResult:
     """What `write_slide_heatmaps` wrote: the files, N, and per-task probabilities of the chosen mode."""
 
@@ -185,15 +199,10 @@ def _pixel_source(source: PatchSource, store_path: str, features: bool, grid: st
 
 
 def write_gallery(
-    path: Path,
-    source: PatchSource,
-    inf: SlideInference,
-    show: Sequence[int],
-    tasks: Sequence[TaskConfig],
-    top_k: int,
-    slide_id: str,
+    path: Path, source: PatchSource, drawing: Drawing, tasks: Sequence[TaskConfig], top_k: int
 ) -> Path:
     """The top-k patches of each shown task (one row block per task), read by index (k patches)."""
+    inf, show, slide_id = drawing.inf, drawing.show, drawing.slide_id
     attention = inf.attention
     images: list[np.ndarray] = []
     captions: list[str] = []
@@ -209,18 +218,10 @@ def write_gallery(
     )
 
 
-def _overlay(
-    path: Path,
-    store: IpsStore,
-    geom: GridGeometry,
-    inf: SlideInference,
-    show: Sequence[int],
-    titles: Sequence[str],
-    slide_id: str,
-    thumb_size: int,
-) -> Path:
+def _overlay(path: Path, drawing: Drawing) -> Path:
     """heatmap.png: one panel per shown task over the thumbnail (3D: maximum over z on the projection)."""
-    base, level = read_thumbnail(store, thumb_size)
+    store, geom, inf, show = drawing.store, drawing.geom, drawing.inf, drawing.show
+    base, level = read_thumbnail(store, drawing.thumb_size)
     ds = store.level_downsample(level)[-2:]
     attention = inf.attention
     if geom.level0.shape[1] == 3:  # a volume seen from above: the maximum over z per (y, x)
@@ -236,8 +237,8 @@ def _overlay(
         path,
         base,
         heats,
-        titles,
-        suptitle=f"{slide_id} ({inf.n_patches} patches)",
+        drawing.titles,
+        suptitle=f"{drawing.slide_id} ({inf.n_patches} patches)",
         colorbar_label=label,
         aspect=_aspect(store, level, (-2, -1)),
     )
@@ -251,17 +252,12 @@ def _aspect(store: IpsStore, level: int, axes: tuple[int, int]) -> float:
     return float(size[axes[0]] / size[axes[1]])
 
 
-def _slices_3d(
-    out_dir: Path,
-    store: IpsStore,
-    geom: GridGeometry,
-    inf: SlideInference,
-    t: int,
-    title: str,
-    thumb_size: int,
-) -> list[Path]:
-    """Three orthogonal planes (of a low level) through the centre of the most attended patch."""
-    level = thumbnail_level(store, thumb_size)
+def _slices_3d(out_dir: Path, drawing: Drawing) -> list[Path]:
+    """Three orthogonal planes (of a low level) through the centre of the most attended patch of the
+    first shown task."""
+    store, geom, inf = drawing.store, drawing.geom, drawing.inf
+    t, title = drawing.show[0], drawing.titles[0]
+    level = thumbnail_level(store, drawing.thumb_size)
     array = store.level(level)
     ds = store.level_downsample(level)
     attention = inf.attention
@@ -299,9 +295,10 @@ def _slices_3d(
     return files
 
 
-def _nifti(path: Path, store: IpsStore, geom: GridGeometry, inf: SlideInference, show: Sequence[int]) -> Path:
+def _nifti(path: Path, drawing: Drawing) -> Path:
     from ips.infer.nifti import grid_volume, heatmap_affine, source_affine, write_nifti
 
+    store, geom, inf, show = drawing.store, drawing.geom, drawing.inf, drawing.show
     shape0 = tuple(int(s) for s in store.level(0).shape[1:])
     volume, origin = grid_volume(geom.level0, geom.stride0, inf.attention[:, list(show)], shape0)
     affine = heatmap_affine(source_affine(store), origin, geom.stride0, geom.size0)
@@ -315,9 +312,10 @@ def _nifti(path: Path, store: IpsStore, geom: GridGeometry, inf: SlideInference,
     )
 
 
-def _geojson(path: Path, geom: GridGeometry, inf: SlideInference, tasks: Sequence[TaskConfig]) -> Path:
+def _geojson(path: Path, drawing: Drawing, tasks: Sequence[TaskConfig]) -> Path:
     """QuPath detections: one polygon per patch with its attention and logit per task, and whether the
     top-M selection holds it."""
+    geom, inf = drawing.geom, drawing.inf
     measurements: dict[str, np.ndarray] = {}
     for t, spec in enumerate(tasks):
         measurements[f"{spec.name} attention"] = inf.attention[:, t]
@@ -371,17 +369,22 @@ def write_slide_heatmaps(
         "memory_size": loaded.predictor.selector.memory_size,
     }
     result.files.append(write_scores(out / SCORES, inf, geom, tasks, attrs))
-    result.files.append(
-        _overlay(out / "heatmap.png", store, geom, inf, show, titles, record.slide_id, thumb_size)
+    drawing = Drawing(
+        slide_id=record.slide_id,
+        store=store,
+        geom=geom,
+        inf=inf,
+        show=show,
+        titles=titles,
+        thumb_size=thumb_size,
     )
+    result.files.append(_overlay(out / "heatmap.png", drawing))
     if store.spatial_dims == 2:
-        result.files.append(_geojson(out / "heatmap.geojson", geom, inf, tasks))
+        result.files.append(_geojson(out / "heatmap.geojson", drawing, tasks))
     else:
-        result.files.append(_nifti(out / "heatmap.nii.gz", store, geom, inf, show))
-        result.files += _slices_3d(out, store, geom, inf, show[0], titles[0], thumb_size)
+        result.files.append(_nifti(out / "heatmap.nii.gz", drawing))
+        result.files += _slices_3d(out, drawing)
     if top_k > 0:
         pixels = _pixel_source(source, record.path, loaded.sources.features, geom.grid)
-        result.files.append(
-            write_gallery(out / "top_patches.png", pixels, inf, show, tasks, top_k, record.slide_id)
-        )
+        result.files.append(write_gallery(out / "top_patches.png", pixels, drawing, tasks, top_k))
     return result

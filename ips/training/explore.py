@@ -20,6 +20,7 @@ from ips.algo.selection import Selection, eval_mode, replace_lowest, top_m
 from ips.config import SelectionConfig
 from ips.data.sources import PatchSource
 from ips.infer.engine import Selector
+from ips.runtime import Runtime
 
 NOVEL_POOL_FACTOR = 4  # a novel slot is drawn among the 4 x (novel slots) most novel unselected patches
 
@@ -43,7 +44,12 @@ class NovelPool:
     patch. Memory: the sample's embeddings and `size` indices."""
 
     def __init__(
-        self, model: nn.Module, source: PatchSource, size: int, generator: np.random.Generator, runtime
+        self,
+        model: nn.Module,
+        source: PatchSource,
+        size: int,
+        generator: np.random.Generator,
+        runtime: Runtime,
     ) -> None:
         ref = reference_indices(len(source), generator)
         with eval_mode(model), torch.no_grad(), runtime.autocast():
@@ -106,10 +112,11 @@ def explore_selections(
     selected: list[tuple[Selection, torch.Tensor | None]] = []
     for src in sources:
         pool = None
-        if size > 0 and len(src) > selector.memory_size:
+        if size > 0 and len(src) > selector.memory_size:  # N <= M: every patch is selected, none to add
             pool = NovelPool(model, src, size, generator, selector.runtime)
-        selected.append((selector(model, src, observe=pool), None if pool is None else pool.indices))
-    if selection.explore <= 0:  # pool 0 means no novel slot at M, hence none at m <= M either
+        sel = selector(model, src, observe=pool)
+        selected.append((sel, None if pool is None else pool.indices))
+    if selection.explore <= 0:
         return [sel for sel, _ in selected]
     return [
         explore_selection(
