@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from inference_fixtures import BINARY, MULTICLASS, make_store, tiny_cfg, write_checkpoint
 
@@ -98,10 +99,17 @@ def test_scores_zarr_matches_inference(slide2d):
     assert root.attrs["tasks"] == ["a", "b"]
     from ips.model.checkpoint import load_model
 
+    # oracle: every patch embedded at once, softmax over all N per task and head, mean over heads
     model, cfg = load_model(slide2d["ckpt"])
     source = make_source(SlideRecord("slide_a", str(slide2d["store"])), cfg)
-    inf = infer_slide(model, source, memory_size=5, iter_size=16)
-    np.testing.assert_allclose(root["attention"][...], inf.attention, rtol=1e-5, atol=1e-8)
+    with torch.no_grad():
+        emb = model.embed(source.read(np.arange(n)), torch.from_numpy(source.positions()))  # (N, D)
+        logits = model.aggregator.attention_logits(emb[None])[0]  # (T, H, N)
+    attention = logits.softmax(dim=-1).mean(dim=1).T.numpy()  # (N, T)
+    np.testing.assert_allclose(root["attention"][...], attention, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(root["logit"][...], logits.mean(dim=1).T.numpy(), rtol=1e-5, atol=1e-6)
+    top = np.lexsort((np.arange(n), -logits.mean(dim=(0, 1)).numpy()))[:5]  # the global top-M by score
+    assert np.flatnonzero(root["selected"][...]).tolist() == sorted(top.tolist())
 
 
 def test_thumbnail_comes_from_a_low_level_not_level0(tmp_path):
