@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from ips.config import load_config
     from ips.data.manifest import SlideRecord
     from ips.data.open import make_source
-    from ips.infer.predict import select_slides
+    from ips.infer.engine import Selector
     from ips.model import build_model
     from ips.runtime import DistInfo
     from ips.training.budget import GB
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             f"train.batch_size={args.batch_size}",
         ],
     )
-    rt = make_runtime(cfg, DistInfo())
+    rt = make_runtime(cfg.train, DistInfo())
     tmp = tempfile.TemporaryDirectory(prefix="ips-budget-") if args.store_dir is None else None
     root = Path(tmp.name if tmp else args.store_dir)
     t0 = time.perf_counter()
@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gb * GB / total), rt.device)
         torch.cuda.reset_peak_memory_stats(rt.device)
     t0 = time.perf_counter()
-    (sel,) = select_slides(model, [make_source(record, cfg)], cfg, rt)
+    sel = Selector.from_config(cfg.selection, rt)(model, make_source(record, cfg))
     batch = stack_selections(
         [sel] * cfg.train.batch_size,
-        targets_for([record] * cfg.train.batch_size, cfg),
+        targets_for([record] * cfg.train.batch_size, cfg.model.tasks),
         cfg.selection.memory_size,
     )
     model.train()

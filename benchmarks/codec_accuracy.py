@@ -43,7 +43,7 @@ from ips.config import load_config
 from ips.data.manifest import read_manifest
 from ips.data.open import make_source
 from ips.format import names
-from ips.infer.slide import infer_slide
+from ips.infer.engine import infer_slide
 from ips.model.checkpoint import load_model
 from ips.model.metrics import auroc
 from ips.synthetic._store import grid_share, stratified_splits, write_manifest

@@ -27,7 +27,7 @@ import zarr
 from ips.config import ExperimentConfig
 from ips.data.manifest import read_manifest
 from ips.data.open import make_source
-from ips.infer.slide import infer_slide
+from ips.infer.engine import infer_slide
 from ips.model.checkpoint import load_model
 from ips.model.metrics import auroc
 from ips.synthetic.lesions import make_lesion_dataset

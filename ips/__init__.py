@@ -7,7 +7,8 @@ The curated API (imported on first use, so that `import ips` and `ips --help` st
 - `open_store(path)` -> `IpsStore`                               (ips.data.store)
 - `select(model, source, memory_size=, iter_size=)` -> top-M    (ips.algo.selection)
 - `train(cfg, manifest=, run_dir=)` -> `TrainResult`             (ips.training.loop)
-- `infer_slide(model, source, memory_size=, iter_size=)`         (ips.infer.slide)
+- `Predictor(model, Selector(...))`: top-M prediction as trained  (ips.infer.engine)
+- `infer_slide(model, source, memory_size=, iter_size=)`         (ips.infer.engine)
 
 The packages follow the data flow: `format` (store names, sharding) -> `data` (stores, patch sources,
 manifests) -> `model` -> `algo` (selection) -> `training` / `infer`; `cli` only parses arguments.
@@ -26,7 +27,9 @@ _API = {
     "open_store": "ips.data.store",
     "select": "ips.algo.selection",
     "train": "ips.training.loop",
-    "infer_slide": "ips.infer.slide",
+    "Selector": "ips.infer.engine",
+    "Predictor": "ips.infer.engine",
+    "infer_slide": "ips.infer.engine",
 }
 __all__ = ["__version__", *_API]
 

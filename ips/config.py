@@ -219,10 +219,6 @@ class TrainConfig:
     Slides whose manifest row names an `annotation` (`ips.data.annotations`) are trained with guidance:
     `annotation_slots` of the M slots hold annotated patches, and `annotation_weight` weighs a patch-level
     loss on their selection scores (`ips.training.step.annotation_loss`). Other slides train as before.
-
-    `instance_weight` > 0 adds a multiple-instance loss from the slide labels alone: for each binary task,
-    BCE between the slide label and the attention logit of its best selected patch
-    (`ips.training.step.instance_loss`), so negatives teach which look-alikes are not the object.
     """
 
     epochs: int = 10
@@ -244,7 +240,6 @@ class TrainConfig:
     annotation_slots: float = 0.25
     freeze_encoder_epochs: int = 0
     encoder_lr_scale: float = 1.0
-    instance_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -285,9 +280,6 @@ class TrainConfig:
         _require(
             self.encoder_lr_scale > 0, "train.encoder_lr_scale", f"must be > 0, got {self.encoder_lr_scale}"
         )
-        _require(
-            self.instance_weight >= 0, "train.instance_weight", f"must be >= 0, got {self.instance_weight}"
-        )
 
 
 PretrainMethod = Literal["auto", "simclr", "rotation"]
@@ -303,8 +295,6 @@ class PretrainConfig:
     all grid patches of the stores, `patches_per_slide` at a time from one store (one chunked read),
     so time per epoch does not grow with the number of slides. `augment_strength` scales the colour
     (H&E: HED stain jitter; grey: intensity scale/shift/gamma), blur and crop/deformation jitter.
-    `decorrelation` (simclr): weight of a penalty on correlated encoder output dimensions
-    (`ips.pretrain.methods.decorrelation`) against the collapse of the features into a few directions.
     `content_oversample` k > 1: draw k x the patches and train on the batch's share with the most content
     (pixel standard deviation), for grids that are mostly blank (Megapixel MNIST: 225 patches, 5 digits).
     `orientation` (simclr): random flips and quarter turns in the views; turn it off where orientation
@@ -321,7 +311,6 @@ class PretrainConfig:
     temperature: float = 0.2
     proj_dim: int = 64
     augment_strength: float = 1.0
-    decorrelation: float = 0.0
     content_oversample: int = 1
     orientation: bool = True
     seed: int = 0
@@ -349,7 +338,6 @@ class PretrainConfig:
         _require(self.temperature > 0, "pretrain.temperature", f"must be > 0, got {self.temperature}")
         _require(self.proj_dim >= 1, "pretrain.proj_dim", f"must be >= 1, got {self.proj_dim}")
         _require(0 <= self.augment_strength <= 2, "pretrain.augment_strength", "must be in [0, 2]")
-        _require(self.decorrelation >= 0, "pretrain.decorrelation", f"must be >= 0, got {self.decorrelation}")
         _require(
             self.content_oversample >= 1,
             "pretrain.content_oversample",

@@ -169,9 +169,7 @@ def run_demo(
     test = read_manifest(manifest, cfg.model.tasks, "test")
     report = predict_slides(loaded, test, pred_dir, checkpoint=str(checkpoint))
     if report.failures:
-        raise RuntimeError(
-            f"ips predict failed on {report.failures[0].slide_id}: {report.failures[0].reason}"
-        )
+        raise RuntimeError(f"ips predict failed on {report.failures[0].name}: {report.failures[0].reason}")
     result.test_metrics = report.metrics
     result.seconds["predict"] = time.perf_counter() - t0
 
@@ -183,7 +181,7 @@ def run_demo(
     )
     failures = heatmap_slides(loaded, test, heat_dir, checkpoint=str(checkpoint), log=log)
     if failures:
-        raise RuntimeError(f"ips heatmap failed on {failures[0].slide_id}: {failures[0].reason}")
+        raise RuntimeError(f"ips heatmap failed on {failures[0].name}: {failures[0].reason}")
     _score_heatmaps(result, test, heat_dir, cfg.model.tasks[0].name)
     result.seconds["heatmap"] = time.perf_counter() - t0
     result.seconds["total"] = time.perf_counter() - t_all

@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ips.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ips.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -30,13 +34,49 @@ class DistInfo:
         return self.world_size > 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class Runtime:
-    """What the entry point decided: device, precision, distribution."""
+    """What the entry point decided: device, precision, distribution. Built once per run
+    (`Runtime.create`, `Runtime.from_config`); modules take the device and dtype from it, never decide."""
 
     device: torch.device
-    autocast_dtype: torch.dtype | None
-    dist: DistInfo
+    autocast_dtype: torch.dtype | None = None
+    dist: DistInfo = DistInfo()
+
+    @classmethod
+    def create(
+        cls, device: str = "auto", *, amp: bool = True, dist: DistInfo | None = None, key: str = "--device"
+    ) -> Runtime:
+        """The device named (`resolve_device`; under torchrun, CUDA means this rank's GPU) and the one
+        precision rule: bf16 autocast on CUDA when `amp`, full precision otherwise. `key` names the
+        option or config key in errors."""
+        dist = dist or DistInfo()
+        dev = resolve_device(device, key=key)
+        if dev.type == "cuda" and dist.enabled:
+            dev = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(dev)
+        return cls(dev, autocast_dtype_for(dev, amp=amp), dist)
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, dist: DistInfo | None = None) -> Runtime:
+        """From `cfg.train`: `train.device` and `train.amp`."""
+        return cls.create(train.device, amp=train.amp, dist=dist, key="train.device")
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context of this runtime (disabled in full precision)."""
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        )
+
+    @property
+    def pin_memory(self) -> bool:
+        """Pin host buffers for asynchronous copies (CUDA only)."""
+        return self.device.type == "cuda"
+
+
+def autocast_dtype_for(device: torch.device, *, amp: bool = True) -> torch.dtype | None:
+    """The precision rule: bf16 autocast on CUDA when `amp`; None (full precision) elsewhere."""
+    return torch.bfloat16 if (amp and device.type == "cuda") else None
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from inference_fixtures import BINARY, MULTICLASS, make_store, tiny_cfg, write_checkpoint
 
@@ -17,8 +18,8 @@ from ips.cli.main import main
 from ips.data.manifest import SlideRecord
 from ips.data.open import make_source
 from ips.data.store import open_store
+from ips.infer.engine import infer_slide
 from ips.infer.render import paint, pixel_boxes, read_thumbnail, thumbnail_level
-from ips.infer.slide import infer_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,10 +99,17 @@ def test_scores_zarr_matches_inference(slide2d):
     assert root.attrs["tasks"] == ["a", "b"]
     from ips.model.checkpoint import load_model
 
+    # oracle: every patch embedded at once, softmax over all N per task and head, mean over heads
     model, cfg = load_model(slide2d["ckpt"])
     source = make_source(SlideRecord("slide_a", str(slide2d["store"])), cfg)
-    inf = infer_slide(model, source, memory_size=5, iter_size=16)
-    np.testing.assert_allclose(root["attention"][...], inf.attention, rtol=1e-5, atol=1e-8)
+    with torch.no_grad():
+        emb = model.embed(source.read(np.arange(n)), torch.from_numpy(source.positions()))  # (N, D)
+        logits = model.aggregator.attention_logits(emb[None])[0]  # (T, H, N)
+    attention = logits.softmax(dim=-1).mean(dim=1).T.numpy()  # (N, T)
+    np.testing.assert_allclose(root["attention"][...], attention, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(root["logit"][...], logits.mean(dim=1).T.numpy(), rtol=1e-5, atol=1e-6)
+    top = np.lexsort((np.arange(n), -logits.mean(dim=(0, 1)).numpy()))[:5]  # the global top-M by score
+    assert np.flatnonzero(root["selected"][...]).tolist() == sorted(top.tolist())
 
 
 def test_thumbnail_comes_from_a_low_level_not_level0(tmp_path):
@@ -197,7 +205,7 @@ def test_checkpoint_that_does_not_fit_the_store(tmp_path, capsys, kind):
     if kind == "dims":
         bad = make_store(tmp_path / "stores", "bad", size=(32, 32, 32), channels=1, patch=16, background=0)
         cfg = tiny_cfg(in_chans=1, patch=16)
-        want = "a 3D volume store, but the checkpoint's model is 2D"
+        want = "a 3D volume store, but the model is 2D"
     else:
         bad = make_store(
             tmp_path / "stores",

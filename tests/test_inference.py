@@ -1,14 +1,16 @@
-"""Streaming inference is exact: attention over all N and whole-bag aggregation equal the all-at-once
-computation for any chunk size and order; the top-M prediction equals the trained path's."""
+"""Inference is exact: the attention over all N and the whole-bag aggregation gathered during the
+selection pass equal the all-at-once computation for any chunk size and order; the top-M prediction
+equals a brute-force oracle (embed every patch, rank by the logit score computed by hand, run the
+model on the global top M)."""
 
 import numpy as np
 import pytest
 import torch
 from inference_fixtures import BINARY, MULTICLASS, MULTILABEL, tiny_cfg
 
-from ips.algo.selection import eval_mode, select
 from ips.data.sources import InMemoryPatchSource, iter_chunks
-from ips.infer.slide import OnlineSoftmaxPool, global_logsumexp, infer_slide, stream_slide
+from ips.infer.engine import Predictor, Selector, infer_slide
+from ips.infer.slide import OnlineSoftmaxPool, global_logsumexp
 from ips.model.ips_model import build_model
 
 CASES = [  # (spatial_dims, in_chans, patch, tasks, n_heads)
@@ -16,6 +18,7 @@ CASES = [  # (spatial_dims, in_chans, patch, tasks, n_heads)
     (2, 1, 8, [BINARY, MULTICLASS, MULTILABEL], 2),
     (3, 1, 8, [MULTICLASS], 4),
 ]
+IDS = ["2d", "2d-3tasks", "3d"]
 
 
 def _model_and_source(dims, chans, patch, tasks, heads, n=37, seed=0):
@@ -36,19 +39,50 @@ def _all_at_once(model, source):
         return {k: v[0] for k, v in model.heads(z).items()}, attn[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["2d", "2d-3tasks", "3d"])
+def _brute_force_top_m(model, source, m):
+    """Oracle: every patch embedded at once, the logit score by hand (mean over tasks and heads of
+    `<q, k> / sqrt(d_k)`), the global top-m by a stable sort (ties: lower index), then the model on those
+    m patches in that order. -> (indices (m,), {task: (n_out,)})."""
+    with torch.no_grad():
+        emb = model.embed(source.patches, torch.from_numpy(source.positions()))  # (N, D)
+        agg = model.aggregator
+        q = agg.q_proj(agg.queries).unflatten(-1, (agg.n_heads, -1))  # (T, H, d_k)
+        k = agg.k_proj(agg.norm_kv(emb)).unflatten(-1, (agg.n_heads, -1))  # (N, H, d_k)
+        logits = torch.einsum("thd,nhd->thn", q, k) / k.shape[-1] ** 0.5  # (T, H, N)
+        score = logits.mean(dim=(0, 1)).numpy()  # (N,)
+        order = np.lexsort((np.arange(len(score)), -score))[:m]
+        idx = torch.from_numpy(order)
+        out, _ = model(source.patches[idx][None], torch.from_numpy(source.positions()[order])[None])
+    return order, {k: v[0] for k, v in out.items()}
+
+
+def _brute_force_softmax_mean(model, source, m, i):
+    """Oracle of the reference implementation's iterative selection with the softmax-mean score, written
+    out plainly: keep a buffer of m, add each chunk of i in index order, keep the m best by the mean
+    over tasks and heads of the softmax over buffer + chunk (ties: lower index)."""
+    with torch.no_grad():
+        emb = model.embed(source.patches, torch.from_numpy(source.positions()))  # (N, D)
+        buffer = np.empty(0, dtype=np.int64)
+        for start in range(0, len(source), i):
+            cand = np.concatenate([buffer, np.arange(start, min(start + i, len(source)))])
+            score = model.aggregator.attention_logits(emb[cand][None])[0].softmax(-1).mean(dim=(0, 1)).numpy()
+            buffer = cand[np.lexsort((cand, -score))[:m]]
+    return buffer
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("chunk", [1, 5, 36, 37, 100])
 def test_whole_bag_streaming_equals_all_at_once(case, chunk):
     model, source = _model_and_source(*case)
     ref_logits, ref_attn = _all_at_once(model, source)
-    head_logits, logits = stream_slide(model, source, chunk_size=chunk, aggregate=True)
-    assert head_logits.shape == (len(source), ref_attn.shape[0], ref_attn.shape[1])
-    np.testing.assert_allclose(head_logits, ref_attn.permute(2, 0, 1).numpy(), rtol=1e-5, atol=1e-5)
+    inf = infer_slide(model, source, memory_size=4, iter_size=chunk, modes=("all",))
+    assert inf.head_logits.shape == (len(source), ref_attn.shape[0], ref_attn.shape[1])
+    np.testing.assert_allclose(inf.head_logits, ref_attn.permute(2, 0, 1).numpy(), rtol=1e-5, atol=1e-5)
     for name, ref in ref_logits.items():
-        torch.testing.assert_close(logits[name], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(inf.logits["all"][name], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES, ids=["2d", "2d-3tasks", "3d"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_streamed_attention_is_softmax_over_all_n(case):
     model, source = _model_and_source(*case)
     _, ref_attn = _all_at_once(model, source)  # (T, H, N)
@@ -61,14 +95,15 @@ def test_streamed_attention_is_softmax_over_all_n(case):
 
 def test_any_streaming_order_gives_the_same_result():
     model, source = _model_and_source(*CASES[1])
-    a, la = stream_slide(model, source, chunk_size=6, aggregate=True)
+    a = Predictor(model, Selector(4, 6)).infer(source, modes=("topm", "all"))
     perm = np.random.default_rng(0).permutation(len(source))
-    b, lb = stream_slide(
-        model, source, chunk_size=6, aggregate=True, stream=lambda s, c: iter_chunks(s, c, order=perm)
-    )
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # indexed by patch, not by arrival
-    for k in la:
-        torch.testing.assert_close(la[k], lb[k], rtol=1e-5, atol=1e-6)
+    shuffled = Selector(4, 6, stream=lambda s, c: iter_chunks(s, c, order=perm))
+    b = Predictor(model, shuffled).infer(source, modes=("topm", "all"))
+    np.testing.assert_allclose(a.head_logits, b.head_logits, rtol=1e-6, atol=1e-6)  # by patch, not arrival
+    assert a.selected.tolist() == b.selected.tolist()
+    for mode in ("topm", "all"):
+        for k in a.logits[mode]:
+            torch.testing.assert_close(a.logits[mode][k], b.logits[mode][k], rtol=1e-5, atol=1e-6)
 
 
 def test_online_softmax_is_stable_for_extreme_logits():
@@ -84,34 +119,37 @@ def test_online_softmax_is_stable_for_extreme_logits():
     np.testing.assert_allclose(lse, torch.logsumexp(logits, -1).numpy())
 
 
-def test_topm_prediction_equals_selection_then_forward():
-    """The default mode reuses the pass: its top-M is select()'s, its prediction the trained forward's."""
-    model, source = _model_and_source(*CASES[1], n=50)
-    inf = infer_slide(model, source, memory_size=6, iter_size=8, modes=("topm", "all"))
-    with eval_mode(model), torch.no_grad():
-        sel = select(model, source, memory_size=6, iter_size=8)
-        ref, _ = model(sel.patches[None], sel.positions[None])
-    assert inf.selected.tolist() == sel.indices.tolist()
-    for name, value in ref.items():
-        torch.testing.assert_close(inf.logits["topm"][name], value[0], rtol=1e-5, atol=1e-5)
-    assert set(inf.logits) == {"topm", "all"}
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize(("n", "m", "i"), [(50, 6, 8), (50, 6, 1), (40, 9, 40), (5, 8, 3)])
+def test_topm_prediction_equals_the_brute_force_oracle(case, n, m, i):
+    """`predict` and `infer` pick the global top-M of the hand-computed score and predict from exactly
+    those patches (n <= M: every patch)."""
+    model, source = _model_and_source(*case, n=n)
+    want_idx, want = _brute_force_top_m(model, source, m)
+    predictor = Predictor(model, Selector(m, i))
+    inf = predictor.infer(source, modes=("topm",))
+    assert inf.selected.tolist() == want_idx.tolist()
+    for name, value in want.items():
+        torch.testing.assert_close(inf.logits["topm"][name], value, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(predictor.predict(source)[name], value, rtol=1e-5, atol=1e-5)
 
 
-def test_softmax_mean_score_runs_the_trained_selection():
+def test_softmax_mean_score_runs_the_reference_selection():
     model, source = _model_and_source(*CASES[0], n=30)
     inf = infer_slide(model, source, memory_size=5, iter_size=4, score="softmax_mean", modes=("topm",))
-    with eval_mode(model):
-        sel = select(model, source, memory_size=5, iter_size=4, score="softmax_mean")
-    assert inf.selected.tolist() == sel.indices.tolist()
+    want = _brute_force_softmax_mean(model, source, 5, 4)
+    assert inf.selected.tolist() == want.tolist()
 
 
 def test_model_mode_is_restored_and_bad_arguments_fail():
     model, source = _model_and_source(*CASES[0], n=10)
     model.train()
-    infer_slide(model, source, memory_size=4, iter_size=3)
-    assert model.training
+    predictor = Predictor(model, Selector(4, 3))
+    predictor.infer(source)
+    predictor.predict(source)
+    assert model.training and all(m.training for m in model.modules())
     with pytest.raises(ValueError, match="unknown inference mode 'every'"):
-        infer_slide(model, source, memory_size=4, iter_size=3, modes=("every",))
+        predictor.infer(source, modes=("every",))
     empty = InMemoryPatchSource(torch.zeros(0, 3, 8, 8, dtype=torch.uint8), np.zeros((0, 2)))
     with pytest.raises(ValueError, match="empty bag"):
-        stream_slide(model, empty, chunk_size=4)
+        predictor.infer(empty)

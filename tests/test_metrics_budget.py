@@ -9,7 +9,8 @@ from ips.model.aggregator import sincos_encoding
 from ips.model.ips_model import build_model
 from ips.model.metrics import auroc, balanced_accuracy, evaluate_logits
 from ips.training.budget import GB, BudgetError, estimate_step_bytes, plan_micro_batch
-from ips.training.loop import epoch_order, warmup_cosine
+from ips.training.loop import epoch_order
+from ips.training.schedule import warmup_cosine
 
 
 def brute_auroc(scores, positive):

@@ -1,5 +1,5 @@
 """Novelty exploration: the streaming most-novel pool equals the global one; the novel explore slots come
-from it; the training loop passes it through; bad settings fail naming the key."""
+from it; training's exploration shows the rare patches; bad settings fail naming the key."""
 
 import numpy as np
 import pytest
@@ -8,26 +8,28 @@ from test_selection import make_case
 from train_fixtures import TINY, make_cross_slides, tiny_config
 
 from ips.algo.novelty import REFERENCE_PATCHES, NoveltyReference, reference_indices
-from ips.algo.selection import (
-    NOVEL_POOL_FACTOR,
-    Selection,
-    eval_mode,
-    explore_selection,
-    global_top_m,
-    novel_pool_size,
-    select,
-)
+from ips.algo.selection import Selection, eval_mode, global_top_m, select
 from ips.config import ModelConfig, SelectionConfig
 from ips.data.manifest import read_manifest
+from ips.data.open import make_source
 from ips.data.sources import InMemoryPatchSource, iter_chunks
 from ips.errors import ConfigError
+from ips.infer.engine import Selector
 from ips.model.ips_model import build_model
-from ips.runtime import DistInfo, Runtime
-from ips.training.loop import selected_batch
+from ips.runtime import Runtime
+from ips.training.explore import (
+    NOVEL_POOL_FACTOR,
+    NovelPool,
+    explore_selection,
+    explore_selections,
+    novel_pool_size,
+)
+
+CPU = Runtime(torch.device("cpu"))
 
 
 def global_novelty(model, source, seed: int) -> torch.Tensor:
-    """Novelty of every patch against the reference sample `select` draws with the same seed."""
+    """Novelty of every patch against the reference sample `NovelPool` draws with the same seed."""
     ref_idx = reference_indices(len(source), np.random.default_rng(seed))
     with eval_mode(model), torch.no_grad():
         ref = NoveltyReference.from_sample(model.embed_content(source.read(ref_idx)))
@@ -42,6 +44,7 @@ def test_streaming_novel_pool_equals_global_top(kind, seed):
     m, i, pool = int(rng.integers(1, 10)), int(rng.integers(1, 40)), int(rng.integers(1, 30))
     model, source = make_case(kind, n, seed)
     order = rng.permutation(n)
+    novel = NovelPool(model, source, pool, np.random.default_rng(seed), CPU)
     with eval_mode(model):
         plain = select(model, source, memory_size=m, iter_size=i)
         sel = select(
@@ -50,12 +53,15 @@ def test_streaming_novel_pool_equals_global_top(kind, seed):
             memory_size=m,
             iter_size=i,
             stream=lambda s, k: iter_chunks(s, k, order=order),
-            novel_pool=pool,
-            generator=np.random.default_rng(seed),
+            observe=novel,
         )
-    assert torch.equal(sel.novel, global_top_m(global_novelty(model, source, seed), pool)), (n, m, i, pool)
+    assert torch.equal(novel.indices, global_top_m(global_novelty(model, source, seed), pool)), (
+        n,
+        m,
+        i,
+        pool,
+    )
     assert torch.equal(sel.indices, plain.indices)  # the attention's top-M is untouched
-    assert plain.novel is None
 
 
 def test_the_odd_patch_out_is_most_novel():
@@ -66,11 +72,9 @@ def test_the_odd_patch_out_is_most_novel():
     feats = torch.randn(8, dtype=torch.float64) + 0.05 * torch.randn(61, 8, dtype=torch.float64)
     feats[37] += 3.0
     source = InMemoryPatchSource(feats, np.zeros((61, 2)))
-    with eval_mode(model):
-        sel = select(
-            model, source, memory_size=4, iter_size=16, novel_pool=5, generator=np.random.default_rng(1)
-        )
-    assert sel.novel[0].item() == 37
+    novel = NovelPool(model, source, 5, np.random.default_rng(1), CPU)
+    Selector(4, 16)(model, source, observe=novel)
+    assert novel.indices[0].item() == 37
 
 
 def test_reference_sample_and_scores():
@@ -88,14 +92,13 @@ def test_reference_sample_and_scores():
     assert s[3] == float("-inf")  # a NaN embedding is never chosen
 
 
-def fake_selection(source, selected, novel) -> Selection:
+def fake_selection(source, selected) -> Selection:
     idx = np.asarray(selected)
     return Selection(
         torch.from_numpy(idx),
         torch.arange(len(idx), 0, -1).double(),
         source.read(idx),
         torch.from_numpy(source.positions()[idx]),
-        torch.as_tensor(novel, dtype=torch.long),
     )
 
 
@@ -106,14 +109,15 @@ def test_novel_slots_come_from_the_most_novel_unselected(seed):
     selected = list(range(8))
     # novelty order: some selected patches first (skipped), then 90, 89, ...
     novel = [3, 90, 5, 89, 88, 1, 87, 86, 85, 84, 83, 82, 81, 80]
-    sel = fake_selection(source, selected, novel)
+    sel = fake_selection(source, selected)
     rng = np.random.default_rng(seed)
-    out = explore_selection(sel, source, fraction=0.25, generator=rng, novel_share=1.0)
+    novel_t = torch.as_tensor(novel, dtype=torch.long)
+    out = explore_selection(sel, source, fraction=0.25, generator=rng, novel=novel_t, novel_share=1.0)
     drawn = out.indices[6:].tolist()
     pool = [i for i in novel if i not in selected][: NOVEL_POOL_FACTOR * 2]
     assert out.indices[:6].tolist() == selected[:6] and len(set(drawn)) == 2 and set(drawn) <= set(pool)
     assert torch.equal(out.patches, source.read(out.indices.numpy()))
-    half = explore_selection(sel, source, fraction=0.25, generator=rng, novel_share=0.5)
+    half = explore_selection(sel, source, fraction=0.25, generator=rng, novel=novel_t, novel_share=0.5)
     drawn = half.indices[6:].tolist()
     assert len(set(drawn)) == 2 and not set(drawn) & set(selected[:6])
     assert len(set(drawn) & set(pool[:NOVEL_POOL_FACTOR])) >= 1
@@ -129,7 +133,7 @@ def test_novel_share_zero_draws_exactly_as_before():
         np.random.default_rng(3).choice(np.setdiff1d(np.arange(40), sel.indices), 2, replace=False)
     )
     assert torch.equal(a.indices, b.indices) and a.indices[6:].tolist() == expected.tolist()
-    with pytest.raises(ValueError, match="novel_pool"):
+    with pytest.raises(ValueError, match="NovelPool"):
         explore_selection(sel, source, fraction=0.25, generator=np.random.default_rng(3), novel_share=1.0)
 
 
@@ -152,10 +156,9 @@ def test_embed_is_content_plus_position():
 
 
 def test_training_exploration_shows_the_rare_patches(tmp_path):
-    """The loop's selections on the positive slides of `make_cross_slides(mark="cross", marks=3)` (three
+    """Training's selections (`explore_selections`) on the positive slides of `make_cross_slides(mark="cross", marks=3)` (three
     bright patches among 64), fresh BatchNorm model, M = 8 with two explore slots, four seeds. Measured:
     novel slots show a cross on 8/10/7/9 of 12 slides, uniform ones (top 6 included) on 5/10/1/0."""
-    rt = Runtime(torch.device("cpu"), None, DistInfo())
     shown = {0.0: [], 1.0: []}
     for seed in range(4):
         manifest = make_cross_slides(
@@ -168,7 +171,10 @@ def test_training_exploration_shows_the_rare_patches(tmp_path):
                 selection={"memory_size": 8, "iter_size": 16, "explore": 0.25, "explore_novel": share},
             )
             torch.manual_seed(seed)
-            batch = selected_batch(build_model(cfg.model), records, cfg, rt, explore_seed=(seed, 1))
-            brightest = batch.patches.flatten(2).amax(dim=2)  # (B, M): 250 only on a cross patch
-            shown[share].append(int((brightest == 250).any(dim=1).sum()))
+            model, sources = build_model(cfg.model), [make_source(r, cfg) for r in records]
+            selector = Selector.from_config(cfg.selection, CPU)
+            rng = np.random.default_rng([seed, 1])
+            selections = explore_selections(model, sources, selector, cfg.selection, rng)
+            brightest = [int(s.patches.max()) for s in selections]  # 250 only on a cross patch
+            shown[share].append(sum(b == 250 for b in brightest))
     assert min(shown[1.0]) >= 7 and sum(shown[1.0]) >= 1.5 * sum(shown[0.0]), shown

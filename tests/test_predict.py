@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 from inference_fixtures import BINARY, MULTICLASS, MULTILABEL, make_store, tiny_cfg, write_checkpoint
+from train_fixtures import make_cross_slides, tiny_config
 
 from ips.cli.main import main
-from ips.infer.predict import predict_records
-from ips.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
@@ -128,38 +127,35 @@ def test_stores_without_labels_and_split(setup, tmp_path):
     assert {r["slide_id"] for r in _read(out2 / "predictions.csv")} == {"s3"}
 
 
-def test_topm_equals_the_training_loops_prediction(setup, tmp_path):
-    """The CLI's default numbers are the ones validation reports during training (ips.train.predict_records)."""
+def test_validation_and_predict_give_identical_logits(tmp_path):
+    """Training's validation and `ips predict` go through one path: for the same checkpoint and slides,
+    the logits are equal bit for bit, and so are the metrics computed from them."""
     from ips.data.manifest import read_manifest
-    from ips.model.checkpoint import load_model
-    from ips.model.tasks import probabilities
+    from ips.infer.loop import load, predict_slides
+    from ips.training.loop import train
 
-    out = tmp_path / "p"
-    assert (
-        main(
-            [
-                "predict",
-                "--checkpoint",
-                str(setup["ckpt"]),
-                "--manifest",
-                str(setup["manifest"]),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
+    manifest = make_cross_slides(tmp_path / "data", n_train=4, n_val=4)
+    cfg = tiny_config(train={"epochs": 2}, selection={"explore": 0.25})
+    seen: dict[str, object] = {}
+
+    def capture(trainer, row):  # at the end of the last epoch: the weights last.pt holds
+        seen["logits"], seen["row"] = trainer.validation_logits(), dict(row)
+
+    train(
+        cfg,
+        manifest=manifest,
+        run_dir=tmp_path / "run",
+        show_progress=False,
+        log=lambda s: None,
+        epoch_hooks=[capture],
     )
-    by = {(r["slide_id"], r["task"]): r for r in _read(out / "predictions.csv")}
-    model, cfg = load_model(setup["ckpt"])
-    records = read_manifest(setup["manifest"], cfg.model.tasks, require_labels=False)
-    from ips.runtime import DistInfo
-
-    logits = predict_records(model, records, cfg, Runtime(torch.device("cpu"), None, DistInfo()))
-    task = cfg.model.tasks[1]
-    p = probabilities(task, logits["b"])
-    for i, r in enumerate(records):
-        got = [float(by[(r.slide_id, "b")][f"prob_{k}"]) for k in range(3)]
-        np.testing.assert_allclose(got, p[i].numpy(), rtol=1e-4, atol=1e-6)
+    val = read_manifest(manifest, cfg.model.tasks, "val")
+    report = predict_slides(load(tmp_path / "run" / "checkpoints" / "last.pt", "cpu"), val, tmp_path / "p")
+    assert not report.failures and [r.slide_id for r in val] == list(report.logits)
+    for i, r in enumerate(val):
+        assert torch.equal(report.logits[r.slide_id]["label"], seen["logits"]["label"][i])
+    assert report.metrics["loss"] == seen["row"]["val_loss"]
+    assert report.metrics["label/auroc"] == seen["row"]["val_label/auroc"]
 
 
 def test_a_failing_store_does_not_stop_the_others(setup, tmp_path, capsys):

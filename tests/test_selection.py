@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from ips.algo.selection import eval_mode, explore_selection, global_top_m, select
+from ips.algo.selection import eval_mode, global_top_m, select
 from ips.config import ModelConfig, TaskConfig
 from ips.data.sources import InMemoryPatchSource, iter_chunks
 from ips.model.ips_model import build_model
+from ips.training.explore import explore_selection
 
 TASKS = (TaskConfig(name="a", kind="binary"), TaskConfig(name="b", kind="multiclass", num_classes=3))
 

@@ -10,7 +10,7 @@ from train_fixtures import TINY, make_cross_slides, tiny_config
 
 import ips.data.open as open_mod
 from ips.data.manifest import SlideRecord, read_manifest
-from ips.data.open import SourceCache, make_source, reuse_sources
+from ips.data.open import SourceCache, SourceFactory, make_source
 from ips.data.zarr_source import ZarrPatchSource
 from ips.model.checkpoint import load_checkpoint
 from ips.training.loop import train
@@ -25,21 +25,19 @@ def _records(manifest: Path) -> list[SlideRecord]:
     return read_manifest(manifest, tiny_config().model.tasks)
 
 
-def test_reused_inside_the_block_only(slides):
+def test_a_reusing_factory_opens_each_store_once(slides):
     cfg = tiny_config()
     a, b = _records(slides)[:2]
-    assert make_source(a, cfg) is not make_source(a, cfg)
-    with reuse_sources() as cache:
-        first = make_source(a, cfg)
-        assert make_source(a, cfg) is first and make_source(b, cfg) is not first
-        with reuse_sources() as inner:  # a nested block shares the outer cache
-            assert inner is cache and make_source(a, cfg) is first
-        other_grid = tiny_config(data={"grid": "other"})
-        key_grid = open_mod._source_key(a, other_grid)
-        assert cache.get(key_grid) is None  # a different grid is a different source
-        assert len(cache) == 2
-    assert open_mod._active is None
-    assert make_source(a, cfg) is not first
+    plain = SourceFactory.from_config(cfg.data)
+    assert plain.cache is None and plain(a) is not plain(a)
+    assert make_source(a, cfg) is not make_source(a, cfg)  # one-off sources: never kept
+    reusing = SourceFactory.from_config(cfg.data, reuse=True)
+    first = reusing(a)
+    assert reusing(a) is first and reusing(b) is not first
+    assert len(reusing.cache) == 2
+    other_grid = SourceFactory.from_config(tiny_config(data={"grid": "other"}).data)
+    assert reusing.cache.get(other_grid.key(a)) is None  # a different grid is a different source
+    assert SourceFactory.from_config(cfg.data, reuse=True)(a) is not first  # one cache per factory
 
 
 def test_lru_bound_on_estimated_bytes(slides):
@@ -48,10 +46,10 @@ def test_lru_bound_on_estimated_bytes(slides):
     one = open_mod.SOURCE_BYTES + open_mod.PATCH_BYTES * len(make_source(records[0], cfg))
     cache = SourceCache(max_bytes=2 * one)
     for r in records[:4]:
-        cache.put(open_mod._source_key(r, cfg), make_source(r, cfg))
+        cache.put(SourceFactory.from_config(cfg.data).key(r), make_source(r, cfg))
         assert cache.bytes <= 2 * one
     assert len(cache) == 2
-    keys = [open_mod._source_key(r, cfg) for r in records[:4]]
+    keys = [SourceFactory.from_config(cfg.data).key(r) for r in records[:4]]
     assert cache.get(keys[0]) is None and cache.get(keys[1]) is None  # oldest dropped first
     assert cache.get(keys[2]) is not None and cache.get(keys[3]) is not None
     assert SourceCache(max_bytes=0).bytes == 0

@@ -6,7 +6,7 @@ from ips.algo.selection import Selection
 from ips.config import ModelConfig, TaskConfig
 from ips.model.ips_model import build_model
 from ips.model.tasks import label_tensor
-from ips.training.step import accumulate_gradients, instance_loss
+from ips.training.step import accumulate_gradients
 
 TASKS = (
     TaskConfig(name="bin", kind="binary"),
@@ -36,7 +36,7 @@ def make_batch(b=5, m=4, seed=0, dims=2, short_bag=True):
     return stack_selections(sels, targets, m)
 
 
-def grads_for(micro: int, dims: int = 2, instance_weight: float = 0.0):
+def grads_for(micro: int, dims: int = 2):
     torch.manual_seed(0)
     cfg = ModelConfig(
         encoder="ips_cnn_tiny", spatial_dims=dims, patch_size=8, d_model=24, n_heads=2, d_mlp=16, tasks=TASKS
@@ -44,17 +44,15 @@ def grads_for(micro: int, dims: int = 2, instance_weight: float = 0.0):
     model = build_model(cfg).double()
     batch = make_batch(dims=dims)
     batch.positions = batch.positions.double()
-    loss, logits = accumulate_gradients(
-        model, batch, TASKS, micro_batch_size=micro, instance_weight=instance_weight
-    )
+    loss, logits = accumulate_gradients(model, batch, TASKS, micro_batch_size=micro)
     return loss, logits, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("dims,instance_weight", [(2, 0.0), (3, 0.0), (2, 0.7)])
-def test_micro_batched_gradients_equal_full_batch(dims, instance_weight):
-    loss_full, logits_full, g_full = grads_for(5, dims, instance_weight)
+@pytest.mark.parametrize("dims", [2, 3])
+def test_micro_batched_gradients_equal_full_batch(dims):
+    loss_full, logits_full, g_full = grads_for(5, dims)
     for micro in (1, 2, 3):
-        loss, logits, g = grads_for(micro, dims, instance_weight)
+        loss, logits, g = grads_for(micro, dims)
         assert loss == pytest.approx(loss_full, rel=1e-10)
         for k in logits_full:
             torch.testing.assert_close(logits[k], logits_full[k])
@@ -88,27 +86,3 @@ def test_bad_micro_batch():
     cfg = ModelConfig(encoder="ips_cnn_tiny", patch_size=8, d_model=24, n_heads=2, d_mlp=16, tasks=TASKS)
     with pytest.raises(ValueError, match="micro_batch_size"):
         accumulate_gradients(build_model(cfg), make_batch(), TASKS, micro_batch_size=0)
-
-
-def test_instance_loss_is_bce_of_the_best_patch_per_binary_task():
-    """By hand: the binary task's head-mean logit of the best real patch, BCE against the slide label;
-    padding is never the best patch; multiclass and multilabel tasks add nothing."""
-    attn = torch.zeros(2, 3, 2, 3)  # (B, T, H, M)
-    attn[0, 0] = torch.tensor([[1.0, 3.0, 9.0], [3.0, 1.0, 9.0]])  # slide 0: patch 2 is padding
-    attn[1, 0] = torch.tensor([[-2.0, -1.0, 0.0], [-2.0, -3.0, -4.0]])
-    attn[:, 1:] = 50.0  # other tasks' queries: ignored
-    mask = torch.tensor([[True, True, False], [True, True, True]])
-    targets = {"bin": torch.tensor([1, 0]), "cls": torch.tensor([0, 1]), "ml": torch.zeros(2, 4)}
-    got = instance_loss(TASKS, attn, targets, mask)
-    best = torch.tensor([2.0, -2.0])  # slide 0: max(2, 2); slide 1: max(-2, -2, -2)
-    want = torch.nn.functional.binary_cross_entropy_with_logits(
-        best, torch.tensor([1.0, 0.0]), reduction="none"
-    )
-    torch.testing.assert_close(got, want)
-
-
-def test_instance_weight_zero_leaves_training_unchanged():
-    loss0, _, g0 = grads_for(2, 2, 0.0)
-    loss1, _, g1 = grads_for(2, 2, 0.5)
-    assert loss1 > loss0  # the instance loss is positive and counted
-    assert any(not torch.equal(g0[n], g1[n]) for n in g0)

@@ -3,8 +3,11 @@
 Memory: the buffer holds M patches (and, for the softmax score, M embeddings) plus one chunk of I:
 O(M + I), independent of N. The default `logit` score depends on each patch alone, so the result equals
 the global top-M over all N patches for any M, I and patch order (ties broken by lower patch index).
-Training exploration with novel slots (`novel_pool`) adds a reference sample of 32 patches, embedded
-before the pass and dropped, and P indices: O(M + max(I, 32) + P) (ips.algo.novelty).
+
+Callers go through one object: `ips.infer.engine.Selector` (built from `cfg.selection` and the runtime)
+for training, validation and prediction alike. An `observe` hook sees every chunk's embeddings during
+the pass (the attention of every patch for heatmaps, the novelty pool of training's exploration), so
+that nothing needs a second pass over the slide.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ips.algo.novelty import NoveltyReference, reference_indices
 from ips.data.sources import Chunk, PatchSource, iter_chunks
 
 StreamFn = Callable[[PatchSource, int], Iterator[Chunk]]
+# observe(indices (i,) int64, content (i, D) without position, embeddings (i, D) with position), per chunk
+ChunkObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @contextmanager
@@ -42,15 +46,13 @@ class Selection:
 
     indices `(m,)` int64 into the source; scores `(m,)` float (NaN where the N <= M shortcut skipped
     scoring); patches `(m, *patch_shape)` as read (uint8 stays uint8), on the host; positions `(m, d)`.
-    m = min(M, N). `novel` `(p,)` int64: when asked for (training exploration), the indices of the bag's
-    p most novel patches (`ips.algo.novelty`), most novel first, whether selected or not; else None.
+    m = min(M, N).
     """
 
     indices: torch.Tensor
     scores: torch.Tensor
     patches: torch.Tensor
     positions: torch.Tensor
-    novel: torch.Tensor | None = None
 
 
 def top_m(scores: torch.Tensor, indices: torch.Tensor, m: int) -> torch.Tensor:
@@ -78,16 +80,15 @@ def select(
     device: torch.device | str = "cpu",
     stream: StreamFn = iter_chunks,
     autocast_dtype: torch.dtype | None = None,
-    novel_pool: int = 0,
-    generator: np.random.Generator | None = None,
+    observe: ChunkObserver | None = None,
 ) -> Selection:
     """Select the `memory_size` most attended patches of `source`, streaming chunks of `iter_size`.
 
-    The model is used as it is: wrap the call in `eval_mode(model)` (the training loop does).
-    `stream(source, iter_size)` yields the chunks (`ips.streaming.stream_chunks` adds prefetching).
-    `novel_pool` > 0 (training exploration): also keep the indices of the `novel_pool` most novel patches
-    against a reference sample drawn with `generator` (one extra chunk of encoder work); the model then
-    needs `embed_content` and `add_position` (IPSModel has them).
+    The model is used as it is: wrap the call in `eval_mode(model)` (`ips.infer.engine.Selector` does).
+    `stream(source, iter_size)` yields the chunks (`ips.data.streaming.stream_chunks` adds prefetching).
+    `observe` (under the pass's autocast) gets every chunk's indices, content embeddings and embeddings;
+    the model then needs `embed_content` and `add_position` (IPSModel has them), and the pass runs even
+    when N <= M, so that the observer sees every patch.
     """
     if memory_size < 1 or iter_size < 1:
         raise ValueError(f"memory_size and iter_size must be >= 1, got {memory_size}, {iter_size}")
@@ -97,7 +98,7 @@ def select(
     if n == 0:
         raise ValueError("cannot select from an empty bag (the grid has no patches)")
     device = torch.device(device)
-    if n <= memory_size:  # nothing to choose: take every patch, skip the scoring pass
+    if n <= memory_size and observe is None:  # nothing to choose: take every patch, skip the scoring pass
         idx = np.arange(n, dtype=np.int64)
         return Selection(
             torch.from_numpy(idx),
@@ -112,17 +113,17 @@ def select(
     buf_pos: torch.Tensor | None = None
     buf_emb: torch.Tensor | None = None  # softmax_mean only
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    novel = _NovelBuffer(model, source, novel_pool, generator, device, autocast) if novel_pool > 0 else None
     for chunk in stream(source, iter_size):
         idx = torch.from_numpy(chunk.indices)
         with autocast:
             x, pos = chunk.patches.to(device, non_blocking=True), chunk.positions.to(device)
-            if novel is None:
+            if observe is None:
                 emb = model.embed(x, pos)  # (i, D)
             else:
-                content = model.embed_content(x)
-                novel.update(idx, content)
+                content = model.embed_content(x)  # (i, D)
                 emb = model.add_position(content, pos)
+                observe(idx, content, emb)
+                del content
         all_idx = torch.cat([buf_idx, idx])
         all_patches = chunk.patches if buf_patches is None else torch.cat([buf_patches, chunk.patches])
         all_pos = chunk.positions if buf_pos is None else torch.cat([buf_pos, chunk.positions])
@@ -143,83 +144,7 @@ def select(
         # drop references now, so that the next read does not overlap the previous chunk (O(M + I) peak)
         del emb, x, pos, all_patches, all_pos, chunk
     assert buf_patches is not None and buf_pos is not None
-    return Selection(buf_idx, buf_scores, buf_patches, buf_pos, None if novel is None else novel.indices)
-
-
-class _NovelBuffer:
-    """The `size` most novel patches seen so far (indices and scores), against a reference sample of the
-    bag embedded up front. Streaming top-`size` equals the global top-`size`: the score is per patch."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        source: PatchSource,
-        size: int,
-        generator: np.random.Generator | None,
-        device: torch.device,
-        autocast: torch.autocast,
-    ) -> None:
-        if generator is None:
-            raise ValueError("novel_pool needs a generator for the reference sample")
-        ref = reference_indices(len(source), generator)
-        with autocast:
-            sample = model.embed_content(source.read(ref).to(device))
-        self.reference = NoveltyReference.from_sample(sample)
-        self.size = size
-        self.indices = torch.empty(0, dtype=torch.long)
-        self.scores = torch.empty(0)
-
-    def update(self, idx: torch.Tensor, content: torch.Tensor) -> None:
-        all_idx = torch.cat([self.indices, idx])
-        all_scores = torch.cat([self.scores, self.reference.scores(content).cpu()])
-        keep = top_m(all_scores, all_idx, self.size)
-        self.indices, self.scores = all_idx[keep], all_scores[keep]
-
-
-NOVEL_POOL_FACTOR = 4  # a novel slot is drawn among the 4 x (novel slots) most novel unselected patches
-
-
-def novel_slots(memory_size: int, fraction: float, novel_share: float) -> int:
-    """How many of the M slots `explore_selection` fills from the most novel patches."""
-    return int(round(novel_share * int(round(fraction * memory_size))))
-
-
-def novel_pool_size(memory_size: int, fraction: float, novel_share: float) -> int:
-    """How many of the most novel patches `select(novel_pool=...)` must keep so that, the M selected
-    ones aside, `NOVEL_POOL_FACTOR` candidates per novel slot remain (0: no novelty needed)."""
-    k = novel_slots(memory_size, fraction, novel_share)
-    return memory_size + NOVEL_POOL_FACTOR * k if k > 0 else 0
-
-
-def explore_selection(
-    selection: Selection,
-    source: PatchSource,
-    *,
-    fraction: float,
-    generator: np.random.Generator,
-    novel_share: float = 0.0,
-) -> Selection:
-    """Replace the lowest-scoring `round(fraction * m)` selected patches with unselected ones (training-time
-    exploration; scores of drawn patches are NaN). A `novel_share` of those slots is drawn uniformly among
-    the `NOVEL_POOL_FACTOR` x as many most novel unselected patches (`selection.novel`, see
-    ips.algo.novelty), the rest uniformly from all unselected patches."""
-    m, n = selection.indices.numel(), len(source)
-    chosen = np.zeros(n, dtype=bool)
-    chosen[selection.indices.numpy()] = True
-    k = min(int(round(fraction * m)), n - int(chosen.sum()))
-    if k <= 0:
-        return selection
-    drawn = np.empty(0, dtype=np.int64)
-    k_novel = min(k, int(round(novel_share * k)))
-    if k_novel > 0:
-        if selection.novel is None:
-            raise ValueError("novel_share > 0 needs a selection made with novel_pool > 0")
-        novel = selection.novel.numpy()
-        candidates = novel[~chosen[novel]][: NOVEL_POOL_FACTOR * k_novel]
-        drawn = generator.choice(candidates, size=min(k_novel, len(candidates)), replace=False)
-        chosen[drawn] = True
-    rest = generator.choice(np.flatnonzero(~chosen), size=k - len(drawn), replace=False)
-    return _replace_lowest(selection, source, np.sort(np.concatenate([drawn, rest]).astype(np.int64)))
+    return Selection(buf_idx, buf_scores, buf_patches, buf_pos)
 
 
 def guide_selection(
@@ -246,10 +171,10 @@ def guide_selection(
     kept = Selection(
         selection.indices[keep], selection.scores[keep], selection.patches[keep], selection.positions[keep]
     )
-    return _replace_lowest(kept, source, drawn, replace=0)
+    return replace_lowest(kept, source, drawn, replace=0)
 
 
-def _replace_lowest(
+def replace_lowest(
     selection: Selection, source: PatchSource, drawn: np.ndarray, replace: int | None = None
 ) -> Selection:
     """`selection` without its last `replace` (default: len(drawn)) patches, then the `drawn` patches

@@ -72,11 +72,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from ips.bench.models import bench_config
     from ips.data.zarr_source import ZarrPatchSource
     from ips.model.ips_model import build_model
-    from ips.runtime import DistInfo, Runtime, resolve_device
+    from ips.runtime import Runtime
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device, key="--device")
+    rt = Runtime.create(args.device, key="--device")
+    device = rt.device
     cfg = bench_config(
         encoder=args.encoder,
         patch_size=args.patch_size,
@@ -88,10 +89,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     )
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    rt = Runtime(device, amp, DistInfo())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     labels = [i % 2 for i in range(args.B)]
     sources = [
@@ -144,7 +143,7 @@ def _one_step(
     through every patch, one slide at a time: the most memory-frugal naive way)."""
     from ips.algo.batch import stack_selections
     from ips.bench.naive import naive_step
-    from ips.infer.predict import select_slides
+    from ips.infer.engine import Selector
     from ips.model.tasks import label_tensor
     from ips.training.step import accumulate_gradients
 
@@ -152,7 +151,8 @@ def _one_step(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     if args.mode == "ips":
-        selections = select_slides(model, sources, cfg, rt)
+        selector = Selector.from_config(cfg.selection, rt)
+        selections = [selector(model, source) for source in sources]
         batch = stack_selections(
             selections, {task.name: label_tensor(task, labels)}, cfg.selection.memory_size
         )

@@ -2,7 +2,7 @@
 
 On the same N patches of one store, in one process, repeats interleaved:
 
-- selection: `ips.selection.select` as training runs it: `stream_chunks` (prefetching reads of the
+- selection: `ips.infer.engine.Selector` as training runs it: `stream_chunks` (prefetching reads of the
   store) + `model.embed` + scoring + the top-M buffer;
 - encoder only: `model.encoder(model.normalize(x))` over chunks of I of the same patches, held in
   memory (on the device) beforehand: the floor, ratio 1.0;
@@ -23,11 +23,11 @@ JSON (DESIGN.md contract): `{"device", "selection_seconds", "encoder_only_second
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,16 @@ import numpy as np
 import torch
 import zarr
 
-from ips.algo.selection import eval_mode, select
+from ips.algo.selection import eval_mode
 from ips.bench.common import describe_device, format_table, timed
 from ips.bench.models import bench_config
 from ips.bench.stores import bench_store
 from ips.data.sources import InMemoryPatchSource, iter_chunks
 from ips.data.streaming import stream_chunks
 from ips.data.zarr_source import ZarrPatchSource
+from ips.infer.engine import Selector
 from ips.model.ips_model import IPSModel, build_model
-from ips.runtime import resolve_device
+from ips.runtime import Runtime
 
 
 def _encoder_only(
@@ -101,8 +102,8 @@ def run_throughput(
         raise ValueError(f"codecs must be distinct and not empty, got {list(codecs)}")
     if threads:
         torch.set_num_threads(threads)
-    dev = resolve_device(device, key="--device")
-    amp = torch.bfloat16 if dev.type == "cuda" else None
+    rt = Runtime.create(device, key="--device")
+    dev = rt.device
     cfg = bench_config(
         encoder=encoder,
         patch_size=patch_size,
@@ -126,7 +127,7 @@ def run_throughput(
         model = build_model(cfg.model).to(dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        timing = _Timing(model, cfg, dev, amp, memory_size, iter_size, read_threads, prefetch)
+        timing = _Timing(model, cfg, Selector.from_config(cfg.selection, rt), read_threads)
         source = ZarrPatchSource(stores[codecs[0]], grid=cfg.data.grid, read_threads=read_threads)
         n = len(source)
         kinds = timing.memory_kinds(source)
@@ -171,32 +172,10 @@ class _Timing:
     (`memory_kinds`), and per store selection, the loader alone and one raw zarr read of the same pixels
     (`store_kinds`)."""
 
-    def __init__(
-        self,
-        model: IPSModel,
-        cfg: Any,
-        dev: torch.device,
-        amp: torch.dtype | None,
-        memory_size: int,
-        iter_size: int,
-        read_threads: int,
-        prefetch: int,
-    ) -> None:
-        self.model, self.cfg, self.dev, self.amp = model, cfg, dev, amp
-        self.memory_size, self.iter_size = memory_size, iter_size
-        self.read_threads, self.prefetch = read_threads, prefetch
-
-    def _select(self, source: Any, stream: Callable[..., Any]) -> Any:
-        with eval_mode(self.model):
-            return select(
-                self.model,
-                source,
-                memory_size=self.memory_size,
-                iter_size=self.iter_size,
-                device=self.dev,
-                stream=stream,
-                autocast_dtype=self.amp,
-            )
+    def __init__(self, model: IPSModel, cfg: Any, selector: Selector, read_threads: int) -> None:
+        self.model, self.cfg, self.selector = model, cfg, selector
+        self.dev, self.amp = selector.runtime.device, selector.runtime.autocast_dtype
+        self.iter_size, self.read_threads, self.prefetch = selector.iter_size, read_threads, selector.prefetch
 
     def memory_kinds(self, source: ZarrPatchSource) -> dict[str, Callable[[], Any]]:
         """Encoder only and selection on `source`'s patches held in memory (on the device)."""
@@ -207,9 +186,10 @@ class _Timing:
             with eval_mode(self.model):
                 _encoder_only(self.model, in_memory, self.iter_size, self.amp)
 
+        in_memory_selector = dataclasses.replace(self.selector, stream=iter_chunks)
         return {
             "encoder_only": encoder_only,
-            "selection_in_memory": lambda: self._select(memory_source, iter_chunks),
+            "selection_in_memory": lambda: in_memory_selector(self.model, memory_source),
         }
 
     def store_kinds(self, store: Path, patch_size: int) -> dict[str, Callable[[], Any]]:
@@ -221,10 +201,9 @@ class _Timing:
             slice(None),
             *(slice(int(lo), int(hi) + patch_size) for lo, hi in zip(coords.min(axis=0), coords.max(axis=0))),
         )
-        stream = partial(stream_chunks, prefetch=self.prefetch, pin_memory=self.dev.type == "cuda")
-        return {  # sources opened per pass, as training opens them
-            "selection": lambda: self._select(
-                ZarrPatchSource(store, grid=grid, read_threads=threads), stream
+        return {  # sources opened per pass, as a run without source reuse opens them
+            "selection": lambda: self.selector(
+                self.model, ZarrPatchSource(store, grid=grid, read_threads=threads)
             ),
             "loader": lambda: _load_only(
                 ZarrPatchSource(store, grid=grid, read_threads=threads), self.iter_size, self.prefetch

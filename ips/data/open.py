@@ -1,8 +1,8 @@
-"""Opening a slide's patch source from a manifest record, and checking it fits the model: the one place
-that decides between pixels and precomputed features.
+"""Opening a slide's patch source from a manifest record: the one place that decides between pixels and
+precomputed features (`SourceFactory`, built once from `cfg.data`).
 
-Within `reuse_sources()` (a training run), `make_source` hands back the source it already opened for the
-same store, so a store is opened once per run instead of once per epoch and pass: opening costs ~8 ms
+A factory built with `reuse=True` (a training run) hands back the source it already opened for the same
+store, so a store is opened once per run instead of once per epoch and pass: opening costs ~8 ms
 (metadata, grid coordinates), which on a small-slide cohort (Megapixel MNIST: 225 patches per canvas)
 is a large share of an epoch. The kept sources are bounded by an estimate of their host memory.
 """
@@ -10,14 +10,11 @@ is a large share of an epoch. The kept sources are bounded by an estimate of the
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from ips.config import ExperimentConfig
+from ips.config import DataConfig, DataMode, ExperimentConfig
 from ips.data.manifest import SlideRecord
 from ips.data.sources import PatchSource
 from ips.data.store import IpsStore
-from ips.errors import ConfigError
 
 # measured on Megapixel MNIST stores: ~50 KiB per opened and read source; coordinates 24 B per patch
 SOURCE_BYTES = 64 * 1024
@@ -55,70 +52,72 @@ class SourceCache:
             self.bytes -= dropped
 
 
-_active: SourceCache | None = None
+class SourceFactory:
+    """Opens the patch source of a manifest record: the pixels of `grid`, or the precomputed `features`
+    (`mode`), each store read with `read_threads`. `cache`: where opened sources are kept for reuse
+    (None: every call opens the store anew)."""
 
+    def __init__(
+        self,
+        *,
+        mode: DataMode = "pixels",
+        grid: str = "default",
+        features: str = "default",
+        read_threads: int = 4,
+        cache: SourceCache | None = None,
+    ) -> None:
+        self.mode = mode
+        self.grid = grid
+        self.feature_set = features
+        self.read_threads = read_threads
+        self.cache = cache
 
-@contextmanager
-def reuse_sources(max_bytes: int | None = None) -> Iterator[SourceCache]:
-    """Within the block, `make_source` reuses the sources it opened (one run: the stores do not change
-    under it); at most `max_bytes` (default `DEFAULT_CACHE_BYTES`) of them. Nested blocks share the
-    outer cache."""
-    global _active
-    if _active is not None:
-        yield _active
-        return
-    _active = SourceCache(DEFAULT_CACHE_BYTES if max_bytes is None else max_bytes)
-    try:
-        yield _active
-    finally:
-        _active = None
+    @classmethod
+    def from_config(
+        cls, data: DataConfig, *, reuse: bool = False, max_bytes: int | None = None
+    ) -> SourceFactory:
+        """From `cfg.data` (mode, grid, features, read_threads); `reuse`: keep opened sources (a run:
+        the stores do not change under it), at most `max_bytes` (default `DEFAULT_CACHE_BYTES`) of them."""
+        cache = SourceCache(DEFAULT_CACHE_BYTES if max_bytes is None else max_bytes) if reuse else None
+        return cls(
+            mode=data.mode,
+            grid=data.grid,
+            features=data.features,
+            read_threads=data.read_threads,
+            cache=cache,
+        )
 
+    @property
+    def features(self) -> bool:
+        """True when the sources are precomputed feature vectors, not pixels."""
+        return self.mode == "features"
 
-def _source_key(record: SlideRecord, cfg: ExperimentConfig) -> tuple:
-    data = cfg.data
-    return (
-        data.mode,
-        record.path,
-        data.features if data.mode == "features" else data.grid,
-        data.read_threads,
-    )
+    def key(self, record: SlideRecord) -> tuple:
+        """What identifies an opened source: mode, store, grid or feature set, read threads."""
+        return (self.mode, record.path, self.feature_set if self.features else self.grid, self.read_threads)
+
+    def __call__(self, record: SlideRecord) -> PatchSource:
+        """The patch source of one slide (the kept one, where the factory reuses sources)."""
+        from ips.data.zarr_source import FeatureSource, ZarrPatchSource
+
+        key = self.key(record)
+        source = self.cache.get(key) if self.cache is not None else None
+        if source is not None:
+            return source
+        if self.features:
+            source = FeatureSource(record.path, features=self.feature_set)
+        else:
+            source = ZarrPatchSource(record.path, grid=self.grid, read_threads=self.read_threads)
+        if self.cache is not None:
+            self.cache.put(key, source)
+        return source
+
+    def grid_of(self, store: IpsStore) -> str:
+        """The grid whose patches this factory's sources stand for (features: the grid they were
+        computed on)."""
+        return store.feature(self.feature_set).grid if self.features else self.grid
 
 
 def make_source(record: SlideRecord, cfg: ExperimentConfig) -> PatchSource:
-    """The patch source of one slide: pixels from its grid, or its precomputed features."""
-    from ips.data.zarr_source import FeatureSource, ZarrPatchSource
-
-    data = cfg.data
-    key = _source_key(record, cfg)
-    cache = _active
-    source = cache.get(key) if cache is not None else None
-    if source is not None:
-        return source
-    if data.mode == "features":
-        source = FeatureSource(record.path, features=data.features)
-    else:
-        source = ZarrPatchSource(record.path, grid=data.grid, read_threads=data.read_threads)
-    if cache is not None:
-        cache.put(key, source)
-    return source
-
-
-def check_source_fits_model(source: PatchSource, cfg: ExperimentConfig, where: str) -> None:
-    """A store whose patches the model cannot take: a clear error before any training."""
-    m = cfg.model
-    if cfg.data.mode == "features":
-        expected: tuple[int, ...] = (m.feature_dim or 0,)
-    else:
-        expected = (m.in_chans, *([m.patch_size] * m.spatial_dims))
-    if tuple(source.patch_shape) != expected:
-        raise ConfigError(
-            f"{where}: patches have shape {tuple(source.patch_shape)} but the model expects {expected} "
-            f"(model.in_chans, model.patch_size, model.spatial_dims{', model.feature_dim' if m.encoder == 'features' else ''})"
-        )
-    if len(source) == 0:
-        raise ConfigError(f"{where}: the grid has no patches (empty tissue mask?)")
-
-
-def source_grid(store: IpsStore, cfg: ExperimentConfig) -> str:
-    """The grid whose patches the source of `cfg` stands for (features: the grid they were computed on)."""
-    return store.feature(cfg.data.features).grid if cfg.data.mode == "features" else cfg.data.grid
+    """One slide's patch source as `cfg.data` says, opened anew (scripts; runs build a `SourceFactory`)."""
+    return SourceFactory.from_config(cfg.data)(record)

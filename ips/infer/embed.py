@@ -9,7 +9,6 @@ store's `ips.features` attribute (what `FeatureSource` reads) only once every ro
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from ips.data.streaming import stream_chunks
 from ips.data.zarr_source import ZarrPatchSource
 from ips.format import names as sf
 from ips.model.ips_model import normalize_pixels, pixel_stats
+from ips.runtime import Runtime, autocast_dtype_for
 
 PROGRESS_ATTR = "ips_progress"
 
@@ -65,7 +65,15 @@ def embed_store(
     in_chans = source.patch_shape[0]
     if mean is None or std is None:
         mean, std = pixel_stats(encoder, in_chans)
-    embed = _embedder(encoder, encoder_name, mean, std, in_chans, source.spatial_dims, device)
+    embed = _embedder(
+        encoder,
+        encoder_name=encoder_name,
+        mean=mean,
+        std=std,
+        in_chans=in_chans,
+        spatial_dims=source.spatial_dims,
+        device=device,
+    )
 
     was_training = encoder.training
     encoder.eval()
@@ -77,12 +85,12 @@ def embed_store(
             emb_array, done = _resume_or_create(
                 group,
                 f"{sf.FEATURES_GROUP}/{name}",
-                source.coords,
-                dim,
-                {"grid": grid, "encoder": encoder_name, "total": n, "dim": dim},
-                chunk_size,
-                dtype,
-                overwrite,
+                coords=source.coords,
+                dim=dim,
+                run={"grid": grid, "encoder": encoder_name, "total": n, "dim": dim},
+                chunk_size=chunk_size,
+                dtype=dtype,
+                overwrite=overwrite,
             )
             rows = emb_array.chunks[0]  # write whole zarr chunks, so a resumed run starts at a chunk boundary
             if done < n:
@@ -115,6 +123,7 @@ def _announce(group: zarr.Group, name: str, grid: str, encoder_name: str, dim: i
 
 def _embedder(
     encoder: nn.Module,
+    *,
     encoder_name: str,
     mean: Sequence[float],
     std: Sequence[float],
@@ -132,12 +141,7 @@ def _embedder(
         """`(n, C, *S)` uint8 on the host -> `(n, F)` float32 on the host."""
         x = patches.to(device, non_blocking=True)
         x = normalize_pixels(x, mean_t, std_t)
-        amp = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with amp:
+        with Runtime(device, autocast_dtype_for(device)).autocast():
             out = encoder(x)
         if out.ndim != 2:
             raise ValueError(f"encoder {encoder_name!r} returned shape {tuple(out.shape)}, expected (n, F)")
@@ -149,6 +153,7 @@ def _embedder(
 def _resume_or_create(
     group: zarr.Group,
     path: str,
+    *,
     coords: np.ndarray,
     dim: int,
     run: dict[str, Any],

@@ -12,8 +12,9 @@ Under `out_dir/` (the CLI makes it `DIR/<slide_id>/`):
   `slice_z.png`, `slice_y.png`, `slice_x.png`: orthogonal planes through the peak patch.
 - `top_patches.png`: the top-k patches by attention of each shown task, read through the source.
 
-Attention is exact over all N patches (`ips.infer.slide`); memory is one chunk of patches plus O(N)
-scalars plus thumbnail-sized images, whatever the slide's size.
+Attention is exact over all N patches, gathered by the selection pass itself (`Predictor.infer`,
+`ips.infer.slide`); memory is the top-M buffer and one chunk of patches plus O(N) scalars plus
+thumbnail-sized images, whatever the slide's size.
 """
 
 from __future__ import annotations
@@ -21,18 +22,17 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ips.config import ConfigError, ExperimentConfig, TaskConfig
+from ips.config import ConfigError, TaskConfig
 from ips.data.manifest import SlideRecord
-from ips.data.open import source_grid
+from ips.data.open import SourceFactory
 from ips.data.sources import PatchSource
 from ips.data.store import IpsStore, open_store
-from ips.data.streaming import stream_chunks
+from ips.infer.engine import Loaded
 from ips.infer.geojson import write_geojson
 from ips.infer.render import (
     max_over_axis,
@@ -43,8 +43,7 @@ from ips.infer.render import (
     thumbnail_level,
     to_rgb,
 )
-from ips.infer.slide import Mode, SlideInference, check_model_fits, infer_slide
-from ips.model.ips_model import IPSModel
+from ips.infer.slide import Mode, SlideInference
 from ips.model.tasks import probabilities
 
 SCORES = "scores.zarr"
@@ -62,6 +61,20 @@ class GridGeometry:
     level0: np.ndarray
     size0: np.ndarray
     stride0: np.ndarray
+
+
+@dataclass
+class Drawing:
+    """What every file of one slide is drawn from: its id, store and patch geometry, the inference pass,
+    the indices of the tasks shown, their panel titles, and the thumbnail size."""
+
+    slide_id: str
+    store: IpsStore
+    geom: GridGeometry
+    inf: SlideInference
+    show: Sequence[int]
+    titles: Sequence[str]
+    thumb_size: int
 
 
 @dataclass
@@ -91,9 +104,9 @@ def select_tasks(tasks: Sequence[TaskConfig], name: str | None) -> list[int]:
     return [names.index(name)]
 
 
-def grid_geometry(store: IpsStore, source: PatchSource, cfg: ExperimentConfig) -> GridGeometry:
+def grid_geometry(store: IpsStore, source: PatchSource, sources: SourceFactory) -> GridGeometry:
     """The patch geometry of the grid the source reads (features: the grid they were computed on)."""
-    grid = source_grid(store, cfg)
+    grid = sources.grid_of(store)
     info = store.grid(grid)
     coords = getattr(source, "coords", None)  # the source's copy: the store's is read only if it has none
     coords = np.asarray(store.coords(grid) if coords is None else coords, dtype=np.int64)
@@ -177,8 +190,8 @@ def _patch_images(patches: torch.Tensor) -> list[np.ndarray]:
     return [to_rgb(p) for p in x]
 
 
-def _pixel_source(source: PatchSource, store_path: str, cfg: ExperimentConfig, grid: str) -> PatchSource:
-    if cfg.data.mode != "features":
+def _pixel_source(source: PatchSource, store_path: str, features: bool, grid: str) -> PatchSource:
+    if not features:
         return source
     from ips.data.zarr_source import ZarrPatchSource
 
@@ -186,15 +199,10 @@ def _pixel_source(source: PatchSource, store_path: str, cfg: ExperimentConfig, g
 
 
 def write_gallery(
-    path: Path,
-    source: PatchSource,
-    inf: SlideInference,
-    show: Sequence[int],
-    tasks: Sequence[TaskConfig],
-    top_k: int,
-    slide_id: str,
+    path: Path, source: PatchSource, drawing: Drawing, tasks: Sequence[TaskConfig], top_k: int
 ) -> Path:
     """The top-k patches of each shown task (one row block per task), read by index (k patches)."""
+    inf, show, slide_id = drawing.inf, drawing.show, drawing.slide_id
     attention = inf.attention
     images: list[np.ndarray] = []
     captions: list[str] = []
@@ -210,18 +218,10 @@ def write_gallery(
     )
 
 
-def _overlay(
-    path: Path,
-    store: IpsStore,
-    geom: GridGeometry,
-    inf: SlideInference,
-    show: Sequence[int],
-    titles: Sequence[str],
-    slide_id: str,
-    thumb_size: int,
-) -> Path:
+def _overlay(path: Path, drawing: Drawing) -> Path:
     """heatmap.png: one panel per shown task over the thumbnail (3D: maximum over z on the projection)."""
-    base, level = read_thumbnail(store, thumb_size)
+    store, geom, inf, show = drawing.store, drawing.geom, drawing.inf, drawing.show
+    base, level = read_thumbnail(store, drawing.thumb_size)
     ds = store.level_downsample(level)[-2:]
     attention = inf.attention
     if geom.level0.shape[1] == 3:  # a volume seen from above: the maximum over z per (y, x)
@@ -237,8 +237,8 @@ def _overlay(
         path,
         base,
         heats,
-        titles,
-        suptitle=f"{slide_id} ({inf.n_patches} patches)",
+        drawing.titles,
+        suptitle=f"{drawing.slide_id} ({inf.n_patches} patches)",
         colorbar_label=label,
         aspect=_aspect(store, level, (-2, -1)),
     )
@@ -252,17 +252,12 @@ def _aspect(store: IpsStore, level: int, axes: tuple[int, int]) -> float:
     return float(size[axes[0]] / size[axes[1]])
 
 
-def _slices_3d(
-    out_dir: Path,
-    store: IpsStore,
-    geom: GridGeometry,
-    inf: SlideInference,
-    t: int,
-    title: str,
-    thumb_size: int,
-) -> list[Path]:
-    """Three orthogonal planes (of a low level) through the centre of the most attended patch."""
-    level = thumbnail_level(store, thumb_size)
+def _slices_3d(out_dir: Path, drawing: Drawing) -> list[Path]:
+    """Three orthogonal planes (of a low level) through the centre of the most attended patch of the
+    first shown task."""
+    store, geom, inf = drawing.store, drawing.geom, drawing.inf
+    t, title = drawing.show[0], drawing.titles[0]
+    level = thumbnail_level(store, drawing.thumb_size)
     array = store.level(level)
     ds = store.level_downsample(level)
     attention = inf.attention
@@ -300,9 +295,10 @@ def _slices_3d(
     return files
 
 
-def _nifti(path: Path, store: IpsStore, geom: GridGeometry, inf: SlideInference, show: Sequence[int]) -> Path:
+def _nifti(path: Path, drawing: Drawing) -> Path:
     from ips.infer.nifti import grid_volume, heatmap_affine, source_affine, write_nifti
 
+    store, geom, inf, show = drawing.store, drawing.geom, drawing.inf, drawing.show
     shape0 = tuple(int(s) for s in store.level(0).shape[1:])
     volume, origin = grid_volume(geom.level0, geom.stride0, inf.attention[:, list(show)], shape0)
     affine = heatmap_affine(source_affine(store), origin, geom.stride0, geom.size0)
@@ -316,9 +312,10 @@ def _nifti(path: Path, store: IpsStore, geom: GridGeometry, inf: SlideInference,
     )
 
 
-def _geojson(path: Path, geom: GridGeometry, inf: SlideInference, tasks: Sequence[TaskConfig]) -> Path:
+def _geojson(path: Path, drawing: Drawing, tasks: Sequence[TaskConfig]) -> Path:
     """QuPath detections: one polygon per patch with its attention and logit per task, and whether the
     top-M selection holds it."""
+    geom, inf = drawing.geom, drawing.inf
     measurements: dict[str, np.ndarray] = {}
     for t, spec in enumerate(tasks):
         measurements[f"{spec.name} attention"] = inf.attention[:, t]
@@ -330,43 +327,25 @@ def _geojson(path: Path, geom: GridGeometry, inf: SlideInference, tasks: Sequenc
 
 
 def write_slide_heatmaps(
-    model: IPSModel,
-    cfg: ExperimentConfig,
+    loaded: Loaded,
     record: SlideRecord,
     out_dir: str | Path,
     *,
     task: str | None = None,
     top_k: int = 16,
     mode: Mode = "topm",
-    device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
     thumb_size: int = 1024,
     checkpoint: str | None = None,
 ) -> HeatmapResult:
-    """Every heatmap file of one store (module docstring). Raises ConfigError / StoreError naming the store."""
-    from ips.data.open import make_source
-
-    show = select_tasks(cfg.model.tasks, task)
-    where = f"store {record.path}"
-    source = make_source(record, cfg)
-    check_model_fits(source, cfg, where)
+    """Every heatmap file of one store (module docstring), from one pass of the checkpoint's predictor.
+    Raises ConfigError / StoreError naming the store."""
+    tasks = loaded.cfg.model.tasks
+    show = select_tasks(tasks, task)
+    source = loaded.open(record)
     store = open_store(record.path)
-    geom = grid_geometry(store, source, cfg)
-    device = torch.device(device)
-    stream = partial(stream_chunks, prefetch=cfg.selection.prefetch, pin_memory=device.type == "cuda")
+    geom = grid_geometry(store, source, loaded.sources)
     modes: tuple[Mode, ...] = ("topm",) if mode == "topm" else ("topm", "all")  # top-M flags the GeoJSON
-    inf = infer_slide(
-        model,
-        source,
-        memory_size=cfg.selection.memory_size,
-        iter_size=cfg.selection.iter_size,
-        modes=modes,
-        score=cfg.selection.score,
-        device=device,
-        stream=stream,
-        autocast_dtype=autocast_dtype,
-    )
-    tasks = cfg.model.tasks
+    inf = loaded.predictor.infer(source, modes=modes)
     logits = inf.logits[mode]
     if store.spatial_dims == 3:  # a volume's thumbnail level is read whole (projection): keep it small
         thumb_size = min(thumb_size, VOLUME_THUMB_SIZE)
@@ -381,34 +360,31 @@ def write_slide_heatmaps(
         f" ({mode})"
         for t in show
     ]
-
-    result.files.append(
-        write_scores(
-            out / SCORES,
-            inf,
-            geom,
-            tasks,
-            {
-                "slide_id": record.slide_id,
-                "store": str(record.path),
-                "checkpoint": checkpoint,
-                "mode": mode,
-                "probabilities": result.probabilities,
-                "memory_size": cfg.selection.memory_size,
-            },
-        )
+    attrs = {
+        "slide_id": record.slide_id,
+        "store": str(record.path),
+        "checkpoint": checkpoint,
+        "mode": mode,
+        "probabilities": result.probabilities,
+        "memory_size": loaded.predictor.selector.memory_size,
+    }
+    result.files.append(write_scores(out / SCORES, inf, geom, tasks, attrs))
+    drawing = Drawing(
+        slide_id=record.slide_id,
+        store=store,
+        geom=geom,
+        inf=inf,
+        show=show,
+        titles=titles,
+        thumb_size=thumb_size,
     )
-    result.files.append(
-        _overlay(out / "heatmap.png", store, geom, inf, show, titles, record.slide_id, thumb_size)
-    )
+    result.files.append(_overlay(out / "heatmap.png", drawing))
     if store.spatial_dims == 2:
-        result.files.append(_geojson(out / "heatmap.geojson", geom, inf, tasks))
+        result.files.append(_geojson(out / "heatmap.geojson", drawing, tasks))
     else:
-        result.files.append(_nifti(out / "heatmap.nii.gz", store, geom, inf, show))
-        result.files += _slices_3d(out, store, geom, inf, show[0], titles[0], thumb_size)
+        result.files.append(_nifti(out / "heatmap.nii.gz", drawing))
+        result.files += _slices_3d(out, drawing)
     if top_k > 0:
-        pixels = _pixel_source(source, record.path, cfg, geom.grid)
-        result.files.append(
-            write_gallery(out / "top_patches.png", pixels, inf, show, tasks, top_k, record.slide_id)
-        )
+        pixels = _pixel_source(source, record.path, loaded.sources.features, geom.grid)
+        result.files.append(write_gallery(out / "top_patches.png", pixels, drawing, tasks, top_k))
     return result

@@ -1,59 +1,34 @@
 """The per-slide loops of `ips predict` and `ips heatmap`: one bad store never stops the others; each
-failure is kept with a one-line reason. The CLI only parses arguments and prints; `ips demo` calls these."""
+failure is kept with a one-line reason (`ips.errors.run_each`). The CLI only parses arguments and
+prints; `ips demo` calls these. Every prediction goes through the checkpoint's `Predictor`."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from ips.config import ExperimentConfig
 from ips.data.manifest import SlideRecord
-from ips.errors import ConfigError, IpsError
-from ips.model import IPSModel
+from ips.errors import ConfigError, Failure, run_each
+from ips.infer.engine import Loaded, load
 
-
-@dataclass
-class Loaded:
-    """A checkpoint's model on its device, in eval mode, with the config it was trained with."""
-
-    model: IPSModel
-    cfg: ExperimentConfig
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-
-
-@dataclass
-class Failure:
-    slide_id: str
-    path: str
-    reason: str
+__all__ = ["Loaded", "PredictReport", "heatmap_slides", "load", "predict_slides", "store_records"]
 
 
 @dataclass
 class PredictReport:
-    """What a prediction run produced: files written, metrics (when labels are known), failures."""
+    """What a prediction run produced: files written, metrics (when labels are known), the per-task
+    logits of each predicted slide `{slide_id: {task: (n_out,)}}`, failures."""
 
     predictions: Path
     metrics_file: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     n_done: int = 0
     failures: list[Failure] = field(default_factory=list)
-
-
-def load(checkpoint: str | Path, device_name: str) -> Loaded:
-    """The checkpoint's model on the chosen device; CheckpointError / ConfigError (exit 2) if unusable."""
-    from ips.model.checkpoint import load_model
-    from ips.runtime import resolve_device
-
-    device = resolve_device(device_name, key="--device")
-    model, cfg = load_model(checkpoint, device)
-    autocast = torch.bfloat16 if (cfg.train.amp and device.type == "cuda") else None
-    return Loaded(model, cfg, device, autocast)
+    logits: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def store_records(stores: Sequence[str]) -> list[SlideRecord]:
@@ -71,10 +46,18 @@ def store_records(stores: Sequence[str]) -> list[SlideRecord]:
     return records
 
 
-def one_line(e: BaseException) -> str:
-    """An exception as one line: its message (typed for unexpected kinds)."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    return text if isinstance(e, IpsError) else f"{type(e).__name__}: {text}"
+def _timed(log: Callable[[str], None] | None, n: int, work: Callable[[SlideRecord], tuple[int, str]]):
+    """`work(record)` -> (patches, suffix), each success logged as `[i/n] slide: N patches, s.s s suffix`."""
+    position = iter(range(1, n + 1))
+
+    def run(record: SlideRecord) -> int:
+        i, t0 = next(position), time.perf_counter()
+        n_patches, suffix = work(record)
+        if log:
+            log(f"[{i}/{n}] {record.slide_id}: {n_patches} patches, {time.perf_counter() - t0:.1f}s{suffix}")
+        return n_patches
+
+    return run
 
 
 def predict_slides(
@@ -86,69 +69,56 @@ def predict_slides(
     checkpoint: str = "",
     log: Callable[[str], None] | None = None,
 ) -> PredictReport:
-    """Predict every record; write `out/predictions.csv` and, with labels, `out/metrics.json`."""
-    from ips.data.open import make_source
-    from ips.data.streaming import stream_chunks
+    """Predict every record; write `out/predictions.csv` and, with labels, `out/metrics.json`.
+
+    `topm` (as trained): `Predictor.predict`, the numbers training's validation reports; `all`: from
+    every patch by the exact online softmax (`Predictor.infer`)."""
     from ips.infer.predictions import (
         labelled_metrics,
         prediction_rows,
         write_metrics_json,
         write_predictions_csv,
     )
-    from ips.infer.slide import check_model_fits, infer_slide
 
-    cfg, tasks = loaded.cfg, loaded.cfg.model.tasks
+    tasks = loaded.cfg.model.tasks
     out.mkdir(parents=True, exist_ok=True)
-    stream = partial(stream_chunks, prefetch=cfg.selection.prefetch, pin_memory=loaded.device.type == "cuda")
+    report = PredictReport(out / "predictions.csv")
+
+    def predict_one(record: SlideRecord) -> tuple[int, str]:
+        source = loaded.open(record)
+        if mode == "topm":
+            report.logits[record.slide_id] = loaded.predictor.predict(source)
+        else:
+            report.logits[record.slide_id] = loaded.predictor.infer(source, modes=(mode,)).logits[mode]
+        return len(source), ""
+
+    done, report.failures = run_each(
+        records,
+        _timed(log, len(records), predict_one),
+        name=lambda r: r.slide_id,
+        path=lambda r: r.path,
+        log=log,
+    )
     rows: list[dict[str, str]] = []
     logits: dict[str, list] = {t.name: [] for t in tasks}
     labels: dict[str, list] = {t.name: [] for t in tasks}
-    report = PredictReport(out / "predictions.csv")
-    for i, record in enumerate(records, 1):
-        t0 = time.perf_counter()
-        try:
-            source = make_source(record, cfg)
-            check_model_fits(source, cfg, f"store {record.path}")
-            inf = infer_slide(
-                loaded.model,
-                source,
-                memory_size=cfg.selection.memory_size,
-                iter_size=cfg.selection.iter_size,
-                modes=(mode,),
-                score=cfg.selection.score,
-                device=loaded.device,
-                stream=stream,
-                autocast_dtype=loaded.autocast_dtype,
-            )
-        except Exception as e:  # noqa: BLE001 - one bad store must not stop the others
-            report.failures.append(Failure(record.slide_id, record.path, one_line(e)))
-            if log:
-                log(f"[{i}/{len(records)}] {record.slide_id}: FAILED: {one_line(e)}")
-            continue
+    for record, _ in done:
         for task in tasks:
-            value = inf.logits[mode][task.name]
-            label = record.labels.get(task.name)
+            value, label = report.logits[record.slide_id][task.name], record.labels.get(task.name)
             rows.append(prediction_rows(task, record.slide_id, value, label))
             logits[task.name].append(value)
             labels[task.name].append(label)
-        if log:
-            log(
-                f"[{i}/{len(records)}] {record.slide_id}: {inf.n_patches} patches, {time.perf_counter() - t0:.1f}s"
-            )
     write_predictions_csv(report.predictions, tasks, rows)
-    report.n_done = len(records) - len(report.failures)
+    report.n_done = len(done)
     report.metrics = labelled_metrics(tasks, logits, labels)
     if report.metrics:
-        report.metrics_file = write_metrics_json(
-            out / "metrics.json",
-            report.metrics,
-            {
-                "mode": mode,
-                "checkpoint": checkpoint,
-                "n_slides": report.n_done,
-                "failed": [f.slide_id for f in report.failures],
-            },
-        )
+        extra = {
+            "mode": mode,
+            "checkpoint": checkpoint,
+            "n_slides": report.n_done,
+            "failed": [f.name for f in report.failures],
+        }
+        report.metrics_file = write_metrics_json(out / "metrics.json", report.metrics, extra)
     return report
 
 
@@ -168,31 +138,25 @@ def heatmap_slides(
     from ips.infer.heatmap import select_tasks, write_slide_heatmaps
 
     select_tasks(loaded.cfg.model.tasks, task)  # an unknown task is bad usage, before any work
-    failures: list[Failure] = []
-    for i, record in enumerate(records, 1):
-        t0 = time.perf_counter()
-        try:
-            result = write_slide_heatmaps(
-                loaded.model,
-                loaded.cfg,
-                record,
-                out / record.slide_id,
-                task=task,
-                top_k=top_k,
-                mode=mode,
-                device=loaded.device,
-                autocast_dtype=loaded.autocast_dtype,
-                thumb_size=thumb_size,
-                checkpoint=checkpoint,
-            )
-        except Exception as e:  # noqa: BLE001 - one bad store must not stop the others
-            failures.append(Failure(record.slide_id, record.path, one_line(e)))
-            if log:
-                log(f"[{i}/{len(records)}] {record.slide_id}: FAILED: {one_line(e)}")
-            continue
-        if log:
-            log(
-                f"[{i}/{len(records)}] {record.slide_id}: {result.n_patches} patches, "
-                f"{time.perf_counter() - t0:.1f}s -> {result.out_dir}"
-            )
+
+    def draw_one(record: SlideRecord) -> tuple[int, str]:
+        result = write_slide_heatmaps(
+            loaded,
+            record,
+            out / record.slide_id,
+            task=task,
+            top_k=top_k,
+            mode=mode,
+            thumb_size=thumb_size,
+            checkpoint=checkpoint,
+        )
+        return result.n_patches, f" -> {result.out_dir}"
+
+    _, failures = run_each(
+        records,
+        _timed(log, len(records), draw_one),
+        name=lambda r: r.slide_id,
+        path=lambda r: r.path,
+        log=log,
+    )
     return failures

@@ -153,6 +153,14 @@ def pixel_stats(encoder: nn.Module, in_chans: int) -> tuple[tuple[float, ...], t
     return (0.5,) * in_chans, (0.25,) * in_chans
 
 
+def expected_patch_shape(cfg: ModelConfig, *, features: bool = False) -> tuple[int, ...]:
+    """The shape of one input item the model takes: `(feature_dim,)` for precomputed features, else
+    `(in_chans, *[patch_size] * spatial_dims)`."""
+    if features:
+        return (cfg.feature_dim or 0,)
+    return (cfg.in_chans, *([cfg.patch_size] * cfg.spatial_dims))
+
+
 def build_model(cfg: ModelConfig) -> IPSModel:
     """The one builder from config (STYLE.md #2)."""
     encoder = build_encoder(

@@ -18,21 +18,6 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, target)
 
 
-def decorrelation(h: torch.Tensor) -> torch.Tensor:
-    """Mean squared off-diagonal correlation between the encoder's output dimensions over a batch `(n, D)`:
-    0 when every dimension carries its own information, near 1 when they all move together. Scalar.
-
-    Contrastive learning on a small encoder collapses its output into a few directions (effective rank
-    ~5 of 64 here, docs/BENCHMARKS.md), and fine-tuning from such an encoder stalled; this term (as in
-    VICReg and Barlow Twins, but on the representation that transfers) keeps the dimensions apart."""
-    h = h.float()
-    z = (h - h.mean(0)) / (h.std(0) + 1e-4)
-    corr = z.T @ z / (h.shape[0] - 1)  # (D, D)
-    d = corr.shape[0]
-    off = corr - torch.diag(torch.diagonal(corr))
-    return (off**2).sum() / (d * (d - 1))
-
-
 class SimCLRHead(nn.Module):
     """Projection MLP `(n, D) -> (n, P)` (the loss acts on it; the encoder's output is what transfers)."""
 

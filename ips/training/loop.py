@@ -1,18 +1,18 @@
 """The training loop: per batch of B slides, stream-select per slide, then train on the selections.
 
-The entry point owns device, dtype, autocast and seeds (STYLE.md #1); modules take explicit arguments.
-Every epoch's randomness derives from (seed, epoch) and the RNG states saved in the checkpoint, so a
-resumed run equals one that was never interrupted.
+`train` builds one `Trainer`, which holds the run's state (model, optimiser, schedule, runtime, inputs,
+progress), and runs `Trainer.fit`: read it top to bottom. The entry point owns device, dtype, autocast
+and seeds; the modules below take explicit arguments. Every epoch's randomness derives from
+(seed, epoch) and the RNG states saved in the checkpoint, so a resumed run equals one that was never
+interrupted.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +21,418 @@ import torch
 from torch import nn
 
 from ips.algo.batch import SelectedBatch, stack_selections
-from ips.algo.selection import eval_mode, explore_selection, guide_selection, novel_pool_size, select
-from ips.config import ConfigError, ExperimentConfig, save_config
-from ips.data.annotations import PatchLabels, patch_labels
-from ips.data.manifest import SlideRecord, read_manifest
-from ips.data.open import check_source_fits_model, make_source, reuse_sources, source_grid
+from ips.algo.selection import guide_selection
+from ips.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig, save_config
+from ips.data.manifest import SlideRecord
+from ips.data.open import SourceFactory
 from ips.data.sources import PatchSource
-from ips.data.store import open_store
-from ips.infer.predict import predict_records, select_slides
+from ips.infer.engine import Predictor, Selector
 from ips.model.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from ips.model.ips_model import IPSModel, build_model, unit_pixels
 from ips.model.metrics import evaluate_logits
-from ips.model.tasks import label_tensor
-from ips.runtime import DistInfo, Runtime, resolve_device, seed_everything
+from ips.model.tasks import total_loss
+from ips.runtime import DistInfo, Runtime, seed_everything
 from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from ips.training.budget import GB, BudgetPlan, estimate_step_bytes, plan_micro_batch
 from ips.training.distributed import barrier, broadcast_flag, shard
+from ips.training.explore import explore_selections
+from ips.training.inputs import Inputs, load_inputs, targets_for
 from ips.training.rundir import RunLock, check_fresh, check_resumable, check_same_data
-from ips.training.runlog import MetricsLog
+from ips.training.runlog import MetricsLog, progress_bar
+from ips.training.schedule import warmup_cosine_schedule
 from ips.training.step import accumulate_gradients
 
+__all__ = ["EpochHook", "Progress", "TrainResult", "Trainer", "plan_budget", "targets_for", "train"]
 
-def targets_for(records: Sequence[SlideRecord], cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
-    return {t.name: label_tensor(t, [r.labels[t.name] for r in records]) for t in cfg.model.tasks}
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the per-epoch metric rows, the best monitored value, where the run is, and
+    why it stopped before `train.epochs` (None: it did not, or it was interrupted)."""
+
+    run_dir: Path
+    history: list[dict[str, Any]]
+    best: float | None
+    monitor: str
+    micro_batch_size: int
+    stop_reason: str | None = None
+
+
+@dataclass
+class Progress:
+    """What carries from epoch to epoch (and across a resume): the last finished epoch, the best
+    monitored value, the epochs since it improved, and why the run stops early (None: it goes on)."""
+
+    epoch: int = 0
+    best: float | None = None
+    bad_epochs: int = 0
+    stop_reason: str | None = None
+
+
+# Called on rank 0 at the end of every epoch, once the epoch's row (train and val metrics) is logged and
+# its checkpoints are written: a returned text stops the run like early stopping and becomes
+# `TrainResult.stop_reason`; None lets it go on.
+EpochHook = Callable[["Trainer", dict[str, Any]], "str | None"]
+
+
+def train(
+    cfg: ExperimentConfig,
+    *,
+    manifest: str | Path,
+    run_dir: str | Path,
+    dist_info: DistInfo | None = None,
+    resume: bool = True,
+    show_progress: bool = True,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = print,
+    epoch_hooks: Sequence[EpochHook] = (),
+) -> TrainResult:
+    """Train per `cfg` on the slides of `manifest`; write checkpoints, metrics and curves to `run_dir`.
+
+    Everything that can be wrong (the manifest, the stores, the run directory, a resume's config) is
+    checked before anything is written. Rank 0 holds a lock on `run_dir` for the whole run.
+    `stop_after_epochs` ends the run early as if interrupted (tests of resume). `epoch_hooks`: checks
+    run at the end of every epoch (`EpochHook`).
+    """
+    dist_info = dist_info or DistInfo()
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} exists and is not a directory")
+    lock = RunLock(run_dir).acquire() if dist_info.is_main else None
+    runtime = make_runtime(cfg.train, dist_info)
+    try:
+        trainer = Trainer.create(
+            cfg, manifest=manifest, run_dir=run_dir, runtime=runtime, resume=resume, log=log
+        )
+        trainer.epoch_hooks.extend(epoch_hooks)
+        return trainer.fit(stop_after_epochs=stop_after_epochs, show_progress=show_progress)
+    finally:
+        if runtime.device.type == "cuda" and cfg.train.vram_budget_gb is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, runtime.device)  # leave the process as it was
+        if lock is not None:
+            lock.release()
+
+
+def make_runtime(train_cfg: TrainConfig, dist_info: DistInfo) -> Runtime:
+    """The runtime of `cfg.train` (this rank's GPU under torchrun); checks the batch splits over the ranks."""
+    if train_cfg.batch_size % dist_info.world_size:
+        raise ConfigError(
+            f"train.batch_size ({train_cfg.batch_size}) must be divisible by the number of "
+            f"processes ({dist_info.world_size})"
+        )
+    return Runtime.from_config(train_cfg, dist_info)
+
+
+class Trainer:
+    """One training run's state in one place: the config, runtime and run directory; the inputs and
+    their source factory; the model (and its DDP wrapper `net`), optimiser and schedule; the selector
+    and the predictor validation uses; the micro-batch size, the BatchNorm calibration slides; the
+    progress and the metrics log; the epoch-end hooks. Build it with `Trainer.create`."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        run_dir: Path,
+        runtime: Runtime,
+        inputs: Inputs,
+        sources: SourceFactory,
+        model: IPSModel,
+        micro_batch_size: int,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.cfg, self.run_dir, self.runtime, self.log = cfg, run_dir, runtime, log
+        self.inputs, self.sources = inputs, sources
+        self.model = model
+        self.net: nn.Module = model
+        if runtime.dist.enabled:
+            device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.optimizer, self.scheduler = make_optimizer(
+            model, cfg.train, len(inputs.train), runtime.dist.world_size
+        )
+        self.selector = Selector.from_config(cfg.selection, runtime)
+        self.predictor = Predictor(model, self.selector)
+        self.micro_batch_size = micro_batch_size
+        self.calibration = calibration_chunks(model, inputs.train, cfg.train, micro_batch_size)
+        self.progress = Progress()
+        self.metrics_log: MetricsLog | None = None
+        self.epoch_hooks: list[EpochHook] = []
+
+    @classmethod
+    def create(
+        cls,
+        cfg: ExperimentConfig,
+        *,
+        manifest: str | Path,
+        run_dir: Path,
+        runtime: Runtime,
+        resume: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> Trainer:
+        """Check the inputs and the run directory, build the model (seeded), choose the micro-batch,
+        then (rank 0) write the config and open the metrics log; resume from `last.pt` where it exists."""
+        sources = SourceFactory.from_config(cfg.data, reuse=True)  # each store opened once per run
+        inputs = load_inputs(cfg, manifest, sources=sources, is_main=runtime.dist.is_main, log=log)
+        saved = _checked_run_dir(cfg, run_dir, resume, runtime, log)
+        check_same_data(
+            run_dir,
+            [*inputs.train, *inputs.val],
+            cfg.data,
+            resuming=saved is not None,
+            write=runtime.dist.is_main,
+        )
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model).to(runtime.device)
+        if runtime.device.type == "cuda" and cfg.train.channels_last and cfg.model.spatial_dims == 2:
+            model = model.to(memory_format=torch.channels_last)
+        first = inputs.train[0]
+        micro = choose_micro_batch(model, sources(first), first, cfg, runtime, log)
+        trainer = cls(
+            cfg,
+            run_dir=run_dir,
+            runtime=runtime,
+            inputs=inputs,
+            sources=sources,
+            model=model,
+            micro_batch_size=micro,
+            log=log,
+        )
+        if runtime.dist.is_main:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")  # only now: every check has passed
+            trainer.metrics_log = MetricsLog(run_dir)
+        if saved is not None:
+            trainer.restore(saved)
+            log(f"resumed from {run_dir / 'checkpoints' / 'last.pt'} after epoch {trainer.progress.epoch}")
+        return trainer
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def fit(self, *, stop_after_epochs: int | None = None, show_progress: bool = True) -> TrainResult:
+        """Per epoch: train on every training slide, recalibrate BatchNorm where asked, then (rank 0)
+        `end_epoch`: validate, checkpoint, log, and decide whether to stop."""
+        rt = self.runtime
+        for epoch in range(self.progress.epoch + 1, self.cfg.train.epochs + 1):
+            t0 = time.perf_counter()
+            row = self.train_epoch(epoch, show_progress=show_progress)
+            if self.calibration:
+                # on every rank, on the same slides: selection on each rank uses its own running statistics
+                self.recalibrate()
+            stop = self.end_epoch(row, t0) if rt.dist.is_main else False
+            stop = broadcast_flag(stop, rt.dist, rt.device)
+            barrier(rt.dist)
+            if stop or (stop_after_epochs is not None and epoch >= stop_after_epochs):
+                break
+        history: list[dict[str, Any]] = []
+        if self.metrics_log is not None:
+            self.metrics_log.plot()
+            history = self.metrics_log.rows
+        p = self.progress
+        return TrainResult(
+            self.run_dir, history, p.best, self.inputs.monitor, self.micro_batch_size, p.stop_reason
+        )
+
+    def train_epoch(self, epoch: int, *, show_progress: bool = False) -> dict[str, Any]:
+        """One pass over the training slides: per global batch, select on this rank's slides, then step.
+        Returns the epoch's row: train loss, learning rate and train metrics."""
+        cfg, rt, records = self.cfg, self.runtime, self.inputs.train
+        order = epoch_order(len(records), cfg.train.seed, epoch, rt.dist.world_size)
+        transform = make_augment(
+            cfg.data, torch.Generator(device=rt.device).manual_seed(cfg.train.seed * 1000 + epoch)
+        )
+        logits: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
+        targets: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
+        loss_sum, n_seen = 0.0, 0
+        batches = [order[i : i + cfg.train.batch_size] for i in range(0, len(order), cfg.train.batch_size)]
+        bar = progress_bar(
+            len(batches), f"epoch {epoch}/{cfg.train.epochs}", show_progress and rt.dist.is_main
+        )
+        for global_batch in batches:
+            mine = [records[i] for i in shard(global_batch, rt.dist)]
+            batch = self.selected_batch(mine, [cfg.train.seed, epoch, *global_batch, rt.dist.rank])
+            frozen = epoch <= cfg.train.freeze_encoder_epochs
+            loss, batch_logits = self.step(batch, len(global_batch), frozen=frozen, transform=transform)
+            loss_sum += loss * len(mine)
+            n_seen += len(mine)
+            for name in logits:
+                logits[name].append(batch_logits[name])
+                targets[name].append(batch.targets[name])
+            if bar is not None:
+                postfix = {"loss": f"{loss:.3f}", "lr": f"{self.scheduler.get_last_lr()[-1]:.2e}"}
+                if rt.device.type == "cuda":
+                    postfix["mem"] = f"{torch.cuda.max_memory_allocated(rt.device) / GB:.2f}G"
+                bar.set_postfix(postfix)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(1, n_seen),
+            "lr": self.scheduler.get_last_lr()[-1],
+        }
+        metrics = evaluate_logits(
+            cfg.model.tasks,
+            {k: torch.cat(v) for k, v in logits.items()},
+            {k: torch.cat(v).cpu() for k, v in targets.items()},
+        )
+        row.update({f"train_{k}": v for k, v in metrics.items() if k != "loss"})
+        return row
+
+    def selected_batch(self, records: Sequence[SlideRecord], seed: Sequence[int]) -> SelectedBatch:
+        """The slides' training selections (`explore_selections`) and, on annotated slides,
+        `train.annotation_slots` annotated ones; stacked with their targets (and patch targets). All
+        draws come from one generator seeded with `seed`."""
+        cfg = self.cfg
+        sources = [self.sources(r) for r in records]
+        rng = np.random.default_rng(list(seed))
+        selections = explore_selections(self.model, sources, self.selector, cfg.selection, rng)
+        patch_targets: list[np.ndarray | None] = [None] * len(records)
+        for i, r in enumerate(records):
+            labels = self.inputs.annotations.get(r.slide_id)
+            if labels is None:
+                continue
+            if cfg.train.annotation_slots > 0:
+                selections[i] = guide_selection(
+                    selections[i],
+                    sources[i],
+                    candidates=labels.positives(),
+                    fraction=cfg.train.annotation_slots,
+                    generator=rng,
+                )
+            patch_targets[i] = labels.of(selections[i].indices.numpy())
+        targets = targets_for(records, cfg.model.tasks)
+        return stack_selections(selections, targets, cfg.selection.memory_size, patch_targets)
+
+    def step(
+        self,
+        batch: SelectedBatch,
+        global_batch_size: int,
+        *,
+        frozen: bool = False,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[float, dict[str, torch.Tensor]]:
+        """One optimiser step on this rank's share of a global batch (micro-batched, exact); the encoder
+        without updates when `frozen`. Returns the mean loss and the logits (`accumulate_gradients`)."""
+        model, rt, train_cfg = self.model, self.runtime, self.cfg.train
+        model.train()
+        set_encoder_frozen(model, frozen, toggle_grad=not rt.dist.enabled)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logits = accumulate_gradients(
+            self.net,
+            batch,
+            self.cfg.model.tasks,
+            micro_batch_size=self.micro_batch_size,
+            device=rt.device,
+            autocast_dtype=rt.autocast_dtype,
+            no_sync=rt.dist.enabled,
+            transform=transform,
+            normalizer=global_batch_size / rt.dist.world_size,
+            annotation_weight=train_cfg.annotation_weight,
+        )
+        if frozen:  # under DDP the encoder still gets gradients (all ranks must reduce the same set)
+            for p in model.encoder.parameters():
+                p.grad = None
+        if train_cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss, logits
+
+    def recalibrate(self) -> None:
+        """Re-estimate BatchNorm statistics (`ips.training.batchnorm`) over the top-M selections of the
+        calibration slides, one forward per chunk (a chunk: the slides of one training micro-batch)."""
+        m = self.cfg.selection.memory_size
+        batches = (
+            stack_selections([self.selector(self.model, self.sources(r)) for r in chunk], {}, m)
+            for chunk in self.calibration
+        )
+        recalibrate_batchnorm(
+            self.model, batches, device=self.runtime.device, autocast_dtype=self.runtime.autocast_dtype
+        )
+
+    # --- the end of an epoch (rank 0) ---------------------------------------------------------------
+
+    def end_epoch(self, row: dict[str, Any], t0: float) -> bool:
+        """The one place an epoch ends (rank 0): validate, checkpoint, log, then the checks that may stop
+        the run (`epoch_hooks`, then early stopping). True: stop; `progress.stop_reason` says why."""
+        rt, p, monitor = self.runtime, self.progress, self.inputs.monitor
+        if self.inputs.val:
+            row.update({f"val_{k}": v for k, v in self.validate().items()})
+        row["seconds"] = time.perf_counter() - t0
+        if rt.device.type == "cuda":
+            row["peak_device_gb"] = torch.cuda.max_memory_allocated(rt.device) / GB
+        improved = _monitor_better(monitor, row[monitor], p.best)
+        if improved:
+            p.best, p.bad_epochs = row[monitor], 0
+        else:
+            p.bad_epochs += 1
+        p.epoch = row["epoch"]
+        self.save_checkpoints(row, improved)
+        if self.metrics_log is not None:
+            self.metrics_log.append(row)
+        self.log(_summary(row, self.cfg))
+        for hook in self.epoch_hooks:
+            p.stop_reason = hook(self, row)
+            if p.stop_reason is not None:
+                self.log(f"stopping: {p.stop_reason}")
+                return True
+        patience = self.cfg.train.early_stopping_patience
+        if patience is not None and p.bad_epochs >= patience:
+            p.stop_reason = f"early stopping: {monitor} did not improve for {patience} epochs"
+            self.log(p.stop_reason)
+            return True
+        return False
+
+    def validate(self) -> dict[str, float]:
+        """The metrics of the val slides' top-M predictions (`validation_logits`)."""
+        tasks = self.cfg.model.tasks
+        return evaluate_logits(tasks, self.validation_logits(), targets_for(self.inputs.val, tasks))
+
+    def validation_logits(self) -> dict[str, torch.Tensor]:
+        """Per-task logits `{task: (S, n_out)}` of the val slides, from the `Predictor`: the numbers
+        `ips predict` gives for the same checkpoint and slides."""
+        return self.predictor.predict_sources(self.sources(r) for r in self.inputs.val)
+
+    def save_checkpoints(self, row: dict[str, Any], improved: bool) -> None:
+        """`last.pt` (resumable: optimiser, schedule, RNG, progress) and, when the monitored metric
+        improved, `best.pt`."""
+        p, cfg = self.progress, self.cfg
+        extra = {"best": p.best, "bad_epochs": p.bad_epochs, "monitor": self.inputs.monitor}
+        checkpoints = self.run_dir / "checkpoints"
+        save_checkpoint(
+            checkpoints / "last.pt",
+            model=self.model,
+            config=cfg,
+            epoch=row["epoch"],
+            metrics=row,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra=extra,
+        )
+        if improved:
+            save_checkpoint(
+                checkpoints / "best.pt",
+                model=self.model,
+                config=cfg,
+                epoch=row["epoch"],
+                metrics=row,
+                extra=extra,
+            )
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a `last.pt` payload: weights, optimiser, schedule, RNG, progress, metrics rows."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])  # its length comes from this run's train.epochs
+        set_rng_state(state["rng"])
+        extra = state["extra"]
+        self.progress = Progress(state["epoch"], extra.get("best"), extra.get("bad_epochs", 0))
+        if self.metrics_log is not None:
+            self.metrics_log.truncate(self.progress.epoch)
+
+
+# --- what the trainer is built from -------------------------------------------------------------------
 
 
 def epoch_order(n: int, seed: int, epoch: int, world_size: int = 1) -> list[int]:
@@ -55,12 +444,99 @@ def epoch_order(n: int, seed: int, epoch: int, world_size: int = 1) -> list[int]
     return order
 
 
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def param_groups(model: IPSModel, *, lr: float, encoder_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: the encoder at `lr * encoder_lr_scale` (a pretrained encoder fine-tunes slower),
+    the rest (projection, aggregator, heads) at `lr`. The schedule scales both alike."""
+    enc = list(model.encoder.parameters())
+    ids = {id(p) for p in enc}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [
+        {"params": enc, "lr": lr * encoder_lr_scale, "name": "encoder"},
+        {"params": rest, "lr": lr, "name": "head"},
+    ]
+
+
+def make_optimizer(
+    model: IPSModel, train_cfg: TrainConfig, n_train: int, world_size: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with linear warm-up and cosine decay over `train.epochs` (one step per global batch)."""
+    groups = param_groups(model, lr=train_cfg.lr, encoder_lr_scale=train_cfg.encoder_lr_scale)
+    optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
+    padded_n = len(epoch_order(n_train, train_cfg.seed, 0, world_size))
+    steps_per_epoch = math.ceil(padded_n / train_cfg.batch_size)
+    warmup = int(round(train_cfg.warmup_epochs * steps_per_epoch))
+    scheduler = warmup_cosine_schedule(
+        optimizer, warmup_steps=warmup, total_steps=steps_per_epoch * train_cfg.epochs
+    )
+    return optimizer, scheduler
+
+
+def make_augment(
+    data: DataConfig, generator: torch.Generator
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Training-time augmentation of `(b, M, C, *S)` uint8 patches on the device -> float in [0, 1]."""
+    if not data.augment or data.mode == "features":
+        return None
+    from ips.data.augment import PatchAugment
+
+    augment = PatchAugment.from_config(data)
+
+    def transform(patches: torch.Tensor) -> torch.Tensor:
+        flat = patches.flatten(0, 1)
+        return augment(unit_pixels(flat), generator).unflatten(0, patches.shape[:2])
+
+    return transform
+
+
+def set_encoder_frozen(model: IPSModel, frozen: bool, *, toggle_grad: bool = True) -> None:
+    """Warm-up stage (`train.freeze_encoder_epochs`): the encoder in eval mode (BatchNorm statistics fixed)
+    and, where `toggle_grad`, without gradients (no backward through it); the reverse when not `frozen`.
+    Call after `model.train()`."""
+    if frozen:
+        model.encoder.eval()
+    if toggle_grad:
+        for p in model.encoder.parameters():
+            p.requires_grad_(not frozen)
+
+
+def calibration_chunks(
+    model: IPSModel, train_records: Sequence[SlideRecord], train_cfg: TrainConfig, micro: int
+) -> list[list[SlideRecord]]:
+    """The BatchNorm recalibration set: fixed for the run, in micro-batches as training normalises them."""
+    n = train_cfg.bn_recalibration_slides if batchnorm_layers(model) else 0
+    pick = np.sort(np.random.default_rng(train_cfg.seed).permutation(len(train_records))[:n])
+    return [[train_records[i] for i in pick[j : j + micro]] for j in range(0, len(pick), micro)]
+
+
+def choose_micro_batch(
+    model: IPSModel,
+    source: PatchSource,
+    record: SlideRecord,
+    cfg: ExperimentConfig,
+    rt: Runtime,
+    log: Callable[[str], None],
+) -> int:
+    """Slides per forward on this rank: `train.micro_batch_size`, else the budget planner's (measured on
+    `record`'s `source`), else all."""
+    local_batch = cfg.train.batch_size // rt.dist.world_size
+    micro = cfg.train.micro_batch_size or local_batch
+    if cfg.train.vram_budget_gb is not None:
+        plan = plan_budget(model, source, record, cfg, rt)
+        if cfg.train.micro_batch_size is None:
+            micro = plan.micro_batch_size
+        log(plan.describe() + ("" if plan.measured else " (no CUDA: an estimate, not enforced)"))
+        if rt.device.type == "cuda":
+            total = torch.cuda.get_device_properties(rt.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, cfg.train.vram_budget_gb * GB / total), rt.device
+            )
+    micro = min(micro, local_batch)
+    if micro < local_batch and batchnorm_layers(model):
+        log(
+            f"note: the encoder has BatchNorm and micro-batches hold {micro} slides: it normalises over each "
+            "micro-batch's patches, so gradients are close to, not equal to, full-batch ones"
+        )
+    return micro
 
 
 def plan_budget(
@@ -68,15 +544,14 @@ def plan_budget(
 ) -> BudgetPlan:
     """Measure (CUDA) or estimate (CPU) one step's memory at k slides; choose the micro-batch."""
     assert cfg.train.vram_budget_gb is not None
-    (sel,) = select_slides(model, [source], cfg, rt)
-    targets1 = targets_for([record], cfg)
+    selector = Selector.from_config(cfg.selection, rt)
+    sel = selector(model, source)
+    targets1 = targets_for([record], cfg.model.tasks)
+    tasks = cfg.model.tasks
 
     def batch_of(k: int) -> SelectedBatch:
-        return stack_selections(
-            [sel] * k,
-            {n: t.repeat(k, *[1] * (t.ndim - 1)) for n, t in targets1.items()},
-            cfg.selection.memory_size,
-        )
+        targets = {n: t.repeat(k, *[1] * (t.ndim - 1)) for n, t in targets1.items()}
+        return stack_selections([sel] * k, targets, cfg.selection.memory_size)
 
     def cost(k: int) -> int:
         batch = batch_of(k)
@@ -84,23 +559,9 @@ def plan_budget(
             model.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(rt.device)
-            with eval_mode(model):  # the selection pass is part of the step's peak
-                select(
-                    model,
-                    source,
-                    memory_size=cfg.selection.memory_size,
-                    iter_size=cfg.selection.iter_size,
-                    score=cfg.selection.score,
-                    device=rt.device,
-                    autocast_dtype=rt.autocast_dtype,
-                )
+            selector(model, source)  # the selection pass is part of the step's peak
             accumulate_gradients(
-                model,
-                batch,
-                cfg.model.tasks,
-                micro_batch_size=k,
-                device=rt.device,
-                autocast_dtype=rt.autocast_dtype,
+                model, batch, tasks, micro_batch_size=k, device=rt.device, autocast_dtype=rt.autocast_dtype
             )
             peak = torch.cuda.max_memory_allocated(rt.device)
             model.zero_grad(set_to_none=True)
@@ -109,9 +570,7 @@ def plan_budget(
         def step() -> torch.Tensor:
             b = batch.to(rt.device)
             logits, _ = model(b.patches, b.positions, b.mask)
-            from ips.model.tasks import total_loss
-
-            return total_loss(cfg.model.tasks, logits, b.targets).sum()
+            return total_loss(tasks, logits, b.targets).sum()
 
         return estimate_step_bytes(model, step)
 
@@ -135,281 +594,6 @@ def plan_budget(
                 b.copy_(buffers[name])
 
 
-def recalibrate_from_selections(
-    model: IPSModel, chunks: Sequence[Sequence[SlideRecord]], cfg: ExperimentConfig, rt: Runtime
-) -> None:
-    """Re-estimate BatchNorm statistics (`ips.training.batchnorm`) over the top-M selections of the slides in
-    `chunks`, one forward per chunk (a chunk: the slides of one training micro-batch)."""
-    batches = (
-        stack_selections(
-            select_slides(model, [make_source(r, cfg) for r in chunk], cfg, rt), {}, cfg.selection.memory_size
-        )
-        for chunk in chunks
-    )
-    recalibrate_batchnorm(model, batches, device=rt.device, autocast_dtype=rt.autocast_dtype)
-
-
-def make_augment(
-    cfg: ExperimentConfig, generator: torch.Generator
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Training-time augmentation of `(b, M, C, *S)` uint8 patches on the device -> float in [0, 1]."""
-    if not cfg.data.augment or cfg.data.mode == "features":
-        return None
-    from ips.data.augment import PatchAugment
-
-    augment = PatchAugment.from_config(cfg.data)
-
-    def transform(patches: torch.Tensor) -> torch.Tensor:
-        flat = patches.flatten(0, 1)
-        return augment(unit_pixels(flat), generator).unflatten(0, patches.shape[:2])
-
-    return transform
-
-
-def param_groups(model: IPSModel, cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """AdamW groups: the encoder at `lr * encoder_lr_scale` (a pretrained encoder fine-tunes slower),
-    the rest (projection, aggregator, heads) at `lr`. The schedule scales both alike."""
-    enc = list(model.encoder.parameters())
-    ids = {id(p) for p in enc}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    return [
-        {"params": enc, "lr": cfg.train.lr * cfg.train.encoder_lr_scale, "name": "encoder"},
-        {"params": rest, "lr": cfg.train.lr, "name": "head"},
-    ]
-
-
-def set_encoder_frozen(model: IPSModel, frozen: bool, *, toggle_grad: bool = True) -> None:
-    """Warm-up stage (`train.freeze_encoder_epochs`): the encoder in eval mode (BatchNorm statistics fixed)
-    and, where `toggle_grad`, without gradients (no backward through it); the reverse when not `frozen`.
-    Call after `model.train()`."""
-    if frozen:
-        model.encoder.eval()
-    if toggle_grad:
-        for p in model.encoder.parameters():
-            p.requires_grad_(not frozen)
-
-
-def split_records(records: Sequence[SlideRecord]) -> tuple[list[SlideRecord], list[SlideRecord]]:
-    train = [r for r in records if r.split in (None, "", "train")]
-    val = [r for r in records if r.split == "val"]
-    return train, val
-
-
-def _monitor_better(monitor: str, new: float, best: float | None) -> bool:
-    if math.isnan(new):
-        return False
-    if best is None:
-        return True
-    return new < best if monitor.endswith("loss") else new > best
-
-
-@dataclass
-class TrainResult:
-    """What `train` returns: the per-epoch metric rows, the best monitored value and where the run is."""
-
-    run_dir: Path
-    history: list[dict[str, Any]]
-    best: float | None
-    monitor: str
-    micro_batch_size: int
-
-
-@dataclass
-class _Inputs:
-    train: list[SlideRecord]
-    val: list[SlideRecord]
-    monitor: str
-    annotations: dict[str, PatchLabels]  # slide_id -> per-patch labels, for annotated training slides
-
-
-@dataclass
-class _Progress:
-    """The state carried from epoch to epoch (and across a resume)."""
-
-    start_epoch: int = 0
-    best: float | None = None
-    bad_epochs: int = 0
-
-
-def train(
-    cfg: ExperimentConfig,
-    *,
-    manifest: str | Path,
-    run_dir: str | Path,
-    dist_info: DistInfo | None = None,
-    resume: bool = True,
-    show_progress: bool = True,
-    stop_after_epochs: int | None = None,
-    log: Callable[[str], None] = print,
-) -> TrainResult:
-    """Train per `cfg` on the slides of `manifest`; write checkpoints, metrics and curves to `run_dir`.
-
-    Everything that can be wrong (the manifest, the stores, the run directory, a resume's config) is
-    checked before anything is written. Rank 0 holds a lock on `run_dir` for the whole run.
-    `stop_after_epochs` ends the run early as if interrupted (tests of resume).
-    """
-    dist_info = dist_info or DistInfo()
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} exists and is not a directory")
-    lock = RunLock(run_dir).acquire() if dist_info.is_main else None
-    rt = make_runtime(cfg, dist_info)
-    try:
-        with reuse_sources():  # each store opened once per run, not once per epoch and pass
-            return _train_locked(cfg, manifest, run_dir, rt, resume, show_progress, stop_after_epochs, log)
-    finally:
-        if rt.device.type == "cuda" and cfg.train.vram_budget_gb is not None:
-            torch.cuda.set_per_process_memory_fraction(1.0, rt.device)  # leave the process as it was
-        if lock is not None:
-            lock.release()
-
-
-def _train_locked(
-    cfg: ExperimentConfig,
-    manifest: str | Path,
-    run_dir: Path,
-    rt: Runtime,
-    resume: bool,
-    show_progress: bool,
-    stop_after_epochs: int | None,
-    log: Callable[[str], None],
-) -> TrainResult:
-    inputs = load_inputs(cfg, manifest, rt.dist, log)
-    saved = _checked_run_dir(cfg, run_dir, resume, rt, log)
-    check_same_data(
-        run_dir, [*inputs.train, *inputs.val], cfg.data, resuming=saved is not None, write=rt.dist.is_main
-    )
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model).to(rt.device)
-    if rt.device.type == "cuda" and cfg.train.channels_last and cfg.model.spatial_dims == 2:
-        model = model.to(memory_format=torch.channels_last)
-    micro = choose_micro_batch(model, inputs.train[0], cfg, rt, log)
-    net: nn.Module = model
-    if rt.dist.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
-        )
-    optimizer, scheduler = make_optimizer(model, cfg, len(inputs.train), rt.dist.world_size)
-    progress = _Progress()
-    metrics_log = None
-    if rt.dist.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")  # only now: every check has passed
-        metrics_log = MetricsLog(run_dir, tensorboard=False)
-    if saved is not None:
-        progress = _restore(saved, model, optimizer, scheduler)
-        if metrics_log:
-            metrics_log.truncate(progress.start_epoch)
-        log(f"resumed from {run_dir / 'checkpoints' / 'last.pt'} after epoch {progress.start_epoch}")
-    calibration = calibration_chunks(model, inputs.train, cfg, micro)
-    for epoch in range(progress.start_epoch + 1, cfg.train.epochs + 1):
-        t0 = time.perf_counter()
-        row = run_epoch(model, net, optimizer, scheduler, inputs, cfg, rt, epoch, micro, show_progress)
-        if calibration:
-            # on every rank, on the same slides: selection on each rank uses its own running statistics
-            recalibrate_from_selections(model, calibration, cfg, rt)
-        stop = False
-        if rt.dist.is_main:
-            assert metrics_log is not None
-            stop = _end_epoch(
-                row, t0, model, optimizer, scheduler, inputs, cfg, rt, run_dir, metrics_log, progress, log
-            )
-        stop = broadcast_flag(stop, rt.dist, rt.device)
-        barrier(rt.dist)
-        if stop or (stop_after_epochs is not None and epoch >= stop_after_epochs):
-            break
-    if metrics_log is not None:
-        metrics_log.plot()
-        metrics_log.close()
-    history = metrics_log.rows if metrics_log else []
-    return TrainResult(run_dir, history, progress.best, inputs.monitor, micro)
-
-
-def make_runtime(cfg: ExperimentConfig, dist_info: DistInfo) -> Runtime:
-    """Device (this rank's GPU under torchrun), autocast dtype; checks the batch splits over the ranks."""
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda" and dist_info.enabled:
-        device = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(device)
-    if cfg.train.batch_size % dist_info.world_size:
-        raise ConfigError(
-            f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
-            f"processes ({dist_info.world_size})"
-        )
-    autocast_dtype = torch.bfloat16 if (cfg.train.amp and device.type == "cuda") else None
-    return Runtime(device, autocast_dtype, dist_info)
-
-
-def load_inputs(
-    cfg: ExperimentConfig, manifest: str | Path, dist_info: DistInfo, log: Callable[[str], None]
-) -> _Inputs:
-    """The manifest's train and val slides, each store checked against the model; the monitored metric.
-
-    Warns (rank 0) when there is no validation split or a task's training labels hold a single class."""
-    records = read_manifest(manifest, cfg.model.tasks)
-    train_records, val_records = split_records(records)
-    if not train_records:
-        raise ConfigError(f"{manifest}: no slides in the train split")
-    for r in [*train_records, *val_records]:
-        check_source_fits_model(make_source(r, cfg), cfg, f"slide {r.slide_id} ({r.path})")
-    monitor = check_monitor(cfg, train_records, bool(val_records))
-    warn = log if dist_info.is_main else (lambda _: None)
-    if not val_records:
-        warn(
-            f"warning: {manifest} has no val split: nothing measures generalisation, and best.pt is chosen "
-            f"by {monitor}"
-        )
-    for task in cfg.model.tasks:
-        seen = {_label_key(r.labels[task.name]) for r in train_records}
-        if len(seen) < 2:
-            warn(
-                f"warning: task {task.name!r}: every training slide has the label {next(iter(seen))}; the "
-                "model can only learn that one class"
-            )
-    guided = cfg.train.annotation_weight + cfg.train.annotation_slots > 0
-    annotations = {r.slide_id: _patch_labels(r, cfg) for r in train_records if r.annotation and guided}
-    if annotations:
-        warn(
-            f"{len(annotations)} of {len(train_records)} training slides are annotated: patch-level guidance "
-            f"(train.annotation_slots {cfg.train.annotation_slots}, train.annotation_weight "
-            f"{cfg.train.annotation_weight})"
-        )
-    return _Inputs(train_records, val_records, monitor, annotations)
-
-
-def _patch_labels(record: SlideRecord, cfg: ExperimentConfig) -> PatchLabels:
-    """The slide's annotation on the grid it is read from (one store open)."""
-    store = open_store(record.path)
-    return patch_labels(record.annotation, store, source_grid(store, cfg), slide=record.slide_id)
-
-
-def _label_key(label: Any) -> Any:
-    return tuple(label) if isinstance(label, (list, tuple)) else label
-
-
-def metric_names(cfg: ExperimentConfig, records: Sequence[SlideRecord]) -> list[str]:
-    """Every key an epoch's row can hold for these tasks: `train_loss`, `val_loss`, `{train,val}_<task>/<m>`."""
-    sample = list(records[:1])
-    targets = targets_for(sample, cfg)
-    logits = {t.name: torch.zeros(len(sample), t.n_outputs) for t in cfg.model.tasks}
-    names = [k for k in evaluate_logits(cfg.model.tasks, logits, targets) if k != "loss"]
-    return ["train_loss", "val_loss", *(f"{split}_{n}" for split in ("train", "val") for n in names)]
-
-
-def check_monitor(cfg: ExperimentConfig, train_records: Sequence[SlideRecord], has_val: bool) -> str:
-    """`train.monitor` as used: ConfigError (with the closest name) for an unknown metric; a val metric
-    without a val split falls back to `train_loss` (the warning says so)."""
-    valid = metric_names(cfg, train_records)
-    monitor = cfg.train.monitor
-    if monitor not in valid:
-        close = difflib.get_close_matches(monitor, valid, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"train.monitor: unknown metric {monitor!r}{hint}; one of {', '.join(valid)}")
-    if monitor.startswith("val_") and not has_val:
-        return "train_loss"
-    return monitor
-
-
 def _checked_run_dir(
     cfg: ExperimentConfig, run_dir: Path, resume: bool, rt: Runtime, log: Callable[[str], None]
 ) -> dict[str, Any] | None:
@@ -428,236 +612,12 @@ def _checked_run_dir(
     return state
 
 
-def _restore(
-    state: dict[str, Any], model: IPSModel, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> _Progress:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])  # the schedule's length comes from this run's train.epochs
-    set_rng_state(state["rng"])
-    extra = state["extra"]
-    return _Progress(state["epoch"], extra.get("best"), extra.get("bad_epochs", 0))
-
-
-def choose_micro_batch(
-    model: IPSModel, first: SlideRecord, cfg: ExperimentConfig, rt: Runtime, log: Callable[[str], None]
-) -> int:
-    """Slides per forward on this rank: `train.micro_batch_size`, else the budget planner's, else all."""
-    local_batch = cfg.train.batch_size // rt.dist.world_size
-    micro = cfg.train.micro_batch_size or local_batch
-    if cfg.train.vram_budget_gb is not None:
-        plan = plan_budget(model, make_source(first, cfg), first, cfg, rt)
-        if cfg.train.micro_batch_size is None:
-            micro = plan.micro_batch_size
-        log(plan.describe() + ("" if plan.measured else " (no CUDA: an estimate, not enforced)"))
-        if rt.device.type == "cuda":
-            total = torch.cuda.get_device_properties(rt.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(
-                min(1.0, cfg.train.vram_budget_gb * GB / total), rt.device
-            )
-    micro = min(micro, local_batch)
-    if micro < local_batch and batchnorm_layers(model):
-        log(
-            f"note: the encoder has BatchNorm and micro-batches hold {micro} slides: it normalises over each "
-            "micro-batch's patches, so gradients are close to, not equal to, full-batch ones"
-        )
-    return micro
-
-
-def make_optimizer(model: IPSModel, cfg: ExperimentConfig, n_train: int, world_size: int) -> tuple[Any, Any]:
-    """AdamW with linear warm-up and cosine decay over `train.epochs`."""
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.train.weight_decay)
-    padded_n = len(epoch_order(n_train, cfg.train.seed, 0, world_size))
-    steps_per_epoch = math.ceil(padded_n / cfg.train.batch_size)
-    warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup_steps=warmup, total_steps=steps_per_epoch * cfg.train.epochs)
-    )
-    return optimizer, scheduler
-
-
-def calibration_chunks(
-    model: IPSModel, train_records: Sequence[SlideRecord], cfg: ExperimentConfig, micro: int
-) -> list[list[SlideRecord]]:
-    """The BatchNorm recalibration set: fixed for the run, in micro-batches as training normalises them."""
-    n = cfg.train.bn_recalibration_slides if batchnorm_layers(model) else 0
-    pick = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(train_records))[:n])
-    return [[train_records[i] for i in pick[j : j + micro]] for j in range(0, len(pick), micro)]
-
-
-def run_epoch(
-    model: IPSModel,
-    net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    inputs: _Inputs,
-    cfg: ExperimentConfig,
-    rt: Runtime,
-    epoch: int,
-    micro: int,
-    show_progress: bool,
-) -> dict[str, Any]:
-    """One pass over the training slides: per global batch, select on this rank's slides, then step.
-    Returns the epoch's row: train loss, learning rate and train metrics."""
-    train_records = inputs.train
-    order = epoch_order(len(train_records), cfg.train.seed, epoch, rt.dist.world_size)
-    transform = make_augment(
-        cfg, torch.Generator(device=rt.device).manual_seed(cfg.train.seed * 1000 + epoch)
-    )
-    logits: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
-    targets: dict[str, list[torch.Tensor]] = {t.name: [] for t in cfg.model.tasks}
-    loss_sum, n_seen = 0.0, 0
-    batches = [order[i : i + cfg.train.batch_size] for i in range(0, len(order), cfg.train.batch_size)]
-    bar = _progress(len(batches), f"epoch {epoch}/{cfg.train.epochs}", show_progress and rt.dist.is_main)
-    for global_batch in batches:
-        mine = [train_records[i] for i in shard(global_batch, rt.dist)]
-        batch = selected_batch(
-            model, mine, cfg, rt, [cfg.train.seed, epoch, *global_batch, rt.dist.rank], inputs.annotations
-        )
-        model.train()
-        frozen = epoch <= cfg.train.freeze_encoder_epochs
-        set_encoder_frozen(model, frozen, toggle_grad=not rt.dist.enabled)
-        optimizer.zero_grad(set_to_none=True)
-        loss, batch_logits = accumulate_gradients(
-            net,
-            batch,
-            cfg.model.tasks,
-            micro_batch_size=micro,
-            device=rt.device,
-            autocast_dtype=rt.autocast_dtype,
-            no_sync=rt.dist.enabled,
-            transform=transform,
-            normalizer=len(global_batch) / rt.dist.world_size,
-            annotation_weight=cfg.train.annotation_weight,
-            instance_weight=cfg.train.instance_weight,
-        )
-        if frozen:  # under DDP the encoder still gets gradients (all ranks must reduce the same set)
-            for p in model.encoder.parameters():
-                p.grad = None
-        if cfg.train.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss * len(mine)
-        n_seen += len(mine)
-        for name in logits:
-            logits[name].append(batch_logits[name])
-            targets[name].append(batch.targets[name])
-        if bar is not None:
-            postfix = {"loss": f"{loss:.3f}", "lr": f"{scheduler.get_last_lr()[-1]:.2e}"}
-            if rt.device.type == "cuda":
-                postfix["mem"] = f"{torch.cuda.max_memory_allocated(rt.device) / GB:.2f}G"
-            bar.set_postfix(postfix)
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    row: dict[str, Any] = {
-        "epoch": epoch,
-        "train_loss": loss_sum / max(1, n_seen),
-        "lr": scheduler.get_last_lr()[-1],
-    }
-    metrics = evaluate_logits(
-        cfg.model.tasks,
-        {k: torch.cat(v) for k, v in logits.items()},
-        {k: torch.cat(v).cpu() for k, v in targets.items()},
-    )
-    row.update({f"train_{k}": v for k, v in metrics.items() if k != "loss"})
-    return row
-
-
-def selected_batch(
-    model: IPSModel,
-    records: Sequence[SlideRecord],
-    cfg: ExperimentConfig,
-    rt: Runtime,
-    explore_seed: Sequence[int],
-    annotations: dict[str, PatchLabels] | None = None,
-) -> SelectedBatch:
-    """The slides' top-M selections, with `selection.explore` slots (novel or random) and, on annotated slides,
-    `train.annotation_slots` annotated ones; stacked with their targets (and patch targets)."""
-    sources = [make_source(r, cfg) for r in records]
-    rng = np.random.default_rng(list(explore_seed))
-    sel_cfg = cfg.selection
-    pool = novel_pool_size(sel_cfg.memory_size, sel_cfg.explore, sel_cfg.explore_novel)
-    selections = select_slides(model, sources, cfg, rt, novel_pool=pool, generator=rng)
-    if sel_cfg.explore > 0:  # pool 0 means no novel slot at M, hence none at m <= M either
-        selections = [
-            explore_selection(
-                sel, src, fraction=sel_cfg.explore, generator=rng, novel_share=sel_cfg.explore_novel
-            )
-            for sel, src in zip(selections, sources)
-        ]
-    patch_targets: list[np.ndarray | None] = [None] * len(records)
-    for i, r in enumerate(records):
-        labels = (annotations or {}).get(r.slide_id)
-        if labels is None:
-            continue
-        if cfg.train.annotation_slots > 0:
-            selections[i] = guide_selection(
-                selections[i],
-                sources[i],
-                candidates=labels.positives(),
-                fraction=cfg.train.annotation_slots,
-                generator=rng,
-            )
-        patch_targets[i] = labels.of(selections[i].indices.numpy())
-    return stack_selections(selections, targets_for(records, cfg), cfg.selection.memory_size, patch_targets)
-
-
-def _end_epoch(
-    row: dict[str, Any],
-    t0: float,
-    model: IPSModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    inputs: _Inputs,
-    cfg: ExperimentConfig,
-    rt: Runtime,
-    run_dir: Path,
-    metrics_log: MetricsLog,
-    progress: _Progress,
-    log: Callable[[str], None],
-) -> bool:
-    """Rank 0 after an epoch: validate, checkpoint, log; True when early stopping ends the run."""
-    if inputs.val:
-        val_logits = predict_records(model, inputs.val, cfg, rt)
-        row.update(
-            {
-                f"val_{k}": v
-                for k, v in evaluate_logits(cfg.model.tasks, val_logits, targets_for(inputs.val, cfg)).items()
-            }
-        )
-    row["seconds"] = time.perf_counter() - t0
-    if rt.device.type == "cuda":
-        row["peak_device_gb"] = torch.cuda.max_memory_allocated(rt.device) / GB
-    improved = _monitor_better(inputs.monitor, row[inputs.monitor], progress.best)
-    if improved:
-        progress.best, progress.bad_epochs = row[inputs.monitor], 0
-    else:
-        progress.bad_epochs += 1
-    extra = {"best": progress.best, "bad_epochs": progress.bad_epochs, "monitor": inputs.monitor}
-    checkpoints = run_dir / "checkpoints"
-    save_checkpoint(
-        checkpoints / "last.pt",
-        model=model,
-        config=cfg,
-        epoch=row["epoch"],
-        metrics=row,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        extra=extra,
-    )
-    if improved:
-        save_checkpoint(
-            checkpoints / "best.pt", model=model, config=cfg, epoch=row["epoch"], metrics=row, extra=extra
-        )
-    metrics_log.append(row)
-    log(_summary(row, cfg))
-    patience = cfg.train.early_stopping_patience
-    if patience is not None and progress.bad_epochs >= patience:
-        log(f"early stopping: {inputs.monitor} did not improve for {patience} epochs")
+def _monitor_better(monitor: str, new: float, best: float | None) -> bool:
+    if math.isnan(new):
+        return False
+    if best is None:
         return True
-    return False
+    return new < best if monitor.endswith("loss") else new > best
 
 
 def _summary(row: dict[str, Any], cfg: ExperimentConfig) -> str:
@@ -671,11 +631,3 @@ def _summary(row: dict[str, Any], cfg: ExperimentConfig) -> str:
             )
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False)

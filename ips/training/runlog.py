@@ -1,4 +1,4 @@
-"""Run logs: metrics as JSONL and CSV, optional TensorBoard, and a plot of the training curves."""
+"""Run logs of training and pretraining: metrics as JSONL and CSV, plots of the curves, the progress bar."""
 
 from __future__ import annotations
 
@@ -12,20 +12,12 @@ from typing import Any
 class MetricsLog:
     """Append one row per epoch to `metrics.jsonl` and rewrite `metrics.csv` (columns can grow)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.jsonl = run_dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         if self.jsonl.exists():  # resumed run: keep the history
             self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                print("tensorboard is not installed: pip install tensorboard (logging to CSV/JSONL only)")
 
     def truncate(self, epochs: int) -> None:
         """Forget rows after `epochs` (a resumed run redoes them)."""
@@ -37,11 +29,6 @@ class MetricsLog:
         with self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self._write_csv()
-        if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.writer.add_scalar(k, v, row["epoch"])
-            self.writer.flush()
 
     def _rewrite(self) -> None:
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
@@ -87,6 +74,33 @@ class MetricsLog:
         plt.close(fig)
         return path
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+
+def write_loss_log(out: Path, losses: list[float], title: str) -> None:
+    """Pretraining's log: `loss.csv` (epoch, loss) and `loss.png`, rewritten after each epoch."""
+    with (out / "loss.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "loss"])
+        w.writerows([(i + 1, v) for i, v in enumerate(losses)])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(range(1, len(losses) + 1), losses, marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over `total` batches, or None when not `enabled` (quiet runs, ranks other than 0)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)

@@ -30,7 +30,6 @@ def accumulate_gradients(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     normalizer: float | None = None,
     annotation_weight: float = 0.0,
-    instance_weight: float = 0.0,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """Forward/backward over `batch` in micro-batches; gradients accumulate into `.grad`.
 
@@ -40,7 +39,6 @@ def accumulate_gradients(
     gradients over ranks, the global batch divided by the world size).
     `no_sync` (DDP): skip gradient all-reduce on all but the last micro-batch.
     `annotation_weight`: weight of `annotation_loss` for slides with patch targets (others add nothing).
-    `instance_weight`: weight of `instance_loss` (binary tasks; every slide).
     """
     device = torch.device(device)
     b = len(batch)
@@ -64,11 +62,6 @@ def accumulate_gradients(
                 loss = (
                     loss
                     + annotation_weight * annotation_loss(attn_logits, mb.patch_targets, mb.mask).sum() / norm
-                )
-            if instance_weight:
-                loss = (
-                    loss
-                    + instance_weight * instance_loss(tasks, attn_logits, mb.targets, mb.mask).sum() / norm
                 )
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -94,33 +87,3 @@ def annotation_loss(
     per_patch = nn.functional.binary_cross_entropy_with_logits(scores, target, reduction="none")
     per_patch = torch.where(valid, per_patch, torch.zeros_like(per_patch))
     return per_patch.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
-
-
-def instance_loss(
-    tasks: Sequence[TaskConfig],
-    attn_logits: torch.Tensor,
-    targets: dict[str, torch.Tensor],
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """Per-slide multiple-instance loss `(B,)` from slide labels alone: for each binary task, its attention
-    logit (averaged over heads, `(B, T, H, M)` -> `(B, M)`) of the slide's highest-scoring selected patch
-    is a patch classifier's logit, trained with BCE against the slide label (weighted like the task).
-
-    A negative slide pushes every selected patch down (its max), a positive one its best patch up: the
-    "one positive patch makes a positive slide" assumption of binary MIL. The attention pooling alone only
-    ranks patches within a slide, so an object look-alike that is present in negatives as well can keep
-    the top of the ranking; this loss gives the ranking an absolute scale that negatives calibrate.
-    Tasks of other kinds add nothing. Padding (`mask` False) never counts.
-    """
-    logits = attn_logits if attn_logits.dtype == torch.float64 else attn_logits.float()  # fp32 under autocast
-    total = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
-    for i, task in enumerate(tasks):
-        if task.kind != "binary":
-            continue
-        scores = logits[:, i].mean(dim=1).masked_fill(~mask, float("-inf"))  # (B, M)
-        best = scores.max(dim=1).values
-        label = targets[task.name].to(best.dtype)
-        total = total + task.weight * nn.functional.binary_cross_entropy_with_logits(
-            best, label, reduction="none"
-        )
-    return total
