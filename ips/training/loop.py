@@ -241,12 +241,15 @@ def train(
     show_progress: bool = True,
     stop_after_epochs: int | None = None,
     log: Callable[[str], None] = print,
+    epoch_end: Callable[[list[dict[str, Any]]], bool] | None = None,
 ) -> TrainResult:
     """Train per `cfg` on the slides of `manifest`; write checkpoints, metrics and curves to `run_dir`.
 
     Everything that can be wrong (the manifest, the stores, the run directory, a resume's config) is
     checked before anything is written. Rank 0 holds a lock on `run_dir` for the whole run.
-    `stop_after_epochs` ends the run early as if interrupted (tests of resume).
+    `stop_after_epochs` ends the run early as if interrupted (tests of resume). `epoch_end` (rank 0, after
+    each epoch's checkpoint and row, with every row so far) returns True to end the run there: the take-off
+    guard (`ips.training.restarts`).
     """
     dist_info = dist_info or DistInfo()
     run_dir = Path(run_dir)
@@ -256,7 +259,9 @@ def train(
     rt = make_runtime(cfg, dist_info)
     try:
         with reuse_sources():  # each store opened once per run, not once per epoch and pass
-            return _train_locked(cfg, manifest, run_dir, rt, resume, show_progress, stop_after_epochs, log)
+            return _train_locked(
+                cfg, manifest, run_dir, rt, resume, show_progress, stop_after_epochs, log, epoch_end=epoch_end
+            )
     finally:
         if rt.device.type == "cuda" and cfg.train.vram_budget_gb is not None:
             torch.cuda.set_per_process_memory_fraction(1.0, rt.device)  # leave the process as it was
@@ -273,6 +278,8 @@ def _train_locked(
     show_progress: bool,
     stop_after_epochs: int | None,
     log: Callable[[str], None],
+    *,
+    epoch_end: Callable[[list[dict[str, Any]]], bool] | None = None,
 ) -> TrainResult:
     inputs = load_inputs(cfg, manifest, rt.dist, log)
     saved = _checked_run_dir(cfg, run_dir, resume, rt, log)
@@ -311,6 +318,8 @@ def _train_locked(
             stop = _end_epoch(
                 row, t0, model, optimizer, scheduler, inputs, cfg, rt, run_dir, metrics_log, progress, log
             )
+            if epoch_end is not None:  # take-off guard hook (ips.training.restarts): True ends the run
+                stop = epoch_end(metrics_log.rows) or stop
         stop = broadcast_flag(stop, rt.dist, rt.device)
         barrier(rt.dist)
         if stop or (stop_after_epochs is not None and epoch >= stop_after_epochs):
