@@ -23,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-resume", action="store_true", help="start over even if the run directory has a checkpoint"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--seeds",
+        metavar="S,S,...",
+        help="one run per seed into OUT/seed_<s>/, then each metric's mean, sd and 95%% interval over the "
+        "seeds (OUT/summary.json and a table)",
+    )
     add_threads(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=run, trailing_overrides="overrides")
@@ -34,24 +40,23 @@ def run(args: argparse.Namespace) -> int:
 
     from ips.runtime import resolve_device
     from ips.training.distributed import cleanup, init_distributed
-    from ips.training.loop import train
+    from ips.training.restarts import train_with_restarts
+    from ips.training.seeds import parse_seeds, run_seeds
 
     apply_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     manifest = args.manifest or cfg.data.manifest
     if not manifest:
         raise ConfigError("no manifest: give --manifest or data.manifest")
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     dist_info = init_distributed(resolve_device(cfg.train.device).type)
+    common = {"manifest": manifest, "dist_info": dist_info, "resume": not args.no_resume}
     try:
-        result = train(
-            cfg,
-            manifest=manifest,
-            run_dir=out,
-            dist_info=dist_info,
-            resume=not args.no_resume,
-            show_progress=not args.quiet,
-        )
+        if seeds is not None:  # seed variance (ips.training.seeds)
+            run_seeds(cfg, seeds, out=out, show_progress=not args.quiet, **common)
+            return 0
+        result = train_with_restarts(cfg, run_dir=out, show_progress=not args.quiet, **common)
     except torch.cuda.OutOfMemoryError as e:
         print(
             f"ips train: out of device memory ({str(e).splitlines()[0]}); set train.vram_budget_gb to plan "
