@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ips.config import ExperimentConfig, with_overrides
-from ips.errors import RunDirError
+from ips.errors import ConfigError, RunDirError
 from ips.runtime import DistInfo
 from ips.training.distributed import barrier, broadcast_flag
 from ips.training.loop import train
@@ -204,6 +204,8 @@ def train_with_restarts(
     as a resumed run's checkpoint already is)."""
     dist_info = dist_info or DistInfo()
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} exists and is not a directory")
     epoch = check_epoch(cfg.train.takeoff_epoch, cfg.train.epochs)
     main = dist_info.is_main
     if main:
