@@ -374,15 +374,15 @@ def _shuffled(manifest: Path, seed: int) -> Path:
 @pytest.mark.slow
 @pytest.mark.learning
 def test_guard_fires_on_shuffled_labels_and_stays_silent_when_the_task_is_learnt(tmp_path):
-    """3 checkerboard patches among 64 on positive slides; BatchNorm encoder and explore 0.25: measured
-    val AUROC 1.0 from epoch 2-5 in 6 of 6 seeds (0-5), so by epoch 6 the window (epochs 4-6) is well above
-    the test's threshold 0.75. Shuffled labels: chance, with per-epoch val AUROC sd ~0.1 on 32 slides, so a
-    3-epoch mean above 0.75 is a 2.5-sd event. The control is the same run, seed and slides."""
+    """3 checkerboard patches among 64 on positive slides, BatchNorm encoder, explore 0.25, 8 epochs, judged
+    at epoch 6 (epochs 4-6) against 0.75. The control is the same run (seed, slides, schedule) with the
+    labels shuffled (`_shuffled`). The measured margins at seeds 0-5 (this test: seed 0) are in
+    docs/BENCHMARKS.md, "The take-off guard on a tiny task"."""
     manifest = make_cross_slides(tmp_path / "data", n_train=24, n_val=32, marks=3)
     cfg = tiny_config(
         model={**TINY["model"], "encoder_norm": "batch"},
         selection={**TINY["selection"], "explore": 0.25},
-        train={**TINY["train"], "epochs": 6, "takeoff_epoch": 6, "takeoff_auroc": 0.75, "restarts": 0},
+        train={**TINY["train"], "epochs": 8, "takeoff_epoch": 6, "takeoff_auroc": 0.75, "restarts": 0},
     )
     runs = {}
     for name, m in (("learnable", manifest), ("shuffled", _shuffled(manifest, seed=0))):
