@@ -24,6 +24,7 @@ from ips.training.restarts import (
     attempt_dir,
     best_row,
     finish_moves,
+    keep_best,
     read_rows,
     train_with_restarts,
 )
@@ -185,6 +186,26 @@ def test_moves_killed_half_way_are_finished_by_the_next_run(tmp_path):
             assert (attempt_dir(run, 1) / name).read_text() == "a1", name
     assert not any((attempt_dir(run, 0) / name).exists() for name in ATTEMPT_FILES)
     assert [r["val_loss"] for r in read_rows(run)] == [0.6]
+
+
+def test_keep_best_brings_a_better_attempt_back(tmp_path):
+    """Attempt 0 (set aside, best val_loss 0.5) beats the current attempt 1 (0.69): they swap places."""
+    run = tmp_path / "run"
+    _fake_run(run, "a1", [0.7, 0.69])
+    _fake_run(attempt_dir(run, 0), "a0", [0.6, 0.5])
+    record = Record([Attempt(0, 0, "restarted"), Attempt(1, 1000, "at_chance")], current=1)
+    keep_best(record, run, "val_loss")
+    saved = Record.load(run, 0)
+    assert (saved.kept, saved.current, saved.moves, saved.monitor) == (0, 0, [], "val_loss")
+    assert (run / "config.yaml").read_text() == "a0" and [r["val_loss"] for r in read_rows(run)] == [0.6, 0.5]
+    assert (attempt_dir(run, 1) / "config.yaml").read_text() == "a1"
+    # a better current attempt stays where it is; equal values keep the later attempt
+    for losses, kept in (([0.4], 1), ([0.5], 1)):
+        _fake_run(run, "b1", losses)
+        _fake_run(attempt_dir(run, 0), "b0", [0.5])
+        record = Record([Attempt(0, 0, "restarted"), Attempt(1, 1000, "took_off")], current=1)
+        keep_best(record, run, "val_loss")
+        assert Record.load(run, 0).kept == kept and (run / "config.yaml").read_text() == "b1"
 
 
 # --- restarts: real tiny runs -------------------------------------------------------------------------

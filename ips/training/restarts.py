@@ -256,7 +256,7 @@ def train_with_restarts(
         record = Record.load(run_dir, cfg.train.seed)
     if main and (run_dir / RECORD).exists():
         with _locked(run_dir):
-            _keep_best(record, run_dir, result.monitor)
+            keep_best(record, run_dir, result.monitor)
         if len(record.attempts) > 1:
             log(
                 f"kept attempt {record.kept} of {len(record.attempts)} (best {result.monitor}) in {run_dir}; "
@@ -285,7 +285,7 @@ def finish_moves(record: Record, run_dir: Path) -> None:
         record.save(run_dir)
 
 
-def _keep_best(record: Record, run_dir: Path, monitor: str) -> None:
+def keep_best(record: Record, run_dir: Path, monitor: str) -> None:
     """Keep the attempt with the best monitored value (ties: the later); bring it to `OUT`, setting the
     current one aside, when it is not already there."""
     current = record.current
