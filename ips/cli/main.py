@@ -18,6 +18,7 @@ from ips.errors import EXIT_USAGE, IpsError
 SUBCOMMANDS = [
     "data_prep.cli",
     "ips.cli.train",
+    "ips.cli.cv",
     "ips.cli.pretrain",
     "ips.cli.predict",
     "ips.cli.heatmap",
