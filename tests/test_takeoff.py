@@ -284,6 +284,24 @@ def test_without_restarts_the_guard_only_speaks(tmp_path, at_chance):
     assert [a["status"] for a in record["attempts"]] == ["at_chance"] and record["kept"] == 0
 
 
+def test_multitask_training_rows_are_judged_per_task(tmp_path, at_chance):
+    """The keys the guard reads are the ones training writes: a binary and a multiclass task (macro
+    AUROC) on the same labels, both exactly at chance on the identical validation slides."""
+    tasks = [
+        {"name": "label", "kind": "binary"},
+        {"name": "grade", "kind": "multiclass", "num_classes": 2, "label_column": "label"},
+    ]
+    cfg = tiny_config(
+        model={**TINY["model"], "tasks": tasks}, train={**TINY["train"], "epochs": 2, "takeoff_epoch": 2}
+    )
+    run = tmp_path / "run"
+    train_with_restarts(cfg, manifest=at_chance, run_dir=run, show_progress=False, log=lambda s: None)
+    verdicts = [a["verdict"] for a in json.loads((run / RECORD).read_text())["attempts"]]
+    assert len(verdicts) == 2  # at chance: restarted once
+    for v in verdicts:
+        assert v["stalled"] == ["label", "grade"] and v["scores"] == {"label": 0.5, "grade": 0.5}
+
+
 def test_a_run_shorter_than_the_check_epoch_trains_as_before(tmp_path, at_chance):
     """A run shorter than the check epoch (like one with the guard off, `check_epoch`): no verdict, no
     record, a plain run."""
