@@ -94,7 +94,8 @@ def takeoff_message(
 ) -> str:
     """One line: which tasks stayed at chance, what to try (given what the run already used), and
     whether the run restarts (from `restart_seed`) or goes on."""
-    span = f"epochs {verdict.epochs[0]}-{verdict.epochs[-1]}" if len(verdict.epochs) > 1 else "epoch"
+    first, last = verdict.epochs[0], verdict.epochs[-1]
+    span = f"mean of epochs {first}-{last}" if first != last else f"epoch {last}"
     scores = ", ".join(f"{name} {verdict.scores[name]:.2f}" for name in verdict.stalled)
     tries = []
     if not pretrained:
@@ -107,7 +108,7 @@ def takeoff_message(
     tries.append("an overlapping grid (ips prep --stride) if objects are larger than a patch")
     then = f"restarting from train.seed={restart_seed}" if restart_seed is not None else "going on"
     return (
-        f"take-off guard: at epoch {verdict.epoch} the {verdict.split} AUROC ({span} mean) has not left chance: "
+        f"take-off guard: at epoch {verdict.epoch} the {verdict.split} AUROC ({span}) has not left chance: "
         f"{scores} < train.takeoff_auroc {verdict.threshold:g}; try {'; '.join(tries)} "
         f"(README: When the model stays at chance); {then}"
     )
