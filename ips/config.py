@@ -219,6 +219,13 @@ class TrainConfig:
     Slides whose manifest row names an `annotation` (`ips.data.annotations`) are trained with guidance:
     `annotation_slots` of the M slots hold annotated patches, and `annotation_weight` weighs a patch-level
     loss on their selection scores (`ips.training.step.annotation_loss`). Other slides train as before.
+
+
+    The take-off guard (`ips.training.takeoff`): at epoch `takeoff_epoch` (null: off; runs shorter than it
+    are not judged), a task whose AUROC (validation, else training; the mean over the last 3 epochs) is
+    below `takeoff_auroc` has not left chance: `ips train` says so in one line with what to try, and
+    while `restarts` remain it sets the run aside and starts again from another seed, keeping the best
+    run by `monitor` (`ips.training.restarts`).
     """
 
     epochs: int = 10
@@ -240,6 +247,9 @@ class TrainConfig:
     annotation_slots: float = 0.25
     freeze_encoder_epochs: int = 0
     encoder_lr_scale: float = 1.0
+    takeoff_epoch: int | None = 12
+    takeoff_auroc: float = 0.6
+    restarts: int = 1
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -280,6 +290,18 @@ class TrainConfig:
         _require(
             self.encoder_lr_scale > 0, "train.encoder_lr_scale", f"must be > 0, got {self.encoder_lr_scale}"
         )
+        if self.takeoff_epoch is not None:
+            _require(
+                self.takeoff_epoch >= 1,
+                "train.takeoff_epoch",
+                f"must be >= 1 or null, got {self.takeoff_epoch}",
+            )
+        _require(
+            0.5 < self.takeoff_auroc <= 1.0,
+            "train.takeoff_auroc",
+            f"must be in (0.5, 1] (0.5 is chance), got {self.takeoff_auroc}",
+        )
+        _require(self.restarts >= 0, "train.restarts", f"must be >= 0, got {self.restarts}")
 
 
 PretrainMethod = Literal["auto", "simclr", "rotation"]

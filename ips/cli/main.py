@@ -18,6 +18,7 @@ from ips.errors import EXIT_SOME_FAILED, EXIT_USAGE, IpsError, os_error_line
 SUBCOMMANDS = [
     "data_prep.cli",
     "ips.cli.train",
+    "ips.cli.cv",
     "ips.cli.pretrain",
     "ips.cli.predict",
     "ips.cli.heatmap",

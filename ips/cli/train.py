@@ -28,6 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         old_name="--no-resume",
     )
     add_quiet(p, "no progress bar")
+    p.add_argument(
+        "--seeds",
+        metavar="S,S,...",
+        help="one run per seed into OUT/seed_<s>/, then each metric's mean, sd and 95%% interval over the "
+        "seeds (OUT/summary.json and a table)",
+    )
     add_threads(p)
     add_overrides(p)
     p.set_defaults(func=run)
@@ -39,12 +45,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ips.runtime import resolve_device
     from ips.training.distributed import cleanup, init_distributed
-    from ips.training.loop import train
+    from ips.training.restarts import train_with_restarts
     from ips.training.rundir import RunLock, remove_run
+    from ips.training.seeds import parse_seeds, run_seeds
 
     apply_threads(args.threads)
     overrides = [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
     cfg = load_config(args.config, overrides)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     manifest = args.manifest or cfg.data.manifest
     if not manifest:
         raise ConfigError("no manifest: give --manifest or data.manifest")
@@ -52,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
     dist_info = init_distributed(resolve_device(cfg.train.device).type)
+    common = {"manifest": manifest, "dist_info": dist_info, "resume": not args.overwrite}
     try:
         if args.overwrite and dist_info.is_main:
             # under the run lock: a run in progress there is never removed (then train() takes the lock
@@ -60,14 +69,10 @@ def run(args: argparse.Namespace) -> int:
                 removed = remove_run(out)
             if removed:
                 print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
-        result = train(
-            cfg,
-            manifest=manifest,
-            run_dir=out,
-            dist_info=dist_info,
-            resume=not args.overwrite,
-            show_progress=not args.quiet,
-        )
+        if seeds is not None:  # seed variance (ips.training.seeds)
+            run_seeds(cfg, seeds, out=out, show_progress=not args.quiet, **common)
+            return 0
+        result = train_with_restarts(cfg, run_dir=out, show_progress=not args.quiet, **common)
     except torch.cuda.OutOfMemoryError as e:
         print(
             f"ips train: out of device memory ({str(e).splitlines()[0]}); set train.vram_budget_gb to plan "

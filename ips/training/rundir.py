@@ -34,6 +34,7 @@ RUN_FILES = (
     "curves.png",
     "checkpoints/last.pt",
     "checkpoints/best.pt",
+    "takeoff.json",  # the take-off guard's record (ips.training.restarts)
 )
 # keys that change neither the model nor what it sees: a resumed run may change them
 RESUMABLE_KEYS = frozenset(
@@ -43,6 +44,9 @@ RESUMABLE_KEYS = frozenset(
         "train.vram_budget_gb",
         "train.micro_batch_size",
         "train.early_stopping_patience",
+        "train.takeoff_epoch",
+        "train.takeoff_auroc",
+        "train.restarts",
         "data.read_threads",
         "selection.prefetch",
     }
