@@ -1,4 +1,4 @@
-"""What the entry point decides and modules never do (STYLE.md #1): device, precision, seeds, threads,
+"""What the entry point decides and modules never do: device, precision, seeds, threads,
 and this process's place among distributed ranks."""
 
 from __future__ import annotations

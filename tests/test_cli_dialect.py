@@ -90,7 +90,7 @@ def test_pretrain_overrides_are_positional_and_set_stays_hidden():
 
 
 def test_train_device_becomes_the_config_key(tmp_path, monkeypatch):
-    import ips.training.loop as loop
+    import ips.training.restarts as restarts
     from ips.cli.main import main
 
     seen = {}
@@ -99,7 +99,7 @@ def test_train_device_becomes_the_config_key(tmp_path, monkeypatch):
         seen["device"] = cfg.train.device
         raise ConfigError("stop here")
 
-    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setattr(restarts, "train_with_restarts", fake_train)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train: {device: cuda}\n")
     assert (

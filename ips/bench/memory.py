@@ -10,7 +10,7 @@ until it exceeds `naive_budget_bytes` or fails; larger N are not run. On the hos
 its own address space a little above the budget, so an over-budget run fails fast instead of pushing
 the machine into swap; on CUDA it caps the process's share of device memory.
 
-JSON (DESIGN.md contract): `{"device", "rows": [{"n_patches", "peak_device_bytes", "peak_host_rss_bytes",
+JSON (a contract, docs/ARCHITECTURE.md): `{"device", "rows": [{"n_patches", "peak_device_bytes", "peak_host_rss_bytes",
 "seconds", ...}], ...}`; the naive rows are under `"naive"`.
 """
 

@@ -18,7 +18,7 @@ from one run (a lossy codec costs more to decode: the ratio moves where decoding
 
 Each figure is the fastest of `repeats` (the least disturbed by other processes); medians are kept too,
 and the process CPU time of each (all threads: the work done, which sharing the machine disturbs less).
-JSON (DESIGN.md contract): `{"device", "selection_seconds", "encoder_only_seconds", "ratio", ...}`.
+JSON (a contract, docs/ARCHITECTURE.md): `{"device", "selection_seconds", "encoder_only_seconds", "ratio", ...}`.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def _payload(
     patch_bytes: int,
     settings: dict[str, Any],
 ) -> dict[str, Any]:
-    """The `throughput` JSON payload (DESIGN.md's contract keys first) from the measured times."""
+    """The `throughput` JSON payload (the contract's keys first) from the measured times."""
     best = {k: min(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     return {

@@ -1,4 +1,4 @@
-"""Predictions of a set of slides: rows of `predictions.csv` and `metrics.json` (DESIGN.md contract).
+"""Predictions of a set of slides: rows of `predictions.csv` and `metrics.json` (a contract: docs/ARCHITECTURE.md).
 
 `predictions.csv`: one row per slide and task, columns `slide_id, task, prob_..., prediction, label`:
 binary tasks fill `prob_1` (P(positive)); multiclass tasks `prob_0 .. prob_{C-1}`; multilabel tasks one

@@ -1,6 +1,6 @@
 """The IPS model: encoder -> projection + positional encoding -> cross-attention aggregator -> task heads.
 
-Selection and learning are apart (STYLE.md #4): `embed` and `selection_scores` serve the no-grad
+Selection and learning are apart: `embed` and `selection_scores` serve the no-grad
 streaming selection (`ips.algo.selection`), `forward` trains on the selected patches.
 """
 
@@ -20,7 +20,7 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class IPSModel(nn.Module):
-    """Args are explicit and typed; the device comes from the inputs (STYLE.md #1).
+    """Args are explicit and typed; the device comes from the inputs.
 
     Shapes: patches `(B, M, C, *spatial)` (uint8 or float) or features `(B, M, F)`; positions `(B, M, d)`.
     """
@@ -162,7 +162,7 @@ def expected_patch_shape(cfg: ModelConfig, *, features: bool = False) -> tuple[i
 
 
 def build_model(cfg: ModelConfig) -> IPSModel:
-    """The one builder from config (STYLE.md #2)."""
+    """The one builder from config."""
     encoder = build_encoder(
         cfg.encoder,
         in_chans=cfg.in_chans,

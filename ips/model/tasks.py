@@ -1,4 +1,4 @@
-"""Task heads and losses. Heads return logits; losses are computed on logits (STYLE.md #10).
+"""Task heads and losses. Heads return logits; losses are computed on logits.
 
 Label tensors per task, for a batch of B slides:
 - binary: `(B,)` long in {0, 1}; multiclass: `(B,)` long in [0, C); multilabel: `(B, C)` float multi-hot.

@@ -1,7 +1,7 @@
 """Self-supervised pretraining of the IPS encoder on patches of the stores (`ips pretrain`).
 
 A fresh encoder gives the attention no signal to find small objects with, and the bag label alone
-rarely teaches it (issue 12). Pretraining the encoder on the stores' own patches, without labels, gives
+rarely teaches it (docs/BENCHMARKS.md, "Small objects among similar distractors"). Pretraining the encoder on the stores' own patches, without labels, gives
 embeddings in which similar structures lie close: then selection can pick the object from the first
 epoch of `ips train ... model.pretrained=DIR/encoder.pt`.
 
