@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "--threads",
             a.threads,
             "--quiet",
-            "--no-resume",
+            "--overwrite",
             *overrides,
         ],
     )

@@ -193,7 +193,7 @@ def _as_hook(guard: _Guard) -> EpochHook:
 
     def hook(trainer: Trainer, row: dict[str, Any]) -> str | None:
         rows = trainer.metrics_log.rows if trainer.metrics_log is not None else [row]
-        return "the take-off guard ended this attempt" if guard(rows) else None
+        return "at chance at the check epoch" if guard(rows) else None
 
     return hook
 
