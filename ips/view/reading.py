@@ -2,10 +2,10 @@
 
 - `open_checked(location)`: a local store's folder holds only directories and regular files (no symlink,
   FIFO or device anywhere below its root), then `ips.data.store.open_store` (marker, recorded files);
-- `LevelRegions`: any box of any pyramid level, read by `ips.data.chunk_io.ChunkReader` with the store's
-  record of written chunks (what `ips.data.zarr_source.ZarrPatchSource` reads patches with): a lost or
-  damaged chunk is a `StoreError`, never background. A level whose layout that reader does not handle
-  falls back to zarr's reads, as the patch source does; the folder check above covers both.
+- `LevelRegions`: any box of any pyramid level, read by `ips.data.zarr_source.RegionReader` (the chunk
+  reader that `ZarrPatchSource` reads patches with, and the store's record of written chunks): a lost or
+  damaged chunk is a `StoreError`, never background; the viewer adds its bounds on what one read may
+  cost.
 - `check_tree(root)`: the folder check, also for a heatmap's `scores.zarr`.
 
 Stores may come from others: the folder check keeps every read inside the stores the viewer was started
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ips.data.chunk_io import ChunkReader
 from ips.data.store import IpsStore, StoreLocation, is_local, open_store
+from ips.data.zarr_source import RegionReader
 from ips.errors import StoreError
 from ips.format import location as loc
 
@@ -78,7 +78,7 @@ def open_checked(location: StoreLocation, name: str) -> IpsStore:
 class LevelRegions:
     """Boxes of a store's pyramid levels: `read(level, lo, size)` -> `(C, *size)` in the store's dtype.
 
-    One `ChunkReader` per level, made on first use (its shard-index cache is kept); thread-safe."""
+    One `RegionReader` per level, made on first use (its shard-index cache is kept); thread-safe."""
 
     def __init__(self, store: IpsStore) -> None:
         self.store = store
@@ -88,7 +88,7 @@ class LevelRegions:
         self.arrays = [_level(store, k) for k in range(self.n_levels)]
         for k, array in enumerate(self.arrays):
             _check_level(store.name, k, array, store.spatial_dims)
-        self._readers: dict[int, ChunkReader | None] = {}
+        self._regions: dict[int, RegionReader] = {}
         self._lock = threading.Lock()
 
     def shape(self, level: int) -> tuple[int, ...]:
@@ -99,16 +99,11 @@ class LevelRegions:
     def channels(self) -> int:
         return int(self.arrays[0].shape[0])
 
-    def _reader(self, level: int) -> ChunkReader | None:
+    def _region(self, level: int) -> RegionReader:
         with self._lock:
-            if level not in self._readers:
-                self._readers[level] = ChunkReader.for_array(
-                    self.arrays[level],
-                    self.store.background,
-                    written=self.store.written_keys(str(level)),
-                    name=self.store.name,
-                )
-            return self._readers[level]
+            if level not in self._regions:
+                self._regions[level] = RegionReader(self.store, level)
+            return self._regions[level]
 
     def read(self, level: int, lo: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
         """The box `[lo, lo + size)` (spatial `(dims,)`, inside the level) of every channel: `(C, *size)`.
@@ -118,13 +113,14 @@ class LevelRegions:
         nbytes = int(np.prod(full)) * np.dtype(array.dtype).itemsize
         if nbytes > MAX_READ_BYTES:
             raise StoreError(f"{self.store.name}: a read of {full} is over {MAX_READ_BYTES >> 20} MiB")
-        reader = self._reader(level)
-        if reader is None:  # a layout the direct reader does not handle: zarr's reads, as the patch source
-            return _zarr_box(array, lo, size, self.store.name)
-        out = np.empty((1, *full), dtype=reader.dtype)
-        start = np.asarray([[0, *lo]], dtype=np.int64)
-        reader.read_boxes(start, full, out, np.zeros(1, dtype=np.int64))
-        return out[0]
+        try:
+            return self._region(level).read(tuple(lo), tuple(size))
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a codec or metadata failure is damage, named with the store
+            raise StoreError(
+                f"{self.store.name}: a read of level {level} failed ({type(e).__name__}: {e})"
+            ) from None
 
 
 def _check_level(name: str, level: int, array: Any, dims: int) -> None:
@@ -155,11 +151,3 @@ def _level(store: IpsStore, level: int) -> Any:
         raise StoreError(
             f"{store.name}: array '{level}': its metadata (zarr.json) does not load ({type(e).__name__}: {e})"
         ) from None
-
-
-def _zarr_box(array: Any, lo: tuple[int, ...], size: tuple[int, ...], name: str) -> np.ndarray:
-    key = (slice(None), *(slice(a, a + s) for a, s in zip(lo, size)))
-    try:
-        return np.asarray(array[key])
-    except Exception as e:  # noqa: BLE001 - a codec or metadata failure is damage, named with the store
-        raise StoreError(f"{name}: a read of level {array.path!r} failed ({type(e).__name__}: {e})") from None
