@@ -176,8 +176,8 @@ def run_demo(
     t0 = time.perf_counter()
     heat_dir = out / "heatmaps"
     log(
-        f"[4/4] heatmaps of the test slides\n      = ips heatmap --checkpoint {checkpoint} "
-        f"{out / 'data' / 'stores'}/<slide>.zarr ... --out {heat_dir} --device {device}{threads_arg}"
+        f"[4/4] heatmaps of the test slides\n      = ips heatmap --checkpoint {checkpoint} --manifest {manifest} "
+        f"--split test --out {heat_dir} --device {device}{threads_arg}"
     )
     failures = heatmap_slides(loaded, test, heat_dir, checkpoint=str(checkpoint), log=log)
     if failures:
