@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ips.errors import EXIT_OK, EXIT_SOME_FAILED
+from ips.errors import EXIT_OK, EXIT_SOME_FAILED, StoreError, run_each
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,14 +40,19 @@ def summary(problems: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    bad = 0
-    for store in args.stores:
+    def check(store: str) -> None:
         problems = verify_one(store)
         if problems:
-            bad += 1
-            print(f"ips verify: DAMAGED {summary(problems)}", file=sys.stderr)
-        else:
-            print(f"ok {store}")
-    if bad:
-        print(f"ips verify: {bad} of {len(args.stores)} stores damaged or unverifiable", file=sys.stderr)
-    return EXIT_SOME_FAILED if bad else EXIT_OK
+            raise StoreError(summary(problems))
+        print(f"ok {store}")
+
+    def damaged(line: str) -> None:  # as each store is checked: `[i/n] STORE: FAILED: reason`
+        print(f"ips verify: DAMAGED {line.split(': FAILED: ', 1)[1]}", file=sys.stderr)
+
+    _, failures = run_each(args.stores, check, log=damaged)
+    if failures:
+        print(
+            f"ips verify: {len(failures)} of {len(args.stores)} stores damaged or unverifiable",
+            file=sys.stderr,
+        )
+    return EXIT_SOME_FAILED if failures else EXIT_OK
