@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,6 +81,7 @@ def select(
     autocast_dtype: torch.dtype | None = None,
     novel_pool: int = 0,
     generator: np.random.Generator | None = None,
+    novelty: Callable[[torch.Tensor], Any] | None = None,
 ) -> Selection:
     """Select the `memory_size` most attended patches of `source`, streaming chunks of `iter_size`.
 
@@ -87,7 +89,9 @@ def select(
     `stream(source, iter_size)` yields the chunks (`ips.streaming.stream_chunks` adds prefetching).
     `novel_pool` > 0 (training exploration): also keep the indices of the `novel_pool` most novel patches
     against a reference sample drawn with `generator` (one extra chunk of encoder work); the model then
-    needs `embed_content` and `add_position` (IPSModel has them).
+    needs `embed_content` and `add_position` (IPSModel has them). `novelty`: makes the novelty reference
+    from the reference sample's content `(n, D)` (default: `NoveltyReference.from_sample`, the slide's own;
+    `ips.algo.novelty.CohortBank.for_slide`: against negative slides).
     """
     if memory_size < 1 or iter_size < 1:
         raise ValueError(f"memory_size and iter_size must be >= 1, got {memory_size}, {iter_size}")
@@ -112,7 +116,11 @@ def select(
     buf_pos: torch.Tensor | None = None
     buf_emb: torch.Tensor | None = None  # softmax_mean only
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    novel = _NovelBuffer(model, source, novel_pool, generator, device, autocast) if novel_pool > 0 else None
+    novel = (
+        _NovelBuffer(model, source, novel_pool, generator, device, autocast, novelty)
+        if novel_pool > 0
+        else None
+    )
     for chunk in stream(source, iter_size):
         idx = torch.from_numpy(chunk.indices)
         with autocast:
@@ -158,13 +166,14 @@ class _NovelBuffer:
         generator: np.random.Generator | None,
         device: torch.device,
         autocast: torch.autocast,
+        novelty: Callable[[torch.Tensor], Any] | None = None,
     ) -> None:
         if generator is None:
             raise ValueError("novel_pool needs a generator for the reference sample")
         ref = reference_indices(len(source), generator)
         with autocast:
             sample = model.embed_content(source.read(ref).to(device))
-        self.reference = NoveltyReference.from_sample(sample)
+        self.reference = (novelty or NoveltyReference.from_sample)(sample)
         self.size = size
         self.indices = torch.empty(0, dtype=torch.long)
         self.scores = torch.empty(0)

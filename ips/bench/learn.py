@@ -1,7 +1,7 @@
 """`ips bench learn`: does the documented path learn tasks nobody tuned it for? A family x seed matrix.
 
 For each family (`ips.synthetic.families`) and seed: generate the family's stores as `ips prep
---patch-size P` makes them, then run the documented commands exactly, in this process:
+--patch-size P` makes them, then run the documented commands exactly:
 
     [ips pretrain STORES --config CFG --out RUN/pretrain]                      (--pretrain)
     ips train --config CFG --manifest M --out RUN/train train.seed=S [model.pretrained=...] [SIZE]
@@ -10,21 +10,26 @@ For each family (`ips.synthetic.families`) and seed: generate the family's store
 
 CFG is `configs/demo.yaml` for 2D families and `configs/volume3d.yaml` for volumes, the latter with only
 the overrides a CPU user is allowed (`VOLUME_OVERRIDES`). SIZE: `train.epochs=E` when `--epochs` asks for
-a shorter run than the config's (a reduced run; the JSON records it). The data seed is the run's seed.
+a shorter run than the config's (a reduced run; the JSON records it). The data seed is the run's seed. Each command runs as its own process (`python -m ips.cli`), its output in
+RUN/commands.log.
 
 Heatmap AUROC, per positive test slide then averaged: the attention of each patch against the truth
 "this patch holds the target": positives are the patches with a share of the target >= min(0.25, half the
 slide's largest share), negatives the patches the target does not touch; the sliver patches in between
 (a corner of the object, which look like background) are left out. Distractor patches are negatives.
 
-CPU minutes: this process's user + system CPU time over the commands above (data generation excluded).
+CPU minutes: the user + system CPU time of the commands above (data generation excluded).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import resource
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,8 +73,8 @@ class LearnSettings:
     grids: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
 
 
@@ -101,22 +106,28 @@ def heatmap_auroc(scores_path: str | Path, store_path: str | Path) -> float:
 
 
 class _Steps:
-    """Runs `ips` commands in this process, recording each command line and its CPU time."""
+    """Runs `ips` commands as child processes (`python -m ips.cli`, exactly as a user types them),
+    recording each command line and its CPU time (the child's user + system time)."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: Path) -> None:
         self.commands: list[str] = []
         self.cpu: dict[str, float] = {}
+        self.log = log
 
     def __call__(self, name: str, args: list[str]) -> None:
-        from ips.cli.main import main as ips
-
         self.commands.append("ips " + " ".join(args))
         print("$ " + self.commands[-1], flush=True)
-        c0 = _cpu_s()
-        rc = ips(args)
-        self.cpu[name] = (_cpu_s() - c0) / 60
+        c0 = _children_cpu_s()
+        with self.log.open("a") as out:
+            out.write(f"$ {self.commands[-1]}\n")
+            out.flush()
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log follows the run
+            rc = subprocess.run(
+                [sys.executable, "-m", "ips.cli", *args], stdout=out, stderr=out, env=env
+            ).returncode
+        self.cpu[name] = (_children_cpu_s() - c0) / 60
         if rc != 0:
-            raise RuntimeError(f"{name} failed with exit status {rc}: {self.commands[-1]}")
+            raise RuntimeError(f"{name} failed with exit status {rc} (see {self.log}): {self.commands[-1]}")
 
 
 def run_one(key: str, seed: int, settings: LearnSettings) -> dict[str, Any]:
@@ -142,7 +153,16 @@ def run_one(key: str, seed: int, settings: LearnSettings) -> dict[str, Any]:
         overrides.append(f"train.epochs={settings.epochs}")
     overrides += list(settings.overrides)
     threads = ["--threads", str(settings.threads)]
-    step = _Steps()
+    for old in (
+        "pretrain",
+        "train",
+        "pred",
+        "heat",
+        "commands.log",
+    ):  # a rerun redoes every step but the data
+        target = run / old
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    step = _Steps(run / "commands.log")
     if settings.pretrain:
         stores = [str(manifest.parent / r["path"]) for r in rows if r["split"] == "train"]
         pre = run / "pretrain"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +29,10 @@ def select_slides(
     *,
     novel_pool: int = 0,
     generator: np.random.Generator | None = None,
+    novelty: Sequence[Callable[[torch.Tensor], Any]] | None = None,
 ) -> list[Selection]:
-    """One no-grad selection pass per slide, the model in eval mode (restored after); `novel_pool` and
-    `generator` as in `ips.algo.selection.select` (training exploration)."""
+    """One no-grad selection pass per slide, the model in eval mode (restored after); `novel_pool`,
+    `generator` and (one per slide) `novelty` as in `ips.algo.selection.select` (training exploration)."""
     stream = partial(stream_chunks, prefetch=cfg.selection.prefetch, pin_memory=rt.device.type == "cuda")
     with eval_mode(model):
         return [
@@ -45,8 +47,9 @@ def select_slides(
                 autocast_dtype=rt.autocast_dtype,
                 novel_pool=novel_pool,
                 generator=generator,
+                novelty=None if novelty is None else novelty[k],
             )
-            for src in sources
+            for k, src in enumerate(sources)
         ]
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ips.config import ConfigError, ExperimentConfig
 from ips.model.checkpoint import rng_state, set_rng_state
+from ips.model.encoders import DEFAULT_NORM
 from ips.model.ips_model import normalize_pixels, unit_pixels
 from ips.pretrain.augment import ViewAugment
 from ips.pretrain.methods import RotationHead, SimCLRHead, decorrelation, nt_xent, quarter_turns
@@ -33,7 +34,7 @@ def encoder_meta(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
     return {
         "format": "ips-pretrained-encoder-1",
         "encoder": m.encoder,
-        "encoder_norm": m.encoder_norm or "group",
+        "encoder_norm": m.encoder_norm or DEFAULT_NORM,
         "in_chans": m.in_chans,
         "spatial_dims": m.spatial_dims,
         "patch_size": m.patch_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ips.algo.batch import SelectedBatch, stack_selections
+from ips.algo.novelty import CohortBank
 from ips.algo.selection import eval_mode, explore_selection, guide_selection, novel_pool_size, select
 from ips.config import ConfigError, ExperimentConfig, save_config
 from ips.data.annotations import PatchLabels, patch_labels
@@ -44,6 +46,11 @@ from ips.training.step import accumulate_gradients
 
 def targets_for(records: Sequence[SlideRecord], cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     return {t.name: label_tensor(t, [r.labels[t.name] for r in records]) for t in cfg.model.tasks}
+
+
+def is_negative(record: SlideRecord) -> bool:
+    """[cohort-novelty hook] A slide whose every label is 0 (binary, class 0) or empty (multilabel)."""
+    return all(v in (0, ()) for v in record.labels.values())
 
 
 def epoch_order(n: int, seed: int, epoch: int, world_size: int = 1) -> list[int]:
@@ -220,6 +227,7 @@ class _Inputs:
     val: list[SlideRecord]
     monitor: str
     annotations: dict[str, PatchLabels]  # slide_id -> per-patch labels, for annotated training slides
+    cohort: CohortBank | None = None  # [cohort-novelty hook] negative-slide embeddings for explore slots
 
 
 @dataclass
@@ -371,7 +379,10 @@ def load_inputs(
             f"(train.annotation_slots {cfg.train.annotation_slots}, train.annotation_weight "
             f"{cfg.train.annotation_weight})"
         )
-    return _Inputs(train_records, val_records, monitor, annotations)
+    # [cohort-novelty hook] measured as an alternative to the slide's own novelty (docs/BENCHMARKS.md,
+    # "Learnability matrix"); switched on by the environment only while it is being measured
+    cohort = CohortBank() if os.environ.get("IPS_EXPLORE_REFERENCE") == "cohort" else None
+    return _Inputs(train_records, val_records, monitor, annotations, cohort)
 
 
 def _patch_labels(record: SlideRecord, cfg: ExperimentConfig) -> PatchLabels:
@@ -508,9 +519,9 @@ def run_epoch(
     bar = _progress(len(batches), f"epoch {epoch}/{cfg.train.epochs}", show_progress and rt.dist.is_main)
     for global_batch in batches:
         mine = [train_records[i] for i in shard(global_batch, rt.dist)]
-        batch = selected_batch(
-            model, mine, cfg, rt, [cfg.train.seed, epoch, *global_batch, rt.dist.rank], inputs.annotations
-        )
+        seed = [cfg.train.seed, epoch, *global_batch, rt.dist.rank]
+        # [cohort-novelty hook]: cohort=inputs.cohort
+        batch = selected_batch(model, mine, cfg, rt, seed, inputs.annotations, cohort=inputs.cohort)
         model.train()
         frozen = epoch <= cfg.train.freeze_encoder_epochs
         set_encoder_frozen(model, frozen, toggle_grad=not rt.dist.enabled)
@@ -569,6 +580,8 @@ def selected_batch(
     rt: Runtime,
     explore_seed: Sequence[int],
     annotations: dict[str, PatchLabels] | None = None,
+    *,
+    cohort: CohortBank | None = None,
 ) -> SelectedBatch:
     """The slides' top-M selections, with `selection.explore` slots (novel or random) and, on annotated slides,
     `train.annotation_slots` annotated ones; stacked with their targets (and patch targets)."""
@@ -576,7 +589,9 @@ def selected_batch(
     rng = np.random.default_rng(list(explore_seed))
     sel_cfg = cfg.selection
     pool = novel_pool_size(sel_cfg.memory_size, sel_cfg.explore, sel_cfg.explore_novel)
-    selections = select_slides(model, sources, cfg, rt, novel_pool=pool, generator=rng)
+    # [cohort-novelty hook] novelty against the negative slides' patches instead of the slide's own
+    novelty = None if cohort is None or not pool else [cohort.for_slide(is_negative(r)) for r in records]
+    selections = select_slides(model, sources, cfg, rt, novel_pool=pool, generator=rng, novelty=novelty)
     if sel_cfg.explore > 0:  # pool 0 means no novel slot at M, hence none at m <= M either
         selections = [
             explore_selection(
