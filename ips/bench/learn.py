@@ -145,7 +145,8 @@ def run_one(key: str, seed: int, settings: LearnSettings) -> dict[str, Any]:
         grids = [GridSpec.parse(g) for g in settings.grids]
         manifest = fam.generate(run / "data", n, seed=seed, digits=settings.digits, extra_grids=grids)
     data_minutes = (time.perf_counter() - t0) / 60
-    rows = list(csv.DictReader(manifest.open()))
+    with manifest.open() as f:
+        rows = list(csv.DictReader(f))
     config = settings.configs / ("volume3d.yaml" if fam.spatial_dims == 3 else "demo.yaml")
     overrides = list(VOLUME_OVERRIDES) if fam.spatial_dims == 3 else []
     overrides += [f"train.seed={seed}"]
