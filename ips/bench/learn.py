@@ -130,6 +130,15 @@ class _Steps:
             raise RuntimeError(f"{name} failed with exit status {rc} (see {self.log}): {self.commands[-1]}")
 
 
+def train_overrides(spatial_dims: int, seed: int, settings: LearnSettings) -> list[str]:
+    """`ips train` overrides of a run: the volumes' CPU-sized model, the seed, the reduced epochs, extras."""
+    overrides = list(VOLUME_OVERRIDES) if spatial_dims == 3 else []
+    overrides.append(f"train.seed={seed}")
+    if settings.epochs is not None:
+        overrides.append(f"train.epochs={settings.epochs}")
+    return overrides + list(settings.overrides)
+
+
 def run_one(key: str, seed: int, settings: LearnSettings) -> dict[str, Any]:
     """One family x seed: data, [pretrain], train, predict, heatmaps, metrics. Returns the run's record."""
     from ips.synthetic.families import family
@@ -148,11 +157,7 @@ def run_one(key: str, seed: int, settings: LearnSettings) -> dict[str, Any]:
     with manifest.open() as f:
         rows = list(csv.DictReader(f))
     config = settings.configs / ("volume3d.yaml" if fam.spatial_dims == 3 else "demo.yaml")
-    overrides = list(VOLUME_OVERRIDES) if fam.spatial_dims == 3 else []
-    overrides += [f"train.seed={seed}"]
-    if settings.epochs is not None:
-        overrides.append(f"train.epochs={settings.epochs}")
-    overrides += list(settings.overrides)
+    overrides = train_overrides(fam.spatial_dims, seed, settings)
     threads = ["--threads", str(settings.threads)]
     for old in (
         "pretrain",
