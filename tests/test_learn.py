@@ -93,3 +93,8 @@ def test_a_tiny_matrix_runs_the_documented_commands(tmp_path):
         json.loads((tmp_path / "d_seed3" / "result.json").read_text())["test_accuracy"]
         == row["test_accuracy"]
     )
+
+
+def test_cli_asks_for_digits_where_a_family_needs_them(tmp_path, capsys):
+    assert main(["bench", "learn", "--families", "d,b", "--out", str(tmp_path)]) == 2
+    assert "--digits: families b need an MNIST CSV" in capsys.readouterr().err

@@ -138,11 +138,16 @@ def _learn_parser(kinds: argparse._SubParsersAction) -> None:
     lp.add_argument("--families", default="a,b,c,d,e,f", help="comma-separated family letters")
     lp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data and training)")
     lp.add_argument("--out", type=Path, default=Path("runs/learn"), help="work folder (data, runs)")
-    lp.add_argument("--slides", type=int, default=None, help="slides per family (default: its full size)")
-    lp.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the config's)")
+    lp.add_argument("--slides", type=int, default=None, help="slides per family (none: its full size)")
+    lp.add_argument("--epochs", type=int, default=None, help="train.epochs (none: the config's)")
     lp.add_argument("--pretrain", action="store_true", help="run `ips pretrain` first (documented path)")
     lp.add_argument("--digits", type=Path, default=None, help="MNIST CSV for the mark families (b, c, f)")
-    lp.add_argument("--configs", type=Path, default=None, help="folder of demo.yaml and volume3d.yaml")
+    lp.add_argument(
+        "--configs",
+        type=Path,
+        default=None,
+        help="folder of demo.yaml and volume3d.yaml (none: the repository's configs/)",
+    )
     lp.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     lp.add_argument("--threads", type=int, default=1, help="torch threads")
     lp.add_argument(
@@ -252,6 +257,14 @@ def run_learn_cmd(args: argparse.Namespace) -> int:
         seeds = seeds_of(args.seeds)
     except ValueError as e:
         raise ConfigError(f"--families/--seeds: {e}") from None
+    from ips.synthetic.families import family
+
+    needs = [k for k in families if family(k).needs_digits]
+    if needs and (args.digits is None or not args.digits.is_file()):
+        raise ConfigError(
+            f"--digits: families {','.join(needs)} need an MNIST CSV of handwritten digits "
+            f"({'not given' if args.digits is None else f'{args.digits} does not exist'})"
+        )
     settings = LearnSettings(
         families=families,
         seeds=seeds,
