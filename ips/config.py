@@ -82,10 +82,11 @@ class ModelConfig:
     `encoder`: a name from `ips.model.encoders` (e.g. `resnet3d_tiny`), any timm model name (2D), or
     `features` for precomputed feature vectors. `pretrained`: false, true (timm hub, needs network), or a
     path to a local weights file.
-    `encoder_norm` (ips_* encoders only): 'group' (the default: each patch normalised on its own, so
-    micro-batched gradients equal full-batch ones exactly) or 'batch' (BatchNorm: statistics over the
-    selected patches of the micro-batch in training, running averages in selection and inference; learns
-    from bag labels far sooner on sparse images such as Megapixel MNIST, docs/BENCHMARKS.md).
+    `encoder_norm` (ips_* encoders only): 'batch' (BatchNorm: statistics over the selected patches of the
+    micro-batch in training, running averages in selection and inference; patches differ from each other
+    from the first step, so bag labels teach a fresh encoder far sooner, docs/BENCHMARKS.md) or 'group'
+    (each patch normalised on its own, so micro-batched gradients equal full-batch ones exactly). Unset
+    (null): 'batch' for our encoders, and timm models keep their own normalisation.
     """
 
     encoder: str = "resnet18"
@@ -141,10 +142,14 @@ class ModelConfig:
 class SelectionConfig:
     """Iterative patch selection: memory size M, iteration (chunk) size I, the score.
 
-    `explore` (training only): the share of the M slots given to patches drawn at random from the rest of
-    the bag instead of the lowest-scoring selected ones. With a fresh encoder the informative patches can
-    rank consistently last (e.g. a few bright patches among many alike), and top-M alone then never shows
-    them to the model; a few random slots let training find them. 0 = the paper's IPS.
+    `memory_size` M (default 8): more selected patches dilute the one that matters in the pooled
+    attention (docs/BENCHMARKS.md); tasks that need many patches at once (counting digits) set more.
+
+    `explore` (training only; default 0.25, a quarter of the slots): the share of the M slots given to
+    patches drawn from the rest of the bag instead of the lowest-scoring selected ones. With a fresh
+    encoder the informative patches can rank consistently last (e.g. a few bright patches among many
+    alike), and top-M alone then never shows them to the model; a few explored slots let training find
+    them. Selection at inference is unchanged. `explore: 0` is the paper's exact IPS.
 
     `explore_novel`: the share of those slots drawn from the slide's most *novel* patches, the ones whose
     embedding lies furthest from the slide's typical patch (`ips.algo.novelty`), instead of uniformly. A
@@ -152,11 +157,11 @@ class SelectionConfig:
     novel slots on most (docs/BENCHMARKS.md). Costs one extra chunk of encoder work per training slide.
     """
 
-    memory_size: int = 32
+    memory_size: int = 8
     iter_size: int = 64
     score: ScoreKind = "logit"
     prefetch: int = 2
-    explore: float = 0.0
+    explore: float = 0.25
     explore_novel: float = 1.0
 
     def __post_init__(self) -> None:
@@ -211,6 +216,10 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, batching, budget and bookkeeping.
 
+    The defaults are the recipe measured to take off from bag labels alone (docs/BENCHMARKS.md, "Small
+    objects among similar distractors"): AdamW at `lr` 5e-4 with `weight_decay` 0.01, one warm-up epoch
+    then cosine, 30 `epochs`, `batch_size` 4 slides; at lr 1e-3 training from a pretrained encoder stalled.
+
     `bn_recalibration_slides` (models with BatchNorm only): after each epoch, re-estimate the BatchNorm
     running statistics from the top-M selections of this many training slides (a fixed set drawn by
     seed; `ips.training.batchnorm`). It steadies the validation metrics that stale running averages make
@@ -228,11 +237,11 @@ class TrainConfig:
     run by `monitor` (`ips.training.restarts`).
     """
 
-    epochs: int = 10
-    batch_size: int = 16
+    epochs: int = 30
+    batch_size: int = 4
     micro_batch_size: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 0.05
+    lr: float = 5e-4
+    weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     grad_clip: float | None = 1.0
     seed: int = 0

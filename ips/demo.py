@@ -31,7 +31,6 @@ from ips.eval import lesion_auroc
 DEMO_CONFIG: dict[str, Any] = {
     "model": {
         "encoder": "ips_cnn_small",
-        "encoder_norm": "batch",
         "in_chans": 3,
         "spatial_dims": 2,
         "patch_size": 32,
@@ -40,16 +39,6 @@ DEMO_CONFIG: dict[str, Any] = {
         "d_mlp": 128,
         "pos_enc": "none",
         "tasks": [{"name": "label", "kind": "binary"}],
-    },
-    "selection": {"memory_size": 8, "iter_size": 32, "score": "logit", "explore": 0.25, "explore_novel": 1.0},
-    "data": {"mode": "pixels", "grid": "default", "augment": True},
-    "train": {
-        "epochs": 30,
-        "batch_size": 4,
-        "lr": 5.0e-4,
-        "weight_decay": 0.01,
-        "warmup_epochs": 1,
-        "seed": 0,
     },
 }
 MARKER = "demo.json"

@@ -136,9 +136,14 @@ def test_encoder_norm_option():
             "ips_resnet10", in_chans=1, spatial_dims=spatial_dims, patch_size=32, norm="batch"
         )
         assert kinds(enc) == {f"BatchNorm{spatial_dims}d"}
+        # unset: BatchNorm, the recipe's default (ips.model.encoders.DEFAULT_NORM)
         assert kinds(build_encoder("ips_resnet10", in_chans=1, spatial_dims=spatial_dims, patch_size=32)) == {
-            "GroupNorm"
+            f"BatchNorm{spatial_dims}d"
         }
+        group = build_encoder(
+            "ips_resnet10", in_chans=1, spatial_dims=spatial_dims, patch_size=32, norm="group"
+        )
+        assert kinds(group) == {"GroupNorm"}
     model = build_model(
         ModelConfig(
             encoder="ips_cnn_tiny", encoder_norm="batch", patch_size=16, d_model=16, n_heads=2, d_mlp=16

@@ -320,6 +320,6 @@ def test_batchnorm_with_micro_batches_says_gradients_are_not_exact(tmp_path, sma
     train(cfg, manifest=small_data, run_dir=tmp_path / "bn", show_progress=False, log=lines.append)
     assert any("BatchNorm and micro-batches hold 2 slides" in s for s in lines), lines
     lines.clear()
-    cfg = tiny_config(train={"epochs": 1, "micro_batch_size": 2})  # GroupNorm: exact, nothing to say
+    cfg = tiny_config(model={"encoder_norm": "group"}, train={"epochs": 1, "micro_batch_size": 2})  # exact
     train(cfg, manifest=small_data, run_dir=tmp_path / "gn", show_progress=False, log=lines.append)
     assert not any("BatchNorm" in s for s in lines), lines

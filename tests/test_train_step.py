@@ -39,7 +39,14 @@ def make_batch(b=5, m=4, seed=0, dims=2, short_bag=True):
 def grads_for(micro: int, dims: int = 2):
     torch.manual_seed(0)
     cfg = ModelConfig(
-        encoder="ips_cnn_tiny", spatial_dims=dims, patch_size=8, d_model=24, n_heads=2, d_mlp=16, tasks=TASKS
+        encoder="ips_cnn_tiny",
+        encoder_norm="group",  # each patch on its own: micro-batching is exact (BatchNorm is not)
+        spatial_dims=dims,
+        patch_size=8,
+        d_model=24,
+        n_heads=2,
+        d_mlp=16,
+        tasks=TASKS,
     )
     model = build_model(cfg).double()
     batch = make_batch(dims=dims)

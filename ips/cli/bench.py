@@ -170,6 +170,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(e)
     e.set_defaults(func=run_encoders_cmd)
 
+    _learn_parser(kinds)
+
+
+def _learn_parser(kinds: argparse._SubParsersAction) -> None:
+    lp = kinds.add_parser(
+        "learn",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="learnability matrix: task families x seeds through the documented commands",
+    )
+    lp.add_argument("--families", default="a,b,c,d,e,f", help="comma-separated family letters")
+    lp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data and training)")
+    lp.add_argument("--out", type=Path, default=Path("runs/learn"), help="work folder (data, runs)")
+    lp.add_argument("--slides", type=int, default=None, help="slides per family (none: its full size)")
+    lp.add_argument("--epochs", type=int, default=None, help="train.epochs (none: the config's)")
+    lp.add_argument("--pretrain", action="store_true", help="run `ips pretrain` first (documented path)")
+    lp.add_argument("--digits", type=Path, default=None, help="MNIST CSV for the mark families (b, c, f)")
+    lp.add_argument(
+        "--configs",
+        type=Path,
+        default=None,
+        help="folder of demo.yaml and volume3d.yaml (none: the repository's configs/)",
+    )
+    lp.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
+    lp.add_argument("--threads", type=int, default=1, help="torch threads")
+    lp.add_argument(
+        "--grid", action="append", default=[], help="a further grid in every store, NAME:LEVEL:PATCH:STRIDE"
+    )
+    lp.add_argument("overrides", nargs="*", metavar="key=value", help="extra `ips train` overrides")
+    lp.set_defaults(func=run_learn_cmd)
+
 
 def _names(text: str | None) -> list[str] | None:
     if text is None:
@@ -251,4 +281,49 @@ def run_encoders_cmd(args: argparse.Namespace) -> int:
     print(encoders_table(result))
     if args.json:
         print(f"wrote {write_json(args.json, 'encoders', result)}")
+    return 0
+
+
+def run_learn_cmd(args: argparse.Namespace) -> int:
+    from ips.bench.learn import (
+        LearnSettings,
+        default_configs,
+        learn_table,
+        parse_families,
+        run_learn,
+        seeds_of,
+        write_result,
+    )
+    from ips.errors import ConfigError
+
+    try:
+        families = parse_families(args.families)
+        seeds = seeds_of(args.seeds)
+    except ValueError as e:
+        raise ConfigError(f"--families/--seeds: {e}") from None
+    from ips.synthetic.families import family
+
+    needs = [k for k in families if family(k).needs_digits]
+    if needs and (args.digits is None or not args.digits.is_file()):
+        raise ConfigError(
+            f"--digits: families {','.join(needs)} need an MNIST CSV of handwritten digits "
+            f"({'not given' if args.digits is None else f'{args.digits} does not exist'})"
+        )
+    settings = LearnSettings(
+        families=families,
+        seeds=seeds,
+        out=args.out,
+        configs=args.configs or default_configs(),
+        digits=args.digits,
+        n_slides=args.slides,
+        epochs=args.epochs,
+        pretrain=args.pretrain,
+        threads=args.threads,
+        overrides=tuple(args.overrides),
+        grids=tuple(args.grid),
+    )
+    result = run_learn(settings)
+    print(learn_table(result))
+    if args.json:
+        print(f"wrote {write_result(args.json, result)}")
     return 0

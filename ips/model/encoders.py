@@ -21,6 +21,7 @@ _POOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 _MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+DEFAULT_NORM = "batch"  # `model.encoder_norm` unset: BatchNorm for our encoders (the recipe's, ips.config)
 
 
 def register_encoder(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -367,7 +368,7 @@ def build_encoder(
 ) -> nn.Module:
     """Build an encoder by name and check that it takes `patch_size` patches; the result has `out_dim`.
 
-    `norm` ('group' | 'batch'; None = 'group') applies to our `ips_*` encoders only: timm models keep their
+    `norm` ('group' | 'batch'; None = DEFAULT_NORM) applies to our `ips_*` encoders only: timm models keep their
     own normalisation. Raises ConfigError naming the key when the name is unknown, the norm does not
     apply, or the patch size does not fit.
     """
@@ -383,13 +384,18 @@ def build_encoder(
         if pretrained is not False:
             if not isinstance(pretrained, str):
                 raise ConfigError(f"model.pretrained: encoder {name!r} has no hub weights; give a local file")
-        encoder = _REGISTRY[name](in_chans=in_chans, spatial_dims=spatial_dims, norm=norm or "group")
+        encoder = _REGISTRY[name](in_chans=in_chans, spatial_dims=spatial_dims, norm=norm or DEFAULT_NORM)
         if isinstance(pretrained, str):
             path = Path(pretrained)
             if not path.is_file():
                 raise ConfigError(f"model.pretrained: weights file {path} does not exist")
             load_encoder_weights(
-                encoder, path, name=name, norm=norm or "group", in_chans=in_chans, spatial_dims=spatial_dims
+                encoder,
+                path,
+                name=name,
+                norm=norm or DEFAULT_NORM,
+                in_chans=in_chans,
+                spatial_dims=spatial_dims,
             )
         min_size = getattr(encoder, "min_patch_size", 1)
         if patch_size < min_size:

@@ -21,6 +21,7 @@ from ips.config import ConfigError, ExperimentConfig
 from ips.data.sources import PatchSource
 from ips.infer.engine import check_model_fits
 from ips.model.checkpoint import rng_state, set_rng_state
+from ips.model.encoders import DEFAULT_NORM
 from ips.model.ips_model import build_model, normalize_pixels, unit_pixels
 from ips.model.torchfile import read_torch_file, save_torch_file
 from ips.pretrain.augment import ViewAugment
@@ -42,7 +43,7 @@ def encoder_meta(cfg: ExperimentConfig, method: str) -> dict[str, Any]:
     return {
         "format": "ips-pretrained-encoder-1",
         "encoder": m.encoder,
-        "encoder_norm": m.encoder_norm or "group",
+        "encoder_norm": m.encoder_norm or DEFAULT_NORM,
         "in_chans": m.in_chans,
         "spatial_dims": m.spatial_dims,
         "patch_size": m.patch_size,
