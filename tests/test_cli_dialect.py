@@ -161,3 +161,24 @@ def test_view_split_is_a_choice(capsys):
 @pytest.mark.parametrize("command", QUIET_TOO)
 def test_quiet_on_commands_with_progress_bars(command):
     assert "--quiet" in options(command)
+
+
+def test_every_command_has_help():
+    """`ips --help` and each subcommand's --help print (a stray % in a help text breaks argparse)."""
+    import argparse
+
+    from ips.cli.main import build_parser
+
+    parser = build_parser()
+    commands = [[]]
+    for action in parser._subparsers._group_actions:  # the subcommands, and theirs (bench, synth)
+        for name, sub in action.choices.items():
+            commands.append([name])
+            for inner in sub._actions:
+                if isinstance(inner, argparse._SubParsersAction):
+                    commands.extend([name, k] for k in inner.choices)
+    assert len(commands) > 15
+    for argv in commands:
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([*argv, "--help"])
+        assert e.value.code == 0, argv

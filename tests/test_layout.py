@@ -50,9 +50,10 @@ ALLOWED: dict[str, set[str]] = {
     | {"ips.runtime", "ips.data", "ips.model", "ips.algo", "ips.infer", "ips.training", "ips.synthetic"}
     | {"ips.eval"},
 }
-EVERY_UNIT = {"ips", *ALLOWED, "ips.cli"}
+EVERY_UNIT = {"ips", *ALLOWED, "ips.cli", "ips.__main__"}
 ALLOWED["ips.cli"] = EVERY_UNIT - {"ips.cli"}  # the CLI parses arguments and may call any layer
 ALLOWED["ips"] = EVERY_UNIT - {"ips"}
+ALLOWED["ips.__main__"] = {"ips.cli"}  # `python -m ips`: the command line, nothing else
 
 # Known import circles: none (the test below fails, saying so, when an entry here is no longer a circle).
 KNOWN_CIRCLES: list[set[str]] = []

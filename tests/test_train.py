@@ -84,10 +84,15 @@ def test_exploration_finds_patches_that_top_m_alone_never_shows(tmp_path):
     last), so plain top-M (M=8) rarely trains on it. Measured, seeds 0/1/2, 15 epochs: final val accuracy
     1.0/0.5/0.5 with explore 0 (seed 0 only from epoch 11), and 1.0/1.0/1.0 with explore 0.25 (from
     epoch 8/6/6). This test: seed 1, threshold 0.8, and the same run without exploration as the control,
-    which must stay below it (the feature, not the data or the seed, makes the difference)."""
+    which must stay below it (the feature, not the data or the seed, makes the difference). The explored
+    run uses the library's default `selection.explore`: reverting that default to 0 fails this test."""
+    from ips.config import SelectionConfig
+
+    default = SelectionConfig().explore
+    assert default > 0, "the recipe explores by default; explore 0 is the paper's IPS, a named option"
     manifest = make_cross_slides(tmp_path / "data", n_train=24, n_val=12, seed=1, mark="cross")
     accuracy = {}
-    for explore in (0.25, 0.0):
+    for explore in (default, 0.0):
         cfg = tiny_config(
             model={**TINY["model"], "encoder": "ips_cnn_small"},
             selection={"memory_size": 8, "explore": explore},
@@ -97,7 +102,7 @@ def test_exploration_finds_patches_that_top_m_alone_never_shows(tmp_path):
         run_dir = tmp_path / f"explore{explore}"
         result = train(cfg, manifest=manifest, run_dir=run_dir, show_progress=False, log=lambda s: None)
         accuracy[explore] = [r["val_label/accuracy"] for r in result.history]
-    assert accuracy[0.25][-1] >= 0.8, accuracy
+    assert accuracy[default][-1] >= 0.8, accuracy
     assert accuracy[0.0][-1] < 0.8, accuracy  # the control: top-M alone does not find the cross
 
 

@@ -10,7 +10,7 @@ For each family (`ips.synthetic.families`) and seed: generate the family's store
 
 CFG is `configs/demo.yaml` for 2D families and `configs/volume3d.yaml` for volumes, the latter with only
 the overrides a CPU user is allowed (`VOLUME_OVERRIDES`). SIZE: `train.epochs=E` when `--epochs` asks for
-a shorter run than the config's (a reduced run; the JSON records it). The data seed is the run's seed. Each command runs as its own process (`python -m ips.cli`), its output in
+a shorter run than the config's (a reduced run; the JSON records it). The data seed is the run's seed. Each command runs as its own process (`python -m ips`), its output in
 RUN/commands.log.
 
 Heatmap AUROC, per positive test slide then averaged: the attention of each patch against the truth
@@ -106,7 +106,7 @@ def heatmap_auroc(scores_path: str | Path, store_path: str | Path) -> float:
 
 
 class _Steps:
-    """Runs `ips` commands as child processes (`python -m ips.cli`, exactly as a user types them),
+    """Runs `ips` commands as child processes (`python -m ips`, exactly as a user types them),
     recording each command line and its CPU time (the child's user + system time)."""
 
     def __init__(self, log: Path) -> None:
@@ -123,7 +123,7 @@ class _Steps:
             out.flush()
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log follows the run
             rc = subprocess.run(
-                [sys.executable, "-m", "ips.cli", *args], stdout=out, stderr=out, env=env
+                [sys.executable, "-m", "ips", *args], stdout=out, stderr=out, env=env
             ).returncode
         self.cpu[name] = (_children_cpu_s() - c0) / 60
         if rc != 0:

@@ -12,7 +12,7 @@ from ips.config import ConfigError, load_config
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "cv",
-        help="k-fold cross-validation: one run per fold, each metric's mean, sd and 95% interval",
+        help="k-fold cross-validation: one run per fold, each metric's mean, sd and 95%% interval",
         description="Stratified k folds of the manifest's train and val slides (test slides stay test): "
         "fold f is the val split of run DIR/fold_<f>/run; DIR/summary.json and a table summarise the folds.",
     )
