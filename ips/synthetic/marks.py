@@ -20,7 +20,7 @@ Truth: `ips_truth/lesion` = share of each patch inside a target mark's ink (dila
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -153,87 +153,60 @@ def _marks_dataset(
     )
 
 
-def make_split_marks(
-    out_dir: str | Path,
-    n_slides: int,
-    *,
-    digits: str | Path,
-    seed: int = 0,
-    size: int = 512,
-    patch_size: int = 32,
-    mark_size: int = 48,
-    target_digit: int = 7,
-    extra_grids: Sequence[GridSpec] = (),
-) -> Path:
-    """Family b: a target mark larger than a patch (48 px at 32-px patches) among similar marks.
-    `digits`: an MNIST CSV (`ips.synthetic.load_mnist_csv`). Returns the manifest path."""
-    return _marks_dataset(
-        out_dir,
-        family="marks",
-        n_slides=n_slides,
-        seed=seed,
-        digits=digits,
-        size=size,
-        patch_size=patch_size,
-        mark_size=mark_size,
-        count=False,
-        target_digit=target_digit,
-        extra_grids=extra_grids,
+def _family_maker(family: str, *, size: int, mark_size: int, count: bool, doc: str) -> Callable[..., Path]:
+    """The public generator of one marks family: the same arguments for b, c and f, their own defaults."""
+
+    def make(
+        out_dir: str | Path,
+        n_slides: int,
+        *,
+        digits: str | Path,
+        seed: int = 0,
+        size: int = size,
+        patch_size: int = 32,
+        mark_size: int = mark_size,
+        target_digit: int = 7,
+        extra_grids: Sequence[GridSpec] = (),
+    ) -> Path:
+        return _marks_dataset(
+            out_dir,
+            family=family,
+            n_slides=n_slides,
+            seed=seed,
+            digits=digits,
+            size=size,
+            patch_size=patch_size,
+            mark_size=mark_size,
+            count=count,
+            target_digit=target_digit,
+            extra_grids=extra_grids,
+        )
+
+    make.__doc__ = (
+        doc + " `digits`: an MNIST CSV (`ips.synthetic.load_mnist_csv`). Returns the manifest path."
     )
+    return make
 
 
-def make_sparse_marks(
-    out_dir: str | Path,
-    n_slides: int,
-    *,
-    digits: str | Path,
-    seed: int = 0,
-    size: int = 768,
-    patch_size: int = 32,
-    mark_size: int = 48,
-    target_digit: int = 7,
-    extra_grids: Sequence[GridSpec] = (),
-) -> Path:
-    """Family c: the target mark on a 768-px slide (576 patches of 32 px): its box ~0.4% of the slide, its
-    ink < 0.2%, among 4-6 similar marks. Returns the manifest path."""
-    return _marks_dataset(
-        out_dir,
-        family="sparse",
-        n_slides=n_slides,
-        seed=seed,
-        digits=digits,
-        size=size,
-        patch_size=patch_size,
-        mark_size=mark_size,
-        count=False,
-        target_digit=target_digit,
-        extra_grids=extra_grids,
-    )
-
-
-def make_count_marks(
-    out_dir: str | Path,
-    n_slides: int,
-    *,
-    digits: str | Path,
-    seed: int = 0,
-    size: int = 512,
-    patch_size: int = 32,
-    mark_size: int = 40,
-    target_digit: int = 7,
-    extra_grids: Sequence[GridSpec] = (),
-) -> Path:
-    """Family f: positive only with 2 or 3 target marks; negatives hold 0 or 1. Returns the manifest path."""
-    return _marks_dataset(
-        out_dir,
-        family="count",
-        n_slides=n_slides,
-        seed=seed,
-        digits=digits,
-        size=size,
-        patch_size=patch_size,
-        mark_size=mark_size,
-        count=True,
-        target_digit=target_digit,
-        extra_grids=extra_grids,
-    )
+make_split_marks = _family_maker(
+    "marks",
+    size=512,
+    mark_size=48,
+    count=False,
+    doc="Family b: a target mark larger than a patch (48 px at 32-px patches) among similar marks.",
+)
+make_sparse_marks = _family_maker(
+    "sparse",
+    size=768,
+    mark_size=48,
+    count=False,
+    doc="Family c: the target mark on a 768-px slide (576 patches of 32 px): its box ~0.4% of the slide, "
+    "its ink < 0.2%, among 4-6 similar marks.",
+)
+make_count_marks = _family_maker(
+    "count",
+    size=512,
+    mark_size=40,
+    count=True,
+    doc="Family f: positive only with 2 or 3 target marks; negatives hold 0 or 1.",
+)
