@@ -23,6 +23,7 @@ from data_prep.options import CODECS, STORE_FROM, PrepOptions
 from data_prep.readers import READERS
 from data_prep.workers import DIED, die_with_parent, run_pool
 from ips.errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, run_each
+from ips.foundation import foundation_spec, list_foundation
 
 if TYPE_CHECKING:  # the pipeline (zarr, scikit-image) loads only when prep runs: `ips --help` stays fast
     from data_prep.convert import PrepResult
@@ -75,7 +76,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="output folder, or s3://bucket/prefix, gs://bucket/prefix (object storage)",
     )
     p.add_argument(
-        "--patch-size", type=int, default=256, metavar="P", help="patch side in pixels (default 256)"
+        "--patch-size",
+        type=int,
+        default=None,
+        metavar="P",
+        help="patch side in pixels (default 256, or the --encoder's input size)",
     )
     p.add_argument("--stride", type=int, default=None, metavar="S", help="grid step in pixels (default P)")
     where = p.add_mutually_exclusive_group()
@@ -88,6 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="X",
         help="pick the level nearest X micrometers per pixel (needs the source's mpp)",
+    )
+    where.add_argument(
+        "--encoder",
+        default=None,
+        metavar="NAME",
+        help="cut the grid for a foundation encoder: its mpp and (unless --patch-size) its input size "
+        f"({', '.join(list_foundation())})",
     )
     p.add_argument(
         "--min-tissue",
@@ -261,11 +273,12 @@ def run(args: argparse.Namespace) -> int:
         )
         args.threads = cores
     threads = args.threads or (max(1, min(8, (os.cpu_count() or 1) // procs)) if procs else 0)
+    mpp, patch_size = grid_scale(args)
     options = PrepOptions(
-        patch_size=args.patch_size,
+        patch_size=patch_size,
         stride=args.stride,
         level=args.level,
-        mpp=args.mpp,
+        mpp=mpp,
         min_tissue=args.min_tissue,
         grid_name=args.grid_name,
         codec=args.codec,
@@ -322,6 +335,15 @@ def run(args: argparse.Namespace) -> int:
             )
     print(summary_table(results))
     return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
+
+
+def grid_scale(args: argparse.Namespace) -> tuple[float | None, int]:
+    """`(mpp, patch_size)` of the grid: `--mpp` / `--patch-size`, or with `--encoder NAME` the
+    magnification and input size that encoder was trained at (an explicit --patch-size still wins)."""
+    if args.encoder is None:
+        return args.mpp, 256 if args.patch_size is None else args.patch_size
+    spec = foundation_spec(args.encoder, key="--encoder")
+    return spec.mpp, spec.input_size if args.patch_size is None else args.patch_size
 
 
 def _check_local_out(out: Path) -> None:

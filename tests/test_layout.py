@@ -26,16 +26,17 @@ SCRIPTS = ("benchmarks", "experiments", "tools")
 # `data_prep`); a unit may always import itself. Lower layers first: a unit lists only units above it in
 # this table. `ips` (the root) is the lazy public API and may name anything; data_prep reads only
 # `ips.__version__` from it. `ips._version` holds the version alone, for the store contract's marker.
-_BASE = {"ips.errors", "ips.format", "ips.config"}
+_BASE = {"ips.errors", "ips.format", "ips.config", "ips.foundation"}
 ALLOWED: dict[str, set[str]] = {
     "ips.errors": set(),
     "ips._version": set(),
     "ips.format": {"ips._version", "ips.errors"},
     "ips.config": {"ips.errors"},
+    "ips.foundation": {"ips.errors"},  # the foundation encoders' catalog: data only, read by prep and model
     "ips.runtime": {"ips.errors", "ips.config"},
-    "data_prep": {"ips", "ips.errors", "ips.format"},
+    "data_prep": {"ips", "ips.errors", "ips.format", "ips.foundation"},
     "ips.data": _BASE,
-    "ips.model": {"ips.errors", "ips.config"},
+    "ips.model": {"ips.errors", "ips.config", "ips.foundation"},
     "ips.algo": _BASE | {"ips.data", "ips.model"},
     "ips.infer": _BASE | {"ips.runtime", "ips.data", "ips.model", "ips.algo"},
     "ips.training": _BASE | {"ips.runtime", "ips.data", "ips.model", "ips.algo", "ips.infer"},

@@ -9,6 +9,7 @@ from pathlib import Path
 from data_prep.cli import parse_shard, take_shard
 from ips.cli._common import add_device, add_overwrite, add_quiet
 from ips.cli._threads import add_threads, apply_threads
+from ips.foundation import list_foundation
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,11 +20,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "store (streaming; an interrupted run resumes). Train on them with data.mode=features.",
     )
     p.add_argument("stores", nargs="+", metavar="STORE", help="stores made by `ips prep`")
-    p.add_argument("--encoder", required=True, help="encoder name (ours, e.g. ips_resnet18, or a timm model)")
+    p.add_argument(
+        "--encoder",
+        required=True,
+        help=f"encoder name: a pathology foundation encoder ({', '.join(list_foundation())}), one of ours "
+        "(e.g. ips_resnet18), or a timm model",
+    )
     p.add_argument(
         "--pretrained",
         default="false",
-        help="weights: a local file, 'true' (timm hub, needs network) or 'false' (default)",
+        help="weights: a local file, 'true' (the hub: needs network, and a token for gated models) or "
+        "'false' (default: random weights)",
     )
     p.add_argument(
         "--grid", default="default", help="grid to embed, as data.grid and prep --grid (default 'default')"
@@ -97,13 +104,29 @@ def _pretrained(value: str) -> bool | str:
     return value
 
 
+def scale_warning(encoder: str, mpp: float | None) -> str | None:
+    """Why a foundation encoder's features of a grid at `mpp` um/px may disappoint (it was trained at
+    another magnification), or None."""
+    from ips.foundation import foundation_spec, is_foundation
+
+    if mpp is None or not is_foundation(encoder):
+        return None
+    spec = foundation_spec(encoder)
+    if abs(mpp / spec.mpp - 1) <= 0.25:
+        return None
+    return (
+        f"the grid is at {mpp:.3g} um/px, {spec.name} was trained at {spec.mpp} um/px; "
+        f"prep a grid for it with `ips prep ... --encoder {spec.name}`"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch  # here, not at import: building the `ips` parser must stay fast
 
     from ips.config import ConfigError
     from ips.data.store import open_store
     from ips.errors import failure_summary, run_each
-    from ips.infer.embed import embed_store
+    from ips.infer.embed import embed_store, grid_mpp
     from ips.model.encoders import build_encoder
     from ips.runtime import resolve_device
 
@@ -119,14 +142,18 @@ def run(args: argparse.Namespace) -> int:
 
     def encoder_for(key: tuple[int, int, int]) -> torch.nn.Module:
         if key not in encoders:  # one encoder per patch shape
-            encoders[key] = build_encoder(
+            weights = _pretrained(args.pretrained)
+            encoder = build_encoder(
                 args.encoder,
                 in_chans=key[0],
                 spatial_dims=key[1],
                 patch_size=key[2],
-                pretrained=_pretrained(args.pretrained),
+                pretrained=weights,
                 norm=_norm(args),
-            ).to(device)
+            )
+            if isinstance(weights, str) and getattr(encoder, "weights_path", None) is None:
+                encoder.weights_path = Path(weights)  # the provenance's weights hash
+            encoders[key] = encoder.to(device)
         return encoders[key]
 
     def one(store: str) -> None:
@@ -145,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
             read_threads=args.read_threads,
             overwrite=args.overwrite,
         )
+        warning = scale_warning(args.encoder, grid_mpp(opened, args.grid))
+        if warning:
+            print(f"warning: {store}: {warning}", file=sys.stderr)
         if not args.quiet:
             print(f"{store}: features/{result.name} ({result.dim} per patch, {info.n_patches} patches)")
 

@@ -5,11 +5,19 @@ chunk's embeddings `(chunk_size, F)` are written as one whole zarr chunk of `fea
 `(N, F)` (no read-modify-write, never `(N, F)` in memory), then the array's `ips_progress` attribute
 records how many rows are done. A rerun continues from there; the feature set is announced in the
 store's `ips.features` attribute (what `FeatureSource` reads) only once every row is written.
+
+Each feature set carries its provenance (attribute `provenance` of `features/<name>`, and in the
+announcement): the encoder's name, the sha256 of its weights file (null: random weights), the grid's
+micrometers per pixel, the normalisation, the stored dtype, and for a foundation encoder its catalog entry
+(input size, pooling, licence). A rerun with other weights or another normalisation starts over.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +29,7 @@ from ips.data.store import FeatureInfo, StoreLocation, open_store
 from ips.data.streaming import stream_chunks
 from ips.data.zarr_source import ZarrPatchSource
 from ips.format import names as sf
+from ips.format.store import IpsStore
 from ips.model.ips_model import normalize_pixels, pixel_stats
 from ips.runtime import Runtime, autocast_dtype_for
 
@@ -65,6 +74,9 @@ def embed_store(
     in_chans = source.patch_shape[0]
     if mean is None or std is None:
         mean, std = pixel_stats(encoder, in_chans)
+    provenance = feature_provenance(
+        encoder, encoder_name=encoder_name, mpp=grid_mpp(opened, grid), mean=mean, std=std, dtype=dtype
+    )
     embed = _embedder(
         encoder,
         encoder_name=encoder_name,
@@ -87,7 +99,15 @@ def embed_store(
                 f"{sf.FEATURES_GROUP}/{name}",
                 coords=source.coords,
                 dim=dim,
-                run={"grid": grid, "encoder": encoder_name, "total": n, "dim": dim},
+                run={
+                    "grid": grid,
+                    "encoder": encoder_name,
+                    "total": n,
+                    "dim": dim,
+                    "weights_sha256": provenance["weights_sha256"],
+                    "mean": provenance["mean"],
+                    "std": provenance["std"],
+                },
                 chunk_size=chunk_size,
                 dtype=dtype,
                 overwrite=overwrite,
@@ -107,18 +127,78 @@ def embed_store(
                     }
     finally:
         encoder.train(was_training)
-    _announce(group, name, grid, encoder_name, dim)  # last: readers see only complete feature sets
+    group[f"{sf.FEATURES_GROUP}/{name}"].attrs["provenance"] = provenance
+    entry = {"grid": grid, "encoder": encoder_name, "dim": dim, "provenance": provenance}
+    _announce(group, name, entry)  # last: readers see only complete feature sets
     return FeatureInfo(name, grid, encoder_name, dim)
 
 
-def _announce(group: zarr.Group, name: str, grid: str, encoder_name: str, dim: int) -> None:
+def _announce(group: zarr.Group, name: str, entry: dict[str, Any]) -> None:
     """List the feature set in the store's `ips` attributes."""
     ips_attrs = dict(group.attrs[sf.IPS_ATTR])
-    ips_attrs["features"] = {
-        **(ips_attrs.get("features") or {}),
-        name: {"grid": grid, "encoder": encoder_name, "dim": dim},
-    }
+    ips_attrs["features"] = {**(ips_attrs.get("features") or {}), name: entry}
     group.attrs[sf.IPS_ATTR] = ips_attrs
+
+
+def grid_mpp(opened: IpsStore, grid: str) -> float | None:
+    """Micrometers per pixel of `grid`'s level (mean of y and x), None where the store has no spacing."""
+    if not opened.spacing:
+        return None
+    level = opened.grid(grid).level
+    factors = opened.level_downsamples[level] if level < len(opened.level_downsamples) else (1.0,)
+    yx = [float(s) * float(f) for s, f in zip(opened.spacing[-2:], tuple(factors)[-2:])]
+    return round(sum(yx) / len(yx), 6)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, once per (path, size, mtime) in a process: one embed run over a cohort hashes
+    a multi-GB weights file once, not once per store."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(path: str | Path | None) -> str | None:
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def feature_provenance(
+    encoder: nn.Module,
+    *,
+    encoder_name: str,
+    mpp: float | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: str,
+) -> dict[str, Any]:
+    """What made a feature set: encoder name, weights hash (from `encoder.weights_path`, set by the
+    builders that load a file; null = random weights), grid mpp, normalisation, dtype, and a foundation
+    encoder's catalog entry."""
+    record: dict[str, Any] = {
+        "encoder": encoder_name,
+        "weights_sha256": weights_sha256(getattr(encoder, "weights_path", None)),
+        "mpp": mpp,
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "dtype": dtype,
+    }
+    spec = getattr(encoder, "spec", None)
+    if spec is not None:  # a foundation encoder (ips.model.foundation)
+        record["foundation"] = {
+            "name": spec.name,
+            "mpp": spec.mpp,
+            "input_size": spec.input_size,
+            "pool": spec.pool,
+            "licence": spec.licence,
+            "hub": spec.hub,
+        }
+    return record
 
 
 def _embedder(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ips.config import ConfigError
+from ips.foundation import is_foundation, list_foundation
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _POOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
@@ -340,7 +341,8 @@ def _timm_encoder(name: str, *, in_chans: int, pretrained: bool | str) -> nn.Mod
     if not timm.is_model(name):
         raise ConfigError(
             f"model.encoder: unknown encoder {name!r}; use one of ours ({', '.join(list_encoders())}), "
-            "'features', or a timm model name (timm.list_models())"
+            f"a foundation encoder ({', '.join(list_foundation())}), 'features', or a timm model name "
+            "(timm.list_models())"
         )
     kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
     if isinstance(pretrained, str):
@@ -376,6 +378,8 @@ def build_encoder(
         raise ConfigError(
             f"model.encoder_norm: applies to the ips_* encoders only, not {name!r} (timm models keep their own)"
         )
+    if is_foundation(name):
+        return _foundation_encoder(name, in_chans=in_chans, spatial_dims=spatial_dims, pretrained=pretrained)
     if name == "features":
         if feature_dim is None:
             raise ConfigError("model.feature_dim: required for encoder 'features'")
@@ -410,6 +414,18 @@ def build_encoder(
     encoder = _timm_encoder(name, in_chans=in_chans, pretrained=pretrained)
     _check_patch_size(encoder, name, in_chans=in_chans, spatial_dims=spatial_dims, patch_size=patch_size)
     return encoder
+
+
+def _foundation_encoder(name: str, *, in_chans: int, spatial_dims: int, pretrained: bool | str) -> nn.Module:
+    """A pathology foundation encoder of the catalog (`ips.foundation`): RGB 2D patches of any size (each
+    is resized to the model's input size), so no patch-size probe is needed."""
+    from ips.model.foundation import build_foundation
+
+    if spatial_dims != 2 or in_chans != 3:
+        raise ConfigError(
+            f"model.encoder: {name!r} encodes RGB 2D patches; got in_chans={in_chans}, spatial_dims={spatial_dims}"
+        )
+    return build_foundation(name, pretrained=pretrained)
 
 
 def _check_patch_size(
