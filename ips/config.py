@@ -79,9 +79,9 @@ class TaskConfig:
 class ModelConfig:
     """Encoder, positional encoding, cross-attention aggregator and heads.
 
-    `encoder`: a name from `ips.model.encoders` (e.g. `resnet3d_tiny`), any timm model name (2D), or
-    `features` for precomputed feature vectors. `pretrained`: false, true (timm hub, needs network), or a
-    path to a local weights file.
+    `encoder`: a name from `ips.model.encoders` (e.g. `resnet3d_tiny`), a pathology foundation encoder of
+    `ips.foundation` (e.g. `uni`), any timm model name (2D), or `features` for precomputed feature vectors.
+    `pretrained`: false, true (the hub, needs network), or a path to a local weights file.
     `encoder_norm` (ips_* encoders only): 'batch' (BatchNorm: statistics over the selected patches of the
     micro-batch in training, running averages in selection and inference; patches differ from each other
     from the first step, so bag labels teach a fresh encoder far sooner, docs/BENCHMARKS.md) or 'group'

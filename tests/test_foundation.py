@@ -371,6 +371,27 @@ def test_prep_store_from_grid_at_mpp_1_with_the_default_codec(tmp_path):
     assert np.abs(patch - means).max() <= 1.0
 
 
+def test_prep_store_from_grid_at_mpp_1_on_the_real_svs(tmp_path):
+    """The same contract on the real Aperio slide (0.499 um/px, one level): a 2x store, verified."""
+    import os
+
+    root = os.environ.get("IPS_TEST_DATA")
+    svs = Path(root or "") / "cmu_small_region.svs"
+    if not root or not svs.is_file():
+        pytest.skip("IPS_TEST_DATA with cmu_small_region.svs is not set")
+    out = tmp_path / "out"
+    assert main(["prep", str(svs), "--out", str(out), "--store-from", "grid", "--mpp", "1.0", "--quiet"]) == 0
+    import openslide
+
+    with openslide.OpenSlide(str(svs)) as slide:
+        width, height = slide.dimensions
+    attrs = zarr.open_group(str(out / "cmu_small_region.zarr"), mode="r").attrs["ips"]
+    assert attrs["provenance"]["options"]["codec"] == "blosc-lz4"
+    assert attrs["level_shapes"][0] == [3, height // 2, width // 2]
+    assert attrs["spacing"] == pytest.approx([0.998, 0.998], abs=1e-3)
+    verify_store(out / "cmu_small_region.zarr")
+
+
 # --- the features path -------------------------------------------------------------------------------
 
 
@@ -393,6 +414,7 @@ def test_embed_writes_fp16_features_with_provenance_and_they_train(tiny, tmp_pat
         assert prov["mean"] == list(TINY.mean) and prov["std"] == list(TINY.std)
         assert prov["foundation"]["pool"] == "token+mean" and prov["foundation"]["input_size"] == 32
         assert open_store(store).features["tiny"].dim == 64
+        verify_store(store)  # the store stays whole with the feature set and its provenance in it
     # the features are the encoder's output on the patches normalised with the model's own statistics
     enc = build_foundation(tiny, pretrained=str(weights)).eval()
     px = ZarrPatchSource(stores[0]).read(np.arange(12)).float() / 255.0
