@@ -311,6 +311,35 @@ def test_without_a_token_or_a_network_the_error_names_the_file(tiny, monkeypatch
         build_foundation(tiny, pretrained=True)
 
 
+def test_hub_weights_under_the_other_usual_name_load(tiny, monkeypatch, tmp_path):
+    """With a token and a hub (here a stand-in that has only `model.safetensors`), the weights load."""
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    torch.manual_seed(8)
+    original = build_foundation(tiny).eval()
+    published = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in original.trunk.state_dict().items()}, str(published))
+    asked = []
+
+    class EntryNotFoundError(Exception):
+        pass
+
+    def hub(repo, name, **kwargs):
+        asked.append(name)
+        if name != "model.safetensors":
+            raise EntryNotFoundError(f"{name} not in {repo}")
+        return str(published)
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_not_a_real_token")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    loaded = build_foundation(tiny, pretrained=True).eval()
+    assert asked == ["pytorch_model.bin", "model.safetensors"]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), original(x), rtol=0, atol=0)
+
+
 # --- prep at the encoder's magnification --------------------------------------------------------------
 
 
@@ -466,6 +495,7 @@ def test_embed_warns_when_the_grid_is_not_at_the_encoders_mpp(tiny, tmp_path, ca
     assert main(["embed", str(store), "--encoder", tiny, "--name", "f"]) == 0
     err = capsys.readouterr().err
     assert "the grid is at 0.25 um/px, tiny-test was trained at 0.5 um/px" in err
+    assert "warning: tiny-test with random weights (no --pretrained)" in err
     prov = zarr.open_group(str(store), mode="r")["features/f"].attrs["provenance"]
     assert prov["weights_sha256"] is None  # random weights, said so
 

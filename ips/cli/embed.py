@@ -9,7 +9,7 @@ from pathlib import Path
 from data_prep.cli import parse_shard, take_shard
 from ips.cli._common import add_device, add_overwrite, add_quiet
 from ips.cli._threads import add_threads, apply_threads
-from ips.foundation import list_foundation
+from ips.foundation import is_foundation, list_foundation
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -139,6 +139,12 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     encoders: dict[tuple[int, int, int], torch.nn.Module] = {}  # one per (channels, dims, patch size)
     stores = shard_stores(list(args.stores), args.shard)
+    if is_foundation(args.encoder) and _pretrained(args.pretrained) is False:
+        print(
+            f"warning: {args.encoder} with random weights (no --pretrained): these features are not the "
+            "pretrained model's; give its weights file",
+            file=sys.stderr,
+        )
 
     def encoder_for(key: tuple[int, int, int]) -> torch.nn.Module:
         if key not in encoders:  # one encoder per patch shape
@@ -159,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
     def one(store: str) -> None:
         opened = open_store(store)
         info = opened.grid(args.grid)
-        encoder = encoder_for((opened.channels, opened.spatial_dims, min(info.patch_size)))
+        # a foundation encoder takes any patch size (it resizes): one copy for the cohort, not one per size
+        size = 0 if is_foundation(args.encoder) else min(info.patch_size)
+        encoder = encoder_for((opened.channels, opened.spatial_dims, size))
         result = embed_store(
             store,
             encoder,

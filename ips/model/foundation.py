@@ -116,11 +116,17 @@ def _hub_file(spec: FoundationSpec) -> Path:
     if spec.gated and not token:
         raise ConfigError(missing.format(why="no Hugging Face token: set HF_TOKEN or run `hf auth login`"))
     local_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-    try:
-        return Path(hf_hub_download(spec.hub, spec.hub_file, token=token, local_files_only=local_only))
-    except Exception as e:  # noqa: BLE001 - offline, refused, missing: each is the same advice
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(missing.format(why=f"{type(e).__name__}: {first[:160]}")) from None
+    # the catalog's file first; repositories also publish the same weights under the other usual name
+    names = dict.fromkeys([spec.hub_file, "model.safetensors", "pytorch_model.bin"])
+    for name in names:
+        try:
+            return Path(hf_hub_download(spec.hub, name, token=token, local_files_only=local_only))
+        except Exception as e:  # noqa: BLE001 - offline, refused, missing: each is the same advice
+            if type(e).__name__ == "EntryNotFoundError" and name != list(names)[-1]:
+                continue  # not under this name: try the next
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(missing.format(why=f"{type(e).__name__}: {first[:160]}")) from None
+    raise AssertionError("unreachable: the last name returns or raises")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
