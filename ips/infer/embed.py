@@ -30,6 +30,7 @@ from ips.data.streaming import stream_chunks
 from ips.data.zarr_source import ZarrPatchSource
 from ips.format import names as sf
 from ips.format.store import IpsStore
+from ips.model.foundation import FoundationEncoder
 from ips.model.ips_model import normalize_pixels, pixel_stats
 from ips.runtime import Runtime, autocast_dtype_for
 
@@ -188,8 +189,8 @@ def feature_provenance(
         "std": [float(v) for v in std],
         "dtype": dtype,
     }
-    spec = getattr(encoder, "spec", None)
-    if spec is not None:  # a foundation encoder (ips.model.foundation)
+    if isinstance(encoder, FoundationEncoder):
+        spec = encoder.spec
         record["foundation"] = {
             "name": spec.name,
             "mpp": spec.mpp,
