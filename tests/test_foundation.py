@@ -69,6 +69,22 @@ def test_catalog_has_the_encoders_labs_use():
         assert len(spec.mean) == len(spec.std) == 3 and all(0 < s < 1 for s in spec.std)
 
 
+def test_the_results_page_table_says_what_the_catalog_holds():
+    """docs/BENCHMARKS.md lists every entry with its dimension, mpp, input size, licence and gating."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md").read_text()
+    section = text.split("## Foundation encoders", 1)[1]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[0] in FOUNDATION:
+            rows[cells[0]] = cells
+    assert set(rows) == set(FOUNDATION)
+    for name, (_, _, dim, _, mpp, size, _, licence, gated) in rows.items():
+        spec = FOUNDATION[name]
+        assert int(dim.split()[0]) == spec.dim and float(mpp) == spec.mpp and int(size) == spec.input_size
+        assert licence == spec.licence and gated == ("yes" if spec.gated else "no")
+
+
 def test_lookup_by_alias_and_case_and_a_helpful_error():
     assert foundation_spec("UNI_v2").name == "uni2-h" and foundation_spec("hoptimus0").name == "h-optimus-0"
     with pytest.raises(ConfigError, match=r"model.encoder: no foundation encoder 'virchow3' \(did you mean"):
@@ -277,6 +293,23 @@ def _to_transformers_names(key: str, value: torch.Tensor) -> dict[str, torch.Ten
         return {f"{layer}.layer_scale{rest[2]}.lambda1": value}
     rest = rest.replace("attn.proj", "attention.output.dense")
     return {f"{layer}.{rest}": value}
+
+
+def test_a_position_table_for_another_input_size_is_resampled(tiny, tmp_path):
+    """A file saved at 48 px (6 x 6 patch grid) loads into the 32 px model (4 x 4): a constant table
+    stays that constant, and every other weight is the file's."""
+    torch.manual_seed(9)
+    big = FoundationEncoder(build_trunk(TINY, img_size=48), TINY)
+    state = {k: v.clone() for k, v in big.trunk.state_dict().items()}
+    assert state["pos_embed"].shape == (1, 36, 32)  # registers and class token carry no position here
+    state["pos_embed"] = torch.full_like(state["pos_embed"], 0.25)
+    path = tmp_path / "w48.pt"
+    torch.save(state, path)
+    small = build_foundation(tiny, pretrained=str(path))
+    loaded = small.trunk.state_dict()
+    assert loaded["pos_embed"].shape == (1, 16, 32)
+    torch.testing.assert_close(loaded["pos_embed"], torch.full((1, 16, 32), 0.25))
+    torch.testing.assert_close(loaded["blocks.1.mlp.fc2.weight"], state["blocks.1.mlp.fc2.weight"])
 
 
 def test_a_file_that_does_not_fit_is_one_line_naming_it(tiny, tmp_path):

@@ -212,6 +212,7 @@ def load_foundation_weights(encoder: FoundationEncoder, path: Path) -> None:
     if "embeddings.cls_token" in state or "dinov2.embeddings.cls_token" in state:
         state = dinov2_hf_to_timm(state)
     own = encoder.trunk.state_dict()
+    _fit_position_table(state, own, encoder.trunk)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         example = (missing or unexpected)[0]
@@ -227,6 +228,24 @@ def load_foundation_weights(encoder: FoundationEncoder, path: Path) -> None:
         )
     encoder.trunk.load_state_dict(state)
     encoder.weights_path = Path(path)
+
+
+def _fit_position_table(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], trunk: nn.Module
+) -> None:
+    """A position table saved for another input size (e.g. a Dinov2 file made at 518 px) resampled in place
+    to this model's patch grid, bicubic, its class-token row kept: what timm does on loading DINOv2."""
+    theirs, ours = state.get("pos_embed"), own.get("pos_embed")
+    if theirs is None or ours is None or theirs.shape == ours.shape or theirs.shape[-1] != ours.shape[-1]:
+        return
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(trunk, "no_embed_class", False) else int(trunk.num_prefix_tokens)
+    grid = int(round((ours.shape[1] - prefix) ** 0.5))
+    old = int(round((theirs.shape[1] - prefix) ** 0.5))
+    if grid * grid + prefix != ours.shape[1] or old * old + prefix != theirs.shape[1]:
+        return  # not square grids: the shape check reports it
+    state["pos_embed"] = resample_abs_pos_embed(theirs, [grid, grid], num_prefix_tokens=prefix)
 
 
 def file_sha256(path: Path) -> str:
