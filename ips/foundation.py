@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 from ips.errors import ConfigError
@@ -65,6 +66,7 @@ class FoundationSpec:
     aliases: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "timm_kwargs", MappingProxyType(dict(self.timm_kwargs)))  # read-only
         width = int(self.timm_kwargs["embed_dim"])
         want = width * (2 if self.pool == "token+mean" else 1)
         if self.dim != want:

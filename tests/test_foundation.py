@@ -344,6 +344,18 @@ def test_without_a_token_or_a_network_the_error_names_the_file(tiny, monkeypatch
         build_foundation(tiny, pretrained=True)
 
 
+def test_cli_without_hub_access_exits_2_with_one_line(tiny, tmp_path, monkeypatch, capsys, no_network):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    store = make_store(tmp_path, "s", size=(32, 32), patch=16)
+    assert main(["embed", str(store), "--encoder", tiny, "--pretrained", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "download pytorch_model.bin from https://huggingface.co/nobody/tiny-test" in err[0]
+    )
+
+
 def test_hub_weights_under_the_other_usual_name_load(tiny, monkeypatch, tmp_path):
     """With a token and a hub (here a stand-in that has only `model.safetensors`), the weights load."""
     import huggingface_hub
