@@ -26,7 +26,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _BIOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 _BIOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
-Pool = Literal["token", "token+mean"]
+Pool = Literal["token", "token+mean", "attentional"]
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's statistics, which CONCH normalises with
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,18 @@ class FoundationSpec:
         arch: the timm architecture the weights fit; `timm_kwargs` complete it (given explicitly, so the
             entry says what the model is whatever timm's defaults for `arch` are).
         pool: 'token' = the class token; 'token+mean' = class token and the mean of the patch tokens
-            (register tokens left out), concatenated.
-        dim: the output dimension (`2 * embed_dim` for 'token+mean').
+            (register tokens left out), concatenated; 'attentional' = CoCa's contrastive pooler (one
+            learned query attending over all tokens with `pool_heads` heads, then a LayerNorm), as
+            CONCH's `encode_image(proj_contrast=False)`.
+        dim: the output dimension (`embed_dim`, `2 * embed_dim` for 'token+mean', the pooler's width
+            for 'attentional').
         mpp: micrometers per pixel of the patches it was trained on; input_size: their side in pixels.
         mean, std: normalisation of [0, 1] RGB pixels.
         licence, gated: the weights' licence, and whether the hub asks for an access request first.
         hub: the Hugging Face repository; hub_file: the weights file in it (name the local copy in
-            `model.pretrained`); hub_format: 'timm' (keys fit the timm model) or 'transformers' (a
-            Hugging Face Dinov2Model, converted on loading).
+            `model.pretrained`); hub_format: 'timm' (keys fit the timm model), 'transformers' (a
+            Hugging Face Dinov2Model, converted on loading) or 'open_clip' (a whole CoCa model, whose
+            image tower is taken).
     """
 
     name: str
@@ -62,14 +68,15 @@ class FoundationSpec:
     gated: bool
     hub: str
     hub_file: str = "pytorch_model.bin"
-    hub_format: Literal["timm", "transformers"] = "timm"
+    hub_format: Literal["timm", "transformers", "open_clip"] = "timm"
     aliases: tuple[str, ...] = field(default=())
+    pool_heads: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "timm_kwargs", MappingProxyType(dict(self.timm_kwargs)))  # read-only
         width = int(self.timm_kwargs["embed_dim"])
-        want = width * (2 if self.pool == "token+mean" else 1)
-        if self.dim != want:
+        want = {"token": width, "token+mean": 2 * width}.get(self.pool, self.dim)
+        if self.dim != want or self.dim % self.pool_heads:
             raise ValueError(
                 f"{self.name}: dim {self.dim} does not follow from embed_dim {width} and {self.pool}"
             )
@@ -215,6 +222,23 @@ _SPECS = (
         gated=True,
         hub="prov-gigapath/prov-gigapath",
         aliases=("gigapath", "prov_gigapath"),
+    ),
+    FoundationSpec(
+        name="conch",
+        title="CONCH vision tower (Mahmood Lab), ViT-B/16 at 448 px with CoCa's attentional pooler",
+        arch="vit_base_patch16_224",
+        timm_kwargs={**_vit(16, 768, 12, 12), "img_size": 448},
+        pool="attentional",
+        dim=512,
+        mpp=0.5,
+        input_size=448,
+        mean=_OPENAI_MEAN,
+        std=_OPENAI_STD,
+        licence="CC-BY-NC-ND-4.0",
+        gated=True,
+        hub="MahmoodLab/conch",
+        hub_format="open_clip",
+        aliases=("conch_v1",),
     ),
 )
 

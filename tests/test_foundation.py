@@ -27,16 +27,17 @@ from ips.model.encoders import build_encoder
 from ips.model.foundation import FoundationEncoder, build_foundation, build_trunk
 
 # What the model cards and papers publish, written down here independently of the catalog: output
-# dimension, ViT patch side, register tokens, whether the MLP is SwiGLU, and the parameter count of the
-# encoder in millions (UNI: ViT-L/16 303M; UNI2-h 681M; Virchow2 632M; H-optimus-0 and Prov-GigaPath
-# ViT-g 1.13B; Phikon-v2 ViT-L/16 ~303M).
+# dimension, ViT patch side, register tokens, whether the MLP is SwiGLU, the parameter count of the ViT
+# in millions (UNI: ViT-L/16 303M; UNI2-h 681M; Virchow2 632M; H-optimus-0 and Prov-GigaPath ViT-g 1.13B;
+# Phikon-v2 ViT-L/16 ~303M; CONCH's image trunk ViT-B/16 86M), the input side, and layer scale.
 PUBLISHED = {
-    "uni": (1024, 16, 0, False, 303),
-    "uni2-h": (1536, 14, 8, True, 681),
-    "virchow2": (2560, 14, 4, True, 632),
-    "h-optimus-0": (1536, 14, 4, True, 1134),
-    "phikon-v2": (1024, 16, 0, False, 303),
-    "prov-gigapath": (1536, 16, 0, True, 1135),
+    "uni": (1024, 16, 0, False, 303, 224, True),
+    "uni2-h": (1536, 14, 8, True, 681, 224, True),
+    "virchow2": (2560, 14, 4, True, 632, 224, True),
+    "h-optimus-0": (1536, 14, 4, True, 1134, 224, True),
+    "phikon-v2": (1024, 16, 0, False, 303, 224, True),
+    "prov-gigapath": (1536, 16, 0, True, 1135, 224, True),
+    "conch": (512, 16, 0, False, 86, 448, False),
 }
 FAST = {"uni"}  # one full-size architecture in the fast suite; the others carry `slow`
 
@@ -63,8 +64,8 @@ def test_catalog_has_the_encoders_labs_use():
     assert set(PUBLISHED) <= set(list_foundation())
     for name in list_foundation():
         spec = foundation_spec(name)
-        assert spec.mpp == 0.5 and spec.input_size == 224  # all were trained on 224 px tiles at 20x
-        assert spec.dim == PUBLISHED[name][0]
+        assert spec.mpp == 0.5  # all were trained at 20x
+        assert spec.dim == PUBLISHED[name][0] and spec.input_size == PUBLISHED[name][5]
         assert spec.licence and spec.hub.count("/") == 1 and spec.url.endswith(spec.hub)
         assert len(spec.mean) == len(spec.std) == 3 and all(0 < s < 1 for s in spec.std)
 
@@ -109,28 +110,53 @@ def test_each_architecture_shallow_copy_has_the_models_own_parts(name):
     """The spec's own layers at small size (depth 1, width 96): register tokens, SwiGLU, layer scale, and
     the pooling, against the published description. Fast: every entry, every property."""
     spec = foundation_spec(name)
-    dim, patch, regs, swiglu, _ = PUBLISHED[name]
+    dim, patch, regs, swiglu, _, size, layer_scale = PUBLISHED[name]
     torch.manual_seed(0)
     trunk = build_trunk(spec, depth=1, embed_dim=96, num_heads=2).eval()
     enc = FoundationEncoder(trunk, spec).eval()
-    from timm.layers import GluMlp
+    from timm.layers import GluMlp, LayerScale
 
     assert trunk.patch_embed.patch_size == (patch, patch)
     assert trunk.num_prefix_tokens == 1 + regs
     mlp = trunk.blocks[0].mlp  # SwiGLU: a gated MLP with SiLU (timm's SwiGLUPacked), else GELU
     assert (isinstance(mlp, GluMlp) and isinstance(mlp.act, torch.nn.SiLU)) == swiglu
     assert isinstance(mlp.act, torch.nn.GELU) != swiglu
-    assert trunk.blocks[0].ls1.gamma.shape == (96,)  # layer scale (init_values) in every model here
-    x = torch.rand(2, 3, 224, 224)
+    assert isinstance(trunk.blocks[0].ls1, LayerScale) == layer_scale
+    x = torch.rand(2, 3, size, size)
     with torch.no_grad():
         out = enc(x)
-        tokens = trunk.forward_features(x)  # (2, 1 + regs + 256 or 196, 96)
-    assert tokens.shape[1] == 1 + regs + (224 // patch) ** 2
-    want = (
-        tokens[:, 0] if dim in (1024, 1536) else torch.cat([tokens[:, 0], tokens[:, 1 + regs :].mean(1)], 1)
-    )
+        tokens = trunk.forward_features(x)  # (2, 1 + regs + (size / patch)^2, 96)
+    assert tokens.shape[1] == 1 + regs + (size // patch) ** 2
+    if spec.pool == "attentional":
+        want = _attentional_pool(enc, tokens)
+    elif dim == 2560:  # Virchow2: class token and the mean of the patch tokens, registers left out
+        want = torch.cat([tokens[:, 0], tokens[:, 1 + regs :].mean(1)], 1)
+    else:
+        want = tokens[:, 0]
     torch.testing.assert_close(out, want)
-    assert out.shape == (2, 96 * (2 if dim == 2560 else 1)) and torch.isfinite(out).all()
+    width = {2560: 192, 512: 512}.get(dim, 96)  # 2 x width for Virchow2; CONCH's pooler keeps 512
+    assert out.shape == (2, width) and torch.isfinite(out).all()
+
+
+def _attentional_pool(enc: FoundationEncoder, tokens: torch.Tensor) -> torch.Tensor:
+    """CoCa's contrastive pooling written out: one query, 8 heads over LayerNormed tokens, then a
+    LayerNorm. `(n, L, C)` -> `(n, 512)`."""
+    pool, ln = enc.attn_pool_contrast, enc.ln_contrast
+    a = pool.attn
+    q = torch.nn.functional.layer_norm(pool.query, (512,), pool.ln_q.weight, pool.ln_q.bias)  # (1, 512)
+    k_in = torch.nn.functional.layer_norm(tokens, (tokens.shape[-1],), pool.ln_k.weight, pool.ln_k.bias)
+    bq, bk, bv = a.in_proj_bias.chunk(3)
+    q = q @ a.q_proj_weight.T + bq  # (1, 512)
+    k = k_in @ a.k_proj_weight.T + bk  # (n, L, 512)
+    v = k_in @ a.v_proj_weight.T + bv
+    heads, dh = 8, 64
+    qh = q.view(1, heads, dh).transpose(0, 1)  # (8, 1, 64)
+    kh = k.view(len(k), -1, heads, dh).permute(0, 2, 1, 3)  # (n, 8, L, 64)
+    vh = v.view(len(v), -1, heads, dh).permute(0, 2, 1, 3)
+    att = torch.softmax((qh.unsqueeze(0) @ kh.transpose(-1, -2)) / dh**0.5, dim=-1)  # (n, 8, 1, L)
+    pooled = (att @ vh).reshape(len(k), 512)  # heads concatenated
+    pooled = pooled @ a.out_proj.weight.T + a.out_proj.bias
+    return torch.nn.functional.layer_norm(pooled, (512,), ln.weight, ln.bias)
 
 
 @pytest.mark.parametrize("name", _marked(list_foundation()))
@@ -138,11 +164,12 @@ def test_full_size_architecture_matches_the_published_size(name):
     """The whole architecture, built on the meta device (shapes only, no memory): the declared dimension
     comes out of a forward pass, and the parameter count is the published one (within 1%)."""
     spec = foundation_spec(name)
+    size = PUBLISHED[name][5]
     with torch.device("meta"):
         enc = FoundationEncoder(build_trunk(spec), spec)
-        out = enc(torch.zeros(2, 3, 224, 224))
+        out = enc(torch.zeros(2, 3, size, size))
     assert tuple(out.shape) == (2, spec.dim) == (2, PUBLISHED[name][0])
-    millions = sum(p.numel() for p in enc.parameters()) / 1e6
+    millions = sum(p.numel() for p in enc.trunk.parameters()) / 1e6
     assert millions == pytest.approx(PUBLISHED[name][4], rel=0.01)
 
 
@@ -263,6 +290,35 @@ def test_dinov2_transformers_file_loads_into_the_timm_model(tiny, tmp_path):
     from ips.model.foundation import load_foundation_weights
 
     torch.manual_seed(4)
+    fresh = FoundationEncoder(build_trunk(spec), spec).eval()
+    load_foundation_weights(fresh, path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), original(x), rtol=0, atol=0)
+
+
+def test_conch_coca_file_loads_its_vision_tower(tmp_path):
+    """A whole CoCa file (how CONCH is published): `visual.trunk.*`, the contrastive pooler and its
+    LayerNorm load; the text tower, the captioning pooler and the projection are left out."""
+    tiny_vit = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    spec = FoundationSpec(
+        **{**_fields(FOUNDATION["conch"]), "name": "tiny-conch", "timm_kwargs": tiny_vit}
+        | {"dim": 16, "pool_heads": 2, "input_size": 32}
+    )
+    torch.manual_seed(10)
+    original = FoundationEncoder(build_trunk(spec), spec).eval()
+    coca = {f"visual.{k}": v for k, v in original.state_dict().items()}
+    coca |= {
+        "visual.attn_pool_caption.query": torch.zeros(256, 16),
+        "visual.proj_contrast": torch.zeros(16, 16),
+        "text.token_embedding.weight": torch.zeros(10, 16),
+        "logit_scale": torch.zeros(()),
+    }
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(coca, path)
+    from ips.model.foundation import load_foundation_weights
+
+    torch.manual_seed(11)
     fresh = FoundationEncoder(build_trunk(spec), spec).eval()
     load_foundation_weights(fresh, path)
     x = torch.rand(2, 3, 32, 32)

@@ -21,6 +21,27 @@ from ips.errors import CheckpointError, ConfigError
 from ips.foundation import FoundationSpec, foundation_spec
 
 
+class ContrastPooler(nn.Module):
+    """CoCa's attentional pooler: `n_queries` learned queries attend over the tokens.
+
+    `(n, L, context_dim)` tokens -> `(n, n_queries, d_model)`. Names follow CONCH's weights (`query`,
+    `attn`, `ln_q`, `ln_k`), so its file loads as it is.
+    """
+
+    def __init__(self, *, d_model: int, context_dim: int, n_head: int, n_queries: int = 1) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.attn = nn.MultiheadAttention(d_model, n_head, kdim=context_dim, vdim=context_dim)
+        self.ln_q = nn.LayerNorm(d_model)
+        self.ln_k = nn.LayerNorm(context_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keys = self.ln_k(x).transpose(0, 1)  # (L, n, C): sequence first, as the weights were trained
+        q = self.ln_q(self.query).unsqueeze(1).expand(-1, x.shape[0], -1)  # (Q, n, d)
+        out = self.attn(q, keys, keys, need_weights=False)[0]  # (Q, n, d)
+        return out.transpose(0, 1)  # (n, Q, d)
+
+
 class FoundationEncoder(nn.Module):
     """A foundation ViT as a patch encoder: `(n, 3, H, W)` normalised pixels -> `(n, dim)`.
 
@@ -43,12 +64,20 @@ class FoundationEncoder(nn.Module):
             "input_size": (3, spec.input_size, spec.input_size),
         }
         self.weights_path: Path | None = None  # the file the weights came from (None: random weights)
+        if spec.pool == "attentional":
+            width = int(trunk.num_features)
+            self.attn_pool_contrast = ContrastPooler(
+                d_model=spec.dim, context_dim=width, n_head=spec.pool_heads
+            )
+            self.ln_contrast = nn.LayerNorm(spec.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = (self.input_size, self.input_size)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         tokens = self.trunk.forward_features(x)  # (n, prefix + patches, D): class, registers, patches
+        if self.pool == "attentional":
+            return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])  # (n, dim)
         cls = tokens[:, 0]
         if self.pool == "token":
             return cls
@@ -152,11 +181,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys as the timm model names them: without a `module.` (DDP) or `trunk.` (ours) prefix."""
-    for prefix in ("module.", "trunk."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+# what a CoCa checkpoint's image encoding needs; the text towers, the captioning pooler and the contrastive
+# projection (not used by `encode_image(proj_contrast=False)`) are left out
+_COCA_KEEP = ("visual.trunk.", "visual.attn_pool_contrast.", "visual.ln_contrast.")
+
+
+def _strip_ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without the `module.` prefix DistributedDataParallel adds."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -208,10 +241,14 @@ def load_foundation_weights(encoder: FoundationEncoder, path: Path) -> None:
     """Load the weights file `path` into `encoder` strictly (every weight, every shape) and record it in
     `encoder.weights_path`. ConfigError, one line naming the file, when it does not fit."""
     spec = encoder.spec
-    state = _strip_prefixes(read_state_dict(path))
+    state = _strip_ddp(read_state_dict(path))
     if "embeddings.cls_token" in state or "dinov2.embeddings.cls_token" in state:
         state = dinov2_hf_to_timm(state)
-    own = encoder.trunk.state_dict()
+    if any(k.startswith("visual.trunk.") for k in state):  # a whole CoCa model (CONCH): its image tower
+        state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith(_COCA_KEEP)}
+    elif not any(k.startswith("trunk.") for k in state):  # a timm ViT's weights (else: this class's own)
+        state = {f"trunk.{k}": v for k, v in state.items()}
+    own = encoder.state_dict()
     _fit_position_table(state, own, encoder.trunk)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
@@ -226,7 +263,7 @@ def load_foundation_weights(encoder: FoundationEncoder, path: Path) -> None:
             f"model.pretrained: {path} does not fit encoder {spec.name!r}: {bad[0]} has shape "
             f"{tuple(state[bad[0]].shape)} there, {tuple(own[bad[0]].shape)} here"
         )
-    encoder.trunk.load_state_dict(state)
+    encoder.load_state_dict(state)
     encoder.weights_path = Path(path)
 
 
@@ -235,7 +272,7 @@ def _fit_position_table(
 ) -> None:
     """A position table saved for another input size (e.g. a Dinov2 file made at 518 px) resampled in place
     to this model's patch grid, bicubic, its class-token row kept: what timm does on loading DINOv2."""
-    theirs, ours = state.get("pos_embed"), own.get("pos_embed")
+    theirs, ours = state.get("trunk.pos_embed"), own.get("trunk.pos_embed")
     if theirs is None or ours is None or theirs.shape == ours.shape or theirs.shape[-1] != ours.shape[-1]:
         return
     from timm.layers import resample_abs_pos_embed
@@ -245,7 +282,7 @@ def _fit_position_table(
     old = int(round((theirs.shape[1] - prefix) ** 0.5))
     if grid * grid + prefix != ours.shape[1] or old * old + prefix != theirs.shape[1]:
         return  # not square grids: the shape check reports it
-    state["pos_embed"] = resample_abs_pos_embed(theirs, [grid, grid], num_prefix_tokens=prefix)
+    state["trunk.pos_embed"] = resample_abs_pos_embed(theirs, [grid, grid], num_prefix_tokens=prefix)
 
 
 def file_sha256(path: Path) -> str:
