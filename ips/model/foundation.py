@@ -8,7 +8,6 @@ weights (`pretrained: false`) the architecture is built with random weights and 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -283,11 +282,3 @@ def _fit_position_table(
     if grid * grid + prefix != ours.shape[1] or old * old + prefix != theirs.shape[1]:
         return  # not square grids: the shape check reports it
     state["trunk.pos_embed"] = resample_abs_pos_embed(theirs, [grid, grid], num_prefix_tokens=prefix)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
