@@ -17,6 +17,7 @@ Routes:
     /api/slides/<id>/tiles/<level>/<ty>_<tx>.<jpg|png>              2D tile
     /api/slides/<id>/tiles/<level>/<axis>/<index>/<ty>_<tx>.<fmt>   3D tile: plane `index` across `axis`
     /api/slides/<id>/overlay/<task>.png           2D attention at patch resolution
+                                                  (?scale=slide|global&threshold=<log2 ratio to 1/N>)
     /api/slides/<id>/overlay/<task>/<axis>/<at0>.png                3D: the plane through level-0 `at0`
     /api/slides/<id>/mask.png                     tissue mask (2D)
     /api/slides/<id>/patch/<index>.jpg            one grid patch (the gallery)
@@ -41,12 +42,13 @@ from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import numpy as np
 
 from ips.data.store import IpsStore
 from ips.errors import StoreError, one_line
+from ips.infer.scale import global_scale
 from ips.view.catalog import SlideEntry
 from ips.view.overlay import Scores, load_scores
 from ips.view.reading import MAX_READ_BYTES, open_checked
@@ -67,6 +69,7 @@ GALLERY_MAX = 256  # longest side of a gallery image
 NUMBER = re.compile(r"^-?\d{1,12}$")
 # an absolute local path left in a message (after the known stores' paths were replaced by their ids)
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"`:;,()<>]+/)+[^\s'\"`:;,()<>]*")
+THRESHOLD_LIMIT = 16.0  # |log2 ratio| of an overlay's threshold (2^16 times uniform is past any peak)
 LOGGED_MAX = 1000  # distinct failure lines logged; later repeats are not
 
 
@@ -245,8 +248,9 @@ class ViewerApp:
             self.cache.put(key, body)
         return Response(200, FORMATS[fmt], body)
 
-    def overlay(self, slide_id: str, parts: list[str]) -> Response:
-        """parts: [<task>.png] (2D) or [task, axis, <at0>.png] (3D)."""
+    def overlay(self, slide_id: str, parts: list[str], query: str = "") -> Response:
+        """parts: [<task>.png] (2D) or [task, axis, <at0>.png] (3D); query: `scale=slide|global` and
+        `threshold=<log2 ratio to uniform>` (the colour scale, `ips.infer.scale`)."""
         opened = self.slide(slide_id)
         scores = opened.scores
         if (
@@ -263,10 +267,12 @@ class ViewerApp:
             raise NotFound("axis must be z, y or x")
         if not 0 <= task < len(scores.tasks):
             raise NotFound(f"task {task} not in 0..{len(scores.tasks) - 1}")
-        key = ("overlay", slide_id, task, axis, last if axis else 0)
+        kind, threshold = _scale_query(query)
+        key = ("overlay", slide_id, task, axis, last if axis else 0, kind, threshold)
         body = self.cache.get(key)
         if body is None:
-            body = encode(scores.image(task, axis, last), "png")
+            scale = scores.scale(task, kind, threshold)
+            body = encode(scores.image(task, axis, last, scale), "png")
             self.cache.put(key, body)
         return Response(200, "image/png", body)
 
@@ -368,7 +374,8 @@ class ViewerApp:
     def _route(self, raw_path: str) -> Response:
         if not raw_path.startswith("/"):
             raise BadRequest("the request target must be a path starting with '/'")
-        path = urlsplit(raw_path).path
+        split = urlsplit(raw_path)
+        path, query = split.path, split.query
         parts = [unquote(p) for p in path.split("/")[1:]]
         if any(p in ("", ".", "..") or "/" in p or "\\" in p or "\0" in p for p in parts) and path != "/":
             raise NotFound("no such path")
@@ -388,16 +395,16 @@ class ViewerApp:
         if rest == ["slides"]:
             return Response.json(self.index())
         if rest == ["colormap"]:
-            from ips.infer.render import overlay_colors
+            from ips.infer.scale import colour_table
 
-            return Response.json(np.rint(overlay_colors() * 255).astype(int).tolist())
+            return Response.json(np.rint(colour_table() * 255).astype(int).tolist())
         if rest[0] != "slides" or len(rest) < 2:
             raise NotFound("no such route")
         slide_id, what, args = rest[1], rest[2] if len(rest) > 2 else None, rest[3:]
         routes: dict[str | None, Callable[[], Response]] = {
             None: lambda: Response.json(self.info(slide_id)),
             "tiles": lambda: self.tile(slide_id, args),
-            "overlay": lambda: self.overlay(slide_id, args),
+            "overlay": lambda: self.overlay(slide_id, args, query),
             "mask.png": lambda: self.mask(slide_id),
             "patch": lambda: self.patch_image(slide_id, args[0]) if len(args) == 1 else _missing(),
             "at": lambda: Response.json(self.at(slide_id, args[0])) if len(args) == 1 else _missing(),
@@ -446,7 +453,7 @@ def _heatmap_info(s: Scores) -> dict[str, Any]:
         tasks.append(
             {
                 "name": name,
-                "vmax": s.vmax(t),
+                "scale": s.scale(t).to_dict(),  # per slide, threshold 0 (the page may change both)
                 "peak0": peak.tolist(),
                 "top": [
                     {"index": int(i), "level0": g.level0[i].tolist(), "attention": float(s.attention[i, t])}
@@ -456,6 +463,7 @@ def _heatmap_info(s: Scores) -> dict[str, Any]:
         )
     return {
         "tasks": tasks,
+        "global_scale": global_scale().to_dict(),
         "n_patches": s.n_patches,
         "origin0": g.origin0.tolist(),
         "stride0": g.stride0.tolist(),
@@ -465,6 +473,26 @@ def _heatmap_info(s: Scores) -> dict[str, Any]:
         "mode": s.attrs.get("mode"),
         "probabilities": s.attrs.get("probabilities"),
     }
+
+
+def _scale_query(query: str) -> tuple[str, float]:
+    """`scale=slide|global&threshold=T` -> (kind, threshold rounded to 0.01); BadRequest when malformed."""
+    kind, threshold = "slide", 0.0
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "scale":
+            if value not in ("slide", "global"):
+                raise BadRequest("scale must be 'slide' or 'global'")
+            kind = value
+        elif name == "threshold":
+            try:
+                threshold = round(float(value), 2)
+            except ValueError:
+                raise BadRequest(f"threshold is not a number: {value[:20]!r}") from None
+            if not -THRESHOLD_LIMIT <= threshold <= THRESHOLD_LIMIT:
+                raise BadRequest(
+                    f"threshold must lie in -{THRESHOLD_LIMIT}..{THRESHOLD_LIMIT} (log2 of a ratio)"
+                )
+    return kind, threshold
 
 
 def _read_patch(image: SlideImage, level0: np.ndarray, size0: np.ndarray) -> np.ndarray:

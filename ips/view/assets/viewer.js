@@ -253,8 +253,19 @@ function showPrediction(info) {
   }
 }
 
-function drawLegend(colors, vmax, n) {
-  const c = $("legend"), ctx = c.getContext("2d");
+// the colour scale (ips.infer.scale): r = log2(N * attention); transparent at or below the threshold,
+// full colour at the top (this slide's peak, or the same on every slide)
+function ratioText(r) { return Number(Math.pow(2, r).toPrecision(3)) + "x"; }
+
+function currentScale() {
+  const h = view.info.heatmap, kind = $("scale").value, threshold = Number($("threshold").value);
+  const base = kind === "global" ? h.global_scale : h.tasks[view.task].scale;
+  const top = Math.max(base.top, threshold + 1);
+  return { kind, threshold, top };
+}
+
+function drawLegend() {
+  const c = $("legend"), ctx = c.getContext("2d"), colors = view.colors, s = currentScale();
   for (let x = 0; x < 256; x++) {
     ctx.fillStyle = (Math.floor(x / 8) % 2) ? "#fff" : "#ddd";
     ctx.fillRect(x, 0, 1, 14);
@@ -262,13 +273,19 @@ function drawLegend(colors, vmax, n) {
     ctx.fillStyle = `rgba(${r},${g},${b},${a / 255})`;
     ctx.fillRect(x, 0, 1, 14);
   }
-  $("legend-lo").textContent = (1 / n).toPrecision(2) + " = 1/N";
-  $("legend-mid").textContent = "attention share";
-  $("legend-hi").textContent = vmax.toPrecision(3);
+  $("legend-lo").textContent = ratioText(s.threshold) + (s.threshold === 0 ? " = uniform" : "");
+  $("legend-mid").textContent = "attention / uniform (1/N)";
+  $("legend-hi").textContent = ratioText(s.top);
+  $("threshold-text").textContent = ratioText(s.threshold);
+  $("legend-text").textContent = `Colour: a patch's attention relative to uniform attention 1/N (N = ${view.info.heatmap.n_patches}). ` +
+    `Transparent at or below ${ratioText(s.threshold)}; full colour at ${ratioText(s.top)} ` +
+    (s.kind === "global" ? "(the same on every slide, so slides compare)." : "(this slide's peak).") +
+    " A flat map shows no colour.";
 }
 
 function overlayUrl(task, axis, at0) {
-  return axis ? `${api}/overlay/${task}/${axis}/${Math.round(at0)}.png` : `${api}/overlay/${task}.png`;
+  const s = currentScale(), q = `?scale=${s.kind}&threshold=${s.threshold}`;
+  return (axis ? `${api}/overlay/${task}/${axis}/${Math.round(at0)}.png` : `${api}/overlay/${task}.png`) + q;
 }
 
 // level-0 rectangle of the grid (2D) or of its two in-plane axes
@@ -420,6 +437,7 @@ function showGallery() {
 async function main() {
   const [info, colors] = await Promise.all([fetch(api).then((r) => r.json()), fetch("/api/colormap").then((r) => r.json())]);
   view.info = info;
+  view.colors = colors;
   document.title = "ips view: " + info.id;
   $("title").textContent = info.id;
   $("meta").textContent = `${info.dims}D, ${info.levels[0].shape.join(" x ")} px` + (info.spacing ? `, ${info.spacing.map((s) => s.toPrecision(3)).join(" x ")} \u00b5m/px` : ", spacing unknown");
@@ -429,20 +447,21 @@ async function main() {
   const h = info.heatmap;
   if (h) {
     h.tasks.forEach((t, i) => { const o = document.createElement("option"); o.value = i; o.textContent = t.name; $("task").appendChild(o); });
-    drawLegend(colors, h.tasks[0].vmax, h.n_patches);
+    drawLegend();
   } else {
-    for (const id of ["overlay", "task", "opacity", "outline"]) $(id).disabled = true;
+    for (const id of ["overlay", "task", "opacity", "outline", "scale", "threshold"]) $(id).disabled = true;
     $("picked").textContent = "no heatmap for this slide";
   }
   if (!info.mask) $("mask").disabled = true;
   $("task").onchange = () => {
     view.task = Number($("task").value);
-    drawLegend(colors, h.tasks[view.task].vmax, h.n_patches);
+    drawLegend();
     showGallery();
     if (info.dims === 3) goToPatch(h.tasks[view.task].top[0].level0); // the crosshair follows the peak
     updateOverlay();
   };
   for (const id of ["overlay", "opacity", "outline", "mask"]) $(id).addEventListener("input", updateOverlay);
+  for (const id of ["scale", "threshold"]) $(id).addEventListener("input", () => { if (h) drawLegend(); updateOverlay(); });
   if ($("peak")) $("peak").onclick = () => goToPatch(h.tasks[view.task].top[0].level0);
   showGallery();
   if (info.dims === 3) syncPanes(); else updateOverlay();
