@@ -26,7 +26,7 @@ from ips.infer.render import overlay_colors
 from ips.infer.scale import Scale, colorize
 from ips.synthetic import TRUTH_GROUP
 from ips.synthetic.lesions import make_lesion_dataset
-from ips.view.catalog import build_catalog
+from ips.view.catalog import build_catalog, unmatched
 from ips.view.server import ViewerApp, make_server, url_of
 from ips.view.tiles import TILE_SIZE, ByteLRU
 
@@ -479,3 +479,16 @@ def test_view_code_passes_state_as_objects():
             elif isinstance(node, ast.Call) and len(node.args) > 6:
                 wide.append(f"{path.name}:{node.lineno} a call with {len(node.args)} positional values")
     assert not wide, wide
+
+
+def test_heatmaps_and_predictions_of_other_slides_are_named(lesions2d):
+    """Only one of the two slides served: the other's heatmap folder and prediction row are named."""
+    catalog = build_catalog([lesions2d.positive], None, lesions2d.heatmaps, lesions2d.predictions)
+    assert list(catalog) == ["lesion2d_0000"]
+    lines = unmatched(catalog, lesions2d.heatmaps, lesions2d.predictions)
+    assert lines == [
+        f"--heatmaps {lesions2d.heatmaps}: 1 ('lesion2d_0001') match no slide served (folders are named by slide id)",
+        f"--predictions {lesions2d.predictions}: rows of 1 ('lesion2d_0001') match no slide served",
+    ]
+    full = build_catalog([], lesions2d.manifest, lesions2d.heatmaps, lesions2d.predictions)
+    assert unmatched(full, lesions2d.heatmaps, lesions2d.predictions) == []

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ips.view.catalog import build_catalog
+    from ips.view.catalog import build_catalog, unmatched
     from ips.view.server import ViewerApp, is_loopback, make_server, url_of
 
     if not 0 <= args.port <= 65535:
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         f"ips view: {category.__name__}: {message}", file=sys.stderr, flush=True
     )
     catalog = build_catalog(args.stores, args.manifest, args.heatmaps, args.predictions, args.split)
+    for line in unmatched(catalog, args.heatmaps, args.predictions):
+        print(f"ips view: warning: {line}", file=sys.stderr, flush=True)
     app = ViewerApp(catalog, cache_bytes=args.cache_mb << 20)
     if not is_loopback(args.host):
         print(

@@ -125,3 +125,33 @@ def build_catalog(
             entry.label = entry.predictions[0].label
         catalog[slide_id] = entry
     return catalog
+
+
+def unmatched(
+    catalog: dict[str, SlideEntry],
+    heatmaps: str | Path | None = None,
+    predictions: str | Path | None = None,
+) -> list[str]:
+    """One warning line per kind of input that names slides the viewer does not serve: heatmap folders
+    (`DIR/<slide_id>/scores.zarr`) and prediction rows whose slide id matches no slide (usually a
+    different manifest, or stores renamed after `ips heatmap`)."""
+    lines = []
+    if heatmaps is not None and Path(heatmaps).is_dir():
+        names = sorted(
+            d.name for d in Path(heatmaps).iterdir() if (d / "scores.zarr").is_dir() and d.name not in catalog
+        )
+        if names:
+            lines.append(
+                f"--heatmaps {heatmaps}: {_few(names)} match no slide served (folders are named by slide id)"
+            )
+    if predictions is not None and Path(predictions).is_file():
+        names = sorted(k for k in read_predictions(Path(predictions)) if k not in catalog)
+        if names:
+            lines.append(f"--predictions {predictions}: rows of {_few(names)} match no slide served")
+    return lines
+
+
+def _few(names: list[str], shown: int = 8) -> str:
+    """`3 (a, b, c)`, or the first `shown` and how many more."""
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} ({', '.join(repr(n) for n in names[:shown])}{more})"
