@@ -492,3 +492,157 @@ def test_heatmaps_and_predictions_of_other_slides_are_named(lesions2d):
     ]
     full = build_catalog([], lesions2d.manifest, lesions2d.heatmaps, lesions2d.predictions)
     assert unmatched(full, lesions2d.heatmaps, lesions2d.predictions) == []
+
+
+# -- annotations -------------------------------------------------------------------------------------------------
+
+
+def _square_xy(store_path: Path, half: int = 90) -> list[list[int]]:
+    """A closed square ring `[x, y]` (level-0 px) around the lesion's most lesioned patch (in tissue)."""
+    _, (r, c) = lesion_site(store_path)
+    r, c = (int(min(max(v, half), 768 - half)) for v in (r, c))  # on the 768-px slide
+    return [
+        [c - half, r - half],
+        [c + half, r - half],
+        [c + half, r + half],
+        [c - half, r + half],
+        [c - half, r - half],
+    ]
+
+
+def _put(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method="PUT", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read().decode()
+
+
+def _serve(app):
+    import threading
+
+    server = make_server(app)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_without_annotations_every_write_is_405(app2d):
+    """The contract: no --annotations, no writes, whatever the method, path or headers."""
+    import urllib.request
+
+    server = _serve(app2d)
+    try:
+        url = url_of(server)
+        assert json.loads(urllib.request.urlopen(url + "api/session").read()) == {
+            "writable": False,
+            "token": None,
+        }
+        for method in ("PUT", "POST", "DELETE", "PATCH", "OPTIONS"):
+            req = urllib.request.Request(
+                url + "api/slides/lesion2d_0000/annotations", data=b"{}", method=method
+            )
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            e.value.close()
+            assert e.value.code == 405, method
+        big = urllib.request.Request(
+            url + "api/slides/lesion2d_0000/annotations", data=b"x" * (1 << 20), method="PUT"
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:  # a large body: still 405, not 413
+            urllib.request.urlopen(big, timeout=10)
+        e.value.close()
+        assert e.value.code == 405
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_annotations_saved_atomically_as_qupath_geojson_that_guidance_reads(lesions2d, tmp_path):
+    from ips.data.annotations import patch_labels
+    from ips.view.annotating import AnnotationFolder
+
+    folder = AnnotationFolder.at(tmp_path / "ann")
+    app = ViewerApp(build_catalog([], lesions2d.manifest, lesions2d.heatmaps), annotations=folder)
+    server = _serve(app)
+    try:
+        url = url_of(server)
+        host = url.split("/")[2]
+        token = json.loads(app.get("/api/session").body)["token"]
+        assert token and json.loads(app.get("/api/session").body)["writable"]
+        target = url + "api/slides/lesion2d_0000/annotations"
+        square = _square_xy(lesions2d.positive)
+        feature = {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [square]},
+            "properties": {
+                "objectType": "annotation",
+                "classification": {"name": "Tumor", "color": [200, 0, 0]},
+            },
+        }
+        negative = {
+            "type": "Feature",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[500, 500], [600, 500], [600, 600], [500, 500]]],
+            },
+            "properties": {"classification": {"name": "Not tumor"}},
+        }
+        body = json.dumps({"type": "FeatureCollection", "features": [feature, negative]}).encode()
+        ok = {"Content-Type": "application/json", "X-IPS-Token": token, "Origin": f"http://{host}"}
+        # refused: another origin, another site, no token, a wrong token, not JSON
+        for bad in (
+            {**ok, "Origin": "http://evil.example"},
+            {**ok, "Sec-Fetch-Site": "cross-site"},
+            {k: v for k, v in ok.items() if k != "X-IPS-Token"},
+            {**ok, "X-IPS-Token": token[:-1] + "x"},
+            {**ok, "Content-Type": "text/plain"},
+        ):
+            assert _put(target, body, bad)[0] == 403, bad
+        assert not (tmp_path / "ann" / "lesion2d_0000.geojson").exists()
+        # refused with 400: outside the slide, not polygons, an unknown slide (404)
+        outside = json.dumps(
+            {**feature, "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [900, 0], [900, 9]]]}}
+        )
+        assert _put(target, outside.encode(), ok)[0] == 400
+        assert _put(target, b"{not json", ok)[0] == 400
+        assert _put(url + "api/slides/nope/annotations", body, ok)[0] == 404
+        assert _put(url + "api/slides/lesion2d_0000/tiles", body, ok)[0] == 405
+        status, text = _put(target, body, ok)
+        assert status == 200, text
+        assert json.loads(text) == {"saved": 2, "file": "lesion2d_0000.geojson"}
+        saved = tmp_path / "ann" / "lesion2d_0000.geojson"
+        data = json.loads(saved.read_text())
+        assert [f["geometry"]["coordinates"] for f in data["features"]] == [
+            [square],
+            [[[500, 500], [600, 500], [600, 600], [500, 500]]],
+        ]
+        assert data["features"][0]["properties"] == {
+            "objectType": "annotation",
+            "classification": {"name": "Tumor", "color": [200, 0, 0]},
+        }
+        assert [p.name for p in (tmp_path / "ann").iterdir()] == ["lesion2d_0000.geojson"]  # no temporaries
+        assert json.loads(app.get("/api/slides/lesion2d_0000/annotations").body) == data
+        # guidance reads it: the patches wholly inside the square, not the negative polygon's
+        store = open_store(lesions2d.positive)
+        labels = patch_labels(saved, store, "default")
+        level0 = store.coords() * store.level_downsample(store.grid().level).astype(int)
+        (x0, y0), (x1, y1) = square[0], square[2]
+        inside = (
+            (level0[:, 1] >= x0)
+            & (level0[:, 1] + 32 <= x1)
+            & (level0[:, 0] >= y0)
+            & (level0[:, 0] + 32 <= y1)
+        )
+        assert inside.any() and set(labels.positives(1.0)) == set(np.flatnonzero(inside))
+        assert not (level0[labels.indices][:, 0] >= 480).any()  # the "Not tumor" polygon is not the region
+        # an empty collection removes the file
+        assert _put(target, b'{"type": "FeatureCollection", "features": []}', ok)[0] == 200
+        assert not saved.exists()
+    finally:
+        server.shutdown()
+        server.server_close()
