@@ -6,6 +6,7 @@ playwright (never `playwright install`: it downloads a browser)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import threading
@@ -132,3 +133,123 @@ def test_browser_index_slide_zoom_and_overlay_at_the_lesion(served, lesions2d): 
             assert outside == []  # offline: nothing but the viewer's own server
         finally:
             browser.close()
+
+
+@pytest.fixture
+def served_writable(lesions2d, tmp_path):  # noqa: F811
+    from ips.view.annotating import AnnotationFolder
+
+    folder = AnnotationFolder.at(tmp_path / "annotations")
+    app = ViewerApp(
+        build_catalog([], lesions2d.manifest, lesions2d.heatmaps, lesions2d.predictions), annotations=folder
+    )
+    server = make_server(app)
+    other = make_server(ViewerApp(build_catalog([lesions2d.positive])))  # another origin (another port)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (server, other)]
+    for t in threads:
+        t.start()
+    yield url_of(server), url_of(other), folder.root
+    for s in (server, other):
+        s.shutdown()
+        s.server_close()
+
+
+def test_browser_draw_save_reload_train_and_cross_origin_refused(served_writable, lesions2d, tmp_path):  # noqa: F811
+    """Draw a polygon with the mouse, save it (s), reload: it is there, in the file as QuPath GeoJSON in
+    level-0 pixels; a tiny training run reads it through the manifest's annotation column; a page of
+    another origin cannot write, even knowing the token."""
+    sync_playwright = _browser_or_skip()
+    url, other, folder = served_writable
+    _, (r, c) = lesion_site(lesions2d.positive)
+    r, c = (float(min(max(v, 100), 668)) for v in (r, c))
+    corners = [(r - 90, c - 90), (r - 90, c + 90), (r + 90, c + 90), (r + 90, c - 90)]  # (row, col) level 0
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(
+                viewport={"width": 900, "height": 640}, device_scale_factor=1, bypass_csp=True
+            )
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "slide/lesion2d_0000", timeout=WAIT_MS)
+            _idle(page)
+            canvas = page.locator("#stage canvas").first
+            box = canvas.bounding_box()
+            page.evaluate(
+                "p => ipsView.viewers[0].centerOn(p, 1.5)", [r, c]
+            )  # the square mid-screen, 270 px wide
+            _idle(page)
+            page.keyboard.press("d")  # draw mode
+            for pt in corners:
+                x, y = page.evaluate("p => ipsView.viewers[0].toScreen(p)", list(pt))
+                page.mouse.click(box["x"] + x, box["y"] + y)
+                page.wait_for_timeout(30)
+            page.keyboard.press("Enter")
+            state = page.evaluate(
+                "[ipsView.mode, JSON.stringify(ipsView.drawing), ipsView.annotations.length]"
+            )
+            assert page.evaluate("document.body.dataset.annotations") == "1", (errors, state)
+            assert page.evaluate("document.body.dataset.dirty") == "1"
+            page.keyboard.press("s")
+            page.wait_for_function("document.body.dataset.saved === '1'", timeout=WAIT_MS)
+            saved = folder / "lesion2d_0000.geojson"
+            data = json.loads(saved.read_text())
+            (feature,) = data["features"]
+            assert feature["properties"]["classification"]["name"] == "Tumor"
+            ring = np.asarray(feature["geometry"]["coordinates"][0])  # (5, 2) [x, y], closed
+            assert ring.shape == (5, 2) and (ring[0] == ring[-1]).all()
+            zoom = page.evaluate(
+                "ipsView.viewers[0].zoom * ipsView.viewers[0].scale[0]"
+            )  # screen px per level-0 px
+            expected = np.asarray([[cc, rr] for rr, cc in corners])
+            assert (
+                np.abs(ring[:4] - expected).max() <= 1.0 / zoom + 0.01
+            )  # a click lands on a whole screen pixel
+            # reload: the polygon is read back from the server
+            page.reload()
+            _idle(page)
+            assert page.evaluate("document.body.dataset.annotations") == "1"
+            back = np.asarray(page.evaluate("ipsView.annotations[0].rings[0]"))  # (4, 2) (row, col)
+            np.testing.assert_allclose(back[:, ::-1], ring[:4])
+            # another origin's page cannot write (the token alone does not do: the browser asks first, refused)
+            token = page.evaluate("ipsView.session.token")
+            page.goto(other, timeout=WAIT_MS)
+            _idle(page)
+            outcome = page.evaluate(
+                """([target, token]) => fetch(target, {method: "PUT", body: '{"type": "FeatureCollection", "features": []}',
+                     headers: {"Content-Type": "application/json", "X-IPS-Token": token}})
+                   .then(r => "status " + r.status, e => "refused: " + e.name)""",
+                [url + "api/slides/lesion2d_0000/annotations", token],
+            )
+            assert outcome.startswith("refused") or outcome == "status 403", outcome
+            no_preflight = page.evaluate(  # a simple request (no preflight): answered 403, nothing written
+                """(target) => fetch(target, {method: "PUT", mode: "no-cors", body: "{}"}).then(r => r.type, e => e.name)""",
+                url + "api/slides/lesion2d_0000/annotations",
+            )
+            assert no_preflight in ("opaque", "TypeError")
+            assert json.loads(saved.read_text()) == data  # unchanged
+            assert errors == []
+        finally:
+            browser.close()
+    # the saved file trains through annotation guidance (the manifest's annotation column), a tiny run
+    from train_fixtures import TINY, tiny_config
+
+    from ips.training.loop import train
+
+    manifest = tmp_path / "manifest.csv"
+    stores = lesions2d.root / "data" / "stores"
+    manifest.write_text(
+        "slide_id,path,label,split,annotation\n"
+        f"lesion2d_0000,{stores / 'lesion2d_0000.zarr'},1,train,{saved}\n"
+        f"lesion2d_0001,{stores / 'lesion2d_0001.zarr'},0,train,\n"
+        f"lesion2d_0000v,{stores / 'lesion2d_0000.zarr'},1,val,\n"
+        f"lesion2d_0001v,{stores / 'lesion2d_0001.zarr'},0,val,\n"
+    )
+    cfg = tiny_config(
+        model={**TINY["model"], "in_chans": 3, "patch_size": 32},
+        train={**TINY["train"], "epochs": 1, "batch_size": 2},
+    )
+    lines: list[str] = []
+    result = train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lines.append)
+    assert any("1 of 2 training slides are annotated" in line for line in lines), lines
+    assert len(result.history) == 1
