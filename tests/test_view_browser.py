@@ -93,7 +93,7 @@ def test_browser_index_slide_zoom_and_overlay_at_the_lesion(served, lesions2d): 
             page.wait_for_url("**/slide/lesion2d_0000", timeout=WAIT_MS)
             _idle(page)
             assert "P(1) = 0.200" in page.inner_text("#prediction")
-            canvas = page.locator("#stage canvas")
+            canvas = page.locator("#stage canvas").first
             box = canvas.bounding_box()
             level_before = int(canvas.get_attribute("data-level"))
             # zoom in with the wheel over the lesion: the point under the cursor stays put
@@ -253,3 +253,101 @@ def test_browser_draw_save_reload_train_and_cross_origin_refused(served_writable
     result = train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lines.append)
     assert any("1 of 2 training slides are annotated" in line for line in lines), lines
     assert len(result.history) == 1
+
+
+def test_browser_viewer_features(served, lesions2d):  # noqa: F811
+    """Index thumbnails and a filter over every column; keys; the view in the URL; the threshold at the
+    slide's peak leaves the slide as without overlay; side-by-side stays in sync; the ruler in micrometres;
+    the next slide keeps the colour settings."""
+    sync_playwright = _browser_or_skip()
+    _, patch_centre = lesion_site(lesions2d.positive)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(
+                viewport={"width": 900, "height": 600}, device_scale_factor=1, bypass_csp=True
+            )
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(served, timeout=WAIT_MS)
+            _idle(page)
+            page.wait_for_function(
+                "[...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)",
+                timeout=WAIT_MS,
+            )
+            assert page.locator("img.thumb").count() == 2
+            for text, rows in (("P(1) = 0.200", 1), ("fn", 1), ("0.100", 1), ("yes", 2), ("lesion2d", 2)):
+                page.fill("#filter", text)
+                assert page.locator("tr[data-slide]").count() == rows, text
+            page.goto(served + "slide/lesion2d_0000", timeout=WAIT_MS)
+            _idle(page)
+            assert "x \u00b7" in page.inner_text("#readout")  # magnification
+            z0 = page.evaluate("ipsView.viewers[0].zoom")
+            page.keyboard.press("+")
+            assert page.evaluate("ipsView.viewers[0].zoom") == pytest.approx(2 * z0)
+            page.keyboard.press("g")  # the global scale
+            assert page.input_value("#scale") == "global"
+            page.wait_for_function("location.hash.includes('scale=global')", timeout=WAIT_MS)
+            page.reload()  # the view comes back from the URL
+            _idle(page)
+            assert page.evaluate("ipsView.viewers[0].zoom") == pytest.approx(2 * z0, rel=1e-3)
+            assert page.input_value("#scale") == "global"
+            # the threshold at the slide's own peak: nothing coloured, the slide as without the overlay
+            page.select_option("#scale", "slide")
+            page.evaluate("p => ipsView.viewers[0].centerOn(p)", [float(v) for v in patch_centre])
+            _idle(page)
+            canvas = page.locator("#stage canvas").first
+            top = page.evaluate("ipsView.info.heatmap.tasks[0].scale.top")
+            page.evaluate(
+                "t => { const s = document.getElementById('threshold'); s.max = 16; s.value = t;"
+                " s.dispatchEvent(new Event('input')); }",
+                float(np.ceil(top * 4) / 4),
+            )
+            _idle(page)
+            page.uncheck("#outline")  # the top-M outlines are not the colour scale's
+            _idle(page)
+            at_peak = np.asarray(_image(canvas.screenshot()), dtype=np.int64)
+            page.uncheck("#overlay")
+            _idle(page)
+            off = np.asarray(_image(canvas.screenshot()), dtype=np.int64)
+            page.check("#overlay")
+            page.check("#outline")
+            assert np.abs(at_peak - off).max() <= 2
+            # side by side: the right pane follows the left one's pan and zoom
+            page.keyboard.press("b")
+            _idle(page)
+            assert page.locator("#stage canvas").nth(1).is_visible()
+            box = canvas.bounding_box()
+            page.mouse.move(box["x"] + 100, box["y"] + 100)
+            page.mouse.down()
+            page.mouse.move(box["x"] + 160, box["y"] + 140, steps=4)
+            page.mouse.up()
+            left, right = page.evaluate("ipsView.viewers.map(v => [v.center[0], v.center[1], v.zoom])")
+            assert left == pytest.approx(right)
+            page.keyboard.press("b")
+            assert page.evaluate("ipsView.split") is False
+            # the ruler: two clicks 100 level-0 px apart along a row = 50 um at 0.5 um/px
+            page.keyboard.press("r")
+            for dc in (0, 100):
+                x, y = page.evaluate(
+                    "p => ipsView.viewers[0].toScreen(p)",
+                    [float(patch_centre[0]), float(patch_centre[1] + dc)],
+                )
+                page.mouse.click(box["x"] + x, box["y"] + y)
+            length = page.evaluate("ipsView.ruler.length")
+            assert length == 2 and "ruler 50." in page.inner_text("#readout")
+            page.keyboard.press("Escape")
+            page.keyboard.press("n")  # the next slide, with the colour settings
+            page.wait_for_url("**/slide/lesion2d_0001*", timeout=WAIT_MS)
+            _idle(page)
+            assert page.input_value("#threshold") == "6" and page.input_value("#scale") == "slide"
+            assert page.evaluate("ipsView.split") is False
+            assert errors == []
+        finally:
+            browser.close()
+
+
+def _image(png: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).convert("RGB")

@@ -765,21 +765,23 @@ function redraw() { for (const v of view.viewers) v.draw(); }
 function writeHash() {
   if (!view.ready) return;
   clearTimeout(view.hashTimer);
-  view.hashTimer = setTimeout(() => {
-    const q = new URLSearchParams();
-    const v = view.viewers[0];
-    if (view.info.dims === 2 && v) {
-      q.set("r", Math.round(v.center[0] / v.scale[0]));
-      q.set("c", Math.round(v.center[1] / v.scale[1]));
-      q.set("zoom", v.zoom.toPrecision(4));
-    } else if (view.pos0) q.set("pos", view.pos0.join(","));
-    q.set("task", view.task);
-    q.set("scale", $("scale").value);
-    q.set("thr", $("threshold").value);
-    q.set("op", $("opacity").value);
-    if (view.split) q.set("split", String(view.rightTask));
-    history.replaceState(null, "", "#" + q.toString());
-  }, 150);
+  view.hashTimer = setTimeout(() => history.replaceState(null, "", "#" + hashOf().toString()), 150);
+}
+
+function hashOf() {
+  const q = new URLSearchParams();
+  const v = view.viewers[0];
+  if (view.info.dims === 2 && v) {
+    q.set("r", Math.round(v.center[0] / v.scale[0]));
+    q.set("c", Math.round(v.center[1] / v.scale[1]));
+    q.set("zoom", v.zoom.toPrecision(4));
+  } else if (view.pos0) q.set("pos", view.pos0.join(","));
+  q.set("task", view.task);
+  q.set("scale", $("scale").value);
+  q.set("thr", $("threshold").value);
+  q.set("op", $("opacity").value);
+  if (view.split) q.set("split", String(view.rightTask));
+  return q;
 }
 
 function readHash() {
@@ -800,7 +802,7 @@ function goToSlide(step) {
   const i = view.slides.indexOf(slideId);
   if (i < 0 || !view.slides.length) return;
   const next = view.slides[(i + step + view.slides.length) % view.slides.length];
-  const q = new URLSearchParams(location.hash.slice(1));
+  const q = hashOf();
   for (const k of ["r", "c", "zoom", "pos"]) q.delete(k);
   location.href = "/slide/" + encodeURIComponent(next) + "#" + q.toString();
 }
