@@ -433,7 +433,7 @@ function drawMinimap() {
 // magnification and micrometres: 10x is taken as 1 um per screen pixel (a 40x scan: 0.25 um/px at 1:1)
 function readout(v, p) {
   const box = $("readout");
-  if (!box) return;
+  if (!box || (v.side === "right" && !view.split)) return; // a hidden pane has no view to report
   if (p) view.cursor = p;
   const sp = view.info.spacing, lines = [];
   if (sp) lines.push(`\u2248 ${(10 * v.zoom).toPrecision(3)}x \u00b7 ${(1 / v.zoom).toPrecision(3)} \u00b5m per screen px`);
