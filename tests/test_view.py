@@ -646,3 +646,60 @@ def test_annotations_saved_atomically_as_qupath_geojson_that_guidance_reads(lesi
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_worklist_of_ips_suggest_read_defensively(lesions2d, tmp_path):
+    from ips.errors import ConfigError
+    from ips.view.catalog import read_worklist
+
+    wl = tmp_path / "suggest"
+    (wl / "regions").mkdir(parents=True)
+    square = _square_xy(lesions2d.positive, half=16)
+    (wl / "regions" / "lesion2d_0000.geojson").write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "geometry": {"type": "Polygon", "coordinates": [square]},
+                        "properties": {"classification": {"name": "IPS suggested"}},
+                    }
+                ],
+            }
+        )
+    )
+    (tmp_path / "outside.geojson").write_text("{}")
+    (wl / "suggestions.csv").write_text(
+        "slide_id,score,rank,uncertainty,regions\n"
+        "ghost,0.9,1,0.1,\n"
+        "lesion2d_0001,0.5,3,0.2,../outside.geojson\n"
+        "lesion2d_0000,0.7,2,0.3,regions/lesion2d_0000.geojson\n"
+    )
+    items = read_worklist(wl)
+    assert [(w.slide_id, w.rank, w.score) for w in items] == [
+        ("ghost", 1, 0.9),
+        ("lesion2d_0000", 2, 0.7),
+        ("lesion2d_0001", 3, 0.5),
+    ]
+    assert (
+        items[1].regions == wl / "regions" / "lesion2d_0000.geojson" and items[2].regions is None
+    )  # not outside DIR
+    app = ViewerApp(build_catalog([], lesions2d.manifest, lesions2d.heatmaps), worklist=items)
+    assert json.loads(app.get("/api/worklist").body) == [
+        {"id": "lesion2d_0000", "score": 0.7, "rank": 2, "regions": True},
+        {"id": "lesion2d_0001", "score": 0.5, "rank": 3, "regions": False},
+    ]
+    assert json.loads(app.get("/api/slides/lesion2d_0000").body)["worklist"] == {
+        "rank": 2,
+        "score": 0.7,
+        "regions": True,
+    }
+    got = json.loads(app.get("/api/slides/lesion2d_0000/suggested").body)
+    assert [f["geometry"]["coordinates"] for f in got["features"]] == [[square]]
+    assert json.loads(app.get("/api/slides/lesion2d_0001/suggested").body)["features"] == []
+    (wl / "suggestions.csv").write_text("slide_id,rank\nx,1\n")
+    with pytest.raises(ConfigError, match="missing score"):
+        read_worklist(wl)
+    with pytest.raises(ConfigError, match="no suggestions.csv"):
+        read_worklist(tmp_path)

@@ -37,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "pixels, for the manifest's annotation column); without it the viewer is read-only",
     )
     p.add_argument(
+        "--worklist",
+        metavar="DIR",
+        help="the --out folder of `ips suggest`: its ranking (suggestions.csv) on the index and its "
+        "suggested regions outlined on the slides",
+    )
+    p.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to bind (default 127.0.0.1: this machine only; anything else warns)",
@@ -58,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ips.view.catalog import build_catalog, unmatched
+    from ips.view.catalog import build_catalog, read_worklist, unmatched
     from ips.view.server import ViewerApp, is_loopback, make_server, url_of
 
     if not 0 <= args.port <= 65535:
@@ -72,6 +78,15 @@ def run(args: argparse.Namespace) -> int:
     catalog = build_catalog(args.stores, args.manifest, args.heatmaps, args.predictions, args.split)
     for line in unmatched(catalog, args.heatmaps, args.predictions):
         print(f"ips view: warning: {line}", file=sys.stderr, flush=True)
+    worklist = read_worklist(args.worklist) if args.worklist is not None else []
+    stray = sorted(w.slide_id for w in worklist if w.slide_id not in catalog)
+    if stray:
+        print(
+            f"ips view: warning: --worklist {args.worklist}: {len(stray)} suggested slides are not served "
+            f"({', '.join(repr(s) for s in stray[:8])}{', ...' if len(stray) > 8 else ''})",
+            file=sys.stderr,
+            flush=True,
+        )
     folder = None
     if args.annotations is not None:
         from ips.view.annotating import AnnotationFolder
@@ -80,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             folder = AnnotationFolder.at(args.annotations)
         except OSError as e:
             raise ConfigError(f"--annotations {args.annotations}: {e.strerror or e}") from None
-    app = ViewerApp(catalog, cache_bytes=args.cache_mb << 20, annotations=folder)
+    app = ViewerApp(catalog, cache_bytes=args.cache_mb << 20, annotations=folder, worklist=worklist)
     if not is_loopback(args.host):
         print(
             f"ips view: warning: binding {args.host}: anyone who can reach this machine on port {args.port} "

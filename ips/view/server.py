@@ -29,6 +29,8 @@ Routes:
     /api/slides/<id>/patch/<index>.jpg            one grid patch (the gallery)
     /api/slides/<id>/at/<r>_<c>[_<x>]             the patch under a level-0 point: scores and coordinates
     /api/session                                  {"writable": bool, "token": str | null}
+    /api/worklist                                 `ips suggest`'s ranking of the served slides (--worklist)
+    /api/slides/<id>/suggested                    the regions `ips suggest` outlined on the slide (GeoJSON)
     /api/slides/<id>/annotations                  the slide's annotations (GeoJSON; PUT replaces them)
     /api/slides/<id>/annotations.geojson          the same as a download (QuPath: File > Import objects)
 """
@@ -46,7 +48,7 @@ import socket
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -61,7 +63,7 @@ from ips.data.store import IpsStore
 from ips.errors import StoreError, one_line
 from ips.infer.scale import global_scale
 from ips.view.annotating import MAX_BODY, AnnotationError, AnnotationFolder, parse_upload
-from ips.view.catalog import SlideEntry
+from ips.view.catalog import SlideEntry, WorkItem
 from ips.view.overlay import Scores, load_scores
 from ips.view.reading import MAX_READ_BYTES, open_checked
 from ips.view.serving import Limits, ViewerServer, bind
@@ -159,8 +161,10 @@ class ViewerApp:
         log: Callable[[str], None] | None = None,
         *,
         annotations: AnnotationFolder | None = None,
+        worklist: Sequence[WorkItem] = (),
     ) -> None:
         self.catalog = catalog
+        self.worklist = {w.slide_id: w for w in worklist if w.slide_id in catalog}
         self.annotations = annotations
         self.token = secrets.token_urlsafe(24) if annotations is not None else None
         self.cache = ByteLRU(cache_bytes)
@@ -242,6 +246,9 @@ class ViewerApp:
             "label": entry.label if entry else "",
             "predictions": [p.to_dict() for p in entry.predictions] if entry else [],
             "heatmap": _heatmap_info(opened.scores) if opened.scores is not None else None,
+            "worklist": {"rank": w.rank, "score": w.score, "regions": w.regions is not None}
+            if (w := self.worklist.get(slide_id))
+            else None,
         }
         return out
 
@@ -386,6 +393,21 @@ class ViewerApp:
             r.content_type, r.download = "application/geo+json", f"{slide_id}.geojson"
         return r
 
+    def suggested(self, slide_id: str) -> Response:
+        """The regions `ips suggest` outlined on the slide (GeoJSON, checked like an upload), or none."""
+        item = self.worklist.get(slide_id)
+        empty: dict[str, Any] = {"type": "FeatureCollection", "features": []}
+        if item is None or item.regions is None:
+            return Response.json(empty)
+        extent = self._extent(slide_id)
+        try:
+            with item.regions.open("rb") as f:
+                body = f.read(MAX_BODY + 1)
+            return Response.json(parse_upload(body, extent))
+        except (OSError, AnnotationError) as e:
+            self._log_once(f"{item.regions}: regions not shown ({one_line(e)})")
+            return Response.json(empty)
+
     def put(self, raw_path: str, body: bytes) -> Response:
         """Save one slide's annotations (`PUT /api/slides/<id>/annotations`, body: GeoJSON); the caller
         has checked where the request came from. 400 for a body that is not polygons on the slide."""
@@ -473,6 +495,13 @@ class ViewerApp:
             raise NotFound("no such page")
         if rest == ["slides"]:
             return Response.json(self.index())
+        if rest == ["worklist"]:
+            return Response.json(
+                [
+                    {"id": w.slide_id, "score": w.score, "rank": w.rank, "regions": w.regions is not None}
+                    for w in sorted(self.worklist.values(), key=lambda w: w.rank)
+                ]
+            )
         if rest == ["session"]:
             return Response.json({"writable": self.annotations is not None, "token": self.token})
         if rest == ["colormap"]:
@@ -491,10 +520,12 @@ class ViewerApp:
             "at": lambda: Response.json(self.at(slide_id, args[0])) if len(args) == 1 else _missing(),
             "annotations": lambda: self.read_annotations(slide_id),
             "thumbnail.jpg": lambda: self.thumbnail(slide_id),
+            "suggested": lambda: self.suggested(slide_id),
             "annotations.geojson": lambda: self.read_annotations(slide_id, download=True),
         }
         if what not in routes or (
-            what in (None, "mask.png", "annotations", "annotations.geojson", "thumbnail.jpg") and args
+            what in (None, "mask.png", "annotations", "annotations.geojson", "thumbnail.jpg", "suggested")
+            and args
         ):
             raise NotFound("no such route")
         if slide_id not in self.catalog:

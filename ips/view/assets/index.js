@@ -101,3 +101,19 @@ document.querySelectorAll("th[data-key]").forEach((th) => th.addEventListener("c
 document.getElementById("filter").addEventListener("input", render);
 document.getElementById("outcome").addEventListener("change", render);
 fetch("/api/slides").then((r) => r.json()).then((slides) => { state.rows = rowsOf(slides); render(); });
+
+// the worklist of `ips suggest` (ips view --worklist DIR), best first
+fetch("/api/worklist").then((r) => r.json()).then((items) => {
+  if (!items.length) return;
+  const list = document.getElementById("worklist-items");
+  for (const w of items) {
+    const li = document.createElement("li");
+    li.dataset.slide = w.id;
+    const a = document.createElement("a");
+    a.href = "/slide/" + encodeURIComponent(w.id);
+    a.textContent = w.id;
+    li.append(a, ` score ${Number(w.score).toFixed(3)}` + (w.regions ? ", regions outlined" : ""));
+    list.appendChild(li);
+  }
+  document.getElementById("worklist").hidden = false;
+});

@@ -760,6 +760,20 @@ function drawMarks(ctx, v) {
 
 function redraw() { for (const v of view.viewers) v.draw(); }
 
+// the regions `ips suggest` asks to be annotated: dashed orange outlines (a decoration, not editable)
+function drawSuggested(ctx, v) {
+  if (!view.suggested || !$("suggested").checked) return;
+  ctx.setLineDash([8, 5]);
+  ctx.strokeStyle = "#ff8c00";
+  ctx.lineWidth = 2;
+  for (const a of view.suggested) {
+    ctx.beginPath();
+    for (const ring of a.rings) pathOf(ctx, v, ring, true);
+    ctx.stroke();
+  }
+  ctx.setLineDash([]);
+}
+
 // ---- the view in the URL (#r=&c=&zoom=&task=&scale=&thr=&op=&split=), slides before and after -------------
 
 function writeHash() {
@@ -899,6 +913,13 @@ async function main() {
       if (a) { a.name = $("ann-class").value; a.color = CLASS_COLORS[a.name] || [120, 120, 120]; markDirty(); }
     };
     await loadAnnotations();
+    if (info.worklist) {
+      $("worklist-line").textContent = `ips suggest ranks this slide #${info.worklist.rank} (score ${Number(info.worklist.score).toFixed(3)})`;
+      $("worklist-box").hidden = false;
+      view.suggested = fromGeoJSON(await fetch(`${api}/suggested`).then((r) => r.json()));
+      $("suggested").onchange = redraw;
+      for (const v of view.viewers) v.decorations.unshift(drawSuggested);
+    }
   } else {
     $("annotate").hidden = true;
     $("split").disabled = true;
