@@ -351,3 +351,35 @@ def _image(png: bytes):
     from PIL import Image
 
     return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def test_browser_volume_page_has_no_errors(tmp_path):
+    """A 3D volume's page (three panes) loads and answers the keys without script errors."""
+    from inference_fixtures import make_store
+
+    sync_playwright = _browser_or_skip()
+    store = make_store(
+        tmp_path, "vol", size=(24, 64, 48), channels=1, patch=8, background=0, pyramid_max_size=32
+    )
+    server = make_server(ViewerApp(build_catalog([store])))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 900, "height": 600}, bypass_csp=True)
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(url_of(server) + "slide/vol", timeout=WAIT_MS)
+                _idle(page)
+                assert page.locator(".pane canvas").count() == 3
+                z = page.evaluate("ipsView.viewers.map(v => v.zoom)")
+                for key in ("+", "b", "d", "g", "Escape"):
+                    page.keyboard.press(key)
+                assert page.evaluate("ipsView.viewers.map(v => v.zoom)") == pytest.approx([2 * v for v in z])
+                assert page.is_hidden("#annotate") and errors == []
+            finally:
+                browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
