@@ -703,3 +703,20 @@ def test_worklist_of_ips_suggest_read_defensively(lesions2d, tmp_path):
         read_worklist(wl)
     with pytest.raises(ConfigError, match="no suggestions.csv"):
         read_worklist(tmp_path)
+
+
+def test_annotations_of_an_id_that_cannot_name_a_file(tmp_path):
+    """A manifest id with a space and quotes: reading gives none (not 500), the download's name is generic,
+    a save is refused with 400 naming why."""
+    from ips.view.annotating import AnnotationFolder
+
+    store = make_store(tmp_path, "odd", size=(64, 64), patch=16)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f'slide_id,path\n"a b""c",{store}\n')
+    app = ViewerApp(build_catalog([], manifest), annotations=AnnotationFolder.at(tmp_path / "ann"))
+    sid = "a%20b%22c"
+    r = app.get(f"/api/slides/{sid}/annotations")
+    assert r.status == 200 and json.loads(r.body) == {"type": "FeatureCollection", "features": []}
+    assert app.get(f"/api/slides/{sid}/annotations.geojson").download == "annotations.geojson"
+    r = app.put(f"/api/slides/{sid}/annotations", b'{"type": "FeatureCollection", "features": []}')
+    assert r.status == 400 and b"cannot name a file" in r.body

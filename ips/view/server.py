@@ -62,7 +62,7 @@ import numpy as np
 from ips.data.store import IpsStore
 from ips.errors import StoreError, one_line
 from ips.infer.scale import global_scale
-from ips.view.annotating import MAX_BODY, AnnotationError, AnnotationFolder, parse_upload
+from ips.view.annotating import MAX_BODY, SAFE_ID, AnnotationError, AnnotationFolder, parse_upload
 from ips.view.catalog import SlideEntry, WorkItem
 from ips.view.overlay import Scores, load_scores
 from ips.view.reading import MAX_READ_BYTES, open_checked
@@ -387,10 +387,13 @@ class ViewerApp:
 
     def read_annotations(self, slide_id: str, download: bool = False) -> Response:
         self._extent(slide_id)
-        data = self.annotations.read(slide_id) if self.annotations is not None else None
+        data = None
+        if self.annotations is not None and SAFE_ID.match(slide_id):  # other ids cannot have a file
+            data = self.annotations.read(slide_id)
         r = Response.json(data or {"type": "FeatureCollection", "features": []})
-        if download:
-            r.content_type, r.download = "application/geo+json", f"{slide_id}.geojson"
+        if download:  # the file name goes into a header: only ids that are safe there
+            name = f"{slide_id}.geojson" if SAFE_ID.match(slide_id) else "annotations.geojson"
+            r.content_type, r.download = "application/geo+json", name
         return r
 
     def suggested(self, slide_id: str) -> Response:
