@@ -719,7 +719,11 @@ class _Exchange(BaseHTTPRequestHandler):
         self._answer(send_body=False)
 
     def _refuse(self) -> None:
-        self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, "read-only viewer")
+        writable = self.site.app.annotations is not None
+        self.send_error(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            "only GET, HEAD and PUT of annotations" if writable else "read-only viewer (no --annotations)",
+        )
 
     do_POST = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
 

@@ -280,6 +280,7 @@ function ratioText(r) { return Number(Math.pow(2, r).toPrecision(3)) + "x"; }
 function currentScale() {
   const h = view.info.heatmap, kind = $("scale").value, threshold = Number($("threshold").value);
   const base = kind === "global" ? h.global_scale : h.tasks[view.task].scale;
+  $("threshold").max = String(Math.max(6, Math.ceil(base.top))); // the slider reaches this scale's top
   const top = Math.max(base.top, threshold + 1);
   return { kind, threshold, top };
 }
