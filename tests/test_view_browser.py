@@ -211,6 +211,53 @@ def test_browser_draw_save_reload_train_and_cross_origin_refused(served_writable
             assert page.evaluate("document.body.dataset.annotations") == "1"
             back = np.asarray(page.evaluate("ipsView.annotations[0].rings[0]"))  # (4, 2) (row, col)
             np.testing.assert_allclose(back[:, ::-1], ring[:4])
+            # import QuPath GeoJSON (a MultiPolygon of two parts, a point that has no area), save, export
+            qupath = {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "geometry": {
+                            "type": "MultiPolygon",
+                            "coordinates": [
+                                [[[10, 10], [60, 10], [60, 60], [10, 10]]],
+                                [[[100, 100], [150, 100], [150, 150], [100, 100]]],
+                            ],
+                        },
+                        "properties": {"objectType": "annotation", "classification": {"name": "Not tumor"}},
+                    },
+                    {
+                        "type": "Feature",
+                        "geometry": {"type": "Point", "coordinates": [5, 5]},
+                        "properties": {},
+                    },
+                ],
+            }
+            page.set_input_files(
+                "#ann-import",
+                files=[
+                    {
+                        "name": "q.geojson",
+                        "mimeType": "application/json",
+                        "buffer": json.dumps(qupath).encode(),
+                    }
+                ],
+            )
+            page.wait_for_function("document.body.dataset.annotations === '3'", timeout=WAIT_MS)
+            page.keyboard.press("s")
+            page.wait_for_function("document.body.dataset.saved === '1'", timeout=WAIT_MS)
+            data = json.loads(saved.read_text())
+            assert [f["properties"]["classification"]["name"] for f in data["features"]] == [
+                "Tumor",
+                "Not tumor",
+                "Not tumor",
+            ]
+            assert data["features"][2]["geometry"]["coordinates"] == [
+                [[100, 100], [150, 100], [150, 150], [100, 100]]
+            ]
+            export = page.request.get(url + "api/slides/lesion2d_0000/annotations.geojson")
+            assert export.headers["content-disposition"] == 'attachment; filename="lesion2d_0000.geojson"'
+            assert export.json() == data
             # another origin's page cannot write (the token alone does not do: the browser asks first, refused)
             token = page.evaluate("ipsView.session.token")
             page.goto(other, timeout=WAIT_MS)
