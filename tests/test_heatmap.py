@@ -79,9 +79,21 @@ def test_geojson_tiles_the_grid_in_level0_pixels(slide2d):
 def test_geojson_measurements_and_selection(slide2d):
     fc = json.loads((slide2d["out"] / "heatmap.geojson").read_text())
     m = [f["properties"]["measurements"] for f in fc["features"]]
-    assert set(m[0]) == {"a attention", "a logit", "b attention", "b logit", "selected"}
+    assert set(m[0]) == {
+        "a attention",
+        "a attention x uniform",
+        "a logit",
+        "b attention",
+        "b attention x uniform",
+        "b logit",
+        "selected",
+    }
     for task in ("a", "b"):
         assert sum(x[f"{task} attention"] for x in m) == pytest.approx(1.0, rel=1e-5)
+        # the colour scale's quantity: N * attention, mean 1 over the slide (uniform = 1)
+        ratio = [x[f"{task} attention x uniform"] for x in m]
+        assert ratio == pytest.approx([len(m) * x[f"{task} attention"] for x in m], rel=1e-6)
+        assert sum(ratio) / len(m) == pytest.approx(1.0, rel=1e-5)
     selected = [f for f in fc["features"] if "classification" in f["properties"]]
     assert len(selected) == 5  # M
     assert all(f["properties"]["measurements"]["selected"] == 1.0 for f in selected)

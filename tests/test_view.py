@@ -22,10 +22,11 @@ from inference_fixtures import make_store
 
 from ips.data.store import open_store
 from ips.infer.heatmap import GridGeometry, write_scores
-from ips.infer.render import colorize, overlay_colors
+from ips.infer.render import overlay_colors
+from ips.infer.scale import Scale, colorize
 from ips.synthetic import TRUTH_GROUP
 from ips.synthetic.lesions import make_lesion_dataset
-from ips.view.catalog import build_catalog
+from ips.view.catalog import build_catalog, unmatched
 from ips.view.server import ViewerApp, make_server, url_of
 from ips.view.tiles import TILE_SIZE, ByteLRU
 
@@ -214,9 +215,19 @@ def test_overlay_is_the_attention_on_the_grid(app2d, lesions2d):
     )[:, 0]
     image = decode(app2d.get("/api/slides/lesion2d_0000/overlay/0.png").body)  # (rows, cols, 4)
     cells = (coords - np.asarray(h["origin0"])) // 32
-    np.testing.assert_array_equal(image[cells[:, 0], cells[:, 1]], colorize(att, att.max(), 1 / len(att)))
+    # the shared scale: log2(N * attention), per slide by default (full colour at the slide's peak)
+    ratio = np.log2(len(att) * att.astype(np.float64))
+    expected = colorize(ratio, Scale(top=max(float(ratio.max()), 1.0)))
+    np.testing.assert_array_equal(image[cells[:, 0], cells[:, 1]], expected)
     top = int(np.argmax(att))
     assert tuple(image[tuple(cells[top])]) == tuple(np.rint(overlay_colors()[-1] * 255).astype(np.uint8))
+    # the global scale and a threshold, asked for by query: full colour at 64x uniform, nothing at or below T
+    image = decode(app2d.get("/api/slides/lesion2d_0000/overlay/0.png?scale=global&threshold=1.5").body)
+    expected = colorize(ratio, Scale(top=6.0, threshold=1.5))
+    np.testing.assert_array_equal(image[cells[:, 0], cells[:, 1]], expected)
+    assert (image[cells[:, 0], cells[:, 1]][ratio <= 1.5, 3] == 0).all() and (ratio <= 1.5).any()
+    for bad in ("scale=hot", "threshold=x", "threshold=99"):
+        assert app2d.get(f"/api/slides/lesion2d_0000/overlay/0.png?{bad}").status == 400
     # the gallery's best patch and the click lookup agree with the scores
     assert h["tasks"][0]["top"][0]["index"] == top
     r, c = coords[top] + 5
@@ -443,11 +454,11 @@ def test_demo_prints_a_view_command_that_parses(lesions2d):
 
 
 def test_colour_map_low_transparent_high_dark_and_saturated():
-    """The issue: inferno's top (near-white) read as background next to pale H&E."""
+    """Inferno's top (near-white) read as background next to pale H&E; full opacity hid the tissue."""
     table = overlay_colors()  # (256, 4) RGBA in [0, 1]
     assert table[0, 3] == 0 and np.all(np.diff(table[:, 3]) >= 0)  # low attention: the tissue shows
     top = table[-1]
-    assert top[3] >= 0.8 and top[:3].mean() < 0.4 and top[:3].max() - top[:3].min() > 0.4
+    assert 0.5 <= top[3] <= 0.7 and top[:3].mean() < 0.4 and top[:3].max() - top[:3].min() > 0.4
 
 
 def test_view_code_passes_state_as_objects():
@@ -468,3 +479,244 @@ def test_view_code_passes_state_as_objects():
             elif isinstance(node, ast.Call) and len(node.args) > 6:
                 wide.append(f"{path.name}:{node.lineno} a call with {len(node.args)} positional values")
     assert not wide, wide
+
+
+def test_heatmaps_and_predictions_of_other_slides_are_named(lesions2d):
+    """Only one of the two slides served: the other's heatmap folder and prediction row are named."""
+    catalog = build_catalog([lesions2d.positive], None, lesions2d.heatmaps, lesions2d.predictions)
+    assert list(catalog) == ["lesion2d_0000"]
+    lines = unmatched(catalog, lesions2d.heatmaps, lesions2d.predictions)
+    assert lines == [
+        f"--heatmaps {lesions2d.heatmaps}: 1 ('lesion2d_0001') match no slide served (folders are named by slide id)",
+        f"--predictions {lesions2d.predictions}: rows of 1 ('lesion2d_0001') match no slide served",
+    ]
+    full = build_catalog([], lesions2d.manifest, lesions2d.heatmaps, lesions2d.predictions)
+    assert unmatched(full, lesions2d.heatmaps, lesions2d.predictions) == []
+
+
+# -- annotations -------------------------------------------------------------------------------------------------
+
+
+def _square_xy(store_path: Path, half: int = 90) -> list[list[int]]:
+    """A closed square ring `[x, y]` (level-0 px) around the lesion's most lesioned patch (in tissue)."""
+    _, (r, c) = lesion_site(store_path)
+    r, c = (int(min(max(v, half), 768 - half)) for v in (r, c))  # on the 768-px slide
+    return [
+        [c - half, r - half],
+        [c + half, r - half],
+        [c + half, r + half],
+        [c - half, r + half],
+        [c - half, r - half],
+    ]
+
+
+def _put(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method="PUT", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read().decode()
+
+
+def _serve(app):
+    import threading
+
+    server = make_server(app)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_without_annotations_every_write_is_405(app2d):
+    """The contract: no --annotations, no writes, whatever the method, path or headers."""
+    import urllib.request
+
+    server = _serve(app2d)
+    try:
+        url = url_of(server)
+        assert json.loads(urllib.request.urlopen(url + "api/session").read()) == {
+            "writable": False,
+            "token": None,
+        }
+        for method in ("PUT", "POST", "DELETE", "PATCH", "OPTIONS"):
+            req = urllib.request.Request(
+                url + "api/slides/lesion2d_0000/annotations", data=b"{}", method=method
+            )
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            e.value.close()
+            assert e.value.code == 405, method
+        big = urllib.request.Request(
+            url + "api/slides/lesion2d_0000/annotations", data=b"x" * (1 << 20), method="PUT"
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:  # a large body: still 405, not 413
+            urllib.request.urlopen(big, timeout=10)
+        e.value.close()
+        assert e.value.code == 405
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_annotations_saved_atomically_as_qupath_geojson_that_guidance_reads(lesions2d, tmp_path):
+    from ips.data.annotations import patch_labels
+    from ips.view.annotating import AnnotationFolder
+
+    folder = AnnotationFolder.at(tmp_path / "ann")
+    app = ViewerApp(build_catalog([], lesions2d.manifest, lesions2d.heatmaps), annotations=folder)
+    server = _serve(app)
+    try:
+        url = url_of(server)
+        host = url.split("/")[2]
+        token = json.loads(app.get("/api/session").body)["token"]
+        assert token and json.loads(app.get("/api/session").body)["writable"]
+        target = url + "api/slides/lesion2d_0000/annotations"
+        square = _square_xy(lesions2d.positive)
+        feature = {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [square]},
+            "properties": {
+                "objectType": "annotation",
+                "classification": {"name": "Tumor", "color": [200, 0, 0]},
+            },
+        }
+        negative = {
+            "type": "Feature",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[500, 500], [600, 500], [600, 600], [500, 500]]],
+            },
+            "properties": {"classification": {"name": "Not tumor"}},
+        }
+        body = json.dumps({"type": "FeatureCollection", "features": [feature, negative]}).encode()
+        ok = {"Content-Type": "application/json", "X-IPS-Token": token, "Origin": f"http://{host}"}
+        # refused: another origin, another site, no token, a wrong token, not JSON
+        for bad in (
+            {**ok, "Origin": "http://evil.example"},
+            {**ok, "Sec-Fetch-Site": "cross-site"},
+            {k: v for k, v in ok.items() if k != "X-IPS-Token"},
+            {**ok, "X-IPS-Token": token[:-1] + "x"},
+            {**ok, "Content-Type": "text/plain"},
+        ):
+            assert _put(target, body, bad)[0] == 403, bad
+        assert not (tmp_path / "ann" / "lesion2d_0000.geojson").exists()
+        # refused with 400: outside the slide, not polygons, an unknown slide (404)
+        outside = json.dumps(
+            {**feature, "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [900, 0], [900, 9]]]}}
+        )
+        assert _put(target, outside.encode(), ok)[0] == 400
+        assert _put(target, b"{not json", ok)[0] == 400
+        assert _put(url + "api/slides/nope/annotations", body, ok)[0] == 404
+        assert _put(url + "api/slides/lesion2d_0000/tiles", body, ok)[0] == 405
+        status, text = _put(target, body, ok)
+        assert status == 200, text
+        assert json.loads(text) == {"saved": 2, "file": "lesion2d_0000.geojson"}
+        saved = tmp_path / "ann" / "lesion2d_0000.geojson"
+        data = json.loads(saved.read_text())
+        assert [f["geometry"]["coordinates"] for f in data["features"]] == [
+            [square],
+            [[[500, 500], [600, 500], [600, 600], [500, 500]]],
+        ]
+        assert data["features"][0]["properties"] == {
+            "objectType": "annotation",
+            "classification": {"name": "Tumor", "color": [200, 0, 0]},
+        }
+        assert [p.name for p in (tmp_path / "ann").iterdir()] == ["lesion2d_0000.geojson"]  # no temporaries
+        assert json.loads(app.get("/api/slides/lesion2d_0000/annotations").body) == data
+        # guidance reads it: the patches wholly inside the square, not the negative polygon's
+        store = open_store(lesions2d.positive)
+        labels = patch_labels(saved, store, "default")
+        level0 = store.coords() * store.level_downsample(store.grid().level).astype(int)
+        (x0, y0), (x1, y1) = square[0], square[2]
+        inside = (
+            (level0[:, 1] >= x0)
+            & (level0[:, 1] + 32 <= x1)
+            & (level0[:, 0] >= y0)
+            & (level0[:, 0] + 32 <= y1)
+        )
+        assert inside.any() and set(labels.positives(1.0)) == set(np.flatnonzero(inside))
+        assert not (level0[labels.indices][:, 0] >= 480).any()  # the "Not tumor" polygon is not the region
+        # an empty collection removes the file
+        assert _put(target, b'{"type": "FeatureCollection", "features": []}', ok)[0] == 200
+        assert not saved.exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_worklist_of_ips_suggest_read_defensively(lesions2d, tmp_path):
+    from ips.errors import ConfigError
+    from ips.view.catalog import read_worklist
+
+    wl = tmp_path / "suggest"
+    (wl / "regions").mkdir(parents=True)
+    square = _square_xy(lesions2d.positive, half=16)
+    (wl / "regions" / "lesion2d_0000.geojson").write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "geometry": {"type": "Polygon", "coordinates": [square]},
+                        "properties": {"classification": {"name": "IPS suggested"}},
+                    }
+                ],
+            }
+        )
+    )
+    (tmp_path / "outside.geojson").write_text("{}")
+    (wl / "suggestions.csv").write_text(
+        "slide_id,score,rank,uncertainty,regions\n"
+        "ghost,0.9,1,0.1,\n"
+        "lesion2d_0001,0.5,3,0.2,../outside.geojson\n"
+        "lesion2d_0000,0.7,2,0.3,regions/lesion2d_0000.geojson\n"
+    )
+    items = read_worklist(wl)
+    assert [(w.slide_id, w.rank, w.score) for w in items] == [
+        ("ghost", 1, 0.9),
+        ("lesion2d_0000", 2, 0.7),
+        ("lesion2d_0001", 3, 0.5),
+    ]
+    assert (
+        items[1].regions == wl / "regions" / "lesion2d_0000.geojson" and items[2].regions is None
+    )  # not outside DIR
+    app = ViewerApp(build_catalog([], lesions2d.manifest, lesions2d.heatmaps), worklist=items)
+    assert json.loads(app.get("/api/worklist").body) == [
+        {"id": "lesion2d_0000", "score": 0.7, "rank": 2, "regions": True},
+        {"id": "lesion2d_0001", "score": 0.5, "rank": 3, "regions": False},
+    ]
+    assert json.loads(app.get("/api/slides/lesion2d_0000").body)["worklist"] == {
+        "rank": 2,
+        "score": 0.7,
+        "regions": True,
+    }
+    got = json.loads(app.get("/api/slides/lesion2d_0000/suggested").body)
+    assert [f["geometry"]["coordinates"] for f in got["features"]] == [[square]]
+    assert json.loads(app.get("/api/slides/lesion2d_0001/suggested").body)["features"] == []
+    (wl / "suggestions.csv").write_text("slide_id,rank\nx,1\n")
+    with pytest.raises(ConfigError, match="missing score"):
+        read_worklist(wl)
+    with pytest.raises(ConfigError, match="no suggestions.csv"):
+        read_worklist(tmp_path)
+
+
+def test_annotations_of_an_id_that_cannot_name_a_file(tmp_path):
+    """A manifest id with a space and quotes: reading gives none (not 500), the download's name is generic,
+    a save is refused with 400 naming why."""
+    from ips.view.annotating import AnnotationFolder
+
+    store = make_store(tmp_path, "odd", size=(64, 64), patch=16)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f'slide_id,path\n"a b""c",{store}\n')
+    app = ViewerApp(build_catalog([], manifest), annotations=AnnotationFolder.at(tmp_path / "ann"))
+    sid = "a%20b%22c"
+    r = app.get(f"/api/slides/{sid}/annotations")
+    assert r.status == 200 and json.loads(r.body) == {"type": "FeatureCollection", "features": []}
+    assert app.get(f"/api/slides/{sid}/annotations.geojson").download == "annotations.geojson"
+    r = app.put(f"/api/slides/{sid}/annotations", b'{"type": "FeatureCollection", "features": []}')
+    assert r.status == 400 and b"cannot name a file" in r.body

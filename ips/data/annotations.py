@@ -22,6 +22,8 @@ from ips.errors import ManifestError, one_line
 
 RASTER_PER_PATCH = 8  # samples per patch side when rasterising polygons: fractions in steps of 1/64
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".jpg", ".jpeg")
+# QuPath classes whose polygons are not the region (kept in the file for the record; `ips view` draws them)
+NOT_REGION_CLASSES = ("Not tumor", "Ignore*")
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ def _read_polygons(path: Path, where: str) -> list[list[np.ndarray]]:
     geometries = []
     items = data.get("features", [data]) if isinstance(data, dict) else data
     for item in items if isinstance(items, list) else []:
+        if _class_name(item) in NOT_REGION_CLASSES:
+            continue
         geometry = item.get("geometry", item) if isinstance(item, dict) else None
         if isinstance(geometry, dict):
             geometries.append(geometry)
@@ -147,6 +151,13 @@ def _read_polygons(path: Path, where: str) -> list[list[np.ndarray]]:
     if not polygons:
         raise ManifestError(f"{where}: no Polygon or MultiPolygon geometry found")
     return polygons
+
+
+def _class_name(item: object) -> object:
+    """A Feature's `properties.classification.name` (QuPath), or None."""
+    props = item.get("properties") if isinstance(item, dict) else None
+    cls = props.get("classification") if isinstance(props, dict) else None
+    return cls.get("name") if isinstance(cls, dict) else None
 
 
 def _check_inside(polygons: list[list[np.ndarray]], extent: np.ndarray, where: str) -> None:

@@ -43,6 +43,7 @@ from ips.infer.render import (
     thumbnail_level,
     to_rgb,
 )
+from ips.infer.scale import legend_text, log_ratio, per_slide, relative
 from ips.infer.slide import Mode, SlideInference
 from ips.model.tasks import probabilities
 
@@ -223,23 +224,25 @@ def _overlay(path: Path, drawing: Drawing) -> Path:
     store, geom, inf, show = drawing.store, drawing.geom, drawing.inf, drawing.show
     base, level = read_thumbnail(store, drawing.thumb_size)
     ds = store.level_downsample(level)[-2:]
-    attention = inf.attention
+    ratio = log_ratio(inf.attention)  # (N, T): log2 of attention relative to uniform, the shared scale
+    scales = [per_slide(inf.attention[:, t]) for t in show]
     if geom.level0.shape[1] == 3:  # a volume seen from above: the maximum over z per (y, x)
         heats = []
         for t in show:
-            yx, values = max_over_axis(geom.level0, attention[:, t], axis=0)
+            yx, values = max_over_axis(geom.level0, ratio[:, t], axis=0)
             heats.append(paint_patches(values, yx, geom.size0[1:], ds, base.shape[:2]))
-        label = f"attention share, max over z (uniform: 1/N = {1 / inf.n_patches:.2g})"
+        label = "attention / uniform (1/N), max over z"
     else:
-        heats = [paint_patches(attention[:, t], geom.level0, geom.size0, ds, base.shape[:2]) for t in show]
-        label = f"attention share of the slide (uniform: 1/N = {1 / inf.n_patches:.2g})"
+        heats = [paint_patches(ratio[:, t], geom.level0, geom.size0, ds, base.shape[:2]) for t in show]
+        label = "attention / uniform (1/N)"
     return save_overlay(
         path,
         base,
         heats,
-        drawing.titles,
+        [f"{title}\n{legend_text(scale)}" for title, scale in zip(drawing.titles, scales)],
         suptitle=f"{drawing.slide_id} ({inf.n_patches} patches)",
         colorbar_label=label,
+        scales=scales,
         aspect=_aspect(store, level, (-2, -1)),
     )
 
@@ -261,6 +264,8 @@ def _slices_3d(out_dir: Path, drawing: Drawing) -> list[Path]:
     array = store.level(level)
     ds = store.level_downsample(level)
     attention = inf.attention
+    ratio = log_ratio(attention[:, t])  # (N,): the shared colour scale's values
+    scale = per_slide(attention[:, t])
     peak = int(np.argmax(attention[:, t]))
     centre0 = geom.level0[peak] + geom.size0 // 2  # (z, y, x) level-0 voxels
     files = []
@@ -273,9 +278,7 @@ def _slices_3d(out_dir: Path, drawing: Drawing) -> list[Path]:
         lo, hi = geom.level0[:, axis], geom.level0[:, axis] + geom.size0[axis]
         on = (lo <= centre0[axis]) & (centre0[axis] < hi)  # patches this plane cuts
         rest = [a for a in range(3) if a != axis]
-        heat = paint_patches(
-            attention[on, t], geom.level0[on][:, rest], geom.size0[rest], ds[rest], base.shape[:2]
-        )
+        heat = paint_patches(ratio[on], geom.level0[on][:, rest], geom.size0[rest], ds[rest], base.shape[:2])
         mark = (float(centre0[rest[0]] / ds[rest[0]]), float(centre0[rest[1]] / ds[rest[1]]))
         files.append(
             save_overlay(
@@ -287,7 +290,8 @@ def _slices_3d(out_dir: Path, drawing: Drawing) -> list[Path]:
                     f"cols {'zyx'[rest[1]]}"
                 ],
                 suptitle="plane through the most attended patch (circled)",
-                colorbar_label=f"attention share (uniform: 1/N = {1 / inf.n_patches:.2g})",
+                colorbar_label="attention / uniform (1/N)",
+                scales=[scale],
                 aspect=_aspect(store, level, (rest[0], rest[1])),
                 marks=[mark],
             )
@@ -319,6 +323,8 @@ def _geojson(path: Path, drawing: Drawing, tasks: Sequence[TaskConfig]) -> Path:
     measurements: dict[str, np.ndarray] = {}
     for t, spec in enumerate(tasks):
         measurements[f"{spec.name} attention"] = inf.attention[:, t]
+        # the colour scale's quantity (`ips.infer.scale`): 1 = uniform; colour QuPath's map by it
+        measurements[f"{spec.name} attention x uniform"] = relative(inf.attention[:, t])
         measurements[f"{spec.name} logit"] = inf.mean_logit[:, t]
     selected = np.zeros(inf.n_patches, dtype=bool)
     selected[inf.selected] = True

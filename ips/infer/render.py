@@ -15,14 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ips.data.store import IpsStore
+from ips.infer.scale import CMAP, Scale, colour_table, ratio_text
 
-# The overlay's colour map: turbo (blue -> green -> yellow -> dark red) with an opacity ramp, so that low
-# attention is transparent (the tissue shows through) and the highest is an opaque, saturated dark red
-# that stands out against pale H&E (inferno's top, near-white yellow, read as background). The PNG
-# heatmaps and `ips view` share it.
-CMAP = "turbo"
-ALPHA_MAX = 0.85  # opacity of the highest value
-ALPHA_RAMP = (0.1, 0.5)  # opacity rises linearly from 0 to ALPHA_MAX between these shares of the range
+# The overlay's colours: `ips.infer.scale` (shared with `ips view` and the GeoJSON).
 PAINT_BLOCK = 1 << 16  # patches converted to pixel boxes at once
 PROJECTION_SLAB = 16  # z-planes read at once when projecting a volume
 
@@ -70,33 +65,15 @@ def read_thumbnail(store: IpsStore, max_size: int = 1024) -> tuple[np.ndarray, i
 
 
 def overlay_colors(n: int = 256) -> np.ndarray:
-    """The overlay colour map as a table: float `(n, 4)` RGBA in [0, 1], entry i for value i / (n - 1)."""
-    import matplotlib
-
-    values = np.linspace(0.0, 1.0, n)
-    table = np.asarray(matplotlib.colormaps[CMAP](values), dtype=np.float64)
-    lo, hi = ALPHA_RAMP
-    table[:, 3] = ALPHA_MAX * np.clip((values - lo) / (hi - lo), 0.0, 1.0)
-    return table
+    """The overlay colour map as a table: float `(n, 4)` RGBA in [0, 1] (`ips.infer.scale.colour_table`)."""
+    return colour_table(n)
 
 
 def overlay_cmap() -> object:
-    """`overlay_colors` as a matplotlib colormap (NaN: transparent)."""
+    """`overlay_colors` as a matplotlib colormap (masked: transparent)."""
     from matplotlib.colors import ListedColormap
 
     return ListedColormap(overlay_colors(), name=f"{CMAP}_ramp").with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
-
-
-def colorize(values: np.ndarray, vmax: float, vmin: float = 0.0) -> np.ndarray:
-    """Values of any shape `S` -> uint8 RGBA `(*S, 4)` by `overlay_colors` over [vmin, vmax]; NaN:
-    transparent."""
-    table = np.rint(overlay_colors() * 255.0).astype(np.uint8)  # (256, 4)
-    v = np.asarray(values, dtype=np.float64)
-    scale = (v - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(v)
-    index = np.rint(np.clip(np.nan_to_num(scale, nan=0.0), 0.0, 1.0) * (len(table) - 1)).astype(np.int64)
-    out = table[index]
-    out[~np.isfinite(v)] = 0
-    return out
 
 
 def pixel_boxes(
@@ -183,13 +160,16 @@ def save_overlay(
     *,
     suptitle: str,
     colorbar_label: str,
+    scales: Sequence[Scale],
     aspect: float = 1.0,
     marks: Sequence[tuple[float, float]] | None = None,
 ) -> Path:
     """A panel of overlays (one per heat map) with a colour bar each; written atomically.
 
-    `base`: `(Y, X, 3)` uint8; each heat: `(Y, X)` float with NaN where nothing is painted (the base shows).
-    `aspect`: physical height / width of a pixel. `marks`: optional `(row, col)` points to circle.
+    `base`: `(Y, X, 3)` uint8; each heat: `(Y, X)` log2 ratios to uniform (`ips.infer.scale.log_ratio`),
+    NaN where nothing is painted (the base shows); `scales`: one colour scale per heat (at or below its
+    threshold: transparent). `aspect`: physical height / width of a pixel. `marks`: `(row, col)` points
+    to circle.
     """
     import matplotlib
 
@@ -201,16 +181,14 @@ def save_overlay(
     panel_w = 6.0
     panel_h = max(2.0, min(12.0, panel_w * h * aspect / max(w, 1)))
     fig, axes = plt.subplots(1, n, figsize=(panel_w * n + 1.2 * n, panel_h + 0.8), squeeze=False)
-    for ax, heat, title in zip(axes[0], heats, titles):
+    for ax, heat, title, scale in zip(axes[0], heats, titles, scales):
         ax.imshow(base, aspect=aspect, interpolation="nearest")
-        finite = heat[np.isfinite(heat)]
-        vmax = float(finite.max()) if finite.size else 1.0
-        vmin = float(finite.min()) if finite.size and finite.min() < 0 else 0.0
+        shown = np.ma.masked_where(np.isnan(scale.position(heat)), heat)  # at or below the threshold: none
         im = ax.imshow(
-            np.ma.masked_invalid(heat),
+            shown,
             cmap=overlay_cmap(),
-            vmin=vmin,
-            vmax=vmax if vmax > vmin else vmin + 1e-12,
+            vmin=scale.threshold,
+            vmax=scale.top,
             aspect=aspect,
             interpolation="nearest",
         )
@@ -219,7 +197,14 @@ def save_overlay(
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label(colorbar_label, fontsize=8)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        step = max(1.0, np.ceil((scale.top - scale.threshold) / 6))
+        ticks = np.unique(
+            np.r_[scale.threshold, np.arange(np.ceil(scale.threshold), scale.top, step), scale.top]
+        )
+        bar.set_ticks(ticks)
+        bar.set_ticklabels([ratio_text(t) for t in ticks], fontsize=7)
+        bar.set_label(colorbar_label, fontsize=8)
     fig.suptitle(suptitle, fontsize=10)
     return _save(fig, path)
 

@@ -125,3 +125,88 @@ def build_catalog(
             entry.label = entry.predictions[0].label
         catalog[slide_id] = entry
     return catalog
+
+
+def unmatched(
+    catalog: dict[str, SlideEntry],
+    heatmaps: str | Path | None = None,
+    predictions: str | Path | None = None,
+) -> list[str]:
+    """One warning line per kind of input that names slides the viewer does not serve: heatmap folders
+    (`DIR/<slide_id>/scores.zarr`) and prediction rows whose slide id matches no slide (usually a
+    different manifest, or stores renamed after `ips heatmap`)."""
+    lines = []
+    if heatmaps is not None and Path(heatmaps).is_dir():
+        names = sorted(
+            d.name for d in Path(heatmaps).iterdir() if (d / "scores.zarr").is_dir() and d.name not in catalog
+        )
+        if names:
+            lines.append(
+                f"--heatmaps {heatmaps}: {_few(names)} match no slide served (folders are named by slide id)"
+            )
+    if predictions is not None and Path(predictions).is_file():
+        names = sorted(k for k in read_predictions(Path(predictions)) if k not in catalog)
+        if names:
+            lines.append(f"--predictions {predictions}: rows of {_few(names)} match no slide served")
+    return lines
+
+
+def _few(names: list[str], shown: int = 8) -> str:
+    """`3 (a, b, c)`, or the first `shown` and how many more."""
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} ({', '.join(repr(n) for n in names[:shown])}{more})"
+
+
+WORKLIST_FILE = "suggestions.csv"
+MAX_WORKLIST_ROWS = 100_000
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One row of `ips suggest`'s worklist: the slide, its score and rank, and its regions' GeoJSON (or
+    None)."""
+
+    slide_id: str
+    score: float
+    rank: int
+    regions: Path | None
+
+
+def read_worklist(folder: str | Path) -> list[WorkItem]:
+    """`DIR/suggestions.csv` (`slide_id,score,rank[,regions]`; regions: a GeoJSON path relative to DIR,
+    else `DIR/regions/<slide_id>.geojson` when there is one), by rank. ConfigError naming the file for a
+    missing file or column or a value that is not a number; a regions path that leaves DIR is ignored."""
+    root = Path(folder)
+    path = root / WORKLIST_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"--worklist {folder}: no {WORKLIST_FILE} in it (the --out folder of `ips suggest`)"
+        )
+    items = []
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in ("slide_id", "score", "rank") if c not in header]
+        if missing:
+            raise ConfigError(f"{path}: needs columns slide_id, score, rank (missing {', '.join(missing)})")
+        reader.fieldnames = header
+        for line, row in enumerate(reader, start=2):
+            if line > MAX_WORKLIST_ROWS:
+                break
+            slide_id = (row.get("slide_id") or "").strip()
+            try:
+                score, rank = float(row.get("score") or "nan"), int(float(row.get("rank") or ""))
+            except ValueError:
+                raise ConfigError(f"{path} line {line}: score and rank must be numbers") from None
+            items.append(WorkItem(slide_id, score, rank, _regions(root, row.get("regions") or "", slide_id)))
+    return sorted(items, key=lambda w: w.rank)
+
+
+def _regions(root: Path, text: str, slide_id: str) -> Path | None:
+    """The regions file of a row, only when it lies inside the worklist folder (no links)."""
+    candidate = root / text.strip() if text.strip() else root / "regions" / f"{slide_id}.geojson"
+    try:
+        inside = candidate.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return None
+    return candidate if inside and candidate.is_file() and not candidate.is_symlink() else None

@@ -2,8 +2,8 @@
 
 The grid's cells are its stride: cell `i` along an axis covers level-0 pixels
 `[origin + i * stride, origin + (i + 1) * stride)`, and a patch sits in the cell of its top-left corner.
-An overlay image has one pixel per cell (RGBA by the shared colour map, `ips.infer.render.colorize`;
-transparent where there is no patch), so it is O(N) whatever the slide's size; the page scales it up
+An overlay image has one pixel per cell (RGBA by the shared colour scale, `ips.infer.scale`: attention
+relative to uniform; transparent where there is no patch or the patch is at or below the threshold), so it is O(N) whatever the slide's size; the page scales it up
 without smoothing. 3D: the image of the plane through a level-0 position, across one axis.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from ips.data.store import IpsStore
 from ips.errors import StoreError
-from ips.infer.render import colorize
+from ips.infer.scale import Scale, colorize, global_scale, log_ratio, per_slide
 from ips.view.reading import check_tree
 
 AXES = "zyx"
@@ -91,20 +91,20 @@ class Scores:
             raise KeyError(f"task {task}")
         return task
 
-    @property
-    def vmin(self) -> float:
-        """The uniform share 1/N: patches attended no more than that are transparent (a near-uniform map
-        would otherwise tint the whole slide)."""
-        return 1.0 / max(self.n_patches, 1)
+    def scale(self, task: int, kind: str = "slide", threshold: float = 0.0) -> Scale:
+        """The colour scale of `task`: its own peak (`kind` "slide") or the same on every slide
+        ("global"); transparent at or below `threshold` (a log2 ratio to uniform)."""
+        if kind == "global":
+            return global_scale(threshold)
+        return per_slide(self.attention[:, self.task_index(task)], threshold)
 
-    def vmax(self, task: int) -> float:
-        a = self.attention[:, task]
-        return float(a.max()) if a.size else 1.0
-
-    def image(self, task: int, axis: str | None = None, at0: int = 0) -> np.ndarray:
-        """uint8 RGBA `(rows, cols, 4)` of task `task`: the whole grid (2D) or the plane through level-0
-        position `at0` across `axis` (3D)."""
-        values = self.attention[:, self.task_index(task)]
+    def image(
+        self, task: int, axis: str | None = None, at0: int = 0, scale: Scale | None = None
+    ) -> np.ndarray:
+        """uint8 RGBA `(rows, cols, 4)` of task `task` in `scale` (default: the slide's own): the whole
+        grid (2D) or the plane through level-0 position `at0` across `axis` (3D)."""
+        values = log_ratio(self.attention[:, self.task_index(task)])  # (N,), the same N for every plane
+        scale = scale or self.scale(task)
         g = self.grid
         cells = g.cells
         if axis is not None:
@@ -117,7 +117,7 @@ class Scores:
             shape = g.shape
         grid = np.full(shape, np.nan, dtype=np.float64)
         grid[tuple(cells.T)] = values
-        return colorize(grid, self.vmax(task), self.vmin)
+        return colorize(grid, scale)
 
     def top(self, task: int, k: int) -> np.ndarray:
         """Indices of the k most attended patches of `task`, best first."""

@@ -1,7 +1,12 @@
 """The viewer's routes (`ViewerApp.get`, plain data in and out, tested without sockets) and the HTTP layer
 over them (`make_server`: request heads parsed by `http.server`, in memory; sockets in `ips.view.serving`).
 
-Read-only: GET and HEAD only. A request names a slide by id; ids, levels, axes, indices and tile positions
+Read-only unless started with an annotation folder (`ViewerApp(annotations=...)`, `ips view --annotations
+DIR`): then `PUT /api/slides/<id>/annotations` saves that slide's polygons (`ips.view.annotating`), only
+from the viewer's own pages: the Host must be one this server answers, an Origin header must be this
+server's, `Sec-Fetch-Site` (when sent) same-origin, and the header `X-IPS-Token` must carry the token of
+this run (`/api/session`; another site's page cannot read it). Every other method, and PUT without the
+folder, gets 405. A request names a slide by id; ids, levels, axes, indices and tile positions
 are looked up or range-checked, never joined into paths, so path traversal and unknown ids get 404 and a
 request can only read the stores the viewer was started with (through `ips.view.reading`: no links).
 A malformed request line gets 400; a Host header naming another host 421 (DNS rebinding); a store that
@@ -17,37 +22,48 @@ Routes:
     /api/slides/<id>/tiles/<level>/<ty>_<tx>.<jpg|png>              2D tile
     /api/slides/<id>/tiles/<level>/<axis>/<index>/<ty>_<tx>.<fmt>   3D tile: plane `index` across `axis`
     /api/slides/<id>/overlay/<task>.png           2D attention at patch resolution
+                                                  (?scale=slide|global&threshold=<log2 ratio to 1/N>)
     /api/slides/<id>/overlay/<task>/<axis>/<at0>.png                3D: the plane through level-0 `at0`
     /api/slides/<id>/mask.png                     tissue mask (2D)
+    /api/slides/<id>/thumbnail.jpg                the coarsest level, small (the index)
     /api/slides/<id>/patch/<index>.jpg            one grid patch (the gallery)
     /api/slides/<id>/at/<r>_<c>[_<x>]             the patch under a level-0 point: scores and coordinates
+    /api/session                                  {"writable": bool, "token": str | null}
+    /api/worklist                                 `ips suggest`'s ranking of the served slides (--worklist)
+    /api/slides/<id>/suggested                    the regions `ips suggest` outlined on the slide (GeoJSON)
+    /api/slides/<id>/annotations                  the slide's annotations (GeoJSON; PUT replaces them)
+    /api/slides/<id>/annotations.geojson          the same as a download (QuPath: File > Import objects)
 """
 
 from __future__ import annotations
 
+import hmac
 import io
 import ipaddress
 import json
 import os
 import re
+import secrets
 import socket
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import numpy as np
 
 from ips.data.store import IpsStore
 from ips.errors import StoreError, one_line
-from ips.view.catalog import SlideEntry
+from ips.infer.scale import global_scale
+from ips.view.annotating import MAX_BODY, SAFE_ID, AnnotationError, AnnotationFolder, parse_upload
+from ips.view.catalog import SlideEntry, WorkItem
 from ips.view.overlay import Scores, load_scores
 from ips.view.reading import MAX_READ_BYTES, open_checked
 from ips.view.serving import Limits, ViewerServer, bind
@@ -64,9 +80,11 @@ DEFAULT_CACHE_MB = 64
 OPEN_SLIDES = 8  # slides kept open (store + scores); older ones are reopened on demand
 TOP_K = 12  # gallery patches per task
 GALLERY_MAX = 256  # longest side of a gallery image
+THUMB_SIZE = 128  # longest side of an index thumbnail (at most)
 NUMBER = re.compile(r"^-?\d{1,12}$")
 # an absolute local path left in a message (after the known stores' paths were replaced by their ids)
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"`:;,()<>]+/)+[^\s'\"`:;,()<>]*")
+THRESHOLD_LIMIT = 16.0  # |log2 ratio| of an overlay's threshold (2^16 times uniform is past any peak)
 LOGGED_MAX = 1000  # distinct failure lines logged; later repeats are not
 
 
@@ -75,6 +93,7 @@ class Response:
     status: int
     content_type: str
     body: bytes
+    download: str | None = None  # a file name: sent as an attachment
 
     @staticmethod
     def json(value: Any, status: int = 200) -> Response:
@@ -140,8 +159,14 @@ class ViewerApp:
         catalog: dict[str, SlideEntry],
         cache_bytes: int = DEFAULT_CACHE_MB << 20,
         log: Callable[[str], None] | None = None,
+        *,
+        annotations: AnnotationFolder | None = None,
+        worklist: Sequence[WorkItem] = (),
     ) -> None:
         self.catalog = catalog
+        self.worklist = {w.slide_id: w for w in worklist if w.slide_id in catalog}
+        self.annotations = annotations
+        self.token = secrets.token_urlsafe(24) if annotations is not None else None
         self.cache = ByteLRU(cache_bytes)
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self._scrub = _Scrubber.of(catalog)
@@ -221,6 +246,9 @@ class ViewerApp:
             "label": entry.label if entry else "",
             "predictions": [p.to_dict() for p in entry.predictions] if entry else [],
             "heatmap": _heatmap_info(opened.scores) if opened.scores is not None else None,
+            "worklist": {"rank": w.rank, "score": w.score, "regions": w.regions is not None}
+            if (w := self.worklist.get(slide_id))
+            else None,
         }
         return out
 
@@ -245,8 +273,9 @@ class ViewerApp:
             self.cache.put(key, body)
         return Response(200, FORMATS[fmt], body)
 
-    def overlay(self, slide_id: str, parts: list[str]) -> Response:
-        """parts: [<task>.png] (2D) or [task, axis, <at0>.png] (3D)."""
+    def overlay(self, slide_id: str, parts: list[str], query: str = "") -> Response:
+        """parts: [<task>.png] (2D) or [task, axis, <at0>.png] (3D); query: `scale=slide|global` and
+        `threshold=<log2 ratio to uniform>` (the colour scale, `ips.infer.scale`)."""
         opened = self.slide(slide_id)
         scores = opened.scores
         if (
@@ -263,10 +292,12 @@ class ViewerApp:
             raise NotFound("axis must be z, y or x")
         if not 0 <= task < len(scores.tasks):
             raise NotFound(f"task {task} not in 0..{len(scores.tasks) - 1}")
-        key = ("overlay", slide_id, task, axis, last if axis else 0)
+        kind, threshold = _scale_query(query)
+        key = ("overlay", slide_id, task, axis, last if axis else 0, kind, threshold)
         body = self.cache.get(key)
         if body is None:
-            body = encode(scores.image(task, axis, last), "png")
+            scale = scores.scale(task, kind, threshold)
+            body = encode(scores.image(task, axis, last, scale), "png")
             self.cache.put(key, body)
         return Response(200, "image/png", body)
 
@@ -305,6 +336,27 @@ class ViewerApp:
             self.cache.put(key, body)
         return Response(200, "image/jpeg", body)
 
+    def thumbnail(self, slide_id: str) -> Response:
+        """The coarsest level (3D: its middle z-plane), at most `THUMB_SIZE` px on its longest side."""
+        key = ("thumb", slide_id)
+        body = self.cache.get(key)
+        if body is None:
+            image = self.slide(slide_id).image
+            level = len(image.shapes) - 1
+            shape = np.asarray(image.shapes[level], dtype=np.int64)
+            if int(np.prod(shape[-2:], dtype=np.float64)) * 4 > MAX_READ_BYTES:
+                raise NotFound(f"slide {slide_id[:80]!r} has no level small enough for a thumbnail")
+            lo = np.zeros_like(shape)
+            size = shape.copy()
+            if image.dims == 3:  # the middle plane across z
+                lo[0], size[0] = shape[0] // 2, 1
+            region = image.regions.read(level, tuple(lo.tolist()), tuple(size.tolist()))
+            rgb = image.to_rgb(region if image.dims == 2 else region[:, 0])  # (y, x, 3)
+            step = max(1, -(-max(rgb.shape[:2]) // THUMB_SIZE))
+            body = encode(np.ascontiguousarray(rgb[::step, ::step]), "jpg")
+            self.cache.put(key, body)
+        return Response(200, "image/jpeg", body)
+
     def at(self, slide_id: str, text: str) -> dict[str, Any]:
         """The patch under a level-0 point `r_c` (2D) or `z_r_c` (3D)."""
         opened = self.slide(slide_id)
@@ -323,6 +375,64 @@ class ViewerApp:
             "attention": {t: float(s.attention[i, k]) for k, t in enumerate(s.tasks)},
             "logit": {t: float(s.logit[i, k]) for k, t in enumerate(s.tasks)},
         }
+
+    # -- annotations ----------------------------------------------------------------------------------------
+
+    def _extent(self, slide_id: str) -> tuple[float, float]:
+        image = self.slide(slide_id).image
+        if image.dims != 2:
+            raise NotFound("annotations are drawn on 2D slides")
+        shape, ds = image.shapes[0], image.downsamples[0]
+        return float(shape[0] * ds[0]), float(shape[1] * ds[1])
+
+    def read_annotations(self, slide_id: str, download: bool = False) -> Response:
+        self._extent(slide_id)
+        data = None
+        if self.annotations is not None and SAFE_ID.match(slide_id):  # other ids cannot have a file
+            data = self.annotations.read(slide_id)
+        r = Response.json(data or {"type": "FeatureCollection", "features": []})
+        if download:  # the file name goes into a header: only ids that are safe there
+            name = f"{slide_id}.geojson" if SAFE_ID.match(slide_id) else "annotations.geojson"
+            r.content_type, r.download = "application/geo+json", name
+        return r
+
+    def suggested(self, slide_id: str) -> Response:
+        """The regions `ips suggest` outlined on the slide (GeoJSON, checked like an upload), or none."""
+        item = self.worklist.get(slide_id)
+        empty: dict[str, Any] = {"type": "FeatureCollection", "features": []}
+        if item is None or item.regions is None:
+            return Response.json(empty)
+        extent = self._extent(slide_id)
+        try:
+            with item.regions.open("rb") as f:
+                body = f.read(MAX_BODY + 1)
+            return Response.json(parse_upload(body, extent))
+        except (OSError, AnnotationError) as e:
+            self._log_once(f"{item.regions}: regions not shown ({one_line(e)})")
+            return Response.json(empty)
+
+    def put(self, raw_path: str, body: bytes) -> Response:
+        """Save one slide's annotations (`PUT /api/slides/<id>/annotations`, body: GeoJSON); the caller
+        has checked where the request came from. 400 for a body that is not polygons on the slide."""
+        if self.annotations is None:
+            return Response.error(405, "read-only viewer (start it with --annotations DIR to save)")
+        parts = [unquote(p) for p in urlsplit(raw_path).path.split("/")[1:]]
+        if len(parts) != 4 or parts[:2] != ["api", "slides"] or parts[3] != "annotations":
+            return Response.error(405, "only /api/slides/<id>/annotations can be written")
+        slide_id = parts[2]
+        try:
+            if slide_id not in self.catalog:
+                raise NotFound(f"unknown slide {slide_id[:80]!r}")
+            collection = parse_upload(body, self._extent(slide_id))
+            path = self.annotations.write(slide_id, collection)
+        except NotFound as e:
+            return Response.error(404, str(e).strip("'\""))
+        except AnnotationError as e:
+            return Response.error(400, f"annotations of {slide_id[:80]!r}: {e}")
+        except OSError as e:
+            self._log_once(f"{self.annotations.root}: cannot save ({one_line(e)})")
+            return Response.error(500, f"annotations of {slide_id[:80]!r} could not be saved")
+        return Response.json({"saved": len(collection["features"]), "file": path.name})
 
     # -- routing ------------------------------------------------------------------------------------------
 
@@ -368,7 +478,8 @@ class ViewerApp:
     def _route(self, raw_path: str) -> Response:
         if not raw_path.startswith("/"):
             raise BadRequest("the request target must be a path starting with '/'")
-        path = urlsplit(raw_path).path
+        split = urlsplit(raw_path)
+        path, query = split.path, split.query
         parts = [unquote(p) for p in path.split("/")[1:]]
         if any(p in ("", ".", "..") or "/" in p or "\\" in p or "\0" in p for p in parts) and path != "/":
             raise NotFound("no such path")
@@ -387,22 +498,38 @@ class ViewerApp:
             raise NotFound("no such page")
         if rest == ["slides"]:
             return Response.json(self.index())
+        if rest == ["worklist"]:
+            return Response.json(
+                [
+                    {"id": w.slide_id, "score": w.score, "rank": w.rank, "regions": w.regions is not None}
+                    for w in sorted(self.worklist.values(), key=lambda w: w.rank)
+                ]
+            )
+        if rest == ["session"]:
+            return Response.json({"writable": self.annotations is not None, "token": self.token})
         if rest == ["colormap"]:
-            from ips.infer.render import overlay_colors
+            from ips.infer.scale import colour_table
 
-            return Response.json(np.rint(overlay_colors() * 255).astype(int).tolist())
+            return Response.json(np.rint(colour_table() * 255).astype(int).tolist())
         if rest[0] != "slides" or len(rest) < 2:
             raise NotFound("no such route")
         slide_id, what, args = rest[1], rest[2] if len(rest) > 2 else None, rest[3:]
         routes: dict[str | None, Callable[[], Response]] = {
             None: lambda: Response.json(self.info(slide_id)),
             "tiles": lambda: self.tile(slide_id, args),
-            "overlay": lambda: self.overlay(slide_id, args),
+            "overlay": lambda: self.overlay(slide_id, args, query),
             "mask.png": lambda: self.mask(slide_id),
             "patch": lambda: self.patch_image(slide_id, args[0]) if len(args) == 1 else _missing(),
             "at": lambda: Response.json(self.at(slide_id, args[0])) if len(args) == 1 else _missing(),
+            "annotations": lambda: self.read_annotations(slide_id),
+            "thumbnail.jpg": lambda: self.thumbnail(slide_id),
+            "suggested": lambda: self.suggested(slide_id),
+            "annotations.geojson": lambda: self.read_annotations(slide_id, download=True),
         }
-        if what not in routes or (what in (None, "mask.png") and args):
+        if what not in routes or (
+            what in (None, "mask.png", "annotations", "annotations.geojson", "thumbnail.jpg", "suggested")
+            and args
+        ):
             raise NotFound("no such route")
         if slide_id not in self.catalog:
             raise NotFound(f"unknown slide {slide_id[:80]!r}")
@@ -446,7 +573,7 @@ def _heatmap_info(s: Scores) -> dict[str, Any]:
         tasks.append(
             {
                 "name": name,
-                "vmax": s.vmax(t),
+                "scale": s.scale(t).to_dict(),  # per slide, threshold 0 (the page may change both)
                 "peak0": peak.tolist(),
                 "top": [
                     {"index": int(i), "level0": g.level0[i].tolist(), "attention": float(s.attention[i, t])}
@@ -456,6 +583,7 @@ def _heatmap_info(s: Scores) -> dict[str, Any]:
         )
     return {
         "tasks": tasks,
+        "global_scale": global_scale().to_dict(),
         "n_patches": s.n_patches,
         "origin0": g.origin0.tolist(),
         "stride0": g.stride0.tolist(),
@@ -465,6 +593,26 @@ def _heatmap_info(s: Scores) -> dict[str, Any]:
         "mode": s.attrs.get("mode"),
         "probabilities": s.attrs.get("probabilities"),
     }
+
+
+def _scale_query(query: str) -> tuple[str, float]:
+    """`scale=slide|global&threshold=T` -> (kind, threshold rounded to 0.01); BadRequest when malformed."""
+    kind, threshold = "slide", 0.0
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "scale":
+            if value not in ("slide", "global"):
+                raise BadRequest("scale must be 'slide' or 'global'")
+            kind = value
+        elif name == "threshold":
+            try:
+                threshold = round(float(value), 2)
+            except ValueError:
+                raise BadRequest(f"threshold is not a number: {value[:20]!r}") from None
+            if not -THRESHOLD_LIMIT <= threshold <= THRESHOLD_LIMIT:
+                raise BadRequest(
+                    f"threshold must lie in -{THRESHOLD_LIMIT}..{THRESHOLD_LIMIT} (log2 of a ratio)"
+                )
+    return kind, threshold
 
 
 def _read_patch(image: SlideImage, level0: np.ndarray, size0: np.ndarray) -> np.ndarray:
@@ -571,9 +719,41 @@ class _Exchange(BaseHTTPRequestHandler):
         self._answer(send_body=False)
 
     def _refuse(self) -> None:
-        self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, "read-only viewer")
+        writable = self.site.app.annotations is not None
+        self.send_error(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            "only GET, HEAD and PUT of annotations" if writable else "read-only viewer (no --annotations)",
+        )
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
+    do_POST = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
+
+    def do_PUT(self) -> None:  # noqa: N802
+        app = self.site.app
+        if app.annotations is None:
+            return self._refuse()
+        refused = self._foreign()
+        if refused:
+            return self._send(Response.error(403, refused))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length > 0 else b""
+        self._send(app.put(self.path, body))
+
+    def _foreign(self) -> str | None:
+        """Why a write does not come from this viewer's own page (None: it does)."""
+        host = self.headers.get("Host")
+        if not host or not self.site.hosts.allows(host):
+            return "this viewer does not answer to that Host name"
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.lower().rstrip("/") != f"http://{host.lower()}":
+            return "a write from another origin is refused"
+        if self.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            return "a write from another site is refused"
+        token = self.headers.get("X-IPS-Token") or ""
+        if not hmac.compare_digest(token.encode(), (self.site.app.token or "").encode()):
+            return "missing or wrong X-IPS-Token (reload the page)"
+        if not (self.headers.get("Content-Type") or "").startswith("application/json"):
+            return "annotations are sent as application/json"
+        return None
 
     def _answer(self, send_body: bool) -> None:
         if not self.site.hosts.allows(self.headers.get("Host")):
@@ -589,6 +769,8 @@ class _Exchange(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", CSP)
         self.send_header("Cache-Control", cache)
+        if r.download:
+            self.send_header("Content-Disposition", f'attachment; filename="{r.download}"')
         self.end_headers()
         if send_body:
             self.wfile.write(r.body)
@@ -622,7 +804,9 @@ def make_server(
     def handle(head: bytes, peer: tuple[str, int]) -> bytes:
         return _Exchange(head, peer, site).answer
 
-    return ViewerServer(bind(host, port), handle, limits=limits or Limits(), log=app.log)
+    if limits is None:
+        limits = Limits(max_body=MAX_BODY if app.annotations is not None else 0)
+    return ViewerServer(bind(host, port), handle, limits=limits, log=app.log)
 
 
 def is_loopback(host: str) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import resource
 import socket
 import sys
@@ -43,6 +44,12 @@ BUSY = (
     b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Content-Length: 23\r\nRetry-After: 1\r\n\r\n503 too many requests\r\n"
 )
+DISCARD = 64 << 10  # body bytes read even when bodies are not accepted (the 405 then reaches the client)
+CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*(\d{1,12})[ \t]*\r?\n", re.IGNORECASE)
+BODY_TOO_LARGE = (
+    b"HTTP/1.0 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 27\r\n\r\n413 request body too large\r\n"
+)
 TOO_LARGE = (
     b"HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Content-Length: 33\r\n\r\n431 request head is too large\r\n\r\n"
@@ -60,6 +67,7 @@ class Limits:
     max_connections: int | None = None
     head_timeout: float = HEAD_TIMEOUT
     write_timeout: float = WRITE_TIMEOUT
+    max_body: int = 0
 
     def __post_init__(self) -> None:
         for name in ("workers", "max_connections"):
@@ -127,6 +135,7 @@ class ViewerServer:
         self.max_connections = limits.max_connections or connection_cap()
         self.head_timeout = limits.head_timeout
         self.write_timeout = limits.write_timeout
+        self.max_body = limits.max_body
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.open_connections = 0
         self._waiting: OrderedDict[int, asyncio.StreamWriter] = OrderedDict()
@@ -198,6 +207,15 @@ class ViewerServer:
                 self._waiting.pop(key, None)
             if head is None:  # the client closed before a whole head
                 return
+            found = CONTENT_LENGTH.search(head)
+            length = int(found.group(1)) if found else 0
+            if length > max(self.max_body, DISCARD if not self.max_body else 0):
+                if self.max_body:
+                    await self._send(writer, BODY_TOO_LARGE)
+                    return
+                length = 0  # refused unread: the handler answers 405 from the head alone
+            if length:
+                head += await asyncio.wait_for(reader.readexactly(length), self.head_timeout)
             peer = writer.get_extra_info("peername") or ("", 0)
             answer = await asyncio.get_running_loop().run_in_executor(self._pool, self.handle, head, peer[:2])
             await self._send(writer, answer)

@@ -1,4 +1,5 @@
-// ips view: the index of slides, sortable (click a column) and filterable (text, outcome).
+// ips view: the index of slides with thumbnails, sortable (click a column) and filterable (text over every
+// column, outcome).
 "use strict";
 
 function outcomeOf(pred, label) {
@@ -36,7 +37,14 @@ function matches(r, text, outcome) {
   if (outcome === "wrong" && !["FP", "FN", "wrong"].includes(r.outcome)) return false;
   if (outcome && outcome !== "wrong" && r.outcome !== outcome) return false;
   if (!text) return true;
-  return [r.id, r.task, r.prediction, r.label].some((v) => String(v).toLowerCase().includes(text));
+  return cellsOf(r).some((v) => String(v).toLowerCase().includes(text)); // every column, as shown
+}
+
+// the text of each column as the table shows it (slide, task, prediction, probability, label, outcome, heatmap)
+function cellsOf(r) {
+  return [r.id, r.task, r.prediction,
+          r.p1 !== null ? "P(1) = " + r.p1.toFixed(3) : (r.probability !== null ? r.probability.toFixed(3) : ""),
+          r.label, r.outcome, r.heatmap ? "yes" : "-"];
 }
 
 function render() {
@@ -56,10 +64,15 @@ function render() {
     const tr = document.createElement("tr");
     tr.dataset.slide = r.id;
     if (["FP", "FN", "wrong"].includes(r.outcome)) tr.className = "wrong";
-    const cells = [null, r.task, r.prediction,
-                   r.p1 !== null ? "P(1) = " + r.p1.toFixed(3) : (r.probability !== null ? r.probability.toFixed(3) : ""),
-                   r.label, r.outcome, r.heatmap ? "yes" : "-"];
-    cells.forEach((v, i) => {
+    const thumb = document.createElement("td");
+    const img = document.createElement("img");
+    img.className = "thumb";
+    img.loading = "lazy";
+    img.alt = "";
+    img.src = "/api/slides/" + encodeURIComponent(r.id) + "/thumbnail.jpg";
+    thumb.appendChild(img);
+    tr.appendChild(thumb);
+    cellsOf(r).forEach((v, i) => {
       const td = document.createElement("td");
       if (i === 0) {
         const a = document.createElement("a");
@@ -74,13 +87,13 @@ function render() {
     body.appendChild(tr);
   }
   document.getElementById("count").textContent = rows.length + " of " + state.rows.length + " rows";
-  document.querySelectorAll("th").forEach((th) => {
+  document.querySelectorAll("th[data-key]").forEach((th) => {
     th.dataset.dir = th.dataset.key === key ? (state.dir > 0 ? "asc" : "desc") : "";
   });
   document.body.dataset.ready = "1";
 }
 
-document.querySelectorAll("th").forEach((th) => th.addEventListener("click", () => {
+document.querySelectorAll("th[data-key]").forEach((th) => th.addEventListener("click", () => {
   state.dir = state.key === th.dataset.key ? -state.dir : 1;
   state.key = th.dataset.key;
   render();
@@ -88,3 +101,19 @@ document.querySelectorAll("th").forEach((th) => th.addEventListener("click", () 
 document.getElementById("filter").addEventListener("input", render);
 document.getElementById("outcome").addEventListener("change", render);
 fetch("/api/slides").then((r) => r.json()).then((slides) => { state.rows = rowsOf(slides); render(); });
+
+// the worklist of `ips suggest` (ips view --worklist DIR), best first
+fetch("/api/worklist").then((r) => r.json()).then((items) => {
+  if (!items.length) return;
+  const list = document.getElementById("worklist-items");
+  for (const w of items) {
+    const li = document.createElement("li");
+    li.dataset.slide = w.id;
+    const a = document.createElement("a");
+    a.href = "/slide/" + encodeURIComponent(w.id);
+    a.textContent = w.id;
+    li.append(a, ` score ${Number(w.score).toFixed(3)}` + (w.regions ? ", regions outlined" : ""));
+    list.appendChild(li);
+  }
+  document.getElementById("worklist").hidden = false;
+});
