@@ -235,6 +235,11 @@ class TrainConfig:
     below `takeoff_auroc` has not left chance: `ips train` says so in one line with what to try, and
     while `restarts` remain it sets the run aside and starts again from another seed, keeping the best
     run by `monitor` (`ips.training.restarts`).
+
+    The whole-bag loss (`ips.training.bagloss`): `bag_weight` weighs a second task loss of the aggregator
+    and heads on the detached embeddings of every patch of each training slide (a uniform sample of
+    `bag_cap` where a slide has more), which the selection pass computes anyway. It trains the attention
+    to rank the whole slide, not only the top M it already prefers; the encoder learns from the top M.
     """
 
     epochs: int = 30
@@ -259,6 +264,8 @@ class TrainConfig:
     takeoff_epoch: int | None = 12
     takeoff_auroc: float = 0.6
     restarts: int = 1
+    bag_weight: float = 0.0
+    bag_cap: int = 4096
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -311,6 +318,8 @@ class TrainConfig:
             f"must be in (0.5, 1] (0.5 is chance), got {self.takeoff_auroc}",
         )
         _require(self.restarts >= 0, "train.restarts", f"must be >= 0, got {self.restarts}")
+        _require(self.bag_weight >= 0, "train.bag_weight", f"must be >= 0, got {self.bag_weight}")
+        _require(self.bag_cap >= 1, "train.bag_cap", f"must be >= 1, got {self.bag_cap}")
 
 
 PretrainMethod = Literal["auto", "simclr", "rotation"]

@@ -17,13 +17,15 @@ class SelectedBatch:
     """B selections stacked and padded to M: patches `(B, M, ...)`, positions `(B, M, d)`,
     mask `(B, M)` (True = real patch), targets `{task: label tensor}` (see ips.model.tasks);
     patch_targets `(B, M)` float: each patch's annotated fraction, NaN where unknown (no annotation,
-    padding), or None when no slide of the batch is annotated."""
+    padding), or None when no slide of the batch is annotated; bags: per slide, the detached embeddings
+    `(n_i, D)` of its whole bag (`ips.training.bagloss`), or None."""
 
     patches: torch.Tensor
     positions: torch.Tensor
     mask: torch.Tensor
     targets: dict[str, torch.Tensor]
     patch_targets: torch.Tensor | None = None
+    bags: tuple[torch.Tensor, ...] | None = None
 
     def __len__(self) -> int:
         return self.patches.shape[0]
@@ -35,6 +37,7 @@ class SelectedBatch:
             self.mask[start:stop],
             {k: v[start:stop] for k, v in self.targets.items()},
             None if self.patch_targets is None else self.patch_targets[start:stop],
+            None if self.bags is None else self.bags[start:stop],
         )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> SelectedBatch:
@@ -44,6 +47,7 @@ class SelectedBatch:
             self.mask.to(device, non_blocking=non_blocking),
             {k: v.to(device, non_blocking=non_blocking) for k, v in self.targets.items()},
             None if self.patch_targets is None else self.patch_targets.to(device, non_blocking=non_blocking),
+            self.bags,  # moved where the loss pads them
         )
 
 

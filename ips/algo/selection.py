@@ -27,6 +27,21 @@ StreamFn = Callable[[PatchSource, int], Iterator[Chunk]]
 ChunkObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+def observe_all(*observers: ChunkObserver | None) -> ChunkObserver | None:
+    """One observer that calls each of `observers` (None entries skipped); None when there are none."""
+    live = [o for o in observers if o is not None]
+    if not live:
+        return None
+    if len(live) == 1:
+        return live[0]
+
+    def observe(indices: torch.Tensor, content: torch.Tensor, emb: torch.Tensor) -> None:
+        for o in live:
+            o(indices, content, emb)
+
+    return observe
+
+
 @contextmanager
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
     """Put modules (and all their submodules) in eval mode; restore each submodule's previous mode after."""

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_device(p, default=None, help="auto (CUDA if available), cpu, cuda, ... (default train.device)")
     add_overwrite(
         p,
-        "remove the run already in --out (checkpoints, metrics, config) and start over instead of resuming it",
+        "remove the run already in --out (checkpoints, metrics, config, set-aside attempts; with --seeds each OUT/seed_<s>) and start over instead of resuming it",
         old_name="--no-resume",
     )
     add_quiet(p, "no progress bar")
@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ips.runtime import resolve_device
     from ips.training.distributed import cleanup, init_distributed
-    from ips.training.restarts import train_with_restarts
-    from ips.training.rundir import RunLock, remove_run
+    from ips.training.restarts import remove_guarded_run, train_with_restarts
+    from ips.training.rundir import RunLock
     from ips.training.seeds import parse_seeds, run_seeds
 
     apply_threads(args.threads)
@@ -65,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
         if args.overwrite and dist_info.is_main:
             # under the run lock: a run in progress there is never removed (then train() takes the lock
             # again; a run that starts in between makes train() refuse, as for any held directory)
-            with RunLock(out):
-                removed = remove_run(out)
-            if removed:
-                print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
+            for run_dir in [out] if seeds is None else [out / f"seed_{s}" for s in seeds]:
+                with RunLock(run_dir):
+                    removed = remove_guarded_run(run_dir)
+                if removed:
+                    print(f"--overwrite: removed the previous run's {', '.join(removed)} from {run_dir}")
         if seeds is not None:  # seed variance (ips.training.seeds)
             run_seeds(cfg, seeds, out=out, show_progress=not args.quiet, **common)
             return 0

@@ -108,6 +108,13 @@ class IPSModel(nn.Module):
         """
         b, m = patches.shape[:2]
         emb = self.embed(patches.flatten(0, 1), positions.flatten(0, 1)).unflatten(0, (b, m))  # (B, M, D)
+        return self.pool(emb, mask)
+
+    def pool(
+        self, emb: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Aggregator and heads on embeddings `(B, N, D)` (with position), mask `(B, N)`: per-task logits
+        `{task: (B, n_out)}` and attention logits `(B, T, H, N)`."""
         z, attn_logits = self.aggregator(emb, mask)
         return self.heads(z), attn_logits
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ips.algo.novelty import NoveltyReference, reference_indices
-from ips.algo.selection import Selection, eval_mode, replace_lowest, top_m
+from ips.algo.selection import ChunkObserver, Selection, eval_mode, observe_all, replace_lowest, top_m
 from ips.config import SelectionConfig
 from ips.data.sources import PatchSource
 from ips.infer.engine import Selector
@@ -104,17 +104,21 @@ def explore_selections(
     selector: Selector,
     selection: SelectionConfig,
     generator: np.random.Generator,
+    *,
+    observers: Sequence[ChunkObserver | None] | None = None,
 ) -> list[Selection]:
     """Training's selection of each bag: top-M (`selector`), then `selection.explore` slots, a
     `selection.explore_novel` share of them novel. The novel pool observes the selection pass (only
-    where there is a choice, N > M); `generator` draws the reference samples, then the slots."""
+    where there is a choice, N > M); `generator` draws the reference samples, then the slots.
+    `observers`: per source, a further observer of its selection pass (e.g. `BagEmbeddings`), or None."""
     size = novel_pool_size(selection.memory_size, selection.explore, selection.explore_novel)
     selected: list[tuple[Selection, torch.Tensor | None]] = []
-    for src in sources:
+    extra = list(observers) if observers is not None else [None] * len(sources)
+    for src, observer in zip(sources, extra):
         pool = None
         if size > 0 and len(src) > selector.memory_size:  # N <= M: every patch is selected, none to add
             pool = NovelPool(model, src, size, generator, selector.runtime)
-        sel = selector(model, src, observe=pool)
+        sel = selector(model, src, observe=observe_all(pool, observer))
         selected.append((sel, None if pool is None else pool.indices))
     if selection.explore <= 0:
         return [sel for sel, _ in selected]

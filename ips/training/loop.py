@@ -32,6 +32,7 @@ from ips.model.ips_model import IPSModel, build_model, unit_pixels
 from ips.model.metrics import evaluate_logits
 from ips.model.tasks import total_loss
 from ips.runtime import DistInfo, Runtime, seed_everything
+from ips.training.bagloss import BagEmbeddings
 from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from ips.training.budget import GB, BudgetPlan, estimate_step_bytes, plan_micro_batch
 from ips.training.distributed import barrier, broadcast_flag, shard
@@ -286,7 +287,14 @@ class Trainer:
         cfg = self.cfg
         sources = [self.sources(r) for r in records]
         rng = np.random.default_rng(list(seed))
-        selections = explore_selections(self.model, sources, self.selector, cfg.selection, rng)
+        bags = (
+            [BagEmbeddings(len(src), cfg.train.bag_cap, rng) for src in sources]
+            if cfg.train.bag_weight
+            else None
+        )
+        selections = explore_selections(
+            self.model, sources, self.selector, cfg.selection, rng, observers=bags
+        )
         patch_targets: list[np.ndarray | None] = [None] * len(records)
         for i, r in enumerate(records):
             labels = self.inputs.annotations.get(r.slide_id)
@@ -302,7 +310,10 @@ class Trainer:
                 )
             patch_targets[i] = labels.of(selections[i].indices.numpy())
         targets = targets_for(records, cfg.model.tasks)
-        return stack_selections(selections, targets, cfg.selection.memory_size, patch_targets)
+        batch = stack_selections(selections, targets, cfg.selection.memory_size, patch_targets)
+        if bags is not None:
+            batch.bags = tuple(b.embeddings() for b in bags)
+        return batch
 
     def step(
         self,
@@ -329,6 +340,7 @@ class Trainer:
             transform=transform,
             normalizer=global_batch_size / rt.dist.world_size,
             annotation_weight=train_cfg.annotation_weight,
+            bag_weight=train_cfg.bag_weight,
         )
         if frozen:  # under DDP the encoder still gets gradients (all ranks must reduce the same set)
             for p in model.encoder.parameters():

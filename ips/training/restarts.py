@@ -34,7 +34,7 @@ from ips.errors import ConfigError, RunDirError
 from ips.runtime import DistInfo
 from ips.training.distributed import barrier, broadcast_flag
 from ips.training.loop import EpochHook, Trainer, train
-from ips.training.rundir import RUN_FILES, RunLock, check_fresh
+from ips.training.rundir import DATA_FILE, RUN_FILES, RunLock, check_fresh, remove_run
 from ips.training.takeoff import check_epoch, judge_takeoff, takeoff_message
 
 RECORD = "takeoff.json"
@@ -108,6 +108,22 @@ def attempt_seed(seed: int, attempt: int) -> int:
 
 def attempt_dir(run_dir: Path, attempt: int) -> Path:
     return run_dir / ATTEMPTS / f"attempt_{attempt}"
+
+
+def remove_guarded_run(run_dir: Path) -> list[str]:
+    """`--overwrite` of a run that the guard may have restarted: the run's own files (`remove_run`: its
+    take-off record and data digest included) and every attempt set aside under `OUT/attempts/`; the
+    names removed, relative to `run_dir`. Call it under the run's `RunLock`. Other files stay."""
+    removed = remove_run(run_dir)
+    parent = run_dir / ATTEMPTS
+    for sub in sorted(parent.glob("attempt_*")) if parent.is_dir() else []:
+        removed += [f"{ATTEMPTS}/{sub.name}/{name}" for name in remove_run(sub, (*ATTEMPT_FILES, DATA_FILE))]
+        for empty in (sub / "checkpoints", sub):
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+    return removed
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:

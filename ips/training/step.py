@@ -16,6 +16,7 @@ from torch import nn
 from ips.algo.batch import SelectedBatch
 from ips.config import TaskConfig
 from ips.model.tasks import total_loss
+from ips.training.bagloss import bag_loss
 
 
 def accumulate_gradients(
@@ -30,6 +31,7 @@ def accumulate_gradients(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     normalizer: float | None = None,
     annotation_weight: float = 0.0,
+    bag_weight: float = 0.0,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """Forward/backward over `batch` in micro-batches; gradients accumulate into `.grad`.
 
@@ -39,6 +41,7 @@ def accumulate_gradients(
     gradients over ranks, the global batch divided by the world size).
     `no_sync` (DDP): skip gradient all-reduce on all but the last micro-batch.
     `annotation_weight`: weight of `annotation_loss` for slides with patch targets (others add nothing).
+    `bag_weight`: weight of the whole-bag loss (`ips.training.bagloss.bag_loss`) on the batch's `bags`.
     """
     device = torch.device(device)
     b = len(batch)
@@ -63,6 +66,9 @@ def accumulate_gradients(
                     loss
                     + annotation_weight * annotation_loss(attn_logits, mb.patch_targets, mb.mask).sum() / norm
                 )
+            if bag_weight and mb.bags is not None:
+                net = getattr(model, "module", model)  # the IPSModel under DDP
+                loss = loss + bag_weight * bag_loss(net, mb.bags, tasks, mb.targets).sum() / norm
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss {loss.item()} in micro-batch starting at slide {start}"
