@@ -29,7 +29,7 @@ from ips.data.sources import PatchSource
 from ips.infer.engine import Predictor, Selector
 from ips.model.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from ips.model.ips_model import IPSModel, build_model, unit_pixels
-from ips.model.metrics import evaluate_logits
+from ips.model.metrics import TAKEOFF_METRIC, evaluate_logits, lower_is_better
 from ips.model.tasks import total_loss
 from ips.runtime import DistInfo, Runtime, seed_everything
 from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
@@ -617,7 +617,7 @@ def _monitor_better(monitor: str, new: float, best: float | None) -> bool:
         return False
     if best is None:
         return True
-    return new < best if monitor.endswith("loss") else new > best
+    return new < best if lower_is_better(monitor) else new > best
 
 
 def _summary(row: dict[str, Any], cfg: ExperimentConfig) -> str:
@@ -625,9 +625,14 @@ def _summary(row: dict[str, Any], cfg: ExperimentConfig) -> str:
     if "val_loss" in row:
         parts.append(f"val_loss {row['val_loss']:.4f}")
         for t in cfg.model.tasks:
+            first = "mae" if t.kind == "regression" else "accuracy"
+            shown = [first] if t.kind != "survival" else []
             parts.append(
-                f"{t.name}: acc {row.get(f'val_{t.name}/accuracy', float('nan')):.3f} "
-                f"auroc {row.get(f'val_{t.name}/auroc', float('nan')):.3f}"
+                f"{t.name}: "
+                + " ".join(
+                    f"{m.replace('accuracy', 'acc')} {row.get(f'val_{t.name}/{m}', float('nan')):.3f}"
+                    for m in [*shown, TAKEOFF_METRIC[t.kind]]
+                )
             )
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)
