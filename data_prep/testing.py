@@ -289,3 +289,49 @@ def write_dicom_wsi(
         first = first or path
     assert first is not None
     return first
+
+
+def write_ndpi(
+    path: str | Path, image: np.ndarray, *, levels: int = 2, mpp: float = 0.5, quality: int = 95
+) -> tuple[Path, np.ndarray]:
+    """A Hamamatsu NDPI file: a TIFF whose pages each hold one level as a single JPEG strip (no restart
+    markers: OpenSlide reads each level as one tile), tagged with the NDPI format flag, the source lens
+    and focal plane 0. Returns `(path, level 0 as its JPEG decodes)`: the pixels a reader must give.
+
+    `image`: `(Y, X, 3)` uint8; level k is `image[::2**k, ::2**k]`, at `mpp * 2**k` um/px."""
+    import io
+
+    import tifffile
+    from PIL import Image
+
+    def encode(level: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(level).save(buf, format="JPEG", quality=quality, subsampling=0)
+        return buf.getvalue()
+
+    path = Path(path)
+    first = b""
+    with tifffile.TiffWriter(path) as tif:
+        for k in range(levels):
+            level = np.ascontiguousarray(image[:: 2**k, :: 2**k])
+            data = encode(level)
+            first = first or data
+            px_per_cm = 1e4 / (mpp * 2**k)
+            tif.write(
+                iter([data]),
+                shape=level.shape,
+                dtype=np.uint8,
+                compression="jpeg",
+                photometric="rgb",
+                rowsperstrip=level.shape[0],
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                # NDPI tags: format flag, source lens (magnification; > 0 marks a pyramid level), focal plane
+                extratags=[
+                    (65420, "I", 1, 1, True),
+                    (65421, "f", 1, 20.0 / 2**k, True),
+                    (65424, "i", 1, 0, True),
+                ],
+                contiguous=False,
+            )
+    return path, np.asarray(Image.open(io.BytesIO(first)).convert("RGB"))

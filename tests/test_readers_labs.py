@@ -1,5 +1,6 @@
-"""The readers labs have: DICOM-WSI through OpenSlide 4, `--source-mpp` for files without a pixel size,
-and non-pyramidal slides (a warning; the pyramid is built)."""
+"""The readers labs have: DICOM-WSI and Hamamatsu NDPI through OpenSlide 4, `--source-mpp` for files
+without a pixel size, and non-pyramidal slides (a warning; the pyramid is built). MIRAX (.mrxs) has no
+fixture: it is a folder of proprietary index and data files that nothing installable here writes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import tifffile
 import zarr
 
 from data_prep.readers import OpenSlideReader, open_reader, pyramid_warning
-from data_prep.testing import ReaderTests, tissue_image, write_dicom_wsi, write_pyramid_tiff
+from data_prep.testing import ReaderTests, tissue_image, write_dicom_wsi, write_ndpi, write_pyramid_tiff
 from ips.cli.main import main
 
 
@@ -61,6 +62,35 @@ def test_prep_reads_a_dicom_made_from_the_real_svs(test_data, tmp_path, capsys):
         np.testing.assert_array_equal(
             level0[:, r : r + 224, c : c + 224], pixels[r : r + 224, c : c + 224].transpose(2, 0, 1)
         )
+
+
+class TestNdpi(ReaderTests):
+    """A Hamamatsu NDPI (JPEG levels in a TIFF with NDPI tags) through OpenSlide: level 0 as its JPEG
+    decodes, and the pixel size of its resolution tags."""
+
+    detected_as = "openslide"
+    expected_spacing = (0.5, 0.5)
+
+    def open(self, tmp_path):
+        path, decoded = write_ndpi(tmp_path / "s.ndpi", tissue_image(120, 176), levels=2, mpp=0.5)
+        return OpenSlideReader(path), decoded.transpose(2, 0, 1)
+
+    def test_vendor(self, case):
+        assert case[0].vendor == "hamamatsu"
+
+
+def test_prep_reads_an_ndpi(tmp_path, capsys):
+    img = tissue_image(256, 320, box=(0.1, 0.1, 0.8, 0.8))
+    path, decoded = write_ndpi(tmp_path / "slide.ndpi", img, levels=2, mpp=0.5)
+    assert np.abs(decoded.astype(int) - img).max() > 0  # lossy: the decoded JPEG is the truth, not img
+    out = tmp_path / "out"
+    argv = ["prep", str(path), "--out", str(out), "--patch-size", "32", "--mpp", "1.0", "--quiet"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    g = _store(out / "slide.zarr")
+    assert g.attrs["ips"]["provenance"]["vendor"] == "hamamatsu"
+    assert g.attrs["ips"]["grids"]["default"]["level"] == 1
+    np.testing.assert_array_equal(g["0"][...], decoded.transpose(2, 0, 1))
 
 
 # --- a pixel size the file does not have ---------------------------------------------------------------
