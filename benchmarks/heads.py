@@ -30,13 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from data_prep.convert import PrepOptions, convert_array  # noqa: E402
-from ips.config import ExperimentConfig  # noqa: E402
-from ips.model.metrics import concordance_index, regression_metrics  # noqa: E402
-from ips.training.loop import train  # noqa: E402
+from data_prep.convert import PrepOptions, convert_array
+from ips.config import ExperimentConfig
+from ips.model.metrics import concordance_index, regression_metrics
+from ips.training.loop import train
 
 PATCH, SIZE = 8, 64
 CHECKER = np.where((np.arange(PATCH)[:, None] // 2 + np.arange(PATCH)[None, :] // 2) % 2 == 0, 40, 120)

@@ -4,6 +4,8 @@ far the store's level 0 is from the pixels the fixture holds.
 
     IPS_TEST_DATA=../shared/data python benchmarks/readers.py --out /tmp/readers --json readers.json
 
+Needs the test extra (pytest, pydicom: the fixture writers of `data_prep.testing`).
+
 Fixtures (all from `cmu_small_region.svs`, 2220 x 2967 px, 0.499 um/px, one level):
 - `svs`: the file itself (OpenSlide, vendor aperio; not pyramidal: prep warns and builds the pyramid);
 - `dicom`: its pixels as DICOM-WSI, 3 levels of 240 px uncompressed frames (`write_dicom_wsi`);
@@ -27,16 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tifffile
+import zarr
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import tifffile  # noqa: E402
-import zarr  # noqa: E402
-
-from data_prep.readers import open_reader  # noqa: E402
-from data_prep.testing import write_dicom_wsi, write_ndpi, write_pyramid_tiff  # noqa: E402
-from ips.cli.main import main as ips_main  # noqa: E402
+from data_prep.readers import open_reader
+from data_prep.testing import write_dicom_wsi, write_ndpi, write_pyramid_tiff
+from ips.cli.main import main as ips_main
 
 
 def fixtures(svs: Path, out: Path) -> dict[str, tuple[Path, np.ndarray, list[str]]]:
