@@ -101,7 +101,7 @@ def truth_metrics(head: str, val: list[dict]) -> dict[str, float]:
     return {**m, "c_index": c}
 
 
-def run_head(head: str, manifest: Path, run_dir: Path, epochs: int, seed: int) -> dict:
+def run_head(head: str, manifest: Path, run_dir: Path, args: argparse.Namespace) -> dict:
     cfg = ExperimentConfig.from_dict(
         {
             "model": {
@@ -117,12 +117,12 @@ def run_head(head: str, manifest: Path, run_dir: Path, epochs: int, seed: int) -
             "selection": {"memory_size": 4, "iter_size": 16, "prefetch": 1, "explore": 0.0},
             "data": {"augment": False},
             "train": {
-                "epochs": epochs,
-                "batch_size": 8,
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
                 "lr": 3e-3,
                 "weight_decay": 0.0,
                 "warmup_epochs": 0.5,
-                "seed": seed,
+                "seed": args.seed,
                 "takeoff_epoch": None,
             },
         }
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=96, help="training slides")
     p.add_argument("--val", type=int, default=48, help="validation slides")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8, help="slides per step (survival: the Cox risk set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the results here")
@@ -161,16 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(run)
-        results[head] = {"model": run_head(head, manifest, run, args.epochs, args.seed)}
+        results[head] = {"model": run_head(head, manifest, run, args)}
         results[head]["truth"] = truth_metrics(head, val)
         print(head, json.dumps(results[head]), flush=True)
-    summary = {
-        "train": args.train,
-        "val": args.val,
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "heads": results,
-    }
+    summary = {**{k: v for k, v in vars(args).items() if k != "json"}, "heads": results}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     return 0

@@ -42,7 +42,7 @@ def test_train_predict_heatmap_with_time_and_event_columns(tmp_path, capsys):
     manifest = _survival_manifest(tmp_path)
     cfg = {**TINY, "model": {**TINY["model"], "tasks": [{"name": "os", "kind": "survival"}]}}
     cfg["model"]["tasks"].append({"name": "score", "kind": "regression", "loss": "huber"})
-    cfg["train"] = {**TINY["train"], "epochs": 2, "monitor": "val_os/c_index"}
+    cfg["train"] = {**TINY["train"], "epochs": 2, "monitor": "val_os/c_index", "micro_batch_size": 2}
     cfg_path = tmp_path / "surv.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
@@ -52,6 +52,7 @@ def test_train_predict_heatmap_with_time_and_event_columns(tmp_path, capsys):
         assert main([*args, "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
+    assert "the Cox risk set is the 2 slides of a micro-batch" in capsys.readouterr().out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for key in ("val_os/c_index", "val_os/events", "val_score/mae", "val_score/r2", "val_score/pearson"):

@@ -536,6 +536,13 @@ def choose_micro_batch(
             f"note: the encoder has BatchNorm and micro-batches hold {micro} slides: it normalises over each "
             "micro-batch's patches, so gradients are close to, not equal to, full-batch ones"
         )
+    survival = [t.name for t in cfg.model.tasks if t.kind == "survival"]
+    if survival and micro < cfg.train.batch_size:
+        log(
+            f"note: survival task {survival[0]!r}: the Cox risk set is the {micro} slides of a micro-batch "
+            f"(on one rank), not the batch of {cfg.train.batch_size}; a larger train.micro_batch_size compares "
+            "more slides per step"
+        )
     return micro
 
 
