@@ -257,7 +257,8 @@ class TrainConfig:
 
 
     The take-off guard (`ips.training.takeoff`): at epoch `takeoff_epoch` (null: off; runs shorter than it
-    are not judged), a task whose AUROC (validation, else training; the mean over the last 3 epochs) is
+    are not judged), a task whose AUROC (C-index for regression, ordinal and survival tasks; validation,
+    else training; the mean over the last 3 epochs) is
     below `takeoff_auroc` has not left chance: `ips train` says so in one line with what to try, and
     while `restarts` remain it sets the run aside and starts again from another seed, keeping the best
     run by `monitor` (`ips.training.restarts`).
