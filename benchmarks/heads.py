@@ -15,7 +15,7 @@ Each head trains on its own (the tiny config of the tests, `train.epochs` epochs
 val slides at its best epoch by val loss; `truth` is the same metric of k itself (the ceiling a model
 can reach: for survival, the C-index of the true risk k).
 
-Results page: docs/BENCHMARKS.md, "Heads".
+Results page row: docs/BENCHMARKS.md, "Heads".
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def run_head(head: str, manifest: Path, run_dir: Path, args: argparse.Namespace)
             "train": {
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,
-                "lr": 3e-3,
+                "lr": args.lr,
                 "weight_decay": 0.0,
                 "warmup_epochs": 0.5,
                 "seed": args.seed,
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=48, help="validation slides")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8, help="slides per step (survival: the Cox risk set)")
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the results here")

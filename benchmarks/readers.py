@@ -14,7 +14,7 @@ Fixtures (all from `cmu_small_region.svs`, 2220 x 2967 px, 0.499 um/px, one leve
 - `tiff-flat`: its pixels as a one-level tiled TIFF (prep warns and builds the pyramid).
 Each is prepped with `--patch-size 224 --mpp 1.0 --codec blosc-lz4` (lossless).
 
-Results page: docs/BENCHMARKS.md, "Readers".
+Results page row: docs/BENCHMARKS.md, "Readers".
 """
 
 from __future__ import annotations
