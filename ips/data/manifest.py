@@ -41,7 +41,8 @@ Label = int | float | tuple[int, ...] | tuple[float, int]
 @dataclass(frozen=True)
 class SlideRecord:
     """One manifest row: `labels` maps task name -> int (binary, multiclass, ordinal), tuple of class
-    indices (multilabel), float (regression) or `(time, event)` (survival); a task whose label is unknown (allowed only with `require_labels=False`) is absent."""
+    indices (multilabel), float (regression) or `(time, event)` (survival); a task whose label is
+    unknown (allowed only with `require_labels=False`) is absent."""
 
     slide_id: str
     path: str
@@ -100,9 +101,9 @@ def label_cells(task: TaskConfig, label: Label) -> dict[str, str]:
     """The manifest cells `{column: text}` of a task's label (the inverse of reading them)."""
     if task.kind == "survival":
         time, event = label  # type: ignore[misc]
-        return dict(zip(task.columns, (f"{float(time):.17g}", str(int(event)))))
+        return dict(zip(task.columns, (repr(float(time)), str(int(event)))))
     if task.kind == "regression":
-        return {task.column: f"{float(label):.17g}"}  # type: ignore[arg-type]
+        return {task.column: repr(float(label))}  # type: ignore[arg-type]  # shortest exact text
     if isinstance(label, (list, tuple)):
         return {task.column: ";".join(str(v) for v in label)}
     return {task.column: str(label)}

@@ -540,8 +540,8 @@ def choose_micro_batch(
     if survival and micro < cfg.train.batch_size:
         log(
             f"note: survival task {survival[0]!r}: the Cox risk set is the {micro} slides of a micro-batch "
-            f"(on one rank), not the batch of {cfg.train.batch_size}; a larger train.micro_batch_size compares "
-            "more slides per step"
+            f"(on one rank), not the batch of {cfg.train.batch_size}; a larger train.micro_batch_size "
+            "compares more slides per step"
         )
     return micro
 

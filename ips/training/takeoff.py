@@ -118,7 +118,7 @@ def takeoff_message(
     tries.append("an overlapping grid (ips prep --stride) if objects are larger than a patch")
     then = f"restarting from train.seed={restart_seed}" if restart_seed is not None else "going on"
     return (
-        f"take-off guard: at epoch {verdict.epoch} the {verdict.split} {metric} ({span}) has not left chance: "
-        f"{scores} < train.takeoff_auroc {verdict.threshold:g}; try {'; '.join(tries)} "
+        f"take-off guard: at epoch {verdict.epoch} the {verdict.split} {metric} ({span}) has not left "
+        f"chance: {scores} < train.takeoff_auroc {verdict.threshold:g}; try {'; '.join(tries)} "
         f"(README: When the model stays at chance); {then}"
     )
