@@ -102,6 +102,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"({', '.join(list_foundation())})",
     )
     p.add_argument(
+        "--source-mpp",
+        type=float,
+        default=None,
+        metavar="X",
+        help="the scan's micrometers per pixel at level 0, for files whose metadata lack it (or are wrong)",
+    )
+    p.add_argument(
         "--min-tissue",
         type=float,
         default=0.5,
@@ -234,6 +241,8 @@ def _report(result: PrepResult, *, results: list[PrepResult], bar: object) -> No
     if result.status == "failed":
         msg = f"ips prep: FAILED {result.source}: {result.reason}"
         getattr(bar, "write", print)(msg, file=sys.stderr)
+    for warning in result.warnings:
+        getattr(bar, "write", print)(f"ips prep: warning: {result.source}: {warning}", file=sys.stderr)
     getattr(bar, "update", lambda n: None)(1)
 
 
@@ -279,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
         stride=args.stride,
         level=args.level,
         mpp=mpp,
+        source_mpp=args.source_mpp,
         min_tissue=args.min_tissue,
         grid_name=args.grid_name,
         codec=args.codec,

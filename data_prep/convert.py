@@ -27,7 +27,7 @@ from data_prep.grid import make_grid
 from data_prep.levels import LevelReader, level0_record
 from data_prep.options import LOSSY_CODECS, PrepOptions, per_axis
 from data_prep.pyramid import StreamingPyramid, level_shape, morton_order, plan_levels
-from data_prep.readers import ArrayReader, ImageReader, open_reader
+from data_prep.readers import ArrayReader, ImageReader, open_reader, pyramid_warning
 from data_prep.remote import open_writer
 from data_prep.thumbnail import render_thumbnail, save_png
 from data_prep.tissue import resample_mask, tissue_mask
@@ -85,6 +85,7 @@ class PrepResult:
     seconds: float = 0.0
     reason: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # one line each, about an input that was still converted
 
 
 def slide_id_of(path: str | Path) -> str:
@@ -122,7 +123,10 @@ def _choose_level(options: PrepOptions, spatial: tuple[int, ...], spacing: tuple
             )
         return options.level
     if spacing is None:
-        raise PrepError("no microns-per-pixel in the source, so --mpp cannot pick a level (use --level)")
+        raise PrepError(
+            "no microns-per-pixel in the file's metadata, so --mpp cannot pick a level (give the scan's "
+            "with --source-mpp X, or use --level)"
+        )
     yx_um = [float(np.mean([s * f for s, f in zip(spacing[-2:], fac[-2:])])) for fac in possible]
     best = int(np.argmin([abs(math.log(u / options.mpp)) for u in yx_um]))
     if abs(yx_um[best] / options.mpp - 1) > options.mpp_tolerance:
@@ -318,6 +322,7 @@ def _ips_attrs(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "options": options.to_dict(),
         **reader.metadata(),
+        **({"mpp_override": source.mpp_override} if source.mpp_override else {}),
     }
     return {
         "format_version": FORMAT_VERSION,
@@ -763,7 +768,8 @@ def _prep_locked(
     writer = open_writer(out_dir, slide_id)
     digest: dict[str, str] = {}
     try:
-        with open_reader(path, reader) as r:
+        with open_reader(path, reader, mpp=options.source_mpp) as r:
+            notes = tuple(w for w in [pyramid_warning(r, options.pyramid_max_size)] if w)
             hasher = threading.Thread(target=_hash_file, args=(path, digest), daemon=True)
             if options.hash_source:
                 hasher.start()
@@ -785,7 +791,7 @@ def _prep_locked(
         return PrepResult(
             str(path), slide_id, "failed", reason=_failure_reason(e), seconds=time.perf_counter() - t0
         )
-    return PrepResult(str(path), slide_id, "done", store, n, time.perf_counter() - t0)
+    return PrepResult(str(path), slide_id, "done", store, n, time.perf_counter() - t0, warnings=notes)
 
 
 def _existing(path: Path, final: Path | str, slide_id: str, options: PrepOptions, t0: float) -> PrepResult:

@@ -32,7 +32,8 @@ class PrepOptions:
 
     Grid: `patch_size` and `stride` in pixels of the grid's level (an int, or one per spatial axis);
     the level is `level`, or the pyramid level nearest to `mpp` micrometers per pixel (within
-    `mpp_tolerance`, relative); patches with a tissue fraction >= `min_tissue` are kept. Store:
+    `mpp_tolerance`, relative; `source_mpp`, where given, is the source's level-0 pixel size in place of
+    its metadata's); patches with a tissue fraction >= `min_tissue` are kept. Store:
     `codec` (lossless: blosc-lz4, zstd, none; lossy, for uint8 RGB / grey slides: jpeg, jpegxl, webp at
     quality `codec_level` 1-100; see `data_prep.writer`), `shard_chunks` chunks per shard side (None: 8 in 2D, 4 in 3D),
     pyramid down to `pyramid_max_size` pixels on the longest y/x side; the mask on the first level at
@@ -48,6 +49,7 @@ class PrepOptions:
     stride: int | tuple[int, ...] | None = None
     level: int = 0
     mpp: float | None = None
+    source_mpp: float | None = None
     min_tissue: float = 0.5
     grid_name: str = DEFAULT_GRID
     mpp_tolerance: float = 0.25
@@ -83,6 +85,7 @@ class PrepOptions:
                 f"must be an integer >= 1 (or one per axis), got {v!r}",
             )
         require(isinstance(self.level, int) and self.level >= 0, "level", f"must be >= 0, got {self.level!r}")
+        require(self.source_mpp is None or self.source_mpp > 0, "source_mpp", "must be > 0")
         if self.mpp is not None:
             require(self.mpp > 0, "mpp", f"must be > 0, got {self.mpp}")
             require(self.level == 0, "level", "give a level or mpp, not both")

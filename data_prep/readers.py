@@ -65,6 +65,7 @@ class ImageReader(ABC):
         background: the value of empty glass / empty space (fill value of the store).
         vendor: a short format name for provenance (`aperio`, `ome-tiff`, `nifti1`, ...).
         affine: for NIfTI, the 4x4 voxel (i, j, k) -> world (RAS, mm) matrix as nested lists, else None.
+        mpp_override: `{"mpp", "file_mpp"}` where `open_reader(mpp=...)` replaced the file's pixel size.
     """
 
     name: ClassVar[str]
@@ -75,6 +76,7 @@ class ImageReader(ABC):
     vendor: str = ""
     affine: list[list[float]] | None = None
     path: Path | None = None
+    mpp_override: dict[str, Any] | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -141,6 +143,10 @@ class ImageReader(ABC):
     def metadata(self) -> dict[str, Any]:
         """Extra provenance (JSON-able) for the store's attributes."""
         return {}
+
+    def file_levels(self) -> int:
+        """How many resolution levels the file itself holds (1: not pyramidal)."""
+        return len(self.native_levels())
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -214,6 +220,9 @@ class OpenSlideReader(ImageReader):
 
     def metadata(self) -> dict[str, Any]:
         return {"openslide_properties": self._props}
+
+    def file_levels(self) -> int:
+        return int(self._slide.level_count)
 
     def close(self) -> None:
         self._slide.close()
@@ -628,6 +637,26 @@ class NpyReader(ArrayReader):
         return head[:6] == NPY_MAGIC
 
 
+# --- warnings about a readable file ------------------------------------------------------------------
+
+# readers of slide formats, where a lab expects the file to carry its own pyramid
+PYRAMID_READERS = ("openslide", "tifffile")
+
+
+def pyramid_warning(reader: ImageReader, pyramid_max_size: int) -> str | None:
+    """A one-line warning for a 2D slide file without a pyramid (one level larger than
+    `pyramid_max_size`): prep builds the lower levels itself, from level 0; None otherwise."""
+    if reader.name not in PYRAMID_READERS or reader.spatial_dims != 2 or reader.file_levels() > 1:
+        return None
+    if max(reader.spatial_shape) <= pyramid_max_size:
+        return None
+    h, w = reader.spatial_shape
+    return (
+        f"not pyramidal (one level, {h} x {w} px): the pyramid is built from level 0 here; a pyramidal "
+        "file (e.g. vips tiffsave --tile --pyramid) reads its lower levels instead"
+    )
+
+
 # --- choosing a reader -------------------------------------------------------------------------------
 
 # tried in this order; the first that accepts the file's content wins
@@ -665,8 +694,12 @@ def detect_reader(path: str | Path) -> str:
     raise PrepError(f"unsupported format (not a slide, TIFF, NIfTI or .npy file; starts with {head[:8]!r})")
 
 
-def open_reader(path: str | Path, name: str | None = None) -> ImageReader:
-    """Open `path` with the backend `name` (one of READERS) or the one its content calls for."""
+def open_reader(path: str | Path, name: str | None = None, *, mpp: float | None = None) -> ImageReader:
+    """Open `path` with the backend `name` (one of READERS) or the one its content calls for.
+
+    `mpp`: the scan's micrometers per pixel at level 0 (`ips prep --source-mpp`), for files whose
+    metadata lack it or state it wrongly: it replaces the file's in `spacing` (rows and columns; a
+    volume keeps its file's z spacing, or 1 where it has none), and `mpp_override` says so."""
     path = Path(path)
     if name is None:
         name = detect_reader(path)
@@ -683,4 +716,16 @@ def open_reader(path: str | Path, name: str | None = None) -> ImageReader:
     if min(reader.shape) < 1:
         reader.close()
         raise PrepError(f"empty image: shape {reader.shape}")
+    if mpp is not None:
+        set_mpp(reader, mpp)
     return reader
+
+
+def set_mpp(reader: ImageReader, mpp: float) -> None:
+    """Give `reader` the level-0 pixel size `mpp` (micrometers) in rows and columns (see `open_reader`)."""
+    if not mpp > 0:
+        raise PrepError(f"--source-mpp must be > 0, got {mpp}")
+    z = tuple(reader.spacing[:-2]) if reader.spacing is not None else (1.0,) * (reader.spatial_dims - 2)
+    file_mpp = list(reader.spacing[-2:]) if reader.spacing is not None else None
+    reader.spacing = (*z, float(mpp), float(mpp))
+    reader.mpp_override = {"mpp": float(mpp), "file_mpp": file_mpp}

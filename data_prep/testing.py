@@ -225,3 +225,113 @@ def patch_fraction(mask: np.ndarray, patch_size: int) -> np.ndarray:
 def cells_to_grid(cells: np.ndarray, coords: np.ndarray, patch_size: int) -> np.ndarray:
     """Per-cell values `(G0, G1[, G2])` of a stride-`patch_size` grid -> per-patch `(N,)` at `coords (N, d)`."""
     return cells[tuple((coords // patch_size).T)]
+
+
+def write_dicom_wsi(
+    folder: str | Path,
+    image: np.ndarray,
+    *,
+    levels: int = 2,
+    tile: int = 64,
+    mpp: float | None = 0.5,
+    name: str = "slide",
+) -> Path:
+    """A DICOM whole-slide image (VL Whole Slide Microscopy, one file per pyramid level, uncompressed
+    RGB frames in TILED_FULL order, so pixels round-trip exactly) in `folder`; returns level 0's file.
+
+    `image`: `(Y, X, 3)` uint8. Level k is `image[::2**k, ::2**k]`. `mpp`: written as the pixel spacing
+    (mm) of the shared functional groups, where OpenSlide reads it; None leaves it out."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    wsi_class = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    first = None
+    for k in range(levels):
+        level = np.ascontiguousarray(image[:: 2**k, :: 2**k])
+        h, w = level.shape[:2]
+        rows, cols = -(-h // tile), -(-w // tile)
+        padded = np.zeros((rows * tile, cols * tile, 3), np.uint8)
+        padded[:h, :w] = level
+        # frames row by row (TILED_FULL), each a (tile, tile, 3) block
+        frames = padded.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = wsi_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = wsi_class, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID = frame_of_reference
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "SM", "fixture", k + 1
+        ds.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "NONE" if k == 0 else "RESAMPLED"]
+        ds.Rows = ds.Columns = tile
+        ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = h, w
+        ds.TotalPixelMatrixFocalPlanes = ds.NumberOfFocalPlanes = ds.NumberOfOpticalPaths = 1
+        ds.NumberOfFrames = rows * cols
+        ds.DimensionOrganizationType = "TILED_FULL"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        if mpp is not None:
+            measures = Dataset()
+            measures.PixelSpacing = [mpp * 2**k / 1000.0] * 2  # mm, (row, column)
+            measures.SliceThickness = 0.001
+            shared = Dataset()
+            shared.PixelMeasuresSequence = Sequence([measures])
+            ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        ds.PixelData = frames.tobytes()
+        path = folder / f"{name}_level{k}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        first = first or path
+    assert first is not None
+    return first
+
+
+def write_ndpi(
+    path: str | Path, image: np.ndarray, *, levels: int = 2, mpp: float = 0.5, quality: int = 95
+) -> tuple[Path, np.ndarray]:
+    """A Hamamatsu NDPI file: a TIFF whose pages each hold one level as a single JPEG strip (no restart
+    markers: OpenSlide reads each level as one tile), tagged with the NDPI format flag, the source lens
+    and focal plane 0. Returns `(path, level 0 as its JPEG decodes)`: the pixels a reader must give.
+
+    `image`: `(Y, X, 3)` uint8; level k is `image[::2**k, ::2**k]`, at `mpp * 2**k` um/px."""
+    import io
+
+    import tifffile
+    from PIL import Image
+
+    def encode(level: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(level).save(buf, format="JPEG", quality=quality, subsampling=0)
+        return buf.getvalue()
+
+    path = Path(path)
+    first = b""
+    with tifffile.TiffWriter(path) as tif:
+        for k in range(levels):
+            level = np.ascontiguousarray(image[:: 2**k, :: 2**k])
+            data = encode(level)
+            first = first or data
+            px_per_cm = 1e4 / (mpp * 2**k)
+            tif.write(
+                iter([data]),
+                shape=level.shape,
+                dtype=np.uint8,
+                compression="jpeg",
+                photometric="rgb",
+                rowsperstrip=level.shape[0],
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                # NDPI tags: format flag, source lens (magnification; > 0 marks a pyramid level), focal plane
+                extratags=[
+                    (65420, "I", 1, 1, True),
+                    (65421, "f", 1, 20.0 / 2**k, True),
+                    (65424, "i", 1, 0, True),
+                ],
+                contiguous=False,
+            )
+    return path, np.asarray(Image.open(io.BytesIO(first)).convert("RGB"))

@@ -21,7 +21,8 @@ import yaml
 
 from ips.errors import ConfigError
 
-TaskKind = Literal["binary", "multiclass", "multilabel"]
+TaskKind = Literal["binary", "multiclass", "multilabel", "ordinal", "regression", "survival"]
+RegressionLoss = Literal["mse", "huber"]
 ScoreKind = Literal["logit", "softmax_mean"]
 DataMode = Literal["pixels", "features"]
 
@@ -36,8 +37,12 @@ class TaskConfig:
     """One prediction task: its own query token in the aggregator and its own head.
 
     `binary`: one logit (BCE); `multiclass`: `num_classes` logits (CE); `multilabel`: `num_classes`
-    independent logits (BCE), labels given as `;`-separated class indices. `label_column` is the manifest
-    column holding the label (default: the task name).
+    independent logits (BCE), labels given as `;`-separated class indices; `ordinal`: `num_classes - 1`
+    cumulative logits, logit k for P(label > k) (BCE on each); `regression`: one value, `loss` 'mse'
+    (default) or 'huber' (delta 1: scale targets to about unit range); `survival`: one risk score (log
+    hazard ratio), Cox partial likelihood over the slides forwarded together (Breslow ties), labels from
+    the manifest's `time` (`label_column`) and `event` (`event_column`: 1 event, 0 censored) columns.
+    `label_column` is the manifest column holding the label (default: the task name; `time` for survival).
     """
 
     name: str = "label"
@@ -45,6 +50,8 @@ class TaskConfig:
     num_classes: int = 2
     label_column: str | None = None
     weight: float = 1.0
+    loss: RegressionLoss | None = None
+    event_column: str | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -65,14 +72,33 @@ class TaskConfig:
                 f"must be >= 2, got {self.num_classes}",
             )
         _require(self.weight >= 0, f"model.tasks[{self.name}].weight", "must be >= 0")
+        _require(
+            self.loss is None or (self.kind == "regression" and self.loss in typing.get_args(RegressionLoss)),
+            f"model.tasks[{self.name}].loss",
+            f"one of {typing.get_args(RegressionLoss)}, for a regression task only; got {self.loss!r}",
+        )
+        _require(
+            self.event_column is None or self.kind == "survival",
+            f"model.tasks[{self.name}].event_column",
+            "for a survival task only",
+        )
 
     @property
     def column(self) -> str:
-        return self.label_column or self.name
+        return self.label_column or ("time" if self.kind == "survival" else self.name)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The manifest columns of the label: `(column,)`, or `(time, event)` for survival."""
+        if self.kind == "survival":
+            return (self.column, self.event_column or "event")
+        return (self.column,)
 
     @property
     def n_outputs(self) -> int:
-        return 1 if self.kind == "binary" else self.num_classes
+        if self.kind in ("binary", "regression", "survival"):
+            return 1
+        return self.num_classes - 1 if self.kind == "ordinal" else self.num_classes
 
 
 @dataclass(frozen=True)
@@ -231,7 +257,8 @@ class TrainConfig:
 
 
     The take-off guard (`ips.training.takeoff`): at epoch `takeoff_epoch` (null: off; runs shorter than it
-    are not judged), a task whose AUROC (validation, else training; the mean over the last 3 epochs) is
+    are not judged), a task whose AUROC (C-index for regression, ordinal and survival tasks; validation,
+    else training; the mean over the last 3 epochs) is
     below `takeoff_auroc` has not left chance: `ips train` says so in one line with what to try, and
     while `restarts` remain it sets the run aside and starts again from another seed, keeping the best
     run by `monitor` (`ips.training.restarts`).

@@ -73,7 +73,7 @@ def test_yaml_and_overrides(tmp_path):
         ({"train": {"epochs": 1.5}}, [], r"train.epochs: expected an integer"),
         ({"model": {"d_model": 100, "n_heads": 8}}, [], r"model.n_heads"),
         ({"model": {"tasks": []}}, [], r"model.tasks"),
-        ({"model": {"tasks": [{"name": "a", "kind": "regression"}]}}, [], r"kind: must be one of"),
+        ({"model": {"tasks": [{"name": "a", "kind": "segmentation"}]}}, [], r"kind: must be one of"),
         ({"model": {"tasks": [{"name": "a"}, {"name": "a"}]}}, [], r"unique"),
         ({"model": {"encoder": "features"}}, [], r"model.feature_dim"),
         ({"train": {"batch_size": 4, "micro_batch_size": 8}}, [], r"train.micro_batch_size"),

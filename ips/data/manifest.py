@@ -5,7 +5,11 @@ are kept as they are). One label column per task (`TaskConfig.column`). Labels:
 
 - `binary`: `0` or `1`;
 - `multiclass`: an integer in `[0, num_classes)`;
-- `multilabel`: `;`-separated class indices in `[0, num_classes)`, possibly empty (no class).
+- `multilabel`: `;`-separated class indices in `[0, num_classes)`, possibly empty (no class);
+- `ordinal`: an integer in `[0, num_classes)`;
+- `regression`: a finite number;
+- `survival`: two columns, `time` (a finite number >= 0: time to the event or to censoring) and `event`
+  (`1` the event was observed, `0` censored); the task's `label_column` / `event_column` rename them.
 
 Optional `annotation`: a QuPath GeoJSON or mask image of the slide's region of interest (relative to
 the manifest's folder), for patch-level guidance in training (`ips.data.annotations`); empty = none.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +35,14 @@ SPLITS = ("train", "val", "test")
 REQUIRED = ("slide_id", "path")
 ANNOTATION_COLUMN = "annotation"  # optional: per-slide annotation file (patch-level guidance)
 
-Label = int | tuple[int, ...]
+Label = int | float | tuple[int, ...] | tuple[float, int]
 
 
 @dataclass(frozen=True)
 class SlideRecord:
-    """One manifest row: `labels` maps task name -> int (binary, multiclass) or tuple of class indices
-    (multilabel); a task whose label is unknown (allowed only with `require_labels=False`) is absent."""
+    """One manifest row: `labels` maps task name -> int (binary, multiclass, ordinal), tuple of class
+    indices (multilabel), float (regression) or `(time, event)` (survival); a task whose label is
+    unknown (allowed only with `require_labels=False`) is absent."""
 
     slide_id: str
     path: str
@@ -48,6 +54,8 @@ class SlideRecord:
 def parse_label(text: str, task: TaskConfig) -> Label:
     """The label of `task` written as `text`; ValueError with the reason if it is not valid."""
     text = text.strip()
+    if task.kind == "regression":
+        return _finite(text)
     if task.kind == "multilabel":
         parts = [p.strip() for p in text.split(";")] if text else []
         values = []
@@ -64,9 +72,50 @@ def parse_label(text: str, task: TaskConfig) -> Label:
     value = int(text)
     if task.kind == "binary" and value not in (0, 1):
         raise ValueError(f"{value} is not 0 or 1 (binary task)")
-    if task.kind == "multiclass" and not 0 <= value < task.num_classes:
-        raise ValueError(f"{value} is outside [0, {task.num_classes}) (multiclass task)")
+    if task.kind in ("multiclass", "ordinal") and not 0 <= value < task.num_classes:
+        raise ValueError(f"{value} is outside [0, {task.num_classes}) ({task.kind} task)")
     return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def parse_survival(time_text: str, event_text: str) -> tuple[float, int]:
+    """`(time, event)` of a survival task from its two cells; ValueError naming the bad one."""
+    time = _finite(time_text.strip())
+    if time < 0:
+        raise ValueError(f"time {time:g} is negative")
+    if event_text.strip() not in ("0", "1"):
+        raise ValueError(f"event {event_text.strip()!r} is not 0 (censored) or 1 (event)")
+    return time, int(event_text.strip())
+
+
+def label_cells(task: TaskConfig, label: Label) -> dict[str, str]:
+    """The manifest cells `{column: text}` of a task's label (the inverse of reading them)."""
+    if task.kind == "survival":
+        time, event = label  # type: ignore[misc]
+        return dict(zip(task.columns, (repr(float(time)), str(int(event)))))
+    if task.kind == "regression":
+        return {task.column: repr(float(label))}  # type: ignore[arg-type]  # shortest exact text
+    if isinstance(label, (list, tuple)):
+        return {task.column: ";".join(str(v) for v in label)}
+    return {task.column: str(label)}
+
+
+def _is_number(text: str) -> bool:
+    """Whether `text` is a valid survival time (to tell which of the two cells is bad)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value >= 0
 
 
 def _annotation(
@@ -151,7 +200,7 @@ def read_manifest(
         dup = sorted({h for h in header if header.count(h) > 1})
         if dup:
             raise ManifestError(f"{path}: row 1 (header): duplicate columns {dup}")
-        needed = list(REQUIRED) + ([t.column for t in tasks] if require_labels else [])
+        needed = list(REQUIRED) + ([c for t in tasks for c in t.columns] if require_labels else [])
         missing = [c for c in needed if c not in header]
         if missing:
             raise ManifestError(
@@ -196,7 +245,14 @@ def read_manifest(
                 if text is None or (not text and not require_labels and task.kind != "multilabel"):
                     continue
                 try:
-                    labels[task.name] = parse_label(text, task)
+                    if task.kind == "survival":
+                        event = cells.get(task.columns[1])
+                        if event is None or (not event and not require_labels):
+                            continue
+                        col = task.columns[0] if not _is_number(text) else task.columns[1]
+                        labels[task.name] = parse_survival(text, event)
+                    else:
+                        labels[task.name] = parse_label(text, task)
                 except ValueError as e:
                     raise fail(col, f"bad label for task {task.name!r}: {e}") from None
             # every row is checked, whatever the split asked for: a bad val row fails before training

@@ -127,9 +127,13 @@ def describe_prediction(task: TaskConfig, logits: torch.Tensor) -> str:
     p = probabilities(task, logits[None])[0]
     if task.kind == "binary":
         return f"P({task.name})={float(p):.3f}"
-    if task.kind == "multiclass":
+    if task.kind in ("multiclass", "ordinal"):
         c = int(p.argmax())
         return f"{task.name}: class {c} ({float(p[c]):.3f})"
+    if task.kind == "regression":
+        return f"{task.name}={float(p):.3g}"
+    if task.kind == "survival":
+        return f"{task.name}: risk {float(p):.3g}"
     on = [str(i) for i in range(len(p)) if p[i] > 0.5]
     return f"{task.name}: {{{','.join(on)}}}"
 

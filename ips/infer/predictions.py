@@ -1,10 +1,13 @@
 """Predictions of a set of slides: rows of `predictions.csv` and `metrics.json` (a contract: docs/ARCHITECTURE.md).
 
-`predictions.csv`: one row per slide and task, columns `slide_id, task, prob_..., prediction, label`:
-binary tasks fill `prob_1` (P(positive)); multiclass tasks `prob_0 .. prob_{C-1}`; multilabel tasks one
-`prob_c` per label. With tasks of different kinds the columns are the union (a cell a task does not
-use is empty). `prediction` is the class (binary, multiclass) or the `;`-separated predicted labels
-(multilabel, the manifest's format); `label` the same for the known label, empty when unknown.
+`predictions.csv`: one row per slide and task, columns `slide_id, task, prob_..., prediction, label`
+(and `time, event` when a task is of kind survival): binary tasks fill `prob_1` (P(positive));
+multiclass and ordinal tasks `prob_0 .. prob_{C-1}`; multilabel tasks one `prob_c` per label;
+regression and survival tasks no `prob_` cell. With tasks of different kinds the columns are the union
+(a cell a task does not use is empty). `prediction` is the class (binary, multiclass, ordinal), the
+`;`-separated predicted labels (multilabel, the manifest's format), the predicted value (regression) or
+the risk score (survival: the log hazard ratio, higher = an earlier event); `label` the known label in
+the manifest's format, empty when unknown; survival tasks give theirs as `time` and `event`.
 """
 
 from __future__ import annotations
@@ -28,19 +31,25 @@ def prob_columns(tasks: Sequence[TaskConfig]) -> list[str]:
     """`prob_c` columns that the tasks use, in class order (binary: `prob_1`)."""
     used: set[int] = set()
     for t in tasks:
-        used |= {1} if t.kind == "binary" else set(range(t.num_classes))
+        if t.kind == "binary":
+            used |= {1}
+        elif t.kind not in ("regression", "survival"):
+            used |= set(range(t.num_classes))
     return [f"prob_{c}" for c in sorted(used)]
 
 
 def csv_columns(tasks: Sequence[TaskConfig]) -> list[str]:
-    return ["slide_id", "task", *prob_columns(tasks), "prediction", "label"]
+    survival = ["time", "event"] if any(t.kind == "survival" for t in tasks) else []
+    return ["slide_id", "task", *prob_columns(tasks), "prediction", "label", *survival]
 
 
 def format_label(task: TaskConfig, label: Label | None) -> str:
-    if label is None:
+    if label is None or task.kind == "survival":
         return ""
     if task.kind == "multilabel":
         return ";".join(str(c) for c in (label if isinstance(label, (tuple, list)) else [label]))
+    if task.kind == "regression":
+        return repr(float(label))  # type: ignore[arg-type]
     return str(int(label))  # type: ignore[arg-type]
 
 
@@ -52,12 +61,16 @@ def prediction_rows(
     prob = probabilities(task, x)[0]
     pred = predictions(task, x)[0]
     row = {"slide_id": slide_id, "task": task.name, "label": format_label(task, label)}
-    if task.kind == "binary":
+    if task.kind in ("regression", "survival"):
+        row["prediction"] = f"{float(pred):.6g}"
+        if task.kind == "survival" and label is not None:
+            row["time"], row["event"] = repr(float(label[0])), str(int(label[1]))  # type: ignore[index]
+    elif task.kind == "binary":
         row["prob_1"] = f"{float(prob):.6g}"
         row["prediction"] = str(int(pred))
     else:
         row.update({f"prob_{c}": f"{float(p):.6g}" for c, p in enumerate(prob)})
-        if task.kind == "multiclass":
+        if task.kind in ("multiclass", "ordinal"):
             row["prediction"] = str(int(pred))
         else:
             row["prediction"] = ";".join(str(c) for c in range(len(pred)) if int(pred[c]))

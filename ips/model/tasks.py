@@ -1,7 +1,12 @@
 """Task heads and losses. Heads return logits; losses are computed on logits.
 
 Label tensors per task, for a batch of B slides:
-- binary: `(B,)` long in {0, 1}; multiclass: `(B,)` long in [0, C); multilabel: `(B, C)` float multi-hot.
+- binary: `(B,)` long in {0, 1}; multiclass and ordinal: `(B,)` long in [0, C); multilabel: `(B, C)`
+  float multi-hot; regression: `(B,)` float; survival: `(B, 2)` float, columns (time, event in {0, 1}).
+
+Outputs (`probabilities`): P(positive) for binary, class probabilities for multiclass and ordinal, label
+probabilities for multilabel, the value for regression, the risk score (log hazard ratio: higher means
+an earlier event) for survival.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from torch import nn
 
 from ips.config import TaskConfig
 
-Label = int | tuple[int, ...]
+Label = int | float | tuple[int, ...] | tuple[float, int]
 
 
 class TaskHeads(nn.Module):
@@ -30,7 +35,10 @@ class TaskHeads(nn.Module):
 
 
 def task_loss(task: TaskConfig, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-slide loss `(B,)` from logits `(B, n_out)` and the task's label tensor."""
+    """Per-slide loss `(B,)` from logits `(B, n_out)` and the task's label tensor.
+
+    Survival: slide i's term of the Cox partial likelihood over these B slides (zero when censored), so
+    the mean over slides is the batch's negative log partial likelihood divided by B."""
     if task.kind == "binary":
         return F.binary_cross_entropy_with_logits(logits[:, 0], target.to(logits.dtype), reduction="none")
     if task.kind == "multiclass":
@@ -39,7 +47,39 @@ def task_loss(task: TaskConfig, logits: torch.Tensor, target: torch.Tensor) -> t
         return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").mean(
             dim=1
         )
+    if task.kind == "ordinal":
+        return F.binary_cross_entropy_with_logits(
+            logits, cumulative_targets(target, task.num_classes).to(logits.dtype), reduction="none"
+        ).mean(dim=1)
+    if task.kind == "regression":
+        y = target.to(logits.dtype)
+        if task.loss == "huber":
+            return F.huber_loss(logits[:, 0], y, reduction="none", delta=1.0)
+        return F.mse_loss(logits[:, 0], y, reduction="none")
+    if task.kind == "survival":
+        return cox_terms(logits[:, 0], target[:, 0].to(logits.dtype), target[:, 1] > 0.5)
     raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+def cumulative_targets(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Ordinal labels `(B,)` -> `(B, C-1)` 0/1: column k is whether the label exceeds k."""
+    ks = torch.arange(num_classes - 1, device=target.device)
+    return (target.long()[:, None] > ks[None, :]).long()
+
+
+def cox_terms(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+    """Per-slide terms `(B,)` of the negative Cox log partial likelihood, Breslow's handling of ties:
+    `event_i * (log sum_{j: time_j >= time_i} exp(risk_j) - risk_i)`.
+
+    risk `(B,)` (log hazard ratio), time `(B,)`, event `(B,)` bool. O(B log B): the risk set of slide i
+    is a prefix of the slides sorted by time, longest first, so its log-sum-exp is a running one."""
+    order = torch.argsort(time, descending=True, stable=True)
+    running = torch.logcumsumexp(risk[order], dim=0)  # (B,) over the i longest times
+    ascending = time[order].flip(0).contiguous()
+    # size of slide i's risk set: the slides with time >= time_i (ties included: Breslow)
+    at_risk = len(time) - torch.searchsorted(ascending, time.contiguous(), right=False)
+    log_denominator = running[at_risk - 1]
+    return torch.where(event, log_denominator - risk, torch.zeros_like(risk))
 
 
 def total_loss(
@@ -55,20 +95,35 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def probabilities(task: TaskConfig, logits: torch.Tensor) -> torch.Tensor:
-    """`(B, n_out)` logits -> probabilities: P(positive) `(B,)` for binary, class/label probabilities else."""
+    """`(B, n_out)` logits -> outputs (module docstring): `(B,)` for binary, regression and survival,
+    `(B, C)` else. Ordinal: P(label > k) made non-increasing in k, then differenced into classes."""
     if task.kind == "binary":
         return torch.sigmoid(logits[:, 0])
     if task.kind == "multiclass":
         return logits.softmax(dim=-1)
+    if task.kind in ("regression", "survival"):
+        return logits[:, 0]
+    if task.kind == "ordinal":
+        exceed = torch.cummin(torch.sigmoid(logits), dim=-1).values  # (B, C-1)
+        ones = torch.ones_like(exceed[:, :1])
+        upper = torch.cat([ones, exceed], dim=-1)  # P(label >= k), k = 0..C-1
+        lower = torch.cat([exceed, torch.zeros_like(ones)], dim=-1)  # P(label >= k+1)
+        return upper - lower
     return torch.sigmoid(logits)
 
 
 def predictions(task: TaskConfig, logits: torch.Tensor) -> torch.Tensor:
-    """Hard predictions: `(B,)` class for binary/multiclass, `(B, C)` 0/1 for multilabel."""
+    """Hard predictions: `(B,)` class for binary/multiclass/ordinal, `(B, C)` 0/1 for multilabel, the
+    value `(B,)` for regression and the risk score `(B,)` for survival."""
     if task.kind == "binary":
         return (logits[:, 0] > 0).long()
     if task.kind == "multiclass":
         return logits.argmax(dim=-1)
+    if task.kind in ("regression", "survival"):
+        return logits[:, 0]
+    if task.kind == "ordinal":
+        # the largest k with P(label >= k) > 1/2 (the cumulative probabilities made non-increasing)
+        return (torch.cummin(torch.sigmoid(logits), dim=-1).values > 0.5).long().sum(dim=-1)
     return (logits > 0).long()
 
 
@@ -81,4 +136,9 @@ def label_tensor(task: TaskConfig, labels: Sequence[Label]) -> torch.Tensor:
             if idx:
                 out[i, idx] = 1.0
         return out
+    if task.kind == "regression":
+        return torch.tensor([float(lab) for lab in labels], dtype=torch.float32)
+    if task.kind == "survival":
+        rows = [(float(lab[0]), float(lab[1])) for lab in labels]  # type: ignore[index]
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(labels), 2)
     return torch.tensor([int(lab) for lab in labels], dtype=torch.long)

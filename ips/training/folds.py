@@ -4,7 +4,8 @@
 the val split, the other folds as train; test slides stay test in every fold), trains each into
 `OUT/fold_<f>/run/` (take-off guard and restarts included, resumable), then summarises each metric
 over the folds as `--seeds` does over seeds (`ips.training.seeds`: mean, sd, Student-t 95% interval) in
-`OUT/summary.json`. Folds are stratified by the first task's label and drawn from `train.seed`.
+`OUT/summary.json`. Folds are stratified by the first task's label (survival: by event or censoring;
+regression: not stratified) and drawn from `train.seed`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ips.config import ExperimentConfig, TaskConfig
-from ips.data.manifest import ANNOTATION_COLUMN, SlideRecord, read_manifest
+from ips.data.manifest import ANNOTATION_COLUMN, SlideRecord, label_cells, read_manifest
 from ips.errors import ConfigError
 from ips.runtime import DistInfo
 from ips.training.distributed import barrier
@@ -44,7 +45,13 @@ def assign_folds(labels: Sequence[Hashable], k: int, seed: int) -> list[int]:
     return folds
 
 
-def _label_text(label: Any) -> str:
+def _stratum(task: TaskConfig, label: Any) -> str:
+    """The stratum of a slide for fold assignment: its class, its event flag (survival), or one for all
+    (regression)."""
+    if task.kind == "regression":
+        return ""
+    if task.kind == "survival":
+        return str(int(label[1]))
     return ";".join(str(v) for v in label) if isinstance(label, (list, tuple)) else str(label)
 
 
@@ -53,12 +60,18 @@ def write_fold_manifest(
 ) -> Path:
     """A manifest of `records` with the given splits; paths as resolved from the original manifest."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["slide_id", "path", *dict.fromkeys(t.column for t in tasks), "split", ANNOTATION_COLUMN]
+    columns = [
+        "slide_id",
+        "path",
+        *dict.fromkeys(c for t in tasks for c in t.columns),
+        "split",
+        ANNOTATION_COLUMN,
+    ]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for r, split in zip(records, splits):
-            labels = {t.column: _label_text(r.labels[t.name]) for t in tasks}
+            labels = {c: v for t in tasks for c, v in label_cells(t, r.labels[t.name]).items()}
             writer.writerow(
                 [r.slide_id, r.path, *(labels[c] for c in columns[2:-2]), split, r.annotation or ""]
             )
@@ -82,8 +95,8 @@ def run_folds(
     records = read_manifest(manifest, cfg.model.tasks)
     pool = [r for r in records if r.split != "test"]
     test = [r for r in records if r.split == "test"]
-    first = cfg.model.tasks[0].name
-    fold_of = assign_folds([_label_text(r.labels[first]) for r in pool], folds, cfg.train.seed)
+    first = cfg.model.tasks[0]
+    fold_of = assign_folds([_stratum(first, r.labels[first.name]) for r in pool], folds, cfg.train.seed)
     runs: dict[int, GuardedRun] = {}
     for f in range(folds):
         splits = ["val" if fold_of[i] == f else "train" for i in range(len(pool))] + ["test"] * len(test)

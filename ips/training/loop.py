@@ -29,7 +29,7 @@ from ips.data.sources import PatchSource
 from ips.infer.engine import Predictor, Selector
 from ips.model.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from ips.model.ips_model import IPSModel, build_model, unit_pixels
-from ips.model.metrics import evaluate_logits
+from ips.model.metrics import TAKEOFF_METRIC, evaluate_logits, lower_is_better
 from ips.model.tasks import total_loss
 from ips.runtime import DistInfo, Runtime, seed_everything
 from ips.training.bagloss import BagEmbeddings
@@ -548,6 +548,13 @@ def choose_micro_batch(
             f"note: the encoder has BatchNorm and micro-batches hold {micro} slides: it normalises over each "
             "micro-batch's patches, so gradients are close to, not equal to, full-batch ones"
         )
+    survival = [t.name for t in cfg.model.tasks if t.kind == "survival"]
+    if survival and micro < cfg.train.batch_size:
+        log(
+            f"note: survival task {survival[0]!r}: the Cox risk set is the {micro} slides of a micro-batch "
+            f"(on one rank), not the batch of {cfg.train.batch_size}; a larger train.micro_batch_size "
+            "compares more slides per step"
+        )
     return micro
 
 
@@ -629,7 +636,7 @@ def _monitor_better(monitor: str, new: float, best: float | None) -> bool:
         return False
     if best is None:
         return True
-    return new < best if monitor.endswith("loss") else new > best
+    return new < best if lower_is_better(monitor) else new > best
 
 
 def _summary(row: dict[str, Any], cfg: ExperimentConfig) -> str:
@@ -637,9 +644,14 @@ def _summary(row: dict[str, Any], cfg: ExperimentConfig) -> str:
     if "val_loss" in row:
         parts.append(f"val_loss {row['val_loss']:.4f}")
         for t in cfg.model.tasks:
+            first = "mae" if t.kind == "regression" else "accuracy"
+            shown = [first] if t.kind != "survival" else []
             parts.append(
-                f"{t.name}: acc {row.get(f'val_{t.name}/accuracy', float('nan')):.3f} "
-                f"auroc {row.get(f'val_{t.name}/auroc', float('nan')):.3f}"
+                f"{t.name}: "
+                + " ".join(
+                    f"{m.replace('accuracy', 'acc')} {row.get(f'val_{t.name}/{m}', float('nan')):.3f}"
+                    for m in [*shown, TAKEOFF_METRIC[t.kind]]
+                )
             )
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)

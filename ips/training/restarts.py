@@ -31,6 +31,7 @@ from typing import Any
 
 from ips.config import ExperimentConfig, with_overrides
 from ips.errors import ConfigError, RunDirError
+from ips.model.metrics import lower_is_better
 from ips.runtime import DistInfo
 from ips.training.distributed import barrier, broadcast_flag
 from ips.training.loop import EpochHook, Trainer, train
@@ -135,12 +136,12 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
-    """The row `checkpoints/best.pt` holds: the first with the lowest (a loss) or highest `monitor`,
+    """The row `checkpoints/best.pt` holds: the first with the lowest (a loss, an error) or highest `monitor`,
     NaN left out; None when no row has a value."""
     scored = [r for r in rows if isinstance(r.get(monitor), (int, float)) and not math.isnan(r[monitor])]
     if not scored:
         return None
-    sign = 1.0 if monitor.endswith("loss") else -1.0
+    sign = 1.0 if lower_is_better(monitor) else -1.0
     return min(scored, key=lambda r: sign * r[monitor])  # min keeps the first of equals
 
 
@@ -323,7 +324,7 @@ def keep_best(record: Record, run_dir: Path, monitor: str) -> None:
         )
         if row is not None:
             candidates.append((row[monitor], a.attempt))
-    sign = 1.0 if monitor.endswith("loss") else -1.0
+    sign = 1.0 if lower_is_better(monitor) else -1.0
     kept = min(candidates, key=lambda c: (sign * c[0], -c[1]))[1] if candidates else current
     record.kept, record.monitor = kept, monitor
     if kept == current:

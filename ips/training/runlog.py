@@ -61,7 +61,7 @@ class MetricsLog:
         axes[0].set_title("loss")
         axes[0].legend()
         for key in sorted({k for r in self.rows for k in r}):
-            if key.startswith("val_") and key.endswith(("/accuracy", "/auroc")):
+            if key.startswith("val_") and key.endswith(("/accuracy", "/auroc", "/c_index")):
                 axes[1].plot(epochs, [r.get(key, math.nan) for r in self.rows], marker="o", label=key[4:])
         axes[1].set_xlabel("epoch")
         axes[1].set_title("validation")
