@@ -8,7 +8,14 @@ from train_fixtures import TINY
 from ips.cli.main import main
 from ips.training.restarts import remove_guarded_run
 
-RUN = ["config.yaml", "metrics.jsonl", "metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt", "takeoff.json"]
+RUN = [
+    "config.yaml",
+    "metrics.jsonl",
+    "metrics.csv",
+    "checkpoints/last.pt",
+    "checkpoints/best.pt",
+    "takeoff.json",
+]
 
 
 def fake_run(run_dir: Path, attempts: int = 0) -> None:
