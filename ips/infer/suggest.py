@@ -5,9 +5,10 @@ A slide is seen by R runs (checkpoints: e.g. the seeds of one experiment). Each 
 
 - **uncertainty**: the entropy of the runs' mean predictive distribution, over its maximum. Every task is
   a set of categorical distributions `(R, L, K)`: binary `L=1, K=2` (`[1-p, p]`), multiclass `L=1, K=C`,
-  multilabel `L=C, K=2`; the value is the mean over tasks and L of `H(mean_r p) / log K`;
+  multilabel `L=C, K=2`; the value is the mean over tasks of the mean over L of `H(mean_r p) / log K` (each task
+  weighs the same, however many labels it has);
 - **disagreement** between runs: the mutual information between prediction and run (BALD),
-  `(H(mean_r p) - mean_r H(p_r)) / log K`, mean over tasks and L; 0 with one run;
+  `(H(mean_r p) - mean_r H(p_r)) / log K`, averaged alike; 0 with one run;
 - **attention entropy**: `H(a) / log N` of the slide's attention `a (N,)` (each run, task; mean): 1 when
   the model looks everywhere alike (it has not found what the label is about), 0 on one patch;
 - **novelty**: how unlike the slide is to the annotated set: `min_j (1 - cos(e, e_j)) / 2` over the
@@ -55,15 +56,16 @@ def categorical(kind: str, probs: np.ndarray) -> np.ndarray:
 
 
 def uncertainty_and_disagreement(dists: Sequence[np.ndarray]) -> tuple[float, float]:
-    """(uncertainty, disagreement) of one slide from its tasks' distributions `[(R, L, K), ...]`."""
+    """(uncertainty, disagreement) of one slide from its tasks' distributions `[(R, L, K), ...]`: per task
+    the mean over its L distributions, then the mean over tasks."""
     u, d = [], []
     for p in dists:
         k = p.shape[-1]
         mean_h = _entropy(p.mean(axis=0))  # (L,)
         each_h = _entropy(p).mean(axis=0)  # (L,)
-        u.append(mean_h / np.log(k))
-        d.append(np.maximum(mean_h - each_h, 0.0) / np.log(k))
-    return float(np.concatenate(u).mean()), float(np.concatenate(d).mean())
+        u.append(float((mean_h / np.log(k)).mean()))
+        d.append(float((np.maximum(mean_h - each_h, 0.0) / np.log(k)).mean()))
+    return float(np.mean(u)), float(np.mean(d))
 
 
 def attention_entropy(attention: np.ndarray) -> float:

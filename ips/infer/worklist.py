@@ -77,7 +77,7 @@ class SuggestPlan:
 @dataclass
 class SlideSeen:
     """One slide through R runs: per-task categorical distributions `(R, L, K)`, attention `(R, N, T)`,
-    mean patch embedding `(R, D)`, and where its patches are (2D: level-0 `(N, 2)` corners and size)."""
+    mean patch content embedding `(R, D)`, and where its patches are (2D: level-0 `(N, 2)` corners and size)."""
 
     dists: list[np.ndarray]
     attention: np.ndarray
@@ -96,16 +96,17 @@ class SuggestReport:
 
 
 class _MeanEmbedding:
-    """A chunk observer: the running sum of patch embeddings `(D,)` in float64, and their count."""
+    """A chunk observer: the running sum of the patches' content embeddings `(D,)` (without position: what
+    the tissue looks like, not where it is) in float64, and their count."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
         self.n = 0
 
     def __call__(self, indices: torch.Tensor, content: torch.Tensor, emb: torch.Tensor) -> None:
-        s = emb.detach().to(torch.float64).sum(dim=0).cpu()
+        s = content.detach().to(torch.float64).sum(dim=0).cpu()
         self.total = s if self.total is None else self.total + s
-        self.n += emb.shape[0]
+        self.n += content.shape[0]
 
     def mean(self) -> np.ndarray:
         if self.total is None:
