@@ -25,6 +25,7 @@ def _cohort(root: Path, labels: dict[str, dict[str, str]]) -> tuple[list[str], P
     for sid in labels:
         store = root / "stores" / f"{sid}.zarr"
         store.mkdir(parents=True, exist_ok=True)
+        (store / "ips_complete.json").write_text("{}")  # what the reader here looks for: the marker
         stores.append(str(store))
     columns = ["slide_id", *next(iter(labels.values()))]
     path = root / "labels.csv"
@@ -134,6 +135,7 @@ def test_cli_writes_the_contract_columns_and_keeps_the_other_label_columns(tmp_p
         ("no_store", "labelled slide.* have no store: 's3'"),
         ("label_twice", "row 3: slide 's0' is listed twice"),
         ("missing_store", "does not exist"),
+        ("incomplete_store", "is not complete \\(no ips_complete.json\\)"),
         ("no_group_column", "no column 'patient'"),
     ],
 )
@@ -146,9 +148,11 @@ def test_bad_inputs_are_one_line_errors_with_exit_2(tmp_path, capsys, change, me
     elif change == "same_id":
         other = tmp_path / "elsewhere" / "s0.zarr"
         other.mkdir(parents=True)
+        (other / "ips_complete.json").write_text("{}")
         stores.append(str(other))
     elif change == "no_label":
         (tmp_path / "stores" / "s9.zarr").mkdir()
+        (tmp_path / "stores" / "s9.zarr" / "ips_complete.json").write_text("{}")
         stores.append(str(tmp_path / "stores" / "s9.zarr"))
     elif change == "no_store":
         stores.remove(str(tmp_path / "stores" / "s3.zarr"))
@@ -158,6 +162,8 @@ def test_bad_inputs_are_one_line_errors_with_exit_2(tmp_path, capsys, change, me
         path.write_text("\n".join([lines[0], lines[1], lines[-1], *lines[2:-1]]) + "\n")
     elif change == "missing_store":
         stores.append(str(tmp_path / "nowhere.zarr"))
+    elif change == "incomplete_store":
+        (Path(stores[1]) / "ips_complete.json").unlink()
     elif change == "no_group_column":
         extra = ["--group-by", "patient"]
         path.write_text(path.read_text().replace("patient", "case"))

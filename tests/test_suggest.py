@@ -288,3 +288,16 @@ def test_a_checkpoint_given_twice_and_one_of_other_tasks_are_refused(cohort, tmp
     other = write_checkpoint(tmp_path / "other.pt", tiny_cfg(tasks=[BINARY], memory_size=3, iter_size=5))
     assert main([*argv, "--checkpoint", ckpt, "--checkpoint", str(other)]) == 2
     assert "its tasks differ" in capsys.readouterr().err
+
+
+def test_a_failing_store_is_named_and_the_others_are_still_ranked(cohort, tmp_path, capsys):
+    broken = cohort["root"] / "broken.zarr"
+    broken.mkdir(exist_ok=True)  # a folder, not a complete store
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(cohort["manifest"].read_text().replace("s4,stores/s4.zarr", f"s4,{broken}"))
+    manifest = manifest.rename(cohort["root"] / "with_broken.csv")  # relative store paths still resolve
+    out = tmp_path / "o"
+    argv = ["suggest", "--checkpoint", str(cohort["ckpts"][0]), "--manifest", str(manifest), "--quiet"]
+    assert main([*argv, "--budget", "10", "--out", str(out)]) == 1
+    assert "ips suggest: failed: s4 (" in capsys.readouterr().err
+    assert sorted(r["slide_id"] for r in _rows(out / "suggestions.csv")) == ["s0", "s1", "s2", "s3"]

@@ -31,6 +31,8 @@ import numpy as np
 
 from ips.data.manifest import SPLITS, _read_text
 from ips.errors import ManifestError
+from ips.format.names import COMPLETE_MARKER
+from ips.format.store import is_complete
 
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 _SHOWN = 5  # ids named in an error before "and N more"
@@ -82,12 +84,16 @@ def _named(ids: Sequence[str]) -> str:
 
 def match_stores(stores: Sequence[str]) -> dict[str, str]:
     """`{slide_id: store}` in the order given; ManifestError when one store (after resolving the path) is
-    given twice, two stores share a slide id, or a local store does not exist."""
+    given twice, two stores share a slide id, or a local store does not exist or is not complete."""
     by_id: dict[str, str] = {}
     seen: dict[str, str] = {}
     for s in stores:
         if "://" not in s and not Path(s).is_dir():
             raise ManifestError(f"store {s} does not exist (a folder made by `ips prep`)")
+        if "://" not in s and not is_complete(s):
+            raise ManifestError(
+                f"store {s} is not complete (no {COMPLETE_MARKER}): rerun `ips prep` on its slide"
+            )
         key = s.rstrip("/") if "://" in s else str(Path(s).resolve())
         if key in seen:
             raise ManifestError(f"store {s} is given twice (also as {seen[key]})")

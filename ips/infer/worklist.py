@@ -197,9 +197,7 @@ def suggest_slides(
             log(f"[{next(position)}/{len(todo)}] {record.slide_id}{tag}: {seen.attention.shape[1]} patches")
         return seen
 
-    done, report.failures = run_each(
-        todo, see, name=lambda r: r.slide_id, path=lambda r: r.path, log=log, fatal=(ConfigError,)
-    )
+    done, report.failures = run_each(todo, see, name=lambda r: r.slide_id, path=lambda r: r.path, log=log)
     seen = {r.slide_id: s for r, s in done}
     pool = []
     for r in candidates:
