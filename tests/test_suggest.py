@@ -101,7 +101,7 @@ def test_ranking_is_greedy_with_novelty_and_respects_the_budget():
         _cand("d", 0.95, 0.0, 0.0, [0, 0, 1]),
     ]
     annotated = np.array([[0.0, 0.0, 1.0]])
-    ranked = rank_slides(cands, annotated, budget=3)
+    ranked = rank_slides(cands, annotated, budget=3, centre=False)
     # step 1: novelty vs annotated: a 0.5, b 0.5, c 0.5, d 0 -> totals 1.4, 1.4, 1.0, 0.95 -> a (first tie)
     # step 2: vs {annotated, a}: b 0, c 0.5, d 0 -> 0.9, 1.0, 0.95 -> c
     # step 3: vs {annotated, a, c}: b 0, d 0 -> 0.9, 0.95 -> d
@@ -111,9 +111,27 @@ def test_ranking_is_greedy_with_novelty_and_respects_the_budget():
     # without novelty: by uncertainty alone; the budget cuts the list
     plain = rank_slides(cands, annotated, budget=2, use=("uncertainty",))
     assert [r.slide_id for r in plain] == ["d", "a"]
-    assert len(rank_slides(cands, annotated, budget=10)) == 4
+    assert len(rank_slides(cands, annotated, budget=10, centre=False)) == 4
     with pytest.raises(ValueError, match="unknown score component 'luck'"):
         rank_slides(cands, annotated, budget=1, use=("luck",))
+
+
+def test_centred_novelty_ignores_what_every_slide_shares():
+    """A large vector common to every embedding leaves the centred novelty as it was: the ranking of
+    embeddings `e + c` with centring equals that of `e - mean(e)` without."""
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(6, 4))
+    annotated = rng.normal(size=(2, 4))
+    common = np.array([50.0, -20.0, 30.0, 10.0])
+    shifted = [_cand(f"s{i}", 0.1 * i, 0.0, 0.0, e[i] + common) for i in range(6)]
+    mean = np.concatenate([e, annotated]).mean(axis=0)
+    by_hand = [_cand(f"s{i}", 0.1 * i, 0.0, 0.0, e[i] - mean) for i in range(6)]
+    got = rank_slides(shifted, annotated + common, budget=4)
+    want = rank_slides(by_hand, annotated - mean, budget=4, centre=False)
+    assert [r.slide_id for r in got] == [r.slide_id for r in want]
+    assert [r.novelty for r in got] == pytest.approx([r.novelty for r in want])
+    uncentred = rank_slides(shifted, annotated + common, budget=4, centre=False)
+    assert max(r.novelty for r in uncentred) < 0.01  # what centring is for: all near-parallel
 
 
 def test_region_scores_and_top_regions():
@@ -219,6 +237,9 @@ def test_suggest_against_each_model_run_by_hand(cohort, tmp_path, capsys):
         )
         for i in range(6)
     }
+
+    centre = np.mean(list(emb.values()), axis=0)  # over the 5 candidates and the annotated s5
+    emb = {k: v - centre for k, v in emb.items()}
 
     def novelty(sid, ref):
         a = emb[sid]

@@ -13,7 +13,8 @@ A slide is seen by R runs (checkpoints: e.g. the seeds of one experiment). Each 
   the model looks everywhere alike (it has not found what the label is about), 0 on one patch;
 - **novelty**: how unlike the slide is to the annotated set: `min_j (1 - cos(e, e_j)) / 2` over the
   annotated slides' embeddings `e_j` and the slides already suggested before it (k-centre greedy, so the
-  suggestions do not repeat one another); 1 when there is nothing to compare with.
+  suggestions do not repeat one another); 1 when there is nothing to compare with. The embeddings are
+  the slides' mean patch embeddings, centred on their mean over candidates and annotated slides.
 
 The score of a slide is the sum of the chosen components; slides are picked greedily (the best score,
 then novelty is updated against the pick), ties to the earlier slide. Within a slide, a patch's region
@@ -113,9 +114,18 @@ class Ranked:
 
 
 def rank_slides(
-    candidates: Sequence[Candidate], annotated: np.ndarray, budget: int, use: Sequence[str] = COMPONENTS
+    candidates: Sequence[Candidate],
+    annotated: np.ndarray,
+    budget: int,
+    use: Sequence[str] = COMPONENTS,
+    *,
+    centre: bool = True,
 ) -> list[Ranked]:
-    """The `budget` best candidates, greedily (module docstring); `annotated (A, D)` embeddings."""
+    """The `budget` best candidates, greedily (module docstring); `annotated (A, D)` embeddings.
+
+    `centre`: novelty compares embeddings minus their mean over the candidates and the annotated slides
+    (mean patch embeddings of different slides share a large common part, which would leave every cosine
+    near 1 and novelty near 0)."""
     bad = [c for c in use if c not in COMPONENTS]
     if bad or not use:
         raise ValueError(f"unknown score component {bad[0] if bad else ''!r}; valid: {', '.join(COMPONENTS)}")
@@ -124,8 +134,11 @@ def rank_slides(
     fixed = np.array(
         [sum(getattr(c, k) for k in use if k != "novelty") for c in candidates], dtype=np.float64
     )
-    emb = np.stack([c.embedding for c in candidates]) if candidates else np.zeros((0, 1))
+    emb = np.stack([c.embedding for c in candidates]).astype(np.float64) if candidates else np.zeros((0, 1))
     reference = [np.asarray(a, dtype=np.float64) for a in annotated]
+    if centre and len(emb):
+        mean = np.concatenate([emb, np.reshape(annotated, (-1, emb.shape[1]))]).mean(axis=0)
+        emb, reference = emb - mean, [a - mean for a in reference]
     left = list(range(len(candidates)))
     out: list[Ranked] = []
     while left and len(out) < budget:
