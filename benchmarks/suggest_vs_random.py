@@ -162,10 +162,10 @@ def main() -> None:
             manifest = fam.generate(data, args.n_slides or fam.default_slides, seed=seed, digits=None)
         for method in METHODS:
             result["rows"].append(rounds(args, manifest, seed, method))
+            if args.json:  # after every row: an interrupted run keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(result, indent=1))
     print(table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
