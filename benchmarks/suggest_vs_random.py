@@ -75,32 +75,24 @@ def rounds(args: argparse.Namespace, manifest: Path, seed: int, method: str) -> 
     threads = ["--threads", str(args.threads), "--quiet"]
     while True:
         k = len(annotated)
-        step = run / f"n{k}"
+        # the first round is the same for both methods (same slides, same seed): trained once, shared
+        step = run.parent / "start" if k == args.start else run / f"n{k}"
         m = write_annotated(
             manifest, annotated, manifest.parent / f"manifest_{method}_n{k}.csv", args.min_fraction
         )
-        overrides = [f"train.seed={seed}", *([f"train.epochs={args.epochs}"] if args.epochs else [])]
-        call(["train", "--config", str(args.config), "--manifest", str(m), "--out", str(step / "train"),
-              *threads, *overrides])  # fmt: skip
         ckpt = step / "train" / "checkpoints" / "best.pt"
-        call(["predict", "--checkpoint", str(ckpt), "--manifest", str(m), "--split", "test",
-              "--out", str(step / "pred"), *threads])  # fmt: skip
-        metrics = json.loads((step / "pred" / "metrics.json").read_text())["metrics"]
         pos = [r for r in rows if r["split"] == "test" and r["label"] == "1"]
-        stores = [str(manifest.parent / r["path"]) for r in pos]
-        call(
-            [
-                "heatmap",
-                "--checkpoint",
-                str(ckpt),
-                *stores,
-                "--out",
-                str(step / "heat"),
-                "--top-k",
-                "0",
-                *threads,
-            ]
-        )
+        if not (step / "done").is_file():
+            overrides = [f"train.seed={seed}", *([f"train.epochs={args.epochs}"] if args.epochs else [])]
+            call(["train", "--config", str(args.config), "--manifest", str(m), "--out", str(step / "train"),
+                  *threads, *overrides])  # fmt: skip
+            call(["predict", "--checkpoint", str(ckpt), "--manifest", str(m), "--split", "test",
+                  "--out", str(step / "pred"), *threads])  # fmt: skip
+            stores = [str(manifest.parent / r["path"]) for r in pos]
+            call(["heatmap", "--checkpoint", str(ckpt), *stores, "--out", str(step / "heat"), "--top-k", "0",
+                  *threads])  # fmt: skip
+            (step / "done").write_text("")
+        metrics = json.loads((step / "pred" / "metrics.json").read_text())["metrics"]
         auroc = float(np.nanmean([heatmap_auroc(step / "heat" / r["slide_id"] / "scores.zarr",
                                                 manifest.parent / r["path"]) for r in pos]))  # fmt: skip
         accuracy = float(metrics["label/accuracy"])
@@ -160,6 +152,7 @@ def main() -> None:
         manifest = data / "manifest.csv"
         if not manifest.is_file():
             manifest = fam.generate(data, args.n_slides or fam.default_slides, seed=seed, digits=None)
+        shutil.rmtree(args.out / f"seed{seed}" / "start", ignore_errors=True)  # not from another setting
         for method in METHODS:
             result["rows"].append(rounds(args, manifest, seed, method))
             if args.json:  # after every row: an interrupted run keeps what it measured
