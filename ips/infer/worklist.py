@@ -87,6 +87,34 @@ class SlideSeen:
 
 
 @dataclass
+class SlideSummary:
+    """What ranking and the files need of one slide, O(D + regions) (the O(N) attention is dropped once
+    summarised): the components, the mean embedding over runs `(D,)`, N, and the best regions (patch
+    index, region score, level-0 box `(x0, y0, x1, y1)`), best first; None for a volume."""
+
+    uncertainty: float
+    disagreement: float
+    attention_entropy: float
+    embedding: np.ndarray
+    n_patches: int
+    regions: list[tuple[int, float, tuple[int, int, int, int]]] | None
+
+
+def summarise(seen: SlideSeen, k: int) -> SlideSummary:
+    """The components of one slide and its `k` best regions (`ips.infer.suggest`)."""
+    u, d = uncertainty_and_disagreement(seen.dists)
+    regions = None
+    if seen.level0 is not None and seen.size0 is not None:
+        scores = region_scores(seen.attention)
+        best = top_regions(scores, k)
+        boxes = boxes_xy(seen.level0[best], seen.size0).tolist()
+        regions = [(int(i), float(scores[i]), tuple(b)) for i, b in zip(best, boxes, strict=True)]
+    return SlideSummary(
+        u, d, attention_entropy(seen.attention), seen.embedding.mean(axis=0), seen.attention.shape[1], regions
+    )
+
+
+@dataclass
 class SuggestReport:
     csv: Path
     ranked: list[Ranked] = field(default_factory=list)
@@ -143,12 +171,8 @@ def see_slide(runs: Sequence[Loaded], record: SlideRecord) -> SlideSeen:
     return SlideSeen(per_task, np.stack(attention), np.stack(embedding), level0, size0)
 
 
-def write_regions(path: Path, seen: SlideSeen, k: int) -> Path:
-    """The top-k regions of one 2D slide as QuPath GeoJSON annotations (written atomically)."""
-    assert seen.level0 is not None and seen.size0 is not None
-    scores = region_scores(seen.attention)
-    best = top_regions(scores, k)
-    boxes = boxes_xy(seen.level0[best], seen.size0)
+def write_regions(path: Path, regions: Sequence[tuple[int, float, tuple[int, int, int, int]]]) -> Path:
+    """One slide's regions (patch, score, level-0 box) as QuPath GeoJSON annotations, written atomically."""
     features = [
         {
             "type": "Feature",
@@ -162,11 +186,11 @@ def write_regions(path: Path, seen: SlideSeen, k: int) -> Path:
                 "name": f"suggestion {rank}",
                 "classification": {"name": SUGGESTED_CLASS, "color": SUGGESTED_COLOUR},
                 "rank": rank,
-                "patch": int(i),
-                "measurements": {"region score": float(f"{scores[i]:.7g}")},
+                "patch": patch,
+                "measurements": {"region score": float(f"{score:.7g}")},
             },
         }
-        for rank, (i, (x0, y0, x1, y1)) in enumerate(zip(best, boxes.tolist(), strict=True), 1)
+        for rank, (patch, score, (x0, y0, x1, y1)) in enumerate(regions, 1)
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -190,22 +214,22 @@ def suggest_slides(
     todo = [*candidates, *annotated]
     position = iter(range(1, len(todo) + 1))
 
-    def see(record: SlideRecord) -> SlideSeen:
-        seen = see_slide(runs, record)
+    def see(record: SlideRecord) -> SlideSummary:
+        i = next(position)
+        summary = summarise(see_slide(runs, record), plan.regions)
         if log:
             tag = " (annotated)" if record.annotation else ""
-            log(f"[{next(position)}/{len(todo)}] {record.slide_id}{tag}: {seen.attention.shape[1]} patches")
-        return seen
+            log(f"[{i}/{len(todo)}] {record.slide_id}{tag}: {summary.n_patches} patches")
+        return summary
 
     done, report.failures = run_each(todo, see, name=lambda r: r.slide_id, path=lambda r: r.path, log=log)
     seen = {r.slide_id: s for r, s in done}
-    pool = []
-    for r in candidates:
-        if r.slide_id in seen:
-            s = seen[r.slide_id]
-            u, d = uncertainty_and_disagreement(s.dists)
-            pool.append(Candidate(r.slide_id, u, d, attention_entropy(s.attention), s.embedding.mean(axis=0)))
-    reference = [seen[r.slide_id].embedding.mean(axis=0) for r in annotated if r.slide_id in seen]
+    pool = [
+        Candidate(r.slide_id, s.uncertainty, s.disagreement, s.attention_entropy, s.embedding)
+        for r in candidates
+        if (s := seen.get(r.slide_id)) is not None
+    ]
+    reference = [seen[r.slide_id].embedding for r in annotated if r.slide_id in seen]
     dim = pool[0].embedding.shape[0] if pool else 1
     report.ranked = rank_slides(
         pool, np.stack(reference) if reference else np.zeros((0, dim)), plan.budget, plan.use
@@ -215,16 +239,16 @@ def suggest_slides(
     for r in report.ranked:
         s = seen[r.slide_id]
         regions = ""
-        if s.level0 is not None and plan.regions > 0:
+        if s.regions:
             regions = f"{REGIONS_DIR}/{r.slide_id}.geojson"
-            write_regions(out / regions, s, plan.regions)
+            write_regions(out / regions, s.regions)
         rows.append(
             {
                 "slide_id": r.slide_id,
                 "score": f"{r.score:.6g}",
                 "rank": r.rank,
                 **{c: f"{getattr(r, c):.6g}" for c in COMPONENTS},
-                "n_patches": s.attention.shape[1],
+                "n_patches": s.n_patches,
                 "regions": regions,
             }
         )
