@@ -15,6 +15,7 @@ the two equal.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +75,7 @@ class DemoResult:
     lesion_auroc: float = float("nan")  # mean over positive test slides
     lesion_auroc_per_slide: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    commands: dict[str, str] = field(default_factory=dict)  # printed at the end, ready to paste
 
     @property
     def check_passed(self) -> bool:
@@ -125,35 +127,39 @@ def run_demo(
     result = DemoResult(out)
     t_all = time.perf_counter()
     cfg = demo_config([*settings.overrides, f"train.device={device}"])
-    threads_arg = "" if threads is None else f" --threads {threads}"
+    run_dir = out / "run"
+    checkpoint = run_dir / "checkpoints" / "best.pt"
+    pred_dir, heat_dir = out / "predictions", out / "heatmaps"
+    manifest = out / "data" / "manifest.csv"
+    cmd = demo_commands(
+        DemoPaths(out / "config.yaml", manifest, checkpoint, pred_dir, heat_dir),
+        device=device,
+        threads=threads,
+    )
 
     t0 = time.perf_counter()
     log(
         f"[1/4] data: {settings.n_slides} synthetic slides of {settings.size}x{settings.size} px "
         f"(half with planted lesions) -> {out / 'data'}"
     )
-    manifest = make_lesion_dataset(
+    made = make_lesion_dataset(
         out / "data", settings.n_slides, settings.size, settings.patch_size, settings.seed
     )
+    if Path(made) != manifest:  # the printed commands name the manifest before it exists
+        raise RuntimeError(f"the demo's data wrote its manifest at {made}, not at {manifest}")
     result.seconds["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     save_config(cfg, out / "config.yaml")
-    run_dir = out / "run"
     log(
         f"[2/4] train: {cfg.train.epochs} epochs, M={cfg.selection.memory_size} of each slide's patches, "
-        f"{cfg.model.encoder}\n      = ips train --config {out / 'config.yaml'} --manifest {manifest} --out {run_dir}{threads_arg}"
+        f"{cfg.model.encoder}\n      = {cmd['train']}"
     )
     train(cfg, manifest=manifest, run_dir=run_dir, resume=False, show_progress=show_progress, log=log)
     result.seconds["train"] = time.perf_counter() - t0
-    checkpoint = run_dir / "checkpoints" / "best.pt"
 
     t0 = time.perf_counter()
-    pred_dir = out / "predictions"
-    log(
-        f"[3/4] predict the test slides\n      = ips predict --checkpoint {checkpoint} --manifest {manifest} "
-        f"--split test --out {pred_dir} --device {device}{threads_arg}"
-    )
+    log(f"[3/4] predict the test slides\n      = {cmd['predict']}")
     loaded = load(checkpoint, device)
     test = read_manifest(manifest, cfg.model.tasks, "test")
     report = predict_slides(loaded, test, pred_dir, checkpoint=str(checkpoint))
@@ -163,11 +169,7 @@ def run_demo(
     result.seconds["predict"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    heat_dir = out / "heatmaps"
-    log(
-        f"[4/4] heatmaps of the test slides\n      = ips heatmap --checkpoint {checkpoint} --manifest {manifest} "
-        f"--split test --out {heat_dir} --device {device}{threads_arg}"
-    )
+    log(f"[4/4] heatmaps of the test slides\n      = {cmd['heatmap']}")
     failures = heatmap_slides(loaded, test, heat_dir, checkpoint=str(checkpoint), log=log)
     if failures:
         raise RuntimeError(f"ips heatmap failed on {failures[0].name}: {failures[0].reason}")
@@ -183,6 +185,9 @@ def run_demo(
         "predictions": str(pred_dir / "predictions.csv"),
         "heatmaps": str(heat_dir),
     }
+    first = next((r.slide_id for r in test if r.labels.get(cfg.model.tasks[0].name) == 1), test[0].slide_id)
+    result.files["heatmap_png"] = str(heat_dir / first / "heatmap.png")
+    result.commands = {"suggest": cmd["suggest"]}
     (out / MARKER).write_text(json.dumps(result.to_dict(), indent=1, default=float))
     return result
 
@@ -210,8 +215,11 @@ def summary(result: DemoResult) -> str:
         f"{'passed' if result.check_passed else 'NOT passed'})",
         "files:",
         *(f"  {k:12s} {v}" for k, v in result.files.items()),
-        "  heatmap of a slide: " + str(Path(result.files["heatmaps"]) / "<slide_id>" / "heatmap.png"),
         "view them in the browser: " + view_command(result.files),
+        *(
+            f"where to annotate next (the training slides to outline first): {c}"
+            for c in result.commands.values()
+        ),
         "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()),
     ]
     return "\n".join(lines)
@@ -219,10 +227,44 @@ def summary(result: DemoResult) -> str:
 
 def view_command(files: dict[str, str]) -> str:
     """The `ips view` command that shows the demo's test slides with their heatmaps and predictions."""
+    q = shlex.quote
     return (
-        f"ips view --manifest {files['manifest']} --split test --heatmaps {files['heatmaps']} "
-        f"--predictions {files['predictions']}"
+        f"ips view --manifest {q(files['manifest'])} --split test --heatmaps {q(files['heatmaps'])} "
+        f"--predictions {q(files['predictions'])}"
     )
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where the demo writes what its printed commands read and write."""
+
+    config: Path
+    manifest: Path
+    checkpoint: Path
+    predictions: Path
+    heatmaps: Path
+
+
+def demo_commands(paths: DemoPaths, *, device: str = "auto", threads: int | None = None) -> dict[str, str]:
+    """The command lines that redo each step of the demo (`train`, `predict`, `heatmap`) and take it one
+    step further (`suggest`), every path quoted for a POSIX shell: ready to paste, no placeholders.
+
+    `threads`: the torch CPU thread count the demo ran with (None: not set), so the commands run what the
+    demo ran."""
+    q = shlex.quote
+    tail = f" --device {q(device)}" + ("" if threads is None else f" --threads {threads}")
+    config, manifest, ckpt = q(str(paths.config)), q(str(paths.manifest)), q(str(paths.checkpoint))
+    run_dir = q(str(paths.checkpoint.parent.parent))
+    return {
+        "train": f"ips train --config {config} --manifest {manifest} --out {run_dir}"
+        + ("" if threads is None else f" --threads {threads}"),
+        "predict": f"ips predict --checkpoint {ckpt} --manifest {manifest} --split test "
+        f"--out {q(str(paths.predictions))}{tail}",
+        "heatmap": f"ips heatmap --checkpoint {ckpt} --manifest {manifest} --split test "
+        f"--out {q(str(paths.heatmaps))}{tail}",
+        "suggest": f"ips suggest --checkpoint {ckpt} --manifest {manifest} --split train --budget 3 "
+        f"--out {q(str(paths.predictions.parent / 'suggest'))}{tail}",
+    }
 
 
 def _num(value: Any) -> str:

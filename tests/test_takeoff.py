@@ -5,6 +5,7 @@ that cannot be learnt and stays silent on one that can."""
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -213,15 +214,17 @@ def test_keep_best_brings_a_better_attempt_back(tmp_path):
 
 @pytest.fixture(scope="module")
 def at_chance(tmp_path_factory) -> Path:
-    """Tiny slides whose validation slides are one and the same store: every validation prediction is
-    equal, so validation AUROC is exactly 0.5 (ties count one half) in every epoch of every seed."""
+    """Tiny slides whose validation slides are copies of one store (a manifest lists each store once):
+    every validation prediction is equal, so validation AUROC is exactly 0.5 (ties count one half) in
+    every epoch of every seed."""
     manifest = make_cross_slides(tmp_path_factory.mktemp("same_val"), n_train=8, n_val=4)
     with manifest.open() as f:
         rows = list(csv.DictReader(f))
     first_val = next(r["path"] for r in rows if r["split"] == "val")
     for r in rows:
-        if r["split"] == "val":
-            r["path"] = first_val
+        if r["split"] == "val" and r["path"] != first_val:
+            r["path"] = f"copy_of_first_val_{r['slide_id']}.zarr"
+            shutil.copytree(manifest.parent / first_val, manifest.parent / r["path"])
     out = manifest.parent / "same_val.csv"
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -29,6 +29,8 @@ SUBCOMMANDS = [
     "ips.cli.view",
     "ips.cli.synth",
     "ips.cli.eval",
+    "ips.cli.manifest",
+    "ips.cli.suggest",
 ]
 
 

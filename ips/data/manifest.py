@@ -14,8 +14,8 @@ are kept as they are). One label column per task (`TaskConfig.column`). Labels:
 Optional `annotation`: a QuPath GeoJSON or mask image of the slide's region of interest (relative to
 the manifest's folder), for patch-level guidance in training (`ips.data.annotations`); empty = none.
 
-Every problem (a missing column, a bad label, a duplicate slide_id, a missing store, an unknown split)
-is a `ManifestError` naming the file, the row (counted as a spreadsheet does: the header is row 1) and
+Every problem (a missing column, a bad label, a duplicate slide_id, a missing store, an unknown split,
+one store listed under two slide ids, which also catches one store in two splits) is a `ManifestError` naming the file, the row (counted as a spreadsheet does: the header is row 1) and
 the column, raised when the manifest is read (every row is checked, whatever split is asked for).
 """
 
@@ -212,6 +212,7 @@ def read_manifest(
             )
         records: list[SlideRecord] = []
         seen: dict[str, int] = {}
+        stores: dict[str, tuple[str, int, str | None]] = {}  # store -> (slide_id, row, split)
         folder = path.parent
         for row in reader:
             line = reader.line_num
@@ -238,6 +239,22 @@ def read_manifest(
             row_split = cells.get("split") or None
             if row_split is not None and row_split not in SPLITS:
                 raise fail("split", f"unknown split {row_split!r}; valid splits: {', '.join(SPLITS)}")
+            # a store under two ids is one slide counted twice; in two splits it leaks test into train:
+            # refused (not warned), since no manifest needs it and either one silently biases the metrics
+            key = str(Path(store).resolve()) if local else store.rstrip("/")
+            if key in stores:
+                other, other_line, other_split = stores[key]
+                where = (
+                    f"in two splits ({other_split or '-'} and {row_split or '-'})"
+                    if other_split != row_split
+                    else "twice"
+                )
+                raise fail(
+                    "path",
+                    f"store {cells['path']} is listed {where}: as {other!r} (row {other_line}) and as "
+                    f"{slide_id!r}; one row per slide",
+                )
+            stores[key] = (slide_id, line, row_split)
             labels: dict[str, Label] = {}
             for task in tasks:
                 col = task.column

@@ -113,18 +113,23 @@ class Predictor:
         return {k: torch.stack(v) if v else torch.empty(0) for k, v in out.items()}
 
     @torch.no_grad()
-    def infer(self, source: PatchSource, *, modes: Sequence[Mode] = ("topm",)) -> SlideInference:
+    def infer(
+        self, source: PatchSource, *, modes: Sequence[Mode] = ("topm",), observe: ChunkObserver | None = None
+    ) -> SlideInference:
         """The attention of every patch plus the predictions of `modes`, from one pass over the slide.
 
         `topm`: from the top-M selection, exactly as `predict`; `all`: from all N patches by the exact
-        online softmax of the same pass. The top-M indices are always kept (`selected`).
+        online softmax of the same pass. The top-M indices are always kept (`selected`). `observe`: also
+        sees every chunk of the pass, after the attention is recorded (e.g. `ips suggest`'s embeddings).
         """
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown inference mode {bad[0]!r}; valid modes: {', '.join(MODES)}")
         recorder = AttentionRecorder(self.model, len(source), pool="all" in modes)
         with eval_mode(self.model):
-            sel = self.selector(self.model, source, observe=recorder)
+            sel = self.selector(
+                self.model, source, observe=recorder if observe is None else _both(recorder, observe)
+            )
             result = SlideInference(
                 recorder.head_logits, global_logsumexp(recorder.head_logits), sel.indices.numpy()
             )
@@ -140,6 +145,14 @@ class Predictor:
         with self.runtime.autocast():
             logits, _ = self.model(batch.patches, batch.positions, batch.mask)
         return {name: v[0].float().cpu() for name, v in logits.items()}
+
+
+def _both(first: ChunkObserver, second: ChunkObserver) -> ChunkObserver:
+    def observe(indices: torch.Tensor, content: torch.Tensor, emb: torch.Tensor) -> None:
+        first(indices, content, emb)
+        second(indices, content, emb)
+
+    return observe
 
 
 def check_model_fits(source: PatchSource, model: ModelConfig, *, features: bool, where: str) -> None:
