@@ -153,3 +153,60 @@ def test_model_embeds_both_views(dims):
 
 def test_experiment_default_is_off():
     assert ExperimentConfig().data.context == 1
+
+
+@pytest.mark.slow
+def test_train_predict_heatmap_with_context(tmp_path):
+    """The documented path with `data.context=2`: training (augmentation and explore slots on), its
+    validation logits equal `ips predict`'s bit for bit, and `ips heatmap` draws every cell."""
+    import zarr
+
+    from ips.cli.main import main
+    from ips.data.manifest import read_manifest
+    from ips.infer.loop import load, predict_slides
+    from ips.training.loop import train
+    from tests.train_fixtures import make_cross_slides, tiny_config
+
+    manifest = make_cross_slides(tmp_path / "data", n_train=4, n_val=2)
+    cfg = tiny_config(train={"epochs": 1}, selection={"explore": 0.25}, data={"context": 2, "augment": True})
+    seen: dict[str, object] = {}
+
+    def capture(trainer, row):
+        seen["logits"] = trainer.validation_logits()
+
+    train(
+        cfg,
+        manifest=manifest,
+        run_dir=tmp_path / "run",
+        show_progress=False,
+        log=lambda s: None,
+        epoch_hooks=[capture],
+    )
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    loaded = load(ckpt, "cpu")
+    assert loaded.model.views == 2 and loaded.cfg.data.context == 2
+    val = read_manifest(manifest, cfg.model.tasks, "val")
+    report = predict_slides(loaded, val, tmp_path / "p")
+    for i, r in enumerate(val):
+        assert torch.equal(report.logits[r.slide_id]["label"], seen["logits"]["label"][i])
+    path = str(tmp_path / "data" / val[0].path)
+    assert (
+        main(["heatmap", "--checkpoint", str(ckpt), path, "--out", str(tmp_path / "hm"), "--top-k", "3"]) == 0
+    )
+    scores = zarr.open_group(str(tmp_path / "hm" / val[0].slide_id / "scores.zarr"), mode="r")["attention"][
+        ...
+    ]
+    assert scores.shape == (64, 1) and np.isclose(scores.sum(), 1.0)  # every cell; shares sum to 1
+
+
+def test_a_model_without_context_refuses_context_data(tmp_path):
+    """Views of the data and of the model must agree: a one-view model does not read two-view items."""
+    from ips.infer.engine import check_model_fits
+
+    _, _, path = _store_2d(tmp_path)
+    record = SlideRecord(slide_id="s", path=str(path), labels={})
+    cfg = ModelConfig(encoder="ips_cnn_tiny", in_chans=3, patch_size=8, d_model=16, n_heads=2, d_mlp=16)
+    source = SourceFactory(context=3)(record)
+    check_model_fits(source, cfg, features=False, where="s", views=2)
+    with pytest.raises(ConfigError, match=r"\(6, 8, 8\)"):
+        check_model_fits(source, cfg, features=False, where="s", views=1)
