@@ -35,21 +35,23 @@ def context_views(factor: int) -> int:
 def area_downsample(windows: np.ndarray, factor: int) -> np.ndarray:
     """Average `windows` `(n, C, *S)` over blocks of `factor` pixels per spatial axis -> `(n, C, *S/factor)`.
 
-    Integer pixels are rounded half up (`floor(mean + 0.5)`, exact in integers); float pixels keep the mean.
-    Every spatial side must be a multiple of `factor`.
+    Integer pixels are rounded half up (`floor(mean + 0.5)`, exact: the block sums are whole numbers,
+    uint8 ones in float32, wider ones in float64); float pixels keep the mean. Every spatial side must be
+    a multiple of `factor`.
     """
     n, c, *spatial = windows.shape
     if any(s % factor for s in spatial):
         raise ValueError(f"window sides {tuple(spatial)} are not multiples of {factor}")
-    split = [n, c]
-    for s in spatial:
-        split += [s // factor, factor]  # each axis -> (blocks, within a block)
-    axes = tuple(3 + 2 * k for k in range(len(spatial)))
+    pool = torch.nn.functional.avg_pool2d if len(spatial) == 2 else torch.nn.functional.avg_pool3d
+    x = torch.from_numpy(np.ascontiguousarray(windows)).reshape(n * c, 1, *spatial)  # (n C, 1, *S)
     if np.issubdtype(windows.dtype, np.integer):
         count = factor ** len(spatial)
-        sums = windows.reshape(split).sum(axis=axes, dtype=np.int64)
-        return ((sums + count // 2) // count).astype(windows.dtype)
-    return windows.reshape(split).mean(axis=axes, dtype=np.float64).astype(windows.dtype)
+        wide = x.float() if windows.dtype == np.uint8 else x.double()
+        sums = pool(wide, factor, divisor_override=1).to(torch.int64)  # exact block sums
+        out = torch.div(sums + count // 2, count, rounding_mode="floor").numpy().astype(windows.dtype)
+    else:
+        out = pool(x.double(), factor).numpy().astype(windows.dtype)
+    return out.reshape(n, c, *(s // factor for s in spatial))
 
 
 class ContextSource:
