@@ -212,3 +212,30 @@ def test_a_model_without_context_refuses_context_data(tmp_path):
     check_model_fits(source, cfg, features=False, where="s", views=2)
     with pytest.raises(ConfigError, match=r"\(6, 8, 8\)"):
         check_model_fits(source, cfg, features=False, where="s", views=1)
+
+
+def test_a_pretrained_encoder_serves_both_views(tmp_path):
+    """`ips pretrain` trains the encoder on single patches; with `data.context` the same weights embed
+    both views (the documented path: pretrain, then `model.pretrained=P/encoder.pt`)."""
+    from ips.config import apply_overrides
+    from ips.pretrain import ENCODER_FILE, pretrain_encoder
+
+    image = random_image((3, 64, 64), seed=2)
+    stores = [
+        str(write_store(tmp_path / f"s{i}.zarr", np.roll(image, 8 * i, axis=2), patch_size=16))
+        for i in range(2)
+    ]
+    base = {
+        "model": {"encoder": "ips_cnn_tiny", "patch_size": 16, "d_model": 16, "n_heads": 2, "d_mlp": 16},
+        "data": {"context": 3},
+        "pretrain": {"epochs": 1, "patches_per_epoch": 32, "batch_size": 16, "patches_per_slide": 16},
+    }
+    cfg = ExperimentConfig.from_dict(base)
+    pretrain_encoder(cfg, stores, tmp_path / "p", device="cpu", show_progress=False, log=lambda s: None)
+    weights = str(tmp_path / "p" / ENCODER_FILE)
+    trained = ExperimentConfig.from_dict(apply_overrides(base, [f"model.pretrained={weights}"]))
+    model = build_model(trained.model, views=trained.data.views)
+    saved = torch.load(weights)
+    assert model.views == 2 and saved.keys() == model.encoder.state_dict().keys()
+    for k, v in model.encoder.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
