@@ -239,3 +239,21 @@ def test_a_pretrained_encoder_serves_both_views(tmp_path):
     assert model.views == 2 and saved.keys() == model.encoder.state_dict().keys()
     for k, v in model.encoder.state_dict().items():
         torch.testing.assert_close(v, saved[k])
+
+
+def test_augmentation_draws_one_transform_per_item():
+    """A patch and its context are centred on one point: flips, turns and colour change them alike."""
+    from ips.data.augment import PatchAugment
+
+    torch.manual_seed(0)
+    view = torch.rand(16, 3, 8, 8)
+    x = torch.cat([view, view], dim=1)  # (n, 2 C, 8, 8): equal views
+    out = PatchAugment(color_jitter=0.2, views=2)(x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out[:, :3], out[:, 3:])
+    assert not torch.allclose(out[:, :3], view)
+    # the stain jitter acts on each view's 3 channels: the first view is the 3-channel augmentation
+    alone = PatchAugment(color_jitter=0.2, flips=False, rot90=False)(view, torch.Generator().manual_seed(1))
+    both = PatchAugment(color_jitter=0.2, flips=False, rot90=False, views=2)(
+        x, torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(both[:, :3], alone)
