@@ -215,6 +215,12 @@ class DataConfig:
     (flips and quarter turns; off where orientation carries the label, e.g. digits: a turned 6 is a 9),
     `color_jitter`, and `shift` (each patch moved by up to this many pixels along every spatial axis,
     reflect-padded; 0 = off).
+
+    `context` (pixels only; 1 = off): each grid cell is also read as the window of `context` patch sides
+    centred on it, area-averaged down to the patch size (`ips.data.context`), and the encoder embeds both
+    views, so an object larger than a patch is seen whole from every cell it touches. The model takes
+    the views from this key alone (`model.in_chans` stays the image's channels); encoder work per patch
+    doubles.
     """
 
     manifest: str | None = None
@@ -226,6 +232,7 @@ class DataConfig:
     orientation: bool = True
     color_jitter: float = 0.05
     shift: int = 0
+    context: int = 1
 
     def __post_init__(self) -> None:
         _require(
@@ -236,6 +243,17 @@ class DataConfig:
         _require(self.read_threads >= 1, "data.read_threads", "must be >= 1")
         _require(0.0 <= self.color_jitter <= 0.5, "data.color_jitter", "must be in [0, 0.5]")
         _require(self.shift >= 0, "data.shift", f"must be >= 0 pixels, got {self.shift}")
+        _require(self.context >= 1, "data.context", f"must be >= 1 patch sides, got {self.context}")
+        _require(
+            self.context == 1 or self.mode == "pixels",
+            "data.context",
+            "reads pixels around each cell: it needs data.mode 'pixels'",
+        )
+
+    @property
+    def views(self) -> int:
+        """Views of each cell the model takes: 2 (the patch and its context) where `context` > 1, else 1."""
+        return 2 if self.context > 1 else 1
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ generator's device, then moved), so a seeded generator gives the same augmentati
 - colour, `color_jitter` = strength s (0 = off): for RGB, HED stain jitter (Tellez et al. 2018: each
   stain's optical density scaled by U(1-s, 1+s) and shifted by U(-s, s)) and saturation U(1-s, 1+s);
   for any C, brightness +U(-s, s) and contrast U(1-s, 1+s).
+
+Items of several views (`views` V > 1: a cell's patch and its context, channels stacked, `(n, V * C,
+*spatial)`) get one transform per item: the views are centred on the same point, so a flip or turn of
+the stack turns both alike, and the colour change of the patch is the colour change of its context.
 """
 
 from __future__ import annotations
@@ -135,12 +139,15 @@ class PatchAugment:
     rot90: bool = True
     color_jitter: float = 0.0
     shift: int = 0
+    views: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.color_jitter <= 0.5:
             raise ValueError(f"color_jitter must be in [0, 0.5], got {self.color_jitter}")
         if self.shift < 0:
             raise ValueError(f"shift must be >= 0 pixels, got {self.shift}")
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {self.views}")
 
     @classmethod
     def from_config(cls, data: DataConfig) -> PatchAugment:
@@ -150,6 +157,7 @@ class PatchAugment:
             rot90=data.orientation,
             color_jitter=data.color_jitter,
             shift=data.shift,
+            views=data.views,
         )
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -166,7 +174,17 @@ class PatchAugment:
         if self.shift > 0:
             x = shift_patches(x, self.shift, generator)
         if self.color_jitter > 0:
-            if x.shape[1] == 3:
-                x = hed_jitter(x, self.color_jitter, generator)
-            x = color_jitter(x, self.color_jitter, generator)
+            x = self._colour(x, generator)
         return x
+
+    def _colour(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Colour jitter of `(n, V * C, *S)`, drawn once per item: the views as one more spatial axis."""
+        if self.views == 1:
+            x = hed_jitter(x, self.color_jitter, generator) if x.shape[1] == 3 else x
+            return color_jitter(x, self.color_jitter, generator)
+        n, vc, *spatial = x.shape
+        stacked = x.reshape(n, self.views, vc // self.views, *spatial).transpose(1, 2)  # (n, C, V, *S)
+        if stacked.shape[1] == 3:
+            stacked = hed_jitter(stacked, self.color_jitter, generator)
+        stacked = color_jitter(stacked, self.color_jitter, generator)
+        return stacked.transpose(1, 2).reshape(x.shape)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from ips.config import DataConfig, DataMode, ExperimentConfig
+from ips.data.context import ContextSource, context_views
 from ips.data.manifest import SlideRecord
 from ips.data.sources import PatchSource
 from ips.data.store import IpsStore
@@ -54,7 +55,8 @@ class SourceCache:
 
 class SourceFactory:
     """Opens the patch source of a manifest record: the pixels of `grid`, or the precomputed `features`
-    (`mode`), each store read with `read_threads`. `cache`: where opened sources are kept for reuse
+    (`mode`), each store read with `read_threads`; `context` > 1 adds each cell's context view
+    (`ips.data.context.ContextSource`). `cache`: where opened sources are kept for reuse
     (None: every call opens the store anew)."""
 
     def __init__(
@@ -64,9 +66,11 @@ class SourceFactory:
         grid: str = "default",
         features: str = "default",
         read_threads: int = 4,
+        context: int = 1,
         cache: SourceCache | None = None,
     ) -> None:
         self.mode = mode
+        self.context = context
         self.grid = grid
         self.feature_set = features
         self.read_threads = read_threads
@@ -84,6 +88,7 @@ class SourceFactory:
             grid=data.grid,
             features=data.features,
             read_threads=data.read_threads,
+            context=data.context,
             cache=cache,
         )
 
@@ -92,9 +97,15 @@ class SourceFactory:
         """True when the sources are precomputed feature vectors, not pixels."""
         return self.mode == "features"
 
+    @property
+    def views(self) -> int:
+        """Views per item the sources give (1: the patch; 2: the patch and its context)."""
+        return 1 if self.features else context_views(self.context)
+
     def key(self, record: SlideRecord) -> tuple:
-        """What identifies an opened source: mode, store, grid or feature set, read threads."""
-        return (self.mode, record.path, self.feature_set if self.features else self.grid, self.read_threads)
+        """What identifies an opened source: mode, store, grid or feature set, read threads, context."""
+        grid = self.feature_set if self.features else self.grid
+        return (self.mode, record.path, grid, self.read_threads, self.context)
 
     def __call__(self, record: SlideRecord) -> PatchSource:
         """The patch source of one slide (the kept one, where the factory reuses sources)."""
@@ -108,6 +119,8 @@ class SourceFactory:
             source = FeatureSource(record.path, features=self.feature_set)
         else:
             source = ZarrPatchSource(record.path, grid=self.grid, read_threads=self.read_threads)
+            if self.context > 1:
+                source = ContextSource(source, self.context)
         if self.cache is not None:
             self.cache.put(key, source)
         return source

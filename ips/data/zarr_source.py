@@ -261,6 +261,38 @@ class ZarrPatchSource:
             src = (slice(None),) + tuple(slice(int(x - y), int(z - y)) for x, z, y in zip(a, b, box.lo))
             patch[dst] = data[src]
 
+    def read_boxes(self, lo: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+        """Boxes of the grid's level: top-left corners `lo` int `(n, dims)` in that level's pixels (may lie
+        outside the image), spatial `size` `(dims,)` -> `(n, C, *size)` in the store's dtype, the part
+        outside the image holding the store's `background`. Same read paths as `read`."""
+        lo = np.asarray(lo, dtype=np.int64).reshape(-1, self.spatial_dims)
+        size = tuple(int(s) for s in size)
+        out = np.empty((len(lo), self.patch_shape[0], *size), dtype=self.dtype)
+        if len(lo) == 0:
+            return out
+        if self._direct:
+            if self._chunks is None:
+                self._open()
+            assert self._chunks is not None
+            full = np.concatenate([np.zeros((len(lo), 1), np.int64), lo], axis=1)  # (n, 1 + dims)
+            slots = np.arange(len(lo), dtype=np.int64)
+            threads = self.read_threads
+            self._chunks.read_boxes(full, out.shape[1:], out, slots, _pool(threads - 1), threads)
+            return out
+        out[...] = self.background
+        hi = lo + np.asarray(size, dtype=np.int64)
+        a, b = np.clip(lo, 0, self._shape), np.clip(hi, 0, self._shape)
+        inside = np.flatnonzero(np.all(b > a, axis=1))
+        boxes = [_Box(a[j], b[j], np.asarray([j])) for j in inside]
+        datas = sync(self._read_boxes(self._async_array(), boxes))
+        for box, data in zip(boxes, datas):
+            j = int(box.members[0])
+            dst = (slice(None),) + tuple(
+                slice(int(x - y), int(z - y)) for x, z, y in zip(box.lo, box.hi, lo[j])
+            )
+            out[j][dst] = data
+        return out
+
     def level0_coords(self) -> np.ndarray:
         """Top-left corners in level-0 pixels, int64 `(N, dims)` (for heatmaps and GeoJSON)."""
         down = np.asarray(self.level_downsample)

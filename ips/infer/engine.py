@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ips.algo.batch import stack_selections
-from ips.algo.selection import ChunkObserver, Selection, StreamFn, eval_mode, select
+from ips.algo.selection import ChunkObserver, Selection, StreamFn, eval_mode, observe_all, select
 from ips.config import ConfigError, ExperimentConfig, ModelConfig, SelectionConfig
 from ips.data.manifest import SlideRecord
 from ips.data.open import SourceFactory
@@ -127,9 +127,7 @@ class Predictor:
             raise ValueError(f"unknown inference mode {bad[0]!r}; valid modes: {', '.join(MODES)}")
         recorder = AttentionRecorder(self.model, len(source), pool="all" in modes)
         with eval_mode(self.model):
-            sel = self.selector(
-                self.model, source, observe=recorder if observe is None else _both(recorder, observe)
-            )
+            sel = self.selector(self.model, source, observe=observe_all(recorder, observe))
             result = SlideInference(
                 recorder.head_logits, global_logsumexp(recorder.head_logits), sel.indices.numpy()
             )
@@ -147,24 +145,19 @@ class Predictor:
         return {name: v[0].float().cpu() for name, v in logits.items()}
 
 
-def _both(first: ChunkObserver, second: ChunkObserver) -> ChunkObserver:
-    def observe(indices: torch.Tensor, content: torch.Tensor, emb: torch.Tensor) -> None:
-        first(indices, content, emb)
-        second(indices, content, emb)
-
-    return observe
-
-
-def check_model_fits(source: PatchSource, model: ModelConfig, *, features: bool, where: str) -> None:
+def check_model_fits(
+    source: PatchSource, model: ModelConfig, *, features: bool, where: str, views: int = 1
+) -> None:
     """A source the model cannot read: ConfigError, one line naming `where` and the mismatch (2D vs 3D
-    first, in those words; then channels / patch size / feature length; then an empty grid)."""
+    first, in those words; then channels / patch size / feature length; then an empty grid). `views`:
+    the views per item the source gives (`SourceFactory.views`)."""
     dims, want = source.spatial_dims, model.spatial_dims
     if dims != want:
         kind = "volume" if dims == 3 else "slide"
         raise ConfigError(
             f"{where}: a {dims}D {kind} store, but the model is {want}D (model.spatial_dims={want})"
         )
-    expected = expected_patch_shape(model, features=features)
+    expected = expected_patch_shape(model, features=features, views=views)
     if tuple(source.patch_shape) != expected:
         keys = "model.in_chans, model.patch_size, model.spatial_dims"
         raise ConfigError(
@@ -191,7 +184,10 @@ class Loaded:
     def open(self, record: SlideRecord) -> PatchSource:
         """The record's patch source, checked against the model (ConfigError naming the store)."""
         source = self.sources(record)
-        check_model_fits(source, self.cfg.model, features=self.sources.features, where=f"store {record.path}")
+        where = f"store {record.path}"
+        check_model_fits(
+            source, self.cfg.model, features=self.sources.features, where=where, views=self.sources.views
+        )
         return source
 
 

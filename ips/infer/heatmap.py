@@ -197,7 +197,7 @@ def _patch_images(patches: torch.Tensor) -> list[np.ndarray]:
 
 def _pixel_source(source: PatchSource, store_path: str, features: bool, grid: str) -> PatchSource:
     if not features:
-        return source
+        return getattr(source, "base", source)  # a context source: the patches alone
     from ips.data.zarr_source import ZarrPatchSource
 
     return ZarrPatchSource(store_path, grid=grid, read_threads=1)

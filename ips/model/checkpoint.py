@@ -86,7 +86,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IP
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: its config is not valid for this version of ips ({e})") from None
     # weights come from the checkpoint: never reach for a hub or a local pretrained file here
-    model = build_model(_without_pretrained(config).model)
+    model = build_model(_without_pretrained(config).model, views=config.data.views)
     try:
         model.load_state_dict(payload["model"])
     except (KeyError, RuntimeError) as e:

@@ -22,7 +22,10 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class IPSModel(nn.Module):
     """Args are explicit and typed; the device comes from the inputs.
 
-    Shapes: patches `(B, M, C, *spatial)` (uint8 or float) or features `(B, M, F)`; positions `(B, M, d)`.
+    Shapes: patches `(B, M, V * C, *spatial)` (uint8 or float) or features `(B, M, F)`; positions
+    `(B, M, d)`. `views` V > 1: each item stacks V views of its cell in its channels (the patch, then its
+    context, `ips.data.context`); the one encoder embeds every view, and their embeddings, concatenated,
+    are projected to `d_model`.
     """
 
     def __init__(
@@ -39,8 +42,12 @@ class IPSModel(nn.Module):
         pixel_input: bool = True,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        views: int = 1,
     ) -> None:
         super().__init__()
+        if views < 1 or (views > 1 and not pixel_input):
+            raise ValueError(f"views must be 1, or > 1 for pixel input; got {views}")
+        self.views = views
         self.encoder = encoder
         self.tasks = tuple(tasks)
         self.spatial_dims = spatial_dims
@@ -54,7 +61,7 @@ class IPSModel(nn.Module):
         self.pos_scale = nn.Parameter(torch.tensor(0.1)) if pos_enc else None
         enc_dim = encoder.out_dim
         self.project = (
-            nn.Identity() if enc_dim == d_model and not pixel_input else nn.Linear(enc_dim, d_model)
+            nn.Identity() if enc_dim == d_model and not pixel_input else nn.Linear(views * enc_dim, d_model)
         )
         self.aggregator = CrossAttentionAggregator(
             d_model=d_model, n_heads=n_heads, n_queries=len(self.tasks), d_mlp=d_mlp, dropout=dropout
@@ -84,7 +91,17 @@ class IPSModel(nn.Module):
         """
         if self.pixel_input and not self.training and not torch.is_grad_enabled():
             return _embed_constants_once(self, patches)
-        return self.project(self.encoder(self.normalize(patches)))
+        return self.encode(patches)
+
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        """`(n, V * C, *S)` or `(n, F)` -> projected embeddings `(n, D)`: every view through the encoder in
+        one batch `(V * n, C, *S)`, the views' embeddings concatenated `(n, V * E)`, then projected."""
+        if self.views == 1:
+            return self.project(self.encoder(self.normalize(patches)))
+        n = patches.shape[0]
+        views = patches.unflatten(1, (self.views, -1)).transpose(0, 1).flatten(0, 1)  # (V * n, C, *S)
+        emb = self.encoder(self.normalize(views))  # (V * n, E), view-major
+        return self.project(emb.unflatten(0, (self.views, n)).transpose(0, 1).flatten(1))  # (n, V * E)
 
     def add_position(self, content: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`(n, D)` content embeddings, `(n, d)` positions -> `(n, D)` with the position encoding added."""
@@ -124,14 +141,14 @@ def _embed_constants_once(model: IPSModel, patches: torch.Tensor) -> torch.Tenso
     flat = patches.reshape(len(patches), patches.shape[1], -1)  # (n, C, P)
     constant = (flat == flat[:, :, :1]).all(dim=2).all(dim=1)  # (n,): one value per channel
     if int(constant.sum()) < 2:
-        return model.project(model.encoder(model.normalize(patches)))
+        return model.encode(patches)
     values = flat[:, :, 0]  # (n, C): a constant patch is its pixel; one representative per value
     _, which, counts = torch.unique(values[constant], dim=0, return_inverse=True, return_counts=True)
     const_idx = torch.nonzero(constant).squeeze(1)
     first = torch.full((len(counts),), len(patches), dtype=torch.long, device=patches.device)
     first = first.scatter_reduce(0, which, const_idx, reduce="amin")  # earliest patch of each value
     todo = torch.cat([torch.nonzero(~constant).squeeze(1), first])
-    emb = model.project(model.encoder(model.normalize(patches[todo])))  # (n_varied + n_values, D)
+    emb = model.encode(patches[todo])  # (n_varied + n_values, D)
     out = emb.new_empty((len(patches), emb.shape[1]))
     n_varied = len(todo) - len(first)
     out[todo[:n_varied]] = emb[:n_varied]
@@ -160,16 +177,17 @@ def pixel_stats(encoder: nn.Module, in_chans: int) -> tuple[tuple[float, ...], t
     return (0.5,) * in_chans, (0.25,) * in_chans
 
 
-def expected_patch_shape(cfg: ModelConfig, *, features: bool = False) -> tuple[int, ...]:
+def expected_patch_shape(cfg: ModelConfig, *, features: bool = False, views: int = 1) -> tuple[int, ...]:
     """The shape of one input item the model takes: `(feature_dim,)` for precomputed features, else
-    `(in_chans, *[patch_size] * spatial_dims)`."""
+    `(views * in_chans, *[patch_size] * spatial_dims)`."""
     if features:
         return (cfg.feature_dim or 0,)
-    return (cfg.in_chans, *([cfg.patch_size] * cfg.spatial_dims))
+    return (views * cfg.in_chans, *([cfg.patch_size] * cfg.spatial_dims))
 
 
-def build_model(cfg: ModelConfig) -> IPSModel:
-    """The one builder from config."""
+def build_model(cfg: ModelConfig, *, views: int = 1) -> IPSModel:
+    """The one builder from config; `views`: views per item the data gives (`SourceFactory.views`, from
+    `data.context`), each of `cfg.in_chans` channels."""
     encoder = build_encoder(
         cfg.encoder,
         in_chans=cfg.in_chans,
@@ -194,4 +212,5 @@ def build_model(cfg: ModelConfig) -> IPSModel:
         pixel_input=pixel_input,
         mean=mean,
         std=std,
+        views=views if pixel_input else 1,
     )

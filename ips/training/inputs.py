@@ -61,7 +61,7 @@ def load_inputs(
         raise ConfigError(f"{manifest}: no slides in the train split")
     for r in [*train_records, *val_records]:
         where = f"slide {r.slide_id} ({r.path})"
-        check_model_fits(sources(r), cfg.model, features=sources.features, where=where)
+        check_model_fits(sources(r), cfg.model, features=sources.features, where=where, views=sources.views)
     monitor = check_monitor(cfg, train_records, bool(val_records))
     warn = log if is_main else (lambda _: None)
     if not val_records:

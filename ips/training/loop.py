@@ -184,7 +184,7 @@ class Trainer:
             write=runtime.dist.is_main,
         )
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.model).to(runtime.device)
+        model = build_model(cfg.model, views=cfg.data.views).to(runtime.device)
         if runtime.device.type == "cuda" and cfg.train.channels_last and cfg.model.spatial_dims == 2:
             model = model.to(memory_format=torch.channels_last)
         first = inputs.train[0]
