@@ -34,6 +34,7 @@ from ips.model.tasks import total_loss
 from ips.runtime import DistInfo, Runtime, seed_everything
 from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from ips.training.budget import GB, BudgetPlan, estimate_step_bytes, plan_micro_batch
+from ips.training.distill import CascadeDistiller
 from ips.training.distributed import barrier, broadcast_flag, shard
 from ips.training.explore import explore_selections
 from ips.training.inputs import Inputs, load_inputs, targets_for
@@ -140,8 +141,10 @@ class Trainer:
         model: IPSModel,
         micro_batch_size: int,
         log: Callable[[str], None] = print,
+        distiller: CascadeDistiller | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.runtime, self.log = cfg, run_dir, runtime, log
+        self.distiller = distiller  # selection.cascade: teaches the coarse scorer
         self.inputs, self.sources = inputs, sources
         self.model = model
         self.net: nn.Module = model
@@ -186,6 +189,7 @@ class Trainer:
         model = build_model(cfg.model).to(runtime.device)
         if runtime.device.type == "cuda" and cfg.train.channels_last and cfg.model.spatial_dims == 2:
             model = model.to(memory_format=torch.channels_last)
+        distiller = CascadeDistiller(model, cfg.selection, runtime) if cfg.selection.cascade else None
         first = inputs.train[0]
         micro = choose_micro_batch(model, sources(first), first, cfg, runtime, log)
         trainer = cls(
@@ -197,6 +201,7 @@ class Trainer:
             model=model,
             micro_batch_size=micro,
             log=log,
+            distiller=distiller,
         )
         if runtime.dist.is_main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -287,6 +292,8 @@ class Trainer:
         sources = [self.sources(r) for r in records]
         rng = np.random.default_rng(list(seed))
         selections = explore_selections(self.model, sources, self.selector, cfg.selection, rng)
+        if self.distiller is not None:
+            self.distiller.step(sources, selections, rng)
         patch_targets: list[np.ndarray | None] = [None] * len(records)
         for i, r in enumerate(records):
             labels = self.inputs.annotations.get(r.slide_id)
