@@ -162,7 +162,9 @@ class SelectionConfig:
     when <= 1, else a count; never fewer than 4 M) go on to the exact top-M with the full model. The
     result equals IPS restricted to the candidates. Training teaches the scorer the full model's
     attention (`ips.training.distill`, AdamW at `cascade_lr`) on each slide's selected patches plus
-    `cascade_explore` patches drawn from the whole slide. Heatmaps always run the full pass.
+    `cascade_explore` patches drawn from the whole slide; for the first `cascade_warmup_epochs` epochs
+    training and validation select by the full pass while the scorer learns. Heatmaps always run the
+    full pass.
     """
 
     memory_size: int = 8
@@ -177,6 +179,7 @@ class SelectionConfig:
     cascade_width: int = 16
     cascade_explore: int = 16
     cascade_lr: float = 1e-3
+    cascade_warmup_epochs: int = 2
 
     def __post_init__(self) -> None:
         _require(self.memory_size >= 1, "selection.memory_size", f"M must be >= 1, got {self.memory_size}")
@@ -214,6 +217,11 @@ class SelectionConfig:
             f"must be >= 0, got {self.cascade_explore}",
         )
         _require(self.cascade_lr > 0, "selection.cascade_lr", f"must be > 0, got {self.cascade_lr}")
+        _require(
+            self.cascade_warmup_epochs >= 0,
+            "selection.cascade_warmup_epochs",
+            f"must be >= 0, got {self.cascade_warmup_epochs}",
+        )
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ run on every patch at once, and the expected result is a sort by (score descendi
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -266,6 +268,7 @@ def test_from_config_switch():
         ("cascade_width", 0, "cascade_width"),
         ("cascade_explore", -1, "cascade_explore"),
         ("cascade_lr", 0.0, "cascade_lr"),
+        ("cascade_warmup_epochs", -1, "cascade_warmup_epochs"),
     ],
 )
 def test_bad_cascade_config(key, value, match):
@@ -310,11 +313,11 @@ def test_distiller_teaches_the_scorer_the_models_ranking():
     from ips.algo.cascade import distill_loss as loss_fn
     from ips.training.distill import CascadeDistiller
 
-    model, source = _model(2, 16), _bag(120, 2, 16)
+    model, source = _model(2, 16), _bag(80, 2, 16)
     before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("coarse_scorer")}
     distiller = CascadeDistiller(
         model,
-        SelectionConfig(cascade=True, cascade_explore=40, cascade_lr=1e-2),
+        SelectionConfig(cascade=True, cascade_explore=40, cascade_lr=1e-2, cascade_warmup_epochs=2),
         Runtime(torch.device("cpu")),
     )
     selector = Selector(4, 16, stream=iter_chunks, cascade=CascadeSettings(0.3, 4))
@@ -328,24 +331,36 @@ def test_distiller_teaches_the_scorer_the_models_ranking():
             return float(loss_fn(model.coarse_scorer(distiller.view(source).read(idx)), target))
 
     first = current()
-    for _ in range(12):
+    for _ in range(8):
         distiller.step([source], [sel], rng)
     assert current() < first
     assert all(p.grad is None for p in model.coarse_scorer.parameters())
     for k, v in model.state_dict().items():
         if k in before:
             assert torch.equal(v, before[k]), k
+    # the full pass while the scorer warms up (2 epochs), the cascade after; validation follows
+    trainer = SimpleNamespace(selector=Selector(4, 16), predictor=SimpleNamespace(selector=None))
+    for epoch, want in [(1, None), (2, None), (3, CascadeSettings(0.1, 4))]:
+        distiller.choose_selector(trainer, epoch)
+        assert trainer.selector.cascade == want and trainer.predictor.selector is trainer.selector
 
 
 def test_training_with_the_cascade_saves_and_loads_the_scorer(tmp_path):
+    """Two epochs: the full pass while the scorer warms up, then the cascade; the scorer is saved with
+    the model and loaded back with it."""
     from ips.infer.engine import load
     from ips.model.checkpoint import load_checkpoint
     from ips.training.loop import train
 
     manifest = make_cross_slides(tmp_path / "data", n_train=4, n_val=2)
     cfg = tiny_config(
-        selection={"cascade": True, "cascade_candidates": 0.5, "cascade_explore": 8},
-        train={"epochs": 1, "takeoff_epoch": None},
+        selection={
+            "cascade": True,
+            "cascade_candidates": 0.5,
+            "cascade_explore": 8,
+            "cascade_warmup_epochs": 1,
+        },
+        train={"epochs": 2, "takeoff_epoch": None},
     )
     train(cfg, manifest=manifest, run_dir=tmp_path / "run", show_progress=False, log=lambda s: None)
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"

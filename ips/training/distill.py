@@ -5,7 +5,9 @@ slide's selected patches (top-M among the candidates, plus the explored slots) a
 patches drawn uniformly from the whole slide (mostly outside the candidates: what the coarse scorer
 would otherwise never learn to rank). The coarse scorer is then fitted to that ranking
 (`ips.algo.cascade.distill_loss`) by its own AdamW step. The model's own loss and gradients are
-untouched: the scorer follows the model, it does not steer it.
+untouched: the scorer follows the model, it does not steer it. For the first
+`selection.cascade_warmup_epochs` epochs training (and validation) select by the full pass, so that a
+fresh scorer does not hide the patches the model must first learn from.
 
 Cost per slide: `M + cascade_explore` extra patches through the full model and their coarse views
 through the scorer.
@@ -13,13 +15,15 @@ through the scorer.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ips.algo.cascade import distill_loss
+from ips.algo.cascade import CascadeSettings, distill_loss
 from ips.algo.selection import Selection, eval_mode
 from ips.config import ConfigError, SelectionConfig
 from ips.data.coarse import coarse_view
@@ -43,8 +47,19 @@ class CascadeDistiller:
                 raise ConfigError(f"selection.cascade: {e}") from None
         self.model, self.runtime = model, runtime
         self.factor, self.explore = selection.cascade_factor, selection.cascade_explore
+        self.warmup = selection.cascade_warmup_epochs
+        self.cascade = CascadeSettings(selection.cascade_candidates, selection.cascade_factor)
         self.optimizer = torch.optim.AdamW(model.coarse_scorer.parameters(), lr=selection.cascade_lr)
         self._views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def choose_selector(self, trainer: Any, epoch: int) -> None:
+        """Set the trainer's selector (and its predictor's) for `epoch`: the full pass during the first
+        `selection.cascade_warmup_epochs` (the scorer learns from the model's own top-M meanwhile), the
+        cascade after."""
+        selector = dataclasses.replace(
+            trainer.selector, cascade=None if epoch <= self.warmup else self.cascade
+        )
+        trainer.selector = trainer.predictor.selector = selector
 
     def view(self, source: PatchSource) -> PatchSource:
         """The coarse view of `source` (opened once per source)."""

@@ -220,6 +220,8 @@ class Trainer:
         rt = self.runtime
         for epoch in range(self.progress.epoch + 1, self.cfg.train.epochs + 1):
             t0 = time.perf_counter()
+            if self.distiller is not None:
+                self.distiller.choose_selector(self, epoch)
             row = self.train_epoch(epoch, show_progress=show_progress)
             if self.calibration:
                 # on every rank, on the same slides: selection on each rank uses its own running statistics
