@@ -49,7 +49,7 @@ from ips.runtime import Runtime
 @dataclass(frozen=True)
 class CascadeBench:
     """What `run_cascade_bench` measures: N patches per slide (`calibration_patches` on the slide the
-    scorer learns from; None: N, at most 10,000), the model and selection sizes, the cascade's
+    scorer learns from; None: N, at most 4,000), the model and selection sizes, the cascade's
     candidates and factor, the distillation (`distill_steps` batches of `distill_batch` patches),
     timed `repeats`."""
 
@@ -78,7 +78,7 @@ class CascadeBench:
 
     @property
     def calibration(self) -> int:
-        return self.calibration_patches or min(self.n_patches, 10_000)
+        return self.calibration_patches or min(self.n_patches, 4_000)
 
 
 LESION_SHARE = 0.02  # of the patches

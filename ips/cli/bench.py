@@ -197,7 +197,7 @@ def _cascade_parser(kinds: argparse._SubParsersAction) -> None:
         "--calibration-patches",
         type=int,
         default=None,
-        help="patches of the slide the scorer learns from (default N, at most 10k)",
+        help="patches of the slide the scorer learns from (default N, at most 4k)",
     )
     c.add_argument(
         "--repeats", type=int, default=1, help="interleaved repeats; the fastest counts (default 1)"
