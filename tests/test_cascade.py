@@ -225,6 +225,24 @@ def test_pyramid_view_reads_the_stores_coarse_level(tmp_path):
     assert np.abs(pooled - got.astype(int)).max() <= 1
 
 
+def test_pyramid_view_of_a_volume(tmp_path):
+    """3D: a volume whose z halves with y and x: level 2 is 4x on every axis."""
+    from data_prep.convert import PrepOptions, convert_array
+
+    rng = np.random.default_rng(1)
+    vol = rng.integers(0, 256, size=(1, 32, 64, 48), dtype=np.uint8)
+    opts = PrepOptions(patch_size=16, min_tissue=0.0, thumbnail=False, hash_source=False, pyramid_max_size=8)
+    store = convert_array(vol, tmp_path, "v", options=opts, mask=np.ones((32, 64, 48), dtype=bool))
+    source = ZarrPatchSource(store, read_threads=1)
+    view = coarse_view(source, 4)
+    assert isinstance(view, PyramidView) and view.level == 2 and view.patch_shape == (1, 4, 4, 4)
+    level2 = zarr.open_array(str(store / "2"), mode="r")[...]
+    idx = np.arange(len(source))[::-1]
+    got = view.read(idx).numpy()
+    for j, (z, r, c) in enumerate(source.coords[idx] // 4):
+        assert np.array_equal(got[j], level2[:, z : z + 4, r : r + 4, c : c + 4])
+
+
 def test_selector_runs_the_cascade_and_predictor_heatmaps_the_full_pass():
     model, source = _model(2, 16), _bag(200, 2, 16)
     settings = CascadeSettings(0.2, 4)
