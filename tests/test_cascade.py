@@ -388,3 +388,26 @@ def test_training_with_the_cascade_saves_and_loads_the_scorer(tmp_path):
     assert loaded.predictor.selector.cascade == CascadeSettings(0.5, 4)
     for k, v in loaded.model.coarse_scorer.state_dict().items():
         assert torch.equal(v, saved[f"coarse_scorer.{k}"])
+
+
+@pytest.mark.slow
+def test_resume_with_the_cascade_equals_uninterrupted(tmp_path):
+    """The scorer's weights and its optimiser's state come back: a resumed run selects as the
+    uninterrupted one does, so every weight ends equal."""
+    from ips.model.checkpoint import load_checkpoint
+    from ips.training.loop import train
+
+    manifest = make_cross_slides(tmp_path / "data", n_train=4, n_val=2)
+    cfg = tiny_config(
+        selection={"cascade": True, "cascade_candidates": 0.5, "cascade_warmup_epochs": 1},
+        train={"epochs": 3, "takeoff_epoch": None},
+    )
+    quiet = {"show_progress": False, "log": lambda s: None}
+    train(cfg, manifest=manifest, run_dir=tmp_path / "full", **quiet)
+    train(cfg, manifest=manifest, run_dir=tmp_path / "cut", stop_after_epochs=2, **quiet)
+    train(cfg, manifest=manifest, run_dir=tmp_path / "cut", **quiet)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert any(k.startswith("coarse_scorer.") for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k

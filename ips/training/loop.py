@@ -408,6 +408,8 @@ class Trainer:
         improved, `best.pt`."""
         p, cfg = self.progress, self.cfg
         extra = {"best": p.best, "bad_epochs": p.bad_epochs, "monitor": self.inputs.monitor}
+        if self.distiller is not None:  # the coarse scorer's own optimiser: a resumed run goes on the same
+            extra["cascade_optimizer"] = self.distiller.optimizer.state_dict()
         checkpoints = self.run_dir / "checkpoints"
         save_checkpoint(
             checkpoints / "last.pt",
@@ -436,6 +438,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])  # its length comes from this run's train.epochs
         set_rng_state(state["rng"])
         extra = state["extra"]
+        if self.distiller is not None and "cascade_optimizer" in extra:
+            self.distiller.optimizer.load_state_dict(extra["cascade_optimizer"])
         self.progress = Progress(state["epoch"], extra.get("best"), extra.get("bad_epochs", 0))
         if self.metrics_log is not None:
             self.metrics_log.truncate(self.progress.epoch)
