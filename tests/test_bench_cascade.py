@@ -25,7 +25,7 @@ def test_cascade_json_contract(tmp_path):
     assert c["n_patches"] == 400
     for key in ("full_seconds", "cascade_seconds", "ratio"):
         assert isinstance(c[key], float) and c[key] > 0 and math.isfinite(c[key]), key
-    assert c["ratio"] == round(c["cascade_seconds"] / c["full_seconds"], 4)
+    assert math.isclose(c["ratio"], c["cascade_seconds"] / c["full_seconds"], rel_tol=1e-3, abs_tol=1e-4)
     assert 0.0 <= c["recall_top_m"] <= 1.0
     assert c["candidates"] == 100  # a quarter of N
     # both passes ran inside the command: together they fit in its wall time

@@ -282,8 +282,8 @@ def run_cascade_bench(
     n = len(source)
     return {
         "n_patches": n,
-        "full_seconds": round(best["full"], 4),
-        "cascade_seconds": round(best["cascade"], 4),
+        "full_seconds": round(best["full"], 6),
+        "cascade_seconds": round(best["cascade"], 6),
         "ratio": round(best["cascade"] / best["full"], 4),
         "recall_top_m": round(statistics.mean(recalls), 4),
         "device": describe_device(rt.device),
