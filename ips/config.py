@@ -181,6 +181,16 @@ class SelectionConfig:
     embedding lies furthest from the slide's typical patch (`ips.algo.novelty`), instead of uniformly. A
     small object is rare, so uniform slots show it to the model on a few percent of slides per epoch; the
     novel slots on most (docs/BENCHMARKS.md). Costs one extra chunk of encoder work per training slide.
+
+    `cascade` (off by default): select in two stages (`ips.algo.cascade`). A small coarse scorer
+    (`cascade_width` channels) scores every patch on a `cascade_factor`x downsampled view of the same
+    pixels (the store's pyramid level where it has one); the `cascade_candidates` best (a share of N
+    when <= 1, else a count; never fewer than 4 M) go on to the exact top-M with the full model. The
+    result equals IPS restricted to the candidates. Training teaches the scorer the full model's
+    attention (`ips.training.distill`, AdamW at `cascade_lr`) on each slide's selected patches plus
+    `cascade_explore` patches drawn from the whole slide; for the first `cascade_warmup_epochs` epochs
+    training and validation select by the full pass while the scorer learns. Heatmaps always run the
+    full pass.
     """
 
     memory_size: int = 8
@@ -189,6 +199,13 @@ class SelectionConfig:
     prefetch: int = 2
     explore: float = 0.25
     explore_novel: float = 1.0
+    cascade: bool = False
+    cascade_candidates: float = 0.1
+    cascade_factor: int = 4
+    cascade_width: int = 16
+    cascade_explore: int = 16
+    cascade_lr: float = 1e-3
+    cascade_warmup_epochs: int = 2
 
     def __post_init__(self) -> None:
         _require(self.memory_size >= 1, "selection.memory_size", f"M must be >= 1, got {self.memory_size}")
@@ -204,6 +221,32 @@ class SelectionConfig:
             0.0 <= self.explore_novel <= 1.0,
             "selection.explore_novel",
             f"must be in [0, 1], got {self.explore_novel}",
+        )
+        _require(
+            self.cascade_candidates > 0
+            and (self.cascade_candidates <= 1 or float(self.cascade_candidates).is_integer()),
+            "selection.cascade_candidates",
+            f"must be a share in (0, 1] or a whole count > 1, got {self.cascade_candidates}",
+        )
+        f = self.cascade_factor
+        _require(
+            f >= 2 and f & (f - 1) == 0,
+            "selection.cascade_factor",
+            f"must be a power of two >= 2 (the pyramid's levels halve), got {f}",
+        )
+        _require(
+            self.cascade_width >= 1, "selection.cascade_width", f"must be >= 1, got {self.cascade_width}"
+        )
+        _require(
+            self.cascade_explore >= 0,
+            "selection.cascade_explore",
+            f"must be >= 0, got {self.cascade_explore}",
+        )
+        _require(self.cascade_lr > 0, "selection.cascade_lr", f"must be > 0, got {self.cascade_lr}")
+        _require(
+            self.cascade_warmup_epochs >= 0,
+            "selection.cascade_warmup_epochs",
+            f"must be >= 0, got {self.cascade_warmup_epochs}",
         )
 
 

@@ -70,9 +70,10 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def write_json(path: str | Path, key: str, payload: dict[str, Any]) -> Path:
+def write_json(path: str | Path, key: str, payload: dict[str, Any], *, top_level: Sequence[str] = ()) -> Path:
     """Write `{key: payload}` to `path`; other top-level keys of an existing file are kept, so one file
-    can collect `memory`, `throughput` and `encoders` from separate runs. Atomic (temp file + rename)."""
+    can collect `memory`, `throughput` and `encoders` from separate runs. `top_level`: keys of `payload`
+    also written at the top of the file (a contract that names them there). Atomic (temp file + rename)."""
     path = Path(path)
     data: dict[str, Any] = {}
     if path.is_file():
@@ -82,6 +83,7 @@ def write_json(path: str | Path, key: str, payload: dict[str, Any]) -> Path:
         except json.JSONDecodeError:
             data = {}
     data[key] = payload
+    data.update({k: payload[k] for k in top_level})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")

@@ -9,6 +9,7 @@ report the same numbers for the same slides. This is the one module that calls
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,8 +19,10 @@ import torch
 from torch import nn
 
 from ips.algo.batch import stack_selections
+from ips.algo.cascade import CascadeRun, CascadeSettings, cascade_select
 from ips.algo.selection import ChunkObserver, Selection, StreamFn, eval_mode, observe_all, select
 from ips.config import ConfigError, ExperimentConfig, ModelConfig, SelectionConfig
+from ips.data.coarse import coarse_view
 from ips.data.manifest import SlideRecord
 from ips.data.open import SourceFactory
 from ips.data.sources import PatchSource
@@ -36,6 +39,8 @@ class Selector:
 
     `stream`: how chunks are read (default: `stream_chunks` with `prefetch` chunks read ahead, pinned on
     CUDA); tests and benchmarks pass another order or `iter_chunks`.
+    `cascade` (`selection.cascade`): select by the cascade (`ips.algo.cascade`): the model's coarse
+    scorer on a coarse view of every patch, then exact top-M among the candidates; None: the full pass.
     """
 
     memory_size: int
@@ -44,23 +49,32 @@ class Selector:
     prefetch: int = 2
     runtime: Runtime = field(default_factory=lambda: Runtime(torch.device("cpu")))
     stream: StreamFn | None = None
+    cascade: CascadeSettings | None = None
 
     @classmethod
     def from_config(cls, selection: SelectionConfig, runtime: Runtime) -> Selector:
-        """From `cfg.selection` (memory_size, iter_size, score, prefetch) and the run's runtime."""
+        """From `cfg.selection` (memory_size, iter_size, score, prefetch, cascade) and the run's runtime."""
+        cascade = (
+            CascadeSettings(selection.cascade_candidates, selection.cascade_factor)
+            if selection.cascade
+            else None
+        )
         return cls(
             selection.memory_size,
             selection.iter_size,
             score=selection.score,
             prefetch=selection.prefetch,
             runtime=runtime,
+            cascade=cascade,
         )
 
     def __call__(
         self, model: nn.Module, source: PatchSource, *, observe: ChunkObserver | None = None
     ) -> Selection:
         """One no-grad selection pass over `source`, the model in eval mode (each module's mode restored
-        after). `observe`: see `ips.algo.selection.select`."""
+        after). `observe`: see `ips.algo.selection.select` (under the cascade it sees the candidates)."""
+        if self.cascade is not None and len(source) > self.memory_size:
+            return self.run_cascade(model, source, observe=observe).selection
         stream = self.stream or partial(
             stream_chunks, prefetch=self.prefetch, pin_memory=self.runtime.pin_memory
         )
@@ -70,6 +84,38 @@ class Selector:
                 source,
                 memory_size=self.memory_size,
                 iter_size=self.iter_size,
+                score=self.score,
+                device=self.runtime.device,
+                stream=stream,
+                autocast_dtype=self.runtime.autocast_dtype,
+                observe=observe,
+            )
+
+    def run_cascade(
+        self, model: nn.Module, source: PatchSource, *, observe: ChunkObserver | None = None
+    ) -> CascadeRun:
+        """One cascade pass (`ips.algo.cascade.cascade_select`): the selection and its candidates.
+        ConfigError when the model has no coarse scorer or the source no pixels."""
+        settings = self.cascade or CascadeSettings()
+        if getattr(model, "coarse_scorer", None) is None:
+            raise ConfigError(
+                "selection.cascade: this model has no trained coarse scorer (train with selection.cascade=true)"
+            )
+        try:
+            coarse = coarse_view(source, settings.factor)
+        except ValueError as e:
+            raise ConfigError(f"selection.cascade: {e}") from None
+        stream = self.stream or partial(
+            stream_chunks, prefetch=self.prefetch, pin_memory=self.runtime.pin_memory
+        )
+        with eval_mode(model):
+            return cascade_select(
+                model,
+                source,
+                coarse,
+                memory_size=self.memory_size,
+                iter_size=self.iter_size,
+                settings=settings,
                 score=self.score,
                 device=self.runtime.device,
                 stream=stream,
@@ -118,16 +164,19 @@ class Predictor:
     ) -> SlideInference:
         """The attention of every patch plus the predictions of `modes`, from one pass over the slide.
 
-        `topm`: from the top-M selection, exactly as `predict`; `all`: from all N patches by the exact
-        online softmax of the same pass. The top-M indices are always kept (`selected`). `observe`: also
-        sees every chunk of the pass, after the attention is recorded (e.g. `ips suggest`'s embeddings).
+        `topm`: from the top-M selection, exactly as `predict` without the cascade; `all`: from all N
+        patches by the exact online softmax of the same pass. The top-M indices are always kept
+        (`selected`). The attention of every patch needs every patch: this is always the full pass.
+        `observe`: also sees every chunk of the pass, after the attention is recorded (e.g. `ips suggest`'s
+        embeddings).
         """
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown inference mode {bad[0]!r}; valid modes: {', '.join(MODES)}")
         recorder = AttentionRecorder(self.model, len(source), pool="all" in modes)
+        full = dataclasses.replace(self.selector, cascade=None)  # every patch's attention: the full pass
         with eval_mode(self.model):
-            sel = self.selector(self.model, source, observe=observe_all(recorder, observe))
+            sel = full(self.model, source, observe=observe_all(recorder, observe))
             result = SlideInference(
                 recorder.head_logits, global_logsumexp(recorder.head_logits), sel.indices.numpy()
             )

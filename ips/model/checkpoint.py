@@ -14,6 +14,7 @@ from torch import nn
 
 from ips.config import ExperimentConfig
 from ips.errors import CheckpointError
+from ips.model.coarse import attach_coarse_scorer
 from ips.model.ips_model import IPSModel, build_model
 from ips.model.torchfile import read_torch_file, save_torch_file
 
@@ -87,6 +88,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IP
         raise CheckpointError(f"{path}: its config is not valid for this version of ips ({e})") from None
     # weights come from the checkpoint: never reach for a hub or a local pretrained file here
     model = build_model(_without_pretrained(config).model, views=config.data.views)
+    if config.selection.cascade:  # the cascade's coarse scorer is saved with the model
+        attach_coarse_scorer(model, width=config.selection.cascade_width)
     try:
         model.load_state_dict(payload["model"])
     except (KeyError, RuntimeError) as e:

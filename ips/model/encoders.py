@@ -136,11 +136,60 @@ class FireBlock(nn.Module):
 _BLOCKS = {"basic": BasicBlock, "se": BasicBlock, "inverted": InvertedBottleneck, "fire": FireBlock}
 
 
+def spatial_shift(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """Zero-MAC, zero-parameter spatial mixing (Wu et al. 2018, "Shift"): the channels are split into
+    `2 * spatial_dims + 1` groups; group 2a moves one step forward along spatial axis a, group 2a + 1
+    one step back, the last group stays; vacated places are zero. `(n, C, *S) -> (n, C, *S)`."""
+    out = torch.zeros_like(x)
+    groups = 2 * spatial_dims + 1
+    size = x.shape[1] // groups
+    for g in range(groups - 1):
+        axis, step = 2 + g // 2, 1 if g % 2 == 0 else -1
+        chans = slice(g * size, (g + 1) * size)
+        n = x.shape[axis]
+        src = [slice(None)] * x.dim()
+        dst = [slice(None)] * x.dim()
+        src[1] = dst[1] = chans
+        src[axis], dst[axis] = (slice(0, n - 1), slice(1, n)) if step == 1 else (slice(1, n), slice(0, n - 1))
+        out[tuple(dst)] = x[tuple(src)]
+    rest = slice((groups - 1) * size, None)  # the unshifted group (and the channels left over)
+    out[:, rest] = x[:, rest]
+    return out
+
+
+class ShiftBlock(nn.Module):
+    """Shift-conv residual block: shift, 1^d conv (with the stride), norm, ReLU, shift, 1^d conv, norm;
+    plus the skip. The spatial mixing costs no MACs: every multiply is in the 1^d convolutions."""
+
+    def __init__(self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str) -> None:
+        super().__init__()
+        conv = _CONV[spatial_dims]
+        self.spatial_dims = spatial_dims
+        self.conv1 = nn.Sequential(
+            conv(cin, cout, 1, stride, bias=False), _norm(norm, cout, spatial_dims), nn.ReLU(inplace=True)
+        )
+        self.conv2 = nn.Sequential(conv(cout, cout, 1, bias=False), _norm(norm, cout, spatial_dims))
+        self.skip = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(conv(cin, cout, 1, stride, bias=False), _norm(norm, cout, spatial_dims))
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(spatial_shift(x, self.spatial_dims))
+        y = self.conv2(spatial_shift(y, self.spatial_dims))
+        return self.act(y + self.skip(x))
+
+
+_BLOCKS["shift"] = ShiftBlock
+
+
 class ConvEncoder(nn.Module):
     """A ResNet-like CNN for 2D or 3D patches: stem (stride 2), stages (each halves the size), global pool.
 
     Args:
-        widths: channels per stage; depths: blocks per stage; block: 'basic' | 'se' | 'inverted' | 'fire'.
+        widths: channels per stage; depths: blocks per stage; block: 'basic' | 'se' | 'inverted' | 'fire' | 'shift'.
     Shapes: `(n, in_chans, *spatial) -> (n, widths[-1])`.
     """
 
@@ -257,6 +306,20 @@ def ips_fire10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> Conv
         widths=(32, 64, 128, 256),
         depths=(1, 1, 1, 1),
         block="fire",
+        stem_pool=True,
+        norm=norm,
+    )
+
+
+@register_encoder
+def ips_shift10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
+    """Shift-conv variant of ips_resnet10: zero-MAC spatial shifts before 1^d convolutions."""
+    return ConvEncoder(
+        in_chans=in_chans,
+        spatial_dims=spatial_dims,
+        widths=(32, 64, 128, 256),
+        depths=(1, 1, 1, 1),
+        block="shift",
         stem_pool=True,
         norm=norm,
     )

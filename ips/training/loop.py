@@ -35,6 +35,7 @@ from ips.runtime import DistInfo, Runtime, seed_everything
 from ips.training.bagloss import BagEmbeddings
 from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from ips.training.budget import GB, BudgetPlan, estimate_step_bytes, plan_micro_batch
+from ips.training.distill import CascadeDistiller
 from ips.training.distributed import barrier, broadcast_flag, shard
 from ips.training.explore import explore_selections
 from ips.training.inputs import Inputs, load_inputs, targets_for
@@ -141,8 +142,10 @@ class Trainer:
         model: IPSModel,
         micro_batch_size: int,
         log: Callable[[str], None] = print,
+        distiller: CascadeDistiller | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.runtime, self.log = cfg, run_dir, runtime, log
+        self.distiller = distiller  # selection.cascade: teaches the coarse scorer
         self.inputs, self.sources = inputs, sources
         self.model = model
         self.net: nn.Module = model
@@ -187,6 +190,7 @@ class Trainer:
         model = build_model(cfg.model, views=cfg.data.views).to(runtime.device)
         if runtime.device.type == "cuda" and cfg.train.channels_last and cfg.model.spatial_dims == 2:
             model = model.to(memory_format=torch.channels_last)
+        distiller = CascadeDistiller(model, cfg.selection, runtime) if cfg.selection.cascade else None
         first = inputs.train[0]
         micro = choose_micro_batch(model, sources(first), first, cfg, runtime, log)
         trainer = cls(
@@ -198,6 +202,7 @@ class Trainer:
             model=model,
             micro_batch_size=micro,
             log=log,
+            distiller=distiller,
         )
         if runtime.dist.is_main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -216,6 +221,8 @@ class Trainer:
         rt = self.runtime
         for epoch in range(self.progress.epoch + 1, self.cfg.train.epochs + 1):
             t0 = time.perf_counter()
+            if self.distiller is not None:
+                self.distiller.choose_selector(self, epoch)
             row = self.train_epoch(epoch, show_progress=show_progress)
             if self.calibration:
                 # on every rank, on the same slides: selection on each rank uses its own running statistics
@@ -295,6 +302,8 @@ class Trainer:
         selections = explore_selections(
             self.model, sources, self.selector, cfg.selection, rng, observers=bags
         )
+        if self.distiller is not None:
+            self.distiller.step(sources, selections, rng)
         patch_targets: list[np.ndarray | None] = [None] * len(records)
         for i, r in enumerate(records):
             labels = self.inputs.annotations.get(r.slide_id)
@@ -411,6 +420,8 @@ class Trainer:
         improved, `best.pt`."""
         p, cfg = self.progress, self.cfg
         extra = {"best": p.best, "bad_epochs": p.bad_epochs, "monitor": self.inputs.monitor}
+        if self.distiller is not None:  # the coarse scorer's own optimiser: a resumed run goes on the same
+            extra["cascade_optimizer"] = self.distiller.optimizer.state_dict()
         checkpoints = self.run_dir / "checkpoints"
         save_checkpoint(
             checkpoints / "last.pt",
@@ -439,6 +450,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])  # its length comes from this run's train.epochs
         set_rng_state(state["rng"])
         extra = state["extra"]
+        if self.distiller is not None and "cascade_optimizer" in extra:
+            self.distiller.optimizer.load_state_dict(extra["cascade_optimizer"])
         self.progress = Progress(state["epoch"], extra.get("best"), extra.get("bad_epochs", 0))
         if self.metrics_log is not None:
             self.metrics_log.truncate(self.progress.epoch)
