@@ -29,6 +29,7 @@ SUBCOMMANDS = [
     "ips.cli.view",
     "ips.cli.synth",
     "ips.cli.eval",
+    "ips.cli.prune",
 ]
 
 
