@@ -10,6 +10,7 @@ token-pruning encoder are not counted, because the hooks see the shapes that act
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -39,12 +40,9 @@ def _rules() -> dict[type, object]:
         nn.Conv3d: _conv_macs,
         nn.Linear: _linear_macs,
     }
-    try:
-        from timm.layers import Attention
-
-        rules[Attention] = _attention_macs
-    except ImportError:  # timm is a dependency; without it there is no ViT to count
-        pass
+    layers = sys.modules.get("timm.layers")  # not imported: no timm attention can be in the model
+    if layers is not None:
+        rules[layers.Attention] = _attention_macs
     return rules
 
 

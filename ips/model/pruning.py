@@ -76,10 +76,11 @@ def channel_importance(block: nn.Module) -> torch.Tensor:
 
 
 def kept_count(channels: int, ratio: float, *, group_norm: bool) -> int:
-    """How many of `channels` stay at pruning `ratio`; with GroupNorm, 8 or more round to a multiple of 8."""
-    k = max(1, round(channels * (1.0 - ratio)))
+    """How many of `channels` stay at pruning `ratio` (halves round up); with GroupNorm, 8 or more round
+    to the nearest multiple of 8."""
+    k = max(1, int(channels * (1.0 - ratio) + 0.5))
     if group_norm and k >= 8:
-        k = max(8, 8 * round(k / 8))
+        k = 8 * int(k / 8 + 0.5)
     return min(k, channels)
 
 
