@@ -111,7 +111,8 @@ class TokenPruningViT(nn.Module):
                 elif not self.training and self.keep < 1.0:
                     t = drop_tokens(t, head(t[:, 1:]), self.keep)
             if learn and i == len(vit.blocks) - 1:
-                target = cls_attention(block, t.detach())
+                with torch.no_grad():  # a target: no gradient into the block's weights either
+                    target = cls_attention(block, t)
             t = block(t)
         out = vit.forward_head(vit.norm(t), pre_logits=True)  # (n, D): the class token
         if scores and target is not None:
