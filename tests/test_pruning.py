@@ -222,3 +222,15 @@ def test_cli_prune_fine_tunes_from_the_pruned_weights(tmp_path):
     assert tuned_cfg.model.encoder_inner == (4, 8) and tuned_cfg.train.epochs == 1
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert any(k.startswith("encoder.") for k in changed)  # trained from the pruned weights
+
+
+def test_bench_encoders_reports_pruned_variants(tmp_path):
+    out = tmp_path / "e.json"
+    argv = ["bench", "encoders", "--encoders-2d", "ips_cnn_tiny,ips_cnn_tiny@prune=0.5", "--encoders-3d", ""]
+    small = ["--patch-2d", "16", "--batch-2d", "2", "--repeats", "1", "--threads", "1", "--json", str(out)]
+    assert main([*argv, *small]) == 0
+    base, pruned = json.loads(out.read_text())["encoders"]["rows"]
+    assert pruned["base"] == "ips_cnn_tiny" and "base" not in base
+    assert pruned["macs_vs_base"] == round(pruned["macs_per_patch"] / base["macs_per_patch"], 3) < 1
+    assert pruned["params"] < base["params"] and pruned["infer_cpu_ms_per_patch"] > 0
+    assert main([*argv[:3], "ips_cnn_tiny@shrink=0.5", *argv[4:], *small]) == 2

@@ -7,6 +7,8 @@ channel as CT/MR volumes have):
 - `macs_per_patch`: multiply-accumulates of one forward pass in eval mode, counted by forward hooks
   on the layers that multiply (`ips.model.macs`: convolutions, linear layers, attention's matrix
   products; norms and activations are not counted); `stem_macs_share`: the share of them in the stem convolution (our CNNs only);
+- `infer_cpu_ms_per_patch`: process CPU time of the same forward pass (it does not count the time a
+  loaded machine keeps the process waiting);
 - `infer_ms_per_patch`, `train_ms_per_patch`: wall time of a forward pass (no grad, eval mode) and of a
   forward + backward pass (train mode) on a batch, divided by the batch (fastest of `repeats`);
 - `activation_bytes_per_patch`: bytes autograd saves for backward per patch in training (device
@@ -19,7 +21,7 @@ Ratios against `ips_resnet10` of the same dims show what the efficient variants 
 Variants by name: `NAME@prune=R` is our CNN `NAME` with each block's inner channels pruned by R
 (`ips.model.pruning`, importance of the seeded init: sizes and speed, not accuracy); `NAME@keep=K` is a
 token-pruning ViT keeping a share K of its tokens per stage in eval mode (`ips.model.token_vit`). Their
-rows add `base` and `macs_vs_base` / `infer_vs_base` against `NAME` measured in the same run.
+rows add `base` and `macs_vs_base` / `infer_vs_base` / `infer_cpu_vs_base` against `NAME` measured in the same run.
 """
 
 from __future__ import annotations
@@ -110,16 +112,18 @@ def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of `fn()`, each the least of `repeats`. CPU time does not count the
+    time a loaded machine keeps the process waiting, so it compares variants where wall time cannot."""
     fn()  # warm-up
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
         synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+    return best, best_cpu
 
 
 def measure_encoder(
@@ -145,13 +149,13 @@ def measure_encoder(
         with torch.no_grad():
             enc(x)
 
-    infer_s = _best_time(infer, device, repeats)
+    infer_s, infer_cpu_s = _best_time(infer, device, repeats)
     enc.train()
 
     def train_step() -> None:
         enc(x).sum().backward()
 
-    train_s = _best_time(train_step, device, repeats)
+    train_s, _ = _best_time(train_step, device, repeats)
     enc.zero_grad(set_to_none=True)
     act = saved_activation_bytes(enc, x)
     peak_dev = None
@@ -174,6 +178,7 @@ def measure_encoder(
         "stem_macs_share": None if stem is None else round(stem / max(macs, 1), 3),
         "out_dim": int(getattr(enc, "out_dim", 0)),
         "infer_ms_per_patch": round(1e3 * infer_s / batch, 3),
+        "infer_cpu_ms_per_patch": round(1e3 * infer_cpu_s / batch, 3),
         "train_ms_per_patch": round(1e3 * train_s / batch, 3),
         "activation_bytes_per_patch": act // batch,
         "peak_device_bytes_per_patch": peak_dev,
@@ -236,6 +241,9 @@ def run_encoders(
             row["base"] = base
             row["macs_vs_base"] = round(row["macs_per_patch"] / max(ref["macs_per_patch"], 1), 3)
             row["infer_vs_base"] = round(row["infer_ms_per_patch"] / max(ref["infer_ms_per_patch"], 1e-9), 3)
+            row["infer_cpu_vs_base"] = round(
+                row["infer_cpu_ms_per_patch"] / max(ref["infer_cpu_ms_per_patch"], 1e-9), 3
+            )
     for row in rows:  # savings against the reference of the same dims
         ref = next(
             (r for r in rows if r["encoder"] == REFERENCE and r["spatial_dims"] == row["spatial_dims"]), None
@@ -261,13 +269,16 @@ def encoders_table(result: dict[str, Any]) -> str:
                 f"{r['macs_per_patch'] / 1e9:.3f}",
                 "-" if r["stem_macs_share"] is None else f"{100 * r['stem_macs_share']:.0f}%",
                 f"{r['infer_ms_per_patch']:.2f}",
+                f"{r['infer_cpu_ms_per_patch']:.2f}",
                 f"{r['train_ms_per_patch']:.2f}",
                 f"{r['activation_bytes_per_patch'] / MiB:.2f}",
                 "-"
                 if r["peak_device_bytes_per_patch"] is None
                 else f"{r['peak_device_bytes_per_patch'] / MiB:.2f}",
                 f"{r.get('params_vs_resnet10', '-')} / {r.get('macs_vs_resnet10', '-')}",
-                f"{r['macs_vs_base']} / {r['infer_vs_base']}" if "base" in r else "-",
+                f"{r['macs_vs_base']} / {r['infer_vs_base']} / {r['infer_cpu_vs_base']}"
+                if "base" in r
+                else "-",
             ]
         )
     header = [
@@ -278,11 +289,12 @@ def encoders_table(result: dict[str, Any]) -> str:
         "GMACs",
         "stem",
         "infer ms",
+        "infer CPU ms",
         "train ms",
         "act MiB",
         "dev MiB",
         "vs resnet10 (params / MACs)",
-        "vs base (MACs / infer)",
+        "vs base (MACs / infer / infer CPU)",
     ]
     return f"per patch; {result['device']}, {result['torch_threads']} torch threads\n" + format_table(
         header, body
