@@ -11,7 +11,8 @@ attention over the patch tokens in the last block (mean over heads: what the emb
 the softmax of the head's scores. The heads read detached tokens and the target is detached, so the
 auxiliary loss trains the heads alone and leaves the backbone's gradients as they were; its gradient
 is injected at the encoder's output (`_with_aux_loss`), so any training loop that backpropagates
-through the embeddings trains the heads, with no change to the loop.
+through the embeddings trains the heads, with no change to the loop (each backward pass adds the
+auxiliary loss of the patches it encoded once: with micro-batches, once per micro-batch).
 
 Exactness: with `keep` 1 nothing is dropped and the forward is timm's `forward_features` +
 `forward_head(pre_logits=True)` on the same weights; with `keep` < 1 each patch is still encoded on its
