@@ -113,6 +113,10 @@ class ModelConfig:
     from the first step, so bag labels teach a fresh encoder far sooner, docs/BENCHMARKS.md) or 'group'
     (each patch normalised on its own, so micro-batched gradients equal full-batch ones exactly). Unset
     (null): 'batch' for our encoders, and timm models keep their own normalisation.
+    `encoder_inner` (ips_* CNNs; null = as built): the inner channels of each block in order (a basic
+    block's middle, an inverted bottleneck's hidden, a Fire module's squeeze); `ips prune` writes it, so a
+    pruned checkpoint rebuilds from its config. `token_keep` (`ips_vit_*` encoders): the share of patch
+    tokens kept at each pruning stage in eval mode (selection and inference); 1 keeps every token.
     """
 
     encoder: str = "resnet18"
@@ -128,6 +132,8 @@ class ModelConfig:
     dropout: float = 0.0
     pos_enc: Literal["sincos", "none"] = "sincos"
     tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
+    encoder_inner: tuple[int, ...] | None = None
+    token_keep: float = 1.0
 
     def __post_init__(self) -> None:
         _require(
@@ -154,6 +160,15 @@ class ModelConfig:
             f"must be 'group' or 'batch', got {self.encoder_norm!r}",
         )
         _require(len(self.tasks) >= 1, "model.tasks", "needs at least one task")
+        if self.encoder_inner is not None:
+            _require(
+                all(c >= 1 for c in self.encoder_inner),
+                "model.encoder_inner",
+                f"channels must be >= 1, got {list(self.encoder_inner)}",
+            )
+        _require(
+            0.0 < self.token_keep <= 1.0, "model.token_keep", f"must be in (0, 1], got {self.token_keep}"
+        )
         names = [t.name for t in self.tasks]
         _require(len(set(names)) == len(names), "model.tasks", f"task names must be unique, got {names}")
         if self.encoder == "features":

@@ -4,9 +4,11 @@ Per encoder and number of spatial dims (2D at `patch_2d` pixels, RGB; 3D at `pat
 channel as CT/MR volumes have):
 
 - `params`: trainable parameters;
-- `macs_per_patch`: multiply-accumulates of one forward pass, from `torch.utils.flop_counter.
-  FlopCounterMode` (convolutions and matrix products; MACs = FLOPs / 2; norms and activations are not
-  counted); `stem_macs_share`: the share of them in the stem convolution (our CNNs only);
+- `macs_per_patch`: multiply-accumulates of one forward pass in eval mode, counted by forward hooks
+  on the layers that multiply (`ips.model.macs`: convolutions, linear layers, attention's matrix
+  products; norms and activations are not counted); `stem_macs_share`: the share of them in the stem convolution (our CNNs only);
+- `infer_cpu_ms_per_patch`: process CPU time of the same forward pass (it does not count the time a
+  loaded machine keeps the process waiting);
 - `infer_ms_per_patch`, `train_ms_per_patch`: wall time of a forward pass (no grad, eval mode) and of a
   forward + backward pass (train mode) on a batch, divided by the batch (fastest of `repeats`);
 - `activation_bytes_per_patch`: bytes autograd saves for backward per patch in training (device
@@ -15,6 +17,11 @@ channel as CT/MR volumes have):
   backward, per patch.
 
 Ratios against `ips_resnet10` of the same dims show what the efficient variants save.
+
+Variants by name: `NAME@prune=R` is our CNN `NAME` with each block's inner channels pruned by R
+(`ips.model.pruning`, importance of the seeded init: sizes and speed, not accuracy); `NAME@keep=K` is a
+token-pruning ViT keeping a share K of its tokens per stage in eval mode (`ips.model.token_vit`). Their
+rows add `base` and `macs_vs_base` / `infer_vs_base` / `infer_cpu_vs_base` against `NAME` measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,21 +32,55 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ips.bench.common import MiB, describe_device, format_table, synchronize
+from ips.config import ConfigError, ModelConfig
 from ips.model.encoders import build_encoder, list_encoders
+from ips.model.ips_model import build_model
+from ips.model.macs import count_macs
+from ips.model.pruning import prune_model
 from ips.runtime import resolve_device
+
+__all__ = ["count_macs", "encoders_table", "measure_encoder", "run_encoders"]
 
 REFERENCE = "ips_resnet10"
 TIMM_2D = ("resnet18",)  # the 2D default of ModelConfig (a timm model), for comparison
+VARIANTS = {
+    2: ("ips_resnet10@prune=0.7", "ips_vit_tiny", "ips_vit_tiny@keep=0.5"),
+    3: ("ips_resnet10@prune=0.7",),
+}
 
 
-def count_macs(module: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of `module(x)` for a batch of one."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x[:1])
-    return int(counter.get_total_flops()) // 2
+def build_variant(name: str, *, spatial_dims: int, patch_size: int, in_chans: int) -> nn.Module:
+    """An encoder by name, or a pruned variant `NAME@prune=R` / `NAME@keep=K` (module docstring)."""
+    base, _, option = name.partition("@")
+    key, _, value = option.partition("=")
+    if option and key not in ("prune", "keep"):
+        raise ConfigError(f"--encoders: {name!r}: a variant is NAME@prune=R or NAME@keep=K")
+    try:
+        amount = float(value) if option else None
+    except ValueError:
+        raise ConfigError(f"--encoders: {name!r}: {value!r} is not a number") from None
+    if key == "prune":
+        cfg = ModelConfig(
+            encoder=base,
+            encoder_norm="group",
+            in_chans=in_chans,
+            spatial_dims=spatial_dims,
+            patch_size=patch_size,
+        )
+        model, _ = prune_model(build_model(cfg), cfg, ratio=amount)
+        return model.encoder
+    # ours with GroupNorm, as the table was measured: a training step on a batch of one patch works
+    norm = "group" if base in list_encoders() else None
+    return build_encoder(
+        base,
+        in_chans=in_chans,
+        spatial_dims=spatial_dims,
+        patch_size=patch_size,
+        norm=norm,
+        token_keep=amount if key == "keep" else 1.0,
+    )
 
 
 def stem_macs(module: nn.Module, x: torch.Tensor) -> int | None:
@@ -71,16 +112,18 @@ def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of `fn()`, each the least of `repeats`. CPU time does not count the
+    time a loaded machine keeps the process waiting, so it compares variants where wall time cannot."""
     fn()  # warm-up
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
         synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+    return best, best_cpu
 
 
 def measure_encoder(
@@ -95,10 +138,7 @@ def measure_encoder(
 ) -> dict[str, Any]:
     """One row of the encoder table (see the module docstring)."""
     torch.manual_seed(0)
-    # ours with GroupNorm, as the table was measured: a training step on a batch of one patch works
-    norm = "group" if name in list_encoders() else None
-    enc = build_encoder(name, in_chans=in_chans, spatial_dims=spatial_dims, patch_size=patch_size, norm=norm)
-    enc = enc.to(device)
+    enc = build_variant(name, spatial_dims=spatial_dims, patch_size=patch_size, in_chans=in_chans).to(device)
     x = torch.randn(batch, in_chans, *([patch_size] * spatial_dims), device=device)  # (b, C, *S)
     params = sum(p.numel() for p in enc.parameters() if p.requires_grad)
     enc.eval()
@@ -109,13 +149,13 @@ def measure_encoder(
         with torch.no_grad():
             enc(x)
 
-    infer_s = _best_time(infer, device, repeats)
+    infer_s, infer_cpu_s = _best_time(infer, device, repeats)
     enc.train()
 
     def train_step() -> None:
         enc(x).sum().backward()
 
-    train_s = _best_time(train_step, device, repeats)
+    train_s, _ = _best_time(train_step, device, repeats)
     enc.zero_grad(set_to_none=True)
     act = saved_activation_bytes(enc, x)
     peak_dev = None
@@ -138,6 +178,7 @@ def measure_encoder(
         "stem_macs_share": None if stem is None else round(stem / max(macs, 1), 3),
         "out_dim": int(getattr(enc, "out_dim", 0)),
         "infer_ms_per_patch": round(1e3 * infer_s / batch, 3),
+        "infer_cpu_ms_per_patch": round(1e3 * infer_cpu_s / batch, 3),
         "train_ms_per_patch": round(1e3 * train_s / batch, 3),
         "activation_bytes_per_patch": act // batch,
         "peak_device_bytes_per_patch": peak_dev,
@@ -146,9 +187,9 @@ def measure_encoder(
 
 
 def default_encoders(spatial_dims: int) -> list[str]:
-    """Ours (`ips_*`, all dims) plus, in 2D, the timm default for comparison."""
+    """Ours (`ips_*`, all dims), pruned variants (`VARIANTS`) and, in 2D, the timm default for comparison."""
     ours = [n for n in list_encoders() if n.startswith("ips_")]
-    return ours + (list(TIMM_2D) if spatial_dims == 2 else [])
+    return ours + list(VARIANTS[spatial_dims]) + (list(TIMM_2D) if spatial_dims == 2 else [])
 
 
 def run_encoders(
@@ -191,6 +232,18 @@ def run_encoders(
                 f"{dims}D {name}: {row['params'] / 1e6:.2f} M params, {row['macs_per_patch'] / 1e9:.3f} GMACs, "
                 f"{row['infer_ms_per_patch']:.2f} ms/patch"
             )
+    for row in rows:  # a variant against its base measured in the same run
+        base = row["encoder"].partition("@")[0]
+        ref = next(
+            (r for r in rows if r["encoder"] == base and r["spatial_dims"] == row["spatial_dims"]), None
+        )
+        if base != row["encoder"] and ref is not None:
+            row["base"] = base
+            row["macs_vs_base"] = round(row["macs_per_patch"] / max(ref["macs_per_patch"], 1), 3)
+            row["infer_vs_base"] = round(row["infer_ms_per_patch"] / max(ref["infer_ms_per_patch"], 1e-9), 3)
+            row["infer_cpu_vs_base"] = round(
+                row["infer_cpu_ms_per_patch"] / max(ref["infer_cpu_ms_per_patch"], 1e-9), 3
+            )
     for row in rows:  # savings against the reference of the same dims
         ref = next(
             (r for r in rows if r["encoder"] == REFERENCE and r["spatial_dims"] == row["spatial_dims"]), None
@@ -216,12 +269,16 @@ def encoders_table(result: dict[str, Any]) -> str:
                 f"{r['macs_per_patch'] / 1e9:.3f}",
                 "-" if r["stem_macs_share"] is None else f"{100 * r['stem_macs_share']:.0f}%",
                 f"{r['infer_ms_per_patch']:.2f}",
+                f"{r['infer_cpu_ms_per_patch']:.2f}",
                 f"{r['train_ms_per_patch']:.2f}",
                 f"{r['activation_bytes_per_patch'] / MiB:.2f}",
                 "-"
                 if r["peak_device_bytes_per_patch"] is None
                 else f"{r['peak_device_bytes_per_patch'] / MiB:.2f}",
                 f"{r.get('params_vs_resnet10', '-')} / {r.get('macs_vs_resnet10', '-')}",
+                f"{r['macs_vs_base']} / {r['infer_vs_base']} / {r['infer_cpu_vs_base']}"
+                if "base" in r
+                else "-",
             ]
         )
     header = [
@@ -232,10 +289,12 @@ def encoders_table(result: dict[str, Any]) -> str:
         "GMACs",
         "stem",
         "infer ms",
+        "infer CPU ms",
         "train ms",
         "act MiB",
         "dev MiB",
         "vs resnet10 (params / MACs)",
+        "vs base (MACs / infer / infer CPU)",
     ]
     return f"per patch; {result['device']}, {result['torch_threads']} torch threads\n" + format_table(
         header, body

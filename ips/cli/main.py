@@ -31,6 +31,7 @@ SUBCOMMANDS = [
     "ips.cli.eval",
     "ips.cli.manifest",
     "ips.cli.suggest",
+    "ips.cli.prune",
 ]
 
 

@@ -62,18 +62,26 @@ class SqueezeExcite(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block (two 3^d convs), optionally with squeeze-excitation."""
+    """ResNet basic block (two 3^d convs), optionally with squeeze-excitation; `inner` channels between
+    the convs (default `cout`; fewer after pruning)."""
 
     def __init__(
-        self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str, se: bool = False
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        spatial_dims: int,
+        norm: str,
+        se: bool = False,
+        inner: int | None = None,
     ) -> None:
         super().__init__()
-        conv = _CONV[spatial_dims]
+        conv, mid = _CONV[spatial_dims], inner or cout
         self.body = nn.Sequential(
-            conv(cin, cout, 3, stride, 1, bias=False),
-            _norm(norm, cout, spatial_dims),
+            conv(cin, mid, 3, stride, 1, bias=False),
+            _norm(norm, mid, spatial_dims),
             nn.ReLU(inplace=True),
-            conv(cout, cout, 3, 1, 1, bias=False),
+            conv(mid, cout, 3, 1, 1, bias=False),
             _norm(norm, cout, spatial_dims),
             SqueezeExcite(cout, spatial_dims) if se else nn.Identity(),
         )
@@ -89,13 +97,21 @@ class BasicBlock(nn.Module):
 
 
 class InvertedBottleneck(nn.Module):
-    """MobileNetV2-style block: 1^d expand, depthwise 3^d, 1^d project (far fewer MACs than 3^d convs)."""
+    """MobileNetV2-style block: 1^d expand, depthwise 3^d, 1^d project (far fewer MACs than 3^d convs);
+    `inner` hidden channels (default `cin * expand`)."""
 
     def __init__(
-        self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str, expand: int = 4
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        spatial_dims: int,
+        norm: str,
+        expand: int = 4,
+        inner: int | None = None,
     ) -> None:
         super().__init__()
-        conv, hidden = _CONV[spatial_dims], cin * expand
+        conv, hidden = _CONV[spatial_dims], inner or cin * expand
         self.body = nn.Sequential(
             conv(cin, hidden, 1, bias=False),
             _norm(norm, hidden, spatial_dims),
@@ -114,11 +130,14 @@ class InvertedBottleneck(nn.Module):
 
 
 class FireBlock(nn.Module):
-    """SqueezeNet Fire module: 1^d squeeze, then parallel 1^d and 3^d expands, concatenated."""
+    """SqueezeNet Fire module: 1^d squeeze (`inner` channels, default `max(4, cout // 8)`), then parallel
+    1^d and 3^d expands, concatenated."""
 
-    def __init__(self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int, spatial_dims: int, norm: str, inner: int | None = None
+    ) -> None:
         super().__init__()
-        conv, squeeze = _CONV[spatial_dims], max(4, cout // 8)
+        conv, squeeze = _CONV[spatial_dims], inner or max(4, cout // 8)
         self.squeeze = nn.Sequential(
             conv(cin, squeeze, 1, stride, bias=False),
             _norm(norm, squeeze, spatial_dims),
@@ -190,6 +209,8 @@ class ConvEncoder(nn.Module):
 
     Args:
         widths: channels per stage; depths: blocks per stage; block: 'basic' | 'se' | 'inverted' | 'fire' | 'shift'.
+        inner: each block's inner channels in order (None: the block's default); `ips.model.pruning`
+            narrows them, and `arch` holds every argument, so a pruned encoder rebuilds from it.
     Shapes: `(n, in_chans, *spatial) -> (n, widths[-1])`.
     """
 
@@ -203,10 +224,24 @@ class ConvEncoder(nn.Module):
         block: str = "basic",
         norm: str = "group",
         stem_pool: bool = False,
+        inner: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in _CONV:
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        n_blocks = sum(depths)
+        if inner is not None and len(inner) != n_blocks:
+            raise ValueError(f"inner: {len(inner)} channel counts for {n_blocks} blocks")
+        self.arch = {
+            "in_chans": in_chans,
+            "spatial_dims": spatial_dims,
+            "widths": tuple(widths),
+            "depths": tuple(depths),
+            "block": block,
+            "norm": norm,
+            "stem_pool": stem_pool,
+            "inner": None if inner is None else tuple(inner),
+        }
         conv = _CONV[spatial_dims]
         layers: list[nn.Module] = [
             conv(in_chans, widths[0], 3 if not stem_pool else 7, 2, 1 if not stem_pool else 3, bias=False),
@@ -215,15 +250,19 @@ class ConvEncoder(nn.Module):
         ]
         if stem_pool:
             layers.append(_MAXPOOL[spatial_dims](3, 2, 1))
+        first_block = len(layers)  # net[first_block + k] is block k
         cin = widths[0]
         for i, (width, depth) in enumerate(zip(widths, depths)):
             for j in range(depth):
                 stride = 2 if (i > 0 and j == 0) else 1
-                kwargs = {"se": True} if block == "se" else {}
+                kwargs: dict = {"se": True} if block == "se" else {}
+                if inner is not None:
+                    kwargs["inner"] = inner[len(layers) - first_block]
                 layers.append(_BLOCKS[block](cin, width, stride, spatial_dims, norm, **kwargs))
                 cin = width
         layers += [_POOL[spatial_dims](1), nn.Flatten()]
         self.net = nn.Sequential(*layers)
+        self.first_block = first_block
         self.out_dim = widths[-1]
         # total downsampling: a patch smaller than this has no spatial extent left in the last stage
         self.min_patch_size = 2 ** (len(widths) + (2 if stem_pool else 1) - 1)
@@ -430,17 +469,30 @@ def build_encoder(
     feature_dim: int | None = None,
     d_model: int = 128,
     norm: str | None = None,
+    inner: tuple[int, ...] | None = None,
+    token_keep: float = 1.0,
 ) -> nn.Module:
     """Build an encoder by name and check that it takes `patch_size` patches; the result has `out_dim`.
 
     `norm` ('group' | 'batch'; None = DEFAULT_NORM) applies to our `ips_*` encoders only: timm models keep their
-    own normalisation. Raises ConfigError naming the key when the name is unknown, the norm does not
+    own normalisation. `inner`: our CNNs' per-block inner channels (`model.encoder_inner`, a pruned
+    encoder). `token_keep`: the token-pruning ViTs' keep share (`ips.model.token_vit`). Raises ConfigError naming the key when the name is unknown, the norm does not
     apply, or the patch size does not fit.
     """
     if norm is not None and name not in _REGISTRY:
         raise ConfigError(
             f"model.encoder_norm: applies to the ips_* encoders only, not {name!r} (timm models keep their own)"
         )
+    if inner is not None and name not in _REGISTRY:
+        raise ConfigError(f"model.encoder_inner: applies to the ips_* CNNs only, not {name!r}")
+    from ips.model.token_vit import TOKEN_VITS, build_token_vit
+
+    if name in TOKEN_VITS:
+        if norm is not None or pretrained is not False:
+            raise ConfigError(f"model.encoder: {name!r} takes neither encoder_norm nor pretrained weights")
+        if spatial_dims != 2:
+            raise ConfigError(f"model.encoder: {name!r} is a 2D encoder, got spatial_dims={spatial_dims}")
+        return build_token_vit(name, in_chans=in_chans, patch_size=patch_size, keep=token_keep)
     if is_foundation(name):
         return _foundation_encoder(name, in_chans=in_chans, spatial_dims=spatial_dims, pretrained=pretrained)
     if name == "features":
@@ -452,6 +504,8 @@ def build_encoder(
             if not isinstance(pretrained, str):
                 raise ConfigError(f"model.pretrained: encoder {name!r} has no hub weights; give a local file")
         encoder = _REGISTRY[name](in_chans=in_chans, spatial_dims=spatial_dims, norm=norm or DEFAULT_NORM)
+        if inner is not None:
+            encoder = _with_inner(encoder, name, tuple(inner))
         if isinstance(pretrained, str):
             path = Path(pretrained)
             if not path.is_file():
@@ -477,6 +531,25 @@ def build_encoder(
     encoder = _timm_encoder(name, in_chans=in_chans, pretrained=pretrained)
     _check_patch_size(encoder, name, in_chans=in_chans, spatial_dims=spatial_dims, patch_size=patch_size)
     return encoder
+
+
+def _with_inner(encoder: nn.Module, name: str, inner: tuple[int, ...]) -> ConvEncoder:
+    """`encoder` rebuilt with `inner` channels per block (fresh weights); ConfigError naming
+    `model.encoder_inner` when they do not fit."""
+    arch = getattr(encoder, "arch", None)
+    if not isinstance(encoder, ConvEncoder) or arch is None:
+        raise ConfigError(f"model.encoder_inner: encoder {name!r} has no inner channels to set")
+    n_blocks = sum(arch["depths"])
+    if len(inner) != n_blocks:
+        raise ConfigError(
+            f"model.encoder_inner: {name!r} has {n_blocks} blocks, got {len(inner)} channel counts"
+        )
+    bad = [c for c in inner if arch["norm"] == "group" and c % min(8, c)]
+    if bad:
+        raise ConfigError(
+            f"model.encoder_inner: {bad[0]} channels do not split into GroupNorm's {min(8, bad[0])} groups"
+        )
+    return ConvEncoder(**{**arch, "inner": inner})
 
 
 def _foundation_encoder(name: str, *, in_chans: int, spatial_dims: int, pretrained: bool | str) -> nn.Module:

@@ -197,6 +197,8 @@ def build_model(cfg: ModelConfig, *, views: int = 1) -> IPSModel:
         feature_dim=cfg.feature_dim,
         d_model=cfg.d_model,
         norm=cfg.encoder_norm,
+        inner=cfg.encoder_inner,
+        token_keep=cfg.token_keep,
     )
     pixel_input = cfg.encoder != "features"
     mean, std = pixel_stats(encoder, cfg.in_chans) if pixel_input else (None, None)
