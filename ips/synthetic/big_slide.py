@@ -12,7 +12,8 @@ function of its position and the seed only:
 Level 0 carries the resolution tags of `mpp` (0.25 um/px, a 40x scan); each reduced level (a SubIFD,
 as `ips prep` reads them) is the previous one pooled 2x2 with the rounded mean `(a + b + c + d + 2) // 4`.
 Reduced levels are built from a raw scratch file of pooled tiles beside the output, written while the
-level above is written, so memory stays a few tiles and the texture sheets whatever the size.
+level above is written, so memory holds a few tiles, the texture sheets and the coarse field (one float
+per `COARSE`^2 px of level 0): never a level.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def write_big_slide(path: str | Path, spec: BigSlideSpec) -> Path:
     """Write `spec` as a pyramidal tiled TIFF at `path` (level 0 plus reduced SubIFDs); returns the path.
 
     Level 0 is `(size, size, 3)` uint8; level k is `(size // 2**k, size // 2**k, 3)`, the 2x2 rounded
-    mean of level k-1. Memory holds a few tiles and the texture sheets, not a level.
+    mean of level k-1. Memory holds a few tiles, the texture sheets and the coarse field, not a level.
     """
     import tifffile
 
