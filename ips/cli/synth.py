@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the planted truth of every patch in each store (ips_truth/).",
     )
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
-    for add in (_add_lesions, _add_small_objects, _add_megapixel_mnist, _add_annotate):
+    for add in (_add_lesions, _add_small_objects, _add_megapixel_mnist, _add_annotate, _add_big_slide):
         add(kinds)
 
 
@@ -299,3 +299,35 @@ def _run_annotate(args: argparse.Namespace) -> int:
             f"({done.n_marked} with a marked patch) -> {args.out}"
         )
     return EXIT_OK
+
+
+def _add_big_slide(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "big-slide",
+        help="one real-size, 40x-like pyramidal TIFF (H&E-like tissue regions on glass), written tile by tile",
+        description="Write one SIZE x SIZE px pyramidal tiled TIFF at --mpp um/px (rules: "
+        "ips.synthetic.big_slide), streaming: memory holds a few tiles, not the image. Reduced levels are "
+        "SubIFDs, each the 2x2 mean of the level above; a scratch file beside --out is removed at the end.",
+    )
+    p.add_argument("--out", required=True, help="the TIFF to write")
+    p.add_argument("--size", type=int, default=60_000, help="side in pixels (default 60000)")
+    p.add_argument("--seed", type=int, default=0, help="(default 0)")
+    p.add_argument("--tile", type=int, default=512, help="tile side in pixels (default 512)")
+    p.add_argument(
+        "--mpp", type=float, default=0.25, help="um per pixel of level 0 (default 0.25, a 40x scan)"
+    )
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=_run_big_slide)
+
+
+def _run_big_slide(args: argparse.Namespace) -> int:
+    from ips.synthetic.big_slide import BigSlideSpec, write_big_slide
+
+    def make() -> object:
+        spec = BigSlideSpec(
+            size=args.size, seed=args.seed, tile=args.tile, mpp=args.mpp, quality=args.quality
+        )
+        return write_big_slide(args.out, spec)
+
+    return _generate(args, f"a {args.size} x {args.size} px slide", make)
