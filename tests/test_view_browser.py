@@ -285,12 +285,14 @@ def test_browser_draw_save_reload_train_and_cross_origin_refused(served_writable
 
     manifest = tmp_path / "manifest.csv"
     stores = lesions2d.root / "data" / "stores"
+    for name in ("lesion2d_0000", "lesion2d_0001"):  # the val slides: copies (a store is listed once)
+        shutil.copytree(stores / f"{name}.zarr", tmp_path / f"{name}v.zarr")
     manifest.write_text(
         "slide_id,path,label,split,annotation\n"
         f"lesion2d_0000,{stores / 'lesion2d_0000.zarr'},1,train,{saved}\n"
         f"lesion2d_0001,{stores / 'lesion2d_0001.zarr'},0,train,\n"
-        f"lesion2d_0000v,{stores / 'lesion2d_0000.zarr'},1,val,\n"
-        f"lesion2d_0001v,{stores / 'lesion2d_0001.zarr'},0,val,\n"
+        f"lesion2d_0000v,{tmp_path / 'lesion2d_0000v.zarr'},1,val,\n"
+        f"lesion2d_0001v,{tmp_path / 'lesion2d_0001v.zarr'},0,val,\n"
     )
     cfg = tiny_config(
         model={**TINY["model"], "in_chans": 3, "patch_size": 32},
