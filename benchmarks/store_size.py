@@ -3,9 +3,9 @@ PSNR of level 0 against the lossless store, prep CPU / decode CPU, and patch rea
 
     IPS_TEST_DATA=../shared/data python benchmarks/store_size.py [--repeat 20] [--json FILE]
 
-Stores (all `--patch-size 256`, one thread, no thumbnail, in a temporary folder): level0 + blosc-lz4
-(the default), zstd, `--store-from grid --mpp 1.0` with blosc-lz4 and zstd, and jpeg / jpegxl / webp at
-their default quality at level 0. PSNR is over the whole level 0 against the default store's level 0
+Stores (all `--patch-size 256`, one thread, no thumbnail, in a temporary folder): level0 with zstd
+level 1 (the default) and blosc-lz4 (the default before), `--store-from grid --mpp 1.0` with both, and
+jpeg / jpegxl / webp at their default quality at level 0. PSNR is over the whole level 0 against the default store's level 0
 (for `--store-from grid`: against the default store's level 1, which it should equal). Reads: every
 written 256-px chunk of level 0 as one patch, through the direct shard reader (`ips.data.chunk_io`) on
 the calling thread, `--repeat` passes; patches per second of process CPU time.
@@ -33,10 +33,10 @@ from ips.data.store import open_store
 REPO = Path(__file__).resolve().parents[1]
 
 CASES = {
-    "level0 blosc-lz4": {},
-    "level0 zstd": {"codec": "zstd"},
-    "grid --mpp 1.0 blosc-lz4": {"store_from": "grid", "mpp": 1.0},
-    "grid --mpp 1.0 zstd": {"store_from": "grid", "mpp": 1.0, "codec": "zstd"},
+    "level0 zstd (default)": {},
+    "level0 blosc-lz4": {"codec": "blosc-lz4"},
+    "grid --mpp 1.0 zstd (default)": {"store_from": "grid", "mpp": 1.0},
+    "grid --mpp 1.0 blosc-lz4": {"store_from": "grid", "mpp": 1.0, "codec": "blosc-lz4"},
     "level0 jpeg": {"codec": "jpeg"},
     "level0 jpegxl": {"codec": "jpegxl"},
     "level0 webp": {"codec": "webp"},
