@@ -92,3 +92,34 @@ def test_real_svs_level0_default_store_equals_the_decoded_svs(tmp_path):
     level0 = zarr.open_array(str(out / "cmu_small_region.zarr" / "0"), mode="r")[...]
     source = tifffile.imread(svs)  # (Y, X, 3)
     np.testing.assert_array_equal(level0, source.transpose(2, 0, 1))
+
+
+def two_x_mean(a: np.ndarray) -> np.ndarray:
+    """Independent 2x mean of a `(C, Y, X)` uint8 image (even sides), rounded half up."""
+    c, h, w = a.shape
+    s = a.astype(np.int64).reshape(c, h // 2, 2, w // 2, 2).sum(axis=(2, 4))
+    return ((s + 2) // 4).astype(np.uint8)
+
+
+def test_level_reader_reads_the_source_in_pieces_of_the_block_size():
+    """`--store-from grid` four times below level 0: a store block is read from the source in pieces no
+    larger than the block, and the pixels are the repeated 2x means of the source."""
+    from data_prep.levels import LevelReader
+    from data_prep.readers import ArrayReader
+
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, (3, 512, 384), dtype=np.uint8)
+    reader = ArrayReader(src, spacing=(0.25, 0.25))
+    sizes = []
+    read = reader.read_level_region
+
+    def spy(level, start, size):
+        sizes.append(tuple(size))
+        return read(level, start, size)
+
+    reader.read_level_region = spy
+    level = LevelReader(reader, [(1, 1), (2, 2), (4, 4)], 2)  # (3, 128, 96)
+    block = level.read_region((16, 8), (64, 40))
+    expect = two_x_mean(two_x_mean(src))[:, 16:80, 8:48]
+    np.testing.assert_array_equal(block, expect)
+    assert sizes == [(64, 40)] * 16  # 4 x 4 pieces of the block size, not one (256, 160) read
