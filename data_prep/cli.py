@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data_prep.options import CODECS, STORE_FROM, PrepOptions
+from data_prep.options import CODECS, DEFAULT_CODEC, STORE_FROM, PrepOptions
 from data_prep.readers import READERS
 from data_prep.workers import DIED, die_with_parent, run_pool
 from ips.errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, run_each
@@ -178,8 +178,9 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--codec",
         choices=CODECS,
-        default="blosc-lz4",
-        help="pixel codec: lossless blosc-lz4 (default), zstd, none; lossy for uint8 RGB/grey slides: "
+        default=DEFAULT_CODEC,
+        help="pixel codec: lossless zstd (default), blosc-lz4 (faster reads, larger store), none; lossy for "
+        "uint8 RGB/grey slides: "
         "jpeg, jpegxl, webp",
     )
     p.add_argument(

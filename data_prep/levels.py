@@ -17,6 +17,7 @@ through it (`ips.data.store.IpsStore.level_downsample`).
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,22 @@ class LevelReader(ImageReader):
         return False
 
     def _read(self, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
-        src_start = tuple(s * r for s, r in zip(start, self.ratio))
-        src_size = tuple(n * r for n, r in zip(size, self.ratio))
-        block = self.source.read_level_region(self.native_level, src_start, src_size)  # (C, *size * ratio)
-        for halve in self.steps:
-            block = downsample2(block, halve)
-        return block
+        """`(C, *size)`. The source is read in pieces of at most `size` source pixels per axis, each
+        downsampled on its own (the 2x means stay inside `ratio`-aligned blocks, so the pixels equal
+        those of one whole read): memory stays at one block of `size` however large `ratio` is, and
+        the source decodes cache-sized regions (one region `ratio` times larger decodes slower)."""
+        if all(r == 1 for r in self.ratio):
+            return self.source.read_level_region(self.native_level, start, size)
+        piece = tuple(-(-n // r) for n, r in zip(size, self.ratio))  # output pixels per piece and axis
+        out = np.empty((self.shape[0], *size), dtype=self.dtype)
+        for lo, n in _tiles(size, piece):
+            src_start = tuple((s + o) * r for s, o, r in zip(start, lo, self.ratio))
+            src_size = tuple(m * r for m, r in zip(n, self.ratio))
+            block = self.source.read_level_region(self.native_level, src_start, src_size)  # (C, *n * ratio)
+            for halve in self.steps:
+                block = downsample2(block, halve)
+            out[(slice(None), *(slice(o, o + m) for o, m in zip(lo, n)))] = block
+        return out
 
     def record(self) -> dict[str, Any]:
         """The store's `ips.source_level`: which source level its level 0 is, and how it was made."""
@@ -75,6 +86,14 @@ class LevelReader(ImageReader):
 
     def close(self) -> None:
         self.source.close()
+
+
+def _tiles(shape: tuple[int, ...], tile: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """`(start, size)` of the tiles of `tile` covering `shape` (edge tiles clipped)."""
+    ranges = [range(0, n, t) for n, t in zip(shape, tile)]
+    return [
+        (lo, tuple(min(t, n - o) for o, t, n in zip(lo, tile, shape))) for lo in itertools.product(*ranges)
+    ]
 
 
 def level0_record(dims: int) -> dict[str, Any]:

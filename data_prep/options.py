@@ -13,7 +13,8 @@ from ips.errors import ConfigError
 from ips.format.names import DEFAULT_GRID
 
 LOSSY_CODECS = ("jpeg", "jpegxl", "webp")  # uint8 RGB / grey 2D only (ips.format.image_codecs)
-CODECS = ("blosc-lz4", "zstd", "none", *LOSSY_CODECS)
+DEFAULT_CODEC = "zstd"  # lossless (docs/BENCHMARKS.md "Store size and codecs": size against read speed)
+CODECS = ("zstd", "blosc-lz4", "none", *LOSSY_CODECS)
 STORE_FROM = ("level0", "grid")
 
 
@@ -34,7 +35,7 @@ class PrepOptions:
     the level is `level`, or the pyramid level nearest to `mpp` micrometers per pixel (within
     `mpp_tolerance`, relative; `source_mpp`, where given, is the source's level-0 pixel size in place of
     its metadata's); patches with a tissue fraction >= `min_tissue` are kept. Store:
-    `codec` (lossless: blosc-lz4, zstd, none; lossy, for uint8 RGB / grey slides: jpeg, jpegxl, webp at
+    `codec` (lossless: zstd level 1, the default, blosc-lz4, none; lossy, for uint8 RGB / grey slides: jpeg, jpegxl, webp at
     quality `codec_level` 1-100; see `data_prep.writer`), `shard_chunks` chunks per shard side (None: 8 in 2D, 4 in 3D),
     pyramid down to `pyramid_max_size` pixels on the longest y/x side; the mask on the first level at
     about `mask_mpp` micrometers per pixel (when the spacing is known) whose longest side is also
@@ -53,7 +54,7 @@ class PrepOptions:
     min_tissue: float = 0.5
     grid_name: str = DEFAULT_GRID
     mpp_tolerance: float = 0.25
-    codec: str = "blosc-lz4"
+    codec: str = DEFAULT_CODEC
     codec_level: int | None = None
     store_from: str = "level0"
     shard_chunks: int | None = None

@@ -29,10 +29,24 @@ def _otsu(values: np.ndarray) -> float:
     lo, hi = float(values.min()), float(values.max())
     if lo == hi:
         return hi
-    q = ((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    q = values - lo  # in place from here: one float copy of a mask-level image, not two
+    q *= 255.0 / (hi - lo)
+    q = q.astype(np.uint8)
     hist = np.bincount(q.ravel(), minlength=256)
     centres = lo + (np.arange(256) + 0.5) * (hi - lo) / 256
     return float(threshold_otsu(hist=(hist, centres)))
+
+
+def _saturation(image: np.ndarray, band: int = 64) -> np.ndarray:
+    """HSV saturation `(max - min) / max` (0 where max is 0) of a uint8 RGB image `(3, Y, X)`, float32
+    `(Y, X)`, computed in bands of `band` rows: a float copy of the whole level, and its temporaries,
+    would be many times the image (the mask level of a large slide is up to 2048 px square)."""
+    out = np.empty(image.shape[1:], dtype=np.float32)
+    for y in range(0, image.shape[1], band):
+        rgb = image[:, y : y + band].astype(np.float32)
+        hi, lo = rgb.max(axis=0), rgb.min(axis=0)
+        out[y : y + band] = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1), 0)
+    return out
 
 
 def _um_per_px(spacing: tuple[float, ...] | None, downsample: tuple[int, ...]) -> list[float]:
@@ -61,9 +75,7 @@ def tissue_mask(
     """
     spatial = image.shape[1:]
     if image.ndim == 3 and image.shape[0] == 3 and image.dtype == np.uint8:
-        rgb = image.astype(np.float32)
-        hi, lo = rgb.max(axis=0), rgb.min(axis=0)
-        sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1), 0).astype(np.float32)  # (Y, X)
+        sat = _saturation(image)  # (Y, X) float32
         sat = ndi.median_filter(sat, size=3)
         threshold = float(np.clip(_otsu(sat), *SATURATION_CLIP))
         mask, method = sat > threshold, "otsu-saturation"

@@ -1,9 +1,10 @@
 """Writing a store: the partial folder, pyramid arrays, small arrays, the lock; the marker and the commit
 are the store contract's (`ips.format.store.commit`).
 
-Codec: blosc with lz4 (clevel 5, byte shuffle) by default, a zarr v3 core codec, so every zarr v3
-implementation reads the store; `--codec zstd` (level 1) gives a smaller store for slower encoding and
-decoding (docs/FORMAT.md "Chunks" has the measured sizes and speeds).
+Codec: zstd (level 1) by default, a zarr v3 core codec, so every zarr v3 implementation reads the store;
+`--codec blosc-lz4` (clevel 5, byte shuffle, also core) gives a larger store that decodes faster
+(docs/FORMAT.md "Chunks" and docs/BENCHMARKS.md "Store size and codecs" have the measured sizes and
+speeds). Stores written with either open the same way: the reader takes the codec from the metadata.
 
 Chunks: every level has the same chunk shape, the patch size (or `gcd(patch, stride)` when patches
 overlap, so a patch covers whole chunks), enlarged to a multiple of at least 64 (2D) / 32 (3D) pixels
