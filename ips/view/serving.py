@@ -45,6 +45,9 @@ BUSY = (
     b"Content-Length: 23\r\nRetry-After: 1\r\n\r\n503 too many requests\r\n"
 )
 DISCARD = 64 << 10  # body bytes read even when bodies are not accepted (the 405 then reaches the client)
+# a refused body up to this size is read and dropped in pieces before the 405: a client still sending it
+# would otherwise meet a closed connection (a broken pipe) instead of the answer
+DRAIN = 16 << 20
 CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*(\d{1,12})[ \t]*\r?\n", re.IGNORECASE)
 BODY_TOO_LARGE = (
     b"HTTP/1.0 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -213,7 +216,9 @@ class ViewerServer:
                 if self.max_body:
                     await self._send(writer, BODY_TOO_LARGE)
                     return
-                length = 0  # refused unread: the handler answers 405 from the head alone
+                if length <= DRAIN:
+                    await asyncio.wait_for(_drain(reader, length), self.head_timeout)
+                length = 0  # refused: the handler answers 405 from the head alone
             if length:
                 head += await asyncio.wait_for(reader.readexactly(length), self.head_timeout)
             peer = writer.get_extra_info("peername") or ("", 0)
@@ -277,3 +282,12 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
             raise _HeadTooLarge
         if line in (b"\r\n", b"\n") or (len(lines) == 1 and len(line.split()) < 3):
             return b"".join(lines)
+
+
+async def _drain(reader: asyncio.StreamReader, length: int) -> None:
+    """Read and drop `length` body bytes in pieces of at most `DISCARD` (nothing is kept)."""
+    while length > 0:
+        piece = await reader.read(min(length, DISCARD))
+        if not piece:
+            return
+        length -= len(piece)
