@@ -188,8 +188,12 @@ class ViewerServer:
                 writer.transport.abort()
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """One line, never a traceback (a full descriptor table, a socket error of the loop's own)."""
+        """One line, never a traceback (a full descriptor table, a socket error of the loop's own). A
+        connection task cancelled at shutdown is not an error (Python 3.11's stream callback reports it
+        as one when it asks the cancelled task for its exception)."""
         e = context.get("exception")
+        if isinstance(e, asyncio.CancelledError):
+            return
         detail = f"{type(e).__name__}: {e}" if e is not None else ""
         self.log(f"ips view: {context.get('message', 'event loop error')} {detail}".rstrip())
 
