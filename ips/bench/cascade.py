@@ -38,7 +38,7 @@ import torch
 from ips.algo.cascade import CascadeSettings, candidate_recall, distill_loss
 from ips.bench.common import describe_device, format_table, timed
 from ips.bench.models import bench_config
-from ips.bench.stores import textured
+from ips.bench.stores import grid_store, textured
 from ips.config import with_overrides
 from ips.data.coarse import coarse_view
 from ips.data.zarr_source import ZarrPatchSource
@@ -91,8 +91,6 @@ def lesion_store(root: Path, n_patches: int, *, patch_size: int, seed: int) -> t
     """A 2D store with a grid of exactly `n_patches` textured patches (`ips.bench.stores.textured`),
     `LESION_SHARE` of them in round lesions (darker, purple). Returns the store and the lesion cells
     `(rows, cols)` bool of the grid (a cell: one patch; reused when the store is complete)."""
-    from data_prep.convert import PrepOptions, convert_array
-
     side = math.ceil(math.sqrt(n_patches))
     rows = math.ceil(n_patches / side)
     rng = np.random.default_rng(seed)
@@ -113,19 +111,7 @@ def lesion_store(root: Path, n_patches: int, *, patch_size: int, seed: int) -> t
             slice(x * patch_size, (x + 1) * patch_size),
         )
         image[box] = (image[box] * tint).astype(np.uint8)
-    mask = np.zeros(rows * side, dtype=bool)
-    mask[:n_patches] = True
-    options = PrepOptions(
-        patch_size=patch_size,
-        stride=patch_size,
-        level=0,
-        min_tissue=0.5,
-        thumbnail=False,
-        hash_source=False,
-        pyramid_max_size=max(512, patch_size),
-    )
-    store = convert_array(image, root, name, options=options, background=255, mask=mask.reshape(rows, side))
-    return store, cells
+    return grid_store(image, root, name, n_patches=n_patches, patch_size=patch_size), cells
 
 
 def lesion_of(source: ZarrPatchSource, cells: np.ndarray, patch_size: int) -> np.ndarray:

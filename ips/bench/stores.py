@@ -48,7 +48,6 @@ def bench_store(
     --codec/--codec-level` (lossy ones need `channels` 1 or 3). Returns `root/<name>.zarr` (reused if
     complete).
     """
-    from data_prep.convert import PrepOptions, convert_array
     from data_prep.writer import reseal
 
     if n_patches < 1 or patch_size < 1:
@@ -66,8 +65,32 @@ def bench_store(
         image = textured(shape, seed)
     else:  # no pixel memory: a read-only broadcast of the background value
         image = np.broadcast_to(np.uint8(BACKGROUND), shape)
-    # mask one pixel per cell: the first N cells (row-major) are tissue
-    mask = np.zeros(rows * side, dtype=bool)
+    store = grid_store(
+        image, root, name, n_patches=n_patches, patch_size=patch_size, codec=codec, codec_level=codec_level
+    )
+    if band < rows:  # the band of real pixels, written into level 0's chunks (again on reuse: idempotent)
+        level0 = zarr.open_array(str(store / "0"), mode="r+")
+        level0[:, : band * patch_size, :] = textured((channels, band * patch_size, shape[2]), seed)
+        reseal(store, ["0"])  # record the new shards in the completion marker
+    return store
+
+
+def grid_store(
+    image: np.ndarray,
+    root: str | Path,
+    name: str,
+    *,
+    n_patches: int,
+    patch_size: int,
+    codec: str = "blosc-lz4",
+    codec_level: int | None = None,
+) -> Path:
+    """`root/<name>.zarr` from `image` `(C, rows * P, cols * P)` with a grid of its first `n_patches`
+    cells (row-major) of `patch_size` P, stride P, level 0, as `ips prep` makes it (reused if complete)."""
+    from data_prep.convert import PrepOptions, convert_array
+
+    rows, side = image.shape[1] // patch_size, image.shape[2] // patch_size
+    mask = np.zeros(rows * side, dtype=bool)  # one pixel per cell: the first N cells are tissue
     mask[:n_patches] = True
     options = PrepOptions(
         patch_size=patch_size,
@@ -80,11 +103,6 @@ def bench_store(
         codec=codec,
         codec_level=codec_level,
     )
-    store = convert_array(
+    return convert_array(
         image, root, name, options=options, background=BACKGROUND, mask=mask.reshape(rows, side)
     )
-    if band < rows:  # the band of real pixels, written into level 0's chunks (again on reuse: idempotent)
-        level0 = zarr.open_array(str(store / "0"), mode="r+")
-        level0[:, : band * patch_size, :] = textured((channels, band * patch_size, shape[2]), seed)
-        reseal(store, ["0"])  # record the new shards in the completion marker
-    return store

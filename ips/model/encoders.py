@@ -309,59 +309,40 @@ def ips_resnet18(*, in_chans: int, spatial_dims: int, norm: str = "group") -> Co
     )
 
 
-@register_encoder
-def ips_se_resnet10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
+def _resnet10_variant(block: str, *, in_chans: int, spatial_dims: int, norm: str) -> ConvEncoder:
+    """ips_resnet10's small widths (32-256, one block a stage) with another block kind."""
     return ConvEncoder(
         in_chans=in_chans,
         spatial_dims=spatial_dims,
         widths=(32, 64, 128, 256),
         depths=(1, 1, 1, 1),
-        block="se",
+        block=block,
         stem_pool=True,
         norm=norm,
     )
+
+
+@register_encoder
+def ips_se_resnet10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
+    return _resnet10_variant("se", in_chans=in_chans, spatial_dims=spatial_dims, norm=norm)
 
 
 @register_encoder
 def ips_mobile10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     """Inverted-bottleneck (depthwise) variant of ips_resnet10."""
-    return ConvEncoder(
-        in_chans=in_chans,
-        spatial_dims=spatial_dims,
-        widths=(32, 64, 128, 256),
-        depths=(1, 1, 1, 1),
-        block="inverted",
-        stem_pool=True,
-        norm=norm,
-    )
+    return _resnet10_variant("inverted", in_chans=in_chans, spatial_dims=spatial_dims, norm=norm)
 
 
 @register_encoder
 def ips_fire10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     """Fire-module (SqueezeNet) variant of ips_resnet10."""
-    return ConvEncoder(
-        in_chans=in_chans,
-        spatial_dims=spatial_dims,
-        widths=(32, 64, 128, 256),
-        depths=(1, 1, 1, 1),
-        block="fire",
-        stem_pool=True,
-        norm=norm,
-    )
+    return _resnet10_variant("fire", in_chans=in_chans, spatial_dims=spatial_dims, norm=norm)
 
 
 @register_encoder
 def ips_shift10(*, in_chans: int, spatial_dims: int, norm: str = "group") -> ConvEncoder:
     """Shift-conv variant of ips_resnet10: zero-MAC spatial shifts before 1^d convolutions."""
-    return ConvEncoder(
-        in_chans=in_chans,
-        spatial_dims=spatial_dims,
-        widths=(32, 64, 128, 256),
-        depths=(1, 1, 1, 1),
-        block="shift",
-        stem_pool=True,
-        norm=norm,
-    )
+    return _resnet10_variant("shift", in_chans=in_chans, spatial_dims=spatial_dims, norm=norm)
 
 
 class FeatureProjector(nn.Module):
