@@ -10,14 +10,16 @@ The list of defaults, their reasons and the measured margins of these tests: doc
 "Recipe defaults and their control tests".
 """
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from train_fixtures import CHECKER, make_cross_slides, tiny_config
 
-from ips.config import ExperimentConfig, ModelConfig, SelectionConfig
+from ips.config import ModelConfig, SelectionConfig
 from ips.model.encoders import DEFAULT_NORM
 from ips.model.ips_model import build_model
 from ips.training.loop import train
@@ -26,15 +28,31 @@ from ips.training.loop import train
 REVERTED = {"model.encoder_norm": "group", "selection.memory_size": 32}
 
 
-def _training_losses(cfg: ExperimentConfig, manifest: Path, run_dir: Path) -> list[float]:
-    """The mean training loss of each epoch of one `ips train` run (no validation split)."""
-    result = train(cfg, manifest=manifest, run_dir=run_dir, show_progress=False, log=lambda s: None)
-    return [row["train_loss"] for row in result.history]
+def control_curves(
+    out: Path, *, data: dict[str, Any], arms: dict[str, dict[str, dict]], seeds: Sequence[int], epochs: int
+) -> dict[str, list[list[float]]]:
+    """For each seed, `make_cross_slides(**data)` once, then one `ips train` run per arm on it (`tiny_config`
+    with the arm's sections; `train.epochs` and `train.seed` set here, so every arm gets the same seed).
+    Returns `{arm: [training loss of each epoch, one list per seed]}`. Use `data` without a validation
+    split (`n_val=0`): the property measured is how soon the bag labels are learnt."""
+    curves: dict[str, list[list[float]]] = {arm: [] for arm in arms}
+    for seed in seeds:
+        manifest = make_cross_slides(out / f"data{seed}", seed=seed, **data)
+        for arm, sections in arms.items():
+            cfg = tiny_config(
+                **{**sections, "train": {**sections.get("train", {}), "epochs": epochs, "seed": seed}}
+            )
+            result = train(
+                cfg, manifest=manifest, run_dir=out / f"{arm}{seed}", show_progress=False, log=lambda s: None
+            )
+            curves[arm].append([row["train_loss"] for row in result.history])
+    return curves
 
 
-def _after_first_epoch(losses: list[float]) -> float:
-    """How soon the bag labels were learnt: the mean training loss over epochs 2.. (epoch 1 is warm-up)."""
-    return float(np.mean(losses[1:]))
+def _after_first_epoch(curves: list[list[float]]) -> np.ndarray:
+    """How soon the bag labels were learnt, per seed: the mean training loss over epochs 2.. (epoch 1 is
+    mostly warm-up)."""
+    return np.array([np.mean(c[1:]) for c in curves])
 
 
 # --- normalisation: `model.encoder_norm` unset = BatchNorm for our encoders -----------------------------
@@ -62,13 +80,14 @@ def _contrast(norm: str | None, seed: int) -> float:
 
 
 def test_default_norm_makes_rare_patches_stand_out_at_initialisation():
-    """The mechanism (docs/BENCHMARKS.md, "Megapixel MNIST", why GroupNorm did not learn): with the
-    default, a marked patch's embedding differs from the blank ones' by several times their size; with
-    GroupNorm (each patch normalised on its own) by a fraction of it. Seeds 0-3, every one."""
+    """The mechanism (docs/notes/2026-12-training-log.md, Megapixel MNIST, "Why GroupNorm did not learn at
+    all"): with the default, a marked patch's embedding lies further from the blank ones' than 4 times
+    GroupNorm's distance (each patch normalised on its own), in every one of seeds 0-3."""
     default = ModelConfig().encoder_norm
     seeds = range(4)
     ours = [_contrast(default, s) for s in seeds]
     control = [_contrast(REVERTED["model.encoder_norm"], s) for s in seeds]
+    print(f"contrast: default {np.round(ours, 2)}, GroupNorm {np.round(control, 2)}")
     assert all(d > 4 * c for d, c in zip(ours, control)), (ours, control)
 
 
@@ -81,22 +100,22 @@ def test_default_norm_lets_bag_labels_teach_a_fresh_encoder_sooner(tmp_path):
     patches among 64 on positive slides, 24 training slides), `ips_cnn_tiny` from scratch, M 4, the
     library's exploration, 4 epochs at lr 3e-3 (the tiny task's), seeds 0-3. The default normalisation
     against GroupNorm, all else equal: the training loss falls sooner (mean over epochs 2-4) on average
-    by at least 0.05, and in at least 3 of the 4 seeds. Measured: 0.26 / 0.65 / 0.60 / 0.62 against
-    0.36 / 0.70 / 0.72 / 0.69 (mean gap 0.083)."""
+    by at least 0.05, and in at least 3 of the 4 seeds."""
     default = ModelConfig().encoder_norm
-    losses: dict[str, list[float]] = {"default": [], "control": []}
-    for seed in range(4):
-        manifest = make_cross_slides(tmp_path / f"data{seed}", n_train=24, n_val=0, seed=seed, marks=3)
-        for arm, norm in (("default", default), ("control", REVERTED["model.encoder_norm"])):
-            cfg = tiny_config(
-                model={"encoder_norm": norm},
-                selection={"explore": SelectionConfig().explore},
-                train={"epochs": 4, "seed": seed},
-            )
-            curve = _training_losses(cfg, manifest, tmp_path / f"{arm}{seed}")
-            losses[arm].append(_after_first_epoch(curve))
-    ours, control = np.array(losses["default"]), np.array(losses["control"])
-    assert control.mean() - ours.mean() >= 0.05 and (ours < control).sum() >= 3, losses
+    explore = {"explore": SelectionConfig().explore}
+    curves = control_curves(
+        tmp_path,
+        data={"n_train": 24, "n_val": 0, "marks": 3},
+        arms={
+            "default": {"model": {"encoder_norm": default}, "selection": explore},
+            "control": {"model": {"encoder_norm": REVERTED["model.encoder_norm"]}, "selection": explore},
+        },
+        seeds=range(4),
+        epochs=4,
+    )
+    ours, control = _after_first_epoch(curves["default"]), _after_first_epoch(curves["control"])
+    print(f"training loss, epochs 2-4: default {ours.round(3)}, GroupNorm {control.round(3)}")
+    assert control.mean() - ours.mean() >= 0.05 and (ours < control).sum() >= 3, (ours, control)
 
 
 # --- memory size: `selection.memory_size` -------------------------------------------------------------
@@ -105,30 +124,30 @@ def test_default_norm_lets_bag_labels_teach_a_fresh_encoder_sooner(tmp_path):
 @pytest.mark.slow
 @pytest.mark.learning
 def test_default_memory_size_does_not_dilute_the_patch_that_matters(tmp_path):
-    """Why M 8 became the default: more patches in the pooled attention dilute the one that matters
-    (docs/notes/2026-12-training-log.md, small objects, second look: M 32 of 256 patches stayed at
-    0.58-0.65 validation accuracy). `make_cross_slides(size=128, marks=2)` (2 checkerboard patches among
-    256 on positive slides, 24 training slides), `ips_cnn_tiny` from scratch with the library's
-    normalisation and exploration, I 64, 6 epochs at lr 3e-3, seeds 0-2. M at its default against M 32
-    (the value before the recipe): the training loss falls sooner (mean over epochs 2-6) on average by at
-    least 0.04 and in at least 2 of the 3 seeds. Measured at M 8: 0.53 / 0.68 / 0.61 against 0.68 / 0.68
-    / 0.69 (mean gap 0.079)."""
+    """Why the recipe lowered M from 32: more patches in the pooled attention dilute the one that matters
+    (docs/notes/2026-12-training-log.md, small objects, second look: M 32 of 256 patches did not learn).
+    `make_cross_slides(size=128, marks=2)` (2 checkerboard patches among 256 on positive slides, 24
+    training slides), `ips_cnn_tiny` from scratch with the library's normalisation and exploration, I 64,
+    6 epochs at lr 3e-3, seeds 0-2. M at its default against M 32: the training loss falls sooner (mean
+    over epochs 2-6) on average by at least 0.04 and in at least 2 of the 3 seeds."""
     default = SelectionConfig().memory_size
-    losses: dict[str, list[float]] = {"default": [], "control": []}
-    for seed in range(3):
-        manifest = make_cross_slides(
-            tmp_path / f"data{seed}", n_train=24, n_val=0, seed=seed, size=128, marks=2
-        )
-        for arm, m in (("default", default), ("control", REVERTED["selection.memory_size"])):
-            cfg = tiny_config(
-                model={"encoder_norm": ModelConfig().encoder_norm},
-                selection={"memory_size": m, "iter_size": 64, "explore": SelectionConfig().explore},
-                train={"epochs": 6, "seed": seed},
-            )
-            curve = _training_losses(cfg, manifest, tmp_path / f"{arm}{seed}")
-            losses[arm].append(_after_first_epoch(curve))
-    ours, control = np.array(losses["default"]), np.array(losses["control"])
-    assert control.mean() - ours.mean() >= 0.04 and (ours < control).sum() >= 2, losses
+    arms = {
+        arm: {
+            "model": {"encoder_norm": ModelConfig().encoder_norm},
+            "selection": {"memory_size": m, "iter_size": 64, "explore": SelectionConfig().explore},
+        }
+        for arm, m in (("default", default), ("control", REVERTED["selection.memory_size"]))
+    }
+    curves = control_curves(
+        tmp_path,
+        data={"n_train": 24, "n_val": 0, "size": 128, "marks": 2},
+        arms=arms,
+        seeds=range(3),
+        epochs=6,
+    )
+    ours, control = _after_first_epoch(curves["default"]), _after_first_epoch(curves["control"])
+    print(f"training loss, epochs 2-6: M {default} {ours.round(3)}, M 32 {control.round(3)}")
+    assert control.mean() - ours.mean() >= 0.04 and (ours < control).sum() >= 2, (ours, control)
 
 
 def test_reverted_values_differ_from_the_defaults():
