@@ -125,7 +125,7 @@ def test_default_norm_lets_bag_labels_teach_a_fresh_encoder_sooner(tmp_path):
 @pytest.mark.learning
 def test_default_memory_size_does_not_dilute_the_patch_that_matters(tmp_path):
     """Why the recipe lowered M from 32: more patches in the pooled attention dilute the one that matters
-    (docs/notes/2026-12-training-log.md, small objects, second look: M 32 of 256 patches did not learn).
+    (docs/notes/2026-12-training-log.md, small objects, second look: M 32 of 256 patches stayed near chance).
     `make_cross_slides(size=128, marks=2)` (2 checkerboard patches among 256 on positive slides, 24
     training slides), `ips_cnn_tiny` from scratch with the library's normalisation and exploration, I 64,
     6 epochs at lr 3e-3, seeds 0-2. M at its default against M 32: the training loss falls sooner (mean
