@@ -53,13 +53,17 @@ def _whole_levels(img: np.ndarray, factors) -> list[np.ndarray]:
     for prev, cur in zip(factors, factors[1:]):
         halve = tuple(b // a == 2 for a, b in zip(prev, cur))
         top = levels[-1]
-        even = top[(slice(None), *(slice(0, n // 2 * 2) if h else slice(None) for n, h in zip(top.shape[1:], halve)))]
+        even = top[
+            (slice(None), *(slice(0, n // 2 * 2) if h else slice(None) for n, h in zip(top.shape[1:], halve)))
+        ]
         levels.append(downsample2(even, halve))
     return levels
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _both(tmp_path, img, *, chunk, shard_chunks, codec="zstd", fill=255, threads=1, spacing=None):
@@ -77,7 +81,9 @@ def _both(tmp_path, img, *, chunk, shard_chunks, codec="zstd", fill=255, threads
         lay = enc.layout
         for idx in np.ndindex(*(-(-n // s) for n, s in zip(level.shape[1:], lay.shard_shape[1:]))):
             start = tuple(i * s for i, s in zip(idx, lay.shard_shape[1:]))
-            enc.write(start, level[(slice(None), *(slice(a, a + s) for a, s in zip(start, lay.shard_shape[1:])))])
+            enc.write(
+                start, level[(slice(None), *(slice(a, a + s) for a, s in zip(start, lay.shard_shape[1:])))]
+            )
         old_records[str(k)] = enc.records
     # the streaming path, as `ips prep` runs it
     new = _arrays(tmp_path / "new", shapes, chunk, shard, codec, fill)
@@ -112,7 +118,9 @@ CASES = [
 
 @pytest.mark.parametrize("spatial, chunk, shard_chunks", CASES)
 @pytest.mark.parametrize("codec", ["zstd", "blosc-lz4"])
-def test_streamed_pyramid_is_byte_identical_to_the_whole_shard_path(tmp_path, spatial, chunk, shard_chunks, codec):
+def test_streamed_pyramid_is_byte_identical_to_the_whole_shard_path(
+    tmp_path, spatial, chunk, shard_chunks, codec
+):
     img = _image(spatial, 255)
     old, new, old_rec, new_rec, _ = _both(tmp_path, img, chunk=chunk, shard_chunks=shard_chunks, codec=codec)
     assert sorted(old) == sorted(new)
@@ -140,7 +148,9 @@ def test_odd_chunks_along_halved_axes_and_threads(tmp_path):
 def test_volume_with_a_z_axis_that_does_not_halve(tmp_path):
     """3D, z coarse (spacing 4 against 1): z is kept while y, x halve."""
     img = _image((9, 70, 66), 255, seed=1)
-    old, new, old_rec, new_rec, _ = _both(tmp_path, img, chunk=(4, 8, 8), shard_chunks=2, spacing=(4.0, 1.0, 1.0))
+    old, new, old_rec, new_rec, _ = _both(
+        tmp_path, img, chunk=(4, 8, 8), shard_chunks=2, spacing=(4.0, 1.0, 1.0)
+    )
     assert any(k.startswith("2/") for k in new)
     assert old == new and old_rec == new_rec
 
