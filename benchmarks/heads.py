@@ -3,13 +3,15 @@
 
     python benchmarks/heads.py --out /tmp/heads --json heads.json            # every head
     python benchmarks/heads.py --out /tmp/heads --heads survival --epochs 5  # one, short
+    python benchmarks/heads.py --out /tmp/heads_s1 --heads survival,discrete --seed 1  # Cox against discrete
 
 The slides: 1-channel 64 x 64 grey noise in a grid of 8 x 8 patches; a slide of size k (0..3, drawn
 evenly) holds one lesion, a checkerboard square of side 2k + 2 px in one patch (none for k = 0). The
 labels are functions of k alone:
 - regression `size`: k;
 - ordinal `grade`: k (4 classes);
-- survival `os`: time = exp(-k) * E, E ~ Exponential(1) (proportional hazards, hazard ratio e per unit of
+- survival `os` (head `survival`: Cox; head `discrete`: the discrete-time likelihood, `--bins` bins):
+  time = exp(-k) * E, E ~ Exponential(1) (proportional hazards, hazard ratio e per unit of
   k; `--time-noise lognormal`: time = exp(-k + Z / 2), Z ~ Normal(0, 1), a cleaner signal), censored at
   an independent Uniform(0, 3) time (event = 1 where the event comes first).
 Each head trains on its own (the tiny config of the tests, `train.epochs` epochs) and is scored on the
@@ -43,6 +45,8 @@ HEADS = {
     "regression": {"name": "size", "kind": "regression"},
     "ordinal": {"name": "grade", "kind": "ordinal", "num_classes": 4},
     "survival": {"name": "os", "kind": "survival"},
+    # the same labels with the discrete-time likelihood (per-slide; bins: quantiles of the training event times)
+    "discrete": {"name": "os", "kind": "survival", "loss": "discrete", "num_classes": 4},
     # a control for survival: regression on -log(time), censoring ignored (the time as if it were the event's)
     "logtime": {"name": "neglogtime", "kind": "regression"},
 }
@@ -51,6 +55,7 @@ REPORTED = {
     "regression": ("mae", "r2", "pearson", "c_index"),
     "ordinal": ("accuracy", "mae", "c_index"),
     "survival": ("c_index",),
+    "discrete": ("c_index",),
     "logtime": ("r2", "pearson", "c_index"),
 }
 
@@ -105,7 +110,7 @@ def truth_metrics(head: str, val: list[dict]) -> dict[str, float]:
             "pearson": m["pearson"],
             "c_index": concordance_index(-k, y, np.ones(len(k))),
         }
-    if head == "survival":
+    if head in ("survival", "discrete"):
         time_, event = np.array([float(r["time"]) for r in val]), np.array([r["event"] for r in val])
         return {"c_index": concordance_index(k, time_, event)}
     m = regression_metrics(k, k)
@@ -126,7 +131,7 @@ def run_head(head: str, manifest: Path, run_dir: Path, args: argparse.Namespace)
                 "d_model": 32,
                 "n_heads": 4,
                 "d_mlp": 32,
-                "tasks": [HEADS[head]],
+                "tasks": [{**HEADS[head], "num_classes": args.bins} if head == "discrete" else HEADS[head]],
             },
             "selection": {"memory_size": 4, "iter_size": 16, "prefetch": 1, "explore": args.explore},
             "data": {"augment": False},
@@ -163,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="slides per step (survival: the Cox risk set)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--explore", type=float, default=0.0, help="selection.explore (training)")
+    p.add_argument("--bins", type=int, default=4, help="time bins of the discrete-time survival head")
     p.add_argument("--time-noise", choices=("exponential", "lognormal"), default="exponential")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

@@ -1,7 +1,7 @@
 """Where `ips prep`'s memory goes: per phase, the peak of traced memory (tracemalloc: Python and numpy
 allocations) over the phase's start, what stays held after it, and the process's max RSS so far.
 
-    python benchmarks/prep_memory.py SLIDE [--patch-size 256] [--mpp 0.5] [--store-from grid]
+    python benchmarks/prep_memory.py SLIDE [--patch-size 256] [--mpp 0.5] [--store-from grid] [--dynamic-heap]
 
 The store goes to a temporary folder (removed at the end). Phases: `_plan`, `_write_levels` (every
 pyramid level from one pass over the source), `_mask` (tissue mask of a low level), `_grid` (with
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import data_prep.convert as convert
 from data_prep.convert import PrepOptions, prep_file
+from data_prep.heap import return_large_blocks
 
 PHASES = ("_plan", "_write_levels", "_mask", "_grid", "_write_grid", "_thumbnail")
 
@@ -60,10 +61,17 @@ def main() -> None:
     ap.add_argument("--patch-size", type=int, default=256)
     ap.add_argument("--mpp", type=float, default=0.5)
     ap.add_argument("--store-from", default="level0")
+    ap.add_argument(
+        "--dynamic-heap",
+        action="store_true",
+        help="leave glibc's mmap threshold dynamic (before data_prep.heap)",
+    )
     args = ap.parse_args()
     rows: list[dict] = []
     for name in PHASES:
         traced(name, rows)
+    if not args.dynamic_heap:
+        return_large_blocks()  # as `ips prep` does
     before = max_rss_mib()
     work = Path(tempfile.mkdtemp(prefix="prep_memory_"))
     try:

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data_prep.heap import return_large_blocks
 from data_prep.options import CODECS, DEFAULT_CODEC, STORE_FROM, PrepOptions
 from data_prep.readers import READERS
 from data_prep.workers import DIED, die_with_parent, run_pool
@@ -202,6 +203,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
 def _work(source: str, out: Path | str, options: PrepOptions, reader: str | None) -> PrepResult:
     from data_prep.convert import prep_file
 
+    return_large_blocks()  # in a worker process too
     return prep_file(source, out, options=options, reader=reader)
 
 
@@ -270,6 +272,7 @@ def summary_table(results: list[PrepResult]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    return_large_blocks()  # resident memory that does not creep up with the slide (data_prep.heap)
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.threads < 0:

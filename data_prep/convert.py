@@ -499,21 +499,18 @@ def _write_levels(
     """Every pyramid level, from one pass over the source's level 0."""
     reader, spatial, shard = plan.reader, plan.spatial, plan.shard
     # level 0, one task per shard (decode in the reader, encode in ShardEncoder) on `threads` threads, in
-    # Z-order so the pyramid above is assembled in memory from each shard and written once (no read-back)
+    # Z-order so the pyramid above is built chunk by chunk from each shard (no read-back; few chunks held)
     encoders = [writer.encoder(str(k), a) for k, a in enumerate(levels)]
 
-    def write(k: int, start: tuple[int, ...], data: np.ndarray) -> None:
-        encoders[k].write(start, data)
-
-    pyramid = StreamingPyramid(write, [a.shape[1:] for a in levels], plan.factors, shard)
+    pyramid = StreamingPyramid(encoders, plan.factors)
 
     def copy_shard(idx: tuple[int, ...]) -> Callable[[], None]:
         def task() -> None:
             start = tuple(i * s for i, s in zip(idx, shard))
             size = tuple(min(s, n - o) for s, n, o in zip(shard, spatial, start))
             block = reader.read_region(start, size)
-            write(0, start, block)
-            pyramid.add(0, idx, block)
+            encoders[0].write(start, block)
+            pyramid.add(start, block)
 
         return task
 

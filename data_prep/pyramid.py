@@ -7,7 +7,11 @@ is exactly `shape0 // 2**k`), and along z for 3D volumes only while z is not muc
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -97,6 +101,11 @@ def _downsample2_uint8(block: np.ndarray, halve: tuple[bool, ...]) -> np.ndarray
 
 def morton_order(grid: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Every index of an n-d grid in Z-order (bit-interleaved), so 2**d neighbours come together."""
+    return list(_morton(tuple(grid)))
+
+
+@functools.lru_cache(maxsize=64)
+def _morton(grid: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
 
     def key(idx: tuple[int, ...]) -> int:
         code = 0
@@ -105,82 +114,159 @@ def morton_order(grid: tuple[int, ...]) -> list[tuple[int, ...]]:
                 code |= ((i >> bit) & 1) << (bit * len(idx) + (len(idx) - 1 - a))
         return code
 
-    return sorted(np.ndindex(*grid), key=key)
+    return tuple(sorted(np.ndindex(*grid), key=key))
+
+
+class ChunkSink(Protocol):
+    """One pyramid level as `StreamingPyramid` writes it (`data_prep.writer.ShardEncoder`): spatial
+    `shape`, `chunk` and `shard` shapes, the `fill_value`, and chunk-by-chunk shard writing."""
+
+    shape: tuple[int, ...]
+    chunk: tuple[int, ...]
+    shard: tuple[int, ...]
+    fill_value: Any
+
+    def put_chunk(self, shard: tuple[int, ...], pos: tuple[int, ...], chunk: np.ndarray) -> None: ...
+
+    def close_shard(self, shard: tuple[int, ...]) -> None: ...
 
 
 class StreamingPyramid:
-    """Builds levels 1.. from level-0 blocks as they are written, without reading anything back.
+    """Builds levels 1.. from level-0 blocks as they are written, chunk by chunk, without reading
+    anything back.
 
-    Level k is sharded like level 0 (`shard`, spatial). A level-(k-1) shard, downsampled, is one
-    2**d-th of a level-k shard; each level-k shard is assembled in memory from its children and written
-    once, whole, when the last child arrives, then fed to level k+1. Feed level-0 shards in Z-order
-    (`morton_order`) and only a few shards per level are pending at a time. Thread-safe.
+    A level-0 block, downsampled, lands in level 1's chunks. A level-k chunk is handed to its level's
+    sink (`put_chunk`, which encodes it) as soon as all its pixels have arrived, then downsampled into
+    level k+1; a shard is closed (`close_shard`) when its last chunk is in. What waits in memory is the
+    chunks that still miss pixels: with level-0 blocks fed in Z-order (`morton_order`), one or two per
+    level, whatever the shard size (`peak_buffered` counts their bytes). Along an axis that halves, a
+    chunk of odd size is downsampled in pairs (a unit of two chunks), so no pixel pair is split.
+    Thread-safe.
 
     Args:
-        write: `write(k, start, data)` stores `data` `(C, *size)` at spatial `start` of level k.
-        shapes: spatial shape of every level; factors: per-axis downsample of every level.
-        shard: spatial shard shape (the block size at every level).
+        levels: the sink of every level (level 0's gives its shard shape; it is written by the caller).
+        factors: per-axis downsample of every level.
     """
 
-    def __init__(
-        self, write, shapes: list[tuple[int, ...]], factors: list[tuple[int, ...]], shard: tuple[int, ...]
-    ) -> None:
+    def __init__(self, levels: Sequence[ChunkSink], factors: list[tuple[int, ...]]) -> None:
         import threading
 
-        self._write, self._shapes, self._factors, self._shard = write, shapes, factors, shard
-        self._pending: dict[tuple[int, tuple[int, ...]], list] = {}  # (k, parent idx) -> [buffer, count]
+        self._levels, self._factors = levels, factors
+        self._units = [self._unit(k) for k in range(len(levels))]
+        self._pending: dict[tuple[int, tuple[int, ...]], list] = {}  # (k, unit) -> [pixels, missing count]
+        self._left: dict[tuple[int, tuple[int, ...]], int] = {}  # (k, shard) -> chunks not yet put
         self._lock = threading.Lock()
+        self.buffered = self.peak_buffered = 0  # bytes of partly filled units, now and at most
+        if len(levels) > 1:
+            lev = levels[0]
+            for n, s, h in zip(lev.shape, lev.shard, self._halve(1)):
+                if h and s % 2 and n > s:
+                    raise ValueError(f"level-0 shard {lev.shard} is odd along an axis that halves")
 
     def _halve(self, k: int) -> tuple[bool, ...]:
         return tuple(b // a == 2 for a, b in zip(self._factors[k - 1], self._factors[k]))
 
-    def _grid(self, k: int) -> tuple[int, ...]:
-        return tuple(-(-n // s) for n, s in zip(self._shapes[k], self._shard))
+    def _unit(self, k: int) -> tuple[int, ...]:
+        """Level k's unit of completion: its chunk, doubled along an axis that halves where it is odd."""
+        chunk = self._levels[k].chunk
+        if k + 1 >= len(self._levels):
+            return chunk
+        return tuple(2 * c if h and c % 2 else c for c, h in zip(chunk, self._halve(k + 1)))
 
-    def _n_children(self, k: int, parent: tuple[int, ...]) -> int:
-        """How many level-(k-1) shards make up level-k shard `parent`."""
-        halve, child_grid = self._halve(k), self._grid(k - 1)
-        n = 1
-        for p, h, g in zip(parent, halve, child_grid):
-            n *= len([c for c in ((2 * p, 2 * p + 1) if h else (p,)) if c < g])
-        return n
+    def add(self, start: tuple[int, ...], block: np.ndarray) -> None:
+        """Level-0 pixels `block` `(C, *size)` at spatial `start` (a whole shard, already written)."""
+        work = [(0, start, block)]
+        while work:
+            k, start, pixels = work.pop()
+            if k + 1 >= len(self._levels):
+                continue
+            halve = self._halve(k + 1)
+            even = pixels[
+                (
+                    slice(None),
+                    *(slice(0, n // 2 * 2) if h else slice(None) for n, h in zip(pixels.shape[1:], halve)),
+                )
+            ]
+            if even.size == 0:
+                continue  # a last odd row/column of 1 pixel: nothing of it survives the floor
+            down = downsample2(even, halve)
+            at = tuple(s // 2 if h else s for s, h in zip(start, halve))
+            for ustart, unit in self._place(k + 1, at, down):
+                self._emit(k + 1, ustart, unit)
+                work.append((k + 1, ustart, unit))
 
-    def add(self, k: int, idx: tuple[int, ...], block: np.ndarray) -> None:
-        """Level-k shard `idx` (already written) with pixels `block` `(C, *size)`: feed level k+1."""
-        while k + 1 < len(self._shapes):
-            k += 1
-            halve = self._halve(k)
-            down = downsample2(
-                block[
-                    (
-                        slice(None),
-                        *(slice(0, n // 2 * 2) if h else slice(None) for n, h in zip(block.shape[1:], halve)),
-                    )
-                ],
-                halve,
-            )
-            parent = tuple(i // 2 if h else i for i, h in zip(idx, halve))
-            if any(p >= g for p, g in zip(parent, self._grid(k))):
-                return  # a last odd row/column of 1 pixel: nothing of it survives the floor
-            start = tuple(p * s for p, s in zip(parent, self._shard))
-            size = tuple(min(s, n - o) for s, n, o in zip(self._shard, self._shapes[k], start))
-            # where the child lands inside the parent shard
-            off = tuple((i % 2) * (s // 2) if h else 0 for i, h, s in zip(idx, halve, self._shard))
+    def _place(
+        self, k: int, start: tuple[int, ...], pixels: np.ndarray
+    ) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        """Put level-k `pixels` at `start` into its units; returns the units now complete, `(start,
+        pixels)` clipped to the level (views of `pixels` where a unit lies wholly inside them)."""
+        unit, shape = self._units[k], self._levels[k].shape
+        end = tuple(s + n for s, n in zip(start, pixels.shape[1:]))
+        ranges = [range(s // u, -(-e // u)) for s, e, u in zip(start, end, unit)]
+        done = []
+        # in Z-order, so the units above them fill (and leave memory) in turn, one or two at a time
+        for rel in _morton(tuple(len(r) for r in ranges)):
+            uidx = tuple(r[i] for r, i in zip(ranges, rel))
+            lo = tuple(i * u for i, u in zip(uidx, unit))
+            hi = tuple(min(a + u, n) for a, u, n in zip(lo, unit, shape))
+            a = tuple(max(x, s) for x, s in zip(lo, start))
+            b = tuple(min(x, e) for x, e in zip(hi, end))
+            src = pixels[(slice(None), *(slice(x - s, y - s) for x, y, s in zip(a, b, start)))]
+            if a == lo and b == hi:  # the whole unit is here
+                done.append((lo, src))
+                continue
             with self._lock:
-                key = (k, parent)
-                if key not in self._pending:
-                    self._pending[key] = [np.empty((block.shape[0], *size), block.dtype), 0]
-                entry = self._pending[key]
-                region = tuple(slice(o, o + n) for o, n in zip(off, down.shape[1:]))
-                entry[0][(slice(None), *region)] = down
-                entry[1] += 1
-                if entry[1] < self._n_children(k, parent):
-                    return
-                del self._pending[key]
-            self._write(k, start, entry[0])
-            idx, block = parent, entry[0]
+                entry = self._pending.get((k, uidx))
+                if entry is None:
+                    size = tuple(y - x for x, y in zip(lo, hi))
+                    entry = self._pending[(k, uidx)] = [
+                        np.empty((pixels.shape[0], *size), pixels.dtype),
+                        math.prod(size),
+                    ]
+                    self.buffered += entry[0].nbytes
+                    self.peak_buffered = max(self.peak_buffered, self.buffered)
+                entry[0][(slice(None), *(slice(x - o, y - o) for x, y, o in zip(a, b, lo)))] = src
+                entry[1] -= math.prod(y - x for x, y in zip(a, b))
+                if entry[1] == 0:
+                    del self._pending[(k, uidx)]
+                    self.buffered -= entry[0].nbytes
+                    done.append((lo, entry[0]))
+        return done
+
+    def _emit(self, k: int, start: tuple[int, ...], unit: np.ndarray) -> None:
+        """Hand the chunks of a complete level-k unit at `start` to the level's sink (edge chunks padded
+        with the fill value); close each shard whose last chunk this was."""
+        lev = self._levels[k]
+        per_shard = tuple(s // c for s, c in zip(lev.shard, lev.chunk))
+        offsets = [range(0, n, c) for n, c in zip(unit.shape[1:], lev.chunk)]
+        for off in itertools.product(*offsets):
+            chunk = unit[(slice(None), *(slice(o, o + c) for o, c in zip(off, lev.chunk)))]
+            if chunk.shape[1:] != lev.chunk:
+                padded = np.full((unit.shape[0], *lev.chunk), lev.fill_value, dtype=unit.dtype)
+                padded[(slice(None), *(slice(0, n) for n in chunk.shape[1:]))] = chunk
+                chunk = padded
+            g = tuple((s + o) // c for s, o, c in zip(start, off, lev.chunk))
+            shard = tuple(i // p for i, p in zip(g, per_shard))
+            lev.put_chunk(shard, tuple(i % p for i, p in zip(g, per_shard)), chunk)
+            with self._lock:
+                left = self._left.get((k, shard))
+                left = (self._chunks_in(k, shard) if left is None else left) - 1
+                if left:
+                    self._left[(k, shard)] = left
+                else:
+                    self._left.pop((k, shard), None)
+            if not left:
+                lev.close_shard(shard)
+
+    def _chunks_in(self, k: int, shard: tuple[int, ...]) -> int:
+        """How many chunks of level-k shard `shard` lie (at least partly) inside the level."""
+        lev = self._levels[k]
+        n = 1
+        for i, s, c, size in zip(shard, lev.shard, lev.chunk, lev.shape):
+            n *= len(range(i * s, min((i + 1) * s, size), c))
+        return n
 
     @property
     def pending(self) -> int:
-        """Shards waiting for children (0 once every level-0 shard was added)."""
-        return len(self._pending)
+        """Units waiting for pixels and shards waiting for chunks (0 once every level-0 block was added)."""
+        return len(self._pending) + len(self._left)

@@ -22,6 +22,7 @@ import zarr
 
 from data_prep.writer import ShardEncoder, StoreWriter
 from ips.format import location
+from ips.format.checksums import bytes_record
 from ips.format.location import is_remote
 from ips.format.names import COMPLETE_MARKER
 from ips.format.store import seal
@@ -38,6 +39,14 @@ class RemoteShardEncoder(ShardEncoder):
 
     def _put(self, path: Any, data: bytes) -> None:  # type: ignore[override]
         location.put_bytes(self._store, str(path), data)
+
+    def _scratch_dir(self) -> Path | None:
+        return None  # the system's temporary folder
+
+    def _put_parts(self, path: Any, parts: Any) -> list[int]:  # type: ignore[override]
+        data = b"".join(parts)  # one PUT: the shard whole, once, while it goes out
+        self._put(path, data)
+        return bytes_record(data)
 
     def _remove(self, path: Any) -> None:  # type: ignore[override]
         pass  # `begin` starts from an empty prefix: a shard not written is not there

@@ -16,23 +16,25 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
-from skimage.morphology import remove_small_holes, remove_small_objects
 
 SATURATION_CLIP = (0.05, 0.15)
 ASSUMED_UM_PER_PX = 0.5
 
 
-def _otsu(values: np.ndarray) -> float:
-    """Otsu's threshold from a 256-bin histogram (bincount: ~10x faster than np.histogram on floats)."""
+def _otsu(values: np.ndarray, band: int = 64) -> float:
+    """Otsu's threshold from a 256-bin histogram (bincount: ~10x faster than np.histogram on floats),
+    counted in bands of `band` rows (no float copy of the whole image)."""
     if values.size == 0:
         return 0.0
     lo, hi = float(values.min()), float(values.max())
     if lo == hi:
         return hi
-    q = values - lo  # in place from here: one float copy of a mask-level image, not two
-    q *= 255.0 / (hi - lo)
-    q = q.astype(np.uint8)
-    hist = np.bincount(q.ravel(), minlength=256)
+    rows = values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1)
+    hist = np.zeros(256, dtype=np.int64)
+    for y in range(0, rows.shape[0], band):
+        q = rows[y : y + band] - lo
+        q *= 255.0 / (hi - lo)
+        hist += np.bincount(q.astype(np.uint8).ravel(), minlength=256)
     centres = lo + (np.arange(256) + 0.5) * (hi - lo) / 256
     return float(threshold_otsu(hist=(hist, centres)))
 
@@ -47,6 +49,43 @@ def _saturation(image: np.ndarray, band: int = 64) -> np.ndarray:
         hi, lo = rgb.max(axis=0), rgb.min(axis=0)
         out[y : y + band] = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1), 0)
     return out
+
+
+def _median3(image: np.ndarray, band: int = 64) -> np.ndarray:
+    """`ndi.median_filter(image, size=3)` of a 2D image, in place, in bands of `band` rows (each read
+    with the row above and below it as they were): the same values, one band of extra memory instead of
+    a second whole image."""
+    above = None  # the original row just above the current band
+    for y in range(0, image.shape[0], band):
+        lo, hi = max(0, y - 1), min(image.shape[0], y + band + 1)
+        block = image[lo:hi].copy()
+        if above is not None:
+            block[0] = above
+        above = image[min(y + band, image.shape[0]) - 1].copy()
+        filtered = ndi.median_filter(block, size=3)
+        image[y : y + band] = filtered[y - lo : y - lo + min(band, image.shape[0] - y)]
+    return image
+
+
+def _fill_small(mask: np.ndarray, max_size: int, *, holes: bool, band: int = 256) -> None:
+    """In place: holes (`holes=True`: components of the background) or objects of at most `max_size`
+    pixels, face-connected, flipped: `skimage.morphology.remove_small_holes` / `remove_small_objects`
+    with `max_size`, without their whole-image bool temporaries and index arrays (one int32 label
+    image, then bands of `band` rows)."""
+    labels = np.empty(mask.shape, dtype=np.int32)
+    n = ndi.label(~mask if holes else mask, ndi.generate_binary_structure(mask.ndim, 1), output=labels)
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    for y in range(0, mask.shape[0], band):  # bincount casts to int64: a band at a time
+        sizes += np.bincount(labels[y : y + band].ravel(), minlength=n + 1)
+    small = sizes <= max_size
+    small[0] = False  # label 0: the other side
+    for y in range(0, mask.shape[0], band):
+        rows = mask[y : y + band]  # a view: written in place
+        flip = small[labels[y : y + band]]
+        if holes:
+            rows |= flip
+        else:
+            rows &= ~flip
 
 
 def _um_per_px(spacing: tuple[float, ...] | None, downsample: tuple[int, ...]) -> list[float]:
@@ -75,10 +114,10 @@ def tissue_mask(
     """
     spatial = image.shape[1:]
     if image.ndim == 3 and image.shape[0] == 3 and image.dtype == np.uint8:
-        sat = _saturation(image)  # (Y, X) float32
-        sat = ndi.median_filter(sat, size=3)
+        sat = _median3(_saturation(image))  # (Y, X) float32
         threshold = float(np.clip(_otsu(sat), *SATURATION_CLIP))
         mask, method = sat > threshold, "otsu-saturation"
+        del sat  # before the hole filling's label image
     else:
         value = image.astype(np.float32).mean(axis=0)  # (*spatial)
         threshold = _otsu(value)
@@ -95,8 +134,8 @@ def tissue_mask(
     min_obj = max(1, min(cap, int(round(min_object_um2 / pixel_area))))
     max_hole = max(1, min(cap, int(round(max_hole_um2 / pixel_area))))
     if mask.any():
-        mask = remove_small_holes(mask, max_size=max_hole)
-        mask = remove_small_objects(mask, max_size=min_obj)
+        _fill_small(mask, max_hole, holes=True)
+        _fill_small(mask, min_obj, holes=False)
     return mask, {"method": method, "threshold": threshold}
 
 

@@ -15,15 +15,19 @@ equal the fill value (`background`) are not written.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
@@ -35,7 +39,7 @@ from ips.format.checksums import bytes_record
 from ips.format.location import is_remote
 from ips.format.lockfile import read_holder, write_holder
 from ips.format.names import COMPLETE_MARKER, LOCK_SUFFIX
-from ips.format.sharding import ShardLayout
+from ips.format.sharding import MISSING, ShardLayout
 from ips.format.store import commit, read_marker, remove_stale, seal, store_paths
 from ips.format.store import is_complete as is_complete
 
@@ -125,6 +129,12 @@ class ShardEncoder:
             raise ValueError(f"not a sharded array: {array.metadata.to_dict()['codecs']}")
         self._folder = folder
         self.records: dict[str, list[int]] = {} if records is None else records
+        lay = self.layout
+        assert lay.shard_shape is not None
+        self.shape, self.chunk, self.shard = lay.shape[1:], lay.chunk_shape[1:], lay.shard_shape[1:]
+        self.fill_value = lay.fill_value
+        self._open: dict[tuple[int, ...], _Scratch] = {}  # shard -> its encoded chunks so far
+        self._lock = threading.Lock()
 
     def write(self, start: tuple[int, ...], block: np.ndarray) -> None:
         """Write the shard whose region starts at spatial `start` (shard-aligned); `block` `(C, *size)`
@@ -160,6 +170,63 @@ class ShardEncoder:
         self._put(path, data)
         self.records[key] = bytes_record(data)
 
+    def put_chunk(self, shard: tuple[int, ...], pos: tuple[int, ...], chunk: np.ndarray) -> None:
+        """One inner chunk `(C, *chunk)` (edge chunks padded with the fill value) of the shard at spatial
+        grid index `shard`, at spatial chunk position `pos` inside it, written whole by `close_shard`.
+        It is encoded now and kept on an unnamed scratch file, not in memory; a background chunk is left
+        out. Thread-safe."""
+        lay = self.layout
+        if chunk.flat[0] == lay.fill_value and (chunk == lay.fill_value).all():
+            return
+        data = lay.encode_chunk(chunk)
+        with self._lock:
+            scratch = self._open.get(shard)
+            if scratch is None:
+                scratch = self._open[shard] = _Scratch(self._scratch_dir())
+            scratch.append((0, *pos), data)
+
+    def close_shard(self, shard: tuple[int, ...]) -> None:
+        """Write the shard at spatial grid index `shard` from the chunks `put_chunk` gave it: the same
+        bytes as `write` of its pixels (chunks in C order, then the index), streamed from the scratch
+        file; no file when every chunk was background."""
+        lay = self.layout
+        with self._lock:
+            scratch = self._open.pop(shard, None)
+        key = lay.key((0, *shard))
+        path = self._folder / key
+        if scratch is None:
+            self._remove(path)
+            self.records.pop(key, None)
+            return
+        try:
+            index = np.full((*lay.chunks_per_shard, 2), MISSING, dtype="<u8")
+            offset = 0 if lay.index_at_end else lay.index_nbytes
+            for pos in sorted(scratch.at):  # C order, as `encode_shard`
+                index[pos] = (offset, scratch.at[pos][1])
+                offset += scratch.at[pos][1]
+            head = [lay.encode_index(index)]
+            body = scratch.chunks()
+            self.records[key] = self._put_parts(
+                path, itertools.chain(body, head) if lay.index_at_end else itertools.chain(head, body)
+            )
+        finally:
+            scratch.close()
+
+    def _scratch_dir(self) -> Path | None:
+        """Where scratch files go: the array's folder (the store's disk)."""
+        return self._folder
+
+    def _put_parts(self, path: Path, parts: Iterable[bytes]) -> list[int]:
+        """Write `parts` one after the other as the file `path`; returns its `[size, crc32c]`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        crc, size = 0, 0
+        with open(path, "wb") as f:
+            for part in parts:
+                f.write(part)
+                crc = google_crc32c.extend(crc, part)
+                size += len(part)
+        return [size, int(crc)]
+
     @staticmethod
     def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -169,6 +236,31 @@ class ShardEncoder:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             f.write(data)
+
+
+class _Scratch:
+    """Encoded chunks of one shard, in the order they came, on an unnamed temporary file (gone when
+    closed, or when the process dies); `chunks()` reads them back one at a time in C order."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self.at: dict[tuple[int, ...], tuple[int, int]] = {}  # chunk position -> (offset, nbytes)
+        self._size = 0
+
+    def append(self, pos: tuple[int, ...], data: bytes) -> None:
+        self._file.write(data)
+        self.at[pos] = (self._size, len(data))
+        self._size += len(data)
+
+    def chunks(self) -> Iterator[bytes]:
+        self._file.flush()
+        fd = self._file.fileno()
+        for pos in sorted(self.at):
+            offset, n = self.at[pos]
+            yield os.pread(fd, n, offset)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def reseal(store: str | Path, arrays: list[str] | None = None) -> None:

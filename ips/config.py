@@ -23,6 +23,7 @@ from ips.errors import ConfigError
 
 TaskKind = Literal["binary", "multiclass", "multilabel", "ordinal", "regression", "survival"]
 RegressionLoss = Literal["mse", "huber"]
+SurvivalLoss = Literal["cox", "discrete"]
 ScoreKind = Literal["logit", "softmax_mean"]
 DataMode = Literal["pixels", "features"]
 
@@ -41,7 +42,10 @@ class TaskConfig:
     cumulative logits, logit k for P(label > k) (BCE on each); `regression`: one value, `loss` 'mse'
     (default) or 'huber' (delta 1: scale targets to about unit range); `survival`: one risk score (log
     hazard ratio), Cox partial likelihood over the slides forwarded together (Breslow ties), labels from
-    the manifest's `time` (`label_column`) and `event` (`event_column`: 1 event, 0 censored) columns.
+    the manifest's `time` (`label_column`) and `event` (`event_column`: 1 event, 0 censored) columns;
+    with `loss: discrete`, `num_classes` logits instead, the hazard of each of `num_classes` time bins
+    (cut at `time_bins`: `num_classes - 1` increasing times, by default the quantiles of the training
+    slides' event times, set when training starts), negative log-likelihood per slide with censoring.
     `label_column` is the manifest column holding the label (default: the task name; `time` for survival).
     """
 
@@ -50,8 +54,9 @@ class TaskConfig:
     num_classes: int = 2
     label_column: str | None = None
     weight: float = 1.0
-    loss: RegressionLoss | None = None
+    loss: RegressionLoss | SurvivalLoss | None = None
     event_column: str | None = None
+    time_bins: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -72,10 +77,22 @@ class TaskConfig:
                 f"must be >= 2, got {self.num_classes}",
             )
         _require(self.weight >= 0, f"model.tasks[{self.name}].weight", "must be >= 0")
+        allowed = {"regression": RegressionLoss, "survival": SurvivalLoss}.get(self.kind)
         _require(
-            self.loss is None or (self.kind == "regression" and self.loss in typing.get_args(RegressionLoss)),
+            self.loss is None or (allowed is not None and self.loss in typing.get_args(allowed)),
             f"model.tasks[{self.name}].loss",
-            f"one of {typing.get_args(RegressionLoss)}, for a regression task only; got {self.loss!r}",
+            f"one of {typing.get_args(RegressionLoss)} for a regression task, "
+            f"{typing.get_args(SurvivalLoss)} for a survival task; got {self.loss!r} for {self.kind}",
+        )
+        _require(
+            self.time_bins is None
+            or (
+                self.loss == "discrete"
+                and len(self.time_bins) == self.num_classes - 1
+                and all(a < b for a, b in zip(self.time_bins, self.time_bins[1:]))
+            ),
+            f"model.tasks[{self.name}].time_bins",
+            "for a survival task with loss discrete: num_classes - 1 increasing times",
         )
         _require(
             self.event_column is None or self.kind == "survival",
@@ -96,6 +113,8 @@ class TaskConfig:
 
     @property
     def n_outputs(self) -> int:
+        if self.kind == "survival" and self.loss == "discrete":
+            return self.num_classes
         if self.kind in ("binary", "regression", "survival"):
             return 1
         return self.num_classes - 1 if self.kind == "ordinal" else self.num_classes

@@ -83,3 +83,33 @@ def test_train_predict_heatmap_with_time_and_event_columns(tmp_path, capsys):
     measured = geo["features"][0]["properties"]["measurements"]
     assert any("os" in k for k in measured) and any("score" in k for k in measured)
     capsys.readouterr()
+
+
+def test_discrete_time_survival_trains_with_bins_from_the_training_times(tmp_path, capsys):
+    """`loss: discrete`: the run's config holds the time bins, the quantiles of the training slides'
+    event times (numpy on the manifest); validation reports the C-index; predict writes the risk."""
+    manifest = _survival_manifest(tmp_path)
+    task = {"name": "os", "kind": "survival", "loss": "discrete", "num_classes": 3}
+    cfg = {**TINY, "model": {**TINY["model"], "tasks": [task]}}
+    cfg["train"] = {**TINY["train"], "epochs": 1, "monitor": "val_os/c_index", "micro_batch_size": 2}
+    cfg_path = tmp_path / "disc.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        args = ["train", "--config", str(cfg_path), "--manifest", str(manifest), "--out", str(run), "--quiet"]
+        assert main([*args, "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "Cox risk set" not in capsys.readouterr().out
+    rows = _read(manifest)
+    train_events = [float(r["time"]) for r in rows if r["split"] == "train" and r["event"] == "1"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]["tasks"][0]
+    np.testing.assert_allclose(saved["time_bins"], np.quantile(train_events, [1 / 3, 2 / 3]))
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= last["val_os/c_index"] <= 1.0
+    pred = tmp_path / "pred"
+    ckpt = run / "checkpoints" / "best.pt"
+    assert main(["predict", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--out", str(pred)]) == 0
+    table = _read(pred / "predictions.csv")
+    assert len(table) == 12 and all(-3.0 <= float(r["prediction"]) <= 0.0 for r in table)

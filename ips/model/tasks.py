@@ -5,8 +5,9 @@ Label tensors per task, for a batch of B slides:
   float multi-hot; regression: `(B,)` float; survival: `(B, 2)` float, columns (time, event in {0, 1}).
 
 Outputs (`probabilities`): P(positive) for binary, class probabilities for multiclass and ordinal, label
-probabilities for multilabel, the value for regression, the risk score (log hazard ratio: higher means
-an earlier event) for survival.
+probabilities for multilabel, the value for regression, the risk score for survival (higher means an
+earlier event): the log hazard ratio (Cox), or minus the expected number of time bins survived
+(`loss: discrete`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ips.config import TaskConfig
+from ips.config import ConfigError, TaskConfig
 
 Label = int | float | tuple[int, ...] | tuple[float, int]
 
@@ -38,7 +39,8 @@ def task_loss(task: TaskConfig, logits: torch.Tensor, target: torch.Tensor) -> t
     """Per-slide loss `(B,)` from logits `(B, n_out)` and the task's label tensor.
 
     Survival: slide i's term of the Cox partial likelihood over these B slides (zero when censored), so
-    the mean over slides is the batch's negative log partial likelihood divided by B."""
+    the mean over slides is the batch's negative log partial likelihood divided by B; with `loss:
+    discrete`, slide i's own negative log-likelihood under the per-bin hazards (`discrete_time_terms`)."""
     if task.kind == "binary":
         return F.binary_cross_entropy_with_logits(logits[:, 0], target.to(logits.dtype), reduction="none")
     if task.kind == "multiclass":
@@ -56,6 +58,11 @@ def task_loss(task: TaskConfig, logits: torch.Tensor, target: torch.Tensor) -> t
         if task.loss == "huber":
             return F.huber_loss(logits[:, 0], y, reduction="none", delta=1.0)
         return F.mse_loss(logits[:, 0], y, reduction="none")
+    if task.kind == "survival" and task.loss == "discrete":
+        if task.time_bins is None:
+            raise ValueError(f"task {task.name!r}: loss discrete without time_bins (set by `with_time_bins`)")
+        edges = torch.tensor(task.time_bins, dtype=logits.dtype, device=logits.device)
+        return discrete_time_terms(logits, time_bin(target[:, 0].to(logits.dtype), edges), target[:, 1] > 0.5)
     if task.kind == "survival":
         return cox_terms(logits[:, 0], target[:, 0].to(logits.dtype), target[:, 1] > 0.5)
     raise ValueError(f"unknown task kind {task.kind!r}")
@@ -82,6 +89,73 @@ def cox_terms(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> to
     return torch.where(event, log_denominator - risk, torch.zeros_like(risk))
 
 
+def time_bin(time: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The bin `(B,)` long of each time: bin j holds `edges[j-1] <= time < edges[j]` (bin 0 everything
+    below `edges[0]`, the last bin everything from `edges[-1]` on)."""
+    return torch.bucketize(time.contiguous(), edges, right=True)
+
+
+def discrete_time_terms(logits: torch.Tensor, bins: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+    """Per-slide negative log-likelihood `(B,)` of a discrete-time survival model.
+
+    logits `(B, K)`: the hazard of bin k is `h_k = sigmoid(logit_k)`, the chance of the event in bin k
+    having survived the bins before it. bins `(B,)` long: the bin j of the slide's time; event `(B,)`
+    bool. An event in bin j: `-log h_j - sum_{k<j} log(1 - h_k)`; censored in bin j (survived it):
+    `-sum_{k<=j} log(1 - h_k)`. Each slide's term is its own (no risk set over the batch)."""
+    k = torch.arange(logits.shape[1], device=logits.device)
+    log_h, log_s = F.logsigmoid(logits), F.logsigmoid(-logits)  # log h_k, log (1 - h_k)
+    before = k[None, :] < bins[:, None]
+    at = k[None, :] == bins[:, None]
+    survived = (log_s * before).sum(dim=1)
+    last = torch.where(event, (log_h * at).sum(dim=1), (log_s * at).sum(dim=1))
+    return -(survived + last)
+
+
+def discrete_time_risk(logits: torch.Tensor) -> torch.Tensor:
+    """Risk score `(B,)` of per-bin hazard logits `(B, K)`: minus the expected number of bins survived,
+    `-sum_k S_k` with `S_k = prod_{j<=k} (1 - h_j)` (higher: an earlier event)."""
+    return -torch.exp(torch.cumsum(F.logsigmoid(-logits), dim=1)).sum(dim=1)
+
+
+def event_time_quantiles(times: Sequence[float], events: Sequence[bool], num_bins: int) -> tuple[float, ...]:
+    """The `num_bins - 1` cut points that split the event times into bins of equal count (the quantiles
+    1/K .. (K-1)/K of the times with an event; of every time when there are fewer events than bins).
+    ValueError when they are not increasing (too few distinct times)."""
+    import numpy as np
+
+    chosen = [t for t, e in zip(times, events) if e]
+    if len(chosen) < num_bins:
+        chosen = list(times)
+    if not chosen:
+        raise ValueError("no survival times to cut into bins")
+    cuts = np.quantile(np.asarray(chosen, dtype=np.float64), np.arange(1, num_bins) / num_bins)
+    if np.any(np.diff(cuts) <= 0):
+        raise ValueError(f"{len(set(chosen))} distinct times cannot be cut into {num_bins} bins")
+    return tuple(float(c) for c in cuts)
+
+
+def with_time_bins(tasks: Sequence[TaskConfig], records: Sequence) -> tuple[TaskConfig, ...]:
+    """`tasks`, each survival task with `loss: discrete` and no `time_bins` given its cut points from
+    the labels `(time, event)` of `records` (the training slides: objects with `.labels`)."""
+    import dataclasses
+
+    out = []
+    for t in tasks:
+        if t.kind == "survival" and t.loss == "discrete" and t.time_bins is None:
+            labels = [r.labels[t.name] for r in records if t.name in r.labels]
+            try:
+                cuts = event_time_quantiles(
+                    [a for a, _ in labels], [e > 0.5 for _, e in labels], t.num_classes
+                )
+            except ValueError as e:
+                raise ConfigError(
+                    f"model.tasks[{t.name}].num_classes: {e} from the training slides"
+                ) from None
+            t = dataclasses.replace(t, time_bins=cuts)
+        out.append(t)
+    return tuple(out)
+
+
 def total_loss(
     tasks: Sequence[TaskConfig], logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
 ) -> torch.Tensor:
@@ -101,6 +175,8 @@ def probabilities(task: TaskConfig, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits[:, 0])
     if task.kind == "multiclass":
         return logits.softmax(dim=-1)
+    if task.kind == "survival" and task.loss == "discrete":
+        return discrete_time_risk(logits)
     if task.kind in ("regression", "survival"):
         return logits[:, 0]
     if task.kind == "ordinal":
@@ -119,6 +195,8 @@ def predictions(task: TaskConfig, logits: torch.Tensor) -> torch.Tensor:
         return (logits[:, 0] > 0).long()
     if task.kind == "multiclass":
         return logits.argmax(dim=-1)
+    if task.kind == "survival" and task.loss == "discrete":
+        return discrete_time_risk(logits)
     if task.kind in ("regression", "survival"):
         return logits[:, 0]
     if task.kind == "ordinal":

@@ -18,7 +18,7 @@ from ips.data.open import SourceFactory
 from ips.data.store import open_store
 from ips.infer.engine import check_model_fits
 from ips.model.metrics import evaluate_logits
-from ips.model.tasks import label_tensor
+from ips.model.tasks import label_tensor, with_time_bins
 
 
 @dataclass
@@ -99,6 +99,7 @@ def _label_key(label: Any) -> Any:
 
 def metric_names(tasks: Sequence[TaskConfig], records: Sequence[SlideRecord]) -> list[str]:
     """Every key an epoch's row can hold for these tasks: `train_loss`, `val_loss`, `{train,val}_<task>/<m>`."""
+    tasks = with_time_bins(tasks, records)  # discrete-time survival needs its bins to name its metrics
     sample = list(records[:1])
     targets = targets_for(sample, tasks)
     logits = {t.name: torch.zeros(len(sample), t.n_outputs) for t in tasks}

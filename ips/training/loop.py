@@ -9,6 +9,7 @@ interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from ips.infer.engine import Predictor, Selector
 from ips.model.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from ips.model.ips_model import IPSModel, build_model, unit_pixels
 from ips.model.metrics import TAKEOFF_METRIC, evaluate_logits, lower_is_better
-from ips.model.tasks import total_loss
+from ips.model.tasks import total_loss, with_time_bins
 from ips.runtime import DistInfo, Runtime, seed_everything
 from ips.training.bagloss import BagEmbeddings
 from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
@@ -178,6 +179,10 @@ class Trainer:
         then (rank 0) write the config and open the metrics log; resume from `last.pt` where it exists."""
         sources = SourceFactory.from_config(cfg.data, reuse=True)  # each store opened once per run
         inputs = load_inputs(cfg, manifest, sources=sources, is_main=runtime.dist.is_main, log=log)
+        # discrete-time survival: the time bins from the training slides, saved with the config
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, tasks=with_time_bins(cfg.model.tasks, inputs.train))
+        )
         saved = _checked_run_dir(cfg, run_dir, resume, runtime, log)
         check_same_data(
             run_dir,
@@ -561,7 +566,7 @@ def choose_micro_batch(
             f"note: the encoder has BatchNorm and micro-batches hold {micro} slides: it normalises over each "
             "micro-batch's patches, so gradients are close to, not equal to, full-batch ones"
         )
-    survival = [t.name for t in cfg.model.tasks if t.kind == "survival"]
+    survival = [t.name for t in cfg.model.tasks if t.kind == "survival" and t.loss != "discrete"]
     if survival and micro < cfg.train.batch_size:
         log(
             f"note: survival task {survival[0]!r}: the Cox risk set is the {micro} slides of a micro-batch "
