@@ -212,7 +212,8 @@ def test_cli_prune_bad_usage(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_prune_fine_tunes_from_the_pruned_weights(tmp_path):
+@pytest.mark.parametrize("stem", ["0", "0.5"])
+def test_cli_prune_fine_tunes_from_the_pruned_weights(tmp_path, stem):
     from inference_fixtures import make_store, tiny_cfg, write_checkpoint
 
     rows = ["slide_id,path,a,split"]
@@ -224,11 +225,13 @@ def test_cli_prune_fine_tunes_from_the_pruned_weights(tmp_path):
     ckpt = write_checkpoint(tmp_path / "c.pt", tiny_cfg(encoder_norm="batch"))
     out = tmp_path / "ft"
     argv = ["prune", "--checkpoint", str(ckpt), "--ratio", "0.5", "--out", str(out), "--epochs", "1"]
+    argv += ["--stem", stem]
     rc = main([*argv, "--manifest", str(manifest), "--quiet", "--threads", "1", "train.batch_size=2"])
     assert rc == 0
     tuned, tuned_cfg = load_model(out / "checkpoints" / "best.pt")
     start, _ = load_model(out / "pruned.pt")
     assert tuned_cfg.model.encoder_inner == (4, 8) and tuned_cfg.train.epochs == 1
+    assert tuned_cfg.model.encoder_widths == (None if stem == "0" else (4, 16))
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert any(k.startswith("encoder.") for k in changed)  # trained from the pruned weights
 
