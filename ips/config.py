@@ -116,8 +116,9 @@ class ModelConfig:
     `encoder_inner` (ips_* CNNs; null = as built): the inner channels of each block in order (a basic
     block's middle, an inverted bottleneck's hidden, a Fire module's squeeze); `ips prune` writes it, so a
     pruned checkpoint rebuilds from its config. `encoder_widths` (ips_* CNNs; null = as built): the
-    channels of each stage, the first one also the stem's (`ips prune --stem` narrows it). `token_keep` (`ips_vit_*` encoders): the share of patch
-    tokens kept at each pruning stage in eval mode (selection and inference); 1 keeps every token.
+    channels of each stage, the first one also the stem's (`ips prune --stem` narrows it). `token_keep`
+    (`ips_vit_*` encoders): the share of patch tokens kept at each pruning stage in eval mode (selection
+    and inference); 1 keeps every token.
     """
 
     encoder: str = "resnet18"
