@@ -134,8 +134,10 @@ class ModelConfig:
     (null): 'batch' for our encoders, and timm models keep their own normalisation.
     `encoder_inner` (ips_* CNNs; null = as built): the inner channels of each block in order (a basic
     block's middle, an inverted bottleneck's hidden, a Fire module's squeeze); `ips prune` writes it, so a
-    pruned checkpoint rebuilds from its config. `token_keep` (`ips_vit_*` encoders): the share of patch
-    tokens kept at each pruning stage in eval mode (selection and inference); 1 keeps every token.
+    pruned checkpoint rebuilds from its config. `encoder_widths` (ips_* CNNs; null = as built): the
+    channels of each stage, the first one also the stem's (`ips prune --stem` narrows it). `token_keep`
+    (`ips_vit_*` encoders): the share of patch tokens kept at each pruning stage in eval mode (selection
+    and inference); 1 keeps every token.
     """
 
     encoder: str = "resnet18"
@@ -152,6 +154,7 @@ class ModelConfig:
     pos_enc: Literal["sincos", "none"] = "sincos"
     tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
     encoder_inner: tuple[int, ...] | None = None
+    encoder_widths: tuple[int, ...] | None = None
     token_keep: float = 1.0
 
     def __post_init__(self) -> None:
@@ -184,6 +187,12 @@ class ModelConfig:
                 all(c >= 1 for c in self.encoder_inner),
                 "model.encoder_inner",
                 f"channels must be >= 1, got {list(self.encoder_inner)}",
+            )
+        if self.encoder_widths is not None:
+            _require(
+                all(c >= 1 for c in self.encoder_widths),
+                "model.encoder_widths",
+                f"channels must be >= 1, got {list(self.encoder_widths)}",
             )
         _require(
             0.0 < self.token_keep <= 1.0, "model.token_keep", f"must be in (0, 1], got {self.token_keep}"

@@ -437,3 +437,65 @@ def test_feature_checkpoint_draws_from_the_features_grid(tmp_path):
     scores = zarr.open_group(str(out / "scores.zarr"), mode="r")
     np.testing.assert_array_equal(scores["level0_coords"][...], open_store(store).coords() * 2)
     assert (out / "top_patches.png").is_file() and (out / "heatmap.geojson").is_file()
+
+
+def _stored_peak(slide_dir: Path, task: int = 0) -> float:
+    """log2 of the slide's highest N * a, by hand from its scores.zarr."""
+    a = np.asarray(zarr.open_group(str(slide_dir / "scores.zarr"), mode="r")["attention"][...])[:, task]
+    return float(np.log2(len(a) * a.max()))
+
+
+def _peaky_checkpoint(path: Path, cfg) -> Path:
+    """A random model whose attention logits are scaled up, so slides' peaks lie well above uniform."""
+    from ips.model.checkpoint import save_checkpoint
+    from ips.model.ips_model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        model.aggregator.k_proj.weight *= 400.0
+    save_checkpoint(path, model=model, config=cfg, epoch=0, metrics={})
+    return path
+
+
+def test_global_scale_is_shared_by_every_slide_drawn(tmp_path, capsys):
+    """`--scale global`: every slide's PNG uses one scale whose top is the highest peak of all of them
+    (read back from each scores.zarr by hand); per slide, each its own. The threshold is N * a."""
+    stores = [
+        str(make_store(tmp_path / "st", "sa", size=(128, 96), seed=1)),
+        str(make_store(tmp_path / "st", "sb", size=(128, 96), seed=2, fill=0.5)),
+        str(make_store(tmp_path / "st", "sc", size=(96, 96), seed=3)),
+    ]
+    ckpt = _peaky_checkpoint(tmp_path / "m.pt", tiny_cfg(memory_size=4))
+    for kind in ("slide", "global"):
+        out = tmp_path / kind
+        argv = ["heatmap", "--checkpoint", str(ckpt), *stores, "--out", str(out), "--top-k", "0"]
+        assert main([*argv, "--scale", kind, "--threshold", "0.5"]) == 0
+        peaks = {s: _stored_peak(out / s) for s in ("sa", "sb", "sc")}
+        assert len(set(peaks.values())) == 3  # three different attention ranges
+        assert sorted(peaks.values())[1] > 1.0  # past the per-slide floor: per slide, tops differ
+        for s in peaks:
+            assert (out / s / "heatmap.png").is_file()
+            used = zarr.open_group(str(out / s / "scores.zarr"), mode="r").attrs["colour_scales"]["a"]
+            assert used["threshold"] == -1.0 and used["kind"] == kind  # 0.5x uniform = log2 -1
+            own = max(peaks[s], 1.0, -1.0 + 1.0)
+            cohort = max(*peaks.values(), 1.0)
+            assert used["top"] == pytest.approx(cohort if kind == "global" else own, abs=1e-6)
+            if kind == "global":
+                assert used["slides"] == 3 and "3 slides drawn together" in used["legend"]
+    assert "global colour scale of a over 3 slides" in capsys.readouterr().out
+    argv = ["heatmap", "--checkpoint", str(ckpt), stores[0], "--out", str(tmp_path / "x")]
+    assert main([*argv, "--threshold", "0"]) == 2
+    assert "--threshold" in capsys.readouterr().err
+
+
+def test_global_scale_draws_volume_slices(tmp_path):
+    store = make_store(tmp_path / "st", "v", size=(32, 32, 32), channels=1, patch=8)
+    ckpt = write_checkpoint(tmp_path / "m.pt", tiny_cfg(in_chans=1, patch=8, dims=3))
+    out = tmp_path / "o"
+    argv = ["heatmap", "--checkpoint", str(ckpt), str(store), "--out", str(out), "--scale", "global"]
+    assert main([*argv, "--top-k", "0", "--quiet"]) == 0
+    for name in ("heatmap.png", "slice_z.png", "slice_y.png", "slice_x.png", "heatmap.nii.gz"):
+        assert (out / "v" / name).is_file()
+    used = zarr.open_group(str(out / "v" / "scores.zarr"), mode="r").attrs["colour_scales"]["a"]
+    assert used["kind"] == "global" and used["top"] == pytest.approx(max(_stored_peak(out / "v"), 1.0))

@@ -15,10 +15,13 @@ from ips.infer.scale import (
     GLOBAL_TOP,
     MIN_TOP,
     Scale,
+    cohort_scale,
     colorize,
     colour_table,
     global_scale,
+    legend_text,
     log_ratio,
+    peak,
     per_slide,
     ratio_text,
     relative,
@@ -140,3 +143,64 @@ def test_png_of_a_flat_map_equals_the_png_without_a_map(tmp_path):
     hot = np.zeros((48, 64))
     hot[10:20, 10:20] = 1.0  # twice uniform: full colour on this scale
     assert np.abs(png(hot).astype(int) - none.astype(int)).max() > 60
+
+
+def test_cohort_scale_same_colour_for_the_same_ratio_on_every_slide():
+    """Slide A (N = 100) peaks at 16x uniform and has a patch at 4x; slide B (N = 10) peaks at 4x. One
+    scale over both tops out at A's peak (log2 16 = 4), so 4x is half way up on both; per slide, 4x is
+    half way on A and full colour on B."""
+    a = np.full(100, (1.0 - 0.2) / 98)
+    a[0], a[1] = 0.16, 0.04  # N * a = 16 and 4; the rest share what is left
+    b = np.full(10, 0.6 / 9)
+    b[0] = 0.4  # N * a = 4
+    cohort = cohort_scale([peak(a), peak(b)])
+    assert cohort.top == pytest.approx(4.0) and cohort.kind == "global" and cohort.slides == 2
+    table = np.rint(colour_table() * 255)
+    ga, gb = colorize(log_ratio(a), cohort)[1], colorize(log_ratio(b), cohort)[0]
+    np.testing.assert_array_equal(ga, gb)
+    np.testing.assert_array_equal(ga, table[128])  # (2 - 0) / (4 - 0) = 0.5 -> entry 128 of 256
+    sa, sb = colorize(log_ratio(a), per_slide(a))[1], colorize(log_ratio(b), per_slide(b))[0]
+    np.testing.assert_array_equal(sa, table[128])
+    np.testing.assert_array_equal(sb, table[255])
+    assert "2 slides drawn together" in legend_text(cohort)
+    assert cohort.to_dict() == {"top": cohort.top, "threshold": 0.0, "kind": "global", "slides": 2}
+
+
+def test_cohort_scale_floor_and_threshold():
+    assert cohort_scale([0.1, 0.3]).top == MIN_TOP  # two near-flat slides are not stretched
+    assert cohort_scale([0.5], threshold=2.0).top == 2.0 + MIN_TOP
+    assert cohort_scale([5.0, 2.0], threshold=1.0).threshold == 1.0
+    assert peak(np.zeros(0)) == 0.0
+
+
+def test_png_colours_follow_the_shared_scale(tmp_path):
+    """Rendered PNGs, not just the colour function: two slides' heat maps (same thumbnail) with the same
+    4x-uniform block; slide A also has a 16x block. With one global scale the 4x block's pixels are the
+    same on both PNGs; with per-slide scales they differ (half way up on A, full colour on B)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(150, 256, size=(96, 128, 3), dtype=np.uint8)
+    heat_a = np.full((96, 128), np.nan)
+    heat_a[16:80, 8:56] = 2.0
+    heat_a[16:80, 72:120] = 4.0
+    heat_b = np.full((96, 128), np.nan)
+    heat_b[16:80, 8:56] = 2.0
+
+    def pixel(heat, scale, name):
+        path = save_overlay(
+            tmp_path / name, base, [heat], ["t"], suptitle="s", colorbar_label="c", scales=[scale]
+        )
+        rgb = np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("RGB")).astype(int)
+        return rgb, rgb[rgb.shape[0] // 2, int(rgb.shape[1] * 0.25)]  # inside the 4x block
+
+    cohort = cohort_scale([4.0, 2.0])
+    (img_a, ga), (img_b, gb) = pixel(heat_a, cohort, "ga.png"), pixel(heat_b, cohort, "gb.png")
+    np.testing.assert_array_equal(ga, gb)
+    assert img_a.shape == img_b.shape
+    (_, sa), (_, sb) = (
+        pixel(heat_a, Scale(top=4.0), "sa.png"),
+        pixel(heat_b, Scale(top=2.0), "sb.png"),
+    )
+    assert np.abs(sa - sb).max() > 20
+    np.testing.assert_array_equal(sa, ga)  # A's own peak is the cohort's: the same colours

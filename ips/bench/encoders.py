@@ -18,7 +18,8 @@ channel as CT/MR volumes have):
 
 Ratios against `ips_resnet10` of the same dims show what the efficient variants save.
 
-Variants by name: `NAME@prune=R` is our CNN `NAME` with each block's inner channels pruned by R
+Variants by name: `NAME@prune=R` is our CNN `NAME` with each block's inner channels pruned by R,
+`@stem=S` adds the stem's output channels (stage 1's stream) pruned by S
 (`ips.model.pruning`, importance of the seeded init: sizes and speed, not accuracy); `NAME@keep=K` is a
 token-pruning ViT keeping a share K of its tokens per stage in eval mode (`ips.model.token_vit`). Their
 rows add `base` and `macs_vs_base` / `infer_vs_base` / `infer_cpu_vs_base` against `NAME` measured in the same run.
@@ -52,16 +53,20 @@ VARIANTS = {
 
 
 def build_variant(name: str, *, spatial_dims: int, patch_size: int, in_chans: int) -> nn.Module:
-    """An encoder by name, or a pruned variant `NAME@prune=R` / `NAME@keep=K` (module docstring)."""
-    base, _, option = name.partition("@")
-    key, _, value = option.partition("=")
-    if option and key not in ("prune", "keep"):
-        raise ConfigError(f"--encoders: {name!r}: a variant is NAME@prune=R or NAME@keep=K")
-    try:
-        amount = float(value) if option else None
-    except ValueError:
-        raise ConfigError(f"--encoders: {name!r}: {value!r} is not a number") from None
-    if key == "prune":
+    """An encoder by name, or a pruned variant `NAME@prune=R[@stem=S]` / `NAME@keep=K` (module docstring)."""
+    base, *options = name.split("@")
+    amounts: dict[str, float] = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in ("prune", "stem", "keep") or key in amounts:
+            raise ConfigError(f"--encoders: {name!r}: a variant is NAME@prune=R[@stem=S] or NAME@keep=K")
+        try:
+            amounts[key] = float(value)
+        except ValueError:
+            raise ConfigError(f"--encoders: {name!r}: {value!r} is not a number") from None
+    if "keep" in amounts and len(amounts) > 1:
+        raise ConfigError(f"--encoders: {name!r}: a variant is NAME@prune=R[@stem=S] or NAME@keep=K")
+    if "prune" in amounts or "stem" in amounts:
         cfg = ModelConfig(
             encoder=base,
             encoder_norm="group",
@@ -69,7 +74,8 @@ def build_variant(name: str, *, spatial_dims: int, patch_size: int, in_chans: in
             spatial_dims=spatial_dims,
             patch_size=patch_size,
         )
-        model, _ = prune_model(build_model(cfg), cfg, ratio=amount)
+        ratio, stem = amounts.get("prune", 0.0), amounts.get("stem", 0.0)
+        model, _ = prune_model(build_model(cfg), cfg, ratio=ratio, stem=stem)
         return model.encoder
     # ours with GroupNorm, as the table was measured: a training step on a batch of one patch works
     norm = "group" if base in list_encoders() else None
@@ -79,7 +85,7 @@ def build_variant(name: str, *, spatial_dims: int, patch_size: int, in_chans: in
         spatial_dims=spatial_dims,
         patch_size=patch_size,
         norm=norm,
-        token_keep=amount if key == "keep" else 1.0,
+        token_keep=amounts.get("keep", 1.0),
     )
 
 

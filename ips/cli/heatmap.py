@@ -1,13 +1,17 @@
-"""`ips heatmap --checkpoint CKPT (--manifest CSV | STORE...) --out DIR [--task NAME] [--top-k K] [key=value ...]`
+"""`ips heatmap --checkpoint CKPT (--manifest CSV | STORE...) --out DIR [--task NAME] [--top-k K] [--scale slide|global] [--threshold T] [key=value ...]`
 
 Per store, under `DIR/<slide_id>/`: heatmap.png, scores.zarr, top_patches.png, and heatmap.geojson
-(2D) or heatmap.nii.gz with three slice PNGs (3D); see `ips.infer.heatmap`. Exit 0: all done; 1: some stores
+(2D) or heatmap.nii.gz with three slice PNGs (3D); see `ips.infer.heatmap`. Colours show attention
+relative to uniform (N * a, `ips.infer.scale`): `--scale slide` stretches each slide's PNG to its own
+peak; `--scale global` gives every slide of the run one scale (the highest peak among them), so a colour
+means the same N * a on every PNG. `--threshold T`: nothing painted at or below T times uniform. Exit 0: all done; 1: some stores
 failed (the others are still drawn; a summary names each failure); 2: bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 from ips.cli._common import split_overrides
 from ips.cli._inference_args import add_common, check_inputs, out_dir, report_failures
@@ -32,6 +36,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1024,
         help="longest side of the pyramid level the overlay is drawn on (default 1024)",
     )
+    p.add_argument(
+        "--scale",
+        choices=("slide", "global"),
+        default="slide",
+        help="colour scale: each slide's own peak (slide, default), or one scale for all the slides "
+        "given (global: their highest peak), so colours compare between slides",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=1.0,
+        help="paint nothing at or below this multiple of uniform attention N * a (default 1: uniform)",
+    )
     p.set_defaults(func=run)
 
 
@@ -46,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k must be >= 0, got {args.top_k}")
     if args.thumb_size < 16:
         raise ConfigError(f"--thumb-size must be >= 16, got {args.thumb_size}")
+    if not (math.isfinite(args.threshold) and args.threshold > 0):
+        raise ConfigError(f"--threshold must be a multiple of uniform attention > 0, got {args.threshold}")
     records = store_records(stores) if stores else []
     for (
         r
@@ -73,5 +92,7 @@ def run(args: argparse.Namespace) -> int:
         thumb_size=args.thumb_size,
         checkpoint=str(args.checkpoint),
         log=None if args.quiet else print,
+        scale=args.scale,
+        threshold=math.log2(args.threshold),
     )
     return report_failures("heatmap", failures, len(records))

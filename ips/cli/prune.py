@@ -1,9 +1,11 @@
-"""`ips prune --checkpoint CKPT (--ratio R | --keep K) --out DIR [--epochs E] [--manifest CSV] [key=value ...]`
+"""`ips prune --checkpoint CKPT (--ratio R [--stem S] | --keep K) --out DIR [--epochs E] [--manifest CSV] [key=value ...]`
 
 A smaller or faster model from a trained checkpoint, as a checkpoint that loads like any other:
 
 - `--ratio R` (our ips_* CNNs): structured channel pruning of every encoder block's inner channels,
-  the least important R of them by normalisation-scaled filter norm (`ips.model.pruning`);
+  the least important R of them by normalisation-scaled filter norm (`ips.model.pruning`); with
+  `--stem S`, also the least important S of the stem's output channels, which are stage 1's residual
+  stream (where a large stem dominates the MACs, as a 7^3 stem on volumes does);
 - `--keep K` (token-pruning ViTs, `ips_vit_*`): the share of patch tokens kept at each pruning stage
   in selection and inference (`model.token_keep`; the keep-score heads were trained with the model).
 
@@ -46,6 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument(
         "--keep", type=float, help="share of ViT patch tokens kept per pruning stage, in (0, 1]"
     )
+    p.add_argument(
+        "--stem",
+        type=float,
+        default=0.0,
+        help="with --ratio: share of the stem's output channels (stage 1's residual stream) to remove, "
+        "in [0, 1) (default 0)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs after pruning (default 0: none)")
     p.add_argument("--manifest", help="fine-tuning slides (default the checkpoint's data.manifest)")
@@ -71,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} exists and is not a directory")
     model, cfg = load_model(args.checkpoint)
     before = _size(model, cfg.model)
-    pruned, model_cfg = _pruned(model, cfg.model, ratio=args.ratio, keep=args.keep)
+    if args.stem and args.ratio is None:
+        raise ConfigError("--stem: applies with --ratio (CNN channel pruning), not --keep")
+    pruned, model_cfg = _pruned(model, cfg.model, ratio=args.ratio, keep=args.keep, stem=args.stem)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     after = _size(pruned, model_cfg)
     if args.overwrite:
@@ -81,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "checkpoint": str(args.checkpoint),
         "encoder": model_cfg.encoder,
-        **({"ratio": args.ratio} if args.ratio is not None else {"keep": args.keep}),
+        **({"ratio": args.ratio, "stem": args.stem} if args.ratio is not None else {"keep": args.keep}),
         "encoder_inner": list(model_cfg.encoder_inner) if model_cfg.encoder_inner else None,
+        "encoder_widths": list(model_cfg.encoder_widths) if model_cfg.encoder_widths else None,
         "before": before,
         "after": after,
         "macs_ratio": round(before["macs_per_patch"] / max(after["macs_per_patch"], 1), 3),
@@ -112,15 +124,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _pruned(
-    model: IPSModel, cfg: ModelConfig, *, ratio: float | None, keep: float | None
+    model: IPSModel, cfg: ModelConfig, *, ratio: float | None, keep: float | None, stem: float = 0.0
 ) -> tuple[IPSModel, ModelConfig]:
-    """(pruned model, its ModelConfig): channel pruning by `ratio`, or the ViT's token keep share."""
+    """(pruned model, its ModelConfig): channel pruning by `ratio` (and the stem's by `stem`), or the
+    ViT's token keep share."""
     from ips.model.ips_model import build_model
     from ips.model.pruning import prune_model
     from ips.model.token_vit import TOKEN_VITS
 
     if ratio is not None:
-        return prune_model(model, cfg, ratio=ratio)
+        return prune_model(model, cfg, ratio=ratio, stem=stem)
     if cfg.encoder not in TOKEN_VITS:
         raise ConfigError(
             f"--keep: applies to the token-pruning ViTs ({', '.join(TOKEN_VITS)}), not {cfg.encoder!r}"

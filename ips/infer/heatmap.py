@@ -6,7 +6,9 @@ Under `out_dir/` (the CLI makes it `DIR/<slide_id>/`):
   `head_logits (N, T, H)`, `coords (N, d)` (pixels of the grid's level), `level0_coords (N, d)`,
   `selected (N,)` (in the top-M the prediction used); attributes: tasks, lse, grid, predictions.
 - `heatmap.png`: attention over the thumbnail (a low pyramid level), one panel per task, colour bar,
-  slide id and prediction in the titles (3D: maximum over z on the volume's projection).
+  slide id and prediction in the titles (3D: maximum over z on the volume's projection). Colours follow
+  `ips.infer.scale`: per slide, or one global scale for every slide drawn together (`draw_overlays`
+  after all slides' passes; the scale used is in scores.zarr's `colour_scales` attribute).
 - `heatmap.geojson` (2D): one polygon per patch in level-0 pixels for QuPath (`ips.infer.geojson`).
 - `heatmap.nii.gz` (3D): attention per grid cell in the source's world space (`ips.infer.nifti`), plus
   `slice_z.png`, `slice_y.png`, `slice_x.png`: orthogonal planes through the peak patch.
@@ -14,7 +16,8 @@ Under `out_dir/` (the CLI makes it `DIR/<slide_id>/`):
 
 Attention is exact over all N patches, gathered by the selection pass itself (`Predictor.infer`,
 `ips.infer.slide`); memory is the top-M buffer and one chunk of patches plus O(N) scalars plus
-thumbnail-sized images, whatever the slide's size.
+thumbnail-sized images, whatever the slide's size. A global scale adds one float per slide and task:
+the PNGs are drawn afterwards from each slide's scores.zarr, one slide at a time.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from ips.infer.render import (
     thumbnail_level,
     to_rgb,
 )
-from ips.infer.scale import legend_text, log_ratio, per_slide, relative
+from ips.infer.scale import Scale, legend_text, log_ratio, peak, per_slide, relative
 from ips.infer.slide import Mode, SlideInference
 from ips.model.tasks import probabilities
 
@@ -65,14 +68,26 @@ class GridGeometry:
 
 
 @dataclass
+class StoredScores:
+    """A slide's attention `(N, T)` read back from its scores.zarr: what drawing its PNGs again needs."""
+
+    attention: np.ndarray
+
+    @property
+    def n_patches(self) -> int:
+        return len(self.attention)
+
+
+@dataclass
 class Drawing:
-    """What every file of one slide is drawn from: its id, store and patch geometry, the inference pass,
-    the indices of the tasks shown, their panel titles, and the thumbnail size."""
+    """What every file of one slide is drawn from: its id, store and patch geometry, the inference pass
+    (or its stored attention, for the PNGs), the indices of the tasks shown, their panel titles, and the
+    thumbnail size."""
 
     slide_id: str
     store: IpsStore
     geom: GridGeometry
-    inf: SlideInference
+    inf: SlideInference | StoredScores
     show: Sequence[int]
     titles: Sequence[str]
     thumb_size: int
@@ -80,13 +95,19 @@ class Drawing:
 
 @dataclass
 class HeatmapResult:
-    """What `write_slide_heatmaps` wrote: the files, N, and per-task probabilities of the chosen mode."""
+    """What `write_slide_heatmaps` wrote: the files, N, and per-task probabilities of the chosen mode;
+    for drawing the PNGs later (`draw_overlays`): the shown task indices, their titles, each one's peak
+    (`ips.infer.scale.peak`) and the thumbnail size."""
 
     slide_id: str
     out_dir: Path
     n_patches: int
     files: list[Path] = field(default_factory=list)
     probabilities: dict[str, list[float]] = field(default_factory=dict)
+    show: list[int] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+    peaks: list[float] = field(default_factory=list)
+    thumb_size: int = 1024
 
 
 def slide_id_of_store(path: str | Path) -> str:
@@ -223,13 +244,13 @@ def write_gallery(
     )
 
 
-def _overlay(path: Path, drawing: Drawing) -> Path:
-    """heatmap.png: one panel per shown task over the thumbnail (3D: maximum over z on the projection)."""
+def _overlay(path: Path, drawing: Drawing, scales: Sequence[Scale]) -> Path:
+    """heatmap.png: one panel per shown task over the thumbnail (3D: maximum over z on the projection),
+    coloured by `scales` (one per shown task)."""
     store, geom, inf, show = drawing.store, drawing.geom, drawing.inf, drawing.show
     base, level = read_thumbnail(store, drawing.thumb_size)
     ds = store.level_downsample(level)[-2:]
     ratio = log_ratio(inf.attention)  # (N, T): log2 of attention relative to uniform, the shared scale
-    scales = [per_slide(inf.attention[:, t]) for t in show]
     if geom.level0.shape[1] == 3:  # a volume seen from above: the maximum over z per (y, x)
         heats = []
         for t in show:
@@ -259,9 +280,9 @@ def _aspect(store: IpsStore, level: int, axes: tuple[int, int]) -> float:
     return float(size[axes[0]] / size[axes[1]])
 
 
-def _slices_3d(out_dir: Path, drawing: Drawing) -> list[Path]:
+def _slices_3d(out_dir: Path, drawing: Drawing, scale: Scale) -> list[Path]:
     """Three orthogonal planes (of a low level) through the centre of the most attended patch of the
-    first shown task."""
+    first shown task, coloured by `scale`."""
     store, geom, inf = drawing.store, drawing.geom, drawing.inf
     t, title = drawing.show[0], drawing.titles[0]
     level = thumbnail_level(store, drawing.thumb_size)
@@ -269,7 +290,6 @@ def _slices_3d(out_dir: Path, drawing: Drawing) -> list[Path]:
     ds = store.level_downsample(level)
     attention = inf.attention
     ratio = log_ratio(attention[:, t])  # (N,): the shared colour scale's values
-    scale = per_slide(attention[:, t])
     peak = int(np.argmax(attention[:, t]))
     centre0 = geom.level0[peak] + geom.size0 // 2  # (z, y, x) level-0 voxels
     files = []
@@ -346,8 +366,12 @@ def write_slide_heatmaps(
     mode: Mode = "topm",
     thumb_size: int = 1024,
     checkpoint: str | None = None,
+    threshold: float = 0.0,
+    overlays: bool = True,
 ) -> HeatmapResult:
     """Every heatmap file of one store (module docstring), from one pass of the checkpoint's predictor.
+    The PNGs use the slide's own colour scale, transparent at or below `threshold` (a log2 ratio to
+    uniform); `overlays=False` leaves them to `draw_overlays` (a scale shared with other slides).
     Raises ConfigError / StoreError naming the store."""
     tasks = loaded.cfg.model.tasks
     show = select_tasks(tasks, task)
@@ -361,15 +385,17 @@ def write_slide_heatmaps(
         thumb_size = min(thumb_size, VOLUME_THUMB_SIZE)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = HeatmapResult(record.slide_id, out, inf.n_patches)
+    result = HeatmapResult(record.slide_id, out, inf.n_patches, show=list(show), thumb_size=thumb_size)
     result.probabilities = {
         t.name: probabilities(t, logits[t.name][None])[0].reshape(-1).tolist() for t in tasks
     }
-    titles = [
+    result.titles = [
         f"{record.slide_id}: {tasks[t].name} attention, {describe_prediction(tasks[t], logits[tasks[t].name])}"
         f" ({mode})"
         for t in show
     ]
+    result.peaks = [peak(inf.attention[:, t]) for t in show]
+    scales = [per_slide(inf.attention[:, t], threshold) for t in show]
     attrs = {
         "slide_id": record.slide_id,
         "store": str(record.path),
@@ -377,6 +403,7 @@ def write_slide_heatmaps(
         "mode": mode,
         "probabilities": result.probabilities,
         "memory_size": loaded.predictor.selector.memory_size,
+        "colour_scales": _scale_attrs([t.name for t in tasks], show, scales) if overlays else {},
     }
     result.files.append(write_scores(out / SCORES, inf, geom, tasks, attrs))
     drawing = Drawing(
@@ -385,16 +412,61 @@ def write_slide_heatmaps(
         geom=geom,
         inf=inf,
         show=show,
-        titles=titles,
+        titles=result.titles,
         thumb_size=thumb_size,
     )
-    result.files.append(_overlay(out / "heatmap.png", drawing))
+    if overlays:
+        result.files += _draw(out, drawing, scales)
     if store.spatial_dims == 2:
         result.files.append(_geojson(out / "heatmap.geojson", drawing, tasks))
     else:
         result.files.append(_nifti(out / "heatmap.nii.gz", drawing))
-        result.files += _slices_3d(out, drawing)
     if top_k > 0:
         pixels = _pixel_source(source, record.path, loaded.sources.features, geom.grid)
         result.files.append(write_gallery(out / "top_patches.png", pixels, drawing, tasks, top_k))
     return result
+
+
+def _draw(out: Path, drawing: Drawing, scales: Sequence[Scale]) -> list[Path]:
+    """heatmap.png, and for a volume the three slice PNGs (the first shown task's scale)."""
+    files = [_overlay(out / "heatmap.png", drawing, scales)]
+    if drawing.store.spatial_dims == 3:
+        files += _slices_3d(out, drawing, scales[0])
+    return files
+
+
+def _scale_attrs(names: Sequence[str], show: Sequence[int], scales: Sequence[Scale]) -> dict:
+    """`{task: {top, threshold, kind[, slides], legend}}`: the colour scale each shown task's PNG used."""
+    return {names[t]: {**s.to_dict(), "legend": legend_text(s)} for t, s in zip(show, scales)}
+
+
+def draw_overlays(result: HeatmapResult, store_path: str, scales: Sequence[Scale]) -> list[Path]:
+    """The PNGs `write_slide_heatmaps(..., overlays=False)` left out, coloured by `scales` (one per shown
+    task, e.g. one global scale for every slide drawn together), from the slide's scores.zarr: one
+    slide's attention and coordinates in memory at a time. Records the scales in its attributes."""
+    import zarr
+
+    root = zarr.open_group(str(result.out_dir / SCORES), mode="r+")
+    attrs = dict(root.attrs)
+    level0 = np.asarray(root["level0_coords"][...], dtype=np.int64)
+    geom = GridGeometry(
+        grid=str(attrs["grid"]),
+        level=int(attrs["level"]),
+        coords=np.asarray(root["coords"][...], dtype=np.int64),
+        level0=level0,
+        size0=np.asarray(attrs["patch_size_level0"], dtype=np.int64),
+        stride0=np.asarray(attrs["stride_level0"], dtype=np.int64),
+    )
+    drawing = Drawing(
+        slide_id=result.slide_id,
+        store=open_store(store_path),
+        geom=geom,
+        inf=StoredScores(np.asarray(root["attention"][...])),
+        show=result.show,
+        titles=result.titles,
+        thumb_size=result.thumb_size,
+    )
+    files = _draw(result.out_dir, drawing, scales)
+    root.attrs["colour_scales"] = _scale_attrs([str(n) for n in attrs["tasks"]], result.show, scales)
+    result.files += files
+    return files

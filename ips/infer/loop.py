@@ -133,11 +133,18 @@ def heatmap_slides(
     thumb_size: int = 1024,
     checkpoint: str = "",
     log: Callable[[str], None] | None = None,
+    scale: str = "slide",
+    threshold: float = 0.0,
 ) -> list[Failure]:
-    """Heatmaps of every record under `out/<slide_id>/`; returns the failures (the others are drawn)."""
-    from ips.infer.heatmap import select_tasks, write_slide_heatmaps
+    """Heatmaps of every record under `out/<slide_id>/`; returns the failures (the others are drawn).
+    `scale`: colours per slide, or "global": one scale for all the slides drawn (their highest peak,
+    `ips.infer.scale.cohort_scale`), their PNGs drawn after every slide's pass; `threshold`: log2 ratio
+    to uniform at or below which nothing is painted."""
+    from ips.infer.heatmap import HeatmapResult, draw_overlays, select_tasks, write_slide_heatmaps
+    from ips.infer.scale import cohort_scale
 
-    select_tasks(loaded.cfg.model.tasks, task)  # an unknown task is bad usage, before any work
+    shown = select_tasks(loaded.cfg.model.tasks, task)  # an unknown task is bad usage, before any work
+    results: dict[str, HeatmapResult] = {}  # global scale: each slide's peaks and titles (no per-patch data)
 
     def draw_one(record: SlideRecord) -> tuple[int, str]:
         result = write_slide_heatmaps(
@@ -149,14 +156,35 @@ def heatmap_slides(
             mode=mode,
             thumb_size=thumb_size,
             checkpoint=checkpoint,
+            threshold=threshold,
+            overlays=scale != "global",
         )
+        if scale == "global":
+            results[record.slide_id] = result
         return result.n_patches, f" -> {result.out_dir}"
 
-    _, failures = run_each(
+    done, failures = run_each(
         records,
         _timed(log, len(records), draw_one),
         name=lambda r: r.slide_id,
         path=lambda r: r.path,
         log=log,
     )
-    return failures
+    if scale != "global" or not done:
+        return failures
+    drawn = [results[r.slide_id] for r, _ in done]
+    scales = [cohort_scale([r.peaks[j] for r in drawn], threshold) for j in range(len(shown))]
+    if log:
+        names = [loaded.cfg.model.tasks[t].name for t in shown]
+        for name, s in zip(names, scales):
+            log(
+                f"global colour scale of {name} over {len(drawn)} slides: full colour at {2**s.top:.3g}x uniform"
+            )
+    _, late = run_each(
+        [r for r, _ in done],
+        lambda r: draw_overlays(results[r.slide_id], r.path, scales),
+        name=lambda r: r.slide_id,
+        path=lambda r: r.path,
+        log=log,
+    )
+    return [*failures, *late]

@@ -11,11 +11,14 @@ Two scales:
 
 - per slide: `top` is the slide's own peak, but never below `MIN_TOP` (twice uniform), so a slide without
   a clear peak is not stretched over the whole colour range;
-- global: `top` is `GLOBAL_TOP` for every slide, so the same colour means the same ratio on every slide.
+- global: one `top` for every slide, so the same colour means the same ratio on every slide: either
+  `GLOBAL_TOP` (fixed, `global_scale`: the viewer's), or the highest peak of the slides drawn together
+  (`cohort_scale`: `ips heatmap --scale global`, from one float per slide and task).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,11 +35,13 @@ TABLE_SIZE = 256
 @dataclass(frozen=True)
 class Scale:
     """Colour scale over `r = log2(N * a)`: transparent at or below `threshold`, full colour at `top` and
-    above; `kind`: "slide" or "global" (how `top` was chosen; for legends)."""
+    above; `kind`: "slide" or "global" (how `top` was chosen; for legends); `slides`: how many slides a
+    global `top` is the peak of (None: a fixed top)."""
 
     top: float
     threshold: float = 0.0
     kind: str = "slide"
+    slides: int | None = None
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.top) and np.isfinite(self.threshold)):
@@ -57,7 +62,8 @@ class Scale:
             return np.where(np.isfinite(r) & (r > self.threshold), pos, np.nan)
 
     def to_dict(self) -> dict[str, object]:
-        return {"top": self.top, "threshold": self.threshold, "kind": self.kind}
+        out: dict[str, object] = {"top": self.top, "threshold": self.threshold, "kind": self.kind}
+        return out if self.slides is None else {**out, "slides": self.slides}
 
 
 def relative(attention: np.ndarray, n: int | None = None) -> np.ndarray:
@@ -75,11 +81,22 @@ def log_ratio(attention: np.ndarray, n: int | None = None) -> np.ndarray:
     return np.where(np.isnan(rel), np.nan, np.maximum(r, FLOOR))
 
 
+def peak(attention: np.ndarray) -> float:
+    """log2 of the highest ratio to uniform in a slide's attention `(N,)`; 0 without patches."""
+    a = np.asarray(attention, dtype=np.float64)
+    return float(log_ratio(a).max()) if a.size else 0.0
+
+
 def per_slide(attention: np.ndarray, threshold: float = 0.0) -> Scale:
     """The slide's own scale: `top` = log2 of its peak ratio, at least `MIN_TOP` and above `threshold`."""
-    a = np.asarray(attention, dtype=np.float64)
-    peak = float(log_ratio(a).max()) if a.size else 0.0
-    return Scale(top=max(peak, MIN_TOP, threshold + MIN_TOP), threshold=threshold, kind="slide")
+    return Scale(top=max(peak(attention), MIN_TOP, threshold + MIN_TOP), threshold=threshold, kind="slide")
+
+
+def cohort_scale(peaks: Sequence[float], threshold: float = 0.0) -> Scale:
+    """One scale for slides drawn together: `top` = the highest of their `peaks` (each slide's `peak`),
+    at least `MIN_TOP` and above `threshold`."""
+    top = max([*peaks, MIN_TOP, threshold + MIN_TOP])
+    return Scale(top=top, threshold=threshold, kind="global", slides=len(peaks))
 
 
 def global_scale(threshold: float = 0.0) -> Scale:
@@ -111,6 +128,8 @@ def colorize(r: np.ndarray, scale: Scale) -> np.ndarray:
 def legend_text(scale: Scale) -> str:
     """What the colours mean, one line."""
     how = "this slide's peak" if scale.kind == "slide" else "the same on every slide"
+    if scale.kind == "global" and scale.slides is not None:
+        how = f"the peak of the {scale.slides} slides drawn together, the same on each"
     return (
         f"attention relative to uniform (1/N): transparent at or below {ratio_text(scale.threshold)}, "
         f"full colour at {ratio_text(scale.top)} ({how})"

@@ -451,13 +451,15 @@ def build_encoder(
     d_model: int = 128,
     norm: str | None = None,
     inner: tuple[int, ...] | None = None,
+    widths: tuple[int, ...] | None = None,
     token_keep: float = 1.0,
 ) -> nn.Module:
     """Build an encoder by name and check that it takes `patch_size` patches; the result has `out_dim`.
 
     `norm` ('group' | 'batch'; None = DEFAULT_NORM) applies to our `ips_*` encoders only: timm models keep their
     own normalisation. `inner`: our CNNs' per-block inner channels (`model.encoder_inner`, a pruned
-    encoder). `token_keep`: the token-pruning ViTs' keep share (`ips.model.token_vit`). Raises ConfigError naming the key when the name is unknown, the norm does not
+    encoder); `widths`: their per-stage channels (`model.encoder_widths`, the first one also the stem's;
+    a stem-pruned encoder). `token_keep`: the token-pruning ViTs' keep share (`ips.model.token_vit`). Raises ConfigError naming the key when the name is unknown, the norm does not
     apply, or the patch size does not fit.
     """
     if norm is not None and name not in _REGISTRY:
@@ -466,6 +468,8 @@ def build_encoder(
         )
     if inner is not None and name not in _REGISTRY:
         raise ConfigError(f"model.encoder_inner: applies to the ips_* CNNs only, not {name!r}")
+    if widths is not None and name not in _REGISTRY:
+        raise ConfigError(f"model.encoder_widths: applies to the ips_* CNNs only, not {name!r}")
     from ips.model.token_vit import TOKEN_VITS, build_token_vit
 
     if name in TOKEN_VITS:
@@ -485,8 +489,8 @@ def build_encoder(
             if not isinstance(pretrained, str):
                 raise ConfigError(f"model.pretrained: encoder {name!r} has no hub weights; give a local file")
         encoder = _REGISTRY[name](in_chans=in_chans, spatial_dims=spatial_dims, norm=norm or DEFAULT_NORM)
-        if inner is not None:
-            encoder = _with_inner(encoder, name, tuple(inner))
+        if inner is not None or widths is not None:
+            encoder = _reshaped(encoder, name, inner=inner, widths=widths)
         if isinstance(pretrained, str):
             path = Path(pretrained)
             if not path.is_file():
@@ -514,23 +518,35 @@ def build_encoder(
     return encoder
 
 
-def _with_inner(encoder: nn.Module, name: str, inner: tuple[int, ...]) -> ConvEncoder:
-    """`encoder` rebuilt with `inner` channels per block (fresh weights); ConfigError naming
-    `model.encoder_inner` when they do not fit."""
+def _reshaped(
+    encoder: nn.Module, name: str, *, inner: tuple[int, ...] | None, widths: tuple[int, ...] | None
+) -> ConvEncoder:
+    """`encoder` rebuilt with `inner` channels per block and `widths` channels per stage (None: as
+    built; fresh weights); ConfigError naming `model.encoder_inner` / `model.encoder_widths` when they
+    do not fit."""
     arch = getattr(encoder, "arch", None)
     if not isinstance(encoder, ConvEncoder) or arch is None:
-        raise ConfigError(f"model.encoder_inner: encoder {name!r} has no inner channels to set")
-    n_blocks = sum(arch["depths"])
-    if len(inner) != n_blocks:
-        raise ConfigError(
-            f"model.encoder_inner: {name!r} has {n_blocks} blocks, got {len(inner)} channel counts"
-        )
-    bad = [c for c in inner if arch["norm"] == "group" and c % min(8, c)]
-    if bad:
-        raise ConfigError(
-            f"model.encoder_inner: {bad[0]} channels do not split into GroupNorm's {min(8, bad[0])} groups"
-        )
-    return ConvEncoder(**{**arch, "inner": inner})
+        key = "encoder_inner" if inner is not None else "encoder_widths"
+        raise ConfigError(f"model.{key}: encoder {name!r} has no channels to set")
+    counts = {"encoder_inner": (inner, sum(arch["depths"]), "blocks")}
+    counts["encoder_widths"] = (widths, len(arch["widths"]), "stages")
+    for key, (given, n, what) in counts.items():
+        if given is None:
+            continue
+        if len(given) != n:
+            raise ConfigError(f"model.{key}: {name!r} has {n} {what}, got {len(given)} channel counts")
+        bad = [c for c in given if arch["norm"] == "group" and c % min(8, c)]
+        if bad:
+            raise ConfigError(
+                f"model.{key}: {bad[0]} channels do not split into GroupNorm's {min(8, bad[0])} groups"
+            )
+    if widths is not None and arch["block"] == "se" and tuple(widths) != arch["widths"]:
+        # the squeeze-excitation gate's width follows its block's: other widths would not load its weights
+        raise ConfigError(f"model.encoder_widths: {name!r} (squeeze-excitation blocks) keeps its widths")
+    new = {"inner": tuple(inner) if inner is not None else arch["inner"]}
+    if widths is not None:
+        new["widths"] = tuple(widths)
+    return ConvEncoder(**{**arch, **new})
 
 
 def _foundation_encoder(name: str, *, in_chans: int, spatial_dims: int, pretrained: bool | str) -> nn.Module:

@@ -198,6 +198,7 @@ def build_model(cfg: ModelConfig, *, views: int = 1) -> IPSModel:
         d_model=cfg.d_model,
         norm=cfg.encoder_norm,
         inner=cfg.encoder_inner,
+        widths=cfg.encoder_widths,
         token_keep=cfg.token_keep,
     )
     pixel_input = cfg.encoder != "features"
