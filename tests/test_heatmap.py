@@ -20,6 +20,7 @@ from ips.data.open import make_source
 from ips.data.store import open_store
 from ips.infer.engine import infer_slide
 from ips.infer.render import paint, pixel_boxes, read_thumbnail, thumbnail_level
+from ips.infer.scale import GLOBAL_TOP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -458,16 +459,17 @@ def _peaky_checkpoint(path: Path, cfg) -> Path:
     return path
 
 
-def test_global_scale_is_shared_by_every_slide_drawn(tmp_path, capsys):
-    """`--scale global`: every slide's PNG uses one scale whose top is the highest peak of all of them
-    (read back from each scores.zarr by hand); per slide, each its own. The threshold is N * a."""
+def test_shared_scales_are_the_same_on_every_slide_drawn(tmp_path, capsys):
+    """`--scale cohort`: every slide's PNG uses one scale whose top is the highest peak of all of them
+    (read back from each scores.zarr by hand); `--scale global`: the viewer's fixed top on every slide;
+    per slide, each its own. The threshold is N * a."""
     stores = [
         str(make_store(tmp_path / "st", "sa", size=(128, 96), seed=1)),
         str(make_store(tmp_path / "st", "sb", size=(128, 96), seed=2, fill=0.5)),
         str(make_store(tmp_path / "st", "sc", size=(96, 96), seed=3)),
     ]
     ckpt = _peaky_checkpoint(tmp_path / "m.pt", tiny_cfg(memory_size=4))
-    for kind in ("slide", "global"):
+    for kind in ("slide", "global", "cohort"):
         out = tmp_path / kind
         argv = ["heatmap", "--checkpoint", str(ckpt), *stores, "--out", str(out), "--top-k", "0"]
         assert main([*argv, "--scale", kind, "--threshold", "0.5"]) == 0
@@ -477,13 +479,20 @@ def test_global_scale_is_shared_by_every_slide_drawn(tmp_path, capsys):
         for s in peaks:
             assert (out / s / "heatmap.png").is_file()
             used = zarr.open_group(str(out / s / "scores.zarr"), mode="r").attrs["colour_scales"]["a"]
-            assert used["threshold"] == -1.0 and used["kind"] == kind  # 0.5x uniform = log2 -1
+            assert used["threshold"] == -1.0 and used["kind"] == (
+                "slide" if kind == "slide" else "global"
+            )  # 0.5x uniform = log2 -1
             own = max(peaks[s], 1.0, -1.0 + 1.0)
             cohort = max(*peaks.values(), 1.0)
-            assert used["top"] == pytest.approx(cohort if kind == "global" else own, abs=1e-6)
-            if kind == "global":
+            want = {"slide": own, "cohort": cohort, "global": GLOBAL_TOP}[kind]
+            assert used["top"] == pytest.approx(want, abs=1e-6)
+            if kind == "cohort":
                 assert used["slides"] == 3 and "3 slides drawn together" in used["legend"]
-    assert "global colour scale of a over 3 slides" in capsys.readouterr().out
+            if kind == "global":  # the viewer's global scale, as its JSON gives it
+                assert {k: used[k] for k in ("top", "kind")} == {"top": GLOBAL_TOP, "kind": "global"}
+                assert "slides" not in used
+    printed = capsys.readouterr().out
+    assert "cohort colour scale of a over 3 slides" in printed and "global colour scale of a" in printed
     argv = ["heatmap", "--checkpoint", str(ckpt), stores[0], "--out", str(tmp_path / "x")]
     assert main([*argv, "--threshold", "0"]) == 2
     assert "--threshold" in capsys.readouterr().err
@@ -493,7 +502,7 @@ def test_global_scale_draws_volume_slices(tmp_path):
     store = make_store(tmp_path / "st", "v", size=(32, 32, 32), channels=1, patch=8)
     ckpt = write_checkpoint(tmp_path / "m.pt", tiny_cfg(in_chans=1, patch=8, dims=3))
     out = tmp_path / "o"
-    argv = ["heatmap", "--checkpoint", str(ckpt), str(store), "--out", str(out), "--scale", "global"]
+    argv = ["heatmap", "--checkpoint", str(ckpt), str(store), "--out", str(out), "--scale", "cohort"]
     assert main([*argv, "--top-k", "0", "--quiet"]) == 0
     for name in ("heatmap.png", "slice_z.png", "slice_y.png", "slice_x.png", "heatmap.nii.gz"):
         assert (out / "v" / name).is_file()

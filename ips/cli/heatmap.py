@@ -1,9 +1,10 @@
-"""`ips heatmap --checkpoint CKPT (--manifest CSV | STORE...) --out DIR [--task NAME] [--top-k K] [--scale slide|global] [--threshold T] [key=value ...]`
+"""`ips heatmap --checkpoint CKPT (--manifest CSV | STORE...) --out DIR [--task NAME] [--top-k K] [--scale slide|global|cohort] [--threshold T] [key=value ...]`
 
 Per store, under `DIR/<slide_id>/`: heatmap.png, scores.zarr, top_patches.png, and heatmap.geojson
 (2D) or heatmap.nii.gz with three slice PNGs (3D); see `ips.infer.heatmap`. Colours show attention
 relative to uniform (N * a, `ips.infer.scale`): `--scale slide` stretches each slide's PNG to its own
-peak; `--scale global` gives every slide of the run one scale (the highest peak among them), so a colour
+peak; `--scale global` draws every slide on the viewer's fixed scale (`ips view`'s global switch), and
+`--scale cohort` on one scale for the slides given (the highest peak among them): either way a colour
 means the same N * a on every PNG. `--threshold T`: nothing painted at or below T times uniform. Exit 0: all done; 1: some stores
 failed (the others are still drawn; a summary names each failure); 2: bad usage.
 """
@@ -38,10 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--scale",
-        choices=("slide", "global"),
+        choices=("slide", "global", "cohort"),
         default="slide",
-        help="colour scale: each slide's own peak (slide, default), or one scale for all the slides "
-        "given (global: their highest peak), so colours compare between slides",
+        help="colour scale: each slide's own peak (slide, default); the viewer's fixed scale on every "
+        "slide (global), or one scale for the slides given (cohort: their highest peak); with global or "
+        "cohort the same colour means the same attention on every slide",
     )
     p.add_argument(
         "--threshold",

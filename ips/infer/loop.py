@@ -137,14 +137,16 @@ def heatmap_slides(
     threshold: float = 0.0,
 ) -> list[Failure]:
     """Heatmaps of every record under `out/<slide_id>/`; returns the failures (the others are drawn).
-    `scale`: colours per slide, or "global": one scale for all the slides drawn (their highest peak,
-    `ips.infer.scale.cohort_scale`), their PNGs drawn after every slide's pass; `threshold`: log2 ratio
-    to uniform at or below which nothing is painted."""
+    `scale`: colours per slide ("slide"), the viewer's fixed scale on every slide ("global",
+    `ips.infer.scale.global_scale`), or one scale for the slides drawn together ("cohort": their highest
+    peak, `ips.infer.scale.cohort_scale`); the shared scales' PNGs are drawn after every slide's pass.
+    `threshold`: log2 ratio to uniform at or below which nothing is painted."""
     from ips.infer.heatmap import HeatmapResult, draw_overlays, select_tasks, write_slide_heatmaps
-    from ips.infer.scale import cohort_scale
+    from ips.infer.scale import cohort_scale, global_scale
 
     shown = select_tasks(loaded.cfg.model.tasks, task)  # an unknown task is bad usage, before any work
-    results: dict[str, HeatmapResult] = {}  # global scale: each slide's peaks and titles (no per-patch data)
+    shared = scale in ("global", "cohort")
+    results: dict[str, HeatmapResult] = {}  # shared scales: each slide's peaks and titles (no per-patch data)
 
     def draw_one(record: SlideRecord) -> tuple[int, str]:
         result = write_slide_heatmaps(
@@ -157,9 +159,9 @@ def heatmap_slides(
             thumb_size=thumb_size,
             checkpoint=checkpoint,
             threshold=threshold,
-            overlays=scale != "global",
+            overlays=not shared,
         )
-        if scale == "global":
+        if shared:
             results[record.slide_id] = result
         return result.n_patches, f" -> {result.out_dir}"
 
@@ -170,15 +172,18 @@ def heatmap_slides(
         path=lambda r: r.path,
         log=log,
     )
-    if scale != "global" or not done:
+    if not shared or not done:
         return failures
     drawn = [results[r.slide_id] for r, _ in done]
-    scales = [cohort_scale([r.peaks[j] for r in drawn], threshold) for j in range(len(shown))]
+    if scale == "cohort":
+        scales = [cohort_scale([r.peaks[j] for r in drawn], threshold) for j in range(len(shown))]
+    else:
+        scales = [global_scale(threshold)] * len(shown)
     if log:
         names = [loaded.cfg.model.tasks[t].name for t in shown]
         for name, s in zip(names, scales):
             log(
-                f"global colour scale of {name} over {len(drawn)} slides: full colour at {2**s.top:.3g}x uniform"
+                f"{scale} colour scale of {name} over {len(drawn)} slides: full colour at {2**s.top:.3g}x uniform"
             )
     _, late = run_each(
         [r for r, _ in done],

@@ -13,7 +13,7 @@ Two scales:
   a clear peak is not stretched over the whole colour range;
 - global: one `top` for every slide, so the same colour means the same ratio on every slide: either
   `GLOBAL_TOP` (fixed, `global_scale`: the viewer's), or the highest peak of the slides drawn together
-  (`cohort_scale`: `ips heatmap --scale global`, from one float per slide and task).
+  (`cohort_scale`: `ips heatmap --scale cohort`, from one float per slide and task).
 """
 
 from __future__ import annotations
