@@ -116,7 +116,9 @@ def rounds(args: argparse.Namespace, manifest: Path, seed: int, method: str) -> 
         auroc = float(np.nanmean([heatmap_auroc(step / "heat" / r["slide_id"] / "scores.zarr",
                                                 manifest.parent / r["path"]) for r in pos]))  # fmt: skip
         accuracy = float(metrics["label/accuracy"])
-        history.append({"annotated": k, "test_accuracy": accuracy, "heatmap_auroc": auroc})
+        history.append(
+            {"annotated": k, "test_accuracy": accuracy, "heatmap_auroc": auroc, "slides": list(annotated)}
+        )
         print(f"seed {seed} {method}: {k} annotated -> accuracy {accuracy:.3f}, heatmap AUROC {auroc:.3f}")
         if accuracy >= args.accuracy and auroc >= args.auroc:
             return {"seed": seed, "method": method, "annotated_needed": k, "history": history}
