@@ -12,6 +12,10 @@ AUROC (`ips.bench.learn.heatmap_auroc`) >= `--auroc`, the row records how many s
 "> max"). Every step is the documented command, run in this process through `ips.cli.main.main`.
 
     python benchmarks/suggest_vs_random.py --family a --seeds 0,1,2 --out OUT --json OUT/result.json
+    python benchmarks/suggest_vs_random.py --family b --digits ../shared/data/mnist_5k.csv.gz --out OUT ...
+
+The random arm draws from its own stream (`random_stream`), independent of the stream that picks the start
+set, so that its picks are not the continuation of the start's permutation.
 """
 
 from __future__ import annotations
@@ -56,6 +60,23 @@ def write_annotated(manifest: Path, annotated: list[str], out: Path, min_fractio
     return out
 
 
+def start_set(train: list[str], seed: int, k: int) -> list[str]:
+    """The `k` training slides annotated before the first round (the same for both methods)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
+    return [train[i] for i in rng.permutation(len(train))[:k]]
+
+
+def random_stream(seed: int) -> np.random.Generator:
+    """The random arm's picks: a stream of its own (not the start set's, nor another seed's)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, 1]))
+
+
+def random_picks(rng: np.random.Generator, train: list[str], annotated: list[str], k: int) -> list[str]:
+    """`k` training slides not yet annotated, uniformly at random (fewer when fewer are left)."""
+    left = [s for s in train if s not in annotated]
+    return [left[i] for i in rng.permutation(len(left))[:k]]
+
+
 def call(argv: list[str]) -> None:
     code = ips(argv)
     if code != 0:
@@ -66,9 +87,8 @@ def rounds(args: argparse.Namespace, manifest: Path, seed: int, method: str) -> 
     """One method at one seed: the rounds until the target or `--max`; the row."""
     rows = read_rows(manifest)
     train = [r["slide_id"] for r in rows if r["split"] == "train"]
-    rng = np.random.default_rng(seed)
-    annotated = [train[i] for i in rng.permutation(len(train))[: args.start]]  # the same start for both
-    pick = np.random.default_rng(seed + 1000)
+    annotated = start_set(train, seed, args.start)
+    pick = random_stream(seed)
     run = args.out / f"seed{seed}" / method
     shutil.rmtree(run, ignore_errors=True)
     history = []
@@ -96,7 +116,9 @@ def rounds(args: argparse.Namespace, manifest: Path, seed: int, method: str) -> 
         auroc = float(np.nanmean([heatmap_auroc(step / "heat" / r["slide_id"] / "scores.zarr",
                                                 manifest.parent / r["path"]) for r in pos]))  # fmt: skip
         accuracy = float(metrics["label/accuracy"])
-        history.append({"annotated": k, "test_accuracy": accuracy, "heatmap_auroc": auroc})
+        history.append(
+            {"annotated": k, "test_accuracy": accuracy, "heatmap_auroc": auroc, "slides": list(annotated)}
+        )
         print(f"seed {seed} {method}: {k} annotated -> accuracy {accuracy:.3f}, heatmap AUROC {auroc:.3f}")
         if accuracy >= args.accuracy and auroc >= args.auroc:
             return {"seed": seed, "method": method, "annotated_needed": k, "history": history}
@@ -104,7 +126,7 @@ def rounds(args: argparse.Namespace, manifest: Path, seed: int, method: str) -> 
         if k + args.step > args.max or not left:
             return {"seed": seed, "method": method, "annotated_needed": None, "history": history}
         if method == "random":
-            annotated += [left[i] for i in pick.permutation(len(left))[: args.step]]
+            annotated += random_picks(pick, train, annotated, args.step)
         else:
             call(["suggest", "--checkpoint", str(ckpt), "--manifest", str(m), "--split", "train",
                   "--budget", str(args.step), "--out", str(step / "suggest"), *threads])  # fmt: skip
@@ -124,10 +146,25 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def curves(result: dict[str, Any]) -> str:
+    """Test accuracy / heatmap AUROC after each round, one row per seed and method."""
+    ks = sorted({h["annotated"] for r in result["rows"] for h in r["history"]})
+    lines = ["| seed | method | " + " | ".join(f"{k} annotated" for k in ks) + " | slides needed |",
+             "|---|---|" + "---|" * (len(ks) + 1)]  # fmt: skip
+    for r in result["rows"]:
+        at = {h["annotated"]: f"{h['test_accuracy']:.3f} / {h['heatmap_auroc']:.3f}" for h in r["history"]}
+        need = str(r["annotated_needed"]) if r["annotated_needed"] is not None else f"> {result['max']}"
+        lines.append(
+            f"| {r['seed']} | {r['method']} | " + " | ".join(at.get(k, "") for k in ks) + f" | {need} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", default="a", help="task family (ips.synthetic.families; default a)")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--digits", type=Path, help="MNIST CSV for the marks families (b, c, f)")
     p.add_argument("--n-slides", type=int, help="slides per data set (default: the family's)")
     p.add_argument("--start", type=int, default=8, help="training slides annotated before the first round")
     p.add_argument("--step", type=int, default=8, help="slides annotated per round")
@@ -151,7 +188,7 @@ def main() -> None:
         data = args.out / f"seed{seed}" / "data"
         manifest = data / "manifest.csv"
         if not manifest.is_file():
-            manifest = fam.generate(data, args.n_slides or fam.default_slides, seed=seed, digits=None)
+            manifest = fam.generate(data, args.n_slides or fam.default_slides, seed=seed, digits=args.digits)
         shutil.rmtree(args.out / f"seed{seed}" / "start", ignore_errors=True)  # not from another setting
         for method in METHODS:
             result["rows"].append(rounds(args, manifest, seed, method))
@@ -159,6 +196,7 @@ def main() -> None:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(result, indent=1))
     print(table(result))
+    print(curves(result))
 
 
 if __name__ == "__main__":

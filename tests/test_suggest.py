@@ -322,3 +322,28 @@ def test_a_failing_store_is_named_and_the_others_are_still_ranked(cohort, tmp_pa
     assert main([*argv, "--budget", "10", "--out", str(out)]) == 1
     assert "ips suggest: failed: s4 (" in capsys.readouterr().err
     assert sorted(r["slide_id"] for r in _rows(out / "suggestions.csv")) == ["s0", "s1", "s2", "s3"]
+
+
+def test_split_keeps_other_splits_out_of_the_candidates_and_the_novelty_reference(cohort, tmp_path, capsys):
+    """`--split train` (how the suggest-vs-random harness asks): slides of other splits are never
+    suggested, and annotated slides of other splits are not what novelty compares with (nothing to
+    compare with: novelty 1 at rank 1)."""
+    splits = {"s0": "train", "s1": "train", "s2": "train", "s3": "test", "s4": "val", "s5": "test"}
+    lines = cohort["manifest"].read_text().splitlines()
+    rows = [lines[0]] + [ln.replace(",train,", f",{splits[ln.split(',')[0]]},") for ln in lines[1:]]
+    manifest = cohort["root"] / "splits.csv"  # beside the stores: relative paths resolve
+    manifest.write_text("\n".join(rows) + "\n")
+    argv = ["suggest", "--checkpoint", str(cohort["ckpts"][0]), "--manifest", str(manifest), "--quiet"]
+    out = tmp_path / "tr"
+    assert main([*argv, "--split", "train", "--budget", "10", "--out", str(out), "--by", "novelty"]) == 0
+    assert "3 of 3 unannotated slides suggested (1 run(s), 0 annotated slides" in capsys.readouterr().out
+    got = _rows(out / "suggestions.csv")
+    assert sorted(r["slide_id"] for r in got) == ["s0", "s1", "s2"]
+    assert float(got[0]["novelty"]) == 1.0
+    # the control: the annotated slide in the same split is compared with, and suggests nothing itself
+    manifest.write_text(manifest.read_text().replace(",test,s5", ",train,s5"))
+    out = tmp_path / "tr2"
+    assert main([*argv, "--split", "train", "--budget", "10", "--out", str(out), "--by", "novelty"]) == 0
+    assert "3 of 3 unannotated slides suggested (1 run(s), 1 annotated slides" in capsys.readouterr().out
+    got = _rows(out / "suggestions.csv")
+    assert sorted(r["slide_id"] for r in got) == ["s0", "s1", "s2"] and float(got[0]["novelty"]) < 1.0
