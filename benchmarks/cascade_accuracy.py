@@ -121,14 +121,13 @@ def run(a: argparse.Namespace) -> int:
 
 
 def report(a: argparse.Namespace) -> int:
-    print(
-        "| task | seed | arm | test accuracy | heatmap AUROC | heatmap AUROC core | CPU min | recall | overlap |"
-    )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    head = ["task", "seed", "arm", "test accuracy", "heatmap AUROC", "heatmap AUROC core", "CPU min"]
+    head += ["recall", "recall, positive slides", "recall at 2M / 4M / 8M", "overlap"]
+    print("| " + " | ".join(head) + " |")
+    print("|---|---:|---|" + "---:|" * (len(head) - 3))
     for task_dir in map(Path, a.outs):
-        for result in sorted(
-            task_dir.glob("*/seed_*/result.json"), key=lambda p: (p.parent.name, p.parts[-3])
-        ):
+        results = task_dir.glob("*/seed_*/result.json")
+        for result in sorted(results, key=lambda p: (p.parent.name, p.parts[-3])):
             r = json.loads(result.read_text())
             arm, seed = result.parts[-3], result.parent.name.removeprefix("seed_")
             rec_file = result.parent / "recall.json"
@@ -136,10 +135,12 @@ def report(a: argparse.Namespace) -> int:
             cpu = sum(r["cpu_min"].values())
             cells = [task_dir.name, seed, arm, f"{r['accuracy']:.3f}", f"{r['heatmap_auroc']:.3f}"]
             cells += [f"{r['heatmap_auroc_core']:.3f}", f"{cpu:.1f}"]
-            cells += [
-                f"{rec['recall_top_m']:.3f}" if rec else "",
-                f"{rec['selected_overlap']:.3f}" if rec else "",
-            ]
+            if rec:
+                by_k = " / ".join(f"{v:.3f}" for v in rec["recall_by_k"].values())
+                cells += [f"{rec['recall_top_m']:.3f}", f"{rec['recall_top_m_positive']:.3f}", by_k]
+                cells += [f"{rec['selected_overlap']:.3f}"]
+            else:
+                cells += [""] * 4
             print("| " + " | ".join(cells) + " |")
     return 0
 
