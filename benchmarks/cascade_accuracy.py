@@ -11,6 +11,8 @@ is kept. Then, per cascade checkpoint, on every test slide: the full pass and th
 trained model; recall = share of the full pass's top-M among the cascade's candidates, overlap = share
 of it the cascade selects, and both passes' wall time (fastest of `--repeats`), written to
 OUT/cascade/seed_S/recall.json. `report`: one markdown row per task, arm and seed.
+
+Results page row: docs/BENCHMARKS.md, "Cascade"
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 from functools import partial
@@ -103,9 +106,7 @@ def measure_recall(checkpoint: Path, manifest: Path, repeats: int = 3) -> dict:
 
 
 def run(a: argparse.Namespace) -> int:
-    sys.path.insert(0, str(HERE))
-    from small_objects import main as small_objects
-
+    torch.set_num_threads(int(a.threads))
     out = Path(a.out)
     for seed in a.seeds:
         for arm in a.arms:
@@ -113,9 +114,8 @@ def run(a: argparse.Namespace) -> int:
             extra = ["selection.cascade=true"] if arm == "cascade" else []
             if not (run_dir / "result.json").is_file():
                 args = ["--manifest", a.manifest, "--config", a.config, "--out", str(run_dir)]
-                small_objects(
-                    [*args, "--threads", a.threads, "--", *a.overrides, f"train.seed={seed}", *extra]
-                )
+                args += ["--threads", a.threads, "--", *a.overrides, f"train.seed={seed}", *extra]
+                subprocess.run([sys.executable, str(HERE / "small_objects.py"), *args], check=True)
             recall = run_dir / "recall.json"
             if arm == "cascade" and not recall.is_file():
                 checkpoint = run_dir / "run" / "checkpoints" / "best.pt"
