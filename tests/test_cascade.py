@@ -6,6 +6,7 @@ run on every patch at once, and the expected result is a sort by (score descendi
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,6 +32,7 @@ from ips.infer.engine import Predictor, Selector
 from ips.model.coarse import CoarseScorer, attach_coarse_scorer
 from ips.model.ips_model import build_model
 from ips.runtime import Runtime
+from ips.training.distill import ExploringCascade
 
 
 def _model(dims: int, patch: int, *, pos_enc: str = "sincos", seed: int = 0):
@@ -356,11 +358,85 @@ def test_distiller_teaches_the_scorer_the_models_ranking():
     for k, v in model.state_dict().items():
         if k in before:
             assert torch.equal(v, before[k]), k
-    # the full pass while the scorer warms up (2 epochs), the cascade after; validation follows
-    trainer = SimpleNamespace(selector=Selector(4, 16), predictor=SimpleNamespace(selector=None))
-    for epoch, want in [(1, None), (2, None), (3, CascadeSettings(0.1, 4))]:
+    # the full pass while the scorer warms up (2 epochs), the cascade after (training's explores)
+    base = Selector(4, 16)
+    trainer = SimpleNamespace(
+        selector=base,
+        predictor=SimpleNamespace(selector=base),
+        cfg=SimpleNamespace(train=SimpleNamespace(seed=0)),
+    )
+    for epoch in (1, 2, 3, 4, 1):
         distiller.choose_selector(trainer, epoch)
-        assert trainer.selector.cascade == want and trainer.predictor.selector is trainer.selector
+        if epoch <= 2:
+            assert trainer.selector.cascade is None and trainer.predictor.selector is trainer.selector
+        else:
+            assert isinstance(trainer.selector, ExploringCascade) and trainer.selector.draws == 40
+            assert trainer.predictor.selector == dataclasses.replace(base, cascade=CascadeSettings(0.1, 4))
+            assert trainer.selector.selector is trainer.predictor.selector
+
+
+def test_cascade_with_extra_patches_is_ips_restricted_to_the_union():
+    model, source = _model(2, 16), _bag(300, 2, 16)
+    settings = CascadeSettings(0.1, 4)
+    coarse = coarse_view(source, 4)
+    candidates, _ = _oracle(model, source, coarse, 4, settings.count(300, 4))
+    extra = np.array([299, 0, 7, 150, int(candidates[0])])  # unsorted, one already a candidate
+    union = np.union1d(candidates, extra)
+    assert len(union) == len(candidates) + 4
+    with torch.no_grad():
+        pos = torch.from_numpy(source.positions()[union])
+        fine = model.selection_scores(model.embed(source.read(union), pos)[None])[0]
+    seen = []
+    with eval_mode(model):
+        run = cascade_select(
+            model,
+            source,
+            coarse,
+            memory_size=4,
+            iter_size=16,
+            settings=settings,
+            observe=lambda idx, content, emb: seen.append(idx.numpy()),
+            extra=extra,
+        )
+    assert np.array_equal(run.candidates, union)
+    assert np.array_equal(np.sort(np.concatenate(seen)), union)  # the fine pass saw exactly the union
+    assert np.array_equal(run.selection.indices.numpy(), union[_ranked(fine, 4)])
+
+
+def test_training_cascade_explores_beyond_the_candidates():
+    """After the warm-up, training's fine pass (and so the novel pool that observes it) sees
+    `cascade_explore` uniformly drawn patches besides the coarse candidates, the same ones for the same
+    seed and epoch; the selection is top-M of that union."""
+    from ips.training.distill import CascadeDistiller
+
+    model, source = _model(2, 16), _bag(400, 2, 16)
+    distiller = CascadeDistiller(
+        model, SelectionConfig(cascade=True, cascade_explore=12), Runtime(torch.device("cpu"))
+    )
+    base = Selector(4, 16, stream=iter_chunks)
+    candidates, _ = _oracle(model, source, coarse_view(source, 4), 4, CascadeSettings(0.1, 4).count(400, 4))
+
+    def observed(seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        trainer = SimpleNamespace(
+            selector=base,
+            predictor=SimpleNamespace(selector=base),
+            cfg=SimpleNamespace(train=SimpleNamespace(seed=seed)),
+        )
+        distiller.choose_selector(trainer, epoch)
+        seen = []
+        sel = trainer.selector(model, source, observe=lambda idx, content, emb: seen.append(idx.numpy()))
+        return np.sort(np.concatenate(seen)), sel.indices.numpy()
+
+    seen, picked = observed(0, 3)
+    outside = np.setdiff1d(seen, candidates)
+    assert np.isin(candidates, seen).all() and 0 < len(outside) <= 12
+    assert len(seen) == len(np.union1d(candidates, outside)) and len(seen) >= len(candidates) + 12 - 4
+    with torch.no_grad():
+        pos = torch.from_numpy(source.positions()[seen])
+        fine = model.selection_scores(model.embed(source.read(seen), pos)[None])[0]
+    assert np.array_equal(picked, seen[_ranked(fine, 4)])
+    assert np.array_equal(observed(0, 3)[0], seen)  # reproducible (a resumed run draws the same)
+    assert not np.array_equal(observed(0, 4)[0], seen) and not np.array_equal(observed(1, 3)[0], seen)
 
 
 def test_training_with_the_cascade_saves_and_loads_the_scorer(tmp_path):

@@ -126,6 +126,7 @@ def cascade_select(
     stream: StreamFn = iter_chunks,
     autocast_dtype: torch.dtype | None = None,
     observe: ChunkObserver | None = None,
+    extra: np.ndarray | None = None,
 ) -> CascadeRun:
     """Select M patches of `source` by the cascade; `coarse`: the same bag's coarse view
     (`ips.data.coarse.coarse_view`), scored by `model.coarse_scorer`.
@@ -133,7 +134,9 @@ def cascade_select(
     The coarse pass streams chunks of `iter_size * coarse.scale` coarse patches (the memory of I full
     patches). `score`, `device`, `stream`, `autocast_dtype`: as `select`, for both passes where they
     apply; `observe` sees the candidates only, with their indices into `source`. The model is used as
-    it is: wrap the call in `eval_mode(model)`.
+    it is: wrap the call in `eval_mode(model)`. `extra`: patch indices the fine pass sees besides the
+    coarse candidates (training's exploration beyond them); the candidates are then the union, and the
+    result is IPS restricted to that union.
     """
     if len(coarse) != len(source):
         raise ValueError(f"the coarse view has {len(coarse)} patches, the bag {len(source)}")
@@ -155,6 +158,8 @@ def cascade_select(
         stream=stream,
         autocast_dtype=autocast_dtype,
     )
+    if extra is not None:
+        candidates = np.union1d(candidates, np.asarray(extra, dtype=np.int64))
     lookup = torch.from_numpy(candidates)
     inner = observe
 

@@ -9,6 +9,12 @@ untouched: the scorer follows the model, it does not steer it. For the first
 `selection.cascade_warmup_epochs` epochs training (and validation) select by the full pass, so that a
 fresh scorer does not hide the patches the model must first learn from.
 
+After the warm-up, training selects by `ExploringCascade`: the cascade, with `cascade_explore` patches
+drawn uniformly from each slide added to the candidates of its fine pass. Training's exploration draws
+its novel slots from what the selection pass observes; with the candidates alone it could only show
+the model patches the scorer already ranks high, and a scorer taught by a model that has not taken off
+yet would keep the informative patches out for good. Validation and prediction run the plain cascade.
+
 Cost per slide: `M + cascade_explore` extra patches through the full model and their coarse views
 through the scorer.
 """
@@ -17,20 +23,68 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from ips.algo.cascade import CascadeSettings, distill_loss
-from ips.algo.selection import Selection, eval_mode
+from ips.algo.cascade import CascadeSettings, cascade_select, distill_loss
+from ips.algo.selection import ChunkObserver, Selection, eval_mode
 from ips.config import ConfigError, SelectionConfig
 from ips.data.coarse import coarse_view
 from ips.data.sources import PatchSource
+from ips.data.streaming import stream_chunks
+from ips.infer.engine import Selector
 from ips.model.coarse import attach_coarse_scorer
 from ips.model.ips_model import IPSModel
 from ips.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class ExploringCascade:
+    """Training's selection pass after the warm-up (see module doc): `selector`'s cascade, its fine pass
+    over the coarse candidates plus `draws` patches per slide drawn uniformly with `generator`; the
+    result is IPS restricted to that union. `views(source)`: the slide's coarse view. Called and read
+    (`memory_size`, `runtime`) as a `Selector` is."""
+
+    selector: Selector
+    draws: int
+    generator: np.random.Generator
+    views: Callable[[PatchSource], PatchSource]
+
+    @property
+    def memory_size(self) -> int:
+        return self.selector.memory_size
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.selector.runtime
+
+    def __call__(self, model: Any, source: PatchSource, *, observe: ChunkObserver | None = None) -> Selection:
+        s, n = self.selector, len(source)
+        if s.cascade is None or n <= s.memory_size:
+            return s(model, source, observe=observe)
+        extra = self.generator.choice(n, size=min(self.draws, n), replace=False)
+        stream = s.stream or partial(stream_chunks, prefetch=s.prefetch, pin_memory=s.runtime.pin_memory)
+        with eval_mode(model):
+            run = cascade_select(
+                model,
+                source,
+                self.views(source),
+                memory_size=s.memory_size,
+                iter_size=s.iter_size,
+                settings=s.cascade,
+                score=s.score,
+                device=s.runtime.device,
+                stream=stream,
+                autocast_dtype=s.runtime.autocast_dtype,
+                observe=observe,
+                extra=extra,
+            )
+        return run.selection
 
 
 class CascadeDistiller:
@@ -53,13 +107,20 @@ class CascadeDistiller:
         self._views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def choose_selector(self, trainer: Any, epoch: int) -> None:
-        """Set the trainer's selector (and its predictor's) for `epoch`: the full pass during the first
-        `selection.cascade_warmup_epochs` (the scorer learns from the model's own top-M meanwhile), the
-        cascade after."""
-        selector = dataclasses.replace(
-            trainer.selector, cascade=None if epoch <= self.warmup else self.cascade
+        """Set the trainer's selectors for `epoch`: the full pass during the first
+        `selection.cascade_warmup_epochs` (the scorer learns from the model's own top-M meanwhile); after,
+        `ExploringCascade` for training (draws seeded by `trainer.cfg.train.seed` and the epoch, so a
+        resumed run draws as an uninterrupted one) and the plain cascade for validation."""
+        base = (
+            trainer.predictor.selector if isinstance(trainer.selector, ExploringCascade) else trainer.selector
         )
-        trainer.selector = trainer.predictor.selector = selector
+        if epoch <= self.warmup:
+            trainer.selector = trainer.predictor.selector = dataclasses.replace(base, cascade=None)
+            return
+        plain = dataclasses.replace(base, cascade=self.cascade)
+        generator = np.random.default_rng([trainer.cfg.train.seed, epoch])
+        trainer.predictor.selector = plain
+        trainer.selector = ExploringCascade(plain, self.explore, generator, self.view)
 
     def view(self, source: PatchSource) -> PatchSource:
         """The coarse view of `source` (opened once per source)."""
