@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,9 +76,6 @@ class Selector:
         after). `observe`: see `ips.algo.selection.select` (under the cascade it sees the candidates)."""
         if self.cascade is not None and len(source) > self.memory_size:
             return self.run_cascade(model, source, observe=observe).selection
-        stream = self.stream or partial(
-            stream_chunks, prefetch=self.prefetch, pin_memory=self.runtime.pin_memory
-        )
         with eval_mode(model):
             return select(
                 model,
@@ -86,28 +84,40 @@ class Selector:
                 iter_size=self.iter_size,
                 score=self.score,
                 device=self.runtime.device,
-                stream=stream,
+                stream=self.chunk_stream(),
                 autocast_dtype=self.runtime.autocast_dtype,
                 observe=observe,
             )
 
+    def chunk_stream(self) -> StreamFn:
+        """How this selector reads chunks: `stream`, or `stream_chunks` with `prefetch` read ahead."""
+        return self.stream or partial(
+            stream_chunks, prefetch=self.prefetch, pin_memory=self.runtime.pin_memory
+        )
+
     def run_cascade(
-        self, model: nn.Module, source: PatchSource, *, observe: ChunkObserver | None = None
+        self,
+        model: nn.Module,
+        source: PatchSource,
+        *,
+        observe: ChunkObserver | None = None,
+        coarse: PatchSource | None = None,
+        extra: np.ndarray | None = None,
     ) -> CascadeRun:
         """One cascade pass (`ips.algo.cascade.cascade_select`): the selection and its candidates.
+        `coarse`: the source's coarse view where the caller keeps one open (default: opened here);
+        `extra`: patch indices the fine pass sees besides the candidates (`cascade_select`).
         ConfigError when the model has no coarse scorer or the source no pixels."""
         settings = self.cascade or CascadeSettings()
         if getattr(model, "coarse_scorer", None) is None:
             raise ConfigError(
                 "selection.cascade: this model has no trained coarse scorer (train with selection.cascade=true)"
             )
-        try:
-            coarse = coarse_view(source, settings.factor)
-        except ValueError as e:
-            raise ConfigError(f"selection.cascade: {e}") from None
-        stream = self.stream or partial(
-            stream_chunks, prefetch=self.prefetch, pin_memory=self.runtime.pin_memory
-        )
+        if coarse is None:
+            try:
+                coarse = coarse_view(source, settings.factor)
+            except ValueError as e:
+                raise ConfigError(f"selection.cascade: {e}") from None
         with eval_mode(model):
             return cascade_select(
                 model,
@@ -118,9 +128,10 @@ class Selector:
                 settings=settings,
                 score=self.score,
                 device=self.runtime.device,
-                stream=stream,
+                stream=self.chunk_stream(),
                 autocast_dtype=self.runtime.autocast_dtype,
                 observe=observe,
+                extra=extra,
             )
 
 

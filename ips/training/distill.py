@@ -25,18 +25,16 @@ import dataclasses
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from ips.algo.cascade import CascadeSettings, cascade_select, distill_loss
+from ips.algo.cascade import CascadeSettings, distill_loss
 from ips.algo.selection import ChunkObserver, Selection, eval_mode
 from ips.config import ConfigError, SelectionConfig
 from ips.data.coarse import coarse_view
 from ips.data.sources import PatchSource
-from ips.data.streaming import stream_chunks
 from ips.infer.engine import Selector
 from ips.model.coarse import attach_coarse_scorer
 from ips.model.ips_model import IPSModel
@@ -68,23 +66,7 @@ class ExploringCascade:
         if s.cascade is None or n <= s.memory_size:
             return s(model, source, observe=observe)
         extra = self.generator.choice(n, size=min(self.draws, n), replace=False)
-        stream = s.stream or partial(stream_chunks, prefetch=s.prefetch, pin_memory=s.runtime.pin_memory)
-        with eval_mode(model):
-            run = cascade_select(
-                model,
-                source,
-                self.views(source),
-                memory_size=s.memory_size,
-                iter_size=s.iter_size,
-                settings=s.cascade,
-                score=s.score,
-                device=s.runtime.device,
-                stream=stream,
-                autocast_dtype=s.runtime.autocast_dtype,
-                observe=observe,
-                extra=extra,
-            )
-        return run.selection
+        return s.run_cascade(model, source, observe=observe, coarse=self.views(source), extra=extra).selection
 
 
 class CascadeDistiller:
