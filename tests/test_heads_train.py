@@ -38,20 +38,26 @@ def _survival_manifest(tmp_path):
     return out
 
 
-def test_train_predict_heatmap_with_time_and_event_columns(tmp_path, capsys):
-    manifest = _survival_manifest(tmp_path)
-    cfg = {**TINY, "model": {**TINY["model"], "tasks": [{"name": "os", "kind": "survival"}]}}
-    cfg["model"]["tasks"].append({"name": "score", "kind": "regression", "loss": "huber"})
-    cfg["train"] = {**TINY["train"], "epochs": 2, "monitor": "val_os/c_index", "micro_batch_size": 2}
-    cfg_path = tmp_path / "surv.yaml"
+def _train(cfg_path, cfg: dict, manifest):
+    """`ips train` with `cfg` (written to `cfg_path`) on `manifest`, one thread, into `run` beside the
+    config; returns the run folder."""
     cfg_path.write_text(yaml.safe_dump(cfg))
-    run = tmp_path / "run"
+    run = cfg_path.parent / "run"
     threads = torch.get_num_threads()
     try:
         args = ["train", "--config", str(cfg_path), "--manifest", str(manifest), "--out", str(run), "--quiet"]
         assert main([*args, "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
+    return run
+
+
+def test_train_predict_heatmap_with_time_and_event_columns(tmp_path, capsys):
+    manifest = _survival_manifest(tmp_path)
+    cfg = {**TINY, "model": {**TINY["model"], "tasks": [{"name": "os", "kind": "survival"}]}}
+    cfg["model"]["tasks"].append({"name": "score", "kind": "regression", "loss": "huber"})
+    cfg["train"] = {**TINY["train"], "epochs": 2, "monitor": "val_os/c_index", "micro_batch_size": 2}
+    run = _train(tmp_path / "surv.yaml", cfg, manifest)
     assert "the Cox risk set is the 2 slides of a micro-batch" in capsys.readouterr().out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
@@ -92,15 +98,7 @@ def test_discrete_time_survival_trains_with_bins_from_the_training_times(tmp_pat
     task = {"name": "os", "kind": "survival", "loss": "discrete", "num_classes": 3}
     cfg = {**TINY, "model": {**TINY["model"], "tasks": [task]}}
     cfg["train"] = {**TINY["train"], "epochs": 1, "monitor": "val_os/c_index", "micro_batch_size": 2}
-    cfg_path = tmp_path / "disc.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    run = tmp_path / "run"
-    threads = torch.get_num_threads()
-    try:
-        args = ["train", "--config", str(cfg_path), "--manifest", str(manifest), "--out", str(run), "--quiet"]
-        assert main([*args, "--threads", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run = _train(tmp_path / "disc.yaml", cfg, manifest)
     assert "Cox risk set" not in capsys.readouterr().out
     rows = _read(manifest)
     train_events = [float(r["time"]) for r in rows if r["split"] == "train" and r["event"] == "1"]
