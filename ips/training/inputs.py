@@ -3,6 +3,7 @@ the annotations of annotated training slides, and the metric that picks the best
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,13 +24,15 @@ from ips.model.tasks import label_tensor, with_time_bins
 
 @dataclass
 class Inputs:
-    """The slides of a run: `train`, `val`, the `monitor`ed metric as used, and `annotations`
-    (slide_id -> per-patch labels, for annotated training slides when guidance is on)."""
+    """The slides of a run: `train`, `val`, the `monitor`ed metric as used, `annotations` (slide_id ->
+    per-patch labels, for annotated training slides when guidance is on), and the run's `tasks` (the
+    config's, discrete-time survival tasks given their time bins from the training slides)."""
 
     train: list[SlideRecord]
     val: list[SlideRecord]
     monitor: str
     annotations: dict[str, PatchLabels]
+    tasks: tuple[TaskConfig, ...] = ()
 
 
 def targets_for(records: Sequence[SlideRecord], tasks: Sequence[TaskConfig]) -> dict[str, torch.Tensor]:
@@ -59,6 +62,8 @@ def load_inputs(
     train_records, val_records = split_records(records)
     if not train_records:
         raise ConfigError(f"{manifest}: no slides in the train split")
+    tasks = with_time_bins(cfg.model.tasks, train_records)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tasks=tasks))
     for r in [*train_records, *val_records]:
         where = f"slide {r.slide_id} ({r.path})"
         check_model_fits(sources(r), cfg.model, features=sources.features, where=where, views=sources.views)
@@ -84,7 +89,7 @@ def load_inputs(
             f"(train.annotation_slots {cfg.train.annotation_slots}, train.annotation_weight "
             f"{cfg.train.annotation_weight})"
         )
-    return Inputs(train_records, val_records, monitor, annotations)
+    return Inputs(train_records, val_records, monitor, annotations, tasks)
 
 
 def _patch_labels(record: SlideRecord, sources: SourceFactory) -> PatchLabels:
@@ -99,7 +104,6 @@ def _label_key(label: Any) -> Any:
 
 def metric_names(tasks: Sequence[TaskConfig], records: Sequence[SlideRecord]) -> list[str]:
     """Every key an epoch's row can hold for these tasks: `train_loss`, `val_loss`, `{train,val}_<task>/<m>`."""
-    tasks = with_time_bins(tasks, records)  # discrete-time survival needs its bins to name its metrics
     sample = list(records[:1])
     targets = targets_for(sample, tasks)
     logits = {t.name: torch.zeros(len(sample), t.n_outputs) for t in tasks}

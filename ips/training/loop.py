@@ -31,7 +31,7 @@ from ips.infer.engine import Predictor, Selector
 from ips.model.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from ips.model.ips_model import IPSModel, build_model, unit_pixels
 from ips.model.metrics import TAKEOFF_METRIC, evaluate_logits, lower_is_better
-from ips.model.tasks import total_loss, with_time_bins
+from ips.model.tasks import total_loss
 from ips.runtime import DistInfo, Runtime, seed_everything
 from ips.training.bagloss import BagEmbeddings
 from ips.training.batchnorm import batchnorm_layers, recalibrate_batchnorm
@@ -180,9 +180,7 @@ class Trainer:
         sources = SourceFactory.from_config(cfg.data, reuse=True)  # each store opened once per run
         inputs = load_inputs(cfg, manifest, sources=sources, is_main=runtime.dist.is_main, log=log)
         # discrete-time survival: the time bins from the training slides, saved with the config
-        cfg = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, tasks=with_time_bins(cfg.model.tasks, inputs.train))
-        )
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tasks=inputs.tasks))
         saved = _checked_run_dir(cfg, run_dir, resume, runtime, log)
         check_same_data(
             run_dir,
